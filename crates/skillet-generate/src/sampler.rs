@@ -1,0 +1,207 @@
+//! Next-token choice from logits, in the order transformers applies its
+//! logits processors: repetition penalty, then temperature, top-k, top-p.
+
+use crate::Rng;
+
+/// How to pick tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (None or 0: all).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p (None or 1: all).
+    pub top_p: Option<f32>,
+    /// CTRL-style penalty (Keskar et al. 2019) on tokens already present:
+    /// positive logits divided by it, negative ones multiplied. 1 = off.
+    pub repetition_penalty: f32,
+    /// Seed of the sampling generator.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Stateful sampler (owns the random generator).
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+/// Index of the largest value; the first one on ties, as `torch.argmax`.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+impl Sampler {
+    /// A sampler for `params`.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = Rng::new(params.seed);
+        Self { params, rng }
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` given the tokens so far.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let mut scores = logits.to_vec();
+        let penalty = self.params.repetition_penalty;
+        if penalty != 1.0 {
+            let mut seen = vec![false; scores.len()];
+            for &t in history {
+                if let Some(s) = seen.get_mut(t as usize)
+                    && !*s
+                {
+                    *s = true;
+                    let v = &mut scores[t as usize];
+                    *v = if *v < 0.0 { *v * penalty } else { *v / penalty };
+                }
+            }
+        }
+        if self.params.temperature <= 0.0 {
+            return argmax(&scores);
+        }
+        let t = self.params.temperature;
+        scores.iter_mut().for_each(|s| *s /= t);
+
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let mut keep = order.len();
+        if let Some(k) = self.params.top_k.filter(|&k| k > 0 && k < keep) {
+            // Ties with the k-th score survive, as in transformers.
+            let kth = scores[order[k - 1]];
+            keep = order.iter().take_while(|&&i| scores[i] >= kth).count();
+        }
+        let max = scores[order[0]];
+        let mut probs: Vec<f64> = order[..keep]
+            .iter()
+            .map(|&i| ((scores[i] - max) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if let Some(p) = self.params.top_p.filter(|&p| p > 0.0 && p < 1.0) {
+            let mut cum = 0.0;
+            let mut n = 0;
+            for &q in &probs {
+                cum += q;
+                n += 1;
+                if cum >= p as f64 {
+                    break;
+                }
+            }
+            probs.truncate(n.max(1));
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= total);
+        }
+        let u = self.rng.next_f64();
+        let mut cum = 0.0;
+        for (rank, q) in probs.iter().enumerate() {
+            cum += q;
+            if u < cum {
+                return order[rank] as u32;
+            }
+        }
+        order[probs.len() - 1] as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_is_argmax_first_on_ties() {
+        let mut s = Sampler::new(params(0.0));
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_follows_sign() {
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..params(0.0)
+        });
+        // 4.0 -> 2.0 (seen), so 3.0 wins; a negative seen logit gets worse.
+        assert_eq!(s.sample(&[4.0, 3.0, -1.0], &[0, 2]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seed_repeats() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut s = Sampler::new(SamplingParams {
+            top_k: Some(1),
+            ..params(1.0)
+        });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&logits, &[]), argmax(&logits));
+        }
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                ..params(1.0)
+            });
+            (0..30).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: p = 0.6 keeps only the first.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            top_p: Some(0.6),
+            ..params(1.0)
+        });
+        for _ in 0..50 {
+            assert_eq!(s.sample(&logits, &[]), 0);
+        }
+        // p = 0.8 keeps two; both must show up, never the others.
+        let mut s = Sampler::new(SamplingParams {
+            top_p: Some(0.8),
+            seed: 3,
+            ..params(1.0)
+        });
+        let seen: std::collections::BTreeSet<u32> =
+            (0..200).map(|_| s.sample(&logits, &[])).collect();
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn temperature_sampling_matches_probabilities() {
+        let logits = [0.0f32, (3.0f32).ln()]; // probabilities 1/4, 3/4
+        let mut s = Sampler::new(SamplingParams {
+            seed: 11,
+            ..params(1.0)
+        });
+        let ones = (0..4000).filter(|_| s.sample(&logits, &[]) == 1).count();
+        assert!((2850..3150).contains(&ones), "{ones}");
+    }
+}

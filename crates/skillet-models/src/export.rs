@@ -1,0 +1,223 @@
+//! Writing a model out: a Hugging Face folder (config.json + safetensors)
+//! or a GGUF file in any supported storage type, with llama.cpp's Q/K row
+//! order. Tokenizer files are the tokenizer crate's job.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Tensor};
+use skillet_gguf::{GgmlType, GgufWriter, Value};
+
+use crate::memory::tensor_shapes;
+use crate::weights::gguf_name;
+use crate::{Architecture, LlamaConfig, MemoryWeights, ModelError, Result, RopeScaling};
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `config.json`, `generation_config.json` and `model.safetensors`
+/// (f32) into `dir`, creating it.
+pub fn write_hf_weights(
+    cfg: &LlamaConfig,
+    weights: &MemoryWeights,
+    dir: &Path,
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let config = serde_json::to_string_pretty(&cfg.to_hf_json(eos, bos)).expect("json");
+    std::fs::write(dir.join("config.json"), config + "\n").map_err(io(dir))?;
+    let gen_cfg = serde_json::json!({"bos_token_id": bos, "eos_token_id": eos});
+    std::fs::write(
+        dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen_cfg).expect("json") + "\n",
+    )
+    .map_err(io(dir))?;
+    let tensors: HashMap<String, Tensor> = tensor_shapes(cfg)
+        .into_iter()
+        .map(|(name, _)| {
+            let t = weights
+                .tensors
+                .get(&name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: dir.to_path_buf(),
+                    tensor: name.clone(),
+                })?;
+            Ok((name, t.to_dtype(DType::F32)?.contiguous()?))
+        })
+        .collect::<Result<_>>()?;
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path).map_err(|e| ModelError::Config {
+        path: path.clone(),
+        message: format!("cannot write safetensors: {e}"),
+    })?;
+    Ok(())
+}
+
+/// llama.cpp's Q/K row permutation (the inverse of what the loader undoes).
+fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let head_dim = rows / heads;
+    let rest: usize = dims[1..].iter().product();
+    let t = t
+        .reshape((heads, 2, head_dim / 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    Ok(t.reshape(dims)?)
+}
+
+fn tensor_bytes(t: &Tensor, ty: GgmlType, name: &str, path: &Path) -> Result<Vec<u8>> {
+    let bad = |e: candle_core::Error| ModelError::BadTensor {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        message: e.to_string(),
+    };
+    let flat = t.flatten_all()?;
+    Ok(match ty {
+        GgmlType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        GgmlType::F16 | GgmlType::BF16 => {
+            let dt = if ty == GgmlType::F16 {
+                DType::F16
+            } else {
+                DType::BF16
+            };
+            let raw = flat.to_dtype(dt)?.to_dtype(DType::F32)?;
+            // Bits of the rounded value, taken from its f32 form.
+            raw.to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| {
+                    if ty == GgmlType::F16 {
+                        half_bits_f16(*v).to_le_bytes()
+                    } else {
+                        ((v.to_bits() >> 16) as u16).to_le_bytes()
+                    }
+                })
+                .collect()
+        }
+        q => {
+            let dt = crate::weights::candle_type(q);
+            let qt = QTensor::quantize(t, dt).map_err(bad)?;
+            qt.data().map_err(bad)?.into_owned()
+        }
+    })
+}
+
+/// IEEE half bits of an f32 that is already exactly representable as f16.
+fn half_bits_f16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let mant = bits & 0x7f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if mant != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        sign | 0x7c00
+    } else if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = (mant | 0x80_0000) >> (14 - e);
+        sign | m as u16
+    } else {
+        sign | ((e as u16) << 10) | (mant >> 13) as u16
+    }
+}
+
+/// Writes `weights` as a GGUF file. `storage(name)` picks each tensor's
+/// type by its HF name (norms and biases are always F32). `extra` metadata
+/// (tokenizer, template) is added as given.
+pub fn write_gguf(
+    cfg: &LlamaConfig,
+    weights: &MemoryWeights,
+    path: &Path,
+    storage: &dyn Fn(&str) -> GgmlType,
+    extra: Vec<(String, Value)>,
+) -> Result<()> {
+    let arch = cfg.architecture.name();
+    let mut w = GgufWriter::new();
+    let k = |s: &str| format!("{arch}.{s}");
+    w.metadata("general.architecture", Value::String(arch.into()));
+    w.metadata(&k("vocab_size"), Value::U32(cfg.vocab_size as u32));
+    w.metadata(
+        &k("context_length"),
+        Value::U32(cfg.max_position_embeddings as u32),
+    );
+    w.metadata(&k("embedding_length"), Value::U32(cfg.hidden_size as u32));
+    w.metadata(
+        &k("feed_forward_length"),
+        Value::U32(cfg.intermediate_size as u32),
+    );
+    w.metadata(&k("block_count"), Value::U32(cfg.num_hidden_layers as u32));
+    w.metadata(
+        &k("attention.head_count"),
+        Value::U32(cfg.num_attention_heads as u32),
+    );
+    w.metadata(
+        &k("attention.head_count_kv"),
+        Value::U32(cfg.num_key_value_heads as u32),
+    );
+    w.metadata(&k("attention.key_length"), Value::U32(cfg.head_dim as u32));
+    w.metadata(
+        &k("attention.value_length"),
+        Value::U32(cfg.head_dim as u32),
+    );
+    w.metadata(&k("rope.dimension_count"), Value::U32(cfg.head_dim as u32));
+    w.metadata(&k("rope.freq_base"), Value::F32(cfg.rope_theta as f32));
+    w.metadata(
+        &k("attention.layer_norm_rms_epsilon"),
+        Value::F32(cfg.rms_norm_eps as f32),
+    );
+    if let RopeScaling::Linear { factor } = cfg.rope_scaling {
+        w.metadata(&k("rope.scaling.type"), Value::String("linear".into()));
+        w.metadata(&k("rope.scaling.factor"), Value::F32(factor as f32));
+    }
+    if let Some(win) = cfg.sliding_window {
+        w.metadata(&k("attention.sliding_window"), Value::U32(win as u32));
+    }
+    for (key, value) in extra {
+        w.metadata(&key, value);
+    }
+    let permute = matches!(
+        cfg.architecture,
+        Architecture::Llama | Architecture::Mistral
+    );
+    for (name, shape) in tensor_shapes(cfg) {
+        let t = weights
+            .tensors
+            .get(&name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+            })?;
+        let t = match () {
+            _ if permute && name.contains("self_attn.q_proj.") => {
+                permute_rows(t, cfg.num_attention_heads)?
+            }
+            _ if permute && name.contains("self_attn.k_proj.") => {
+                permute_rows(t, cfg.num_key_value_heads)?
+            }
+            _ => t.clone(),
+        };
+        let ty = if shape.len() == 1 {
+            GgmlType::F32
+        } else {
+            storage(&name)
+        };
+        let bytes = tensor_bytes(&t, ty, &name, path)?;
+        w.tensor(&gguf_name(&name), &shape, ty, bytes);
+    }
+    w.write(path)?;
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! Linear layers behind one trait, so LoRA, DoRA and quantized bases plug
+//! into the single model implementation without copying it.
+
+use candle_core::{Device, Tensor};
+
+use crate::{Result, Weight};
+
+/// A layer `y = x W^T (+ b)` mapping `[..., in]` to `[..., out]`.
+pub trait Linear: Send + Sync + std::fmt::Debug {
+    /// Applies the layer to `x` of shape `[..., in_features]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// Input width.
+    fn in_features(&self) -> usize;
+    /// Output width.
+    fn out_features(&self) -> usize;
+}
+
+/// A frozen pretrained projection: dense f32 or quantized blocks.
+#[derive(Debug, Clone)]
+pub struct BaseLinear {
+    weight: Weight,
+    bias: Option<Tensor>,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl BaseLinear {
+    /// Wraps a `[out, in]` weight and an optional `[out]` bias.
+    pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
+        let shape = weight.shape();
+        Self {
+            out_features: shape[0],
+            in_features: shape[1],
+            weight,
+            bias,
+        }
+    }
+
+    /// The stored weight.
+    pub fn weight(&self) -> &Weight {
+        &self.weight
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Linear for BaseLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.to_dense(&Device::Cpu)?;
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        // [rows, in] x [in, out] -> [rows, out]; gemm reads W^T by strides.
+        let y = x.reshape((rows, self.in_features))?.matmul(&w.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims
+            .last_mut()
+            .expect("linear input has at least one dim") = self.out_features;
+        Ok(y.reshape(out_dims)?)
+    }
+
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+}

@@ -1,0 +1,396 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM), one
+//! implementation for every weight source. Follows transformers'
+//! `modeling_llama.py`: pre-norm blocks of RMSNorm → GQA attention with
+//! RoPE → RMSNorm → SwiGLU MLP, final RMSNorm and LM head.
+//!
+//! Notation: B batch, T new tokens, S keys (cached + new), H query heads,
+//! K key/value heads, G = H / K, D head width, C model width, V vocabulary.
+//! Every op here has a gradient in candle (no fused op without backward).
+
+use candle_core::{D, DType, Device, Tensor};
+
+use crate::cache::KvCache;
+use crate::linear::{BaseLinear, Linear};
+use crate::mask::attention_bias;
+use crate::rope::Rope;
+use crate::{LlamaConfig, ModelError, Result, Weight, WeightSource};
+
+/// Options for building a model from a weight source.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Keep GGML-quantized projection weights quantized (dequantized on the
+    /// fly in each matmul) instead of dequantizing them once at load. Saves
+    /// memory; embeddings and norms are always f32.
+    pub keep_quantized: bool,
+}
+
+/// One forward call's input.
+#[derive(Debug, Clone)]
+pub struct ForwardInput {
+    /// Token ids, `[B, T]` u32.
+    pub ids: Tensor,
+    /// `[B, T]` row-major, 1 for real tokens and 0 for padding; `None` means
+    /// all real. Padded keys are never attended to.
+    pub key_mask: Option<Vec<u8>>,
+    /// `[B, T]` row-major RoPE positions; `None` means `cache_len + t`.
+    pub positions: Option<Vec<u32>>,
+}
+
+impl ForwardInput {
+    /// Unpadded input: every token real, positions in order.
+    pub fn new(ids: Tensor) -> Self {
+        Self {
+            ids,
+            key_mask: None,
+            positions: None,
+        }
+    }
+}
+
+/// A causal language model: token ids in, logits for every position out.
+pub trait CausalLm: Send + Sync {
+    /// The validated hyper-parameters.
+    fn config(&self) -> &LlamaConfig;
+    /// Logits `[B, T, V]` for every input position. With a cache, the new
+    /// tokens attend to the cached ones and are appended to the cache.
+    fn forward(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    /// An empty cache for `batch` sequences.
+    fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache::new(self.config().num_hidden_layers, batch)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// `x / sqrt(mean(x²) + eps) * weight`, computed in f32.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (var + self.eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Box<dyn Linear>,
+    k_proj: Box<dyn Linear>,
+    v_proj: Box<dyn Linear>,
+    o_proj: Box<dyn Linear>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// `softmax` over the last dim from differentiable primitives.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
+        let g = h / k;
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?
+            .contiguous()?; // [B,H,T,D]
+        let kk = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, k, d))?
+            .transpose(1, 2)?
+            .contiguous()?; // [B,K,T,D]
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, k, d))?
+            .transpose(1, 2)?
+            .contiguous()?; // [B,K,T,D]
+        let q = Rope::apply(&q, cos, sin)?;
+        let kk = Rope::apply(&kk, cos, sin)?;
+        let (kk, v) = match cache {
+            Some(slot) => {
+                let (kk, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &kk], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (kk, v),
+                };
+                *slot = Some((kk.clone(), v.clone()));
+                (kk, v)
+            }
+            None => (kk, v),
+        };
+        let s = kk.dim(2)?;
+        // Query heads j*G..(j+1)*G share key head j: group them instead of
+        // copying keys and values G times.
+        let q = q.reshape((b, k, g * t, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&kk.t()?)? * scale)?; // [B,K,G*T,S]
+        let scores = scores.reshape((b, k, g, t, s))?.broadcast_add(bias)?;
+        let probs = softmax_last_dim(&scores)?.reshape((b, k, g * t, s))?;
+        let out = probs.matmul(&v)?; // [B,K,G*T,D]
+        let out = out
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Box<dyn Linear>,
+    up_proj: Box<dyn Linear>,
+    down_proj: Box<dyn Linear>,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama-family model.
+#[derive(Debug)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Box<dyn Linear>,
+    rope: Rope,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from `src`, checking every tensor's presence and shape.
+    pub fn load(cfg: LlamaConfig, src: &dyn WeightSource, opts: LoadOptions) -> Result<Self> {
+        let device = Device::Cpu;
+        let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (qd, kvd) = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        let dense = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            src.load_checked(name, shape, false)?.to_dense(&device)
+        };
+        let linear =
+            |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Box<dyn Linear>> {
+                let w = src.load_checked(
+                    &format!("{prefix}.weight"),
+                    &[out, inp],
+                    opts.keep_quantized,
+                )?;
+                let b = if bias {
+                    Some(dense(&format!("{prefix}.bias"), &[out])?)
+                } else {
+                    None
+                };
+                Ok(Box::new(BaseLinear::new(w, b)))
+            };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: dense(name, &[c])?,
+                eps: cfg.rms_norm_eps,
+            })
+        };
+
+        let embed_tokens = dense("model.embed_tokens.weight", &[v, c])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let ab = cfg.attention_bias;
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), qd, c, ab)?,
+                    k_proj: linear(&format!("{p}.self_attn.k_proj"), kvd, c, ab)?,
+                    v_proj: linear(&format!("{p}.self_attn.v_proj"), kvd, c, ab)?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), c, qd, false)?,
+                    heads: cfg.num_attention_heads,
+                    kv_heads: cfg.num_key_value_heads,
+                    head_dim: cfg.head_dim,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), f, c, false)?,
+                    up_proj: linear(&format!("{p}.mlp.up_proj"), f, c, false)?,
+                    down_proj: linear(&format!("{p}.mlp.down_proj"), c, f, false)?,
+                },
+            });
+        }
+        let norm_f = norm("model.norm.weight")?;
+        // A checkpoint may say "tied" yet still carry lm_head (transformers
+        // writes it for some models); an untied one must carry it.
+        let lm_head: Box<dyn Linear> = if src.contains("lm_head.weight") {
+            linear("lm_head", v, c, false)?
+        } else if cfg.tie_word_embeddings {
+            Box::new(BaseLinear::new(Weight::Dense(embed_tokens.clone()), None))
+        } else {
+            return Err(ModelError::MissingTensor {
+                path: src.path().to_path_buf(),
+                tensor: src.file_name("lm_head.weight"),
+            });
+        };
+        Ok(Self {
+            rope: Rope::new(&cfg),
+            cfg,
+            embed_tokens,
+            layers,
+            norm: norm_f,
+            lm_head,
+            device,
+        })
+    }
+
+    /// Calls `f` with the module name (`model.layers.0.self_attn.q_proj`,
+    /// `lm_head`) and a mutable slot of every linear layer, so adapters can
+    /// wrap or replace them.
+    pub fn visit_linears_mut(&mut self, mut f: impl FnMut(&str, &mut Box<dyn Linear>)) {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj);
+            f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj);
+            f(&format!("{p}.self_attn.v_proj"), &mut a.v_proj);
+            f(&format!("{p}.self_attn.o_proj"), &mut a.o_proj);
+            f(&format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj);
+            f(&format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj);
+            f(&format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj);
+        }
+        f("lm_head", &mut self.lm_head);
+    }
+
+    /// The token embedding matrix `[V, C]`.
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    fn check_input(&self, input: &ForwardInput, cache: Option<&KvCache>) -> Result<(usize, usize)> {
+        let (b, t) = input.ids.dims2().map_err(|_| {
+            ModelError::Input(format!(
+                "ids must be [batch, seq], got {:?}",
+                input.ids.dims()
+            ))
+        })?;
+        if t == 0 {
+            return Err(ModelError::Input("empty sequence".into()));
+        }
+        if input.ids.dtype() != DType::U32 {
+            return Err(ModelError::Input(format!(
+                "ids must be u32, got {:?}",
+                input.ids.dtype()
+            )));
+        }
+        for (what, len) in [
+            ("key_mask", input.key_mask.as_ref().map(Vec::len)),
+            ("positions", input.positions.as_ref().map(Vec::len)),
+        ] {
+            if let Some(len) = len
+                && len != b * t
+            {
+                return Err(ModelError::Input(format!(
+                    "{what} has {len} entries, expected {}",
+                    b * t
+                )));
+            }
+        }
+        if let Some(c) = cache
+            && c.batch() != b
+        {
+            return Err(ModelError::Input(format!(
+                "cache is for batch {}, input has {b}",
+                c.batch()
+            )));
+        }
+        let max_id = input.ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if max_id >= self.cfg.vocab_size {
+            return Err(ModelError::Input(format!(
+                "token id {max_id} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok((b, t))
+    }
+}
+
+impl CausalLm for Llama {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn forward(&self, input: &ForwardInput, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = self.check_input(input, cache.as_deref())?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let chunk_mask = input.key_mask.clone().unwrap_or_else(|| vec![1; b * t]);
+        let positions = match &input.positions {
+            Some(p) => p.clone(),
+            None => (0..b)
+                .flat_map(|_| (0..t).map(|i| (offset + i) as u32))
+                .collect(),
+        };
+        let key_mask = match cache.as_deref_mut() {
+            Some(c) => {
+                c.extend_mask(&chunk_mask, t);
+                c.key_mask.clone()
+            }
+            None => chunk_mask,
+        };
+        let bias = attention_bias(
+            b,
+            t,
+            offset,
+            &key_mask,
+            self.cfg.sliding_window,
+            &self.device,
+        )?;
+        let (cos, sin) = self.rope.cos_sin(&positions, b, t, &self.device)?;
+
+        let mut x = self
+            .embed_tokens
+            .index_select(&input.ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?; // [B,T,C]
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = layer.self_attn.forward(
+                &layer.input_layernorm.forward(&x)?,
+                &cos,
+                &sin,
+                &bias,
+                slot,
+            )?;
+            x = (x + h)?;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?) // [B,T,V]
+    }
+}

@@ -1,0 +1,140 @@
+//! In-memory weights: tiny random models for tests, and the bridge for
+//! writing a model out as a Hugging Face folder or a GGUF file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Architecture, LlamaConfig, ModelError, Result, RopeScaling, Weight, WeightSource};
+
+/// Named dense tensors held in memory.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryWeights {
+    /// Tensors by Hugging Face name.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl WeightSource for MemoryWeights {
+    fn path(&self) -> &Path {
+        Path::new("<memory>")
+    }
+
+    fn file_name(&self, hf_name: &str) -> String {
+        hf_name.to_string()
+    }
+
+    fn contains(&self, hf_name: &str) -> bool {
+        self.tensors.contains_key(hf_name)
+    }
+
+    fn load(&self, hf_name: &str, _keep_quantized: bool) -> Result<Weight> {
+        self.tensors
+            .get(hf_name)
+            .cloned()
+            .map(Weight::Dense)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: PathBuf::from("<memory>"),
+                tensor: hf_name.to_string(),
+            })
+    }
+
+    fn storage_types(&self) -> BTreeMap<String, usize> {
+        BTreeMap::from([("F32".to_string(), self.tensors.len())])
+    }
+}
+
+/// Hugging Face names and shapes of every tensor of `cfg`'s model.
+pub fn tensor_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+    let (qd, kvd) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, c])];
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![c]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![qd, c]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kvd, c]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kvd, c]));
+        if cfg.attention_bias {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![qd]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kvd]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kvd]));
+        }
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![c, qd]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, c]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![f, c]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![c, f]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![c]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, c]));
+    }
+    out
+}
+
+/// A small config for unit tests: 2 layers, GQA 4/2, width 64.
+pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
+    LlamaConfig {
+        architecture: Architecture::Llama,
+        vocab_size,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: RopeScaling::None,
+        max_position_embeddings: 256,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        sliding_window: None,
+    }
+}
+
+/// Random weights for `cfg`, deterministic in `seed` (norm weights near 1,
+/// projections ~ N(0, 0.02²)-like uniform, as an initialized model).
+pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<MemoryWeights> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        // xorshift64*: enough for test weights, stable across platforms.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let mut tensors = HashMap::new();
+    for (name, shape) in tensor_shapes(cfg) {
+        let n: usize = shape.iter().product();
+        let is_norm = name.ends_with("norm.weight");
+        let scale = if name.ends_with(".bias") { 0.1 } else { 0.14 };
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                if is_norm {
+                    1.0 + 0.2 * next()
+                } else {
+                    scale * next()
+                }
+            })
+            .collect();
+        tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    }
+    Ok(MemoryWeights { tensors })
+}
+
+/// Reads every tensor of `src` (as f32) into memory.
+pub fn collect_weights(cfg: &LlamaConfig, src: &dyn WeightSource) -> Result<MemoryWeights> {
+    let mut tensors = HashMap::new();
+    for (name, shape) in tensor_shapes(cfg) {
+        let w = src
+            .load_checked(&name, &shape, false)?
+            .to_dense(&Device::Cpu)?;
+        tensors.insert(name, w.to_dtype(DType::F32)?);
+    }
+    Ok(MemoryWeights { tensors })
+}
