@@ -200,10 +200,12 @@ fn unpermute_rows(
 ) -> Result<Vec<u8>> {
     let rows = info.shape[0];
     if rows != heads * head_dim || head_dim % 2 != 0 || bytes.len() % rows != 0 {
+        let mut expected = info.shape.clone();
+        expected[0] = heads * head_dim;
         return Err(ModelError::ShapeMismatch {
             path: path.to_path_buf(),
             tensor: info.name.clone(),
-            expected: vec![heads * head_dim],
+            expected,
             actual: info.shape.clone(),
         });
     }

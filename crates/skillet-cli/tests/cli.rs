@@ -1,0 +1,94 @@
+//! The CLI contract on a tiny random GGUF model (fast, no download).
+
+mod common;
+
+use common::{skillet, skillet_json, tiny_gguf};
+use skillet_gguf::GgmlType;
+
+#[test]
+fn json_outputs_have_the_documented_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    tiny_gguf(&p, GgmlType::Q8_0, vec![]);
+    let m = p.to_str().unwrap();
+
+    let t = skillet_json(&["tokenize", "--model", m, "--json", "<|im_start|>hi"]);
+    assert_eq!(t["ids"], serde_json::json!([256, 104, 105]));
+    assert_eq!(t["tokens"], serde_json::json!(["<|im_start|>", "h", "i"]));
+
+    let f = dir.path().join("text.txt");
+    std::fs::write(&f, "a small text to score").unwrap();
+    let s = skillet_json(&[
+        "score",
+        "--model",
+        m,
+        "--file",
+        f.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(s["tokens"], 21);
+    assert_eq!(s["predicted"], 20);
+    assert_eq!(s["argmax"].as_array().unwrap().len(), 21);
+    let loss = s["mean_loss"].as_f64().unwrap();
+    // A random model over 258 tokens is near-uniform: loss close to ln(258).
+    assert!((loss - 258f64.ln()).abs() < 1.0, "{loss}");
+    assert!((s["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6);
+
+    let g = skillet_json(&[
+        "generate",
+        "--model",
+        m,
+        "--chat",
+        "--system",
+        "be brief",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "5",
+        "--json",
+    ]);
+    let keys: Vec<&String> = g.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "completion_tokens",
+            "finish_reason",
+            "ids",
+            "prompt_tokens",
+            "text"
+        ]
+    );
+    // "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    // One token per byte (no merges) plus the three specials of each turn.
+    let bytes = "system\nbe brief".len() + 1 + "user\nhi".len() + 1 + "assistant\n".len();
+    assert_eq!(g["prompt_tokens"].as_u64().unwrap() as usize, bytes + 5);
+    assert!(g["completion_tokens"].as_u64().unwrap() <= 5);
+
+    let i = skillet_json(&["inspect", m, "--json"]);
+    assert_eq!(i["tensor_types"]["Q8_0"], 15);
+    assert_eq!(i["format"], "gguf");
+}
+
+#[test]
+fn chat_needs_a_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    tiny_gguf(
+        &p,
+        GgmlType::F32,
+        vec![(
+            "tokenizer.chat_template".into(),
+            skillet_gguf::Value::U32(0),
+        )],
+    );
+    let r = skillet(&[
+        "generate",
+        "--model",
+        p.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "hi",
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("no chat template"), "{}", r.stderr);
+}

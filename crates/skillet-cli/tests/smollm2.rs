@@ -1,0 +1,298 @@
+//! Acceptance on the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF,
+//! fetched by scripts/fetch-model.sh) against transformers' numbers in
+//! fixtures/smollm2 (made by fixtures/smollm2/make.py).
+
+mod common;
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use common::{fixtures, read_json, real_model, skillet, skillet_json};
+use skillet_gguf::GgufFile;
+use skillet_tokenizer::Tokenizer;
+
+/// The default model converted to a Hugging Face folder by `skillet convert`
+/// (f32 safetensors, tokenizer.json, chat_template.jinja), once per binary.
+fn hf_folder() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("smollm2-hf");
+        let o = skillet_json(&[
+            "convert",
+            "--model",
+            real_model().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
+        assert_eq!(o["dequantized"], true);
+        dir
+    })
+    .path()
+    .join("smollm2-hf")
+    .leak()
+}
+
+fn check_score(model: &Path) {
+    let reference = read_json(&fixtures().join("smollm2/score.json"));
+    let paragraph = fixtures().join("smollm2/paragraph.txt");
+    let o = skillet_json(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--file",
+        paragraph.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(o["tokens"], reference["tokens"]);
+    assert_eq!(o["predicted"], reference["predicted"]);
+    let (got, want) = (
+        o["mean_loss"].as_f64().unwrap(),
+        reference["mean_loss"].as_f64().unwrap(),
+    );
+    let rel = (got - want).abs() / want;
+    assert!(
+        rel < 1e-3,
+        "{}: mean loss {got} vs transformers {want} (rel {rel:e})",
+        model.display()
+    );
+    let ppl = o["perplexity"].as_f64().unwrap();
+    assert!((ppl - got.exp()).abs() < 1e-9 * ppl);
+    let (a, b) = (
+        o["argmax"].as_array().unwrap(),
+        reference["argmax"].as_array().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    let agree = a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / b.len() as f64;
+    assert!(
+        agree >= 0.95,
+        "{}: argmax agreement {agree}",
+        model.display()
+    );
+    eprintln!(
+        "{}: mean loss rel diff {rel:e}, argmax agreement {agree}",
+        model.display()
+    );
+}
+
+#[test]
+fn score_gguf_matches_transformers() {
+    check_score(&real_model());
+}
+
+#[test]
+fn score_hf_folder_matches_transformers() {
+    check_score(hf_folder());
+}
+
+fn check_tokenizer(tok: &Tokenizer, what: &str) {
+    let cases = read_json(&fixtures().join("smollm2/tokenize.json"));
+    for case in cases["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let (ids, tokens) = tok.encode_with_tokens(text, false).unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(ids, want, "{what}: ids of {text:?}");
+        let want_tokens: Vec<String> = serde_json::from_value(case["tokens"].clone()).unwrap();
+        assert_eq!(tokens, want_tokens, "{what}: tokens of {text:?}");
+        let with_special: Vec<u32> =
+            serde_json::from_value(case["ids_with_special"].clone()).unwrap();
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            with_special,
+            "{what}: add_special {text:?}"
+        );
+        assert_eq!(
+            tok.decode(&ids, false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{what}: decode {text:?}"
+        );
+        assert_eq!(
+            tok.decode(&ids, true).unwrap(),
+            case["decoded_skip_special"].as_str().unwrap(),
+            "{what}: decode skip {text:?}"
+        );
+    }
+}
+
+#[test]
+fn gguf_tokenizer_matches_hf_tokenizers() {
+    let file = GgufFile::open(real_model()).unwrap();
+    check_tokenizer(&Tokenizer::from_gguf(&file).unwrap(), "gguf");
+}
+
+#[test]
+fn tokenizer_json_matches_hf_tokenizers() {
+    check_tokenizer(
+        &Tokenizer::from_hf_dir(hf_folder()).unwrap(),
+        "tokenizer.json",
+    );
+}
+
+#[test]
+fn tokenize_command_prints_ids_and_tokens() {
+    let model = real_model();
+    let o = skillet_json(&[
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--json",
+        "<|im_start|>user\nHello",
+    ]);
+    assert_eq!(o["ids"], serde_json::json!([1, 4093, 198, 19556]));
+    assert_eq!(
+        o["tokens"],
+        serde_json::json!(["<|im_start|>", "user", "Ċ", "Hello"])
+    );
+}
+
+#[test]
+fn greedy_chat_generation_matches_transformers() {
+    let reference = read_json(&fixtures().join("smollm2/generate.json"));
+    for model in [real_model(), hf_folder().to_path_buf()] {
+        for case in reference["cases"].as_array().unwrap() {
+            let prompt = case["prompt"].as_str().unwrap();
+            let o = skillet_json(&[
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--chat",
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "32",
+                "--temperature",
+                "0",
+                "--json",
+            ]);
+            assert_eq!(
+                o["prompt_tokens"].as_u64().unwrap() as usize,
+                case["prompt_ids"].as_array().unwrap().len()
+            );
+            assert_eq!(
+                o["ids"],
+                case["new_ids"],
+                "{}: {prompt:?}: got {:?}",
+                model.display(),
+                o["text"]
+            );
+            assert_eq!(o["text"], case["text"], "{prompt:?}");
+            let ended_on_eos =
+                case["new_ids"].as_array().unwrap().last() == Some(&serde_json::json!(2));
+            assert_eq!(
+                o["finish_reason"],
+                if ended_on_eos { "stop" } else { "length" }
+            );
+            assert_eq!(
+                o["completion_tokens"].as_u64().unwrap() as usize,
+                o["ids"].as_array().unwrap().len()
+            );
+        }
+    }
+}
+
+#[test]
+fn inspect_reports_the_default_model() {
+    let o = skillet_json(&["inspect", real_model().to_str().unwrap(), "--json"]);
+    assert_eq!(o["architecture"], "llama");
+    assert_eq!(o["layers"], 30);
+    assert_eq!(o["hidden_size"], 576);
+    assert_eq!(o["kv_heads"], 3);
+    assert_eq!(o["vocab_size"], 49152);
+    assert_eq!(o["rope_theta"], 100000.0);
+    assert_eq!(
+        o["tensor_types"],
+        serde_json::json!({"F32": 61, "Q4_1": 210, "Q8_0": 1})
+    );
+    assert_eq!(
+        o["special_tokens"]["eos"],
+        serde_json::json!({"id": 2, "text": "<|im_end|>"})
+    );
+    assert_eq!(o["chat_template"], true);
+    let hf = skillet_json(&["inspect", hf_folder().to_str().unwrap(), "--json"]);
+    for key in [
+        "parameters",
+        "vocab_size",
+        "layers",
+        "rope_theta",
+        "special_tokens",
+        "chat_template",
+        "tied_embeddings",
+    ] {
+        assert_eq!(hf[key], o[key], "{key}");
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_by_seed_and_stops_on_stop_strings() {
+    let model = real_model();
+    let m = model.to_str().unwrap();
+    let run = |seed: &str| {
+        skillet_json(&[
+            "generate",
+            "--model",
+            m,
+            "--chat",
+            "--prompt",
+            "Name a fruit.",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.95",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
+            "--json",
+        ])
+    };
+    assert_eq!(run("7"), run("7"));
+    let texts: std::collections::BTreeSet<String> = ["1", "2", "3", "4"]
+        .iter()
+        .map(|s| run(s)["text"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        texts.len() > 1,
+        "different seeds gave identical samples: {texts:?}"
+    );
+    // Greedy output for this prompt is "The capital of France is Paris."; stopping at " of" cuts it.
+    let o = skillet_json(&[
+        "generate",
+        "--model",
+        m,
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--stop",
+        " of",
+        "--json",
+    ]);
+    assert_eq!(o["text"], "The capital");
+    assert_eq!(o["finish_reason"], "stop");
+}
+
+#[test]
+fn streaming_prints_the_same_text_as_json() {
+    let m = real_model();
+    let args = [
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "Write a haiku about the sea.",
+        "--max-tokens",
+        "20",
+    ];
+    let streamed = skillet(&args);
+    assert_eq!(streamed.code, 0, "{}", streamed.stderr);
+    let json = skillet_json(&[&args[..], &["--json"]].concat());
+    // The stream is the text plus one closing newline.
+    assert_eq!(
+        streamed.stdout,
+        format!("{}\n", json["text"].as_str().unwrap())
+    );
+    assert!(streamed.stderr.contains("tok/s"), "{}", streamed.stderr);
+}

@@ -1,0 +1,399 @@
+//! Invariants of the model on tiny random weights built in code: padding
+//! and batching change nothing, the KV cache changes nothing, every weight
+//! source (memory, GGUF in each storage type, HF folder) gives one model,
+//! and bad files give clear errors.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use skillet_gguf::{GgmlType, GgufFile, Value};
+use skillet_models::export::{write_gguf, write_hf_weights};
+use skillet_models::{
+    BaseLinear, CausalLm, ForwardInput, Linear, Llama, LlamaConfig, LoadOptions, MemoryWeights,
+    ModelError, ModelSource, Weight, random_weights, tiny_config,
+};
+
+const TOL: f32 = 2e-5;
+
+fn model(cfg: &LlamaConfig, w: &MemoryWeights) -> Llama {
+    Llama::load(cfg.clone(), w, LoadOptions::default()).unwrap()
+}
+
+fn logits(m: &dyn CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
+    let input = ForwardInput::new(
+        Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+    );
+    m.forward(&input, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+fn batch(rows: &[Vec<u32>]) -> Tensor {
+    let t = rows[0].len();
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).unwrap()
+}
+
+fn tiny() -> (LlamaConfig, MemoryWeights) {
+    let cfg = tiny_config(97);
+    let w = random_weights(&cfg, 7).unwrap();
+    (cfg, w)
+}
+
+#[test]
+fn right_padded_batch_equals_one_at_a_time() {
+    let (cfg, w) = tiny();
+    let m = model(&cfg, &w);
+    let a = vec![3u32, 14, 15, 92, 65, 35, 89];
+    let b = vec![27u32, 18, 28, 18];
+    let padded_b = [b.clone(), vec![0; 3]].concat();
+    let mask = [vec![1u8; 7], vec![1, 1, 1, 1, 0, 0, 0]].concat();
+    let input = ForwardInput {
+        ids: batch(&[a.clone(), padded_b]),
+        key_mask: Some(mask),
+        positions: None,
+    };
+    let out = m.forward(&input, None).unwrap().to_vec3::<f32>().unwrap();
+    assert!(max_diff(&out[0], &logits(&m, &a)) < TOL);
+    assert!(max_diff(&out[1][..4], &logits(&m, &b)) < TOL);
+}
+
+#[test]
+fn left_padded_batch_with_positions_equals_one_at_a_time() {
+    let (cfg, w) = tiny();
+    let m = model(&cfg, &w);
+    let a = vec![3u32, 14, 15, 92, 65, 35, 89];
+    let b = vec![27u32, 18, 28, 18];
+    let mask = [vec![1u8; 7], vec![0, 0, 0, 1, 1, 1, 1]].concat();
+    let positions = [(0..7).collect::<Vec<u32>>(), vec![0, 0, 0, 0, 1, 2, 3]].concat();
+    let input = ForwardInput {
+        ids: batch(&[a.clone(), [vec![0; 3], b.clone()].concat()]),
+        key_mask: Some(mask),
+        positions: Some(positions),
+    };
+    let out = m.forward(&input, None).unwrap().to_vec3::<f32>().unwrap();
+    assert!(max_diff(&out[0], &logits(&m, &a)) < TOL);
+    assert!(max_diff(&out[1][3..], &logits(&m, &b)) < TOL);
+}
+
+#[test]
+fn kv_cache_decode_equals_full_forward() {
+    let (cfg, w) = tiny();
+    let m = model(&cfg, &w);
+    let ids = vec![5u32, 9, 13, 2, 77, 41, 8, 8, 60];
+    let full = logits(&m, &ids);
+    // Prefill 5, then one token at a time.
+    let mut cache = m.new_cache(1);
+    let mut got = Vec::new();
+    let first = ForwardInput::new(
+        Tensor::new(&ids[..5], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
+    );
+    got.extend(
+        m.forward(&first, Some(&mut cache))
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap(),
+    );
+    for &t in &ids[5..] {
+        let step = ForwardInput::new(
+            Tensor::new(&[t], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        );
+        got.extend(
+            m.forward(&step, Some(&mut cache))
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+        );
+    }
+    assert_eq!(cache.len(), ids.len());
+    assert!(max_diff(&got, &full) < TOL, "{}", max_diff(&got, &full));
+    // Chunked prefill (4 then 5) as well.
+    let mut cache = m.new_cache(1);
+    let mut got = Vec::new();
+    for chunk in [&ids[..4], &ids[4..]] {
+        let inp = ForwardInput::new(
+            Tensor::new(chunk, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        );
+        got.extend(
+            m.forward(&inp, Some(&mut cache))
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+        );
+    }
+    assert!(max_diff(&got, &full) < TOL);
+}
+
+#[test]
+fn batched_cached_decode_with_left_padding_equals_single() {
+    let (cfg, w) = tiny();
+    let m = model(&cfg, &w);
+    let a = vec![3u32, 14, 15, 92, 65];
+    let b = vec![27u32, 18];
+    let mut cache = m.new_cache(2);
+    let input = ForwardInput {
+        ids: batch(&[a.clone(), vec![0, 0, 0, 27, 18]]),
+        key_mask: Some([vec![1u8; 5], vec![0, 0, 0, 1, 1]].concat()),
+        positions: Some([(0..5).collect::<Vec<u32>>(), vec![0, 0, 0, 0, 1]].concat()),
+    };
+    m.forward(&input, Some(&mut cache)).unwrap();
+    let step = ForwardInput {
+        ids: batch(&[vec![50], vec![51]]),
+        key_mask: None,
+        positions: Some(vec![5, 2]),
+    };
+    let out = m
+        .forward(&step, Some(&mut cache))
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
+    let full_a = logits(&m, &[a, vec![50]].concat());
+    let full_b = logits(&m, &[b, vec![51]].concat());
+    assert!(max_diff(&out[0], &full_a[5..]) < TOL);
+    assert!(max_diff(&out[1], &full_b[2..]) < TOL);
+}
+
+#[test]
+fn hf_folder_round_trip_is_exact() {
+    let (cfg, w) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    write_hf_weights(&cfg, &w, dir.path(), Some(1), Some(2)).unwrap();
+    let src = ModelSource::open(dir.path()).unwrap();
+    assert_eq!(src.config().unwrap(), cfg);
+    let loaded = src.load_model(LoadOptions::default()).unwrap();
+    let ids = [1u32, 2, 3, 50, 60];
+    assert_eq!(
+        max_diff(&logits(&loaded, &ids), &logits(&model(&cfg, &w), &ids)),
+        0.0
+    );
+}
+
+/// A config whose widths are multiples of 256, as K-quant blocks need.
+fn k_quant_config() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        ..tiny_config(300)
+    }
+}
+
+fn candle_type(t: GgmlType) -> GgmlDType {
+    match t {
+        GgmlType::F16 => GgmlDType::F16,
+        GgmlType::BF16 => GgmlDType::BF16,
+        GgmlType::Q8_0 => GgmlDType::Q8_0,
+        GgmlType::Q4_0 => GgmlDType::Q4_0,
+        GgmlType::Q4_1 => GgmlDType::Q4_1,
+        GgmlType::Q4K => GgmlDType::Q4K,
+        GgmlType::Q6K => GgmlDType::Q6K,
+        other => panic!("not used here: {other}"),
+    }
+}
+
+#[test]
+fn gguf_in_every_storage_type_loads_the_same_model() {
+    let cfg = k_quant_config();
+    let w = random_weights(&cfg, 3).unwrap();
+    let ids = [1u32, 7, 99, 250, 4, 4, 180];
+    let dir = tempfile::tempdir().unwrap();
+
+    // F32: exact, which checks names and llama.cpp's Q/K row order.
+    let path = dir.path().join("f32.gguf");
+    write_gguf(&cfg, &w, &path, &|_| GgmlType::F32, vec![]).unwrap();
+    let loaded = ModelSource::open(&path)
+        .unwrap()
+        .load_model(LoadOptions::default())
+        .unwrap();
+    assert_eq!(
+        max_diff(&logits(&loaded, &ids), &logits(&model(&cfg, &w), &ids)),
+        0.0
+    );
+
+    let types = [
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ];
+    for ty in types {
+        let path = dir.path().join(format!("{ty}.gguf"));
+        write_gguf(&cfg, &w, &path, &|_| ty, vec![]).unwrap();
+        // Expected: the f32 model with every matrix rounded through `ty`.
+        let mut rounded = w.clone();
+        for t in rounded.tensors.values_mut().filter(|t| t.rank() == 2) {
+            *t = QTensor::quantize(t, candle_type(ty))
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+        }
+        let expected = logits(&model(&cfg, &rounded), &ids);
+        let source = ModelSource::open(&path).unwrap();
+        for keep_quantized in [false, true] {
+            let got = logits(
+                &source.load_model(LoadOptions { keep_quantized }).unwrap(),
+                &ids,
+            );
+            let d = max_diff(&got, &expected);
+            assert!(d < 1e-4, "{ty} keep_quantized={keep_quantized}: {d}");
+        }
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.tensor("blk.0.attn_q.weight").unwrap().ggml_type, ty);
+    }
+}
+
+#[derive(Debug)]
+struct Zero(usize, usize);
+
+impl Linear for Zero {
+    fn forward(&self, x: &Tensor) -> skillet_models::Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().unwrap() = self.1;
+        Ok(Tensor::zeros(dims, x.dtype(), x.device())?)
+    }
+    fn in_features(&self) -> usize {
+        self.0
+    }
+    fn out_features(&self) -> usize {
+        self.1
+    }
+}
+
+#[test]
+fn linear_layers_can_be_swapped_by_module_name() {
+    let (cfg, w) = tiny();
+    let mut m = model(&cfg, &w);
+    let ids = [4u32, 8, 15, 16, 23, 42];
+    let before = logits(&m, &ids);
+    let mut names = Vec::new();
+    m.visit_linears_mut(|name, slot| {
+        names.push(name.to_string());
+        if name == "model.layers.1.mlp.down_proj" {
+            *slot = Box::new(Zero(slot.in_features(), slot.out_features()));
+        }
+    });
+    assert_eq!(names.len(), 7 * cfg.num_hidden_layers + 1);
+    assert!(names.contains(&"model.layers.0.self_attn.q_proj".to_string()));
+    assert!(max_diff(&logits(&m, &ids), &before) > 1e-3);
+    // Putting an equivalent base layer back restores the output exactly.
+    let down = w.tensors["model.layers.1.mlp.down_proj.weight"].clone();
+    m.visit_linears_mut(|name, slot| {
+        if name == "model.layers.1.mlp.down_proj" {
+            *slot = Box::new(BaseLinear::new(Weight::Dense(down.clone()), None));
+        }
+    });
+    assert_eq!(max_diff(&logits(&m, &ids), &before), 0.0);
+}
+
+#[test]
+fn load_errors_name_the_file_and_tensor() {
+    let (cfg, w) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut missing = w.clone();
+    missing.tensors.remove("model.layers.1.mlp.up_proj.weight");
+    let err = Llama::load(cfg.clone(), &missing, LoadOptions::default()).unwrap_err();
+    assert!(matches!(err, ModelError::MissingTensor { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("model.layers.1.mlp.up_proj.weight")
+    );
+
+    // Shape mismatch in a GGUF file names the GGUF tensor: the metadata
+    // is patched to claim an MLP width of 95 while the tensors have 96.
+    let path = dir.path().join("wrong.gguf");
+    write_gguf(&cfg, &w, &path, &|_| GgmlType::F32, vec![]).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    let key = b"llama.feed_forward_length";
+    let pos = bytes.windows(key.len()).position(|win| win == key).unwrap() + key.len() + 4;
+    bytes[pos..pos + 4].copy_from_slice(&95u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = ModelSource::open(&path)
+        .unwrap()
+        .load_model(LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("blk.0.ffn_gate.weight")
+            && err.contains("[95, 64]")
+            && err.contains("[96, 64]"),
+        "{err}"
+    );
+    assert!(err.contains("wrong.gguf"), "{err}");
+
+    // Unknown architecture, GGUF and HF.
+    let path = dir.path().join("arch.gguf");
+    write_gguf(
+        &cfg,
+        &w,
+        &path,
+        &|_| GgmlType::F32,
+        vec![(
+            "general.architecture".into(),
+            Value::String("gptneox".into()),
+        )],
+    )
+    .unwrap();
+    let err = ModelSource::open(&path)
+        .unwrap()
+        .config()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unsupported architecture 'gptneox'"), "{err}");
+    let hf = dir.path().join("hf");
+    write_hf_weights(&cfg, &w, &hf, None, None).unwrap();
+    let text = std::fs::read_to_string(hf.join("config.json"))
+        .unwrap()
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");
+    std::fs::write(hf.join("config.json"), text).unwrap();
+    let err = ModelSource::open(&hf)
+        .unwrap()
+        .config()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unsupported architecture 'gpt_neox'") && err.contains("config.json"),
+        "{err}"
+    );
+
+    // Not a model at all.
+    let err = ModelSource::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("not a model"), "{err}");
+    let err = ModelSource::open(&dir.path().join("nope.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope.gguf"), "{err}");
+}
