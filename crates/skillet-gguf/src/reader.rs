@@ -145,7 +145,7 @@ impl GgufFile {
                     ),
                 }
             })?;
-            let offset = data_start.checked_add(rel).unwrap_or(u64::MAX);
+            let offset = data_start.saturating_add(rel);
             let end = offset.saturating_add(size);
             if end > file_len {
                 return Err(GgufError::Truncated {

@@ -146,7 +146,9 @@ impl GgmlType {
     /// a whole number of blocks.
     pub fn bytes_for(self, elements: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        (elements % bs == 0).then(|| elements / bs * self.block_bytes() as u64)
+        elements
+            .is_multiple_of(bs)
+            .then(|| elements / bs * self.block_bytes() as u64)
     }
 }
 

@@ -132,19 +132,25 @@ impl LlamaConfig {
                 return Err(err(format!("{name} must be positive")));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(err(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(err(format!(
                 "head_dim ({}) must be even for RoPE",
                 self.head_dim
             )));
         }
-        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps > 0.0) {
+        if [self.rope_theta, self.rms_norm_eps]
+            .iter()
+            .any(|v| v.is_nan() || *v <= 0.0)
+        {
             return Err(err("rope_theta and rms_norm_eps must be positive".into()));
         }
         Ok(self)
@@ -449,11 +455,9 @@ impl HfConfig {
             num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: self.num_key_value_heads.unwrap_or(heads),
-            head_dim: self.head_dim.unwrap_or(if heads > 0 {
-                self.hidden_size / heads
-            } else {
-                0
-            }),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size.checked_div(heads).unwrap_or(0)),
             rms_norm_eps: self.rms_norm_eps,
             rope_theta,
             rope_scaling,

@@ -199,7 +199,8 @@ fn unpermute_rows(
     path: &Path,
 ) -> Result<Vec<u8>> {
     let rows = info.shape[0];
-    if rows != heads * head_dim || head_dim % 2 != 0 || bytes.len() % rows != 0 {
+    if rows != heads * head_dim || !head_dim.is_multiple_of(2) || !bytes.len().is_multiple_of(rows)
+    {
         let mut expected = info.shape.clone();
         expected[0] = heads * head_dim;
         return Err(ModelError::ShapeMismatch {
@@ -421,7 +422,7 @@ mod tests {
         let (heads, hd) = (2usize, 4usize);
         let hf: Vec<f32> = (0..8).map(|v| v as f32).collect();
         // llama.cpp's permute: reshape(heads, 2, hd/2).swapaxes(1, 2).
-        let mut gguf = vec![0f32; 8];
+        let mut gguf = [0f32; 8];
         for h in 0..heads {
             for c in 0..2 {
                 for i in 0..hd / 2 {

@@ -67,7 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     {
         anyhow::bail!("--top-p must be in (0, 1], got {p}");
     }
-    if !(args.repetition_penalty > 0.0) {
+    if args.repetition_penalty.is_nan() || args.repetition_penalty <= 0.0 {
         anyhow::bail!(
             "--repetition-penalty must be > 0, got {}",
             args.repetition_penalty
