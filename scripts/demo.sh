@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, for now: fetch SmolLM2-135M-Instruct (Q4_1 GGUF), build
-# skillet, show what the model is, and chat with it (streamed, greedy).
+# skillet, show what the model is, and chat with it (streamed; greedy for
+# factual prompts, seeded sampling for an open-ended one).
 # Later, this becomes: fine-tune on the bundled example, show before/after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,8 +11,13 @@ cargo build --release --locked --quiet
 SKILLET=target/release/skillet
 
 "$SKILLET" inspect "$MODEL"
-for prompt in "What is the capital of France?" "Write a haiku about autumn." "Give me three tips for writing clear code."; do
+
+ask() {
   echo
-  echo ">>> $prompt"
-  "$SKILLET" generate --model "$MODEL" --chat --prompt "$prompt" --max-tokens 96
-done
+  echo ">>> $1    [${*:2}]"
+  "$SKILLET" generate --model "$MODEL" --chat --prompt "$1" --max-tokens 96 "${@:2}"
+}
+ask "What is the capital of France?" --temperature 0
+ask "Give me three tips for writing clear code." --temperature 0
+# Small models loop under greedy decoding on open-ended prompts; sample instead.
+ask "Write a haiku about autumn." --temperature 0.7 --top-p 0.9 --seed 1
