@@ -72,67 +72,15 @@ fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(t.reshape(dims)?)
 }
 
+/// The GGUF bytes of `t` stored as `ty` (plain floats are "blocks" of one).
 fn tensor_bytes(t: &Tensor, ty: GgmlType, name: &str, path: &Path) -> Result<Vec<u8>> {
     let bad = |e: candle_core::Error| ModelError::BadTensor {
         path: path.to_path_buf(),
         tensor: name.to_string(),
         message: e.to_string(),
     };
-    let flat = t.flatten_all()?;
-    Ok(match ty {
-        GgmlType::F32 => flat
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        GgmlType::F16 | GgmlType::BF16 => {
-            let dt = if ty == GgmlType::F16 {
-                DType::F16
-            } else {
-                DType::BF16
-            };
-            let raw = flat.to_dtype(dt)?.to_dtype(DType::F32)?;
-            // Bits of the rounded value, taken from its f32 form.
-            raw.to_vec1::<f32>()?
-                .iter()
-                .flat_map(|v| {
-                    if ty == GgmlType::F16 {
-                        half_bits_f16(*v).to_le_bytes()
-                    } else {
-                        ((v.to_bits() >> 16) as u16).to_le_bytes()
-                    }
-                })
-                .collect()
-        }
-        q => {
-            let dt = crate::weights::candle_type(q);
-            let qt = QTensor::quantize(t, dt).map_err(bad)?;
-            qt.data().map_err(bad)?.into_owned()
-        }
-    })
-}
-
-/// IEEE half bits of an f32 that is already exactly representable as f16.
-fn half_bits_f16(v: f32) -> u16 {
-    let bits = v.to_bits();
-    let sign = ((bits >> 16) & 0x8000) as u16;
-    let exp = ((bits >> 23) & 0xff) as i32;
-    let mant = bits & 0x7f_ffff;
-    if exp == 0xff {
-        return sign | 0x7c00 | if mant != 0 { 0x200 } else { 0 };
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1f {
-        sign | 0x7c00
-    } else if e <= 0 {
-        if e < -10 {
-            return sign;
-        }
-        let m = (mant | 0x80_0000) >> (14 - e);
-        sign | m as u16
-    } else {
-        sign | ((e as u16) << 10) | (mant >> 13) as u16
-    }
+    let q = QTensor::quantize(t, crate::weights::candle_type(ty)).map_err(bad)?;
+    Ok(q.data().map_err(bad)?.into_owned())
 }
 
 /// Writes `weights` as a GGUF file. `storage(name)` picks each tensor's
