@@ -4,9 +4,8 @@
 #![warn(missing_docs)]
 
 mod generate;
-mod rng;
 mod sampler;
 
 pub use generate::{FinishReason, GenerateError, GenerateOptions, Generation, generate};
-pub use rng::Rng;
 pub use sampler::{Sampler, SamplingParams, argmax};
+pub use skillet_models::Rng;

@@ -1,7 +1,7 @@
 //! Next-token choice from logits, in the order transformers applies its
 //! logits processors: repetition penalty, then temperature, top-k, top-p.
 
-use crate::Rng;
+use skillet_models::Rng;
 
 /// How to pick tokens.
 #[derive(Debug, Clone, PartialEq)]

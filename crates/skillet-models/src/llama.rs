@@ -34,6 +34,9 @@ pub struct ForwardInput {
     pub key_mask: Option<Vec<u8>>,
     /// `[B, T]` row-major RoPE positions; `None` means `cache_len + t`.
     pub positions: Option<Vec<u32>>,
+    /// `[B, T]` row-major segment ids for packed sequences: tokens attend
+    /// only within their segment. Not allowed with a cache.
+    pub segments: Option<Vec<u32>>,
 }
 
 impl ForwardInput {
@@ -43,6 +46,7 @@ impl ForwardInput {
             ids,
             key_mask: None,
             positions: None,
+            segments: None,
         }
     }
 }
@@ -51,9 +55,16 @@ impl ForwardInput {
 pub trait CausalLm: Send + Sync {
     /// The validated hyper-parameters.
     fn config(&self) -> &LlamaConfig;
-    /// Logits `[B, T, V]` for every input position. With a cache, the new
-    /// tokens attend to the cached ones and are appended to the cache.
-    fn forward(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    /// Final (normed) hidden states `[B, T, C]` for every input position.
+    /// With a cache, the new tokens attend to the cached ones and are
+    /// appended to the cache.
+    fn forward_hidden(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    /// The output projection from hidden states to vocabulary logits.
+    fn lm_head(&self) -> &dyn Linear;
+    /// Logits `[B, T, V]` for every input position (see `forward_hidden`).
+    fn forward(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.lm_head().forward(&self.forward_hidden(input, cache)?)
+    }
     /// An empty cache for `batch` sequences.
     fn new_cache(&self, batch: usize) -> KvCache {
         KvCache::new(self.config().num_hidden_layers, batch)
@@ -345,7 +356,15 @@ impl CausalLm for Llama {
         &self.cfg
     }
 
-    fn forward(&self, input: &ForwardInput, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn lm_head(&self) -> &dyn Linear {
+        self.lm_head.as_ref()
+    }
+
+    fn forward_hidden(
+        &self,
+        input: &ForwardInput,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, t) = self.check_input(input, cache.as_deref())?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let chunk_mask = input.key_mask.clone().unwrap_or_else(|| vec![1; b * t]);
@@ -367,6 +386,7 @@ impl CausalLm for Llama {
             t,
             offset,
             &key_mask,
+            input.segments.as_deref(),
             self.cfg.sliding_window,
             &self.device,
         )?;
@@ -391,6 +411,6 @@ impl CausalLm for Llama {
                 .forward(&layer.post_attention_layernorm.forward(&x)?)?;
             x = (x + h)?;
         }
-        self.lm_head.forward(&self.norm.forward(&x)?) // [B,T,V]
+        self.norm.forward(&x) // [B,T,C]
     }
 }

@@ -65,6 +65,7 @@ fn right_padded_batch_equals_one_at_a_time() {
         ids: batch(&[a.clone(), padded_b]),
         key_mask: Some(mask),
         positions: None,
+        segments: None,
     };
     let out = m.forward(&input, None).unwrap().to_vec3::<f32>().unwrap();
     assert!(max_diff(&out[0], &logits(&m, &a)) < TOL);
@@ -83,10 +84,47 @@ fn left_padded_batch_with_positions_equals_one_at_a_time() {
         ids: batch(&[a.clone(), [vec![0; 3], b.clone()].concat()]),
         key_mask: Some(mask),
         positions: Some(positions),
+        segments: None,
     };
     let out = m.forward(&input, None).unwrap().to_vec3::<f32>().unwrap();
     assert!(max_diff(&out[0], &logits(&m, &a)) < TOL);
     assert!(max_diff(&out[1][3..], &logits(&m, &b)) < TOL);
+}
+
+#[test]
+fn packed_sequences_equal_separate_runs() {
+    let (cfg, w) = tiny();
+    let m = model(&cfg, &w);
+    let a = vec![3u32, 14, 15, 92, 65];
+    let b = vec![27u32, 18, 28];
+    let input = ForwardInput {
+        ids: batch(&[[a.clone(), b.clone()].concat()]),
+        key_mask: None,
+        positions: Some(vec![0, 1, 2, 3, 4, 0, 1, 2]),
+        segments: Some(vec![0, 0, 0, 0, 0, 1, 1, 1]),
+    };
+    let out = m
+        .forward(&input, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert!(max_diff(&out[..5], &logits(&m, &a)) < TOL);
+    assert!(max_diff(&out[5..], &logits(&m, &b)) < TOL);
+    // Without segments the second example would see the first.
+    let leaky = ForwardInput {
+        segments: None,
+        ..input
+    };
+    let out = m
+        .forward(&leaky, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert!(max_diff(&out[5..], &logits(&m, &b)) > 1e-3);
 }
 
 #[test]
@@ -163,12 +201,14 @@ fn batched_cached_decode_with_left_padding_equals_single() {
         ids: batch(&[a.clone(), vec![0, 0, 0, 27, 18]]),
         key_mask: Some([vec![1u8; 5], vec![0, 0, 0, 1, 1]].concat()),
         positions: Some([(0..5).collect::<Vec<u32>>(), vec![0, 0, 0, 0, 1]].concat()),
+        segments: None,
     };
     m.forward(&input, Some(&mut cache)).unwrap();
     let step = ForwardInput {
         ids: batch(&[vec![50], vec![51]]),
         key_mask: None,
         positions: Some(vec![5, 2]),
+        segments: None,
     };
     let out = m
         .forward(&step, Some(&mut cache))

@@ -1,0 +1,18 @@
+//! LoRA adapters (Hu et al. 2021, arXiv 2106.09685; rsLoRA: Kalajdzievski
+//! 2023, arXiv 2312.03732) following Hugging Face PEFT's `LoraLayer`:
+//! layers that wrap any base [`skillet_models::Linear`], selection of target
+//! modules, the PEFT on-disk format both ways, and merging into the base.
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod lora;
+mod peft;
+
+pub use config::{LoraSettings, PeftAdapterConfig, Targets};
+pub use error::AdapterError;
+pub use lora::{DropoutControl, LoraAdapter, LoraLinear, apply_lora, merged_weight};
+pub use peft::{load_peft, peft_tensor_name, save_peft};
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, AdapterError>;

@@ -1,0 +1,115 @@
+//! The PEFT adapter format: `adapter_config.json` plus
+//! `adapter_model.safetensors` with tensors named
+//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight`
+//! `[out, r]`, metadata `{"format": "pt"}`. Read and written exactly so
+//! adapters move between Skillet and PEFT unchanged.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{AdapterError, LoraAdapter, PeftAdapterConfig, Result};
+
+/// PEFT's name of a LoRA tensor: `part` is `lora_A` or `lora_B`.
+pub fn peft_tensor_name(module: &str, part: &str) -> String {
+    format!("base_model.model.{module}.{part}.weight")
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> AdapterError + '_ {
+    move |source| AdapterError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `adapter` into `dir` (created) as PEFT would.
+pub fn save_peft(adapter: &LoraAdapter, dir: &Path, base_model: Option<String>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let config = PeftAdapterConfig::from_settings(&adapter.settings, base_model);
+    let text = serde_json::to_string_pretty(&config).expect("config serializes") + "\n";
+    write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
+    let mut tensors = Vec::new();
+    for p in &adapter.params {
+        for (part, var) in [("lora_A", &p.a), ("lora_B", &p.b)] {
+            tensors.push((
+                peft_tensor_name(&p.module, part),
+                var.as_tensor().to_dtype(DType::F32)?.contiguous()?,
+            ));
+        }
+    }
+    let path = dir.join("adapter_model.safetensors");
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| AdapterError::File {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    write_atomic(&path, &bytes)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Reads a PEFT adapter folder: its config and `(A, B)` per module name.
+pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, HashMap<String, (Tensor, Tensor)>)> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
+    let config: PeftAdapterConfig =
+        serde_json::from_str(&text).map_err(|e| AdapterError::File {
+            path: cfg_path.clone(),
+            message: format!("invalid adapter_config.json: {e}"),
+        })?;
+    let path = dir.join("adapter_model.safetensors");
+    if !path.is_file() {
+        let bin = dir.join("adapter_model.bin");
+        let message = if bin.is_file() {
+            "only adapter_model.bin (pickle) is present; save the adapter with safetensors (PEFT's default)".to_string()
+        } else {
+            "missing adapter_model.safetensors".to_string()
+        };
+        return Err(AdapterError::File { path, message });
+    }
+    let tensors =
+        candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| AdapterError::File {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    let mut a_parts = HashMap::new();
+    let mut b_parts = HashMap::new();
+    for (name, t) in tensors {
+        // PEFT files may carry the adapter name (".lora_A.default.weight").
+        let clean = name.replace(".default.weight", ".weight");
+        let module = clean.strip_prefix("base_model.model.").unwrap_or(&clean);
+        if let Some(m) = module.strip_suffix(".lora_A.weight") {
+            a_parts.insert(m.to_string(), t);
+        } else if let Some(m) = module.strip_suffix(".lora_B.weight") {
+            b_parts.insert(m.to_string(), t);
+        } else {
+            return Err(AdapterError::File {
+                path,
+                message: format!(
+                    "unexpected tensor '{name}' (only LoRA A/B weights are supported)"
+                ),
+            });
+        }
+    }
+    let mut out = HashMap::new();
+    for (m, a) in a_parts {
+        let b = b_parts.remove(&m).ok_or_else(|| AdapterError::File {
+            path: path.clone(),
+            message: format!("'{m}' has lora_A but no lora_B"),
+        })?;
+        out.insert(m, (a, b));
+    }
+    if let Some(m) = b_parts.keys().next() {
+        return Err(AdapterError::File {
+            path,
+            message: format!("'{m}' has lora_B but no lora_A"),
+        });
+    }
+    Ok((config, out))
+}
