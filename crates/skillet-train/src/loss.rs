@@ -1,0 +1,55 @@
+//! The causal-LM loss: next-token cross-entropy summed over labelled
+//! positions only. The LM head runs on those positions alone, so padding,
+//! prompts and ignored tokens cost no vocabulary projection.
+
+use candle_core::{D, DType, Device, Tensor};
+use skillet_models::CausalLm;
+
+use crate::{Result, TrainBatch};
+
+/// The summed loss of one batch and what it was summed over.
+#[derive(Debug)]
+pub struct LossParts {
+    /// Scalar: the sum of per-token negative log-likelihoods (differentiable).
+    pub sum: Tensor,
+    /// Number of labelled tokens in the sum.
+    pub tokens: usize,
+    /// How many of them the model's argmax predicted.
+    pub correct: usize,
+}
+
+/// Summed next-token cross-entropy of `batch` under `model`. Divide by the
+/// total labelled tokens of the whole (accumulated) batch to get the mean,
+/// as transformers does since its gradient-accumulation fix.
+pub fn causal_lm_loss(model: &dyn CausalLm, batch: &TrainBatch) -> Result<LossParts> {
+    let targets = batch.targets();
+    if targets.is_empty() {
+        return Ok(LossParts {
+            sum: Tensor::new(0f32, &Device::Cpu)?,
+            tokens: 0,
+            correct: 0,
+        });
+    }
+    let hidden = model.forward_hidden(&batch.input()?, None)?; // [B,T,C]
+    let c = hidden.dim(D::Minus1)?;
+    let rows: Vec<u32> = targets.iter().map(|&(i, _)| i as u32).collect();
+    let labels: Vec<u32> = targets.iter().map(|&(_, t)| t).collect();
+    let n = rows.len();
+    let picked = hidden
+        .reshape((batch.batch * batch.seq, c))?
+        .index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?; // [N,C]
+    let logits = model.lm_head().forward(&picked)?.to_dtype(DType::F32)?; // [N,V]
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // [N,1]
+    let label_t = Tensor::new(labels.as_slice(), &Device::Cpu)?.reshape((n, 1))?;
+    let picked_logit = shifted.gather(&label_t, D::Minus1)?; // [N,1]
+    let sum = (lse - picked_logit)?.sum_all()?;
+    let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let correct = argmax.iter().zip(&labels).filter(|(a, b)| a == b).count();
+    Ok(LossParts {
+        sum,
+        tokens: n,
+        correct,
+    })
+}

@@ -1,0 +1,160 @@
+//! AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101) with exactly
+//! PyTorch's `torch.optim.AdamW` arithmetic, updated in place on host
+//! memory, and gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, TrainError};
+
+/// AdamW hyper-parameters (PyTorch's defaults except the learning rate).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// Peak learning rate (the schedule scales it).
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 2e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Optimizer state: step count and both moments of every parameter.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    /// Hyper-parameters.
+    pub config: AdamWConfig,
+    /// Steps taken.
+    pub step: u64,
+    vars: Vec<Var>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl AdamW {
+    /// A fresh optimizer over `vars`.
+    pub fn new(vars: Vec<Var>, config: AdamWConfig) -> Self {
+        let m = vars.iter().map(|v| vec![0f32; v.elem_count()]).collect();
+        let v = vars.iter().map(|v| vec![0f32; v.elem_count()]).collect();
+        Self {
+            config,
+            step: 0,
+            vars,
+            m,
+            v,
+        }
+    }
+
+    /// The parameters being optimized.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// First and second moments (for checkpoints).
+    pub fn moments(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores moments and step from a checkpoint.
+    pub fn restore(&mut self, step: u64, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) -> Result<()> {
+        let sizes_ok = m.len() == self.vars.len()
+            && v.len() == self.vars.len()
+            && self
+                .vars
+                .iter()
+                .zip(m.iter().zip(&v))
+                .all(|(p, (a, b))| a.len() == p.elem_count() && b.len() == p.elem_count());
+        if !sizes_ok {
+            return Err(TrainError::Invalid(
+                "optimizer state does not match the trainable parameters".into(),
+            ));
+        }
+        self.step = step;
+        self.m = m;
+        self.v = v;
+        Ok(())
+    }
+
+    /// One update with learning rate `lr` from `grads` (already clipped
+    /// and scaled). A parameter without a gradient is an error: it would
+    /// silently stop training.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let bias1 = 1.0 - c.beta1.powi(t);
+        let bias2 = 1.0 - c.beta2.powi(t);
+        let step_size = (lr / bias1) as f32;
+        let bias2_sqrt = bias2.sqrt() as f32;
+        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        let decay = (1.0 - lr * c.weight_decay) as f32;
+        for (i, var) in self.vars.iter().enumerate() {
+            let g = grads.get(var.as_tensor()).ok_or_else(|| {
+                TrainError::NonFinite(format!("trainable parameter {i} received no gradient"))
+            })?;
+            let g = g.flatten_all()?.to_vec1::<f32>()?;
+            let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            let (m, v) = (&mut self.m[i], &mut self.v[i]);
+            for j in 0..p.len() {
+                p[j] *= decay;
+                m[j] = b1 * m[j] + (1.0 - b1) * g[j];
+                v[j] = b2 * v[j] + (1.0 - b2) * g[j] * g[j];
+                let denom = v[j].sqrt() / bias2_sqrt + eps;
+                p[j] -= step_size * m[j] / denom;
+            }
+            var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Global L2 norm of the gradients of `vars` (missing ones count as zero).
+pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
+    let mut total = 0f64;
+    for var in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+    }
+    Ok(total.sqrt())
+}
+
+/// Scales gradients so their global norm is at most `max_norm` (PyTorch's
+/// rule: factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm
+/// before clipping; a non-finite norm is an error.
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads, vars)?;
+    if !norm.is_finite() {
+        return Err(TrainError::NonFinite(format!("gradient norm is {norm}")));
+    }
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for var in vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let scaled = (g * coef)?;
+                grads.insert(var.as_tensor(), scaled);
+            }
+        }
+    }
+    Ok(norm)
+}
