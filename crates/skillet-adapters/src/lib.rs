@@ -14,5 +14,9 @@ pub use error::AdapterError;
 pub use lora::{DropoutControl, LoraAdapter, LoraLinear, apply_lora, merged_weight};
 pub use peft::{load_peft, peft_tensor_name, save_peft};
 
+/// LoRA weights by module name: `(A [r, in], B [out, r])`.
+pub type LoraWeights =
+    std::collections::HashMap<String, (candle_core::Tensor, candle_core::Tensor)>;
+
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, AdapterError>;

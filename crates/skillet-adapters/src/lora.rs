@@ -3,14 +3,13 @@
 //! `lora.Linear`. Dropout is seeded per step so training is reproducible
 //! and a resumed run draws the same masks.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
 use skillet_models::{Linear, Llama, Rng};
 
-use crate::{AdapterError, LoraSettings, Result};
+use crate::{AdapterError, LoraSettings, LoraWeights, Result};
 
 /// Switches dropout on (training) or off (evaluation) for every LoRA layer
 /// of a model and sets the seed of the current step.
@@ -137,7 +136,7 @@ pub fn apply_lora(
     model: &mut Llama,
     settings: &LoraSettings,
     seed: u64,
-    initial: Option<&HashMap<String, (Tensor, Tensor)>>,
+    initial: Option<&LoraWeights>,
 ) -> Result<LoraAdapter> {
     let control = Arc::new(DropoutControl::default());
     let mut rng = Rng::new(seed);

@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
-use crate::{AdapterError, LoraAdapter, PeftAdapterConfig, Result};
+use crate::{AdapterError, LoraAdapter, LoraWeights, PeftAdapterConfig, Result};
 
 /// PEFT's name of a LoRA tensor: `part` is `lora_A` or `lora_B`.
 pub fn peft_tensor_name(module: &str, part: &str) -> String {
@@ -55,7 +55,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Reads a PEFT adapter folder: its config and `(A, B)` per module name.
-pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, HashMap<String, (Tensor, Tensor)>)> {
+pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, LoraWeights)> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
     let config: PeftAdapterConfig =
