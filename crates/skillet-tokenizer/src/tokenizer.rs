@@ -178,6 +178,13 @@ impl Tokenizer {
         Ok((enc.get_ids().to_vec(), enc.get_tokens().to_vec()))
     }
 
+    /// Ids of `text` (no special tokens added) with each token's byte range
+    /// in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     /// Text of `ids`; `skip_special` drops special tokens.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(tok_err)

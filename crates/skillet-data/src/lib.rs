@@ -1,0 +1,18 @@
+//! Training data. JSONL files in the formats people use are read into one
+//! [`Example`] type, validated (every problem at once, with line numbers
+//! and OpenAI-style codes), rendered through the model's chat template with
+//! the loss mask taken from each message's rendered span, truncated,
+//! optionally packed, and split into train and validation sets.
+#![warn(missing_docs)]
+
+mod encode;
+mod error;
+mod format;
+mod pack;
+mod split;
+
+pub use encode::{EncodeOptions, Encoder, TokenizedExample, mark_trained};
+pub use error::{DataError, DataIssue, IssueCode};
+pub use format::{DataFormat, Example, Turn, read_jsonl};
+pub use pack::{PackedSequence, pack};
+pub use split::split_fraction;
