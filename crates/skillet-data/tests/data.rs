@@ -232,7 +232,7 @@ fn eos_stays_trained_when_pad_is_eos_and_there_is_no_double_bos() {
         .zip(&t.trainable)
         .filter(|(_, tr)| **tr)
         .map(|(id, _)| *id)
-        .last();
+        .next_back();
     assert_eq!(last_trained, Some(eos));
     let bos = tok.specials().bos.as_ref().unwrap().id;
     assert!(t.ids.windows(2).all(|w| !(w[0] == bos && w[1] == bos)));

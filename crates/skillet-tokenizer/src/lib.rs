@@ -14,7 +14,7 @@ pub use error::TokenizerError;
 pub use gguf::gguf_tokenizer_json;
 pub use hf::GenerationConfig;
 pub use template::{ChatTemplate, Message};
-pub use tokenizer::{SpecialToken, SpecialTokens, Tokenizer};
+pub use tokenizer::{Offsets, SpecialToken, SpecialTokens, Tokenizer};
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, TokenizerError>;

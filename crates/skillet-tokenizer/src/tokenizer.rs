@@ -9,6 +9,9 @@ use skillet_gguf::GgufFile;
 use crate::hf::{read_json, special_token_text};
 use crate::{GenerationConfig, Result, TokenizerError, gguf_tokenizer_json};
 
+/// Byte range of each token in the encoded text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// A special token: id and text.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SpecialToken {
@@ -180,7 +183,7 @@ impl Tokenizer {
 
     /// Ids of `text` (no special tokens added) with each token's byte range
     /// in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Offsets)> {
         let enc = self.inner.encode(text, false).map_err(tok_err)?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
