@@ -3,7 +3,7 @@
 //! memory, and gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainError};
@@ -91,10 +91,16 @@ impl AdamW {
         Ok(())
     }
 
-    /// One update with learning rate `lr` from `grads` (already clipped
-    /// and scaled). A parameter without a gradient is an error: it would
-    /// silently stop training.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// One update with learning rate `lr` from `grads` (one per parameter,
+    /// in order; already clipped).
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        if grads.len() != self.vars.len() {
+            return Err(TrainError::Invalid(format!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                self.vars.len()
+            )));
+        }
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
@@ -105,10 +111,7 @@ impl AdamW {
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
         let decay = (1.0 - lr * c.weight_decay) as f32;
         for (i, var) in self.vars.iter().enumerate() {
-            let g = grads.get(var.as_tensor()).ok_or_else(|| {
-                TrainError::NonFinite(format!("trainable parameter {i} received no gradient"))
-            })?;
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
+            let g = grads[i].flatten_all()?.to_vec1::<f32>()?;
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
             for j in 0..p.len() {
@@ -124,36 +127,45 @@ impl AdamW {
     }
 }
 
-/// Global L2 norm of the gradients of `vars` (missing ones count as zero).
-pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
+/// The gradient of every parameter, in order. A parameter without one is
+/// an error: it would silently stop training (as candle's fused ops without
+/// a backward would cause).
+pub fn collect_grads(store: &GradStore, vars: &[Var]) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            store.get(v.as_tensor()).cloned().ok_or_else(|| {
+                TrainError::NonFinite(format!("trainable parameter {i} received no gradient"))
+            })
+        })
+        .collect()
+}
+
+/// Global L2 norm of `grads`.
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     let mut total = 0f64;
-    for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            total += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-        }
+    for g in grads {
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(total.sqrt())
 }
 
-/// Scales gradients so their global norm is at most `max_norm` (PyTorch's
+/// Scales `grads` so their global norm is at most `max_norm` (PyTorch's
 /// rule: factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm
 /// before clipping; a non-finite norm is an error.
-pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(grads, vars)?;
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
     if !norm.is_finite() {
         return Err(TrainError::NonFinite(format!("gradient norm is {norm}")));
     }
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
-        for var in vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let scaled = (g * coef)?;
-                grads.insert(var.as_tensor(), scaled);
-            }
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
         }
     }
     Ok(norm)
