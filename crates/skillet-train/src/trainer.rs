@@ -253,7 +253,9 @@ impl Trainer<'_> {
             };
             self.log(&event)?;
             on_event(&event);
-            let due = |every: Option<u64>| every.is_some_and(|e| e > 0 && self.state.step % e == 0);
+            let due = |every: Option<u64>| {
+                every.is_some_and(|e| e > 0 && self.state.step.is_multiple_of(e))
+            };
             if !self.valid.is_empty() && (due(self.settings.eval_every) || self.state.step == total)
             {
                 let event = Event::Eval {
