@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The main job, for now: fetch SmolLM2-135M-Instruct (Q4_1 GGUF), build
-# skillet, show what the model is, and chat with it (streamed; greedy for
-# factual prompts, seeded sampling for an open-ended one).
-# Later, this becomes: fine-tune on the bundled example, show before/after.
+# The main job: fetch SmolLM2-135M-Instruct (Q4_1 GGUF), build skillet, and
+# fine-tune a LoRA adapter on the bundled example task (extract name, age
+# and city from a sentence as JSON; examples/contacts). Prints the report:
+# held-out exact match, loss and perplexity, and general-text perplexity
+# (the forgetting check), base vs tuned. Then answers one held-out
+# question with the base model and with the adapter.
+#
+# Output: runs/contacts/ (adapter/ in PEFT format, report.md, loss.svg,
+# metrics.jsonl, checkpoints/). About 10 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,14 +15,13 @@ MODEL="$(scripts/fetch-model.sh)"
 cargo build --release --locked --quiet
 SKILLET=target/release/skillet
 
-"$SKILLET" inspect "$MODEL"
+"$SKILLET" train examples/contacts/config.toml --set model="$MODEL" --overwrite
 
-ask() {
-  echo
-  echo ">>> $1    [${*:2}]"
-  "$SKILLET" generate --model "$MODEL" --chat --prompt "$1" --max-tokens 96 "${@:2}"
-}
-ask "What is the capital of France?" --temperature 0
-ask "Give me three tips for writing clear code." --temperature 0
-# Small models loop under greedy decoding on open-ended prompts; sample instead.
-ask "Write a haiku about autumn." --temperature 0.7 --top-p 0.9 --seed 1
+QUESTION="Please welcome Grace Nasser, 31, who joins us from Seoul."
+SYSTEM="Extract the person's name, age and city as JSON."
+echo
+echo ">>> $QUESTION"
+echo "--- base model:"
+"$SKILLET" generate --model "$MODEL" --chat --system "$SYSTEM" --prompt "$QUESTION" --max-tokens 48
+echo "--- with the adapter:"
+"$SKILLET" generate --model "$MODEL" --adapter runs/contacts/adapter --chat --system "$SYSTEM" --prompt "$QUESTION" --max-tokens 48

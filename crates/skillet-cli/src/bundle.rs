@@ -58,6 +58,27 @@ impl Bundle {
         )?)
     }
 
+    /// Loads the model with a PEFT adapter folder applied (unmerged), if given.
+    pub fn load_model_with(&self, adapter: Option<&Path>) -> anyhow::Result<Llama> {
+        let mut model = self.load_model()?;
+        if let Some(dir) = adapter {
+            let (config, weights) = skillet_adapters::load_peft(dir)?;
+            let settings = config
+                .settings()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            skillet_adapters::apply_lora(&mut model, &settings, 0, Some(&weights))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        }
+        Ok(model)
+    }
+
+    /// The padding id for batches (pad, else EOS, else 0; padded positions
+    /// are masked, so the value only has to be a valid id).
+    pub fn pad_id(&self) -> u32 {
+        let s = self.tokenizer.specials();
+        s.pad.as_ref().or(s.eos.as_ref()).map_or(0, |t| t.id)
+    }
+
     /// The chat template, or an error saying the model has none.
     pub fn template(&self) -> anyhow::Result<&ChatTemplate> {
         self.template.as_ref().ok_or_else(|| {

@@ -6,6 +6,7 @@
 
 mod bundle;
 mod commands;
+mod dataset;
 mod output;
 
 use std::process::ExitCode;
@@ -36,6 +37,15 @@ enum Command {
     Generate(commands::generate::Args),
     /// Write a model as a Hugging Face folder (f32 safetensors, tokenizer, template).
     Convert(commands::convert::Args),
+    /// Check training data against a model: validation and a dry run of the loss mask.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
+    /// Fold a LoRA adapter into the base weights and write a Hugging Face folder.
+    Merge(commands::merge::Args),
+    /// Held-out loss, accuracy, exact match and forgetting check of a model (+ adapter).
+    Eval(commands::eval::Args),
+    /// Fine-tune a LoRA adapter from a TOML config; evaluate before and after.
+    Train(commands::train::Args),
 }
 
 /// Sizes candle's thread pools, which read `RAYON_NUM_THREADS`. Always set
@@ -69,6 +79,10 @@ fn main() -> ExitCode {
         Command::Score(a) => commands::score::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Train(a) => commands::train::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Data(c) => commands::data::run(c),
+        Command::Merge(a) => commands::merge::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

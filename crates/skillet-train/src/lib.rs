@@ -6,6 +6,7 @@
 mod batch;
 mod checkpoint;
 mod collate;
+mod config;
 mod error;
 mod eval;
 mod loss;
@@ -18,6 +19,7 @@ pub use checkpoint::{
     TrainState, checkpoint_dir, latest_checkpoint, load_checkpoint_state, save_checkpoint,
 };
 pub use collate::{collate, collate_packed};
+pub use config::{DataConfig, EvalConfig, LoraConfig, RunConfig, TrainConfig};
 pub use error::TrainError;
 pub use eval::{EvalStats, evaluate};
 pub use loss::{LossParts, causal_lm_loss};

@@ -5,7 +5,9 @@
 
 use anyhow::Context;
 use serde::Serialize;
-use skillet_models::{collect_weights, export::write_hf_weights};
+use std::path::Path;
+
+use skillet_models::{MemoryWeights, WeightSource, collect_weights, export::write_hf_weights};
 
 use crate::bundle::{Bundle, ModelArg};
 use crate::output::print_json;
@@ -29,16 +31,13 @@ struct Output {
     tensors: usize,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let b = Bundle::open(&args.model.model)?;
-    let src = b.source.weights(&b.config)?;
-    let dequantized = src.storage_types().keys().any(|t| t.starts_with('Q'));
-    let weights = collect_weights(&b.config, src.as_ref())?;
+/// Writes `weights` with the bundle's config, tokenizer and chat template
+/// as a Hugging Face folder.
+pub fn write_hf_folder(b: &Bundle, weights: &MemoryWeights, out: &Path) -> anyhow::Result<()> {
     let specials = b.tokenizer.specials();
-    let out = &args.out;
     write_hf_weights(
         &b.config,
-        &weights,
+        weights,
         out,
         specials.bos.as_ref().map(|t| t.id),
         specials.eos.as_ref().map(|t| t.id),
@@ -64,8 +63,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(t) = &b.template {
         write("chat_template.jinja", t.source().to_string())?;
     }
+    Ok(())
+}
+
+/// Whether the model's weights are stored quantized.
+pub fn is_quantized(src: &dyn WeightSource) -> bool {
+    src.storage_types().keys().any(|t| t.starts_with('Q'))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let b = Bundle::open(&args.model.model)?;
+    let src = b.source.weights(&b.config)?;
+    let dequantized = is_quantized(src.as_ref());
+    let weights = collect_weights(&b.config, src.as_ref())?;
+    write_hf_folder(&b, &weights, &args.out)?;
     let o = Output {
-        out: out.display().to_string(),
+        out: args.out.display().to_string(),
         dequantized,
         tensors: weights.tensors.len(),
     };

@@ -13,6 +13,9 @@ use crate::output::print_json;
 pub struct Args {
     #[command(flatten)]
     model: ModelArg,
+    /// A PEFT LoRA adapter folder to apply (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
     /// Wrap the prompt as a user message with the model's chat template and
     /// its generation prompt (the same template training uses).
     #[arg(long)]
@@ -86,7 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         b.tokenizer.encode(&args.prompt, true)?
     };
-    let model = b.load_model()?;
+    let model = b.load_model_with(args.adapter.as_deref())?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: SamplingParams {

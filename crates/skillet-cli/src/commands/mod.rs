@@ -1,7 +1,11 @@
 //! One file per subcommand.
 
 pub mod convert;
+pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod merge;
 pub mod score;
 pub mod tokenize;
+pub mod train;

@@ -15,6 +15,9 @@ pub struct Args {
     /// Text file to score (tokenized as `tokenize` does: no BOS added).
     #[arg(long, short = 'f')]
     file: std::path::PathBuf,
+    /// A PEFT LoRA adapter folder to apply (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -71,7 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ids.len()
         );
     }
-    let model = b.load_model()?;
+    let model = b.load_model_with(args.adapter.as_deref())?;
     let input = ForwardInput::new(Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?);
     let logits = model.forward(&input, None)?;
     let (mean_loss, argmax) = score_logits(&logits, &ids)?;

@@ -1,0 +1,301 @@
+//! `skillet train`, `eval`, `merge`, `data check` and `--adapter` end to
+//! end on a tiny random GGUF model (fast, no download).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{skillet, skillet_json, tiny_gguf};
+use skillet_gguf::GgmlType;
+
+fn chat_line(q: &str, a: &str) -> String {
+    serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}).to_string()
+}
+
+fn write_data(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let lines: Vec<String> = (0..n)
+        .map(|i| chat_line(&format!("say {i}"), &format!("ok {}", i % 3)))
+        .collect();
+    let p = dir.join(name);
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    config: PathBuf,
+}
+
+fn setup(extra: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    tiny_gguf(&model, GgmlType::Q8_0, vec![]);
+    let train = write_data(dir.path(), "train.jsonl", 12);
+    let valid = write_data(dir.path(), "valid.jsonl", 4);
+    let config = dir.path().join("run.toml");
+    let text = format!(
+        "model = {:?}\noutput_dir = {:?}\nseed = 3\n[data]\ntrain = {:?}\nvalidation = {:?}\nmax_seq_len = 64\n\
+         [lora]\nr = 4\nalpha = 8\ndropout = 0.1\ntargets = \"all-linear\"\n[train]\nmax_steps = 4\nbatch_size = 2\ngrad_accum = 2\nlr = 1e-2\nwarmup_steps = 1\n\
+         [eval]\nevery = 2\nsave_every = 2\nmax_new_tokens = 4\n{extra}",
+        model,
+        dir.path().join("out"),
+        train,
+        valid
+    );
+    std::fs::write(&config, text).unwrap();
+    Setup { dir, model, config }
+}
+
+fn train(s: &Setup, args: &[&str]) -> common::Run {
+    let mut all = vec!["train", s.config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    skillet(&all)
+}
+
+#[test]
+fn trains_writes_a_peft_adapter_and_a_report_and_resumes_exactly() {
+    let s = setup("");
+    let r = train(&s, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = s.dir.path().join("out");
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "report.md",
+        "report.json",
+        "loss.svg",
+        "base_eval.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("| held-out loss |") && report.contains("| exact match |"),
+        "{report}"
+    );
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            cfg["peft_type"].as_str(),
+            cfg["r"].as_u64(),
+            cfg["target_modules"].as_str()
+        ),
+        (Some("LORA"), Some(4), Some("all-linear"))
+    );
+    let tensors = candle_core::safetensors::load(
+        out.join("adapter/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let a = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    let b = &tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"];
+    assert_eq!((a.dims(), b.dims()), (&[4usize, 64][..], &[64usize, 4][..]));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"train\""))
+            .count(),
+        4
+    );
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"eval\""))
+            .count(),
+        2
+    );
+
+    // A run killed after step 2: drop everything written after it, resume.
+    let final_adapter = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
+    std::fs::remove_dir_all(out.join("adapter")).unwrap();
+    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
+        final_adapter,
+        "resume changed the adapter"
+    );
+
+    // A non-empty output folder is not silently reused.
+    let r = train(&s, &[]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("--resume"), "{}", r.stderr);
+}
+
+#[test]
+fn adapter_works_in_score_generate_eval_and_merge() {
+    let s = setup("");
+    let r = train(&s, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let adapter = s.dir.path().join("out/adapter");
+    let m = s.model.to_str().unwrap();
+    let text = s.dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "<|im_start|>user\nsay 5<|im_end|>\n<|im_start|>assistant\nok 2<|im_end|>\n",
+    )
+    .unwrap();
+    let base = skillet_json(&[
+        "score",
+        "--model",
+        m,
+        "--file",
+        text.to_str().unwrap(),
+        "--json",
+    ]);
+    let adapted = skillet_json(&[
+        "score",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--file",
+        text.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_ne!(base["mean_loss"], adapted["mean_loss"]);
+
+    let merged = s.dir.path().join("merged");
+    let o = skillet_json(&[
+        "merge",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(o["dequantized_base"], true);
+    assert_eq!(o["merged_modules"], 14);
+    let from_merged = skillet_json(&[
+        "score",
+        "--model",
+        merged.to_str().unwrap(),
+        "--file",
+        text.to_str().unwrap(),
+        "--json",
+    ]);
+    let (x, y) = (
+        from_merged["mean_loss"].as_f64().unwrap(),
+        adapted["mean_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (x - y).abs() < 1e-4 * y.abs().max(1.0),
+        "merged {x} vs base+adapter {y}"
+    );
+    assert_eq!(from_merged["argmax"], adapted["argmax"]);
+
+    let g = skillet_json(&[
+        "generate",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "say 1",
+        "--max-tokens",
+        "3",
+        "--json",
+    ]);
+    assert!(g["completion_tokens"].as_u64().unwrap() <= 3);
+
+    let valid = s.dir.path().join("valid.jsonl");
+    let general = s.dir.path().join("general.txt");
+    std::fs::write(&general, "some general text for the forgetting check").unwrap();
+    let e = skillet_json(&[
+        "eval",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        valid.to_str().unwrap(),
+        "--generate",
+        "--max-new-tokens",
+        "3",
+        "--general",
+        general.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(e["examples"], 4);
+    assert!(e["heldout"]["loss"].as_f64().unwrap() > 0.0);
+    assert_eq!(e["exact_match"]["examples"], 4);
+    assert!(
+        e["general"]["base"]["perplexity"].as_f64().unwrap() > 1.0
+            && e["general"]["adapted"]["perplexity"].as_f64().unwrap() > 1.0
+    );
+}
+
+#[test]
+fn data_check_reports_lengths_and_marks_trained_tokens() {
+    let s = setup("");
+    let d = skillet_json(&[
+        "data",
+        "check",
+        s.dir.path().join("valid.jsonl").to_str().unwrap(),
+        "--model",
+        s.model.to_str().unwrap(),
+        "--show",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(d["examples"], 4);
+    assert_eq!(d["format"], "chat");
+    assert_eq!(d["truncated"], 0);
+    assert_eq!(
+        d["samples"][0]["rendered"],
+        "<|im_start|>user\nsay 0<|im_end|>\n<|im_start|>assistant\n[[ok 0<|im_end|>]]\n"
+    );
+}
+
+/// Every kind of bad data stops `train` before anything is written, with
+/// the line number and code of each problem.
+#[test]
+fn bad_data_is_reported_and_nothing_is_written() {
+    let good = chat_line("q", "a");
+    let cases: Vec<(String, &str)> = vec![
+        ("{not json".into(), "invalid_json"),
+        ("[1, 2]".into(), "data_type"),
+        (r#"{"messages": "nope"}"#.into(), "missing_messages_list"),
+        (r#"{"messages":[{"role":"user"},{"role":"assistant","content":"a"}]}"#.into(), "message_missing_key"),
+        (r#"{"messages":[{"role":"user","content":"q","tool_calls":[]},{"role":"assistant","content":"a"}]}"#.into(), "message_unrecognized_key"),
+        (r#"{"messages":[{"role":"robot","content":"q"},{"role":"assistant","content":"a"}]}"#.into(), "unrecognized_role"),
+        (r#"{"messages":[{"role":"user","content":""},{"role":"assistant","content":"a"}]}"#.into(), "missing_content"),
+        (r#"{"messages":[{"role":"user","content":"q"}]}"#.into(), "example_missing_assistant_message"),
+        (r#"{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a","weight":0}]}"#.into(), "no_trainable_tokens"),
+        (format!(r#"{{"messages":[{{"role":"user","content":"{}"}},{{"role":"assistant","content":"a"}}]}}"#, "x".repeat(100)), "no_trainable_tokens"),
+    ];
+    for (bad, code) in cases {
+        let s = setup("");
+        let train_file = s.dir.path().join("train.jsonl");
+        std::fs::write(&train_file, format!("{good}\n{good}\n{bad}\n{good}\n")).unwrap();
+        let r = train(&s, &[]);
+        assert_ne!(r.code, 0, "{code}: training should fail");
+        let expected = format!("{}:3: [{code}]", train_file.display());
+        assert!(
+            r.stderr.contains(&expected),
+            "{code}: expected {expected:?} in {}",
+            r.stderr
+        );
+        assert!(
+            !s.dir.path().join("out").exists(),
+            "{code}: the output folder was written"
+        );
+    }
+    // An empty file too.
+    let s = setup("");
+    std::fs::write(s.dir.path().join("train.jsonl"), "\n").unwrap();
+    let r = train(&s, &[]);
+    assert!(r.stderr.contains("[empty_file]"), "{}", r.stderr);
+    assert!(!s.dir.path().join("out").exists());
+}

@@ -1,0 +1,192 @@
+//! Evaluation of a model (with or without an adapter) on held-out data:
+//! loss, perplexity and token accuracy on the trained tokens; exact match
+//! of greedy generations against each example's last assistant turn; and
+//! perplexity on general text, the check for catastrophic forgetting.
+#![warn(missing_docs)]
+
+mod report;
+
+pub use report::{RunFacts, Snapshot, loss_svg, write_report};
+
+use serde::Serialize;
+use skillet_data::{Example, Turn};
+use skillet_generate::{GenerateOptions, SamplingParams, generate};
+use skillet_models::{CausalLm, ForwardInput};
+use skillet_tokenizer::{ChatTemplate, Message, Tokenizer};
+
+pub use skillet_train::{EvalStats, evaluate};
+
+/// Errors of evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// Generation failed.
+    #[error(transparent)]
+    Generate(#[from] skillet_generate::GenerateError),
+    /// Tokenizer or template failed.
+    #[error(transparent)]
+    Tokenizer(#[from] skillet_tokenizer::TokenizerError),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] skillet_models::ModelError),
+    /// Tensor failure.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Nothing to evaluate.
+    #[error("{0}")]
+    Empty(String),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, EvalError>;
+
+/// One generated answer next to its reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Source line.
+    pub line: usize,
+    /// Expected text.
+    pub reference: String,
+    /// Generated text.
+    pub generated: String,
+    /// Equal after trimming whitespace.
+    pub exact: bool,
+}
+
+/// Exact-match results.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExactMatch {
+    /// Fraction of examples whose generation equals the reference.
+    pub exact_match: f64,
+    /// Examples generated for.
+    pub examples: usize,
+    /// Every example's answer.
+    pub samples: Vec<Sample>,
+}
+
+/// The prompt tokens and reference answer of an example: a conversation up
+/// to its last assistant turn (rendered with the generation prompt), or a
+/// prompt/completion pair. Raw text has none.
+fn prompt_and_reference(
+    ex: &Example,
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+) -> Result<Option<(Vec<u32>, String)>> {
+    match ex {
+        Example::Chat(turns) => {
+            let Some(last) = turns.iter().rposition(|t: &Turn| t.role == "assistant") else {
+                return Ok(None);
+            };
+            let Some(template) = template else {
+                return Ok(None);
+            };
+            let msgs: Vec<Message> = turns[..last]
+                .iter()
+                .map(|t| Message::new(t.role.clone(), t.content.clone()))
+                .collect();
+            let rendered = template.render(&msgs, true)?;
+            Ok(Some((
+                tokenizer.encode(&rendered, false)?,
+                turns[last].content.clone(),
+            )))
+        }
+        Example::Completion { prompt, completion } => {
+            Ok(Some((tokenizer.encode(prompt, false)?, completion.clone())))
+        }
+        Example::Text(_) => Ok(None),
+    }
+}
+
+/// Greedy generation (until EOS or `max_new_tokens`) for every example
+/// with a reference answer; `exact_match` compares trimmed texts.
+pub fn exact_match(
+    model: &dyn CausalLm,
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    examples: &[(usize, Example)],
+    max_new_tokens: usize,
+) -> Result<ExactMatch> {
+    let opts = GenerateOptions {
+        max_tokens: max_new_tokens,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+        eos_ids: tokenizer.eos_ids().to_vec(),
+    };
+    let mut samples = Vec::new();
+    for (line, ex) in examples {
+        let Some((prompt, reference)) = prompt_and_reference(ex, tokenizer, template)? else {
+            continue;
+        };
+        let g = generate(model, tokenizer, &prompt, &opts, |_| {})?;
+        let exact = g.text.trim() == reference.trim();
+        samples.push(Sample {
+            line: *line,
+            reference,
+            generated: g.text,
+            exact,
+        });
+    }
+    if samples.is_empty() {
+        return Err(EvalError::Empty(
+            "no example has a reference answer to generate (text-only data?)".into(),
+        ));
+    }
+    let hits = samples.iter().filter(|s| s.exact).count();
+    Ok(ExactMatch {
+        exact_match: hits as f64 / samples.len() as f64,
+        examples: samples.len(),
+        samples,
+    })
+}
+
+/// Perplexity of general text.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+pub struct GeneralStats {
+    /// Mean next-token loss.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Tokens predicted.
+    pub tokens: usize,
+}
+
+/// Perplexity of `text` (no BOS added), in windows of `window` tokens.
+pub fn general_perplexity(
+    model: &dyn CausalLm,
+    tokenizer: &Tokenizer,
+    text: &str,
+    window: usize,
+) -> Result<GeneralStats> {
+    let ids = tokenizer.encode(text, false)?;
+    if ids.len() < 2 {
+        return Err(EvalError::Empty(
+            "the general text has fewer than 2 tokens".into(),
+        ));
+    }
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in ids.chunks(window.max(2)) {
+        if chunk.len() < 2 {
+            continue;
+        }
+        let input = ForwardInput::new(
+            candle_core::Tensor::new(chunk, &candle_core::Device::Cpu)?.unsqueeze(0)?,
+        );
+        let rows = model.forward(&input, None)?.squeeze(0)?.to_vec2::<f32>()?;
+        for (i, row) in rows.iter().enumerate().take(chunk.len() - 1) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            sum += lse - row[chunk[i + 1] as usize] as f64;
+            n += 1;
+        }
+    }
+    let loss = sum / n as f64;
+    Ok(GeneralStats {
+        loss,
+        perplexity: loss.exp(),
+        tokens: n,
+    })
+}

@@ -1,0 +1,195 @@
+//! The end-of-training report: base vs tuned side by side (Markdown and
+//! JSON) and the loss curve (SVG) from `metrics.jsonl`.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::{EvalStats, ExactMatch, GeneralStats};
+
+/// Evaluation of one model state (base or tuned).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    /// Held-out loss statistics.
+    pub heldout: Option<serde_json::Value>,
+    /// Exact match on held-out answers.
+    pub exact_match: Option<f64>,
+    /// General-text perplexity.
+    pub general_perplexity: Option<f64>,
+}
+
+impl Snapshot {
+    /// Collects what was measured.
+    pub fn new(
+        heldout: Option<&EvalStats>,
+        em: Option<&ExactMatch>,
+        general: Option<&GeneralStats>,
+    ) -> Self {
+        Self {
+            heldout: heldout.map(|h| serde_json::to_value(h).expect("stats serialize")),
+            exact_match: em.map(|e| e.exact_match),
+            general_perplexity: general.map(|g| g.perplexity),
+        }
+    }
+
+    fn stat(&self, key: &str) -> Option<f64> {
+        self.heldout.as_ref()?.get(key)?.as_f64()
+    }
+}
+
+/// Facts about the run shown at the top of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunFacts {
+    /// Model path.
+    pub model: String,
+    /// Training file.
+    pub train_file: String,
+    /// Training examples.
+    pub train_examples: usize,
+    /// Held-out examples.
+    pub valid_examples: usize,
+    /// Examples truncated to the maximum length.
+    pub truncated: usize,
+    /// Trainable parameters.
+    pub trainable_parameters: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Labelled tokens trained on.
+    pub trained_tokens: u64,
+    /// Wall-clock seconds of training.
+    pub train_seconds: f64,
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".to_string(), |x| format!("{x:.digits$}"))
+}
+
+/// Writes `report.md`, `report.json` and `loss.svg` into `out`.
+pub fn write_report(
+    out: &Path,
+    facts: &RunFacts,
+    base: &Snapshot,
+    tuned: &Snapshot,
+    metrics: &[serde_json::Value],
+) -> std::io::Result<String> {
+    let rows = [
+        ("held-out loss", base.stat("loss"), tuned.stat("loss"), 4),
+        (
+            "held-out perplexity",
+            base.stat("perplexity"),
+            tuned.stat("perplexity"),
+            3,
+        ),
+        (
+            "token accuracy",
+            base.stat("accuracy"),
+            tuned.stat("accuracy"),
+            3,
+        ),
+        ("exact match", base.exact_match, tuned.exact_match, 3),
+        (
+            "general-text perplexity",
+            base.general_perplexity,
+            tuned.general_perplexity,
+            4,
+        ),
+    ];
+    let mut md = String::from("# Skillet fine-tuning report\n\n");
+    md += &format!(
+        "- model: `{}`\n- data: `{}` ({} train, {} held-out examples; {} truncated)\n- trainable parameters: {}\n- {} steps, {} trained tokens, {:.0} s ({:.1} tokens/s)\n\n",
+        facts.model,
+        facts.train_file,
+        facts.train_examples,
+        facts.valid_examples,
+        facts.truncated,
+        facts.trainable_parameters,
+        facts.steps,
+        facts.trained_tokens,
+        facts.train_seconds,
+        facts.trained_tokens as f64 / facts.train_seconds.max(1e-9)
+    );
+    md += "| metric | base | tuned |\n|---|---|---|\n";
+    for (name, b, t, d) in rows {
+        md += &format!("| {name} | {} | {} |\n", fmt(b, d), fmt(t, d));
+    }
+    md += "\n![training and validation loss](loss.svg)\n";
+    std::fs::write(out.join("report.md"), &md)?;
+    let json = serde_json::json!({"run": facts, "base": base, "tuned": tuned});
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&json).expect("json") + "\n",
+    )?;
+    std::fs::write(out.join("loss.svg"), loss_svg(metrics))?;
+    Ok(md)
+}
+
+/// Training loss per step (and validation loss where measured) as an SVG line chart.
+pub fn loss_svg(metrics: &[serde_json::Value]) -> String {
+    let pick = |kind: &str, key: &str| -> Vec<(f64, f64)> {
+        metrics
+            .iter()
+            .filter(|m| m["kind"] == kind)
+            .filter_map(|m| {
+                Some((
+                    m["step"].as_f64()?,
+                    if key == "val" {
+                        m["stats"]["loss"].as_f64()?
+                    } else {
+                        m[key].as_f64()?
+                    },
+                ))
+            })
+            .collect()
+    };
+    let train = pick("train", "loss");
+    let valid = pick("eval", "val");
+    let (w, h, pad) = (640.0, 360.0, 48.0);
+    let all: Vec<&(f64, f64)> = train.iter().chain(&valid).collect();
+    let max_x = all.iter().map(|p| p.0).fold(1.0, f64::max);
+    let max_y = all.iter().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-9);
+    let min_y = all.iter().map(|p| p.1).fold(f64::MAX, f64::min).min(max_y);
+    let span = (max_y - min_y).max(1e-9);
+    let x = |v: f64| pad + (w - 2.0 * pad) * v / max_x;
+    let y = |v: f64| h - pad - (h - 2.0 * pad) * (v - min_y) / span;
+    let line = |pts: &[(f64, f64)]| {
+        pts.iter()
+            .map(|&(a, b)| format!("{:.1},{:.1}", x(a), y(b)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <text x=\"{cx}\" y=\"{t}\" text-anchor=\"middle\">step (max {max_x})</text>\n\
+         <text x=\"8\" y=\"{pad}\">{max_y:.3}</text>\n<text x=\"8\" y=\"{b}\">{min_y:.3}</text>\n",
+        b = h - pad,
+        r = w - pad,
+        cx = w / 2.0,
+        t = h - 12.0,
+    );
+    svg += &format!(
+        "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+        line(&train)
+    );
+    if !valid.is_empty() {
+        svg += &format!(
+            "<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"{}\"/>\n",
+            line(&valid)
+        );
+        for &(a, b) in &valid {
+            svg += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#d62728\"/>\n",
+                x(a),
+                y(b)
+            );
+        }
+    }
+    svg += &format!(
+        "<text x=\"{}\" y=\"20\" fill=\"#1f77b4\">training loss</text><text x=\"{}\" y=\"20\" fill=\"#d62728\">validation loss</text>\n</svg>\n",
+        pad,
+        pad + 120.0
+    );
+    svg
+}

@@ -1,0 +1,377 @@
+//! The run configuration: one TOML file with everything (model, data,
+//! LoRA, optimizer, schedule, cadence, seed, output), `--set key=value`
+//! overrides on top, saved resolved beside the results.
+//!
+//! ```toml
+//! model = "path/to/model.gguf"
+//! output_dir = "runs/my-run"
+//! seed = 42
+//! [data]
+//! train = "train.jsonl"
+//! validation = "valid.jsonl"      # or validation_fraction = 0.1
+//! [lora]
+//! r = 8
+//! alpha = 16
+//! targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+//! [train]
+//! epochs = 2
+//! lr = 1e-3
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, ScheduleKind, TrainError};
+
+/// The whole run, as the user writes it (every field has a default but
+/// `model` and `data.train`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// A .gguf file or a Hugging Face folder.
+    pub model: PathBuf,
+    /// Where adapter, checkpoints, metrics and report go.
+    #[serde(default = "default_output")]
+    pub output_dir: PathBuf,
+    /// Seed of initialization, data order, split and dropout.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Data settings.
+    pub data: DataConfig,
+    /// Adapter settings.
+    #[serde(default)]
+    pub lora: LoraConfig,
+    /// Optimization settings.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// Evaluation settings.
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training JSONL.
+    pub train: PathBuf,
+    /// Held-out JSONL (else a fraction of the training file).
+    #[serde(default)]
+    pub validation: Option<PathBuf>,
+    /// Fraction of the training file held out when there is no validation file.
+    #[serde(default = "default_fraction")]
+    pub validation_fraction: f64,
+    /// `auto`, `chat`, `sharegpt`, `alpaca`, `completion` or `text`.
+    #[serde(default = "default_format")]
+    pub format: skillet_data::DataFormat,
+    /// Longest sequence in tokens (longer examples keep their first tokens).
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Train on prompts too, not only on completions.
+    #[serde(default)]
+    pub train_on_prompt: bool,
+    /// Append EOS to text and prompt/completion examples.
+    #[serde(default = "yes")]
+    pub add_eos: bool,
+    /// Pack several examples per sequence (no attention across them).
+    #[serde(default)]
+    pub packing: bool,
+}
+
+/// `[lora]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Scale numerator.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout on the adapter input.
+    #[serde(default)]
+    pub dropout: f32,
+    /// rsLoRA scaling (alpha / sqrt(r)).
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Module names (list), a regex (string) or "all-linear".
+    #[serde(default = "default_targets")]
+    pub targets: toml::Value,
+    /// Start from this PEFT adapter instead of the default init.
+    #[serde(default)]
+    pub init_adapter: Option<PathBuf>,
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Passes over the data.
+    #[serde(default = "default_epochs")]
+    pub epochs: u64,
+    /// Optimizer steps instead of epochs (0 = use epochs).
+    #[serde(default)]
+    pub max_steps: u64,
+    /// Examples per micro-batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "default_one")]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// `constant`, `linear` or `cosine`.
+    #[serde(default = "default_schedule")]
+    pub schedule: ScheduleKind,
+    /// Linear warmup steps.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// AdamW decoupled weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// AdamW beta2.
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// AdamW epsilon.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Clip the gradient norm (0 = off).
+    #[serde(default = "default_clip")]
+    pub max_grad_norm: f64,
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Validate every N steps (0 = only at the end).
+    #[serde(default)]
+    pub every: u64,
+    /// Checkpoint every N steps (0 = only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    /// Batch size for evaluation.
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+    /// Generate answers for the held-out set before and after (exact match).
+    #[serde(default = "yes")]
+    pub generate: bool,
+    /// Longest generated answer.
+    #[serde(default = "default_new_tokens")]
+    pub max_new_tokens: usize,
+    /// General text for the forgetting check (perplexity before and after).
+    #[serde(default)]
+    pub general: Option<PathBuf>,
+}
+
+fn default_output() -> PathBuf {
+    PathBuf::from("runs/skillet")
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_fraction() -> f64 {
+    0.1
+}
+fn default_format() -> skillet_data::DataFormat {
+    skillet_data::DataFormat::Auto
+}
+fn default_max_seq_len() -> usize {
+    1024
+}
+fn yes() -> bool {
+    true
+}
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    16.0
+}
+fn default_targets() -> toml::Value {
+    toml::Value::Array(
+        ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .iter()
+            .map(|s| toml::Value::String((*s).into()))
+            .collect(),
+    )
+}
+fn default_epochs() -> u64 {
+    1
+}
+fn default_batch() -> usize {
+    4
+}
+fn default_one() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_schedule() -> ScheduleKind {
+    ScheduleKind::Cosine
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_eval_batch() -> usize {
+    8
+}
+fn default_new_tokens() -> usize {
+    64
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+impl Default for TrainConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+impl Default for EvalConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// Parses a `--set` value as TOML (number, bool, list, quoted string),
+/// else takes it as a bare string.
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+impl RunConfig {
+    /// Reads `path` and applies `overrides` (`section.key=value`).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text, overrides)
+            .map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses TOML text and applies overrides.
+    pub fn from_toml(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| TrainError::Invalid(e.to_string()))?;
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| TrainError::Invalid(format!("--set {o:?}: expected key=value")))?;
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            let mut t = &mut table;
+            for p in &parts[..parts.len() - 1] {
+                let entry = t
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
+                t = entry.as_table_mut().ok_or_else(|| {
+                    TrainError::Invalid(format!("--set {key}: '{p}' is not a section"))
+                })?;
+            }
+            t.insert(
+                parts[parts.len() - 1].to_string(),
+                parse_value(value.trim()),
+            );
+        }
+        let cfg: RunConfig = table
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Invalid(e.to_string()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Invalid(m));
+        if self.train.batch_size == 0 || self.train.grad_accum == 0 || self.eval.batch_size == 0 {
+            return bad("batch_size and grad_accum must be at least 1".into());
+        }
+        if self.train.epochs == 0 && self.train.max_steps == 0 {
+            return bad("set train.epochs or train.max_steps".into());
+        }
+        if !(self.train.lr.is_finite() && self.train.lr > 0.0) {
+            return bad(format!("train.lr must be positive, got {}", self.train.lr));
+        }
+        if !(0.0..1.0).contains(&self.data.validation_fraction) {
+            return bad(format!(
+                "data.validation_fraction must be in [0, 1), got {}",
+                self.data.validation_fraction
+            ));
+        }
+        if self.data.max_seq_len < 2 {
+            return bad("data.max_seq_len must be at least 2".into());
+        }
+        Ok(())
+    }
+
+    /// The resolved config as TOML (saved in the output folder).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    /// The LoRA targets.
+    pub fn targets(&self) -> Result<skillet_adapters::Targets> {
+        let json = serde_json::to_value(&self.lora.targets)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
+        Ok(skillet_adapters::Targets::from_json(&json)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_overrides_and_errors() {
+        let text = "model = \"m.gguf\"\n[data]\ntrain = \"t.jsonl\"\n[train]\nlr = 1e-3\n";
+        let c = RunConfig::from_toml(text, &[]).unwrap();
+        assert_eq!((c.lora.r, c.train.epochs, c.train.lr), (8, 1, 1e-3));
+        let c = RunConfig::from_toml(
+            text,
+            &[
+                "train.lr=5e-4".into(),
+                "lora.targets=\"all-linear\"".into(),
+                "output_dir=runs/x".into(),
+                "data.packing=true".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.lr, 5e-4);
+        assert!(matches!(
+            c.targets().unwrap(),
+            skillet_adapters::Targets::AllLinear
+        ));
+        assert_eq!(c.output_dir, PathBuf::from("runs/x"));
+        assert!(c.data.packing);
+        let again = RunConfig::from_toml(&c.to_toml(), &[]).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+        let e = RunConfig::from_toml(text, &["train.lr=0".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.lr"), "{e}");
+        let e = RunConfig::from_toml(&format!("{text}typo = 1\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("typo"), "{e}");
+    }
+}
