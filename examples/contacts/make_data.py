@@ -15,13 +15,21 @@ SYSTEM = "Extract the person's name, age and city as JSON."
 
 FIRST = ["Maria", "James", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Fatima", "Jonas", "Chen", "Sofia",
          "Kwame", "Elena", "Ravi", "Hannah", "Mateo", "Yuki", "Amara", "Lucas", "Ingrid", "Diego", "Nadia", "Felix",
-         "Grace", "Tariq", "Mia", "Oskar", "Leila", "Samuel"]
+         "Grace", "Tariq", "Mia", "Oskar", "Leila", "Samuel", "Anika", "Bruno", "Clara", "Dmitri", "Esther", "Farid",
+         "Greta", "Hugo", "Isla", "Jamal", "Keiko", "Luis", "Marta", "Nikolai", "Olga", "Pablo", "Rosa", "Stefan",
+         "Talia", "Umar", "Vera", "Wen", "Ximena", "Yusuf", "Zara", "Arjun", "Beatriz", "Cyrus", "Dalia", "Emil"]
 LAST = ["Lopez", "Smith", "Tanaka", "Haddad", "Fischer", "Silva", "Patel", "Baker", "Rahman", "Berg", "Wei", "Rossi",
         "Mensah", "Popescu", "Kumar", "Novak", "Garcia", "Sato", "Okafor", "Martin", "Larsen", "Torres", "Aziz",
-        "Weber", "Kim", "Nasser", "Moreau", "Nilsson", "Farah", "Clarke"]
+        "Weber", "Kim", "Nasser", "Moreau", "Nilsson", "Farah", "Clarke", "Andersen", "Bianchi", "Costa", "Dubois",
+        "Eriksen", "Ferreira", "Gomez", "Hoffmann", "Ivanova", "Jensen", "Kowalski", "Lindqvist", "Murphy", "Nakamura",
+        "Oliveira", "Petrov", "Quinn", "Reyes", "Schmidt", "Tran", "Ueda", "Varga", "Walsh", "Yilmaz", "Zhang",
+        "Adeyemi", "Brennan", "Castillo", "Dias", "Ekstrom"]
 CITIES = ["Lisbon", "Toronto", "Osaka", "Cairo", "Munich", "Santiago", "Mumbai", "Dublin", "Nairobi", "Oslo",
           "Shanghai", "Naples", "Accra", "Bucharest", "Chennai", "Prague", "Seville", "Kyoto", "Lagos", "Lyon",
-          "Bergen", "Bogota", "Tunis", "Hamburg", "Seoul", "Amman", "Marseille", "Uppsala", "Mombasa", "Leeds"]
+          "Bergen", "Bogota", "Tunis", "Hamburg", "Seoul", "Amman", "Marseille", "Uppsala", "Mombasa", "Leeds",
+          "Vienna", "Lima", "Hanoi", "Krakow", "Porto", "Denver", "Quito", "Tallinn", "Perth", "Zurich",
+          "Manila", "Dakar", "Valencia", "Bristol", "Turin", "Gdansk", "Kampala", "Halifax", "Cusco", "Malmo",
+          "Antwerp", "Riga", "Cordoba", "Aarhus", "Bilbao", "Graz", "Nantes", "Fukuoka", "Recife", "Adelaide"]
 PATTERNS = [
     "{name}, {age}, just moved to {city}.",
     "My neighbour {name} is {age} years old and lives in {city}.",
@@ -55,10 +63,10 @@ def main():
     rng = random.Random(20261121)
     seen = set()
     out = {"train.jsonl": [], "valid.jsonl": []}
-    # Held-out: last 10 first names, last 10 surnames and last 10 cities are
-    # kept out of training, so the model must copy, not memorize.
-    train_names, valid_names = (FIRST[:20], LAST[:20]), (FIRST[20:], LAST[20:])
-    for split, n, names, cities in [("train.jsonl", 240, train_names, CITIES[:20]), ("valid.jsonl", 60, valid_names, CITIES[20:])]:
+    # Held-out: 15 first names, 15 surnames and 15 cities never seen in
+    # training, so the model must copy from the sentence, not recall.
+    train_names, valid_names = (FIRST[:45], LAST[:45]), (FIRST[45:], LAST[45:])
+    for split, n, names, cities in [("train.jsonl", 240, train_names, CITIES[:45]), ("valid.jsonl", 60, valid_names, CITIES[45:])]:
         while len(out[split]) < n:
             key, ex = example(rng, PATTERNS, names, cities)
             if key not in seen:

@@ -7,6 +7,7 @@ mod cache;
 mod config;
 mod error;
 pub mod export;
+mod frozen;
 mod linear;
 mod llama;
 pub mod mask;

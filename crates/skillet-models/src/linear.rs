@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::frozen::FrozenMatmul;
 use crate::{Result, Weight};
 
 /// A layer `y = x W^T (+ b)` mapping `[..., in]` to `[..., out]`.
@@ -49,20 +50,14 @@ impl BaseLinear {
 
 impl Linear for BaseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.to_dense(&Device::Cpu)?;
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        // [rows, in] x [in, out] -> [rows, out]; gemm reads W^T by strides.
-        let y = x.reshape((rows, self.in_features))?.matmul(&w.t()?)?;
-        let y = match &self.bias {
+        let weight = self.weight.to_dense(&Device::Cpu)?;
+        // The weight never enters the autograd graph: the op's backward
+        // gives the input gradient only.
+        let y = x.contiguous()?.apply_op1(FrozenMatmul { weight })?;
+        Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        };
-        let mut out_dims = dims;
-        *out_dims
-            .last_mut()
-            .expect("linear input has at least one dim") = self.out_features;
-        Ok(y.reshape(out_dims)?)
+        })
     }
 
     fn in_features(&self) -> usize {

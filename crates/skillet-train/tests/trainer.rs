@@ -313,3 +313,65 @@ fn zero_b_is_the_base_model_and_merging_changes_nothing() {
         .fold(0f32, f32::max);
     assert!(diff < 1e-4, "merged vs unmerged: {diff}");
 }
+
+#[test]
+fn only_lora_parameters_receive_gradients() {
+    let (cfg, w) = weights();
+    let mut model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
+    let adapter = apply_lora(&mut model, &lora(2, 0.0), 1, None).unwrap();
+    for p in &adapter.params {
+        let b = p.b.as_tensor();
+        p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * 0.01).unwrap())
+            .unwrap();
+    }
+    let data = examples(2);
+    let parts = causal_lm_loss(&model, &collate(&data.iter().collect::<Vec<_>>(), 0)).unwrap();
+    let store = (parts.sum / parts.tokens as f64)
+        .unwrap()
+        .backward()
+        .unwrap();
+    for var in adapter.vars() {
+        let g = store
+            .get(var.as_tensor())
+            .expect("every LoRA tensor gets a gradient");
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0,
+            "zero gradient"
+        );
+    }
+    // Frozen matrices get no gradient at all, not even one computed and
+    // dropped (candle's matmul stores it under the transposed view): no
+    // gradient in the store has a frozen matrix's shape, either way round.
+    // (In this model no activation or LoRA tensor shares those shapes.)
+    let debug = format!("{store:?}");
+    let stored: std::collections::HashSet<Vec<usize>> = debug
+        .split("Tensor[")
+        .skip(1)
+        .filter_map(|s| s.split(';').next())
+        .map(|dims| {
+            dims.trim_start_matches("dims ")
+                .split(", ")
+                .filter_map(|d| d.trim().parse().ok())
+                .collect()
+        })
+        .collect();
+    assert!(
+        stored.len() > 4,
+        "could not read the gradient store: {debug:.200}"
+    );
+    for (name, t) in &w.tensors {
+        if let [o, i] = t.dims() {
+            assert!(
+                !stored.contains(&vec![*o, *i]) && !stored.contains(&vec![*i, *o]),
+                "{name} {:?}: a gradient was computed",
+                t.dims()
+            );
+        }
+    }
+}
