@@ -50,12 +50,13 @@ impl Bundle {
 
     /// Loads the weights into a model.
     pub fn load_model(&self) -> anyhow::Result<Llama> {
+        self.load_model_opts(LoadOptions::default())
+    }
+
+    /// Loads the weights with explicit options (e.g. keep GGUF blocks quantized).
+    pub fn load_model_opts(&self, opts: LoadOptions) -> anyhow::Result<Llama> {
         let weights = self.source.weights(&self.config)?;
-        Ok(Llama::load(
-            self.config.clone(),
-            weights.as_ref(),
-            LoadOptions::default(),
-        )?)
+        Ok(Llama::load(self.config.clone(), weights.as_ref(), opts)?)
     }
 
     /// Loads the model with a PEFT adapter folder applied (unmerged), if given.

@@ -101,6 +101,11 @@ pub struct LoraConfig {
     /// Start from this PEFT adapter instead of the default init.
     #[serde(default)]
     pub init_adapter: Option<PathBuf>,
+    /// QLoRA on GGUF: keep the base's quantized blocks in memory and
+    /// dequantize them inside each frozen matmul (forward and input
+    /// gradient) instead of dequantizing the whole model once at load.
+    #[serde(default)]
+    pub keep_base_quantized: bool,
 }
 
 /// `[train]`.
