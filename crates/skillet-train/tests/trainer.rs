@@ -386,9 +386,16 @@ fn packed_batches_give_the_same_loss_as_padded_ones() {
     let max_len = data.iter().map(|e| e.ids.len()).max().unwrap() * 2;
     let packed_seqs = skillet_data::pack(&refs, max_len);
     assert!(packed_seqs.len() < data.len(), "nothing was packed");
-    let packed = causal_lm_loss(&model, &skillet_train::collate_packed(&packed_seqs.iter().collect::<Vec<_>>(), 0)).unwrap();
+    let packed = causal_lm_loss(
+        &model,
+        &skillet_train::collate_packed(&packed_seqs.iter().collect::<Vec<_>>(), 0),
+    )
+    .unwrap();
     assert_eq!(packed.tokens, padded.tokens);
-    let (a, b) = (packed.sum.to_scalar::<f32>().unwrap(), padded.sum.to_scalar::<f32>().unwrap());
+    let (a, b) = (
+        packed.sum.to_scalar::<f32>().unwrap(),
+        padded.sum.to_scalar::<f32>().unwrap(),
+    );
     assert!((a - b).abs() < 1e-4 * b.abs(), "packed {a} vs padded {b}");
 }
 
@@ -405,12 +412,21 @@ fn qlora_on_a_quantized_gguf_trains_like_lora_on_its_dequantized_weights() {
         let mut model = source.load_model(LoadOptions { keep_quantized }).unwrap();
         let adapter = apply_lora(&mut model, &lora(4, 0.0), 7, None).unwrap();
         let out = tempfile::tempdir().unwrap();
-        let s = LoopSettings { epochs: 1, save_every: None, ..settings(2) };
+        let s = LoopSettings {
+            epochs: 1,
+            save_every: None,
+            ..settings(2)
+        };
         let mut trainer = Trainer {
             model: &model,
             adapter: &adapter,
             opt: AdamW::new(adapter.vars(), opt_config()),
-            schedule: Schedule { kind: ScheduleKind::Constant, peak: opt_config().lr, warmup: 0, total: 1 },
+            schedule: Schedule {
+                kind: ScheduleKind::Constant,
+                peak: opt_config().lr,
+                warmup: 0,
+                total: 1,
+            },
             settings: s,
             train: &data,
             valid: &[],
@@ -423,6 +439,77 @@ fn qlora_on_a_quantized_gguf_trains_like_lora_on_its_dequantized_weights() {
         adapter_values(&adapter)
     };
     let qlora = train_with(true);
-    assert_eq!(qlora, train_with(false), "QLoRA must see exactly the dequantized weights");
-    assert!(qlora[1].iter().any(|v| *v != 0.0), "the adapter did not train");
+    assert_eq!(
+        qlora,
+        train_with(false),
+        "QLoRA must see exactly the dequantized weights"
+    );
+    assert!(
+        qlora[1].iter().any(|v| *v != 0.0),
+        "the adapter did not train"
+    );
+}
+
+#[test]
+fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
+    let data = examples(6);
+    let (model, adapter) = model_with(None, &lora(4, 0.0));
+    let out = tempfile::tempdir().unwrap();
+    // An absurd learning rate: step 1 succeeds (and is checkpointed), then
+    // the weights overflow and the loss becomes non-finite.
+    let huge = AdamWConfig {
+        lr: 1e30,
+        ..opt_config()
+    };
+    let mut trainer = Trainer {
+        model: &model,
+        adapter: &adapter,
+        opt: AdamW::new(adapter.vars(), huge),
+        schedule: Schedule {
+            kind: ScheduleKind::Constant,
+            peak: huge.lr,
+            warmup: 0,
+            total: 10,
+        },
+        settings: LoopSettings {
+            epochs: 5,
+            batch_size: 2,
+            grad_accum: 1,
+            save_every: Some(1),
+            ..settings(1)
+        },
+        train: &data,
+        valid: &[],
+        out: out.path().to_path_buf(),
+        base_model: None,
+        state: TrainState::default(),
+    };
+    let err = trainer.run(&mut |_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("is NaN") || err.contains("is inf") || err.contains("gradient norm is"),
+        "{err}"
+    );
+    assert!(err.contains("stopping"), "{err}");
+    let failed_at = trainer.state.step + 1;
+    // Every checkpoint written before the failure is complete and loadable.
+    let last =
+        skillet_train::latest_checkpoint(out.path()).expect("a checkpoint before the failure");
+    assert!(
+        last.ends_with(format!("step-{:06}", failed_at - 1)),
+        "{}",
+        last.display()
+    );
+    let mut opt = AdamW::new(adapter.vars(), huge);
+    assert_eq!(
+        load_checkpoint_state(&last, &mut opt).unwrap().step,
+        failed_at - 1
+    );
+    load_peft(&last).unwrap();
+    assert!(
+        !out.path().join("checkpoints").read_dir().unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".partial"))
+    );
 }
