@@ -149,6 +149,28 @@ pub struct GeneralStats {
     pub tokens: usize,
 }
 
+/// Summed negative log-likelihood of `ids[1..]` given logit rows for
+/// `ids` (row `i` predicts `ids[i + 1]`; log-sum-exp in f64), and the
+/// argmax of every row.
+pub fn next_token_nll(rows: &[Vec<f32>], ids: &[u32]) -> (f64, Vec<u32>) {
+    let mut nll = 0.0f64;
+    let mut argmax = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        argmax.push(skillet_generate::argmax(row));
+        if i + 1 < ids.len() {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            nll += lse - row[ids[i + 1] as usize] as f64;
+        }
+    }
+    (nll, argmax)
+}
+
 /// Perplexity of `text` (no BOS added), in windows of `window` tokens.
 pub fn general_perplexity(
     model: &dyn CausalLm,
@@ -171,17 +193,8 @@ pub fn general_perplexity(
             candle_core::Tensor::new(chunk, &candle_core::Device::Cpu)?.unsqueeze(0)?,
         );
         let rows = model.forward(&input, None)?.squeeze(0)?.to_vec2::<f32>()?;
-        for (i, row) in rows.iter().enumerate().take(chunk.len() - 1) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            sum += lse - row[chunk[i + 1] as usize] as f64;
-            n += 1;
-        }
+        sum += next_token_nll(&rows, chunk).0;
+        n += chunk.len() - 1;
     }
     let loss = sum / n as f64;
     Ok(GeneralStats {

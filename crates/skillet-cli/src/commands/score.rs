@@ -32,28 +32,6 @@ struct Output {
     argmax: Vec<u32>,
 }
 
-/// Mean negative log-likelihood of `ids[1..]` and the argmax at every
-/// position, from logits `[1, T, V]` (log-sum-exp in f64).
-pub fn score_logits(logits: &Tensor, ids: &[u32]) -> anyhow::Result<(f64, Vec<u32>)> {
-    let rows = logits.squeeze(0)?.to_vec2::<f32>()?;
-    let mut nll = 0.0f64;
-    let mut argmax = Vec::with_capacity(rows.len());
-    for (i, row) in rows.iter().enumerate() {
-        argmax.push(skillet_generate::argmax(row));
-        if i + 1 < ids.len() {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            nll += lse - row[ids[i + 1] as usize] as f64;
-        }
-    }
-    Ok((nll / (ids.len() - 1) as f64, argmax))
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let b = Bundle::open(&args.model.model)?;
     let text =
@@ -77,7 +55,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = b.load_model_with(args.adapter.as_deref())?;
     let input = ForwardInput::new(Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?);
     let logits = model.forward(&input, None)?;
-    let (mean_loss, argmax) = score_logits(&logits, &ids)?;
+    let (nll, argmax) = skillet_eval::next_token_nll(&logits.squeeze(0)?.to_vec2::<f32>()?, &ids);
+    let mean_loss = nll / (ids.len() - 1) as f64;
     let out = Output {
         tokens: ids.len(),
         predicted: ids.len() - 1,
