@@ -236,6 +236,48 @@ fn adapter_works_in_score_generate_eval_and_merge() {
     );
 }
 
+fn first_step_loss(out: &Path) -> f64 {
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    first["loss"].as_f64().unwrap()
+}
+
+#[test]
+fn init_adapter_starts_from_a_trained_adapter() {
+    let s = setup("");
+    assert_eq!(train(&s, &[]).code, 0);
+    let first = s.dir.path().join("out");
+    let second = s.dir.path().join("out2");
+    let init = format!(
+        "lora.init_adapter={:?}",
+        first.join("adapter").display().to_string()
+    );
+    let out2 = format!("output_dir={:?}", second.display().to_string());
+    let r = train(&s, &["--set", &init, "--set", &out2]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        first_step_loss(&second) < first_step_loss(&first),
+        "training did not start from the adapter"
+    );
+    let never = s.dir.path().join("never");
+    let never_set = format!("output_dir={:?}", never.display().to_string());
+    let r = train(
+        &s,
+        &[
+            "--set",
+            "lora.init_adapter=\"/nonexistent/adapter\"",
+            "--set",
+            &never_set,
+        ],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("/nonexistent/adapter"), "{}", r.stderr);
+    assert!(
+        !never.exists(),
+        "a bad init_adapter must not leave an output folder"
+    );
+}
+
 #[test]
 fn data_check_reports_lengths_and_marks_trained_tokens() {
     let s = setup("");

@@ -159,6 +159,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cfg.lora.use_rslora,
         cfg.targets()?,
     )?;
+    // Read a starting adapter before anything is written, so a bad path
+    // leaves no output folder behind.
+    let init_weights = match (&cfg.lora.init_adapter, resuming) {
+        (Some(dir), false) => Some(
+            load_peft(dir)
+                .with_context(|| format!("init_adapter {}", dir.display()))?
+                .1,
+        ),
+        _ => None,
+    };
     let checkpoint =
         if resuming {
             Some(latest_checkpoint(&out).ok_or_else(|| {
@@ -184,14 +194,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         s
     };
 
-    let initial = match (&checkpoint, &cfg.lora.init_adapter) {
-        (Some(dir), _) => Some(load_peft(dir)?.1),
-        (None, Some(dir)) => Some(
-            load_peft(dir)
-                .with_context(|| format!("init_adapter {}", dir.display()))?
-                .1,
-        ),
-        (None, None) => None,
+    let initial = match &checkpoint {
+        Some(dir) => Some(load_peft(dir)?.1),
+        None => init_weights,
     };
     let adapter = apply_lora(&mut model, &settings, cfg.seed, initial.as_ref())?;
     let t = &cfg.train;
