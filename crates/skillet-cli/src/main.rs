@@ -37,6 +37,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Write a model as a Hugging Face folder (f32 safetensors, tokenizer, template).
     Convert(commands::convert::Args),
+    /// Speed and memory of training and inference workloads (see BENCHMARKS.md).
+    Bench(commands::bench::Args),
     /// Check training data against a model: validation and a dry run of the loss mask.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => commands::eval::run(a),
         Command::Data(c) => commands::data::run(c),
         Command::Merge(a) => commands::merge::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

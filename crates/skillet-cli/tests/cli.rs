@@ -92,3 +92,40 @@ fn chat_needs_a_template() {
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("no chat template"), "{}", r.stderr);
 }
+
+#[test]
+fn bench_prints_one_row_per_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    tiny_gguf(&p, GgmlType::Q8_0, vec![]);
+    for w in ["lora", "qlora", "score", "decode"] {
+        let o = skillet_json(&[
+            "bench",
+            "--model",
+            p.to_str().unwrap(),
+            "--workload",
+            w,
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--steps",
+            "1",
+            "--json",
+        ]);
+        assert_eq!(o["workload"], w);
+        assert!(o["tokens_per_s"].as_f64().unwrap() > 0.0, "{o}");
+        assert!(o["peak_rss_mib"].as_f64().unwrap() > 0.0);
+        assert!(o["mfu"].as_f64().unwrap() > 0.0);
+    }
+    let r = skillet(&[
+        "bench",
+        "--model",
+        p.to_str().unwrap(),
+        "--workload",
+        "full",
+        "--json",
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("not implement"), "{}", r.stderr);
+}

@@ -1,0 +1,64 @@
+"""Skillet vs PyTorch + PEFT, side by side, on one machine in one go.
+
+    python3 bench/compare.py [--rounds 3] [--workloads lora,sft,score,decode] [--steps 5]
+
+Builds nothing: run `cargo build --release` first. The reference side runs
+in bench/reference/.venv (made by bench/reference/setup.sh, or pass
+--python). Each round runs every workload once on each side, alternating,
+so drift on the machine hits both; the table shows medians over rounds and
+Skillet/PyTorch ratios of tokens/s and peak RSS.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+SHAPES = {"lora": [(4, 256), (1, 512)], "full": [(4, 256)], "sft": [(4, 0)], "score": [(4, 256), (1, 512)], "decode": [(1, 1)]}
+
+
+def run(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"failed: {' '.join(cmd)}\n{out.stderr.strip()[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workloads", default="lora,sft,score,decode")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--python", default=None)
+    args = ap.parse_args()
+    model = args.model or subprocess.run(["scripts/fetch-model.sh"], capture_output=True, text=True, check=True).stdout.strip()
+    python = args.python or subprocess.run(["bench/reference/setup.sh"], capture_output=True, text=True, check=True).stdout.strip()
+    results = {}
+    for _ in range(args.rounds):
+        for w in args.workloads.split(","):
+            for b, t in SHAPES[w]:
+                common = ["--workload", w, "--batch", str(b), "--steps", str(args.steps), "--json", "--model", model]
+                if t:
+                    common += ["--seq", str(t)]
+                sides = {"skillet": ["target/release/skillet", "bench"] + common, "pytorch": [python, "bench/reference/bench.py"] + common}
+                for side, cmd in sides.items():
+                    if side == "pytorch" and w == "qlora":
+                        continue
+                    r = run(cmd)
+                    if r:
+                        results.setdefault((w, b, t), {}).setdefault(side, []).append(r)
+    print("| workload | batch × seq | Skillet tok/s | PyTorch+PEFT tok/s | ratio | Skillet peak RSS (MiB) | PyTorch peak RSS (MiB) | RSS ratio | Skillet MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (w, b, t), sides in results.items():
+        med = lambda side, key: statistics.median(r[key] for r in sides.get(side, [])) if sides.get(side) else float("nan")
+        s_tps, p_tps = med("skillet", "tokens_per_s"), med("pytorch", "tokens_per_s")
+        s_rss, p_rss = med("skillet", "peak_rss_mib"), med("pytorch", "peak_rss_mib")
+        seq = sides.get("skillet", sides.get("pytorch"))[0]["seq"]
+        print(f"| {w} | {b} × {seq} | {s_tps:.1f} | {p_tps:.1f} | {s_tps / p_tps:.2f}× | {s_rss:.0f} | {p_rss:.0f} | {s_rss / p_rss:.2f}× | {100 * med('skillet', 'mfu'):.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+//! `skillet bench`: speed and memory of training and inference workloads
+//! on one model, measured the same way as the PyTorch reference in
+//! `bench/reference/` so the two can be compared side by side.
+//!
+//! Each timed workload runs `--warmup` untimed steps, then `--steps` timed
+//! ones; the median step time gives tokens/s. Peak RSS is the process's
+//! high-water mark (VmHWM), so with no `--workload` each workload runs in
+//! its own child process. MFU is useful FLOPs (2 per matmul parameter per
+//! token forward, 4 with the input gradient, 6 with weight gradients) over
+//! an f32 GEMM rate measured at start.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+use skillet_adapters::{LoraSettings, Targets, apply_lora};
+use skillet_data::{DataFormat, EncodeOptions};
+use skillet_generate::{GenerateOptions, SamplingParams, generate};
+use skillet_models::{CausalLm, ForwardInput, LoadOptions, Rng};
+use skillet_train::{
+    AdamW, AdamWConfig, TrainBatch, causal_lm_loss, clip_grad_norm, collate, collect_grads,
+};
+
+use crate::bundle::Bundle;
+use crate::dataset::Dataset;
+
+const WORKLOADS: [&str; 6] = ["lora", "qlora", "full", "sft", "score", "decode"];
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Model (default: the fetched default model, see scripts/fetch-model.sh).
+    #[arg(long, env = "SKILLET_MODEL")]
+    model: Option<PathBuf>,
+    /// lora, qlora, full, sft, score or decode; all of them (at 4x256 and 1x512) when absent.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence (random ids; sft uses the data's own lengths).
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Timed steps (median reported).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// JSONL data for the sft workload (default: the bundled example).
+    #[arg(long, default_value = "examples/contacts/train.jsonl")]
+    data: PathBuf,
+    /// Print one JSON object (a single workload) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct Row {
+    workload: String,
+    batch: usize,
+    seq: usize,
+    tokens_per_s: f64,
+    peak_rss_mib: f64,
+    mfu: f64,
+    step_seconds: f64,
+    gemm_gflops: f64,
+}
+
+fn default_model() -> anyhow::Result<PathBuf> {
+    let cache = std::env::var_os("SKILLET_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or(home.join(".cache"))
+                .join("skillet")
+        });
+    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !p.is_file() {
+        bail!(
+            "{}: default model not found; run scripts/fetch-model.sh or pass --model",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// f32 GEMM rate on this machine (GFLOP/s), best of a few 1024³ products.
+fn gemm_gflops() -> anyhow::Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (1024, 1024), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (1024, 1024), &Device::Cpu)?;
+    let _ = a.matmul(&b)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let _ = a.matmul(&b)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * 1024f64.powi(3) / best / 1e9)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Parameters of the matrices every token passes through (projections and LM head).
+fn matmul_params(m: &dyn CausalLm) -> f64 {
+    let c = m.config();
+    let (h, q, kv) = (
+        c.hidden_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let layer = h * q * 2 + h * kv * 2 + 3 * h * c.intermediate_size;
+    (c.num_hidden_layers * layer + c.vocab_size * h) as f64
+}
+
+fn random_batch(vocab: usize, batch: usize, seq: usize) -> TrainBatch {
+    let mut rng = Rng::new(1234);
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect();
+    // Labels = ids at every position, as `model(ids, labels=ids)`.
+    let labels = ids.iter().map(|&i| i as i64).collect();
+    TrainBatch {
+        batch,
+        seq,
+        ids,
+        key_mask: vec![1; batch * seq],
+        positions: None,
+        segments: None,
+        labels,
+    }
+}
+
+fn lora_settings() -> anyhow::Result<LoraSettings> {
+    let targets = Targets::Names(
+        ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect(),
+    );
+    Ok(LoraSettings::new(8, 16.0, 0.0, false, targets)?)
+}
+
+/// Times `steps` LoRA training steps over `batches` (cycled).
+fn time_training(
+    model: &dyn CausalLm,
+    vars: Vec<candle_core::Var>,
+    batches: &[TrainBatch],
+    args: &Args,
+) -> anyhow::Result<(f64, f64)> {
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    );
+    let mut times = Vec::new();
+    let mut tokens = Vec::new();
+    for i in 0..args.warmup + args.steps {
+        let batch = &batches[i % batches.len()];
+        let t = Instant::now();
+        let parts = causal_lm_loss(model, batch)?;
+        let loss = (parts.sum / parts.tokens as f64)?;
+        let mut grads = collect_grads(&loss.backward()?, &vars)?;
+        clip_grad_norm(&mut grads, 1.0)?;
+        opt.step(&grads, 1e-4)?;
+        if i >= args.warmup {
+            times.push(t.elapsed().as_secs_f64());
+            tokens.push(batch.key_mask.iter().filter(|&&m| m != 0).count() as f64);
+        }
+    }
+    // tokens/s from the median step; for variable-length data, of the
+    // median tokens per step as well.
+    Ok((median(tokens) / median(times.clone()), median(times)))
+}
+
+fn run_one(
+    args: &Args,
+    workload: &str,
+    model_path: &std::path::Path,
+    gemm: f64,
+) -> anyhow::Result<Row> {
+    let bundle = Bundle::open(model_path)?;
+    let keep_quantized = workload == "qlora";
+    let mut model = bundle.load_model_opts(LoadOptions { keep_quantized })?;
+    let params = matmul_params(&model);
+    let vocab = model.config().vocab_size;
+    let (tps, step, flops_per_token, seq) = match workload {
+        "lora" | "qlora" => {
+            let adapter = apply_lora(&mut model, &lora_settings()?, 0, None)?;
+            let batches = [random_batch(vocab, args.batch, args.seq)];
+            let (tps, step) = time_training(&model, adapter.vars(), &batches, args)?;
+            (tps, step, 4.0 * params, args.seq)
+        }
+        "sft" => {
+            let opts = EncodeOptions {
+                max_seq_len: 1024,
+                train_on_prompt: false,
+                add_eos: true,
+            };
+            let data = Dataset::load(&args.data, DataFormat::Auto, &bundle, opts)?;
+            let adapter = apply_lora(&mut model, &lora_settings()?, 0, None)?;
+            let batches: Vec<TrainBatch> = data
+                .tokenized
+                .chunks(args.batch)
+                .map(|c| collate(&c.iter().collect::<Vec<_>>(), bundle.pad_id()))
+                .collect();
+            let mean_len = data.tokenized.iter().map(|t| t.ids.len()).sum::<usize>()
+                / data.tokenized.len().max(1);
+            let (tps, step) = time_training(&model, adapter.vars(), &batches, args)?;
+            (tps, step, 4.0 * params, mean_len)
+        }
+        "score" => {
+            let b = random_batch(vocab, args.batch, args.seq);
+            let input = ForwardInput::new(Tensor::from_vec(
+                b.ids.clone(),
+                (args.batch, args.seq),
+                &Device::Cpu,
+            )?);
+            let mut times = Vec::new();
+            for i in 0..args.warmup + args.steps {
+                let t = Instant::now();
+                let _ = model.forward(&input, None)?;
+                if i >= args.warmup {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            let step = median(times);
+            (
+                (args.batch * args.seq) as f64 / step,
+                step,
+                2.0 * params,
+                args.seq,
+            )
+        }
+        "decode" => {
+            let prompt = bundle
+                .tokenizer
+                .encode("Tell me a story about a dragon.", false)?;
+            let opts = GenerateOptions {
+                max_tokens: 128,
+                sampling: SamplingParams::default(),
+                stop: vec![],
+                eos_ids: vec![],
+            };
+            let mut rates = Vec::new();
+            for i in 0..args.warmup + args.steps.min(3) {
+                let g = generate(&model, &bundle.tokenizer, &prompt, &opts, |_| {})?;
+                if i >= args.warmup {
+                    rates.push(g.decode_tokens_per_second());
+                }
+            }
+            let tps = median(rates);
+            (tps, 1.0 / tps, 2.0 * params, 1)
+        }
+        "full" => {
+            bail!("the full workload needs full fine-tuning, which Skillet does not implement yet")
+        }
+        other => bail!(
+            "unknown workload '{other}' (one of {})",
+            WORKLOADS.join(", ")
+        ),
+    };
+    let batch = if workload == "decode" { 1 } else { args.batch };
+    Ok(Row {
+        workload: workload.to_string(),
+        batch,
+        seq,
+        tokens_per_s: tps,
+        peak_rss_mib: peak_rss_mib(),
+        mfu: tps * flops_per_token / (gemm * 1e9),
+        step_seconds: step,
+        gemm_gflops: gemm,
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let model = match &args.model {
+        Some(p) => p.clone(),
+        None => default_model()?,
+    };
+    let gemm = gemm_gflops()?;
+    if let Some(w) = &args.workload {
+        let row = run_one(&args, w, &model, gemm)?;
+        if args.json {
+            return crate::output::print_json(&row);
+        }
+        print_table(&[row], gemm);
+        return Ok(());
+    }
+    // Every workload at 4x256 and 1x512, each in its own process so each
+    // peak RSS is its own.
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    for w in WORKLOADS {
+        let shapes: &[(usize, usize)] = match w {
+            "decode" => &[(1, 1)],
+            "sft" => &[(4, 0)],
+            _ => &[(4, 256), (1, 512)],
+        };
+        for &(b, t) in shapes {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args([
+                "bench",
+                "--json",
+                "--workload",
+                w,
+                "--batch",
+                &b.to_string(),
+                "--steps",
+                &args.steps.to_string(),
+            ]);
+            cmd.args(["--warmup", &args.warmup.to_string(), "--model"])
+                .arg(&model)
+                .arg("--data")
+                .arg(&args.data);
+            if t > 0 {
+                cmd.args(["--seq", &t.to_string()]);
+            }
+            let out = cmd.output()?;
+            if out.status.success() {
+                rows.push(serde_json::from_slice::<Row>(&out.stdout)?);
+            } else {
+                eprintln!(
+                    "{w} {b}x{t}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+    }
+    print_table(&rows, gemm);
+    Ok(())
+}
+
+fn print_table(rows: &[Row], gemm: f64) {
+    println!("f32 GEMM (1024³): {gemm:.1} GFLOP/s\n");
+    println!("| workload | batch × seq | tokens/s | step (s) | peak RSS (MiB) | MFU |");
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} × {} | {:.1} | {:.3} | {:.0} | {:.1}% |",
+            r.workload,
+            r.batch,
+            r.seq,
+            r.tokens_per_s,
+            r.step_seconds,
+            r.peak_rss_mib,
+            100.0 * r.mfu
+        );
+    }
+}
