@@ -14,6 +14,11 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
     fn in_features(&self) -> usize;
     /// Output width.
     fn out_features(&self) -> usize;
+    /// The dense `[out, in]` weight when the layer is a frozen, bias-free
+    /// projection (lets callers fuse it, e.g. LM head + cross-entropy).
+    fn frozen_weight(&self) -> Option<Tensor> {
+        None
+    }
 }
 
 /// A frozen pretrained projection: dense f32 or quantized blocks.
@@ -66,5 +71,12 @@ impl Linear for BaseLinear {
 
     fn out_features(&self) -> usize {
         self.out_features
+    }
+
+    fn frozen_weight(&self) -> Option<Tensor> {
+        if self.bias.is_some() {
+            return None;
+        }
+        self.weight.to_dense(&Device::Cpu).ok()
     }
 }

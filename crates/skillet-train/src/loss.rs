@@ -5,6 +5,9 @@
 use candle_core::{D, DType, Device, Tensor};
 use skillet_models::CausalLm;
 
+use std::sync::{Arc, Mutex};
+
+use crate::fused_ce::{CeStats, FusedLinearCrossEntropy};
 use crate::{Result, TrainBatch};
 
 /// The summed loss of one batch and what it was summed over.
@@ -20,8 +23,20 @@ pub struct LossParts {
 
 /// Summed next-token cross-entropy of `batch` under `model`. Divide by the
 /// total labelled tokens of the whole (accumulated) batch to get the mean,
-/// as transformers does since its gradient-accumulation fix.
+/// as transformers does since its gradient-accumulation fix. A frozen LM
+/// head goes through the fused, chunked op; a trainable one through
+/// composed candle ops.
 pub fn causal_lm_loss(model: &dyn CausalLm, batch: &TrainBatch) -> Result<LossParts> {
+    causal_lm_loss_with(model, batch, true)
+}
+
+/// [`causal_lm_loss`], choosing whether the fused op may be used (the
+/// composed path is the reference the fused one is tested against).
+pub fn causal_lm_loss_with(
+    model: &dyn CausalLm,
+    batch: &TrainBatch,
+    allow_fused: bool,
+) -> Result<LossParts> {
     let targets = batch.targets();
     if targets.is_empty() {
         return Ok(LossParts {
@@ -38,6 +53,21 @@ pub fn causal_lm_loss(model: &dyn CausalLm, batch: &TrainBatch) -> Result<LossPa
     let picked = hidden
         .reshape((batch.batch * batch.seq, c))?
         .index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?; // [N,C]
+    if allow_fused && let Some(weight) = model.lm_head().frozen_weight() {
+        let stats = Arc::new(Mutex::new(CeStats::default()));
+        let op = FusedLinearCrossEntropy {
+            weight,
+            labels,
+            stats: stats.clone(),
+        };
+        let sum = picked.contiguous()?.apply_op1(op)?;
+        let correct = stats.lock().map(|s| s.correct).unwrap_or(0);
+        return Ok(LossParts {
+            sum,
+            tokens: n,
+            correct,
+        });
+    }
     let logits = model.lm_head().forward(&picked)?.to_dtype(DType::F32)?; // [N,V]
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;

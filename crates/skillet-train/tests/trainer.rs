@@ -513,3 +513,67 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
             .starts_with(".partial"))
     );
 }
+
+#[test]
+fn fused_head_and_cross_entropy_equal_the_composed_ops() {
+    let (cfg, w) = weights();
+    let mut model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
+    let adapter = apply_lora(&mut model, &lora(2, 0.0), 1, None).unwrap();
+    for p in &adapter.params {
+        let b = p.b.as_tensor();
+        p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * 0.03).unwrap())
+            .unwrap();
+    }
+    // A small batch, and one of 2 x 150 tokens: 298 targets, two chunks.
+    let data = examples(5);
+    let small = collate(&data.iter().collect::<Vec<_>>(), 0);
+    let ids: Vec<u32> = (0..300u32).map(|i| (i * 7 + i / 13) % 60 + 1).collect();
+    let big = skillet_train::TrainBatch {
+        batch: 2,
+        seq: 150,
+        labels: ids.iter().map(|&i| i as i64).collect(),
+        key_mask: vec![1; 300],
+        ids,
+        positions: None,
+        segments: None,
+    };
+    assert!(big.target_count() > 256);
+    for batch in [small, big] {
+        let run = |fused: bool| {
+            let parts = skillet_train::causal_lm_loss_with(&model, &batch, fused).unwrap();
+            let loss = (parts.sum.clone() / parts.tokens as f64).unwrap();
+            let grads = collect_grads(&loss.backward().unwrap(), &adapter.vars()).unwrap();
+            (loss.to_scalar::<f32>().unwrap(), parts.correct, grads)
+        };
+        let (fused_loss, fused_correct, fused_grads) = run(true);
+        let (loss, correct, grads) = run(false);
+        assert!(
+            (fused_loss - loss).abs() < 1e-5 * loss.abs(),
+            "{fused_loss} vs {loss}"
+        );
+        assert_eq!(fused_correct, correct);
+        for (a, b) in fused_grads.iter().zip(&grads) {
+            let diff = (a - b)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            let norm = b
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+            assert!(
+                diff <= 1e-4 * norm + 1e-9,
+                "gradient differs: {diff} vs norm {norm}"
+            );
+        }
+    }
+}
