@@ -15,6 +15,14 @@ pub struct ModelArg {
     pub model: PathBuf,
 }
 
+/// The `--adapter` option of commands that can run a model with an adapter.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdapterArg {
+    /// A PEFT LoRA adapter folder to apply (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+}
+
 /// A model's metadata, tokenizer and template (weights loaded on demand).
 pub struct Bundle {
     pub source: ModelSource,

@@ -63,22 +63,22 @@ impl TrainBatch {
     /// labelled token: position `i - 1` predicts `labels[i]`, within one
     /// row and one segment.
     pub fn targets(&self) -> Vec<(usize, u32)> {
-        let mut out = Vec::new();
-        for b in 0..self.batch {
-            for i in 1..self.seq {
-                let at = b * self.seq + i;
-                let label = self.labels[at];
-                let same_segment = self.segments.as_ref().is_none_or(|s| s[at] == s[at - 1]);
-                if label != IGNORE && self.key_mask[at] != 0 && same_segment {
-                    out.push((at - 1, label as u32));
-                }
-            }
-        }
-        out
+        self.target_iter().collect()
     }
 
     /// Number of labelled tokens (what the loss is normalized by).
     pub fn target_count(&self) -> usize {
-        self.targets().len()
+        self.target_iter().count()
+    }
+
+    fn target_iter(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        (0..self.batch)
+            .flat_map(move |b| (1..self.seq).map(move |i| b * self.seq + i))
+            .filter_map(move |at| {
+                let label = self.labels[at];
+                let same_segment = self.segments.as_ref().is_none_or(|s| s[at] == s[at - 1]);
+                (label != IGNORE && self.key_mask[at] != 0 && same_segment)
+                    .then_some((at - 1, label as u32))
+            })
     }
 }

@@ -112,15 +112,24 @@ pub struct Trainer<'a> {
     pub state: TrainState,
 }
 
-/// Micro-batches of one epoch, as batches ready for the model.
-pub fn epoch_batches(train: &[TokenizedExample], s: &LoopSettings, epoch: u64) -> Vec<TrainBatch> {
+/// The examples of one epoch in their shuffled order.
+fn epoch_order<'t>(
+    train: &'t [TokenizedExample],
+    s: &LoopSettings,
+    epoch: u64,
+) -> Vec<&'t TokenizedExample> {
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = Rng::new(s.seed ^ (epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     for i in (1..order.len()).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         order.swap(i, j);
     }
-    let examples: Vec<&TokenizedExample> = order.iter().map(|&i| &train[i]).collect();
+    order.iter().map(|&i| &train[i]).collect()
+}
+
+/// Micro-batches of one epoch, as batches ready for the model.
+pub fn epoch_batches(train: &[TokenizedExample], s: &LoopSettings, epoch: u64) -> Vec<TrainBatch> {
+    let examples = epoch_order(train, s, epoch);
     match s.packing {
         Some(max_len) => {
             let packed = pack(&examples, max_len);
@@ -136,10 +145,14 @@ pub fn epoch_batches(train: &[TokenizedExample], s: &LoopSettings, epoch: u64) -
     }
 }
 
-/// Optimizer steps in one epoch.
+/// Optimizer steps in one epoch (counted without building the batches;
+/// with packing, the first epoch's packing decides the count).
 pub fn steps_per_epoch(train: &[TokenizedExample], s: &LoopSettings) -> u64 {
-    epoch_batches(train, s, 0)
-        .len()
+    let rows = match s.packing {
+        Some(max_len) => pack(&epoch_order(train, s, 0), max_len).len(),
+        None => train.len(),
+    };
+    rows.div_ceil(s.batch_size.max(1))
         .div_ceil(s.grad_accum.max(1)) as u64
 }
 

@@ -8,7 +8,7 @@ use skillet_data::{DataFormat, EncodeOptions};
 use skillet_eval::{ExactMatch, GeneralStats, evaluate, exact_match, general_perplexity};
 use skillet_train::EvalStats;
 
-use crate::bundle::{Bundle, ModelArg};
+use crate::bundle::{AdapterArg, Bundle, ModelArg};
 use crate::dataset::Dataset;
 use crate::output::print_json;
 
@@ -16,9 +16,8 @@ use crate::output::print_json;
 pub struct Args {
     #[command(flatten)]
     model: ModelArg,
-    /// A PEFT LoRA adapter folder to apply.
-    #[arg(long)]
-    adapter: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    adapter: AdapterArg,
     /// Held-out JSONL (any supported format).
     #[arg(long)]
     data: std::path::PathBuf,
@@ -73,7 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let model = b.load_model_with(args.adapter.as_deref())?;
+    let model = b.load_model_with(args.adapter.adapter.as_deref())?;
     let heldout = evaluate(&model, &data.tokenized, args.batch_size, b.pad_id())?;
     let em = if args.generate {
         Some(exact_match(
@@ -89,7 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let general = match &general_text {
         Some(text) => {
             let adapted = general_perplexity(&model, &b.tokenizer, text, args.max_seq_len)?;
-            Some(if args.adapter.is_some() {
+            Some(if args.adapter.adapter.is_some() {
                 let base =
                     general_perplexity(&b.load_model()?, &b.tokenizer, text, args.max_seq_len)?;
                 General {

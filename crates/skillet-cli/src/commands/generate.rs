@@ -6,16 +6,15 @@ use serde::Serialize;
 use skillet_generate::{GenerateOptions, SamplingParams, generate};
 use skillet_tokenizer::Message;
 
-use crate::bundle::{Bundle, ModelArg};
+use crate::bundle::{AdapterArg, Bundle, ModelArg};
 use crate::output::print_json;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     model: ModelArg,
-    /// A PEFT LoRA adapter folder to apply (adapter_config.json + adapter_model.safetensors).
-    #[arg(long)]
-    adapter: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    adapter: AdapterArg,
     /// Wrap the prompt as a user message with the model's chat template and
     /// its generation prompt (the same template training uses).
     #[arg(long)]
@@ -89,7 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         b.tokenizer.encode(&args.prompt, true)?
     };
-    let model = b.load_model_with(args.adapter.as_deref())?;
+    let model = b.load_model_with(args.adapter.adapter.as_deref())?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: SamplingParams {

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 use skillet_models::{CausalLm, ForwardInput};
 
-use crate::bundle::{Bundle, ModelArg};
+use crate::bundle::{AdapterArg, Bundle, ModelArg};
 use crate::output::print_json;
 
 #[derive(Debug, clap::Args)]
@@ -15,9 +15,8 @@ pub struct Args {
     /// Text file to score (tokenized as `tokenize` does: no BOS added).
     #[arg(long, short = 'f')]
     file: std::path::PathBuf,
-    /// A PEFT LoRA adapter folder to apply (adapter_config.json + adapter_model.safetensors).
-    #[arg(long)]
-    adapter: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    adapter: AdapterArg,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -52,7 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ids.len()
         );
     }
-    let model = b.load_model_with(args.adapter.as_deref())?;
+    let model = b.load_model_with(args.adapter.adapter.as_deref())?;
     let input = ForwardInput::new(Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?);
     let logits = model.forward(&input, None)?;
     let (nll, argmax) = skillet_eval::next_token_nll(&logits.squeeze(0)?.to_vec2::<f32>()?, &ids);
