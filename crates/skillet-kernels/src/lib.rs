@@ -1,0 +1,31 @@
+//! Fused CPU kernels for training and inference, each a candle custom op
+//! with a closed-form backward pass (candle-nn's fused `rms_norm`,
+//! `softmax_last_dim` and `rope` have none, so gradients through them are
+//! silently dropped; composed ops have gradients but keep many full-size
+//! intermediates and are slow in backward).
+//!
+//! Every op works on f32 host memory: it borrows the inputs' storage,
+//! calls the `gemm` crate (AVX-512 where the CPU has it, detected at run
+//! time) for products and runtime-dispatched vector loops for the rest, and
+//! returns a fresh tensor. Each op is tested against the composed candle
+//! version (values and gradients) and against finite differences.
+
+mod attention;
+mod frozen_matmul;
+mod gemm;
+mod linear_cross_entropy;
+mod rms_norm;
+mod rope;
+mod storage;
+mod swiglu;
+mod vec;
+
+#[cfg(test)]
+mod testing;
+
+pub use attention::{AttentionMask, attention, attention_composed};
+pub use frozen_matmul::frozen_matmul;
+pub use linear_cross_entropy::{CrossEntropyStats, linear_cross_entropy};
+pub use rms_norm::{rms_norm, rms_norm_composed};
+pub use rope::{RopeLayout, RopeTable, rope, rope_composed};
+pub use swiglu::{swiglu, swiglu_composed};

@@ -1,0 +1,244 @@
+//! LM head + cross-entropy in one op, in chunks of rows: the `[N, V]`
+//! logits (200 MB at 4×256 tokens and a 49k vocabulary) are never stored.
+//! Forward sums `logsumexp(h Wᵀ) − (h Wᵀ)[label]` chunk by chunk; backward
+//! recomputes each chunk's logits, turns them into
+//! `P = (softmax − onehot(label)) · dloss` in place, and returns
+//! `dh = P W` and, for a trainable head, `dW = Pᵀ h`. This is the fused
+//! linear cross-entropy of Liger-Kernel (Hsu et al. 2024,
+//! arXiv 2410.10989), here on the CPU.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use crate::gemm::{Out, View, matmul};
+use crate::storage::{slice, tensor, with_f32};
+use crate::vec::{exp_shifted_sum, max, scale};
+
+/// Rows per chunk: 256 × 49,152 logits is 50 MB.
+const CHUNK: usize = 256;
+
+/// What one forward pass saw besides the loss.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CrossEntropyStats {
+    /// Rows whose argmax logit is the label.
+    pub correct: usize,
+}
+
+struct LinearCrossEntropy {
+    labels: Arc<Vec<u32>>,
+    stats: Arc<Mutex<CrossEntropyStats>>,
+}
+
+/// Logits of hidden rows `h` (`rows × c`) into `buf` (`rows × v`).
+fn logits(h: &[f32], w: &[f32], c: usize, v: usize, buf: &mut [f32]) {
+    let rows = h.len() / c;
+    matmul(
+        rows,
+        v,
+        c,
+        View::rows(h, c),
+        View::rows(w, c).t(),
+        Out::new(buf, v),
+        true,
+    );
+}
+
+impl CustomOp2 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = slice(hs, hl, self.name())?;
+        let w = slice(ws, wl, self.name())?;
+        let (n, c) = hl.shape().dims2()?;
+        let (v, wc) = wl.shape().dims2()?;
+        if wc != c || self.labels.len() != n {
+            bail!(
+                "linear cross-entropy: hidden {n}×{c}, head {v}×{wc}, {} labels",
+                self.labels.len()
+            );
+        }
+        let mut buf = vec![0f32; CHUNK.min(n) * v];
+        let (mut total, mut correct) = (0f64, 0usize);
+        for from in (0..n).step_by(CHUNK) {
+            let to = (from + CHUNK).min(n);
+            let buf = &mut buf[..(to - from) * v];
+            logits(&h[from * c..to * c], w, c, v, buf);
+            let labels = &self.labels[from..to];
+            let (loss, hits) = buf
+                .par_chunks_mut(v)
+                .zip(labels.par_iter())
+                .map(|(row, &label)| {
+                    let label = label as usize;
+                    let picked = row[label];
+                    let m = max(row);
+                    let hit =
+                        usize::from(picked >= m && row.iter().position(|&x| x == m) == Some(label));
+                    let sum = exp_shifted_sum(row, m);
+                    (m as f64 + (sum as f64).ln() - picked as f64, hit)
+                })
+                .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            total += loss;
+            correct += hits;
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            s.correct = correct;
+        }
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dloss = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let (n, c) = h.dims2()?;
+        let v = w.dim(0)?;
+        let want_dw = w.track_op();
+        let (dh, dw) = with_f32(h, self.name(), |h| {
+            with_f32(w, self.name(), |w| {
+                let mut dh = vec![0f32; n * c];
+                let mut dw = vec![0f32; if want_dw { v * c } else { 0 }];
+                let mut buf = vec![0f32; CHUNK.min(n) * v];
+                for from in (0..n).step_by(CHUNK) {
+                    let to = (from + CHUNK).min(n);
+                    let rows = to - from;
+                    let buf = &mut buf[..rows * v];
+                    let hc = &h[from * c..to * c];
+                    logits(hc, w, c, v, buf);
+                    buf.par_chunks_mut(v)
+                        .zip(self.labels[from..to].par_iter())
+                        .for_each(|(row, &label)| {
+                            let m = max(row);
+                            let sum = exp_shifted_sum(row, m);
+                            scale(row, dloss / sum);
+                            row[label as usize] -= dloss;
+                        });
+                    let dhc = &mut dh[from * c..to * c];
+                    matmul(
+                        rows,
+                        c,
+                        v,
+                        View::rows(buf, v),
+                        View::rows(w, c),
+                        Out::new(dhc, c),
+                        true,
+                    );
+                    if want_dw {
+                        matmul(
+                            v,
+                            c,
+                            rows,
+                            View::rows(buf, v).t(),
+                            View::rows(hc, c),
+                            Out::new(&mut dw, c).accumulate(),
+                            true,
+                        );
+                    }
+                }
+                Ok((dh, want_dw.then_some(dw)))
+            })
+        })?;
+        Ok((
+            Some(tensor(dh, (n, c))?),
+            dw.map(|d| tensor(d, (v, c))).transpose()?,
+        ))
+    }
+}
+
+/// Sum over rows of `h` (`[N, C]`) of the cross-entropy of `h Wᵀ` (`W`:
+/// `[V, C]`) against `labels`, without storing the logits; also how many
+/// rows the argmax got right. `h` gets a gradient, and so does `W` when it
+/// is trainable.
+pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &[u32]) -> Result<(Tensor, usize)> {
+    let v = w.dim(0)?;
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
+        bail!("label {bad} is outside the vocabulary ({v})");
+    }
+    let stats = Arc::new(Mutex::new(CrossEntropyStats::default()));
+    let op = LinearCrossEntropy {
+        labels: Arc::new(labels.to_vec()),
+        stats: stats.clone(),
+    };
+    let sum = h.contiguous()?.apply_op2(&w.contiguous()?, op)?;
+    let correct = stats.lock().map(|s| s.correct).unwrap_or(0);
+    Ok((sum, correct))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, grads, random};
+    use candle_core::{D, Device};
+
+    fn composed(h: &Tensor, w: &Tensor, labels: &[u32]) -> Tensor {
+        let logits = h.matmul(&w.t().unwrap()).unwrap();
+        let lse = logits
+            .exp()
+            .unwrap()
+            .sum_keepdim(D::Minus1)
+            .unwrap()
+            .log()
+            .unwrap();
+        let l = Tensor::new(labels, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let picked = logits.gather(&l, D::Minus1).unwrap();
+        (lse - picked).unwrap().sum_all().unwrap()
+    }
+
+    #[test]
+    fn matches_composed_with_and_without_head_gradient() {
+        // 300 rows: two chunks, the second partial.
+        let (n, c, v) = (300, 12, 37);
+        let h = random(&[n, c], 1, 1.0);
+        let w = random(&[v, c], 2, 1.0);
+        let labels: Vec<u32> = (0..n).map(|i| ((i * 7) % v) as u32).collect();
+        let (fused, correct) = linear_cross_entropy(&h, &w, &labels).unwrap();
+        assert_close(&fused, &composed(&h, &w, &labels), 1e-5, "loss");
+        let logits = h.matmul(&w.t().unwrap()).unwrap();
+        let argmax = logits.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(
+            correct,
+            argmax.iter().zip(&labels).filter(|(a, b)| a == b).count()
+        );
+        let f = |a: &[Tensor]| {
+            Ok(linear_cross_entropy(&a[0], &a[1], &labels)?
+                .0
+                .unsqueeze(0)?)
+        };
+        let r = |a: &[Tensor]| composed(&a[0], &a[1], &labels).unsqueeze(0);
+        let gf = grads(&[h.clone(), w.clone()], &f);
+        let gr = grads(&[h.clone(), w.clone()], &r);
+        assert_close(&gf[0], &gr[0], 1e-4, "dh");
+        assert_close(&gf[1], &gr[1], 1e-4, "dW");
+        // A frozen head: the hidden gradient alone, the same values.
+        let hv = candle_core::Var::from_tensor(&h).unwrap();
+        let (loss, _) = linear_cross_entropy(hv.as_tensor(), &w, &labels).unwrap();
+        let g = loss.backward().unwrap();
+        assert!(g.get(&w).is_none());
+        let dh = g.get(hv.as_tensor()).unwrap();
+        let scale = random(&[1], 99, 1.0).to_vec1::<f32>().unwrap()[0];
+        assert_close(&(dh * scale as f64).unwrap(), &gf[0], 1e-4, "frozen dh");
+    }
+
+    #[test]
+    fn rejects_a_label_outside_the_vocabulary() {
+        let h = random(&[2, 3], 1, 1.0);
+        let w = random(&[4, 3], 2, 1.0);
+        assert!(linear_cross_entropy(&h, &w, &[1, 4]).is_err());
+    }
+}

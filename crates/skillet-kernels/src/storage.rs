@@ -1,0 +1,31 @@
+//! Borrowing a tensor's f32 host memory, and making tensors from vectors.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Device, Layout, Result, Shape, Storage, Tensor, bail};
+
+/// The contiguous f32 elements a custom op's input describes.
+pub(crate) fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{op} expects f32 input, got {:?}", storage.dtype());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{op} expects a contiguous input");
+    };
+    Ok(&data[start..end])
+}
+
+/// Runs `f` on the f32 elements of `t` in row-major order (a strided
+/// tensor is copied first; a contiguous one is borrowed).
+pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("{op} runs on the CPU only");
+    };
+    f(slice(cpu, layout, op)?)
+}
+
+/// A CPU tensor owning `data`.
+pub(crate) fn tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}

@@ -1,0 +1,105 @@
+//! Helpers shared by the kernels' tests: seeded random tensors, tolerant
+//! comparison, and gradient checks against composed ops and finite
+//! differences.
+
+use candle_core::{Device, Result, Tensor, Var};
+
+/// Deterministic uniform values in `[-scale, scale)` (SplitMix64).
+pub fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// Asserts `|a - b| <= tol · (1 + |b|)` elementwise.
+pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}: element {i}: {x} vs {y}"
+        );
+    }
+}
+
+/// `Σ f(inputs) ∘ r` for a fixed random `r`: a scalar whose gradient
+/// exercises every output element with a different weight.
+pub fn weighted_sum(out: &Tensor, seed: u64) -> Result<Tensor> {
+    let r = random(out.dims(), seed, 1.0);
+    (out * r)?.sum_all()
+}
+
+/// Gradients of `weighted_sum(f(inputs))` with respect to each input.
+pub fn grads(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Vec<Tensor> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let loss = weighted_sum(&f(&ts).unwrap(), 99).unwrap();
+    let g = loss.backward().unwrap();
+    vars.iter()
+        .map(|v| {
+            g.get(v.as_tensor())
+                .cloned()
+                .unwrap_or_else(|| v.as_tensor().zeros_like().unwrap())
+        })
+        .collect()
+}
+
+/// Checks `grads` of the fused `f` against the composed `reference`
+/// (values and gradients), then a few coordinates of each gradient
+/// against central differences of `f` itself.
+pub fn check_op(
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    reference: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    tol: f32,
+) {
+    assert_close(
+        &f(inputs).unwrap(),
+        &reference(inputs).unwrap(),
+        tol,
+        "forward",
+    );
+    let gf = grads(inputs, f);
+    let gr = grads(inputs, reference);
+    for (i, (a, b)) in gf.iter().zip(&gr).enumerate() {
+        assert_close(a, b, tol, &format!("gradient of input {i}"));
+    }
+    let eps = 1e-2f32;
+    for (i, input) in inputs.iter().enumerate() {
+        let base = input.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g = gf[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let n = base.len();
+        for k in [0, n / 3, n / 2, n - 1] {
+            let eval = |delta: f32| -> f64 {
+                let mut v = base.clone();
+                v[k] += delta;
+                let mut args = inputs.to_vec();
+                args[i] = Tensor::from_vec(v, input.dims(), &Device::Cpu).unwrap();
+                let out = f(&args).unwrap();
+                weighted_sum(&out, 99).unwrap().to_scalar::<f32>().unwrap() as f64
+            };
+            let fd = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+            let err = (fd - g[k] as f64).abs();
+            assert!(
+                err <= 2e-2 * (1.0 + fd.abs()),
+                "input {i} coordinate {k}: finite difference {fd} vs gradient {}",
+                g[k]
+            );
+        }
+    }
+}
