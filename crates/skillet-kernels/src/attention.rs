@@ -530,6 +530,7 @@ mod tests {
     use super::*;
     use crate::testing::{assert_close, check_op, grads, random};
 
+    #[allow(clippy::too_many_arguments)]
     fn check(
         b: usize,
         t: usize,

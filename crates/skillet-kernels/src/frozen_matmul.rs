@@ -92,7 +92,7 @@ mod tests {
         let x = random(&[2, 3, 5], 2, 1.0);
         let wt = w.t().unwrap();
         check_op(
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &|a| frozen_matmul(&a[0], &w),
             &|a| a[0].broadcast_matmul(&wt),
             1e-5,

@@ -55,20 +55,14 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5 · 2^23: adding it rounds to an integer kept in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
-    let xc = if x < -87.0 {
-        -87.0
-    } else if x > 88.0 {
-        88.0
-    } else {
-        x
-    };
+    let xc = x.clamp(-87.0, 88.0);
     let t = xc * LOG2E + MAGIC;
     let n = t - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let p = p * r * r + r + 1.0;
     let e = (t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32).wrapping_add(127) as u32;
     let v = p * f32::from_bits(e << 23);

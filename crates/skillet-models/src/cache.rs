@@ -6,6 +6,7 @@ use candle_core::Tensor;
 /// Cached keys and values of every layer for a batch of sequences.
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    /// Per layer, keys and values `[batch, len, kv_heads, head_dim]`.
     pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
     /// `[batch, len]` row-major: 1 where the cached key is a real token.
     pub(crate) key_mask: Vec<u8>,

@@ -3,7 +3,6 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::frozen::FrozenMatmul;
 use crate::{Result, Weight};
 
 /// A layer `y = x W^T (+ b)` mapping `[..., in]` to `[..., out]`.
@@ -58,7 +57,7 @@ impl Linear for BaseLinear {
         let weight = self.weight.to_dense(&Device::Cpu)?;
         // The weight never enters the autograd graph: the op's backward
         // gives the input gradient only.
-        let y = x.contiguous()?.apply_op1(FrozenMatmul { weight })?;
+        let y = skillet_kernels::frozen_matmul(x, &weight)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -5,13 +5,15 @@
 //!
 //! Notation: B batch, T new tokens, S keys (cached + new), H query heads,
 //! K key/value heads, G = H / K, D head width, C model width, V vocabulary.
-//! Every op here has a gradient in candle (no fused op without backward).
+//! Norms, RoPE, attention and the SwiGLU gate are the fused ops of
+//! `skillet-kernels` (each with its closed-form backward); the composed
+//! candle versions stay selectable as the reference they are tested against.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use skillet_kernels::{AttentionMask, RopeLayout, RopeTable};
 
 use crate::cache::KvCache;
 use crate::linear::{BaseLinear, Linear};
-use crate::mask::attention_bias;
 use crate::rope::Rope;
 use crate::{LlamaConfig, ModelError, Result, Weight, WeightSource};
 
@@ -22,6 +24,10 @@ pub struct LoadOptions {
     /// fly in each matmul) instead of dequantizing them once at load. Saves
     /// memory; embeddings and norms are always f32.
     pub keep_quantized: bool,
+    /// Run norms, RoPE, attention and the MLP gate as composed candle ops
+    /// instead of the fused kernels: slower and hungrier, kept as the
+    /// reference for tests.
+    pub composed_ops: bool,
 }
 
 /// One forward call's input.
@@ -79,11 +85,20 @@ struct RmsNorm {
 
 impl RmsNorm {
     /// `x / sqrt(mean(x²) + eps) * weight`, computed in f32.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (var + self.eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
+    fn forward(&self, x: &Tensor, composed: bool) -> Result<Tensor> {
+        Ok(if composed {
+            skillet_kernels::rms_norm_composed(x, &self.weight, self.eps)?
+        } else {
+            skillet_kernels::rms_norm(x, &self.weight, self.eps)?
+        })
     }
+}
+
+/// Per-call inputs every layer shares.
+struct LayerContext<'a> {
+    rope: &'a RopeTable,
+    mask: &'a AttentionMask,
+    composed: bool,
 }
 
 #[derive(Debug)]
@@ -97,71 +112,44 @@ struct Attention {
     head_dim: usize,
 }
 
-/// `softmax` over the last dim from differentiable primitives.
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&sum)?)
-}
-
 impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: &Tensor,
+        ctx: &LayerContext,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
-        let g = h / k;
-        let q = self
-            .q_proj
-            .forward(x)?
-            .reshape((b, t, h, d))?
-            .transpose(1, 2)?
-            .contiguous()?; // [B,H,T,D]
-        let kk = self
-            .k_proj
-            .forward(x)?
-            .reshape((b, t, k, d))?
-            .transpose(1, 2)?
-            .contiguous()?; // [B,K,T,D]
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, t, k, d))?
-            .transpose(1, 2)?
-            .contiguous()?; // [B,K,T,D]
-        let q = Rope::apply(&q, cos, sin)?;
-        let kk = Rope::apply(&kk, cos, sin)?;
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?; // [B,T,H,D]
+        let kk = self.k_proj.forward(x)?.reshape((b, t, k, d))?; // [B,T,K,D]
+        let v = self.v_proj.forward(x)?.reshape((b, t, k, d))?; // [B,T,K,D]
+        let rope = if ctx.composed {
+            skillet_kernels::rope_composed
+        } else {
+            skillet_kernels::rope
+        };
+        let q = rope(&q, ctx.rope, RopeLayout::Half)?;
+        let kk = rope(&kk, ctx.rope, RopeLayout::Half)?;
         let (kk, v) = match cache {
             Some(slot) => {
                 let (kk, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &kk], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &kk], 1)?, Tensor::cat(&[&pv, &v], 1)?),
                     None => (kk, v),
                 };
                 *slot = Some((kk.clone(), v.clone()));
                 (kk, v)
             }
             None => (kk, v),
+        }; // [B,S,K,D]
+        let scale = 1.0 / (d as f32).sqrt();
+        let attend = if ctx.composed {
+            skillet_kernels::attention_composed
+        } else {
+            skillet_kernels::attention
         };
-        let s = kk.dim(2)?;
-        // Query heads j*G..(j+1)*G share key head j: group them instead of
-        // copying keys and values G times.
-        let q = q.reshape((b, k, g * t, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&kk.t()?)? * scale)?; // [B,K,G*T,S]
-        let scores = scores.reshape((b, k, g, t, s))?.broadcast_add(bias)?;
-        let probs = softmax_last_dim(&scores)?.reshape((b, k, g * t, s))?;
-        let out = probs.matmul(&v)?; // [B,K,G*T,D]
-        let out = out
-            .reshape((b, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
-        self.o_proj.forward(&out)
+        let out = attend(&q, &kk, &v, ctx.mask, scale)?; // [B,T,H,D]
+        self.o_proj.forward(&out.reshape((b, t, h * d))?)
     }
 }
 
@@ -173,9 +161,15 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, composed: bool) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        let act = if composed {
+            skillet_kernels::swiglu_composed(&gate, &up)?
+        } else {
+            skillet_kernels::swiglu(&gate, &up)?
+        };
+        self.down_proj.forward(&act)
     }
 }
 
@@ -196,7 +190,7 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Box<dyn Linear>,
     rope: Rope,
-    device: Device,
+    composed: bool,
 }
 
 impl Llama {
@@ -271,12 +265,12 @@ impl Llama {
         };
         Ok(Self {
             rope: Rope::new(&cfg),
+            composed: opts.composed_ops,
             cfg,
             embed_tokens,
             layers,
             norm: norm_f,
             lm_head,
-            device,
         })
     }
 
@@ -322,6 +316,7 @@ impl Llama {
         for (what, len) in [
             ("key_mask", input.key_mask.as_ref().map(Vec::len)),
             ("positions", input.positions.as_ref().map(Vec::len)),
+            ("segments", input.segments.as_ref().map(Vec::len)),
         ] {
             if let Some(len) = len
                 && len != b * t
@@ -381,16 +376,25 @@ impl CausalLm for Llama {
             }
             None => chunk_mask,
         };
-        let bias = attention_bias(
-            b,
-            t,
-            offset,
-            &key_mask,
-            input.segments.as_deref(),
-            self.cfg.sliding_window,
-            &self.device,
-        )?;
-        let (cos, sin) = self.rope.cos_sin(&positions, b, t, &self.device)?;
+        let mut mask =
+            AttentionMask::causal(b, t, offset + t)?.with_window(self.cfg.sliding_window);
+        if key_mask.contains(&0) {
+            mask = mask.with_key_mask(key_mask)?;
+        }
+        if let Some(segments) = &input.segments {
+            if offset != 0 {
+                return Err(ModelError::Input(
+                    "segments cannot be used with a cache".into(),
+                ));
+            }
+            mask = mask.with_segments(segments.clone())?;
+        }
+        let rope = self.rope.table(&positions)?;
+        let ctx = LayerContext {
+            rope: &rope,
+            mask: &mask,
+            composed: self.composed,
+        };
 
         let mut x = self
             .embed_tokens
@@ -398,19 +402,11 @@ impl CausalLm for Llama {
             .reshape((b, t, self.cfg.hidden_size))?; // [B,T,C]
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = layer.self_attn.forward(
-                &layer.input_layernorm.forward(&x)?,
-                &cos,
-                &sin,
-                &bias,
-                slot,
-            )?;
-            x = (x + h)?;
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
-            x = (x + h)?;
+            let normed = layer.input_layernorm.forward(&x, self.composed)?;
+            x = (x + layer.self_attn.forward(&normed, &ctx, slot)?)?;
+            let normed = layer.post_attention_layernorm.forward(&x, self.composed)?;
+            x = (x + layer.mlp.forward(&normed, self.composed)?)?;
         }
-        self.norm.forward(&x) // [B,T,C]
+        self.norm.forward(&x, self.composed) // [B,T,C]
     }
 }

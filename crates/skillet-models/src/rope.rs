@@ -1,9 +1,10 @@
 //! Rotary position embeddings in the Hugging Face layout (`rotate_half`:
 //! the two halves of each head are the pair), following transformers'
-//! `LlamaRotaryEmbedding` and its `rope_type` variants (Su et al. 2021,
+//! `LlamaRotaryEmbedding` and its `rope_type` variants; the rotation
+//! itself is `skillet_kernels::rope` (Su et al. 2021,
 //! arXiv 2104.09864; Llama 3.1 scaling from Meta's reference code).
 
-use candle_core::{D, Device, Tensor};
+use skillet_kernels::RopeTable;
 
 use crate::{LlamaConfig, Result, RopeScaling};
 
@@ -51,43 +52,20 @@ impl Rope {
         }
     }
 
-    /// `cos` and `sin` of shape `[batch, 1, t, head_dim]` for `positions`
-    /// (`[batch, t]` row-major), halves duplicated as transformers does.
-    pub fn cos_sin(
-        &self,
-        positions: &[u32],
-        batch: usize,
-        t: usize,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
+    /// The cos/sin table for `positions` (one per token, `batch × seq`
+    /// row-major), for the fused rotation.
+    pub fn table(&self, positions: &[u32]) -> Result<RopeTable> {
         let half = self.inv_freq.len();
-        let dim = 2 * half;
-        let mut cos = Vec::with_capacity(positions.len() * dim);
-        let mut sin = Vec::with_capacity(positions.len() * dim);
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
-            let start = cos.len();
             for &f in &self.inv_freq {
                 // f32 product, as transformers computes `inv_freq @ position_ids`.
                 let angle = p as f32 * f;
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }
-            cos.extend_from_within(start..start + half);
-            sin.extend_from_within(start..start + half);
         }
-        let shape = (batch, 1, t, dim);
-        Ok((
-            Tensor::from_vec(cos, shape, device)?,
-            Tensor::from_vec(sin, shape, device)?,
-        ))
-    }
-
-    /// Rotates `x` of shape `[batch, heads, t, head_dim]`.
-    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let half = x.dim(D::Minus1)? / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+        Ok(RopeTable::new(cos, sin, positions.len(), half)?)
     }
 }

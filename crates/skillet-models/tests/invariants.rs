@@ -304,7 +304,12 @@ fn gguf_in_every_storage_type_loads_the_same_model() {
         let source = ModelSource::open(&path).unwrap();
         for keep_quantized in [false, true] {
             let got = logits(
-                &source.load_model(LoadOptions { keep_quantized }).unwrap(),
+                &source
+                    .load_model(LoadOptions {
+                        keep_quantized,
+                        ..Default::default()
+                    })
+                    .unwrap(),
                 &ids,
             );
             let d = max_diff(&got, &expected);

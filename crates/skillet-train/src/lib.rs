@@ -9,7 +9,6 @@ mod collate;
 mod config;
 mod error;
 mod eval;
-mod fused_ce;
 mod loss;
 mod optim;
 mod schedule;

@@ -5,9 +5,6 @@
 use candle_core::{D, DType, Device, Tensor};
 use skillet_models::CausalLm;
 
-use std::sync::{Arc, Mutex};
-
-use crate::fused_ce::{CeStats, FusedLinearCrossEntropy};
 use crate::{Result, TrainBatch};
 
 /// The summed loss of one batch and what it was summed over.
@@ -54,14 +51,7 @@ pub fn causal_lm_loss_with(
         .reshape((batch.batch * batch.seq, c))?
         .index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?; // [N,C]
     if allow_fused && let Some(weight) = model.lm_head().frozen_weight() {
-        let stats = Arc::new(Mutex::new(CeStats::default()));
-        let op = FusedLinearCrossEntropy {
-            weight,
-            labels,
-            stats: stats.clone(),
-        };
-        let sum = picked.contiguous()?.apply_op1(op)?;
-        let correct = stats.lock().map(|s| s.correct).unwrap_or(0);
+        let (sum, correct) = skillet_kernels::linear_cross_entropy(&picked, &weight, &labels)?;
         return Ok(LossParts {
             sum,
             tokens: n,

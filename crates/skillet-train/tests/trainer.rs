@@ -409,7 +409,12 @@ fn qlora_on_a_quantized_gguf_trains_like_lora_on_its_dequantized_weights() {
     let source = ModelSource::open(&gguf).unwrap();
     let data = examples(4);
     let train_with = |keep_quantized: bool| {
-        let mut model = source.load_model(LoadOptions { keep_quantized }).unwrap();
+        let mut model = source
+            .load_model(LoadOptions {
+                keep_quantized,
+                ..Default::default()
+            })
+            .unwrap();
         let adapter = apply_lora(&mut model, &lora(4, 0.0), 7, None).unwrap();
         let out = tempfile::tempdir().unwrap();
         let s = LoopSettings {
@@ -515,18 +520,35 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
 }
 
 #[test]
-fn fused_head_and_cross_entropy_equal_the_composed_ops() {
-    let (cfg, w) = weights();
-    let mut model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
-    let adapter = apply_lora(&mut model, &lora(2, 0.0), 1, None).unwrap();
-    for p in &adapter.params {
-        let b = p.b.as_tensor();
-        p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * 0.03).unwrap())
-            .unwrap();
-    }
-    // A small batch, and one of 2 x 150 tokens: 298 targets, two chunks.
+fn fused_kernels_train_like_the_composed_ops() {
+    // The same model and adapter twice: once with every fused kernel (norms,
+    // RoPE, attention, SwiGLU, LM head + cross-entropy), once with composed
+    // candle ops throughout.
+    let build = |composed_ops: bool| {
+        let (cfg, w) = weights();
+        let opts = LoadOptions {
+            composed_ops,
+            ..Default::default()
+        };
+        let mut model = Llama::load(cfg, &w, opts).unwrap();
+        let adapter = apply_lora(&mut model, &lora(2, 0.0), 1, None).unwrap();
+        for p in &adapter.params {
+            let b = p.b.as_tensor();
+            p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * 0.03).unwrap())
+                .unwrap();
+        }
+        (model, adapter)
+    };
+    let (fused, fused_adapter) = build(false);
+    let (composed, composed_adapter) = build(true);
+    // A padded batch, a packed one, and one of 2 x 150 tokens (298
+    // targets: two chunks of the fused head, three query tiles).
     let data = examples(5);
-    let small = collate(&data.iter().collect::<Vec<_>>(), 0);
+    let refs: Vec<&TokenizedExample> = data.iter().collect();
+    let padded = collate(&refs, 0);
+    let packed = skillet_data::pack(&refs, 40);
+    let packed = skillet_train::collate_packed(&packed.iter().collect::<Vec<_>>(), 0);
+    assert!(packed.segments.is_some());
     let ids: Vec<u32> = (0..300u32).map(|i| (i * 7 + i / 13) % 60 + 1).collect();
     let big = skillet_train::TrainBatch {
         batch: 2,
@@ -538,15 +560,15 @@ fn fused_head_and_cross_entropy_equal_the_composed_ops() {
         segments: None,
     };
     assert!(big.target_count() > 256);
-    for batch in [small, big] {
-        let run = |fused: bool| {
-            let parts = skillet_train::causal_lm_loss_with(&model, &batch, fused).unwrap();
+    for batch in [padded, packed, big] {
+        let run = |model: &Llama, adapter: &LoraAdapter, fused: bool| {
+            let parts = skillet_train::causal_lm_loss_with(model, &batch, fused).unwrap();
             let loss = (parts.sum.clone() / parts.tokens as f64).unwrap();
             let grads = collect_grads(&loss.backward().unwrap(), &adapter.vars()).unwrap();
             (loss.to_scalar::<f32>().unwrap(), parts.correct, grads)
         };
-        let (fused_loss, fused_correct, fused_grads) = run(true);
-        let (loss, correct, grads) = run(false);
+        let (fused_loss, fused_correct, fused_grads) = run(&fused, &fused_adapter, true);
+        let (loss, correct, grads) = run(&composed, &composed_adapter, false);
         assert!(
             (fused_loss - loss).abs() < 1e-5 * loss.abs(),
             "{fused_loss} vs {loss}"

@@ -201,7 +201,10 @@ fn run_one(
 ) -> anyhow::Result<Row> {
     let bundle = Bundle::open(model_path)?;
     let keep_quantized = workload == "qlora";
-    let mut model = bundle.load_model_opts(LoadOptions { keep_quantized })?;
+    let mut model = bundle.load_model_opts(LoadOptions {
+        keep_quantized,
+        ..Default::default()
+    })?;
     let params = matmul_params(&model);
     let vocab = model.config().vocab_size;
     let (tps, step, flops_per_token, seq) = match workload {

@@ -182,6 +182,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let mut model = bundle.load_model_opts(skillet_models::LoadOptions {
         keep_quantized: cfg.lora.keep_base_quantized,
+        ..Default::default()
     })?;
     let base = if resuming {
         serde_json::from_str(&std::fs::read_to_string(out.join("base_eval.json"))?)?
