@@ -1,10 +1,12 @@
 """Skillet vs PyTorch + PEFT, side by side, on one machine in one go.
 
-    python3 bench/compare.py [--rounds 3] [--workloads lora,sft,score,decode] [--steps 5]
+    python3 bench/compare.py [--rounds 3] [--workloads lora,full,sft,score,decode] [--steps 5]
 
 Builds nothing: run `cargo build --release` first. The reference side runs
 in bench/reference/.venv (made by bench/reference/setup.sh, or pass
---python). Each round runs every workload once on each side, alternating,
+--python); llama.cpp (decode, and prompt processing for score at 1x512)
+in bench/reference/.venv-llamacpp (bench/reference/setup-llamacpp.sh, or
+pass --llamacpp-python; --no-llamacpp skips it). Each round runs every workload once on each side, alternating,
 so drift on the machine hits both; the table shows medians over rounds and
 Skillet/PyTorch ratios of tokens/s and peak RSS.
 """
@@ -33,9 +35,14 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--model", default=None)
     ap.add_argument("--python", default=None)
+    ap.add_argument("--llamacpp-python", default=None)
+    ap.add_argument("--no-llamacpp", action="store_true")
     args = ap.parse_args()
     model = args.model or subprocess.run(["scripts/fetch-model.sh"], capture_output=True, text=True, check=True).stdout.strip()
     python = args.python or subprocess.run(["bench/reference/setup.sh"], capture_output=True, text=True, check=True).stdout.strip()
+    llamacpp = None
+    if not args.no_llamacpp:
+        llamacpp = args.llamacpp_python or subprocess.run(["bench/reference/setup-llamacpp.sh"], capture_output=True, text=True, check=True).stdout.strip()
     results = {}
     for _ in range(args.rounds):
         for w in args.workloads.split(","):
@@ -44,21 +51,24 @@ def main():
                 if t:
                     common += ["--seq", str(t)]
                 sides = {"skillet": ["target/release/skillet", "bench"] + common, "pytorch": [python, "bench/reference/bench.py"] + common}
+                if llamacpp and (w == "decode" or (w == "score" and b == 1)):
+                    sides["llama.cpp"] = [llamacpp, "bench/reference/llamacpp.py"] + common
                 for side, cmd in sides.items():
                     if side == "pytorch" and w == "qlora":
                         continue
                     r = run(cmd)
                     if r:
                         results.setdefault((w, b, t), {}).setdefault(side, []).append(r)
-    print("| workload | batch × seq | Skillet tok/s | PyTorch+PEFT tok/s | ratio | Skillet peak RSS (MiB) | PyTorch peak RSS (MiB) | RSS ratio | Skillet MFU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workload | batch × seq | Skillet tok/s | PyTorch+PEFT tok/s | ratio | llama.cpp tok/s | ratio | Skillet peak RSS (MiB) | PyTorch peak RSS (MiB) | RSS ratio | Skillet MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (w, b, t), sides in results.items():
         med = lambda side, key: statistics.median(r[key] for r in sides.get(side, [])) if sides.get(side) else float("nan")
-        s_tps, p_tps = med("skillet", "tokens_per_s"), med("pytorch", "tokens_per_s")
+        s_tps, p_tps, l_tps = med("skillet", "tokens_per_s"), med("pytorch", "tokens_per_s"), med("llama.cpp", "tokens_per_s")
         s_rss, p_rss = med("skillet", "peak_rss_mib"), med("pytorch", "peak_rss_mib")
-        seq = sides.get("skillet", sides.get("pytorch"))[0]["seq"]
-        print(f"| {w} | {b} × {seq} | {s_tps:.1f} | {p_tps:.1f} | {s_tps / p_tps:.2f}× | {s_rss:.0f} | {p_rss:.0f} | {s_rss / p_rss:.2f}× | {100 * med('skillet', 'mfu'):.1f}% |")
-
+        seq = next(iter(sides.values()))[0]["seq"]
+        llama = f"{l_tps:.1f} | {s_tps / l_tps:.2f}×" if sides.get("llama.cpp") else "– | –"
+        print(f"| {w} | {b} × {seq} | {s_tps:.1f} | {p_tps:.1f} | {s_tps / p_tps:.2f}× | {llama} | {s_rss:.0f} | {p_rss:.0f} | {s_rss / p_rss:.2f}× | {100 * med('skillet', 'mfu'):.1f}% |")
+    print(f"\nrounds: {args.rounds}, steps: {args.steps}")
 
 if __name__ == "__main__":
     main()

@@ -10,9 +10,10 @@
 //! returns a fresh tensor. Each op is tested against the composed candle
 //! version (values and gradients) and against finite differences.
 
+mod adamw;
 mod attention;
-mod frozen_matmul;
 mod gemm;
+mod linear;
 mod linear_cross_entropy;
 mod rms_norm;
 mod rope;
@@ -23,8 +24,9 @@ mod vec;
 #[cfg(test)]
 mod testing;
 
+pub use adamw::{AdamWStep, adamw_step};
 pub use attention::{AttentionMask, attention, attention_composed};
-pub use frozen_matmul::frozen_matmul;
+pub use linear::{frozen_matmul, linear};
 pub use linear_cross_entropy::{CrossEntropyStats, linear_cross_entropy};
 pub use rms_norm::{rms_norm, rms_norm_composed};
 pub use rope::{RopeLayout, RopeTable, rope, rope_composed};

@@ -1,5 +1,6 @@
 //! Linear layers behind one trait, so LoRA, DoRA and quantized bases plug
-//! into the single model implementation without copying it.
+//! into the single model implementation without copying it. A base layer
+//! is frozen unless its weight is a variable (full fine-tuning).
 
 use candle_core::{Device, Tensor};
 
@@ -13,9 +14,10 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
     fn in_features(&self) -> usize;
     /// Output width.
     fn out_features(&self) -> usize;
-    /// The dense `[out, in]` weight when the layer is a frozen, bias-free
-    /// projection (lets callers fuse it, e.g. LM head + cross-entropy).
-    fn frozen_weight(&self) -> Option<Tensor> {
+    /// The dense `[out, in]` weight when the layer is exactly `x Wᵀ` (no
+    /// bias, no adapter), so callers may fuse it (LM head + cross-entropy).
+    /// A trainable weight is returned as its variable and gets gradients.
+    fn dense_weight(&self) -> Option<Tensor> {
         None
     }
 }
@@ -55,9 +57,14 @@ impl BaseLinear {
 impl Linear for BaseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let weight = self.weight.to_dense(&Device::Cpu)?;
-        // The weight never enters the autograd graph: the op's backward
-        // gives the input gradient only.
-        let y = skillet_kernels::frozen_matmul(x, &weight)?;
+        // A frozen weight never enters the autograd graph (the op's
+        // backward gives the input gradient only); a trainable one (full
+        // fine-tuning) gets its gradient too.
+        let y = if weight.track_op() {
+            skillet_kernels::linear(x, &weight)?
+        } else {
+            skillet_kernels::frozen_matmul(x, &weight)?
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -72,7 +79,7 @@ impl Linear for BaseLinear {
         self.out_features
     }
 
-    fn frozen_weight(&self) -> Option<Tensor> {
+    fn dense_weight(&self) -> Option<Tensor> {
         if self.bias.is_some() {
             return None;
         }

@@ -9,7 +9,9 @@
 //! `skillet-kernels` (each with its closed-form backward); the composed
 //! candle versions stay selectable as the reference they are tested against.
 
-use candle_core::{DType, Device, Tensor};
+use std::cell::RefCell;
+
+use candle_core::{DType, Device, Tensor, Var};
 use skillet_kernels::{AttentionMask, RopeLayout, RopeTable};
 
 use crate::cache::KvCache;
@@ -28,6 +30,10 @@ pub struct LoadOptions {
     /// instead of the fused kernels: slower and hungrier, kept as the
     /// reference for tests.
     pub composed_ops: bool,
+    /// Load every weight as a trainable variable (full fine-tuning):
+    /// projections, norms and embeddings, the tied head sharing the
+    /// embedding's variable. Quantized weights are dequantized.
+    pub trainable: bool,
 }
 
 /// One forward call's input.
@@ -191,6 +197,7 @@ pub struct Llama {
     lm_head: Box<dyn Linear>,
     rope: Rope,
     composed: bool,
+    params: Vec<(String, Var)>,
 }
 
 impl Llama {
@@ -202,16 +209,30 @@ impl Llama {
             cfg.num_attention_heads * cfg.head_dim,
             cfg.num_key_value_heads * cfg.head_dim,
         );
+        let params: RefCell<Vec<(String, Var)>> = RefCell::new(Vec::new());
+        let make_var = |name: &str, t: Tensor| -> Result<Tensor> {
+            if !opts.trainable {
+                return Ok(t);
+            }
+            let var = Var::from_tensor(&t)?;
+            let t = var.as_tensor().clone();
+            params.borrow_mut().push((name.to_string(), var));
+            Ok(t)
+        };
         let dense = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            src.load_checked(name, shape, false)?.to_dense(&device)
+            make_var(
+                name,
+                src.load_checked(name, shape, false)?.to_dense(&device)?,
+            )
         };
         let linear =
             |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Box<dyn Linear>> {
-                let w = src.load_checked(
-                    &format!("{prefix}.weight"),
-                    &[out, inp],
-                    opts.keep_quantized,
-                )?;
+                let name = format!("{prefix}.weight");
+                let mut w =
+                    src.load_checked(&name, &[out, inp], opts.keep_quantized && !opts.trainable)?;
+                if opts.trainable {
+                    w = Weight::Dense(make_var(&name, w.to_dense(&device)?)?);
+                }
                 let b = if bias {
                     Some(dense(&format!("{prefix}.bias"), &[out])?)
                 } else {
@@ -266,6 +287,7 @@ impl Llama {
         Ok(Self {
             rope: Rope::new(&cfg),
             composed: opts.composed_ops,
+            params: params.into_inner(),
             cfg,
             embed_tokens,
             layers,
@@ -290,6 +312,13 @@ impl Llama {
             f(&format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj);
         }
         f("lm_head", &mut self.lm_head);
+    }
+
+    /// Every weight as a named variable (checkpoint names) when loaded with
+    /// `LoadOptions::trainable`; empty otherwise. A tied head appears once,
+    /// as the embedding.
+    pub fn parameters(&self) -> &[(String, Var)] {
+        &self.params
     }
 
     /// The token embedding matrix `[V, C]`.

@@ -20,9 +20,10 @@ pub struct LossParts {
 
 /// Summed next-token cross-entropy of `batch` under `model`. Divide by the
 /// total labelled tokens of the whole (accumulated) batch to get the mean,
-/// as transformers does since its gradient-accumulation fix. A frozen LM
-/// head goes through the fused, chunked op; a trainable one through
-/// composed candle ops.
+/// as transformers does since its gradient-accumulation fix. A plain
+/// dense LM head (frozen, or trainable in full fine-tuning) goes through
+/// the fused, chunked op; one wrapped by an adapter through composed
+/// candle ops.
 pub fn causal_lm_loss(model: &dyn CausalLm, batch: &TrainBatch) -> Result<LossParts> {
     causal_lm_loss_with(model, batch, true)
 }
@@ -50,7 +51,7 @@ pub fn causal_lm_loss_with(
     let picked = hidden
         .reshape((batch.batch * batch.seq, c))?
         .index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?; // [N,C]
-    if allow_fused && let Some(weight) = model.lm_head().frozen_weight() {
+    if allow_fused && let Some(weight) = model.lm_head().dense_weight() {
         let (sum, correct) = skillet_kernels::linear_cross_entropy(&picked, &weight, &labels)?;
         return Ok(LossParts {
             sum,

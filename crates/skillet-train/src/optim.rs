@@ -1,6 +1,6 @@
 //! AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101) with exactly
-//! PyTorch's `torch.optim.AdamW` arithmetic, updated in place on host
-//! memory, and gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`.
+//! PyTorch's `torch.optim.AdamW` arithmetic, updated in place in the
+//! parameters' memory by one fused pass (`skillet_kernels::adamw_step`), and gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -108,20 +108,17 @@ impl AdamW {
         let bias2 = 1.0 - c.beta2.powi(t);
         let step_size = (lr / bias1) as f32;
         let bias2_sqrt = bias2.sqrt() as f32;
-        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let decay = (1.0 - lr * c.weight_decay) as f32;
+        let h = skillet_kernels::AdamWStep {
+            step_size,
+            bias2_sqrt,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            decay: (1.0 - lr * c.weight_decay) as f32,
+        };
         for (i, var) in self.vars.iter().enumerate() {
-            let g = grads[i].flatten_all()?.to_vec1::<f32>()?;
-            let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            for j in 0..p.len() {
-                p[j] *= decay;
-                m[j] = b1 * m[j] + (1.0 - b1) * g[j];
-                v[j] = b2 * v[j] + (1.0 - b2) * g[j] * g[j];
-                let denom = v[j].sqrt() / bias2_sqrt + eps;
-                p[j] -= step_size * m[j] / denom;
-            }
-            var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
+            skillet_kernels::adamw_step(var.as_tensor(), &grads[i], m, v, h)?;
         }
         Ok(())
     }

@@ -203,6 +203,7 @@ fn run_one(
     let keep_quantized = workload == "qlora";
     let mut model = bundle.load_model_opts(LoadOptions {
         keep_quantized,
+        trainable: workload == "full",
         ..Default::default()
     })?;
     let params = matmul_params(&model);
@@ -276,7 +277,10 @@ fn run_one(
             (tps, 1.0 / tps, 2.0 * params, 1)
         }
         "full" => {
-            bail!("the full workload needs full fine-tuning, which Skillet does not implement yet")
+            let vars = model.parameters().iter().map(|(_, v)| v.clone()).collect();
+            let batches = [random_batch(vocab, args.batch, args.seq)];
+            let (tps, step) = time_training(&model, vars, &batches, args)?;
+            (tps, step, 6.0 * params, args.seq)
         }
         other => bail!(
             "unknown workload '{other}' (one of {})",
