@@ -69,7 +69,16 @@ impl Bundle {
 
     /// Loads the model with a PEFT adapter folder applied (unmerged), if given.
     pub fn load_model_with(&self, adapter: Option<&Path>) -> anyhow::Result<Llama> {
-        let mut model = self.load_model()?;
+        self.load_model_with_opts(adapter, LoadOptions::default())
+    }
+
+    /// [`Self::load_model_with`] with explicit load options.
+    pub fn load_model_with_opts(
+        &self,
+        adapter: Option<&Path>,
+        opts: LoadOptions,
+    ) -> anyhow::Result<Llama> {
+        let mut model = self.load_model_opts(opts)?;
         if let Some(dir) = adapter {
             let (config, weights) = skillet_adapters::load_peft(dir)?;
             let settings = config

@@ -54,7 +54,7 @@ enum Command {
 /// explicitly: left alone, candle 0.11 counts physical cores its own way
 /// while rayon counts logical ones, and on our 2-core machine batch-1
 /// decode ran at 33 tokens/s instead of 44-48 with an explicit 2.
-fn set_thread_count(requested: Option<usize>) {
+fn set_thread_count(requested: Option<usize>) -> usize {
     let from_env = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -63,6 +63,22 @@ fn set_thread_count(requested: Option<usize>) {
     let n = requested.or(from_env).unwrap_or(available).max(1);
     // SAFETY: called first thing in main, before any other thread exists.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    n
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Tokenize(a) => commands::tokenize::run(a),
+        Command::Score(a) => commands::score::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Convert(a) => commands::convert::run(a),
+        Command::Train(a) => commands::train::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Data(c) => commands::data::run(c),
+        Command::Merge(a) => commands::merge::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+    }
 }
 
 fn main() -> ExitCode {
@@ -74,18 +90,15 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    set_thread_count(cli.threads);
-    let result = match cli.command {
-        Command::Inspect(a) => commands::inspect::run(a),
-        Command::Tokenize(a) => commands::tokenize::run(a),
-        Command::Score(a) => commands::score::run(a),
-        Command::Generate(a) => commands::generate::run(a),
-        Command::Convert(a) => commands::convert::run(a),
-        Command::Train(a) => commands::train::run(a),
-        Command::Eval(a) => commands::eval::run(a),
-        Command::Data(c) => commands::data::run(c),
-        Command::Merge(a) => commands::merge::run(a),
-        Command::Bench(a) => commands::bench::run(a),
+    let threads = set_thread_count(cli.threads);
+    // The command itself runs on one of the pool's threads, so the serial
+    // parts between parallel ops do not add a thread: n threads on n
+    // cores, where running from the main thread meant n + 1, with idle
+    // workers spinning against the main thread (batch-1 decode lost a
+    // third of its time to that on 2 cores).
+    let result = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+        Ok(pool) => pool.install(|| run(cli.command)),
+        Err(_) => run(cli.command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

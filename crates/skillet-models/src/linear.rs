@@ -2,7 +2,11 @@
 //! into the single model implementation without copying it. A base layer
 //! is frozen unless its weight is a variable (full fine-tuning).
 
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
+use skillet_kernels::{QuantKind, QuantMatrix};
 
 use crate::{Result, Weight};
 
@@ -22,10 +26,16 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Up to this many rows (tokens) without gradient, a Q4_1 or Q8_0 weight
+/// is used in its blocks; beyond, it is dequantized for the f32 GEMM.
+const FEW_ROWS: usize = 16;
+
 /// A frozen pretrained projection: dense f32 or quantized blocks.
 #[derive(Debug, Clone)]
 pub struct BaseLinear {
     weight: Weight,
+    /// Q4_1 / Q8_0 blocks repacked for the few-row (decode) path.
+    packed: Option<Arc<QuantMatrix>>,
     bias: Option<Tensor>,
     out_features: usize,
     in_features: usize,
@@ -35,10 +45,26 @@ impl BaseLinear {
     /// Wraps a `[out, in]` weight and an optional `[out]` bias.
     pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
         let shape = weight.shape();
+        let packed = match &weight {
+            Weight::Quantized(q) => {
+                let kind = match q.dtype() {
+                    GgmlDType::Q4_1 => Some(QuantKind::Q4_1),
+                    GgmlDType::Q8_0 => Some(QuantKind::Q8_0),
+                    _ => None,
+                };
+                kind.and_then(|k| {
+                    let bytes = q.data().ok()?;
+                    QuantMatrix::from_ggml(k, shape[0], shape[1], &bytes).ok()
+                })
+                .map(Arc::new)
+            }
+            Weight::Dense(_) => None,
+        };
         Self {
             out_features: shape[0],
             in_features: shape[1],
             weight,
+            packed,
             bias,
         }
     }
@@ -56,6 +82,18 @@ impl BaseLinear {
 
 impl Linear for BaseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / self.in_features.max(1);
+        if let Some(packed) = &self.packed
+            && rows <= FEW_ROWS
+            && !x.track_op()
+        {
+            // Decode: read the quantized blocks instead of dequantizing.
+            let y = packed.matmul(x)?;
+            return Ok(match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
         let weight = self.weight.to_dense(&Device::Cpu)?;
         // A frozen weight never enters the autograd graph (the op's
         // backward gives the input gradient only); a trainable one (full

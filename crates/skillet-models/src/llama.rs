@@ -276,6 +276,10 @@ impl Llama {
         // writes it for some models); an untied one must carry it.
         let lm_head: Box<dyn Linear> = if src.contains("lm_head.weight") {
             linear("lm_head", v, c, false)?
+        } else if cfg.tie_word_embeddings && opts.keep_quantized && !opts.trainable {
+            // The head reads the embedding's own blocks (decode speed).
+            let w = src.load_checked("model.embed_tokens.weight", &[v, c], true)?;
+            Box::new(BaseLinear::new(w, None))
         } else if cfg.tie_word_embeddings {
             Box::new(BaseLinear::new(Weight::Dense(embed_tokens.clone()), None))
         } else {

@@ -20,7 +20,8 @@ use skillet_data::{DataFormat, EncodeOptions};
 use skillet_generate::{GenerateOptions, SamplingParams, generate};
 use skillet_models::{CausalLm, ForwardInput, LoadOptions, Rng};
 use skillet_train::{
-    AdamW, AdamWConfig, TrainBatch, causal_lm_loss, clip_grad_norm, collate, collect_grads,
+    AdamW, AdamWConfig, TrainBatch, causal_lm_loss, clip_grad_norm, collate, collate_packed,
+    collect_grads,
 };
 
 use crate::bundle::Bundle;
@@ -51,6 +52,10 @@ pub struct Args {
     /// JSONL data for the sft workload (default: the bundled example).
     #[arg(long, default_value = "examples/contacts/train.jsonl")]
     data: PathBuf,
+    /// sft: pad each batch to its longest example (the usual recipe)
+    /// instead of packing its examples into one row.
+    #[arg(long)]
+    pad: bool,
     /// Print one JSON object (a single workload) instead of a table.
     #[arg(long)]
     json: bool,
@@ -200,7 +205,8 @@ fn run_one(
     gemm: f64,
 ) -> anyhow::Result<Row> {
     let bundle = Bundle::open(model_path)?;
-    let keep_quantized = workload == "qlora";
+    // QLoRA trains over the quantized blocks; decode reads them.
+    let keep_quantized = workload == "qlora" || workload == "decode";
     let mut model = bundle.load_model_opts(LoadOptions {
         keep_quantized,
         trainable: workload == "full",
@@ -223,10 +229,20 @@ fn run_one(
             };
             let data = Dataset::load(&args.data, DataFormat::Auto, &bundle, opts)?;
             let adapter = apply_lora(&mut model, &lora_settings()?, 0, None)?;
+            // The same `batch` examples per step as the padded recipe, packed
+            // into one row (segments keep them apart) instead of padded.
             let batches: Vec<TrainBatch> = data
                 .tokenized
                 .chunks(args.batch)
-                .map(|c| collate(&c.iter().collect::<Vec<_>>(), bundle.pad_id()))
+                .map(|c| {
+                    let refs: Vec<_> = c.iter().collect();
+                    if args.pad {
+                        return collate(&refs, bundle.pad_id());
+                    }
+                    let total = c.iter().map(|e| e.ids.len()).sum();
+                    let packed = skillet_data::pack(&refs, total);
+                    collate_packed(&packed.iter().collect::<Vec<_>>(), bundle.pad_id())
+                })
                 .collect();
             let mean_len = data.tokenized.iter().map(|t| t.ids.len()).sum::<usize>()
                 / data.tokenized.len().max(1);

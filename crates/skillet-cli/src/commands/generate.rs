@@ -88,7 +88,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         b.tokenizer.encode(&args.prompt, true)?
     };
-    let model = b.load_model_with(args.adapter.adapter.as_deref())?;
+    // Decoding reads the GGUF's quantized blocks directly (a Q4_1 weight is
+    // a sixth of its f32 size); longer prompts are dequantized per matmul.
+    let opts = skillet_models::LoadOptions {
+        keep_quantized: true,
+        ..Default::default()
+    };
+    let model = b.load_model_with_opts(args.adapter.adapter.as_deref(), opts)?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: SamplingParams {

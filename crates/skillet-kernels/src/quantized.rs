@@ -1,0 +1,245 @@
+//! `y = x Wᵀ` straight from GGML quantized blocks, for inference on few
+//! rows (batch-1 decode), where reading the weights is the cost: a Q4_1
+//! matrix is 0.625 bytes per weight against 4 for f32. Blocks are repacked
+//! at load into separate scale, min and quant arrays so the inner loop is
+//! a plain vector loop (no f16 conversion, no struct strides). Layouts as
+//! in ggml (`ggml-common.h`): Q4_1 blocks of 32 weights are `d·q + m` with
+//! `q` a nibble, low nibbles the first 16 weights; Q8_0 blocks are `d·q`
+//! with `q` a signed byte. No gradient: training dequantizes instead.
+
+use candle_core::{Result, Tensor, bail};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::storage::{tensor, with_f32};
+use crate::vec::multiversion;
+
+/// Weights per block.
+const BLOCK: usize = 32;
+
+/// The block formats with a fast path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKind {
+    /// 4-bit with a scale and a minimum per 32 weights (20 bytes).
+    Q4_1,
+    /// 8-bit with a scale per 32 weights (34 bytes).
+    Q8_0,
+}
+
+/// A `[rows, cols]` matrix kept in its quantized blocks, repacked.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    kind: QuantKind,
+    rows: usize,
+    cols: usize,
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+    quants: Vec<u8>,
+}
+
+impl QuantMatrix {
+    /// Repacks `bytes`, the ggml blocks of a row-major `[rows, cols]` matrix.
+    pub fn from_ggml(kind: QuantKind, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        if !cols.is_multiple_of(BLOCK) {
+            bail!("quantized matrix: {cols} columns is not a multiple of {BLOCK}");
+        }
+        let blocks = rows * cols / BLOCK;
+        let size = match kind {
+            QuantKind::Q4_1 => 20,
+            QuantKind::Q8_0 => 34,
+        };
+        if bytes.len() != blocks * size {
+            bail!(
+                "quantized matrix: {} bytes for {blocks} blocks of {size}",
+                bytes.len()
+            );
+        }
+        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let mut m = Self {
+            kind,
+            rows,
+            cols,
+            scales: Vec::with_capacity(blocks),
+            mins: Vec::new(),
+            quants: Vec::with_capacity(blocks * (size - 4)),
+        };
+        for b in bytes.chunks_exact(size) {
+            m.scales.push(half(&b[0..2]));
+            match kind {
+                QuantKind::Q4_1 => {
+                    m.mins.push(half(&b[2..4]));
+                    m.quants.extend_from_slice(&b[4..20]);
+                }
+                QuantKind::Q8_0 => m.quants.extend_from_slice(&b[2..34]),
+            }
+        }
+        Ok(m)
+    }
+
+    /// Output width.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `x Wᵀ` for `x` of shape `[..., cols]` (no gradient).
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.last() != Some(&self.cols) {
+            bail!(
+                "quantized matmul: input {dims:?} does not end in {}",
+                self.cols
+            );
+        }
+        let nb = self.cols / BLOCK;
+        let y = with_f32(x, "quantized matmul", |x| {
+            let t = x.len() / self.cols;
+            // Per input row, the sum of each block of 32 (for Q4_1's minimums).
+            let sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+            // Two tasks per thread: enough to balance, few enough that
+            // scheduling stays small next to the work.
+            let per_task = self
+                .rows
+                .div_ceil(2 * rayon::current_num_threads())
+                .next_multiple_of(8);
+            let parts: Vec<Vec<f32>> = (0..self.rows.div_ceil(per_task))
+                .into_par_iter()
+                .map(|task| {
+                    let (o0, o1) = (task * per_task, ((task + 1) * per_task).min(self.rows));
+                    let mut out = vec![0f32; t * (o1 - o0)];
+                    for (r, chunk) in out.chunks_exact_mut(o1 - o0).enumerate() {
+                        let xr = &x[r * self.cols..(r + 1) * self.cols];
+                        let s = &self.scales[o0 * nb..o1 * nb];
+                        match self.kind {
+                            QuantKind::Q4_1 => {
+                                let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
+                                let m = &self.mins[o0 * nb..o1 * nb];
+                                q4_1_rows(q, s, m, xr, &sums[r * nb..(r + 1) * nb], chunk);
+                            }
+                            QuantKind::Q8_0 => {
+                                let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
+                                q8_0_rows(q, s, xr, chunk);
+                            }
+                        }
+                    }
+                    out
+                })
+                .collect();
+            let mut y = vec![0f32; t * self.rows];
+            for (task, part) in parts.iter().enumerate() {
+                let (o0, o1) = (task * per_task, ((task + 1) * per_task).min(self.rows));
+                for (r, chunk) in part.chunks_exact(o1 - o0).enumerate() {
+                    y[r * self.rows + o0..r * self.rows + o1].copy_from_slice(chunk);
+                }
+            }
+            Ok(y)
+        })?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked above") = self.rows;
+        tensor(y, out_dims)
+    }
+}
+
+/// Adds one Q4_1 block's `d·q·x` into the 16 lanes of `acc`.
+#[inline(always)]
+fn q4_1_block(acc: &mut [f32; 16], q: &[u8], d: f32, x: &[f32]) {
+    let q: &[u8; 16] = q.try_into().expect("16 bytes");
+    let x: &[f32; 32] = x.try_into().expect("32 values");
+    for i in 0..16 {
+        acc[i] += d * ((q[i] & 15) as f32 * x[i] + (q[i] >> 4) as f32 * x[16 + i]);
+    }
+}
+
+multiversion! {
+    /// `Σ (d·q + m)·x` over each output row's Q4_1 blocks, the minimums
+    /// through the block sums `xsum` of `x`.
+    fn q4_1_rows(quants: &[u8], scales: &[f32], mins: &[f32], x: &[f32], xsum: &[f32], out: &mut [f32]) {
+        let nb = x.len() / BLOCK;
+        for (o, y) in out.iter_mut().enumerate() {
+            // Two accumulators (even and odd blocks) hide the FMA latency.
+            let (mut a0, mut a1) = ([0f32; 16], [0f32; 16]);
+            let row = &quants[o * nb * 16..(o + 1) * nb * 16];
+            let d = &scales[o * nb..(o + 1) * nb];
+            let mut b = 0;
+            while b + 1 < nb {
+                q4_1_block(&mut a0, &row[b * 16..b * 16 + 16], d[b], &x[b * BLOCK..b * BLOCK + BLOCK]);
+                q4_1_block(&mut a1, &row[b * 16 + 16..b * 16 + 32], d[b + 1], &x[b * BLOCK + BLOCK..b * BLOCK + 2 * BLOCK]);
+                b += 2;
+            }
+            if b < nb {
+                q4_1_block(&mut a0, &row[b * 16..b * 16 + 16], d[b], &x[b * BLOCK..b * BLOCK + BLOCK]);
+            }
+            let acc = [a0, a1];
+            let mut bias = 0f32;
+            for (m, s) in mins[o * nb..(o + 1) * nb].iter().zip(xsum) {
+                bias += m * s;
+            }
+            *y = acc[0].iter().sum::<f32>() + acc[1].iter().sum::<f32>() + bias;
+        }
+    }
+}
+
+multiversion! {
+    /// `Σ d·q·x` over each output row's Q8_0 blocks.
+    fn q8_0_rows(quants: &[u8], scales: &[f32], x: &[f32], out: &mut [f32]) {
+        let nb = x.len() / BLOCK;
+        for (o, y) in out.iter_mut().enumerate() {
+            let mut acc = [0f32; 32];
+            for b in 0..nb {
+                let q: &[u8; 32] = quants[(o * nb + b) * 32..][..32].try_into().expect("32 bytes");
+                let xb: &[f32; 32] = x[b * BLOCK..][..BLOCK].try_into().expect("32 values");
+                let d = scales[o * nb + b];
+                for i in 0..32 {
+                    acc[i] += d * (q[i] as i8 as f32 * xb[i]);
+                }
+            }
+            *y = acc.iter().sum();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, random};
+
+    /// ggml blocks of random values, and their dequantized matrix.
+    fn blocks(kind: QuantKind, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+        let mut bytes = Vec::new();
+        let mut dense = Vec::new();
+        for b in 0..rows * cols / BLOCK {
+            let d = f16::from_f32(0.01 + (b % 7) as f32 * 0.003);
+            let m = f16::from_f32(-0.05 + (b % 5) as f32 * 0.01);
+            bytes.extend_from_slice(&d.to_le_bytes());
+            let q: Vec<u8> = (0..BLOCK)
+                .map(|i| ((b * 31 + i * 17) % 251) as u8)
+                .collect();
+            match kind {
+                QuantKind::Q4_1 => {
+                    bytes.extend_from_slice(&m.to_le_bytes());
+                    let nib: Vec<u8> = q.iter().map(|v| v & 15).collect();
+                    bytes.extend((0..16).map(|i| nib[i] | (nib[16 + i] << 4)));
+                    dense.extend(nib.iter().map(|&n| d.to_f32() * n as f32 + m.to_f32()));
+                }
+                QuantKind::Q8_0 => {
+                    bytes.extend_from_slice(&q);
+                    dense.extend(q.iter().map(|&v| d.to_f32() * v as i8 as f32));
+                }
+            }
+        }
+        (bytes, dense)
+    }
+
+    #[test]
+    fn equals_dequantize_then_matmul() {
+        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
+            let (rows, cols) = (70, 96);
+            let (bytes, dense) = blocks(kind, rows, cols);
+            let m = QuantMatrix::from_ggml(kind, rows, cols, &bytes).unwrap();
+            let w = Tensor::from_vec(dense, (rows, cols), &candle_core::Device::Cpu).unwrap();
+            let x = random(&[3, cols], 1, 1.0);
+            let want = x.matmul(&w.t().unwrap()).unwrap();
+            assert_close(&m.matmul(&x).unwrap(), &want, 1e-5, "quantized matmul");
+        }
+        assert!(QuantMatrix::from_ggml(QuantKind::Q8_0, 2, 32, &[0; 10]).is_err());
+    }
+}
