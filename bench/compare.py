@@ -1,6 +1,6 @@
 """Skillet vs PyTorch + PEFT, side by side, on one machine in one go.
 
-    python3 bench/compare.py [--rounds 3] [--workloads lora,full,sft,score,decode] [--steps 5]
+    python3 bench/compare.py [--rounds 3] [--workloads lora,lora-ckpt,full,sft,score,decode] [--steps 5]
 
 Builds nothing: run `cargo build --release` first. The reference side runs
 in bench/reference/.venv (made by bench/reference/setup.sh, or pass
@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 
-SHAPES = {"lora": [(4, 256), (1, 512)], "full": [(4, 256)], "sft": [(4, 0)], "score": [(4, 256), (1, 512)], "decode": [(1, 1)]}
+SHAPES = {"lora": [(4, 256), (1, 512)], "lora-ckpt": [(4, 256), (1, 512)], "full": [(4, 256)], "sft": [(4, 0)], "score": [(4, 256), (1, 512)], "decode": [(1, 1)]}
 
 
 def run(cmd):
@@ -31,7 +31,7 @@ def run(cmd):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workloads", default="lora,sft,score,decode")
+    ap.add_argument("--workloads", default="lora,lora-ckpt,full,sft,score,decode")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--model", default=None)
     ap.add_argument("--python", default=None)
@@ -47,10 +47,14 @@ def main():
     for _ in range(args.rounds):
         for w in args.workloads.split(","):
             for b, t in SHAPES[w]:
-                common = ["--workload", w, "--batch", str(b), "--steps", str(args.steps), "--json", "--model", model]
+                # lora-ckpt: Skillet with activation checkpointing against
+                # PyTorch+PEFT's plain LoRA step.
+                base = "lora" if w == "lora-ckpt" else w
+                common = ["--workload", base, "--batch", str(b), "--steps", str(args.steps), "--json", "--model", model]
                 if t:
                     common += ["--seq", str(t)]
-                sides = {"skillet": ["target/release/skillet", "bench"] + common, "pytorch": [python, "bench/reference/bench.py"] + common}
+                extra = ["--checkpointing"] if w == "lora-ckpt" else []
+                sides = {"skillet": ["target/release/skillet", "bench"] + common + extra, "pytorch": [python, "bench/reference/bench.py"] + common}
                 if llamacpp and (w == "decode" or (w == "score" and b == 1)):
                     sides["llama.cpp"] = [llamacpp, "bench/reference/llamacpp.py"] + common
                 for side, cmd in sides.items():

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 mod cache;
+mod checkpoint;
 mod config;
 mod error;
 pub mod export;

@@ -10,11 +10,13 @@
 //! candle versions stay selectable as the reference they are tested against.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use skillet_kernels::{AttentionMask, RopeLayout, RopeTable};
 
 use crate::cache::KvCache;
+use crate::checkpoint::{self, Checkpointing};
 use crate::linear::{BaseLinear, Linear};
 use crate::rope::Rope;
 use crate::{LlamaConfig, ModelError, Result, Weight, WeightSource};
@@ -77,6 +79,11 @@ pub trait CausalLm: Send + Sync {
     fn forward(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Result<Tensor> {
         self.lm_head().forward(&self.forward_hidden(input, cache)?)
     }
+    /// Gradients that checkpointed layers computed during the last
+    /// `backward`, as (variable, gradient) pairs, emptied by the call.
+    fn take_checkpoint_grads(&self) -> Vec<(Tensor, Tensor)> {
+        Vec::new()
+    }
     /// An empty cache for `batch` sequences.
     fn new_cache(&self, batch: usize) -> KvCache {
         KvCache::new(self.config().num_hidden_layers, batch)
@@ -101,9 +108,9 @@ impl RmsNorm {
 }
 
 /// Per-call inputs every layer shares.
-struct LayerContext<'a> {
-    rope: &'a RopeTable,
-    mask: &'a AttentionMask,
+pub(crate) struct LayerContext {
+    rope: RopeTable,
+    mask: AttentionMask,
     composed: bool,
 }
 
@@ -135,8 +142,8 @@ impl Attention {
         } else {
             skillet_kernels::rope
         };
-        let q = rope(&q, ctx.rope, RopeLayout::Half)?;
-        let kk = rope(&kk, ctx.rope, RopeLayout::Half)?;
+        let q = rope(&q, &ctx.rope, RopeLayout::Half)?;
+        let kk = rope(&kk, &ctx.rope, RopeLayout::Half)?;
         let (kk, v) = match cache {
             Some(slot) => {
                 let (kk, v) = match slot.take() {
@@ -154,7 +161,7 @@ impl Attention {
         } else {
             skillet_kernels::attention
         };
-        let out = attend(&q, &kk, &v, ctx.mask, scale)?; // [B,T,H,D]
+        let out = attend(&q, &kk, &v, &ctx.mask, scale)?; // [B,T,H,D]
         self.o_proj.forward(&out.reshape((b, t, h * d))?)
     }
 }
@@ -180,11 +187,25 @@ impl Mlp {
 }
 
 #[derive(Debug)]
-struct DecoderLayer {
+pub(crate) struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &LayerContext,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let normed = self.input_layernorm.forward(x, ctx.composed)?;
+        let x = (x + self.self_attn.forward(&normed, ctx, cache)?)?;
+        let normed = self.post_attention_layernorm.forward(&x, ctx.composed)?;
+        Ok((&x + self.mlp.forward(&normed, ctx.composed)?)?)
+    }
 }
 
 /// A Llama-family model.
@@ -192,12 +213,13 @@ struct DecoderLayer {
 pub struct Llama {
     cfg: LlamaConfig,
     embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
+    layers: Vec<Arc<DecoderLayer>>,
     norm: RmsNorm,
     lm_head: Box<dyn Linear>,
     rope: Rope,
     composed: bool,
     params: Vec<(String, Var)>,
+    checkpointing: Option<Arc<Checkpointing>>,
 }
 
 impl Llama {
@@ -252,7 +274,7 @@ impl Llama {
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let ab = cfg.attention_bias;
-            layers.push(DecoderLayer {
+            layers.push(Arc::new(DecoderLayer {
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
                     q_proj: linear(&format!("{p}.self_attn.q_proj"), qd, c, ab)?,
@@ -269,7 +291,7 @@ impl Llama {
                     up_proj: linear(&format!("{p}.mlp.up_proj"), f, c, false)?,
                     down_proj: linear(&format!("{p}.mlp.down_proj"), c, f, false)?,
                 },
-            });
+            }));
         }
         let norm_f = norm("model.norm.weight")?;
         // A checkpoint may say "tied" yet still carry lm_head (transformers
@@ -292,6 +314,7 @@ impl Llama {
             rope: Rope::new(&cfg),
             composed: opts.composed_ops,
             params: params.into_inner(),
+            checkpointing: None,
             cfg,
             embed_tokens,
             layers,
@@ -306,6 +329,9 @@ impl Llama {
     pub fn visit_linears_mut(&mut self, mut f: impl FnMut(&str, &mut Box<dyn Linear>)) {
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
+            // Only a live autograd graph of a checkpointed forward shares a
+            // layer; adapters are applied before any training step.
+            let l = Arc::get_mut(l).expect("a layer is shared by a live autograd graph");
             let a = &mut l.self_attn;
             f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj);
             f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj);
@@ -323,6 +349,16 @@ impl Llama {
     /// as the embedding.
     pub fn parameters(&self) -> &[(String, Var)] {
         &self.params
+    }
+
+    /// Activation checkpointing: with `Some(vars)` (the trainable
+    /// variables), each layer keeps only its input for backward and runs
+    /// its forward again there, trading about a third more compute for most
+    /// of the activation memory. The layers' gradients of `vars` then come
+    /// from [`CausalLm::take_checkpoint_grads`] after `backward`. `None`
+    /// turns it off.
+    pub fn set_activation_checkpointing(&mut self, vars: Option<Vec<Var>>) {
+        self.checkpointing = vars.map(|v| Arc::new(Checkpointing::new(v)));
     }
 
     /// The token embedding matrix `[V, C]`.
@@ -388,6 +424,13 @@ impl CausalLm for Llama {
         self.lm_head.as_ref()
     }
 
+    fn take_checkpoint_grads(&self) -> Vec<(Tensor, Tensor)> {
+        self.checkpointing
+            .as_ref()
+            .map(|c| c.take())
+            .unwrap_or_default()
+    }
+
     fn forward_hidden(
         &self,
         input: &ForwardInput,
@@ -423,11 +466,11 @@ impl CausalLm for Llama {
             mask = mask.with_segments(segments.clone())?;
         }
         let rope = self.rope.table(&positions)?;
-        let ctx = LayerContext {
-            rope: &rope,
-            mask: &mask,
+        let ctx = Arc::new(LayerContext {
+            rope,
+            mask,
             composed: self.composed,
-        };
+        });
 
         let mut x = self
             .embed_tokens
@@ -435,10 +478,10 @@ impl CausalLm for Llama {
             .reshape((b, t, self.cfg.hidden_size))?; // [B,T,C]
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let normed = layer.input_layernorm.forward(&x, self.composed)?;
-            x = (x + layer.self_attn.forward(&normed, &ctx, slot)?)?;
-            let normed = layer.post_attention_layernorm.forward(&x, self.composed)?;
-            x = (x + layer.mlp.forward(&normed, self.composed)?)?;
+            x = match (&self.checkpointing, slot) {
+                (Some(state), None) => checkpoint::forward(layer, &ctx, state, &x)?,
+                (_, slot) => layer.forward(&x, &ctx, slot)?,
+            };
         }
         self.norm.forward(&x, self.composed) // [B,T,C]
     }

@@ -148,6 +148,10 @@ pub struct TrainConfig {
     /// Clip the gradient norm (0 = off).
     #[serde(default = "default_clip")]
     pub max_grad_norm: f64,
+    /// Recompute each layer's activations in backward instead of keeping
+    /// them: less memory, about a third more compute.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 /// `[eval]`.

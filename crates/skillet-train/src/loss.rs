@@ -2,6 +2,7 @@
 //! positions only. The LM head runs on those positions alone, so padding,
 //! prompts and ignored tokens cost no vocabulary projection.
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Tensor};
 use skillet_models::CausalLm;
 
@@ -73,4 +74,18 @@ pub fn causal_lm_loss_with(
         tokens: n,
         correct,
     })
+}
+
+/// `loss.backward()`, plus the gradients that checkpointed layers of
+/// `model` set aside (see `Llama::set_activation_checkpointing`).
+pub fn backward(model: &dyn CausalLm, loss: &Tensor) -> Result<GradStore> {
+    let mut store = loss.backward()?;
+    for (var, grad) in model.take_checkpoint_grads() {
+        let grad = match store.remove(&var) {
+            Some(prev) => (prev + grad)?,
+            None => grad,
+        };
+        store.insert(&var, grad);
+    }
+    Ok(store)
 }

@@ -20,8 +20,8 @@ use skillet_models::{CausalLm, Rng};
 use crate::checkpoint::{TrainState, save_checkpoint};
 use crate::eval::{EvalStats, evaluate};
 use crate::{
-    AdamW, Result, Schedule, TrainBatch, TrainError, causal_lm_loss, clip_grad_norm, collate,
-    collate_packed, collect_grads,
+    AdamW, Result, Schedule, TrainBatch, TrainError, backward, causal_lm_loss, clip_grad_norm,
+    collate, collate_packed, collect_grads,
 };
 
 /// Loop settings (validated by the caller's config layer).
@@ -225,7 +225,7 @@ impl Trainer<'_> {
                     )));
                 }
                 loss_sum += value;
-                let grads = collect_grads(&loss.backward()?, &vars)?;
+                let grads = collect_grads(&backward(self.model, &loss)?, &vars)?;
                 acc = Some(match acc {
                     None => grads,
                     Some(prev) => prev

@@ -684,3 +684,60 @@ fn full_fine_tuning_gradients_match_composed_ops_and_finite_differences() {
     let after = loss_of(&fused, true).to_scalar::<f32>().unwrap();
     assert!(after < before, "loss {before} -> {after}");
 }
+
+#[test]
+fn activation_checkpointing_gives_the_same_gradients() {
+    let data = examples(4);
+    let batch = collate(&data.iter().collect::<Vec<_>>(), 0);
+    // LoRA with dropout on (the recomputed forward must draw the same masks).
+    let run_lora = |checkpointing: bool| {
+        let (cfg, w) = weights();
+        let mut model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
+        let adapter = apply_lora(&mut model, &lora(2, 0.3), 1, None).unwrap();
+        for p in &adapter.params {
+            let b = p.b.as_tensor();
+            p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * 0.03).unwrap())
+                .unwrap();
+        }
+        if checkpointing {
+            model.set_activation_checkpointing(Some(adapter.vars()));
+        }
+        adapter.dropout.train(7);
+        let parts = causal_lm_loss(&model, &batch).unwrap();
+        let loss = (parts.sum / parts.tokens as f64).unwrap();
+        let store = skillet_train::backward(&model, &loss).unwrap();
+        collect_grads(&store, &adapter.vars()).unwrap()
+    };
+    // Full fine-tuning: every weight, the embedding outside the layers.
+    let run_full = |checkpointing: bool| {
+        let (cfg, w) = weights();
+        let opts = LoadOptions {
+            trainable: true,
+            ..Default::default()
+        };
+        let mut model = Llama::load(cfg, &w, opts).unwrap();
+        let vars: Vec<_> = model.parameters().iter().map(|(_, v)| v.clone()).collect();
+        if checkpointing {
+            model.set_activation_checkpointing(Some(vars.clone()));
+        }
+        let parts = causal_lm_loss(&model, &batch).unwrap();
+        let loss = (parts.sum / parts.tokens as f64).unwrap();
+        collect_grads(&skillet_train::backward(&model, &loss).unwrap(), &vars).unwrap()
+    };
+    for (plain, checkpointed) in [
+        (run_lora(false), run_lora(true)),
+        (run_full(false), run_full(true)),
+    ] {
+        assert_eq!(plain.len(), checkpointed.len());
+        for (a, b) in plain.iter().zip(&checkpointed) {
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = a.abs().unwrap().max_all().unwrap();
+            let (diff, scale) = (
+                diff.to_scalar::<f32>().unwrap(),
+                scale.to_scalar::<f32>().unwrap(),
+            );
+            assert!(scale > 0.0);
+            assert!(diff <= 1e-5 * scale, "{diff} vs {scale}");
+        }
+    }
+}

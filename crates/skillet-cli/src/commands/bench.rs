@@ -18,10 +18,10 @@ use serde::Serialize;
 use skillet_adapters::{LoraSettings, Targets, apply_lora};
 use skillet_data::{DataFormat, EncodeOptions};
 use skillet_generate::{GenerateOptions, SamplingParams, generate};
-use skillet_models::{CausalLm, ForwardInput, LoadOptions, Rng};
+use skillet_models::{CausalLm, ForwardInput, Llama, LoadOptions, Rng};
 use skillet_train::{
-    AdamW, AdamWConfig, TrainBatch, causal_lm_loss, clip_grad_norm, collate, collate_packed,
-    collect_grads,
+    AdamW, AdamWConfig, TrainBatch, backward, causal_lm_loss, clip_grad_norm, collate,
+    collate_packed, collect_grads,
 };
 
 use crate::bundle::Bundle;
@@ -52,6 +52,10 @@ pub struct Args {
     /// JSONL data for the sft workload (default: the bundled example).
     #[arg(long, default_value = "examples/contacts/train.jsonl")]
     data: PathBuf,
+    /// Recompute each layer's activations in backward (training
+    /// workloads): less memory, more compute.
+    #[arg(long)]
+    checkpointing: bool,
     /// sft: pad each batch to its longest example (the usual recipe)
     /// instead of packing its examples into one row.
     #[arg(long)]
@@ -166,11 +170,15 @@ fn lora_settings() -> anyhow::Result<LoraSettings> {
 
 /// Times `steps` LoRA training steps over `batches` (cycled).
 fn time_training(
-    model: &dyn CausalLm,
+    model: &mut Llama,
     vars: Vec<candle_core::Var>,
     batches: &[TrainBatch],
     args: &Args,
 ) -> anyhow::Result<(f64, f64)> {
+    if args.checkpointing {
+        model.set_activation_checkpointing(Some(vars.clone()));
+    }
+    let model: &Llama = model;
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -185,7 +193,7 @@ fn time_training(
         let t = Instant::now();
         let parts = causal_lm_loss(model, batch)?;
         let loss = (parts.sum / parts.tokens as f64)?;
-        let mut grads = collect_grads(&loss.backward()?, &vars)?;
+        let mut grads = collect_grads(&backward(model, &loss)?, &vars)?;
         clip_grad_norm(&mut grads, 1.0)?;
         opt.step(&grads, 1e-4)?;
         if i >= args.warmup {
@@ -218,7 +226,7 @@ fn run_one(
         "lora" | "qlora" => {
             let adapter = apply_lora(&mut model, &lora_settings()?, 0, None)?;
             let batches = [random_batch(vocab, args.batch, args.seq)];
-            let (tps, step) = time_training(&model, adapter.vars(), &batches, args)?;
+            let (tps, step) = time_training(&mut model, adapter.vars(), &batches, args)?;
             (tps, step, 4.0 * params, args.seq)
         }
         "sft" => {
@@ -246,7 +254,7 @@ fn run_one(
                 .collect();
             let mean_len = data.tokenized.iter().map(|t| t.ids.len()).sum::<usize>()
                 / data.tokenized.len().max(1);
-            let (tps, step) = time_training(&model, adapter.vars(), &batches, args)?;
+            let (tps, step) = time_training(&mut model, adapter.vars(), &batches, args)?;
             (tps, step, 4.0 * params, mean_len)
         }
         "score" => {
@@ -295,7 +303,7 @@ fn run_one(
         "full" => {
             let vars = model.parameters().iter().map(|(_, v)| v.clone()).collect();
             let batches = [random_batch(vocab, args.batch, args.seq)];
-            let (tps, step) = time_training(&model, vars, &batches, args)?;
+            let (tps, step) = time_training(&mut model, vars, &batches, args)?;
             (tps, step, 6.0 * params, args.seq)
         }
         other => bail!(

@@ -201,6 +201,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let adapter = apply_lora(&mut model, &settings, cfg.seed, initial.as_ref())?;
     let t = &cfg.train;
+    if t.activation_checkpointing {
+        model.set_activation_checkpointing(Some(adapter.vars()));
+    }
     let mut opt = AdamW::new(
         adapter.vars(),
         AdamWConfig {
