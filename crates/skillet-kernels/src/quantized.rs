@@ -7,11 +7,14 @@
 //! `q` a nibble, low nibbles the first 16 weights; Q8_0 blocks are `d·q`
 //! with `q` a signed byte. No gradient: training dequantizes instead.
 
-use candle_core::{Result, Tensor, bail};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 use half::f16;
 use rayon::prelude::*;
 
-use crate::storage::{tensor, with_f32};
+use crate::gemm::{Out, View, matmul};
+use crate::storage::{slice, tensor, with_f32};
 use crate::vec::multiversion;
 
 /// Weights per block.
@@ -81,17 +84,40 @@ impl QuantMatrix {
         self.rows
     }
 
-    /// `x Wᵀ` for `x` of shape `[..., cols]` (no gradient).
-    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        if dims.last() != Some(&self.cols) {
-            bail!(
-                "quantized matmul: input {dims:?} does not end in {}",
-                self.cols
-            );
+    /// `x Wᵀ` for `x` of shape `[..., cols]`; backward gives `x` its
+    /// gradient (through the dequantized weight), the weight none.
+    pub fn matmul(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?
+            .apply_op1(QuantizedMatmul { w: self.clone() })
+    }
+
+    /// The dense `[rows, cols]` values.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for (b, &d) in self.scales.iter().enumerate() {
+            match self.kind {
+                QuantKind::Q4_1 => {
+                    let q = &self.quants[b * 16..b * 16 + 16];
+                    let m = self.mins[b];
+                    out.extend(q.iter().map(|v| d * (v & 15) as f32 + m));
+                    out.extend(q.iter().map(|v| d * (v >> 4) as f32 + m));
+                }
+                QuantKind::Q8_0 => {
+                    out.extend(
+                        self.quants[b * 32..b * 32 + 32]
+                            .iter()
+                            .map(|&v| d * v as i8 as f32),
+                    );
+                }
+            }
         }
+        out
+    }
+
+    /// `x Wᵀ` over row-major rows of width `cols`.
+    fn products(&self, x: &[f32]) -> Vec<f32> {
         let nb = self.cols / BLOCK;
-        let y = with_f32(x, "quantized matmul", |x| {
+        {
             let t = x.len() / self.cols;
             // Per input row, the sum of each block of 32 (for Q4_1's minimums).
             let sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
@@ -131,11 +157,52 @@ impl QuantMatrix {
                     y[r * self.rows + o0..r * self.rows + o1].copy_from_slice(chunk);
                 }
             }
-            Ok(y)
-        })?;
+            y
+        }
+    }
+}
+
+struct QuantizedMatmul {
+    w: Arc<QuantMatrix>,
+}
+
+impl CustomOp1 for QuantizedMatmul {
+    fn name(&self) -> &'static str {
+        "quantized-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout, self.name())?;
+        let dims = layout.dims();
+        if dims.last() != Some(&self.w.cols) {
+            bail!(
+                "quantized matmul: input {dims:?} does not end in {}",
+                self.w.cols
+            );
+        }
         let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked above") = self.rows;
-        tensor(y, out_dims)
+        *out_dims.last_mut().expect("checked above") = self.w.rows;
+        Ok((CpuStorage::F32(self.w.products(x)), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (out, inp) = (self.w.rows, self.w.cols);
+        let w = self.w.dequantize();
+        let dx = with_f32(grad, self.name(), |g| {
+            let rows = g.len() / out;
+            let mut dx = vec![0f32; rows * inp];
+            matmul(
+                rows,
+                inp,
+                out,
+                View::rows(g, out),
+                View::rows(&w, inp),
+                Out::new(&mut dx, inp),
+                true,
+            );
+            Ok(dx)
+        })?;
+        Ok(Some(tensor(dx, arg.shape())?))
     }
 }
 
@@ -200,7 +267,7 @@ multiversion! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, random};
+    use crate::testing::{check_op, random};
 
     /// ggml blocks of random values, and their dequantized matrix.
     fn blocks(kind: QuantKind, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
@@ -234,11 +301,12 @@ mod tests {
         for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
             let (rows, cols) = (70, 96);
             let (bytes, dense) = blocks(kind, rows, cols);
-            let m = QuantMatrix::from_ggml(kind, rows, cols, &bytes).unwrap();
+            let m = Arc::new(QuantMatrix::from_ggml(kind, rows, cols, &bytes).unwrap());
+            assert_eq!(m.dequantize(), dense);
             let w = Tensor::from_vec(dense, (rows, cols), &candle_core::Device::Cpu).unwrap();
+            let wt = w.t().unwrap();
             let x = random(&[3, cols], 1, 1.0);
-            let want = x.matmul(&w.t().unwrap()).unwrap();
-            assert_close(&m.matmul(&x).unwrap(), &want, 1e-5, "quantized matmul");
+            check_op(&[x], &|a| m.matmul(&a[0]), &|a| a[0].matmul(&wt), 1e-5);
         }
         assert!(QuantMatrix::from_ggml(QuantKind::Q8_0, 2, 32, &[0; 10]).is_err());
     }

@@ -26,8 +26,8 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Up to this many rows (tokens) without gradient, a Q4_1 or Q8_0 weight
-/// is used in its blocks; beyond, it is dequantized for the f32 GEMM.
+/// Up to this many rows (tokens), a Q4_1 or Q8_0 weight is used in its
+/// blocks; beyond, it is dequantized for the f32 GEMM.
 const FEW_ROWS: usize = 16;
 
 /// A frozen pretrained projection: dense f32 or quantized blocks.
@@ -85,7 +85,6 @@ impl Linear for BaseLinear {
         let rows = x.elem_count() / self.in_features.max(1);
         if let Some(packed) = &self.packed
             && rows <= FEW_ROWS
-            && !x.track_op()
         {
             // Decode: read the quantized blocks instead of dequantizing.
             let y = packed.matmul(x)?;

@@ -109,18 +109,20 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// f32 GEMM rate on this machine (GFLOP/s), best of a few 1024³ products.
+/// f32 GEMM rate on this machine (GFLOP/s): the best of ten 2048³
+/// products, long enough that a busy moment at start does not set it.
 fn gemm_gflops() -> anyhow::Result<f64> {
-    let a = Tensor::randn(0f32, 1.0, (1024, 1024), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (1024, 1024), &Device::Cpu)?;
+    const N: usize = 2048;
+    let a = Tensor::randn(0f32, 1.0, (N, N), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (N, N), &Device::Cpu)?;
     let _ = a.matmul(&b)?;
     let mut best = f64::MAX;
-    for _ in 0..5 {
+    for _ in 0..10 {
         let t = Instant::now();
         let _ = a.matmul(&b)?;
         best = best.min(t.elapsed().as_secs_f64());
     }
-    Ok(2.0 * 1024f64.powi(3) / best / 1e9)
+    Ok(2.0 * (N as f64).powi(3) / best / 1e9)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
