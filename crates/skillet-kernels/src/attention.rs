@@ -211,6 +211,14 @@ impl Dims {
     }
 }
 
+/// What one tile contributes to the gradients (see `tile_backward`).
+struct TileGrads {
+    lo: usize,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
 struct Attention {
     mask: AttentionMask,
     scale: f32,
@@ -253,6 +261,85 @@ impl Attention {
             }
         }
         (lo, ns, s)
+    }
+
+    /// One tile's share of the gradients: its queries' `dQ` rows, and the
+    /// `dK`, `dV` rows of the keys it saw (from key `lo`), to be summed.
+    /// `inputs` are `q`, `k`, `v`, the forward output `o` and `dO`.
+    fn tile_backward(
+        &self,
+        dims: &Dims,
+        tile: Tile,
+        inputs: [&[f32]; 5],
+        lse: &[f32],
+    ) -> TileGrads {
+        let [q, k, v, o, dout] = inputs;
+        let (d, rows) = (dims.d, dims.g * tile.n);
+        let qt = dims.gather(q, tile);
+        let dot_t = dims.gather(dout, tile);
+        let ot = dims.gather(o, tile);
+        // P again, from the saved log-sum-exp.
+        let (lo, ns, mut p) = self.scores(dims, tile, &qt, k);
+        for (r, row) in p.chunks_exact_mut(ns).enumerate() {
+            let l = lse[dims.lse_at(tile, r / tile.n, r % tile.n)];
+            if l == f32::NEG_INFINITY {
+                row.fill(0.0);
+            } else {
+                exp_shifted_sum(row, l);
+            }
+        }
+        // dP = dO Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)).
+        let mut ds = vec![0f32; rows * ns];
+        let vv = dims.kv(v, tile.b, tile.kh, lo);
+        matmul(
+            rows,
+            ns,
+            d,
+            View::rows(&dot_t, d),
+            vv.t(),
+            Out::new(&mut ds, ns),
+            false,
+        );
+        for (r, (dsr, pr)) in ds.chunks_exact_mut(ns).zip(p.chunks_exact(ns)).enumerate() {
+            let di = dot(&dot_t[r * d..(r + 1) * d], &ot[r * d..(r + 1) * d]);
+            for (x, &pv) in dsr.iter_mut().zip(pr) {
+                *x = pv * (*x - di);
+            }
+        }
+        let kk = dims.kv(k, tile.b, tile.kh, lo);
+        let mut dq = vec![0f32; rows * d];
+        matmul(
+            rows,
+            d,
+            ns,
+            View::rows(&ds, ns),
+            kk,
+            Out::new(&mut dq, d).scaled(self.scale),
+            false,
+        );
+        let mut dk = vec![0f32; ns * d];
+        let dst = View::rows(&ds, ns).t();
+        matmul(
+            ns,
+            d,
+            rows,
+            dst,
+            View::rows(&qt, d),
+            Out::new(&mut dk, d).scaled(self.scale),
+            false,
+        );
+        let mut dv = vec![0f32; ns * d];
+        let pt = View::rows(&p, ns).t();
+        matmul(
+            ns,
+            d,
+            rows,
+            pt,
+            View::rows(&dot_t, d),
+            Out::new(&mut dv, d),
+            false,
+        );
+        TileGrads { lo, dq, dk, dv }
     }
 
     fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
@@ -371,100 +458,25 @@ impl CustomOp3 for Attention {
         }
         let d = dims.d;
         let tiles = dims.tiles();
-        let (dq, dk, dv) = with_f32(q, self.name(), |q| {
-            with_f32(k, self.name(), |k| {
-                with_f32(v, self.name(), |v| {
-                    with_f32(res, self.name(), |o| {
-                        with_f32(grad, self.name(), |dout| {
-                            let parts: Vec<_> = tiles
-                                .par_iter()
-                                .map(|&tile| {
-                                    let rows = dims.g * tile.n;
-                                    let qt = dims.gather(q, tile);
-                                    let dot_ = dims.gather(dout, tile);
-                                    let ot = dims.gather(o, tile);
-                                    let (lo, ns, mut p) = self.scores(&dims, tile, &qt, k);
-                                    for (r, row) in p.chunks_exact_mut(ns).enumerate() {
-                                        let l = lse[dims.lse_at(tile, r / tile.n, r % tile.n)];
-                                        if l == f32::NEG_INFINITY {
-                                            row.fill(0.0);
-                                        } else {
-                                            exp_shifted_sum(row, l);
-                                        }
-                                    }
-                                    // dP = dO Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)).
-                                    let mut ds = vec![0f32; rows * ns];
-                                    let vv = dims.kv(v, tile.b, tile.kh, lo);
-                                    matmul(
-                                        rows,
-                                        ns,
-                                        d,
-                                        View::rows(&dot_, d),
-                                        vv.t(),
-                                        Out::new(&mut ds, ns),
-                                        false,
-                                    );
-                                    for (r, (dsr, pr)) in
-                                        ds.chunks_exact_mut(ns).zip(p.chunks_exact(ns)).enumerate()
-                                    {
-                                        let di =
-                                            dot(&dot_[r * d..(r + 1) * d], &ot[r * d..(r + 1) * d]);
-                                        for (x, &pv) in dsr.iter_mut().zip(pr) {
-                                            *x = pv * (*x - di);
-                                        }
-                                    }
-                                    let mut dqt = vec![0f32; rows * d];
-                                    let kk = dims.kv(k, tile.b, tile.kh, lo);
-                                    matmul(
-                                        rows,
-                                        d,
-                                        ns,
-                                        View::rows(&ds, ns),
-                                        kk,
-                                        Out::new(&mut dqt, d).scaled(self.scale),
-                                        false,
-                                    );
-                                    let mut dkt = vec![0f32; ns * d];
-                                    matmul(
-                                        ns,
-                                        d,
-                                        rows,
-                                        View::rows(&ds, ns).t(),
-                                        View::rows(&qt, d),
-                                        Out::new(&mut dkt, d).scaled(self.scale),
-                                        false,
-                                    );
-                                    let mut dvt = vec![0f32; ns * d];
-                                    matmul(
-                                        ns,
-                                        d,
-                                        rows,
-                                        View::rows(&p, ns).t(),
-                                        View::rows(&dot_, d),
-                                        Out::new(&mut dvt, d),
-                                        false,
-                                    );
-                                    (lo, dqt, dkt, dvt)
-                                })
-                                .collect();
-                            let mut dq = vec![0f32; q.len()];
-                            let mut dk = vec![0f32; k.len()];
-                            let mut dv = vec![0f32; v.len()];
-                            for (tile, (lo, dqt, dkt, dvt)) in tiles.iter().zip(&parts) {
-                                dims.scatter(&mut dq, *tile, dqt);
-                                for (j, (kr, vr)) in
-                                    dkt.chunks_exact(d).zip(dvt.chunks_exact(d)).enumerate()
-                                {
-                                    let at = ((tile.b * dims.s + lo + j) * dims.k + tile.kh) * d;
-                                    dk[at..at + d].iter_mut().zip(kr).for_each(|(a, b)| *a += b);
-                                    dv[at..at + d].iter_mut().zip(vr).for_each(|(a, b)| *a += b);
-                                }
-                            }
-                            Ok((dq, dk, dv))
-                        })
-                    })
-                })
-            })
+        let (dq, dk, dv) = with_f32([q, k, v, res, grad], self.name(), |inputs| {
+            let parts: Vec<TileGrads> = tiles
+                .par_iter()
+                .map(|&tile| self.tile_backward(&dims, tile, inputs, &lse))
+                .collect();
+            let [q, k, v, ..] = inputs;
+            let mut dq = vec![0f32; q.len()];
+            let mut dk = vec![0f32; k.len()];
+            let mut dv = vec![0f32; v.len()];
+            for (tile, part) in tiles.iter().zip(&parts) {
+                dims.scatter(&mut dq, *tile, &part.dq);
+                let rows = part.dk.chunks_exact(d).zip(part.dv.chunks_exact(d));
+                for (j, (kr, vr)) in rows.enumerate() {
+                    let at = ((tile.b * dims.s + part.lo + j) * dims.k + tile.kh) * d;
+                    dk[at..at + d].iter_mut().zip(kr).for_each(|(a, b)| *a += b);
+                    dv[at..at + d].iter_mut().zip(vr).for_each(|(a, b)| *a += b);
+                }
+            }
+            Ok((dq, dk, dv))
         })?;
         Ok((
             Some(tensor(dq, q.shape())?),

@@ -107,49 +107,47 @@ impl CustomOp2 for LinearCrossEntropy {
         let (n, c) = h.dims2()?;
         let v = w.dim(0)?;
         let want_dw = w.track_op();
-        let (dh, dw) = with_f32(h, self.name(), |h| {
-            with_f32(w, self.name(), |w| {
-                let mut dh = vec![0f32; n * c];
-                let mut dw = vec![0f32; if want_dw { v * c } else { 0 }];
-                let mut buf = vec![0f32; CHUNK.min(n) * v];
-                for from in (0..n).step_by(CHUNK) {
-                    let to = (from + CHUNK).min(n);
-                    let rows = to - from;
-                    let buf = &mut buf[..rows * v];
-                    let hc = &h[from * c..to * c];
-                    logits(hc, w, c, v, buf);
-                    buf.par_chunks_mut(v)
-                        .zip(self.labels[from..to].par_iter())
-                        .for_each(|(row, &label)| {
-                            let m = max(row);
-                            let sum = exp_shifted_sum(row, m);
-                            scale(row, dloss / sum);
-                            row[label as usize] -= dloss;
-                        });
-                    let dhc = &mut dh[from * c..to * c];
+        let (dh, dw) = with_f32([h, w], self.name(), |[h, w]| {
+            let mut dh = vec![0f32; n * c];
+            let mut dw = vec![0f32; if want_dw { v * c } else { 0 }];
+            let mut buf = vec![0f32; CHUNK.min(n) * v];
+            for from in (0..n).step_by(CHUNK) {
+                let to = (from + CHUNK).min(n);
+                let rows = to - from;
+                let buf = &mut buf[..rows * v];
+                let hc = &h[from * c..to * c];
+                logits(hc, w, c, v, buf);
+                buf.par_chunks_mut(v)
+                    .zip(self.labels[from..to].par_iter())
+                    .for_each(|(row, &label)| {
+                        let m = max(row);
+                        let sum = exp_shifted_sum(row, m);
+                        scale(row, dloss / sum);
+                        row[label as usize] -= dloss;
+                    });
+                let dhc = &mut dh[from * c..to * c];
+                matmul(
+                    rows,
+                    c,
+                    v,
+                    View::rows(buf, v),
+                    View::rows(w, c),
+                    Out::new(dhc, c),
+                    true,
+                );
+                if want_dw {
                     matmul(
-                        rows,
-                        c,
                         v,
-                        View::rows(buf, v),
-                        View::rows(w, c),
-                        Out::new(dhc, c),
+                        c,
+                        rows,
+                        View::rows(buf, v).t(),
+                        View::rows(hc, c),
+                        Out::new(&mut dw, c).accumulate(),
                         true,
                     );
-                    if want_dw {
-                        matmul(
-                            v,
-                            c,
-                            rows,
-                            View::rows(buf, v).t(),
-                            View::rows(hc, c),
-                            Out::new(&mut dw, c).accumulate(),
-                            true,
-                        );
-                    }
                 }
-                Ok((dh, want_dw.then_some(dw)))
-            })
+            }
+            Ok((dh, want_dw.then_some(dw)))
         })?;
         Ok((
             Some(tensor(dh, (n, c))?),

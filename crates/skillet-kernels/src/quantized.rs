@@ -13,8 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 use half::f16;
 use rayon::prelude::*;
 
-use crate::gemm::{Out, View, matmul};
-use crate::storage::{slice, tensor, with_f32};
+use crate::storage::{slice, tensor};
 use crate::vec::multiversion;
 
 /// Weights per block.
@@ -117,48 +116,47 @@ impl QuantMatrix {
     /// `x Wᵀ` over row-major rows of width `cols`.
     fn products(&self, x: &[f32]) -> Vec<f32> {
         let nb = self.cols / BLOCK;
-        {
-            let t = x.len() / self.cols;
-            // Per input row, the sum of each block of 32 (for Q4_1's minimums).
-            let sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-            // Two tasks per thread: enough to balance, few enough that
-            // scheduling stays small next to the work.
-            let per_task = self
-                .rows
-                .div_ceil(2 * rayon::current_num_threads())
-                .next_multiple_of(8);
-            let parts: Vec<Vec<f32>> = (0..self.rows.div_ceil(per_task))
-                .into_par_iter()
-                .map(|task| {
-                    let (o0, o1) = (task * per_task, ((task + 1) * per_task).min(self.rows));
-                    let mut out = vec![0f32; t * (o1 - o0)];
-                    for (r, chunk) in out.chunks_exact_mut(o1 - o0).enumerate() {
-                        let xr = &x[r * self.cols..(r + 1) * self.cols];
-                        let s = &self.scales[o0 * nb..o1 * nb];
-                        match self.kind {
-                            QuantKind::Q4_1 => {
-                                let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
-                                let m = &self.mins[o0 * nb..o1 * nb];
-                                q4_1_rows(q, s, m, xr, &sums[r * nb..(r + 1) * nb], chunk);
-                            }
-                            QuantKind::Q8_0 => {
-                                let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
-                                q8_0_rows(q, s, xr, chunk);
-                            }
+        let t = x.len() / self.cols;
+        // Per input row, the sum of each block of 32 (for Q4_1's minimums).
+        let sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+        // Two tasks per thread: enough to balance, few enough that
+        // scheduling stays small next to the work.
+        let per_task = self
+            .rows
+            .div_ceil(2 * rayon::current_num_threads())
+            .next_multiple_of(8);
+        let range = |task: usize| (task * per_task, ((task + 1) * per_task).min(self.rows));
+        let parts: Vec<Vec<f32>> = (0..self.rows.div_ceil(per_task))
+            .into_par_iter()
+            .map(|task| {
+                let (o0, o1) = range(task);
+                let mut out = vec![0f32; t * (o1 - o0)];
+                for (r, chunk) in out.chunks_exact_mut(o1 - o0).enumerate() {
+                    let xr = &x[r * self.cols..(r + 1) * self.cols];
+                    let s = &self.scales[o0 * nb..o1 * nb];
+                    match self.kind {
+                        QuantKind::Q4_1 => {
+                            let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
+                            let m = &self.mins[o0 * nb..o1 * nb];
+                            q4_1_rows(q, s, m, xr, &sums[r * nb..(r + 1) * nb], chunk);
+                        }
+                        QuantKind::Q8_0 => {
+                            let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
+                            q8_0_rows(q, s, xr, chunk);
                         }
                     }
-                    out
-                })
-                .collect();
-            let mut y = vec![0f32; t * self.rows];
-            for (task, part) in parts.iter().enumerate() {
-                let (o0, o1) = (task * per_task, ((task + 1) * per_task).min(self.rows));
-                for (r, chunk) in part.chunks_exact(o1 - o0).enumerate() {
-                    y[r * self.rows + o0..r * self.rows + o1].copy_from_slice(chunk);
                 }
+                out
+            })
+            .collect();
+        let mut y = vec![0f32; t * self.rows];
+        for (task, part) in parts.iter().enumerate() {
+            let (o0, o1) = range(task);
+            for (r, chunk) in part.chunks_exact(o1 - o0).enumerate() {
+                y[r * self.rows + o0..r * self.rows + o1].copy_from_slice(chunk);
             }
-            y
         }
+        y
     }
 }
 
@@ -187,22 +185,13 @@ impl CustomOp1 for QuantizedMatmul {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (out, inp) = (self.w.rows, self.w.cols);
-        let w = self.w.dequantize();
-        let dx = with_f32(grad, self.name(), |g| {
-            let rows = g.len() / out;
-            let mut dx = vec![0f32; rows * inp];
-            matmul(
-                rows,
-                inp,
-                out,
-                View::rows(g, out),
-                View::rows(&w, inp),
-                Out::new(&mut dx, inp),
-                true,
-            );
-            Ok(dx)
-        })?;
-        Ok(Some(tensor(dx, arg.shape())?))
+        let w = tensor(self.w.dequantize(), (out, inp))?;
+        let rows = grad.elem_count() / out;
+        Ok(Some(
+            grad.reshape((rows, out))?
+                .matmul(&w)?
+                .reshape(arg.shape())?,
+        ))
     }
 }
 

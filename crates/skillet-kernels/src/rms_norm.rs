@@ -90,30 +90,26 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let c = w.elem_count();
         let want_dw = w.track_op();
-        let (dx, dw) = with_f32(x, self.name(), |x| {
-            with_f32(w, self.name(), |w| {
-                with_f32(dy, self.name(), |dy| {
-                    let mut dx = vec![0f32; x.len()];
-                    let partials: Vec<Vec<f32>> = dx
-                        .par_chunks_mut(ROWS * c)
-                        .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
-                        .map(|(dx, (x, dy))| {
-                            let mut dw = vec![0f32; if want_dw { c } else { 0 }];
-                            let slot = want_dw.then_some(dw.as_mut_slice());
-                            backward_rows(x, w, dy, dx, slot, self.eps);
-                            dw
-                        })
-                        .collect();
-                    let dw = want_dw.then(|| {
-                        let mut sum = vec![0f32; c];
-                        for p in &partials {
-                            sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
-                        }
-                        sum
-                    });
-                    Ok((dx, dw))
+        let (dx, dw) = with_f32([x, w, dy], self.name(), |[x, w, dy]| {
+            let mut dx = vec![0f32; x.len()];
+            let partials: Vec<Vec<f32>> = dx
+                .par_chunks_mut(ROWS * c)
+                .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
+                .map(|(dx, (x, dy))| {
+                    let mut dw = vec![0f32; if want_dw { c } else { 0 }];
+                    let slot = want_dw.then_some(dw.as_mut_slice());
+                    backward_rows(x, w, dy, dx, slot, self.eps);
+                    dw
                 })
-            })
+                .collect();
+            let dw = want_dw.then(|| {
+                let mut sum = vec![0f32; c];
+                for p in &partials {
+                    sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
+                }
+                sum
+            });
+            Ok((dx, dw))
         })?;
         let dx = tensor(dx, x.shape())?;
         let dw = dw.map(|d| tensor(d, w.shape())).transpose()?;

@@ -14,15 +14,29 @@ pub(crate) fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> R
     Ok(&data[start..end])
 }
 
-/// Runs `f` on the f32 elements of `t` in row-major order (a strided
-/// tensor is copied first; a contiguous one is borrowed).
-pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("{op} runs on the CPU only");
-    };
-    f(slice(cpu, layout, op)?)
+/// Runs `f` on the f32 elements of each of `ts` in row-major order (a
+/// strided tensor is copied first; a contiguous one is borrowed).
+pub(crate) fn with_f32<const N: usize, R>(
+    ts: [&Tensor; N],
+    op: &str,
+    f: impl FnOnce([&[f32]; N]) -> Result<R>,
+) -> Result<R> {
+    let ts = ts
+        .into_iter()
+        .map(Tensor::contiguous)
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(Tensor::storage_and_layout).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            bail!("{op} runs on the CPU only");
+        };
+        slices.push(slice(cpu, layout, op)?);
+    }
+    match <[&[f32]; N]>::try_from(slices) {
+        Ok(slices) => f(slices),
+        Err(_) => bail!("{op}: {N} inputs expected"),
+    }
 }
 
 /// A CPU tensor owning `data`.

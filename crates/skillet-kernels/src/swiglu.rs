@@ -63,19 +63,15 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dg, du) = with_f32(g, self.name(), |g| {
-            with_f32(u, self.name(), |u| {
-                with_f32(dy, self.name(), |dy| {
-                    let mut dg = vec![0f32; g.len()];
-                    let mut du = vec![0f32; g.len()];
-                    dg.par_chunks_mut(BLOCK)
-                        .zip(du.par_chunks_mut(BLOCK))
-                        .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
-                        .zip(dy.par_chunks(BLOCK))
-                        .for_each(|(((dg, du), (g, u)), dy)| backward_block(g, u, dy, dg, du));
-                    Ok((dg, du))
-                })
-            })
+        let (dg, du) = with_f32([g, u, dy], self.name(), |[g, u, dy]| {
+            let mut dg = vec![0f32; g.len()];
+            let mut du = vec![0f32; g.len()];
+            dg.par_chunks_mut(BLOCK)
+                .zip(du.par_chunks_mut(BLOCK))
+                .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
+                .zip(dy.par_chunks(BLOCK))
+                .for_each(|(((dg, du), (g, u)), dy)| backward_block(g, u, dy, dg, du));
+            Ok((dg, du))
         })?;
         Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
     }
