@@ -25,7 +25,12 @@ fn logits(m: &dyn CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
             .unsqueeze(0)
             .unwrap(),
     );
-    m.forward(&input, None)
+    single_row(m, &input)
+}
+
+/// Logits of a one-sequence batch, one row per position.
+fn single_row(m: &dyn CausalLm, input: &ForwardInput) -> Vec<Vec<f32>> {
+    m.forward(input, None)
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -103,13 +108,7 @@ fn packed_sequences_equal_separate_runs() {
         positions: Some(vec![0, 1, 2, 3, 4, 0, 1, 2]),
         segments: Some(vec![0, 0, 0, 0, 0, 1, 1, 1]),
     };
-    let out = m
-        .forward(&input, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
+    let out = single_row(&m, &input);
     assert!(max_diff(&out[..5], &logits(&m, &a)) < TOL);
     assert!(max_diff(&out[5..], &logits(&m, &b)) < TOL);
     // Without segments the second example would see the first.
@@ -117,13 +116,7 @@ fn packed_sequences_equal_separate_runs() {
         segments: None,
         ..input
     };
-    let out = m
-        .forward(&leaky, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
+    let out = single_row(&m, &leaky);
     assert!(max_diff(&out[5..], &logits(&m, &b)) > 1e-3);
 }
 

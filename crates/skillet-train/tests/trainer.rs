@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use skillet_adapters::{LoraAdapter, LoraSettings, Targets, apply_lora, load_peft, merged_weight};
 use skillet_data::TokenizedExample;
 use skillet_models::{
@@ -85,6 +85,57 @@ fn adapter_values(a: &LoraAdapter) -> Vec<Vec<f32>> {
                 .unwrap()
         })
         .collect()
+}
+
+/// Sets every LoRA B to `value` (B = 0 at init gives A no gradient).
+fn fill_b(adapter: &LoraAdapter, value: f64) {
+    for p in &adapter.params {
+        let b = p.b.as_tensor();
+        p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * value).unwrap())
+            .unwrap();
+    }
+}
+
+/// `(loss(x + eps) − loss(x − eps)) / 2eps` in element `k` of `var`, which
+/// is left as it was.
+fn central_difference(var: &Var, k: usize, eps: f32, loss: impl Fn() -> f32) -> f32 {
+    let orig = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let at = |delta: f32| {
+        let mut v = orig.clone();
+        v[k] += delta;
+        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        loss()
+    };
+    let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+    at(0.0);
+    numeric
+}
+
+/// Largest absolute element.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Euclidean norm.
+fn l2(t: &Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt()
 }
 
 fn opt_config() -> AdamWConfig {
@@ -211,11 +262,7 @@ fn lora_gradients_agree_with_finite_differences() {
     let batch = collate(&refs, 0);
     let (model, adapter) = model_with(None, &lora(2, 0.0));
     // Non-zero B so A gets a gradient too.
-    for p in &adapter.params {
-        let b = p.b.as_tensor();
-        p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * 0.05).unwrap())
-            .unwrap();
-    }
+    fill_b(&adapter, 0.05);
     let loss_of = |m: &Llama| {
         let parts = causal_lm_loss(m, &batch).unwrap();
         (parts.sum / parts.tokens as f64).unwrap()
@@ -232,22 +279,9 @@ fn lora_gradients_agree_with_finite_differences() {
             .enumerate()
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
             .unwrap();
-        let orig = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let at = |delta: f32| {
-            let mut v = orig.clone();
-            v[idx] += delta;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+        let numeric = central_difference(var, idx, eps, || {
             loss_of(&model).to_scalar::<f32>().unwrap()
-        };
-        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-        var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap())
-            .unwrap();
+        });
         assert!(
             (numeric - gi).abs() <= 2e-3 + 2e-2 * gi.abs(),
             "analytic {gi} vs numeric {numeric}"
@@ -319,11 +353,7 @@ fn only_lora_parameters_receive_gradients() {
     let (cfg, w) = weights();
     let mut model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
     let adapter = apply_lora(&mut model, &lora(2, 0.0), 1, None).unwrap();
-    for p in &adapter.params {
-        let b = p.b.as_tensor();
-        p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * 0.01).unwrap())
-            .unwrap();
-    }
+    fill_b(&adapter, 0.01);
     let data = examples(2);
     let parts = causal_lm_loss(&model, &collate(&data.iter().collect::<Vec<_>>(), 0)).unwrap();
     let store = (parts.sum / parts.tokens as f64)
@@ -532,11 +562,7 @@ fn fused_kernels_train_like_the_composed_ops() {
         };
         let mut model = Llama::load(cfg, &w, opts).unwrap();
         let adapter = apply_lora(&mut model, &lora(2, 0.0), 1, None).unwrap();
-        for p in &adapter.params {
-            let b = p.b.as_tensor();
-            p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * 0.03).unwrap())
-                .unwrap();
-        }
+        fill_b(&adapter, 0.03);
         (model, adapter)
     };
     let (fused, fused_adapter) = build(false);
@@ -575,23 +601,7 @@ fn fused_kernels_train_like_the_composed_ops() {
         );
         assert_eq!(fused_correct, correct);
         for (a, b) in fused_grads.iter().zip(&grads) {
-            let diff = (a - b)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
-            let norm = b
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
+            let (diff, norm) = (l2(&(a - b).unwrap()), l2(b));
             assert!(
                 diff <= 1e-4 * norm + 1e-9,
                 "gradient differs: {diff} vs norm {norm}"
@@ -637,12 +647,7 @@ fn full_fine_tuning_gradients_match_composed_ops_and_finite_differences() {
     )
     .unwrap();
     for ((name, _), (a, b)) in fused.parameters().iter().zip(g_fused.iter().zip(&g_comp)) {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        let (diff, scale) = (
-            diff.to_scalar::<f32>().unwrap(),
-            scale.to_scalar::<f32>().unwrap(),
-        );
+        let (diff, scale) = (max_abs(&(a - b).unwrap()), max_abs(b));
         assert!(scale > 0.0, "{name} got a zero gradient");
         assert!(diff <= 1e-4 * scale, "{name}: {diff} vs {scale}");
     }
@@ -655,22 +660,9 @@ fn full_fine_tuning_gradients_match_composed_ops_and_finite_differences() {
     ] {
         let i = names.iter().position(|n| *n == which).unwrap();
         let var = &fused.parameters()[i].1;
-        let base = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let eval = |delta: f32| {
-            let mut v = base.clone();
-            v[k] += delta;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            loss_of(&fused, true).to_scalar::<f32>().unwrap() as f64
-        };
-        let eps = 1e-2;
-        let fd = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
-        eval(0.0);
+        let fd = central_difference(var, k, 1e-2, || {
+            loss_of(&fused, true).to_scalar::<f32>().unwrap()
+        }) as f64;
         let g = g_fused[i].flatten_all().unwrap().to_vec1::<f32>().unwrap()[k] as f64;
         assert!(
             (fd - g).abs() <= 2e-2 * fd.abs().max(1e-3),
@@ -694,11 +686,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
         let (cfg, w) = weights();
         let mut model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
         let adapter = apply_lora(&mut model, &lora(2, 0.3), 1, None).unwrap();
-        for p in &adapter.params {
-            let b = p.b.as_tensor();
-            p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * 0.03).unwrap())
-                .unwrap();
-        }
+        fill_b(&adapter, 0.03);
         if checkpointing {
             model.set_activation_checkpointing(Some(adapter.vars()));
         }
@@ -730,12 +718,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
     ] {
         assert_eq!(plain.len(), checkpointed.len());
         for (a, b) in plain.iter().zip(&checkpointed) {
-            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-            let scale = a.abs().unwrap().max_all().unwrap();
-            let (diff, scale) = (
-                diff.to_scalar::<f32>().unwrap(),
-                scale.to_scalar::<f32>().unwrap(),
-            );
+            let (diff, scale) = (max_abs(&(a - b).unwrap()), max_abs(a));
             assert!(scale > 0.0);
             assert!(diff <= 1e-5 * scale, "{diff} vs {scale}");
         }
