@@ -11,11 +11,12 @@ fn labels(ids: &[u32], trainable: &[bool]) -> impl Iterator<Item = i64> {
         .map(|(&id, &t)| if t { id as i64 } else { IGNORE })
 }
 
-/// Pads `examples` on the right with `pad_id` to the longest one.
-pub fn collate(examples: &[&TokenizedExample], pad_id: u32) -> TrainBatch {
-    let seq = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+/// Rows of (ids, trainable flags), padded on the right with `pad_id` to
+/// the longest; padding is masked and ignored by the loss.
+fn padded(rows: &[(&[u32], &[bool])], pad_id: u32) -> TrainBatch {
+    let seq = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
     let mut b = TrainBatch {
-        batch: examples.len(),
+        batch: rows.len(),
         seq,
         ids: vec![],
         key_mask: vec![],
@@ -23,61 +24,54 @@ pub fn collate(examples: &[&TokenizedExample], pad_id: u32) -> TrainBatch {
         segments: None,
         labels: vec![],
     };
-    for e in examples {
-        let pad = seq - e.ids.len();
-        b.ids.extend(
-            e.ids
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad_id, pad)),
-        );
+    for &(ids, trainable) in rows {
+        let pad = seq - ids.len();
+        b.ids
+            .extend(ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
         b.key_mask
-            .extend(std::iter::repeat_n(1u8, e.ids.len()).chain(std::iter::repeat_n(0, pad)));
+            .extend(std::iter::repeat_n(1u8, ids.len()).chain(std::iter::repeat_n(0, pad)));
         b.labels
-            .extend(labels(&e.ids, &e.trainable).chain(std::iter::repeat_n(IGNORE, pad)));
+            .extend(labels(ids, trainable).chain(std::iter::repeat_n(IGNORE, pad)));
     }
     b
 }
 
-/// Batches packed sequences (padded on the right to the longest).
+/// Pads `examples` on the right with `pad_id` to the longest one.
+pub fn collate(examples: &[&TokenizedExample], pad_id: u32) -> TrainBatch {
+    let rows: Vec<_> = examples
+        .iter()
+        .map(|e| (e.ids.as_slice(), e.trainable.as_slice()))
+        .collect();
+    padded(&rows, pad_id)
+}
+
+/// Batches packed sequences (padded on the right to the longest), with
+/// each token's position and segment.
 pub fn collate_packed(seqs: &[&PackedSequence], pad_id: u32) -> TrainBatch {
-    let seq = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-    let mut b = TrainBatch {
-        batch: seqs.len(),
-        seq,
-        ids: vec![],
-        key_mask: vec![],
-        positions: Some(vec![]),
-        segments: Some(vec![]),
-        labels: vec![],
-    };
+    let rows: Vec<_> = seqs
+        .iter()
+        .map(|s| (s.ids.as_slice(), s.trainable.as_slice()))
+        .collect();
+    let mut b = padded(&rows, pad_id);
+    let (mut positions, mut segments) = (vec![], vec![]);
     for s in seqs {
-        let pad = seq - s.ids.len();
-        b.ids.extend(
-            s.ids
+        let pad = b.seq - s.ids.len();
+        // Padding gets a segment of its own, so no real token attends to it.
+        let next_segment = s.segments.last().map_or(0, |x| x + 1);
+        positions.extend(
+            s.positions
                 .iter()
                 .copied()
-                .chain(std::iter::repeat_n(pad_id, pad)),
+                .chain(std::iter::repeat_n(0, pad)),
         );
-        b.key_mask
-            .extend(std::iter::repeat_n(1u8, s.ids.len()).chain(std::iter::repeat_n(0, pad)));
-        b.labels
-            .extend(labels(&s.ids, &s.trainable).chain(std::iter::repeat_n(IGNORE, pad)));
-        let next_segment = s.segments.last().map_or(0, |x| x + 1);
-        if let (Some(p), Some(g)) = (b.positions.as_mut(), b.segments.as_mut()) {
-            p.extend(
-                s.positions
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, pad)),
-            );
-            g.extend(
-                s.segments
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(next_segment, pad)),
-            );
-        }
+        segments.extend(
+            s.segments
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(next_segment, pad)),
+        );
     }
+    b.positions = Some(positions);
+    b.segments = Some(segments);
     b
 }
