@@ -11,7 +11,7 @@ mod peft;
 
 pub use config::{LoraSettings, PeftAdapterConfig, Targets};
 pub use error::AdapterError;
-pub use lora::{DropoutControl, LoraAdapter, LoraLinear, apply_lora, merged_weight};
+pub use lora::{LoraAdapter, LoraParams, merged_weight};
 pub use peft::{load_peft, peft_tensor_name, save_peft};
 
 /// LoRA weights by module name: `(A [r, in], B [out, r])`.

@@ -1,58 +1,200 @@
-//! The LoRA layer: `y = base(x) + scale · dropout(x) Aᵀ Bᵀ`, with `A`
-//! `[r, in]` and `B` `[out, r]` trainable and the base frozen, as PEFT's
-//! `lora.Linear`. Dropout is seeded per step so training is reproducible
-//! and a resumed run draws the same masks.
+//! The LoRA adapter: for each target module, `y = base(x) + scale ·
+//! dropout(x) Aᵀ Bᵀ` with `A` `[r, in]` and `B` `[out, r]`, as PEFT's
+//! `lora.Linear`. The adapter is a value passed with each forward call
+//! (see `skillet_models::Adapters`), never written into the model, so one
+//! model runs many adapters at once. Dropout is seeded by the call, so
+//! training is reproducible and a resumed run draws the same masks.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashSet;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use skillet_models::{Linear, Llama, Rng};
+use skillet_models::{Adapter, CausalLm, LoraFactors, Rng};
 
-use crate::{AdapterError, LoraSettings, LoraWeights, Result};
+use crate::{AdapterError, LoraSettings, LoraWeights, Result, load_peft};
 
-/// Switches dropout on (training) or off (evaluation) for every LoRA layer
-/// of a model and sets the seed of the current step.
-#[derive(Debug, Default)]
-pub struct DropoutControl {
-    enabled: AtomicBool,
-    step_seed: AtomicU64,
+/// The factors of one adapted module.
+#[derive(Debug, Clone)]
+pub struct LoraParams {
+    /// Module name (`model.layers.0.self_attn.q_proj`).
+    pub module: String,
+    /// `[r, in]` (a variable's tensor when trainable).
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
 }
 
-impl DropoutControl {
-    /// Enables dropout with masks derived from `step_seed`.
-    pub fn train(&self, step_seed: u64) {
-        self.step_seed.store(step_seed, Ordering::Relaxed);
-        self.enabled.store(true, Ordering::Relaxed);
-    }
-
-    /// Disables dropout.
-    pub fn eval(&self) {
-        self.enabled.store(false, Ordering::Relaxed);
-    }
+/// A LoRA adapter for one model.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// The settings it was made with.
+    pub settings: LoraSettings,
+    /// Per adapted module, in the model's module order.
+    pub params: Vec<LoraParams>,
+    /// A then B of each module when trainable; empty when frozen.
+    vars: Vec<Var>,
+    /// Per model module, the index into `params`.
+    by_module: Vec<Option<usize>>,
 }
 
-/// A LoRA-wrapped linear layer.
-#[derive(Debug)]
-pub struct LoraLinear {
-    base: Box<dyn Linear>,
-    a: Var,
-    b: Var,
-    scale: f64,
-    dropout: f32,
-    control: Arc<DropoutControl>,
-    index: u64,
-}
-
-impl LoraLinear {
-    fn dropout(&self, x: &Tensor) -> Result<Tensor> {
-        if self.dropout == 0.0 || !self.control.enabled.load(Ordering::Relaxed) {
-            return Ok(x.clone());
-        }
-        let seed = self.control.step_seed.load(Ordering::Relaxed)
-            ^ self.index.wrapping_mul(0xA24B_AED4_963E_E407);
+impl LoraAdapter {
+    /// A trainable adapter on every target module of `model`. `initial`
+    /// gives `(A, B)` per module name (an existing adapter); modules not in
+    /// it get PEFT's default init: A Kaiming-uniform with a = √5, i.e.
+    /// U(±1/√in), and B zero, so the adapted model starts equal to the base.
+    pub fn new(
+        model: &dyn CausalLm,
+        settings: &LoraSettings,
+        seed: u64,
+        initial: Option<&LoraWeights>,
+    ) -> Result<Self> {
         let mut rng = Rng::new(seed);
-        let keep = 1.0 - self.dropout as f64;
+        Self::build(model, settings, initial, true, |_, inp, out, r| {
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a: Vec<f32> = (0..r * inp)
+                .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+                .collect();
+            Ok((
+                Tensor::from_vec(a, (r, inp), &Device::Cpu)?,
+                Tensor::zeros((out, r), DType::F32, &Device::Cpu)?,
+            ))
+        })
+    }
+
+    /// A frozen adapter read from a PEFT folder, for inference. Every
+    /// target module of the model must have its weights in the file, every
+    /// weight must name a target module, and all must be finite: an adapter
+    /// that does not fit the model is refused, never served as the base.
+    pub fn load(model: &dyn CausalLm, dir: &Path) -> Result<Self> {
+        let (config, weights) = load_peft(dir)?;
+        let settings = config.settings().map_err(|e| AdapterError::File {
+            path: dir.join("adapter_config.json"),
+            message: e.to_string(),
+        })?;
+        let file = dir.join("adapter_model.safetensors");
+        for (module, (a, b)) in &weights {
+            for t in [a, b] {
+                let finite = t
+                    .to_dtype(DType::F32)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?
+                    .is_finite();
+                if !finite {
+                    return Err(AdapterError::File {
+                        path: file.clone(),
+                        message: format!("the weights of {module} are not all finite"),
+                    });
+                }
+            }
+        }
+        Self::build(model, &settings, Some(&weights), false, |name, _, _, _| {
+            Err(AdapterError::File {
+                path: file.clone(),
+                message: format!(
+                    "target_modules selects {name}, but the file has no weights for it"
+                ),
+            })
+        })
+        .map_err(|e| match e {
+            AdapterError::File { .. } | AdapterError::Io { .. } => e,
+            other => AdapterError::File {
+                path: dir.to_path_buf(),
+                message: other.to_string(),
+            },
+        })
+    }
+
+    fn build(
+        model: &dyn CausalLm,
+        settings: &LoraSettings,
+        initial: Option<&LoraWeights>,
+        trainable: bool,
+        mut fresh: impl FnMut(&str, usize, usize, usize) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Self> {
+        let modules = model.modules();
+        let r = settings.r;
+        let mut params = Vec::new();
+        let mut vars = Vec::new();
+        let mut by_module = vec![None; modules.len()];
+        for (id, m) in modules.iter().enumerate() {
+            if !settings.targets.matches(&m.name) {
+                continue;
+            }
+            let (inp, out) = (m.in_features, m.out_features);
+            let (a, b) = match initial.and_then(|w| w.get(&m.name)) {
+                Some((a, b)) => {
+                    if a.dims() != [r, inp] || b.dims() != [out, r] {
+                        return Err(AdapterError::Settings(format!(
+                            "adapter for {} has A {:?} and B {:?}, expected [{r}, {inp}] and [{out}, {r}]",
+                            m.name,
+                            a.dims(),
+                            b.dims()
+                        )));
+                    }
+                    (
+                        a.to_dtype(DType::F32)?.contiguous()?,
+                        b.to_dtype(DType::F32)?.contiguous()?,
+                    )
+                }
+                None => fresh(&m.name, inp, out, r)?,
+            };
+            let (a, b) = if trainable {
+                let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+                let ts = (va.as_tensor().clone(), vb.as_tensor().clone());
+                vars.extend([va, vb]);
+                ts
+            } else {
+                (a, b)
+            };
+            by_module[id] = Some(params.len());
+            params.push(LoraParams {
+                module: m.name.clone(),
+                a,
+                b,
+            });
+        }
+        if params.is_empty() {
+            return Err(AdapterError::NoTargets {
+                targets: settings.targets.to_json().to_string(),
+                example: modules.first().map(|m| m.name.clone()).unwrap_or_default(),
+            });
+        }
+        if let Some(init) = initial {
+            let known: HashSet<&str> = params.iter().map(|p| p.module.as_str()).collect();
+            if let Some(extra) = init.keys().find(|k| !known.contains(k.as_str())) {
+                return Err(AdapterError::Settings(format!(
+                    "the adapter has weights for {extra}, which is not a target module of this model"
+                )));
+            }
+        }
+        Ok(Self {
+            settings: settings.clone(),
+            params,
+            vars,
+            by_module,
+        })
+    }
+
+    /// Every trainable variable (A then B of each module); empty when frozen.
+    pub fn vars(&self) -> Vec<Var> {
+        self.vars.clone()
+    }
+
+    /// Number of adapter parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.params
+            .iter()
+            .map(|p| p.a.elem_count() + p.b.elem_count())
+            .sum()
+    }
+
+    fn dropout(&self, x: &Tensor, index: usize, seed: Option<u64>) -> Result<Tensor> {
+        let Some(seed) = seed.filter(|_| self.settings.dropout > 0.0) else {
+            return Ok(x.clone());
+        };
+        let mut rng = Rng::new(seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        let keep = 1.0 - self.settings.dropout as f64;
         let scale = (1.0 / keep) as f32;
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.next_f64() < keep { scale } else { 0.0 })
@@ -61,174 +203,36 @@ impl LoraLinear {
     }
 }
 
-impl Linear for LoraLinear {
-    fn forward(&self, x: &Tensor) -> skillet_models::Result<Tensor> {
-        let y = self.base.forward(x)?;
-        let dims = x.dims().to_vec();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let xin = self.dropout(x).map_err(|e| match e {
+impl Adapter for LoraAdapter {
+    fn delta(
+        &self,
+        module: usize,
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+    ) -> skillet_models::Result<Option<Tensor>> {
+        let Some(&Some(i)) = self.by_module.get(module) else {
+            return Ok(None);
+        };
+        let p = &self.params[i];
+        let xin = self.dropout(x, i, dropout_seed).map_err(|e| match e {
             AdapterError::Candle(c) => skillet_models::ModelError::Candle(c),
             other => skillet_models::ModelError::Input(other.to_string()),
         })?;
-        let xin = xin.reshape((rows, self.base.in_features()))?;
-        let delta = (xin
-            .matmul(&self.a.as_tensor().t()?)?
-            .matmul(&self.b.as_tensor().t()?)?
-            * self.scale)?;
-        let delta = delta.reshape(y.shape())?;
-        Ok((y + delta)?)
+        let delta = (xin.matmul(&p.a.t()?)?.matmul(&p.b.t()?)? * self.settings.scale())?;
+        Ok(Some(delta))
     }
 
-    fn in_features(&self) -> usize {
-        self.base.in_features()
+    fn adapts(&self, module: usize) -> bool {
+        matches!(self.by_module.get(module), Some(Some(_)))
     }
 
-    fn out_features(&self) -> usize {
-        self.base.out_features()
-    }
-}
-
-/// The trainable tensors of one adapted module.
-#[derive(Debug, Clone)]
-pub struct LoraParams {
-    /// Module name (`model.layers.0.self_attn.q_proj`).
-    pub module: String,
-    /// `[r, in]`.
-    pub a: Var,
-    /// `[out, r]`.
-    pub b: Var,
-}
-
-/// All LoRA layers applied to one model.
-#[derive(Debug, Clone)]
-pub struct LoraAdapter {
-    /// The settings they were made with.
-    pub settings: LoraSettings,
-    /// Per module, in the model's order.
-    pub params: Vec<LoraParams>,
-    /// Dropout switch shared by all layers.
-    pub dropout: Arc<DropoutControl>,
-}
-
-impl LoraAdapter {
-    /// Every trainable variable (A then B of each module).
-    pub fn vars(&self) -> Vec<Var> {
-        self.params
-            .iter()
-            .flat_map(|p| [p.a.clone(), p.b.clone()])
-            .collect()
-    }
-
-    /// Number of trainable parameters.
-    pub fn parameter_count(&self) -> usize {
-        self.params
-            .iter()
-            .map(|p| p.a.elem_count() + p.b.elem_count())
-            .sum()
-    }
-}
-
-/// Wraps every target module of `model` in a LoRA layer. `initial` gives
-/// `(A, B)` per module name (an existing adapter); modules not in it get
-/// PEFT's default init: A Kaiming-uniform with a = √5, i.e. U(±1/√in), and
-/// B zero, so the adapted model starts equal to the base.
-pub fn apply_lora(
-    model: &mut Llama,
-    settings: &LoraSettings,
-    seed: u64,
-    initial: Option<&LoraWeights>,
-) -> Result<LoraAdapter> {
-    let control = Arc::new(DropoutControl::default());
-    let mut rng = Rng::new(seed);
-    let mut params = Vec::new();
-    let mut example = String::new();
-    let mut error = None;
-    model.visit_linears_mut(|name, slot| {
-        if example.is_empty() {
-            example = name.to_string();
-        }
-        if error.is_some() || !settings.targets.matches(name) {
-            return;
-        }
-        let (inp, out, r) = (slot.in_features(), slot.out_features(), settings.r);
-        let made = (|| -> Result<(Var, Var)> {
-            match initial.and_then(|m| m.get(name)) {
-                Some((a, b)) => {
-                    if a.dims() != [r, inp] || b.dims() != [out, r] {
-                        return Err(AdapterError::Settings(format!(
-                            "adapter for {name} has A {:?} and B {:?}, expected [{r}, {inp}] and [{out}, {r}]",
-                            a.dims(),
-                            b.dims()
-                        )));
-                    }
-                    Ok((Var::from_tensor(&a.to_dtype(DType::F32)?)?, Var::from_tensor(&b.to_dtype(DType::F32)?)?))
-                }
-                None => {
-                    let bound = 1.0 / (inp as f64).sqrt();
-                    let a: Vec<f32> = (0..r * inp).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
-                    let a = Var::from_tensor(&Tensor::from_vec(a, (r, inp), &Device::Cpu)?)?;
-                    let b = Var::zeros((out, r), DType::F32, &Device::Cpu)?;
-                    Ok((a, b))
-                }
-            }
-        })();
-        match made {
-            Ok((a, b)) => {
-                let base = std::mem::replace(slot, Box::new(Placeholder));
-                *slot = Box::new(LoraLinear {
-                    base,
-                    a: a.clone(),
-                    b: b.clone(),
-                    scale: settings.scale(),
-                    dropout: settings.dropout,
-                    control: control.clone(),
-                    index: params.len() as u64,
-                });
-                params.push(LoraParams { module: name.to_string(), a, b });
-            }
-            Err(e) => error = Some(e),
-        }
-    });
-    if let Some(e) = error {
-        return Err(e);
-    }
-    if params.is_empty() {
-        return Err(AdapterError::NoTargets {
-            targets: settings.targets.to_json().to_string(),
-            example,
-        });
-    }
-    if let Some(init) = initial {
-        let known: std::collections::HashSet<&str> =
-            params.iter().map(|p| p.module.as_str()).collect();
-        if let Some(extra) = init.keys().find(|k| !known.contains(k.as_str())) {
-            return Err(AdapterError::Settings(format!(
-                "the adapter has weights for {extra}, which is not a target module of this model"
-            )));
-        }
-    }
-    Ok(LoraAdapter {
-        settings: settings.clone(),
-        params,
-        dropout: control,
-    })
-}
-
-/// Stands in for a layer while it is being moved into its wrapper.
-#[derive(Debug)]
-struct Placeholder;
-
-impl Linear for Placeholder {
-    fn forward(&self, _: &Tensor) -> skillet_models::Result<Tensor> {
-        Err(skillet_models::ModelError::Input(
-            "placeholder layer".into(),
-        ))
-    }
-    fn in_features(&self) -> usize {
-        0
-    }
-    fn out_features(&self) -> usize {
-        0
+    fn factors(&self, module: usize) -> Option<LoraFactors> {
+        let p = &self.params[(*self.by_module.get(module)?)?];
+        Some(LoraFactors {
+            a: p.a.clone(),
+            b: p.b.clone(),
+            scale: self.settings.scale() as f32,
+        })
     }
 }
 

@@ -31,10 +31,10 @@ pub fn save_peft(adapter: &LoraAdapter, dir: &Path, base_model: Option<String>) 
     write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
     let mut tensors = Vec::new();
     for p in &adapter.params {
-        for (part, var) in [("lora_A", &p.a), ("lora_B", &p.b)] {
+        for (part, t) in [("lora_A", &p.a), ("lora_B", &p.b)] {
             tensors.push((
                 peft_tensor_name(&p.module, part),
-                var.as_tensor().to_dtype(DType::F32)?.contiguous()?,
+                t.to_dtype(DType::F32)?.contiguous()?,
             ));
         }
     }

@@ -4,9 +4,8 @@
 //! its own file under `commands/`. Errors print as one line on stderr and
 //! exit with a non-zero code.
 
-mod bundle;
+mod args;
 mod commands;
-mod dataset;
 mod output;
 
 use std::process::ExitCode;

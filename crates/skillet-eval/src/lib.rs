@@ -10,7 +10,7 @@ pub use report::{RunFacts, Snapshot, loss_svg, write_report};
 
 use serde::Serialize;
 use skillet_data::{Example, Turn};
-use skillet_generate::{GenerateOptions, SamplingParams, generate};
+use skillet_generate::{EngineConfig, GenerateOptions, SamplingParams, generate_all};
 use skillet_models::{CausalLm, ForwardInput};
 use skillet_tokenizer::{ChatTemplate, Message, Tokenizer};
 
@@ -83,9 +83,8 @@ fn prompt_and_reference(
                 .iter()
                 .map(|t| Message::new(t.role.clone(), t.content.clone()))
                 .collect();
-            let rendered = template.render(&msgs, true)?;
             Ok(Some((
-                tokenizer.encode(&rendered, false)?,
+                template.prompt_ids(tokenizer, &msgs)?,
                 turns[last].content.clone(),
             )))
         }
@@ -96,8 +95,12 @@ fn prompt_and_reference(
     }
 }
 
+/// Sequences generated together by [`exact_match`].
+pub const EXACT_MATCH_BATCH: usize = 16;
+
 /// Greedy generation (until EOS or `max_new_tokens`) for every example
-/// with a reference answer; `exact_match` compares trimmed texts.
+/// with a reference answer, all through one continuously batched engine;
+/// `exact_match` compares trimmed texts.
 pub fn exact_match(
     model: &dyn CausalLm,
     tokenizer: &Tokenizer,
@@ -111,25 +114,38 @@ pub fn exact_match(
         stop: vec![],
         eos_ids: tokenizer.eos_ids().to_vec(),
     };
-    let mut samples = Vec::new();
+    let mut asked = Vec::new();
     for (line, ex) in examples {
-        let Some((prompt, reference)) = prompt_and_reference(ex, tokenizer, template)? else {
-            continue;
-        };
-        let g = generate(model, tokenizer, &prompt, &opts, |_| {})?;
-        let exact = g.text.trim() == reference.trim();
-        samples.push(Sample {
-            line: *line,
-            reference,
-            generated: g.text,
-            exact,
-        });
+        if let Some((prompt, reference)) = prompt_and_reference(ex, tokenizer, template)? {
+            asked.push((*line, prompt, reference));
+        }
     }
-    if samples.is_empty() {
+    if asked.is_empty() {
         return Err(EvalError::Empty(
             "no example has a reference answer to generate (text-only data?)".into(),
         ));
     }
+    let longest = asked.iter().map(|(_, p, _)| p.len()).max().unwrap_or(0);
+    let config = EngineConfig {
+        max_batch: EXACT_MATCH_BATCH,
+        capacity: longest + max_new_tokens,
+        ..EngineConfig::default()
+    };
+    let requests = asked
+        .iter()
+        .map(|(_, p, _)| opts.request(p.clone()))
+        .collect();
+    let generations = generate_all(model, tokenizer, config, requests)?;
+    let samples: Vec<Sample> = asked
+        .into_iter()
+        .zip(generations)
+        .map(|((line, _, reference), g)| Sample {
+            line,
+            exact: g.text.trim() == reference.trim(),
+            reference,
+            generated: g.text,
+        })
+        .collect();
     let hits = samples.iter().filter(|s| s.exact).count();
     Ok(ExactMatch {
         exact_match: hits as f64 / samples.len() as f64,
@@ -192,7 +208,7 @@ pub fn general_perplexity(
         let input = ForwardInput::new(
             candle_core::Tensor::new(chunk, &candle_core::Device::Cpu)?.unsqueeze(0)?,
         );
-        let rows = model.forward(&input, None)?.squeeze(0)?.to_vec2::<f32>()?;
+        let rows = model.forward(&input)?.squeeze(0)?.to_vec2::<f32>()?;
         sum += next_token_nll(&rows, chunk).0;
         n += chunk.len() - 1;
     }

@@ -1,13 +1,10 @@
-//! The decode loop: prefill the prompt into a KV cache, then one token at a
-//! time until EOS, a stop string, the token budget or the context ends.
+//! One prompt at a time: the batching engine with a single slot, the text
+//! streamed to a callback as it becomes final.
 
-use std::time::Instant;
-
-use candle_core::{Device, Tensor};
-use skillet_models::{CausalLm, ForwardInput, ModelError};
+use skillet_models::{CausalLm, ModelError};
 use skillet_tokenizer::{Tokenizer, TokenizerError};
 
-use crate::{Sampler, SamplingParams};
+use crate::{Engine, EngineConfig, Event, Request, SamplingParams};
 
 /// Errors of a generation call.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +39,21 @@ pub struct GenerateOptions {
     pub eos_ids: Vec<u32>,
 }
 
+impl GenerateOptions {
+    /// The engine request for `prompt` with these options (no adapter).
+    pub fn request(&self, prompt: Vec<u32>) -> Request {
+        Request {
+            prompt,
+            max_tokens: self.max_tokens,
+            sampling: self.sampling.clone(),
+            stop: self.stop.clone(),
+            eos_ids: self.eos_ids.clone(),
+            adapter: None,
+            logprobs: None,
+        }
+    }
+}
+
 /// Why generation ended (OpenAI's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -72,7 +84,7 @@ pub struct Generation {
     pub prompt_tokens: usize,
     /// Why it ended.
     pub finish_reason: FinishReason,
-    /// Seconds spent on the prompt (prefill).
+    /// Seconds from the request to its first token (queue and prefill).
     pub prefill_seconds: f64,
     /// Seconds spent producing tokens after the first.
     pub decode_seconds: f64,
@@ -90,30 +102,6 @@ impl Generation {
     }
 }
 
-fn last_logits(logits: &Tensor) -> Result<Vec<f32>, GenerateError> {
-    let t = logits.dim(1)?;
-    Ok(logits
-        .narrow(1, t - 1, 1)?
-        .squeeze(1)?
-        .squeeze(0)?
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec1::<f32>()?)
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of a stop
-/// string: text that may still become a stop string and must be held back.
-fn pending_stop_prefix(text: &str, stops: &[String]) -> usize {
-    let mut hold = 0;
-    for s in stops {
-        for (i, _) in s.char_indices().skip(1) {
-            if text.ends_with(&s[..i]) {
-                hold = hold.max(i);
-            }
-        }
-    }
-    hold
-}
-
 /// Generates from `prompt` (token ids), calling `on_text` with each new
 /// piece of text as soon as it is final.
 pub fn generate(
@@ -121,7 +109,7 @@ pub fn generate(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     opts: &GenerateOptions,
-    mut on_text: impl FnMut(&str),
+    mut on_text: impl FnMut(&str) + Send,
 ) -> Result<Generation, GenerateError> {
     if prompt.is_empty() {
         return Err(GenerateError::Invalid("the prompt has no tokens".into()));
@@ -133,73 +121,27 @@ pub fn generate(
             prompt.len()
         )));
     }
-    let budget = opts.max_tokens.min(ctx - prompt.len());
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut cache = model.new_cache(1);
-    let mut history = prompt.to_vec();
-    let mut ids = Vec::new();
-    let mut text = String::new();
-    let mut emitted = 0;
-    let mut finish = FinishReason::Length;
-
-    let start = Instant::now();
-    let input = ForwardInput::new(Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?);
-    let mut logits = last_logits(&model.forward(&input, Some(&mut cache))?)?;
-    let prefill_seconds = start.elapsed().as_secs_f64();
-    let decode_start = Instant::now();
-
-    while ids.len() < budget {
-        let next = sampler.sample(&logits, &history);
-        ids.push(next);
-        history.push(next);
-        if opts.eos_ids.contains(&next) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        let full = tokenizer.decode(&ids, true)?;
-        if let Some(pos) = opts.stop.iter().filter_map(|s| full.find(s.as_str())).min() {
-            text = full[..pos].to_string();
-            finish = FinishReason::Stop;
-            break;
-        }
-        text = full;
-        // Hold back an incomplete UTF-8 sequence and a possible stop prefix.
-        if !text.ends_with('\u{FFFD}') {
-            let safe = text.len() - pending_stop_prefix(&text, &opts.stop);
-            if safe > emitted && text.is_char_boundary(safe) {
-                on_text(&text[emitted..safe]);
-                emitted = safe;
-            }
-        }
-        if ids.len() >= budget {
-            break;
-        }
-        let input = ForwardInput::new(Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?);
-        let out = model.forward(&input, Some(&mut cache))?;
-        logits = out.squeeze(0)?.squeeze(0)?.to_vec1::<f32>()?;
+    let config = EngineConfig {
+        max_batch: 1,
+        capacity: (prompt.len() + opts.max_tokens).min(ctx),
+        ..EngineConfig::default()
+    };
+    let mut result = None;
+    {
+        let mut engine = Engine::new(model, tokenizer, config);
+        engine.add(
+            opts.request(prompt.to_vec()),
+            Box::new(|e| {
+                match e {
+                    Event::Token { text, .. } if !text.is_empty() => on_text(&text),
+                    Event::Token { .. } => {}
+                    Event::Finished(g) => result = Some(Ok(g)),
+                    Event::Failed(m) => result = Some(Err(GenerateError::Invalid(m))),
+                }
+                true
+            }),
+        );
+        engine.run_to_end()?;
     }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
-    }
-    Ok(Generation {
-        text,
-        ids,
-        prompt_tokens: prompt.len(),
-        finish_reason: finish,
-        prefill_seconds,
-        decode_seconds: decode_start.elapsed().as_secs_f64(),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::pending_stop_prefix;
-
-    #[test]
-    fn holds_back_possible_stop_prefixes() {
-        let stops = vec!["\nUser:".to_string()];
-        assert_eq!(pending_stop_prefix("hello\nUs", &stops), 3);
-        assert_eq!(pending_stop_prefix("hello", &stops), 0);
-        assert_eq!(pending_stop_prefix("hello\n", &stops), 1);
-    }
+    result.unwrap_or_else(|| Err(GenerateError::Invalid("generation did not finish".into())))
 }

@@ -15,6 +15,12 @@ pub struct SamplingParams {
     /// CTRL-style penalty (Keskar et al. 2019) on tokens already present:
     /// positive logits divided by it, negative ones multiplied. 1 = off.
     pub repetition_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted from a token's logit once
+    /// per time it was generated so far. 0 = off.
+    pub frequency_penalty: f32,
+    /// OpenAI's presence penalty: subtracted from the logit of every token
+    /// generated so far. 0 = off.
+    pub presence_penalty: f32,
     /// Seed of the sampling generator.
     pub seed: u64,
 }
@@ -26,6 +32,8 @@ impl Default for SamplingParams {
             top_k: None,
             top_p: None,
             repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             seed: 0,
         }
     }
@@ -61,9 +69,22 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token from `logits` given the tokens so far.
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// Picks the next token from `logits` given the tokens so far
+    /// (`history`, of which the first `prompt_len` are the prompt).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32], prompt_len: usize) -> u32 {
         let mut scores = logits.to_vec();
+        let (freq, presence) = (self.params.frequency_penalty, self.params.presence_penalty);
+        if freq != 0.0 || presence != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in history.get(prompt_len..).unwrap_or_default() {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, c) in counts {
+                if let Some(v) = scores.get_mut(t as usize) {
+                    *v -= c as f32 * freq + presence;
+                }
+            }
+        }
         let penalty = self.params.repetition_penalty;
         if penalty != 1.0 {
             let mut seen = vec![false; scores.len()];
@@ -138,7 +159,7 @@ mod tests {
     #[test]
     fn greedy_is_argmax_first_on_ties() {
         let mut s = Sampler::new(params(0.0));
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0], &[], 0), 1);
     }
 
     #[test]
@@ -148,7 +169,7 @@ mod tests {
             ..params(0.0)
         });
         // 4.0 -> 2.0 (seen), so 3.0 wins; a negative seen logit gets worse.
-        assert_eq!(s.sample(&[4.0, 3.0, -1.0], &[0, 2]), 1);
+        assert_eq!(s.sample(&[4.0, 3.0, -1.0], &[0, 2], 0), 1);
     }
 
     #[test]
@@ -159,14 +180,16 @@ mod tests {
             ..params(1.0)
         });
         for _ in 0..20 {
-            assert_eq!(s.sample(&logits, &[]), argmax(&logits));
+            assert_eq!(s.sample(&logits, &[], 0), argmax(&logits));
         }
         let draw = |seed| {
             let mut s = Sampler::new(SamplingParams {
                 seed,
                 ..params(1.0)
             });
-            (0..30).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..30)
+                .map(|_| s.sample(&logits, &[], 0))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -181,7 +204,7 @@ mod tests {
             ..params(1.0)
         });
         for _ in 0..50 {
-            assert_eq!(s.sample(&logits, &[]), 0);
+            assert_eq!(s.sample(&logits, &[], 0), 0);
         }
         // p = 0.8 keeps two; both must show up, never the others.
         let mut s = Sampler::new(SamplingParams {
@@ -190,7 +213,7 @@ mod tests {
             ..params(1.0)
         });
         let seen: std::collections::BTreeSet<u32> =
-            (0..200).map(|_| s.sample(&logits, &[])).collect();
+            (0..200).map(|_| s.sample(&logits, &[], 0)).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     }
 
@@ -201,7 +224,7 @@ mod tests {
             seed: 11,
             ..params(1.0)
         });
-        let ones = (0..4000).filter(|_| s.sample(&logits, &[]) == 1).count();
+        let ones = (0..4000).filter(|_| s.sample(&logits, &[], 0) == 1).count();
         assert!((2850..3150).contains(&ones), "{ones}");
     }
 }

@@ -132,19 +132,19 @@ impl AttentionMask {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    b: usize,
-    t: usize,
-    s: usize,
-    h: usize,
-    k: usize,
-    d: usize,
-    g: usize,
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) t: usize,
+    pub(crate) s: usize,
+    pub(crate) h: usize,
+    pub(crate) k: usize,
+    pub(crate) d: usize,
+    pub(crate) g: usize,
 }
 
 /// One tile: sequence `b`, key/value head `kh`, queries `i0..i0 + n`.
 #[derive(Debug, Clone, Copy)]
-struct Tile {
+pub(crate) struct Tile {
     b: usize,
     kh: usize,
     i0: usize,
@@ -152,7 +152,7 @@ struct Tile {
 }
 
 impl Dims {
-    fn tiles(&self) -> Vec<Tile> {
+    pub(crate) fn tiles(&self) -> Vec<Tile> {
         let mut tiles = Vec::new();
         for b in 0..self.b {
             for kh in 0..self.k {
@@ -195,7 +195,7 @@ impl Dims {
     }
 
     /// Writes tile rows back into `x` (`[B, T, H, D]`).
-    fn scatter(&self, x: &mut [f32], tile: Tile, rows: &[f32]) {
+    pub(crate) fn scatter(&self, x: &mut [f32], tile: Tile, rows: &[f32]) {
         for g in 0..self.g {
             for ii in 0..tile.n {
                 let at = self.q_at(tile.b, tile.i0 + ii, tile.kh * self.g + g);
@@ -219,12 +219,12 @@ struct TileGrads {
     dv: Vec<f32>,
 }
 
-struct Attention {
-    mask: AttentionMask,
-    scale: f32,
+pub(crate) struct Attention {
+    pub(crate) mask: AttentionMask,
+    pub(crate) scale: f32,
     /// `[B, H, T]` log-sum-exp of each query's scaled scores (−∞ when it
     /// sees no key), written by forward for backward.
-    lse: Arc<Mutex<Vec<f32>>>,
+    pub(crate) lse: Arc<Mutex<Vec<f32>>>,
 }
 
 impl Attention {
@@ -261,6 +261,42 @@ impl Attention {
             }
         }
         (lo, ns, s)
+    }
+
+    /// One tile's output rows (`G·n × D`, head-major) and the log-sum-exp
+    /// of each of its queries (−∞ when a query sees no key).
+    pub(crate) fn tile_forward(
+        &self,
+        dims: &Dims,
+        tile: Tile,
+        [q, k, v]: [&[f32]; 3],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let d = dims.d;
+        let qt = dims.gather(q, tile);
+        let (lo, ns, mut p) = self.scores(dims, tile, &qt, k);
+        let mut lse = Vec::with_capacity(dims.g * tile.n);
+        for row in p.chunks_exact_mut(ns) {
+            let m = max(row);
+            if m == f32::NEG_INFINITY {
+                row.fill(0.0);
+                lse.push(f32::NEG_INFINITY);
+            } else {
+                let sum = exp_shifted_sum(row, m);
+                scale(row, 1.0 / sum);
+                lse.push(m + sum.ln());
+            }
+        }
+        let mut o = vec![0f32; dims.g * tile.n * d];
+        matmul(
+            dims.g * tile.n,
+            d,
+            ns,
+            View::rows(&p, ns),
+            dims.kv(v, tile.b, tile.kh, lo),
+            Out::new(&mut o, d),
+            false,
+        );
+        (o, lse)
     }
 
     /// One tile's share of the gradients: its queries' `dQ` rows, and the
@@ -394,37 +430,10 @@ impl CustomOp3 for Attention {
             slice(ks, kl, "attention")?,
             slice(vs, vl, "attention")?,
         );
-        let d = dims.d;
         let tiles = dims.tiles();
         let results: Vec<(Vec<f32>, Vec<f32>)> = tiles
             .par_iter()
-            .map(|&tile| {
-                let qt = dims.gather(q, tile);
-                let (lo, ns, mut p) = self.scores(&dims, tile, &qt, k);
-                let mut lse = Vec::with_capacity(dims.g * tile.n);
-                for row in p.chunks_exact_mut(ns) {
-                    let m = max(row);
-                    if m == f32::NEG_INFINITY {
-                        row.fill(0.0);
-                        lse.push(f32::NEG_INFINITY);
-                    } else {
-                        let sum = exp_shifted_sum(row, m);
-                        scale(row, 1.0 / sum);
-                        lse.push(m + sum.ln());
-                    }
-                }
-                let mut o = vec![0f32; dims.g * tile.n * d];
-                matmul(
-                    dims.g * tile.n,
-                    d,
-                    ns,
-                    View::rows(&p, ns),
-                    dims.kv(v, tile.b, tile.kh, lo),
-                    Out::new(&mut o, d),
-                    false,
-                );
-                (o, lse)
-            })
+            .map(|&tile| self.tile_forward(&dims, tile, [q, k, v]))
             .collect();
         let mut out = vec![0f32; q.len()];
         let mut lse = vec![0f32; dims.b * dims.h * dims.t];

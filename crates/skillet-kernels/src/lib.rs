@@ -12,9 +12,11 @@
 
 mod adamw;
 mod attention;
+mod cached_attention;
 mod gemm;
 mod linear;
 mod linear_cross_entropy;
+mod lora_rows;
 mod quantized;
 mod rms_norm;
 mod rope;
@@ -27,8 +29,10 @@ mod testing;
 
 pub use adamw::{AdamWStep, adamw_step};
 pub use attention::{AttentionMask, attention, attention_composed};
+pub use cached_attention::{CachedSeq, cached_attention};
 pub use linear::{frozen_matmul, linear};
 pub use linear_cross_entropy::{CrossEntropyStats, linear_cross_entropy};
+pub use lora_rows::{LoraFactors, lora_rows};
 pub use quantized::{QuantKind, QuantMatrix};
 pub use rms_norm::{rms_norm, rms_norm_composed};
 pub use rope::{RopeLayout, RopeTable, rope, rope_composed};

@@ -21,22 +21,31 @@ pub(crate) fn with_f32<const N: usize, R>(
     op: &str,
     f: impl FnOnce([&[f32]; N]) -> Result<R>,
 ) -> Result<R> {
+    with_f32_all(&ts, op, |slices| match <[&[f32]; N]>::try_from(slices) {
+        Ok(slices) => f(slices),
+        Err(_) => bail!("{op}: {N} inputs expected"),
+    })
+}
+
+/// [`with_f32`] for any number of tensors.
+pub(crate) fn with_f32_all<R>(
+    ts: &[&Tensor],
+    op: &str,
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
     let ts = ts
-        .into_iter()
-        .map(Tensor::contiguous)
+        .iter()
+        .map(|t| t.contiguous())
         .collect::<Result<Vec<_>>>()?;
     let guards: Vec<_> = ts.iter().map(Tensor::storage_and_layout).collect();
-    let mut slices = Vec::with_capacity(N);
+    let mut slices = Vec::with_capacity(ts.len());
     for (storage, layout) in &guards {
         let Storage::Cpu(cpu) = &**storage else {
             bail!("{op} runs on the CPU only");
         };
         slices.push(slice(cpu, layout, op)?);
     }
-    match <[&[f32]; N]>::try_from(slices) {
-        Ok(slices) => f(slices),
-        Err(_) => bail!("{op}: {N} inputs expected"),
-    }
+    f(&slices)
 }
 
 /// A CPU tensor owning `data`.

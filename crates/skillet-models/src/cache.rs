@@ -1,60 +1,157 @@
-//! Key/value cache for incremental decoding, with the key padding mask of
-//! everything cached so far.
+//! Key/value cache for incremental decoding: a fixed number of slots, one
+//! per running sequence, each with room for `capacity` positions in every
+//! layer. A slot's memory is allocated on its first use and kept for the
+//! next sequence that takes the slot, so decoding appends in place (no
+//! per-token concatenation) and a server's memory stops growing once every
+//! slot has been used.
 
-use candle_core::Tensor;
+use crate::{ModelError, Result};
 
-/// Cached keys and values of every layer for a batch of sequences.
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    len: usize,
+    /// Per layer, keys then values, each `[capacity, K, D]` row-major;
+    /// empty until the slot is first written.
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Cached keys and values of every layer for a set of sequence slots.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    /// Per layer, keys and values `[batch, len, kv_heads, head_dim]`.
-    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
-    /// `[batch, len]` row-major: 1 where the cached key is a real token.
-    pub(crate) key_mask: Vec<u8>,
-    pub(crate) batch: usize,
-    pub(crate) len: usize,
+    layers: usize,
+    /// `K · D`: floats per position per layer, for keys and for values.
+    width: usize,
+    capacity: usize,
+    slots: Vec<Slot>,
 }
 
 impl KvCache {
-    /// An empty cache for `layers` layers and `batch` sequences.
-    pub fn new(layers: usize, batch: usize) -> Self {
+    /// `slots` empty slots of `capacity` positions for a model of `layers`
+    /// layers whose keys are `width` floats wide per position.
+    pub fn new(layers: usize, width: usize, slots: usize, capacity: usize) -> Self {
         Self {
-            layers: vec![None; layers],
-            key_mask: Vec::new(),
-            batch,
-            len: 0,
+            layers,
+            width,
+            capacity,
+            slots: vec![Slot::default(); slots],
         }
     }
 
-    /// Number of cached positions.
-    pub fn len(&self) -> usize {
-        self.len
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
     }
 
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// Positions each slot can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
-    /// Batch size the cache was made for.
-    pub fn batch(&self) -> usize {
-        self.batch
+    /// Positions cached in `slot`.
+    pub fn len(&self, slot: usize) -> usize {
+        self.slots.get(slot).map_or(0, |s| s.len)
     }
 
-    /// Key padding mask of cached positions for one row.
-    pub fn key_mask_row(&self, row: usize) -> &[u8] {
-        &self.key_mask[row * self.len..(row + 1) * self.len]
+    /// Whether `slot` holds nothing.
+    pub fn is_empty(&self, slot: usize) -> bool {
+        self.len(slot) == 0
     }
 
-    /// Appends `t` positions of `chunk` (`[batch, t]` row-major) to the mask.
-    pub(crate) fn extend_mask(&mut self, chunk: &[u8], t: usize) {
-        let old = std::mem::take(&mut self.key_mask);
-        let new_len = self.len + t;
-        let mut mask = Vec::with_capacity(self.batch * new_len);
-        for b in 0..self.batch {
-            mask.extend_from_slice(&old[b * self.len..(b + 1) * self.len]);
-            mask.extend_from_slice(&chunk[b * t..(b + 1) * t]);
+    /// Forgets what `slot` holds (its memory is kept for reuse).
+    pub fn clear(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.len = 0;
         }
-        self.key_mask = mask;
-        self.len = new_len;
+    }
+
+    /// Bytes one slot takes once used.
+    pub fn bytes_per_slot(&self) -> usize {
+        self.layers * 2 * self.capacity * self.width * std::mem::size_of::<f32>()
+    }
+
+    /// Copies the first `len` positions of `from` into `to` (a shared
+    /// prompt prefilled once for several sequences).
+    pub fn copy_prefix(&mut self, from: usize, to: usize, len: usize) -> Result<()> {
+        self.check_slot(from)?;
+        self.check_slot(to)?;
+        if len > self.slots[from].len {
+            return Err(ModelError::Input(format!(
+                "slot {from} holds {} positions, not {len}",
+                self.slots[from].len
+            )));
+        }
+        if from == to {
+            return Ok(());
+        }
+        self.allocate(to);
+        let n = len * self.width;
+        let (src, dst) = if from < to {
+            let (a, b) = self.slots.split_at_mut(to);
+            (&a[from], &mut b[0])
+        } else {
+            let (a, b) = self.slots.split_at_mut(from);
+            (&b[0], &mut a[to])
+        };
+        for ((sk, sv), (dk, dv)) in src.layers.iter().zip(dst.layers.iter_mut()) {
+            dk[..n].copy_from_slice(&sk[..n]);
+            dv[..n].copy_from_slice(&sv[..n]);
+        }
+        self.slots[to].len = len;
+        Ok(())
+    }
+
+    fn check_slot(&self, slot: usize) -> Result<()> {
+        if slot >= self.slots.len() {
+            return Err(ModelError::Input(format!(
+                "slot {slot} of a cache with {} slots",
+                self.slots.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn allocate(&mut self, slot: usize) {
+        let (layers, n) = (self.layers, self.capacity * self.width);
+        let s = &mut self.slots[slot];
+        if s.layers.is_empty() {
+            s.layers = (0..layers)
+                .map(|_| (vec![0f32; n], vec![0f32; n]))
+                .collect();
+        }
+    }
+
+    /// Checks that `slot` can take `new` more positions and makes its
+    /// memory ready; returns where they start.
+    pub(crate) fn reserve(&mut self, slot: usize, new: usize) -> Result<usize> {
+        self.check_slot(slot)?;
+        let start = self.slots[slot].len;
+        if start + new > self.capacity {
+            return Err(ModelError::Input(format!(
+                "slot {slot} holds {start} positions; {new} more exceed its capacity of {}",
+                self.capacity
+            )));
+        }
+        self.allocate(slot);
+        Ok(start)
+    }
+
+    /// Writes keys and values (`[n, K, D]` row-major each) of `layer` at
+    /// position `start` of `slot`.
+    pub(crate) fn write(&mut self, layer: usize, slot: usize, start: usize, k: &[f32], v: &[f32]) {
+        let at = start * self.width;
+        let (dk, dv) = &mut self.slots[slot].layers[layer];
+        dk[at..at + k.len()].copy_from_slice(k);
+        dv[at..at + v.len()].copy_from_slice(v);
+    }
+
+    /// The whole key and value buffers of `layer` in `slot`.
+    pub(crate) fn layer(&self, layer: usize, slot: usize) -> (&[f32], &[f32]) {
+        let (k, v) = &self.slots[slot].layers[layer];
+        (k, v)
+    }
+
+    /// Records `new` more positions in `slot` (after every layer wrote them).
+    pub(crate) fn advance(&mut self, slot: usize, new: usize) {
+        self.slots[slot].len += new;
     }
 }

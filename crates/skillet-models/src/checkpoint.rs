@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var};
 
 use crate::Result;
-use crate::llama::{DecoderLayer, LayerContext};
+use crate::llama::{DecoderLayer, Kv, LayerContext};
 
 /// The trainable variables and the gradients set aside for them.
 #[derive(Debug)]
@@ -75,7 +75,7 @@ impl CustomOp1 for LayerOp {
         // storage and every intermediate is dropped here.
         let y = self
             .layer
-            .forward(&x, &self.ctx, None)
+            .forward(&x, &self.ctx, Kv::Fresh)
             .map_err(candle_err)?;
         let y = y.detach().flatten_all()?.to_vec1::<f32>()?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
@@ -90,7 +90,7 @@ impl CustomOp1 for LayerOp {
         let x = Var::from_tensor(&arg.detach())?;
         let y = self
             .layer
-            .forward(x.as_tensor(), &self.ctx, None)
+            .forward(x.as_tensor(), &self.ctx, Kv::Fresh)
             .map_err(candle_err)?;
         let mut store = (y * grad.detach())?.sum_all()?.backward()?;
         let dx = store.remove(x.as_tensor());

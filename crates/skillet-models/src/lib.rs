@@ -3,6 +3,8 @@
 //! KV cache, and writers for Hugging Face folders and GGUF files.
 #![warn(missing_docs)]
 
+mod adapted;
+mod adapter;
 mod cache;
 mod checkpoint;
 mod config;
@@ -16,13 +18,16 @@ mod rope;
 mod source;
 mod weights;
 
+pub use adapted::Adapted;
+pub use adapter::{Adapter, Adapters, LAYER_MODULES, ModuleInfo, module_names};
 pub use cache::KvCache;
 pub use config::{Architecture, HfConfig, LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use linear::{BaseLinear, Linear};
-pub use llama::{CausalLm, ForwardInput, Llama, LoadOptions};
+pub use llama::{CachedBatch, CachedChunk, CausalLm, ForwardInput, Llama, LoadOptions};
 pub use memory::{MemoryWeights, collect_weights, random_weights, tensor_shapes, tiny_config};
 pub use rng::Rng;
 pub use rope::Rope;
+pub use skillet_kernels::LoraFactors;
 pub use source::ModelSource;
 pub use weights::{GgufWeights, SafetensorsWeights, Weight, WeightSource, gguf_name};

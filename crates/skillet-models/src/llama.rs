@@ -13,8 +13,9 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use skillet_kernels::{AttentionMask, RopeLayout, RopeTable};
+use skillet_kernels::{AttentionMask, CachedSeq, RopeLayout, RopeTable};
 
+use crate::adapter::{Adapter, Adapters, LAYER_MODULES, ModuleInfo, module_names};
 use crate::cache::KvCache;
 use crate::checkpoint::{self, Checkpointing};
 use crate::linear::{BaseLinear, Linear};
@@ -49,8 +50,10 @@ pub struct ForwardInput {
     /// `[B, T]` row-major RoPE positions; `None` means `cache_len + t`.
     pub positions: Option<Vec<u32>>,
     /// `[B, T]` row-major segment ids for packed sequences: tokens attend
-    /// only within their segment. Not allowed with a cache.
+    /// only within their segment.
     pub segments: Option<Vec<u32>>,
+    /// The adapters of this call and the rows each applies to.
+    pub adapters: Adapters,
 }
 
 impl ForwardInput {
@@ -61,8 +64,30 @@ impl ForwardInput {
             key_mask: None,
             positions: None,
             segments: None,
+            adapters: Adapters::none(),
         }
     }
+}
+
+/// New tokens of one sequence in a cached (incremental) call.
+#[derive(Debug, Clone)]
+pub struct CachedChunk {
+    /// The cache slot of the sequence; the tokens go after what it holds.
+    pub slot: usize,
+    /// Token ids (a prompt chunk, or one sampled token).
+    pub tokens: Vec<u32>,
+    /// Index into [`CachedBatch::adapters`], or the base model.
+    pub adapter: Option<usize>,
+}
+
+/// A ragged batch for incremental decoding: each sequence brings its own
+/// number of new tokens, in its own cache slot, with its own adapter.
+#[derive(Debug, Clone, Default)]
+pub struct CachedBatch {
+    /// One entry per sequence (each slot at most once).
+    pub chunks: Vec<CachedChunk>,
+    /// The adapters the chunks name.
+    pub adapters: Vec<Arc<dyn Adapter>>,
 }
 
 /// A causal language model: token ids in, logits for every position out.
@@ -70,23 +95,37 @@ pub trait CausalLm: Send + Sync {
     /// The validated hyper-parameters.
     fn config(&self) -> &LlamaConfig;
     /// Final (normed) hidden states `[B, T, C]` for every input position.
-    /// With a cache, the new tokens attend to the cached ones and are
-    /// appended to the cache.
-    fn forward_hidden(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Result<Tensor>;
-    /// The output projection from hidden states to vocabulary logits.
-    fn lm_head(&self) -> &dyn Linear;
-    /// Logits `[B, T, V]` for every input position (see `forward_hidden`).
-    fn forward(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.lm_head().forward(&self.forward_hidden(input, cache)?)
+    fn forward_hidden(&self, input: &ForwardInput) -> Result<Tensor>;
+    /// The output projection of hidden states (`[B, T, C]` or `[N, C]`)
+    /// to vocabulary logits, with `adapters` over the leading rows.
+    fn head(&self, hidden: &Tensor, adapters: &Adapters) -> Result<Tensor>;
+    /// The dense `[V, C]` head weight where the head is exactly `x Wᵀ`
+    /// under `adapters` (so the loss may fuse it); a trainable weight is
+    /// returned as its variable.
+    fn head_weight(&self, adapters: &Adapters) -> Option<Tensor>;
+    /// Logits `[B, T, V]` for every input position.
+    fn forward(&self, input: &ForwardInput) -> Result<Tensor> {
+        self.head(&self.forward_hidden(input)?, &input.adapters)
     }
+    /// Incremental decoding: appends each chunk's tokens to its cache slot
+    /// and returns the logits of each chunk's last token, `[chunks, V]`.
+    fn forward_cached(&self, batch: &CachedBatch, cache: &mut KvCache) -> Result<Tensor>;
+    /// An empty cache of `slots` sequences of up to `capacity` positions.
+    fn new_cache(&self, slots: usize, capacity: usize) -> KvCache {
+        let c = self.config();
+        KvCache::new(
+            c.num_hidden_layers,
+            c.num_key_value_heads * c.head_dim,
+            slots,
+            capacity,
+        )
+    }
+    /// Every adaptable linear layer, in module order (see [`Adapter`]).
+    fn modules(&self) -> Vec<ModuleInfo>;
     /// Gradients that checkpointed layers computed during the last
     /// `backward`, as (variable, gradient) pairs, emptied by the call.
     fn take_checkpoint_grads(&self) -> Vec<(Tensor, Tensor)> {
         Vec::new()
-    }
-    /// An empty cache for `batch` sequences.
-    fn new_cache(&self, batch: usize) -> KvCache {
-        KvCache::new(self.config().num_hidden_layers, batch)
     }
 }
 
@@ -110,8 +149,32 @@ impl RmsNorm {
 /// Per-call inputs every layer shares.
 pub(crate) struct LayerContext {
     rope: RopeTable,
-    mask: AttentionMask,
+    /// The mask of a batch without cache (a cached batch masks per sequence).
+    mask: Option<AttentionMask>,
     composed: bool,
+    adapters: Adapters,
+    window: Option<usize>,
+}
+
+/// One sequence of a cached batch: its slot, the positions cached before
+/// this call, and its new tokens (consecutive in the batch).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    slot: usize,
+    start: usize,
+    len: usize,
+}
+
+/// Where a layer's keys and values come from.
+pub(crate) enum Kv<'a> {
+    /// This call's tokens alone.
+    Fresh,
+    /// A ragged batch over cache slots.
+    Cached {
+        cache: &'a mut KvCache,
+        layer: usize,
+        spans: &'a [Span],
+    },
 }
 
 #[derive(Debug)]
@@ -126,17 +189,19 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &LayerContext,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize, kv: Kv) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?; // [B,T,H,D]
-        let kk = self.k_proj.forward(x)?.reshape((b, t, k, d))?; // [B,T,K,D]
-        let v = self.v_proj.forward(x)?.reshape((b, t, k, d))?; // [B,T,K,D]
+        let ad = &ctx.adapters;
+        let q = ad
+            .apply(self.q_proj.as_ref(), base, x)?
+            .reshape((b, t, h, d))?; // [B,T,H,D]
+        let kk = ad
+            .apply(self.k_proj.as_ref(), base + 1, x)?
+            .reshape((b, t, k, d))?; // [B,T,K,D]
+        let v = ad
+            .apply(self.v_proj.as_ref(), base + 2, x)?
+            .reshape((b, t, k, d))?; // [B,T,K,D]
         let rope = if ctx.composed {
             skillet_kernels::rope_composed
         } else {
@@ -144,25 +209,53 @@ impl Attention {
         };
         let q = rope(&q, &ctx.rope, RopeLayout::Half)?;
         let kk = rope(&kk, &ctx.rope, RopeLayout::Half)?;
-        let (kk, v) = match cache {
-            Some(slot) => {
-                let (kk, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &kk], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-                    None => (kk, v),
-                };
-                *slot = Some((kk.clone(), v.clone()));
-                (kk, v)
-            }
-            None => (kk, v),
-        }; // [B,S,K,D]
         let scale = 1.0 / (d as f32).sqrt();
-        let attend = if ctx.composed {
-            skillet_kernels::attention_composed
-        } else {
-            skillet_kernels::attention
+        let out = match (kv, &ctx.mask) {
+            (Kv::Fresh, Some(mask)) => {
+                let attend = if ctx.composed {
+                    skillet_kernels::attention_composed
+                } else {
+                    skillet_kernels::attention
+                };
+                attend(&q, &kk, &v, mask, scale)? // [B,T,H,D]
+            }
+            (
+                Kv::Cached {
+                    cache,
+                    layer,
+                    spans,
+                },
+                _,
+            ) => {
+                // One row of all sequences' new tokens: [1,N,·,D].
+                let kr = kk.flatten_all()?.to_vec1::<f32>()?;
+                let vr = v.flatten_all()?.to_vec1::<f32>()?;
+                let w = k * d;
+                let mut row = 0;
+                for s in spans {
+                    let r = row * w..(row + s.len) * w;
+                    cache.write(layer, s.slot, s.start, &kr[r.clone()], &vr[r]);
+                    row += s.len;
+                }
+                let seqs: Vec<CachedSeq> = spans
+                    .iter()
+                    .map(|s| {
+                        let (k, v) = cache.layer(layer, s.slot);
+                        CachedSeq {
+                            k,
+                            v,
+                            start: s.start,
+                            len: s.len,
+                        }
+                    })
+                    .collect();
+                skillet_kernels::cached_attention(&q.squeeze(0)?, k, &seqs, ctx.window, scale)?
+            }
+            (Kv::Fresh, None) => {
+                return Err(ModelError::Input("attention without a mask".into()));
+            }
         };
-        let out = attend(&q, &kk, &v, &ctx.mask, scale)?; // [B,T,H,D]
-        self.o_proj.forward(&out.reshape((b, t, h * d))?)
+        ad.apply(self.o_proj.as_ref(), base + 3, &out.reshape((b, t, h * d))?)
     }
 }
 
@@ -174,20 +267,23 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, composed: bool) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
-        let act = if composed {
+    fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize) -> Result<Tensor> {
+        let ad = &ctx.adapters;
+        let gate = ad.apply(self.gate_proj.as_ref(), base + 4, x)?;
+        let up = ad.apply(self.up_proj.as_ref(), base + 5, x)?;
+        let act = if ctx.composed {
             skillet_kernels::swiglu_composed(&gate, &up)?
         } else {
             skillet_kernels::swiglu(&gate, &up)?
         };
-        self.down_proj.forward(&act)
+        ad.apply(self.down_proj.as_ref(), base + 6, &act)
     }
 }
 
 #[derive(Debug)]
 pub(crate) struct DecoderLayer {
+    /// Position in the stack (its modules are numbered from `7 · index`).
+    index: usize,
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
@@ -195,16 +291,12 @@ pub(crate) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &LayerContext,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, ctx: &LayerContext, kv: Kv) -> Result<Tensor> {
+        let base = self.index * LAYER_MODULES.len();
         let normed = self.input_layernorm.forward(x, ctx.composed)?;
-        let x = (x + self.self_attn.forward(&normed, ctx, cache)?)?;
+        let x = (x + self.self_attn.forward(&normed, ctx, base, kv)?)?;
         let normed = self.post_attention_layernorm.forward(&x, ctx.composed)?;
-        Ok((&x + self.mlp.forward(&normed, ctx.composed)?)?)
+        Ok((&x + self.mlp.forward(&normed, ctx, base)?)?)
     }
 }
 
@@ -275,6 +367,7 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let ab = cfg.attention_bias;
             layers.push(Arc::new(DecoderLayer {
+                index: i,
                 input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
                 self_attn: Attention {
                     q_proj: linear(&format!("{p}.self_attn.q_proj"), qd, c, ab)?,
@@ -324,22 +417,28 @@ impl Llama {
     }
 
     /// Calls `f` with the module name (`model.layers.0.self_attn.q_proj`,
-    /// `lm_head`) and a mutable slot of every linear layer, so adapters can
-    /// wrap or replace them.
+    /// `lm_head`) and a mutable slot of every linear layer, in module
+    /// order, so a layer can be replaced (a different base, say).
     pub fn visit_linears_mut(&mut self, mut f: impl FnMut(&str, &mut Box<dyn Linear>)) {
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
+        let names = module_names(self.layers.len());
+        let mut names = names.iter();
+        for l in self.layers.iter_mut() {
             // Only a live autograd graph of a checkpointed forward shares a
-            // layer; adapters are applied before any training step.
+            // layer; layers are replaced before any training step.
             let l = Arc::get_mut(l).expect("a layer is shared by a live autograd graph");
             let a = &mut l.self_attn;
-            f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj);
-            f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj);
-            f(&format!("{p}.self_attn.v_proj"), &mut a.v_proj);
-            f(&format!("{p}.self_attn.o_proj"), &mut a.o_proj);
-            f(&format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj);
-            f(&format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj);
-            f(&format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj);
+            let slots = [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut l.mlp.gate_proj,
+                &mut l.mlp.up_proj,
+                &mut l.mlp.down_proj,
+            ];
+            for slot in slots {
+                f(names.next().expect("one name per module"), slot);
+            }
         }
         f("lm_head", &mut self.lm_head);
     }
@@ -366,7 +465,7 @@ impl Llama {
         &self.embed_tokens
     }
 
-    fn check_input(&self, input: &ForwardInput, cache: Option<&KvCache>) -> Result<(usize, usize)> {
+    fn check_input(&self, input: &ForwardInput) -> Result<(usize, usize)> {
         let (b, t) = input.ids.dims2().map_err(|_| {
             ModelError::Input(format!(
                 "ids must be [batch, seq], got {:?}",
@@ -396,22 +495,63 @@ impl Llama {
                 )));
             }
         }
-        if let Some(c) = cache
-            && c.batch() != b
-        {
-            return Err(ModelError::Input(format!(
-                "cache is for batch {}, input has {b}",
-                c.batch()
-            )));
-        }
-        let max_id = input.ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
-        if max_id >= self.cfg.vocab_size {
-            return Err(ModelError::Input(format!(
-                "token id {max_id} is outside the vocabulary ({})",
-                self.cfg.vocab_size
-            )));
-        }
+        self.check_ids(&input.ids.flatten_all()?.to_vec1::<u32>()?)?;
         Ok((b, t))
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().max() {
+            Some(&m) if m as usize >= self.cfg.vocab_size => Err(ModelError::Input(format!(
+                "token id {m} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Embeddings of `ids` (`[B, T]`), through every decoder layer, then
+    /// the final norm: `[B, T, C]`.
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        ctx: LayerContext,
+        mut cached: Option<(&mut KvCache, &[Span])>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let ctx = Arc::new(ctx);
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?; // [B,T,C]
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = match (&self.checkpointing, cached.as_mut()) {
+                (_, Some((cache, spans))) => layer.forward(
+                    &x,
+                    &ctx,
+                    Kv::Cached {
+                        cache,
+                        layer: i,
+                        spans,
+                    },
+                )?,
+                (Some(state), None) => checkpoint::forward(layer, &ctx, state, &x)?,
+                (None, None) => layer.forward(&x, &ctx, Kv::Fresh)?,
+            };
+        }
+        self.norm.forward(&x, self.composed) // [B,T,C]
+    }
+
+    fn visit_linears(&self, mut f: impl FnMut(&dyn Linear)) {
+        for l in &self.layers {
+            let a = &l.self_attn;
+            for m in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+                f(m.as_ref());
+            }
+            for m in [&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj] {
+                f(m.as_ref());
+            }
+        }
+        f(self.lm_head.as_ref());
     }
 }
 
@@ -420,8 +560,29 @@ impl CausalLm for Llama {
         &self.cfg
     }
 
-    fn lm_head(&self) -> &dyn Linear {
-        self.lm_head.as_ref()
+    fn head(&self, hidden: &Tensor, adapters: &Adapters) -> Result<Tensor> {
+        adapters.apply(self.lm_head.as_ref(), self.lm_head_module(), hidden)
+    }
+
+    fn head_weight(&self, adapters: &Adapters) -> Option<Tensor> {
+        if adapters.adapts(self.lm_head_module()) {
+            return None;
+        }
+        self.lm_head.dense_weight()
+    }
+
+    fn modules(&self) -> Vec<ModuleInfo> {
+        let mut shapes = Vec::new();
+        self.visit_linears(|l| shapes.push((l.in_features(), l.out_features())));
+        module_names(self.layers.len())
+            .into_iter()
+            .zip(shapes)
+            .map(|(name, (in_features, out_features))| ModuleInfo {
+                name,
+                in_features,
+                out_features,
+            })
+            .collect()
     }
 
     fn take_checkpoint_grads(&self) -> Vec<(Tensor, Tensor)> {
@@ -431,58 +592,88 @@ impl CausalLm for Llama {
             .unwrap_or_default()
     }
 
-    fn forward_hidden(
-        &self,
-        input: &ForwardInput,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let (b, t) = self.check_input(input, cache.as_deref())?;
-        let offset = cache.as_ref().map_or(0, |c| c.len());
-        let chunk_mask = input.key_mask.clone().unwrap_or_else(|| vec![1; b * t]);
+    fn forward_hidden(&self, input: &ForwardInput) -> Result<Tensor> {
+        let (b, t) = self.check_input(input)?;
+        let key_mask = input.key_mask.clone().unwrap_or_else(|| vec![1; b * t]);
         let positions = match &input.positions {
             Some(p) => p.clone(),
-            None => (0..b)
-                .flat_map(|_| (0..t).map(|i| (offset + i) as u32))
-                .collect(),
+            None => (0..b).flat_map(|_| 0..t as u32).collect(),
         };
-        let key_mask = match cache.as_deref_mut() {
-            Some(c) => {
-                c.extend_mask(&chunk_mask, t);
-                c.key_mask.clone()
-            }
-            None => chunk_mask,
-        };
-        let mut mask =
-            AttentionMask::causal(b, t, offset + t)?.with_window(self.cfg.sliding_window);
+        let mut mask = AttentionMask::causal(b, t, t)?.with_window(self.cfg.sliding_window);
         if key_mask.contains(&0) {
             mask = mask.with_key_mask(key_mask)?;
         }
         if let Some(segments) = &input.segments {
-            if offset != 0 {
-                return Err(ModelError::Input(
-                    "segments cannot be used with a cache".into(),
-                ));
-            }
             mask = mask.with_segments(segments.clone())?;
         }
-        let rope = self.rope.table(&positions)?;
-        let ctx = Arc::new(LayerContext {
-            rope,
-            mask,
+        let ctx = LayerContext {
+            rope: self.rope.table(&positions)?,
+            mask: Some(mask),
             composed: self.composed,
-        });
+            adapters: input.adapters.clone(),
+            window: self.cfg.sliding_window,
+        };
+        self.run_layers(&input.ids, ctx, None)
+    }
 
-        let mut x = self
-            .embed_tokens
-            .index_select(&input.ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?; // [B,T,C]
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = match (&self.checkpointing, slot) {
-                (Some(state), None) => checkpoint::forward(layer, &ctx, state, &x)?,
-                (_, slot) => layer.forward(&x, &ctx, slot)?,
-            };
+    fn forward_cached(&self, batch: &CachedBatch, cache: &mut KvCache) -> Result<Tensor> {
+        if batch.chunks.is_empty() {
+            return Err(ModelError::Input("an empty batch".into()));
         }
-        self.norm.forward(&x, self.composed) // [B,T,C]
+        let mut spans = Vec::with_capacity(batch.chunks.len());
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut rows = Vec::new();
+        let mut last = Vec::with_capacity(batch.chunks.len());
+        for c in &batch.chunks {
+            if c.tokens.is_empty() {
+                return Err(ModelError::Input(format!(
+                    "slot {} brings no tokens",
+                    c.slot
+                )));
+            }
+            if spans.iter().any(|s: &Span| s.slot == c.slot) {
+                return Err(ModelError::Input(format!("slot {} appears twice", c.slot)));
+            }
+            let start = cache.reserve(c.slot, c.tokens.len())?;
+            spans.push(Span {
+                slot: c.slot,
+                start,
+                len: c.tokens.len(),
+            });
+            ids.extend_from_slice(&c.tokens);
+            positions.extend((start..start + c.tokens.len()).map(|p| p as u32));
+            rows.extend(std::iter::repeat_n(c.adapter, c.tokens.len()));
+            last.push(ids.len() as u32 - 1);
+        }
+        self.check_ids(&ids)?;
+        let adapters = if rows.iter().all(Option::is_none) {
+            Adapters::none()
+        } else {
+            Adapters::per_row(batch.adapters.clone(), rows)?
+        };
+        let n = ids.len();
+        let ctx = LayerContext {
+            rope: self.rope.table(&positions)?,
+            mask: None,
+            composed: self.composed,
+            adapters: adapters.clone(),
+            window: self.cfg.sliding_window,
+        };
+        let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu)?;
+        let hidden = self.run_layers(&ids, ctx, Some((cache, &spans)))?; // [1,N,C]
+        for s in &spans {
+            cache.advance(s.slot, s.len);
+        }
+        let picked = hidden
+            .squeeze(0)?
+            .index_select(&Tensor::new(last.as_slice(), &Device::Cpu)?, 0)?; // [chunks,C]
+        self.head(&picked, &adapters.gather(&last, 1))
+    }
+}
+
+impl Llama {
+    fn lm_head_module(&self) -> usize {
+        self.layers.len() * LAYER_MODULES.len()
     }
 }

@@ -8,8 +8,9 @@ use candle_core::{Device, Tensor};
 use skillet_gguf::{GgmlType, GgufFile, Value};
 use skillet_models::export::{write_gguf, write_hf_weights};
 use skillet_models::{
-    BaseLinear, CausalLm, ForwardInput, Linear, Llama, LlamaConfig, LoadOptions, MemoryWeights,
-    ModelError, ModelSource, Weight, random_weights, tiny_config,
+    Adapters, BaseLinear, CachedBatch, CachedChunk, CausalLm, ForwardInput, KvCache, Linear, Llama,
+    LlamaConfig, LoadOptions, MemoryWeights, ModelError, ModelSource, Weight, random_weights,
+    tiny_config,
 };
 
 const TOL: f32 = 2e-5;
@@ -30,7 +31,7 @@ fn logits(m: &dyn CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
 
 /// Logits of a one-sequence batch, one row per position.
 fn single_row(m: &dyn CausalLm, input: &ForwardInput) -> Vec<Vec<f32>> {
-    m.forward(input, None)
+    m.forward(input)
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -71,8 +72,9 @@ fn right_padded_batch_equals_one_at_a_time() {
         key_mask: Some(mask),
         positions: None,
         segments: None,
+        adapters: Adapters::none(),
     };
-    let out = m.forward(&input, None).unwrap().to_vec3::<f32>().unwrap();
+    let out = m.forward(&input).unwrap().to_vec3::<f32>().unwrap();
     assert!(max_diff(&out[0], &logits(&m, &a)) < TOL);
     assert!(max_diff(&out[1][..4], &logits(&m, &b)) < TOL);
 }
@@ -90,8 +92,9 @@ fn left_padded_batch_with_positions_equals_one_at_a_time() {
         key_mask: Some(mask),
         positions: Some(positions),
         segments: None,
+        adapters: Adapters::none(),
     };
-    let out = m.forward(&input, None).unwrap().to_vec3::<f32>().unwrap();
+    let out = m.forward(&input).unwrap().to_vec3::<f32>().unwrap();
     assert!(max_diff(&out[0], &logits(&m, &a)) < TOL);
     assert!(max_diff(&out[1][3..], &logits(&m, &b)) < TOL);
 }
@@ -107,6 +110,7 @@ fn packed_sequences_equal_separate_runs() {
         key_mask: None,
         positions: Some(vec![0, 1, 2, 3, 4, 0, 1, 2]),
         segments: Some(vec![0, 0, 0, 0, 0, 1, 1, 1]),
+        adapters: Adapters::none(),
     };
     let out = single_row(&m, &input);
     assert!(max_diff(&out[..5], &logits(&m, &a)) < TOL);
@@ -120,6 +124,23 @@ fn packed_sequences_equal_separate_runs() {
     assert!(max_diff(&out[5..], &logits(&m, &b)) > 1e-3);
 }
 
+/// One cached call: `(slot, tokens)` per sequence, no adapters; the
+/// logits of each sequence's last token.
+fn cached(m: &Llama, cache: &mut KvCache, chunks: &[(usize, &[u32])]) -> Vec<Vec<f32>> {
+    let batch = CachedBatch {
+        chunks: chunks
+            .iter()
+            .map(|&(slot, tokens)| CachedChunk {
+                slot,
+                tokens: tokens.to_vec(),
+                adapter: None,
+            })
+            .collect(),
+        adapters: vec![],
+    };
+    m.forward_cached(&batch, cache).unwrap().to_vec2().unwrap()
+}
+
 #[test]
 fn kv_cache_decode_equals_full_forward() {
     let (cfg, w) = tiny();
@@ -127,91 +148,62 @@ fn kv_cache_decode_equals_full_forward() {
     let ids = vec![5u32, 9, 13, 2, 77, 41, 8, 8, 60];
     let full = logits(&m, &ids);
     // Prefill 5, then one token at a time.
-    let mut cache = m.new_cache(1);
-    let mut got = Vec::new();
-    let first = ForwardInput::new(
-        Tensor::new(&ids[..5], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap(),
-    );
-    got.extend(
-        m.forward(&first, Some(&mut cache))
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap(),
-    );
-    for &t in &ids[5..] {
-        let step = ForwardInput::new(
-            Tensor::new(&[t], &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-        );
-        got.extend(
-            m.forward(&step, Some(&mut cache))
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap(),
-        );
+    let mut cache = m.new_cache(1, 16);
+    let mut got = cached(&m, &mut cache, &[(0, &ids[..5])]);
+    for t in &ids[5..] {
+        got.extend(cached(&m, &mut cache, &[(0, std::slice::from_ref(t))]));
     }
-    assert_eq!(cache.len(), ids.len());
-    assert!(max_diff(&got, &full) < TOL, "{}", max_diff(&got, &full));
+    assert_eq!(cache.len(0), ids.len());
+    assert!(
+        max_diff(&got, &full[4..]) < TOL,
+        "{}",
+        max_diff(&got, &full[4..])
+    );
     // Chunked prefill (4 then 5) as well.
-    let mut cache = m.new_cache(1);
-    let mut got = Vec::new();
-    for chunk in [&ids[..4], &ids[4..]] {
-        let inp = ForwardInput::new(
-            Tensor::new(chunk, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
-        );
-        got.extend(
-            m.forward(&inp, Some(&mut cache))
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap(),
-        );
-    }
-    assert!(max_diff(&got, &full) < TOL);
+    let mut cache = m.new_cache(1, 16);
+    let mut got = cached(&m, &mut cache, &[(0, &ids[..4])]);
+    got.extend(cached(&m, &mut cache, &[(0, &ids[4..])]));
+    assert!(max_diff(&got, &[full[3].clone(), full[8].clone()]) < TOL);
+    // A full slot refuses more.
+    assert!(
+        m.forward_cached(
+            &CachedBatch {
+                chunks: vec![CachedChunk {
+                    slot: 0,
+                    tokens: vec![1; 8],
+                    adapter: None
+                }],
+                adapters: vec![],
+            },
+            &mut cache
+        )
+        .is_err()
+    );
 }
 
 #[test]
-fn batched_cached_decode_with_left_padding_equals_single() {
+fn ragged_cached_batch_equals_single_sequences() {
     let (cfg, w) = tiny();
     let m = model(&cfg, &w);
     let a = vec![3u32, 14, 15, 92, 65];
     let b = vec![27u32, 18];
-    let mut cache = m.new_cache(2);
-    let input = ForwardInput {
-        ids: batch(&[a.clone(), vec![0, 0, 0, 27, 18]]),
-        key_mask: Some([vec![1u8; 5], vec![0, 0, 0, 1, 1]].concat()),
-        positions: Some([(0..5).collect::<Vec<u32>>(), vec![0, 0, 0, 0, 1]].concat()),
-        segments: None,
-    };
-    m.forward(&input, Some(&mut cache)).unwrap();
-    let step = ForwardInput {
-        ids: batch(&[vec![50], vec![51]]),
-        key_mask: None,
-        positions: Some(vec![5, 2]),
-        segments: None,
-    };
-    let out = m
-        .forward(&step, Some(&mut cache))
-        .unwrap()
-        .to_vec3::<f32>()
-        .unwrap();
-    let full_a = logits(&m, &[a, vec![50]].concat());
-    let full_b = logits(&m, &[b, vec![51]].concat());
-    assert!(max_diff(&out[0], &full_a[5..]) < TOL);
-    assert!(max_diff(&out[1], &full_b[2..]) < TOL);
+    let c = vec![40u32, 41, 42, 43, 44, 45, 46];
+    let mut cache = m.new_cache(3, 32);
+    // Two prompts of different lengths together, no padding.
+    let out = cached(&m, &mut cache, &[(0, &a), (2, &b)]);
+    assert!(max_diff(&out[..1], &logits(&m, &a)[4..]) < TOL);
+    assert!(max_diff(&out[1..], &logits(&m, &b)[1..]) < TOL);
+    // Decode steps of both, while a third sequence joins with its prompt.
+    let out = cached(&m, &mut cache, &[(0, &[50]), (1, &c), (2, &[51])]);
+    let full_a = logits(&m, &[a.clone(), vec![50]].concat());
+    let full_b = logits(&m, &[b.clone(), vec![51]].concat());
+    assert!(max_diff(&out[..1], &full_a[5..]) < TOL);
+    assert!(max_diff(&out[1..2], &logits(&m, &c)[6..]) < TOL);
+    assert!(max_diff(&out[2..], &full_b[2..]) < TOL);
+    // A freed slot starts over.
+    cache.clear(0);
+    let out = cached(&m, &mut cache, &[(0, &b)]);
+    assert!(max_diff(&out, &logits(&m, &b)[1..]) < TOL);
 }
 
 #[test]

@@ -31,7 +31,7 @@ fn check_folder(name: &str, arch: Architecture) {
             .unwrap(),
     );
     let got = model
-        .forward(&input, None)
+        .forward(&input)
         .unwrap()
         .squeeze(0)
         .unwrap()

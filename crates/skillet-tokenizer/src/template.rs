@@ -110,6 +110,19 @@ impl ChatTemplate {
         })
         .map_err(|e| TokenizerError::Template(format!("cannot render: {e:#}")))
     }
+
+    /// The prompt tokens of a conversation: rendered with the generation
+    /// prompt and tokenized without adding special tokens (the template
+    /// holds every one it wants, so there is no double BOS). Generation,
+    /// evaluation and serving all render prompts here; training renders
+    /// the same template through its span masks.
+    pub fn prompt_ids(
+        &self,
+        tokenizer: &crate::Tokenizer,
+        messages: &[Message],
+    ) -> Result<Vec<u32>> {
+        tokenizer.encode(&self.render(messages, true)?, false)
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! mask, optional packing (positions and segments), and labels.
 
 use candle_core::{Device, Tensor};
-use skillet_models::ForwardInput;
+use skillet_models::{Adapters, ForwardInput};
 
 use crate::{Result, TrainError};
 
@@ -56,6 +56,7 @@ impl TrainBatch {
             key_mask: Some(self.key_mask.clone()),
             positions: self.positions.clone(),
             segments: self.segments.clone(),
+            adapters: Adapters::none(),
         })
     }
 

@@ -44,15 +44,17 @@ pub fn causal_lm_loss_with(
             correct: 0,
         });
     }
-    let hidden = model.forward_hidden(&batch.input()?, None)?; // [B,T,C]
+    let input = batch.input()?;
+    let hidden = model.forward_hidden(&input)?; // [B,T,C]
     let c = hidden.dim(D::Minus1)?;
     let rows: Vec<u32> = targets.iter().map(|&(i, _)| i as u32).collect();
     let labels: Vec<u32> = targets.iter().map(|&(_, t)| t).collect();
     let n = rows.len();
+    let adapters = input.adapters.gather(&rows, batch.seq);
     let picked = hidden
         .reshape((batch.batch * batch.seq, c))?
         .index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?; // [N,C]
-    if allow_fused && let Some(weight) = model.lm_head().dense_weight() {
+    if allow_fused && let Some(weight) = model.head_weight(&adapters) {
         let (sum, correct) = skillet_kernels::linear_cross_entropy(&picked, &weight, &labels)?;
         return Ok(LossParts {
             sum,
@@ -60,7 +62,7 @@ pub fn causal_lm_loss_with(
             correct,
         });
     }
-    let logits = model.lm_head().forward(&picked)?.to_dtype(DType::F32)?; // [N,V]
+    let logits = model.head(&picked, &adapters)?.to_dtype(DType::F32)?; // [N,V]
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // [N,1]

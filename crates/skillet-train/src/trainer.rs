@@ -9,13 +9,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use serde::Serialize;
 use skillet_adapters::LoraAdapter;
 use skillet_data::{TokenizedExample, pack};
-use skillet_models::{CausalLm, Rng};
+use skillet_models::{Adapted, Adapter, CausalLm, Rng};
 
 use crate::checkpoint::{TrainState, save_checkpoint};
 use crate::eval::{EvalStats, evaluate};
@@ -90,9 +91,10 @@ pub enum Event {
 
 /// One training run over tokenized data.
 pub struct Trainer<'a> {
-    /// The model, with the adapter applied.
+    /// The base model.
     pub model: &'a dyn CausalLm,
-    /// The adapter being trained.
+    /// The adapter being trained (passed with every call, never written
+    /// into the model).
     pub adapter: &'a LoraAdapter,
     /// Its optimizer.
     pub opt: AdamW,
@@ -179,11 +181,14 @@ impl Trainer<'_> {
         .map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))
     }
 
-    /// Held-out statistics with dropout off.
+    fn shared_adapter(&self) -> Arc<dyn Adapter> {
+        Arc::new(self.adapter.clone())
+    }
+
+    /// Held-out statistics (no dropout).
     pub fn validate(&self) -> Result<EvalStats> {
-        self.adapter.dropout.eval();
         evaluate(
-            self.model,
+            &Adapted::new(self.model, Some(self.shared_adapter())),
             self.valid,
             self.settings.batch_size,
             self.settings.pad_id,
@@ -194,6 +199,7 @@ impl Trainer<'_> {
     pub fn run(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
         let total = self.total_steps();
         let vars = self.adapter.vars();
+        let adapter = self.shared_adapter();
         let mut batches = epoch_batches(self.train, &self.settings, self.state.epoch);
         while self.state.step < total {
             if self.state.micro as usize >= batches.len() {
@@ -210,8 +216,8 @@ impl Trainer<'_> {
             for (k, batch) in group.iter().enumerate() {
                 let seed = self.settings.seed
                     ^ (self.state.step << 16 | k as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-                self.adapter.dropout.train(seed);
-                let parts = causal_lm_loss(self.model, batch)?;
+                let model = Adapted::new(self.model, Some(adapter.clone())).with_dropout(seed);
+                let parts = causal_lm_loss(&model, batch)?;
                 if parts.tokens == 0 {
                     continue;
                 }
@@ -225,7 +231,7 @@ impl Trainer<'_> {
                     )));
                 }
                 loss_sum += value;
-                let grads = collect_grads(&backward(self.model, &loss)?, &vars)?;
+                let grads = collect_grads(&backward(&model, &loss)?, &vars)?;
                 acc = Some(match acc {
                     None => grads,
                     Some(prev) => prev
@@ -235,7 +241,6 @@ impl Trainer<'_> {
                         .collect::<candle_core::Result<_>>()?,
                 });
             }
-            self.adapter.dropout.eval();
             let Some(mut grads) = acc else {
                 return Err(TrainError::Invalid("a step had no labelled tokens".into()));
             };

@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
-use skillet_adapters::{LoraAdapter, LoraSettings, Targets, apply_lora, load_peft, merged_weight};
+use skillet_adapters::{LoraAdapter, LoraSettings, Targets, load_peft, merged_weight};
 use skillet_data::TokenizedExample;
 use skillet_models::{
-    CausalLm, ForwardInput, Llama, LoadOptions, MemoryWeights, random_weights, tiny_config,
+    Adapted, CausalLm, ForwardInput, Llama, LoadOptions, MemoryWeights, random_weights, tiny_config,
 };
 use skillet_train::{
     AdamW, AdamWConfig, Event, LoopSettings, Schedule, ScheduleKind, TrainState, Trainer,
@@ -68,10 +68,15 @@ fn lora(r: usize, dropout: f32) -> LoraSettings {
 
 fn model_with(adapter_from: Option<&Path>, lora_settings: &LoraSettings) -> (Llama, LoraAdapter) {
     let (cfg, w) = weights();
-    let mut model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
+    let model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
     let initial = adapter_from.map(|d| load_peft(d).unwrap().1);
-    let adapter = apply_lora(&mut model, lora_settings, 99, initial.as_ref()).unwrap();
+    let adapter = LoraAdapter::new(&model, lora_settings, 99, initial.as_ref()).unwrap();
     (model, adapter)
+}
+
+/// `model` with `adapter` on every call.
+fn adapted<'a>(model: &'a Llama, adapter: &LoraAdapter) -> Adapted<'a> {
+    Adapted::new(model, Some(std::sync::Arc::new(adapter.clone())))
 }
 
 fn adapter_values(a: &LoraAdapter) -> Vec<Vec<f32>> {
@@ -87,11 +92,15 @@ fn adapter_values(a: &LoraAdapter) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// Every LoRA B variable (A and B alternate in `vars()`).
+fn b_vars(adapter: &LoraAdapter) -> Vec<Var> {
+    adapter.vars().into_iter().skip(1).step_by(2).collect()
+}
+
 /// Sets every LoRA B to `value` (B = 0 at init gives A no gradient).
 fn fill_b(adapter: &LoraAdapter, value: f64) {
-    for p in &adapter.params {
-        let b = p.b.as_tensor();
-        p.b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * value).unwrap())
+    for b in b_vars(adapter) {
+        b.set(&(Tensor::ones(b.shape(), b.dtype(), b.device()).unwrap() * value).unwrap())
             .unwrap();
     }
 }
@@ -260,10 +269,11 @@ fn lora_gradients_agree_with_finite_differences() {
     let data = examples(3);
     let refs: Vec<&TokenizedExample> = data.iter().collect();
     let batch = collate(&refs, 0);
-    let (model, adapter) = model_with(None, &lora(2, 0.0));
+    let (base, adapter) = model_with(None, &lora(2, 0.0));
+    let model = adapted(&base, &adapter);
     // Non-zero B so A gets a gradient too.
     fill_b(&adapter, 0.05);
-    let loss_of = |m: &Llama| {
+    let loss_of = |m: &dyn CausalLm| {
         let parts = causal_lm_loss(m, &batch).unwrap();
         (parts.sum / parts.tokens as f64).unwrap()
     };
@@ -296,10 +306,11 @@ fn zero_b_is_the_base_model_and_merging_changes_nothing() {
     let (cfg, w) = weights();
     let base = Llama::load(cfg.clone(), &w, LoadOptions::default()).unwrap();
     let ls = lora(4, 0.0);
-    let (model, adapter) = model_with(None, &ls);
+    let (plain, adapter) = model_with(None, &ls);
+    let model = adapted(&plain, &adapter);
     let ids = Tensor::new(&[[3u32, 9, 27, 20, 1, 44]], &Device::Cpu).unwrap();
     let logits = |m: &dyn CausalLm| {
-        m.forward(&ForwardInput::new(ids.clone()), None)
+        m.forward(&ForwardInput::new(ids.clone()))
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -312,12 +323,11 @@ fn zero_b_is_the_base_model_and_merging_changes_nothing() {
         "B = 0 must leave the model unchanged"
     );
 
-    for p in &adapter.params {
-        let b = p.b.as_tensor();
+    for b in b_vars(&adapter) {
         let vals: Vec<f32> = (0..b.elem_count())
             .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.01)
             .collect();
-        p.b.set(&Tensor::from_vec(vals, b.shape(), &Device::Cpu).unwrap())
+        b.set(&Tensor::from_vec(vals, b.shape(), &Device::Cpu).unwrap())
             .unwrap();
     }
     let adapted = logits(&model);
@@ -330,13 +340,7 @@ fn zero_b_is_the_base_model_and_merging_changes_nothing() {
     let mut merged = w.clone();
     for p in &adapter.params {
         let key = format!("{}.weight", p.module);
-        let m = merged_weight(
-            &merged.tensors[&key],
-            p.a.as_tensor(),
-            p.b.as_tensor(),
-            ls.scale(),
-        )
-        .unwrap();
+        let m = merged_weight(&merged.tensors[&key], &p.a, &p.b, ls.scale()).unwrap();
         merged.tensors.insert(key, m);
     }
     let merged_model = Llama::load(cfg, &merged, LoadOptions::default()).unwrap();
@@ -351,8 +355,9 @@ fn zero_b_is_the_base_model_and_merging_changes_nothing() {
 #[test]
 fn only_lora_parameters_receive_gradients() {
     let (cfg, w) = weights();
-    let mut model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
-    let adapter = apply_lora(&mut model, &lora(2, 0.0), 1, None).unwrap();
+    let base = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
+    let adapter = LoraAdapter::new(&base, &lora(2, 0.0), 1, None).unwrap();
+    let model = adapted(&base, &adapter);
     fill_b(&adapter, 0.01);
     let data = examples(2);
     let parts = causal_lm_loss(&model, &collate(&data.iter().collect::<Vec<_>>(), 0)).unwrap();
@@ -439,13 +444,13 @@ fn qlora_on_a_quantized_gguf_trains_like_lora_on_its_dequantized_weights() {
     let source = ModelSource::open(&gguf).unwrap();
     let data = examples(4);
     let train_with = |keep_quantized: bool| {
-        let mut model = source
+        let model = source
             .load_model(LoadOptions {
                 keep_quantized,
                 ..Default::default()
             })
             .unwrap();
-        let adapter = apply_lora(&mut model, &lora(4, 0.0), 7, None).unwrap();
+        let adapter = LoraAdapter::new(&model, &lora(4, 0.0), 7, None).unwrap();
         let out = tempfile::tempdir().unwrap();
         let s = LoopSettings {
             epochs: 1,
@@ -560,8 +565,8 @@ fn fused_kernels_train_like_the_composed_ops() {
             composed_ops,
             ..Default::default()
         };
-        let mut model = Llama::load(cfg, &w, opts).unwrap();
-        let adapter = apply_lora(&mut model, &lora(2, 0.0), 1, None).unwrap();
+        let model = Llama::load(cfg, &w, opts).unwrap();
+        let adapter = LoraAdapter::new(&model, &lora(2, 0.0), 1, None).unwrap();
         fill_b(&adapter, 0.03);
         (model, adapter)
     };
@@ -588,7 +593,8 @@ fn fused_kernels_train_like_the_composed_ops() {
     assert!(big.target_count() > 256);
     for batch in [padded, packed, big] {
         let run = |model: &Llama, adapter: &LoraAdapter, fused: bool| {
-            let parts = skillet_train::causal_lm_loss_with(model, &batch, fused).unwrap();
+            let model = adapted(model, adapter);
+            let parts = skillet_train::causal_lm_loss_with(&model, &batch, fused).unwrap();
             let loss = (parts.sum.clone() / parts.tokens as f64).unwrap();
             let grads = collect_grads(&loss.backward().unwrap(), &adapter.vars()).unwrap();
             (loss.to_scalar::<f32>().unwrap(), parts.correct, grads)
@@ -684,13 +690,13 @@ fn activation_checkpointing_gives_the_same_gradients() {
     // LoRA with dropout on (the recomputed forward must draw the same masks).
     let run_lora = |checkpointing: bool| {
         let (cfg, w) = weights();
-        let mut model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
-        let adapter = apply_lora(&mut model, &lora(2, 0.3), 1, None).unwrap();
+        let mut base = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
+        let adapter = LoraAdapter::new(&base, &lora(2, 0.3), 1, None).unwrap();
         fill_b(&adapter, 0.03);
         if checkpointing {
-            model.set_activation_checkpointing(Some(adapter.vars()));
+            base.set_activation_checkpointing(Some(adapter.vars()));
         }
-        adapter.dropout.train(7);
+        let model = adapted(&base, &adapter).with_dropout(7);
         let parts = causal_lm_loss(&model, &batch).unwrap();
         let loss = (parts.sum / parts.tokens as f64).unwrap();
         let store = skillet_train::backward(&model, &loss).unwrap();

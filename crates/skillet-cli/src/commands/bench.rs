@@ -10,22 +10,23 @@
 //! an f32 GEMM rate measured at start.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::bail;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
-use skillet_adapters::{LoraSettings, Targets, apply_lora};
+use skillet_adapters::{LoraAdapter, LoraSettings, Targets};
 use skillet_data::{DataFormat, EncodeOptions};
 use skillet_generate::{GenerateOptions, SamplingParams, generate};
-use skillet_models::{CausalLm, ForwardInput, Llama, LoadOptions, Rng};
+use skillet_models::{Adapted, Adapter, CausalLm, ForwardInput, Llama, LoadOptions, Rng};
 use skillet_train::{
     AdamW, AdamWConfig, TrainBatch, backward, causal_lm_loss, clip_grad_norm, collate,
     collate_packed, collect_grads,
 };
 
-use crate::bundle::Bundle;
-use crate::dataset::Dataset;
+use skillet_runtime::Bundle;
+use skillet_runtime::Dataset;
 
 const WORKLOADS: [&str; 6] = ["lora", "qlora", "full", "sft", "score", "decode"];
 
@@ -170,17 +171,20 @@ fn lora_settings() -> anyhow::Result<LoraSettings> {
     Ok(LoraSettings::new(8, 16.0, 0.0, false, targets)?)
 }
 
-/// Times `steps` LoRA training steps over `batches` (cycled).
+/// Times `steps` training steps of `vars` (with `adapter`, if any) over
+/// `batches` (cycled).
 fn time_training(
     model: &mut Llama,
     vars: Vec<candle_core::Var>,
+    adapter: Option<Arc<dyn Adapter>>,
     batches: &[TrainBatch],
     args: &Args,
 ) -> anyhow::Result<(f64, f64)> {
     if args.checkpointing {
         model.set_activation_checkpointing(Some(vars.clone()));
     }
-    let model: &Llama = model;
+    let model = Adapted::new(model, adapter);
+    let model = &model;
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -217,7 +221,7 @@ fn run_one(
     let bundle = Bundle::open(model_path)?;
     // QLoRA trains over the quantized blocks; decode reads them.
     let keep_quantized = workload == "qlora" || workload == "decode";
-    let mut model = bundle.load_model_opts(LoadOptions {
+    let mut model = bundle.load_model(LoadOptions {
         keep_quantized,
         trainable: workload == "full",
         ..Default::default()
@@ -226,9 +230,11 @@ fn run_one(
     let vocab = model.config().vocab_size;
     let (tps, step, flops_per_token, seq) = match workload {
         "lora" | "qlora" => {
-            let adapter = apply_lora(&mut model, &lora_settings()?, 0, None)?;
+            let adapter = LoraAdapter::new(&model, &lora_settings()?, 0, None)?;
             let batches = [random_batch(vocab, args.batch, args.seq)];
-            let (tps, step) = time_training(&mut model, adapter.vars(), &batches, args)?;
+            let vars = adapter.vars();
+            let (tps, step) =
+                time_training(&mut model, vars, Some(Arc::new(adapter)), &batches, args)?;
             (tps, step, 4.0 * params, args.seq)
         }
         "sft" => {
@@ -238,7 +244,7 @@ fn run_one(
                 add_eos: true,
             };
             let data = Dataset::load(&args.data, DataFormat::Auto, &bundle, opts)?;
-            let adapter = apply_lora(&mut model, &lora_settings()?, 0, None)?;
+            let adapter = LoraAdapter::new(&model, &lora_settings()?, 0, None)?;
             // The same `batch` examples per step as the padded recipe, packed
             // into one row (segments keep them apart) instead of padded.
             let batches: Vec<TrainBatch> = data
@@ -256,7 +262,9 @@ fn run_one(
                 .collect();
             let mean_len = data.tokenized.iter().map(|t| t.ids.len()).sum::<usize>()
                 / data.tokenized.len().max(1);
-            let (tps, step) = time_training(&mut model, adapter.vars(), &batches, args)?;
+            let vars = adapter.vars();
+            let (tps, step) =
+                time_training(&mut model, vars, Some(Arc::new(adapter)), &batches, args)?;
             (tps, step, 4.0 * params, mean_len)
         }
         "score" => {
@@ -269,7 +277,7 @@ fn run_one(
             let mut times = Vec::new();
             for i in 0..args.warmup + args.steps {
                 let t = Instant::now();
-                let _ = model.forward(&input, None)?;
+                let _ = model.forward(&input)?;
                 if i >= args.warmup {
                     times.push(t.elapsed().as_secs_f64());
                 }
@@ -305,7 +313,7 @@ fn run_one(
         "full" => {
             let vars = model.parameters().iter().map(|(_, v)| v.clone()).collect();
             let batches = [random_batch(vocab, args.batch, args.seq)];
-            let (tps, step) = time_training(&mut model, vars, &batches, args)?;
+            let (tps, step) = time_training(&mut model, vars, None, &batches, args)?;
             (tps, step, 6.0 * params, args.seq)
         }
         other => bail!(

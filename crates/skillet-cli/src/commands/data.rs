@@ -5,9 +5,10 @@
 use serde::Serialize;
 use skillet_data::{DataFormat, EncodeOptions, mark_trained};
 
-use crate::bundle::{Bundle, ModelArg};
-use crate::dataset::Dataset;
+use crate::args::ModelArg;
 use crate::output::print_json;
+use skillet_runtime::Bundle;
+use skillet_runtime::Dataset;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DataCommand {

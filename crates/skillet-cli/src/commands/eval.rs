@@ -6,11 +6,13 @@
 use serde::Serialize;
 use skillet_data::{DataFormat, EncodeOptions};
 use skillet_eval::{ExactMatch, GeneralStats, evaluate, exact_match, general_perplexity};
+use skillet_models::{Adapted, LoadOptions};
 use skillet_train::EvalStats;
 
-use crate::bundle::{AdapterArg, Bundle, ModelArg};
-use crate::dataset::Dataset;
+use crate::args::{AdapterArg, ModelArg};
 use crate::output::print_json;
+use skillet_runtime::Bundle;
+use skillet_runtime::Dataset;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -72,7 +74,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let model = b.load_model_with(args.adapter.adapter.as_deref())?;
+    let (base, adapter) =
+        b.load_with_adapter(LoadOptions::default(), args.adapter.adapter.as_deref())?;
+    let model = Adapted::new(&base, adapter);
     let heldout = evaluate(&model, &data.tokenized, args.batch_size, b.pad_id())?;
     let em = if args.generate {
         Some(exact_match(
@@ -89,8 +93,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(text) => {
             let adapted = general_perplexity(&model, &b.tokenizer, text, args.max_seq_len)?;
             Some(if args.adapter.adapter.is_some() {
-                let base =
-                    general_perplexity(&b.load_model()?, &b.tokenizer, text, args.max_seq_len)?;
+                let base = general_perplexity(&base, &b.tokenizer, text, args.max_seq_len)?;
                 General {
                     base,
                     adapted: Some(adapted),

@@ -3,11 +3,14 @@
 use std::io::Write;
 
 use serde::Serialize;
-use skillet_generate::{GenerateOptions, SamplingParams, generate};
+use skillet_generate::{GenerateOptions, generate};
+use skillet_models::{Adapted, LoadOptions};
+use skillet_runtime::SamplingOptions;
 use skillet_tokenizer::Message;
 
-use crate::bundle::{AdapterArg, Bundle, ModelArg};
+use crate::args::{AdapterArg, ModelArg};
 use crate::output::print_json;
+use skillet_runtime::Bundle;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -61,20 +64,16 @@ struct Output {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.temperature < 0.0 || !args.temperature.is_finite() {
-        anyhow::bail!("--temperature must be >= 0, got {}", args.temperature);
+    let sampling = SamplingOptions {
+        temperature: Some(args.temperature),
+        top_p: args.top_p,
+        top_k: args.top_k,
+        repetition_penalty: Some(args.repetition_penalty),
+        seed: Some(args.seed),
+        ..Default::default()
     }
-    if let Some(p) = args.top_p
-        && !(p > 0.0 && p <= 1.0)
-    {
-        anyhow::bail!("--top-p must be in (0, 1], got {p}");
-    }
-    if args.repetition_penalty.is_nan() || args.repetition_penalty <= 0.0 {
-        anyhow::bail!(
-            "--repetition-penalty must be > 0, got {}",
-            args.repetition_penalty
-        );
-    }
+    .resolve(args.seed)
+    .map_err(|e| anyhow::anyhow!("--{}", e.to_string().replace('_', "-")))?;
     let b = Bundle::open(&args.model.model)?;
     let prompt_ids = if args.chat {
         let mut messages = Vec::new();
@@ -82,28 +81,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             messages.push(Message::new("system", s.clone()));
         }
         messages.push(Message::new("user", args.prompt.clone()));
-        let rendered = b.template()?.render(&messages, true)?;
-        // The template already holds every special token it wants.
-        b.tokenizer.encode(&rendered, false)?
+        b.chat_prompt(&messages)?
     } else {
-        b.tokenizer.encode(&args.prompt, true)?
+        b.text_prompt(&args.prompt)?
     };
     // Decoding reads the GGUF's quantized blocks directly (a Q4_1 weight is
     // a sixth of its f32 size); longer prompts are dequantized per matmul.
-    let opts = skillet_models::LoadOptions {
+    let opts = LoadOptions {
         keep_quantized: true,
         ..Default::default()
     };
-    let model = b.load_model_with_opts(args.adapter.adapter.as_deref(), opts)?;
+    let (model, adapter) = b.load_with_adapter(opts, args.adapter.adapter.as_deref())?;
+    let model = Adapted::new(&model, adapter);
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            repetition_penalty: args.repetition_penalty,
-            seed: args.seed,
-        },
+        sampling,
         stop: args.stop.clone(),
         eos_ids: b.tokenizer.eos_ids().to_vec(),
     };

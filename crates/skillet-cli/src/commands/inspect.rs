@@ -3,8 +3,8 @@
 use serde::Serialize;
 use skillet_tokenizer::SpecialTokens;
 
-use crate::bundle::Bundle;
 use crate::output::print_json;
+use skillet_runtime::Bundle;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -7,9 +7,10 @@ use serde::Serialize;
 use skillet_adapters::{load_peft, merged_weight};
 use skillet_models::collect_weights;
 
-use crate::bundle::{Bundle, ModelArg};
-use crate::commands::convert::{is_quantized, write_hf_folder};
+use crate::args::ModelArg;
 use crate::output::print_json;
+use skillet_runtime::Bundle;
+use skillet_runtime::{is_quantized, write_hf_folder};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -3,10 +3,11 @@
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
-use skillet_models::{CausalLm, ForwardInput};
+use skillet_models::{Adapted, CausalLm, ForwardInput, LoadOptions};
 
-use crate::bundle::{AdapterArg, Bundle, ModelArg};
+use crate::args::{AdapterArg, ModelArg};
 use crate::output::print_json;
+use skillet_runtime::Bundle;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -51,9 +52,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ids.len()
         );
     }
-    let model = b.load_model_with(args.adapter.adapter.as_deref())?;
+    let (model, adapter) =
+        b.load_with_adapter(LoadOptions::default(), args.adapter.adapter.as_deref())?;
+    let model = Adapted::new(&model, adapter);
     let input = ForwardInput::new(Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?);
-    let logits = model.forward(&input, None)?;
+    let logits = model.forward(&input)?;
     let (nll, argmax) = skillet_eval::next_token_nll(&logits.squeeze(0)?.to_vec2::<f32>()?, &ids);
     let mean_loss = nll / (ids.len() - 1) as f64;
     let out = Output {

@@ -2,8 +2,9 @@
 
 use serde::Serialize;
 
-use crate::bundle::{Bundle, ModelArg};
+use crate::args::ModelArg;
 use crate::output::print_json;
+use skillet_runtime::Bundle;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

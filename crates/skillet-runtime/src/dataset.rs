@@ -1,18 +1,22 @@
 //! Loading a data file for a model: read and validate the JSONL, then
-//! render and tokenize every example. Shared by `train`, `eval` and
-//! `data check` so all three see the same tokens and masks.
+//! render and tokenize every example. Shared by training, evaluation and
+//! `data check`, so all see the same tokens and masks.
 
 use std::path::{Path, PathBuf};
 
 use skillet_data::{DataFormat, EncodeOptions, Encoder, Example, TokenizedExample, read_jsonl};
 
-use crate::bundle::Bundle;
+use crate::{Bundle, Result};
 
 /// A data file, parsed and tokenized.
 pub struct Dataset {
+    /// The file.
     pub path: PathBuf,
+    /// Its format (detected or given).
     pub format: DataFormat,
+    /// Each example with its line number.
     pub examples: Vec<(usize, Example)>,
+    /// Each example's tokens and loss mask.
     pub tokenized: Vec<TokenizedExample>,
 }
 
@@ -23,7 +27,7 @@ impl Dataset {
         format: DataFormat,
         bundle: &Bundle,
         options: EncodeOptions,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self> {
         let (format, examples) = read_jsonl(path, format)?;
         let encoder = Encoder::new(&bundle.tokenizer, bundle.template.as_ref(), options);
         let tokenized = encoder.encode_all(path, &examples)?;

@@ -1,0 +1,20 @@
+//! What every front end of Skillet shares (the command line, the server,
+//! a jobs worker): opening a model with its tokenizer, chat template and
+//! adapters; rendering chat prompts; checking sampling options; loading
+//! data sets; running a training run; writing Hugging Face folders. The
+//! binaries only parse arguments and print.
+#![warn(missing_docs)]
+
+mod bundle;
+mod dataset;
+mod error;
+mod export;
+mod sampling;
+mod train;
+
+pub use bundle::Bundle;
+pub use dataset::Dataset;
+pub use error::{Result, RuntimeError};
+pub use export::{is_quantized, write_hf_folder};
+pub use sampling::SamplingOptions;
+pub use train::{TrainOutcome, TrainProgress, TrainSummary, run_training};
