@@ -47,6 +47,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Fine-tune a LoRA adapter from a TOML config; evaluate before and after.
     Train(commands::train::Args),
+    /// Serve the model and its adapters as an OpenAI-compatible HTTP API.
+    Serve(commands::serve::Args),
 }
 
 /// Sizes candle's thread pools, which read `RAYON_NUM_THREADS`. Always set
@@ -77,6 +79,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Data(c) => commands::data::run(c),
         Command::Merge(a) => commands::merge::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Serve(a) => commands::serve::run(a),
     }
 }
 

@@ -201,14 +201,19 @@ impl<'a> Engine<'a> {
     }
 
     /// Drops sequence `id` wherever it is; its slot is free at once.
-    pub fn cancel(&mut self, id: SeqId) {
+    /// Returns whether it was still there.
+    pub fn cancel(&mut self, id: SeqId) -> bool {
+        let before = self.waiting.len();
         self.waiting.retain(|s| s.id != id);
+        let mut found = self.waiting.len() != before;
         for (slot, s) in self.slots.iter_mut().enumerate() {
             if s.as_ref().is_some_and(|s| s.id == id) {
                 *s = None;
                 self.cache.clear(slot);
+                found = true;
             }
         }
+        found
     }
 
     /// Sequences waiting for a slot.
@@ -328,11 +333,10 @@ impl<'a> Engine<'a> {
         seq.first_token.get_or_insert(now);
         let logprob = seq.request.logprobs.map(|k| logprob(logits, id, k));
         let eos = seq.request.eos_ids.contains(&id);
-        let text = if eos {
+        let mut text = if eos {
             String::new()
         } else {
-            let generated = &seq.ids[prompt_len..];
-            seq.stream.push(self.tokenizer, generated)?
+            seq.stream.push(self.tokenizer, &seq.ids[prompt_len..])?
         };
         let finish = if eos || seq.stream.stopped() {
             Some(FinishReason::Stop)
@@ -341,39 +345,31 @@ impl<'a> Engine<'a> {
         } else {
             None
         };
-        let mut live = (seq.sink)(Event::Token { id, text, logprob });
-        if let Some(reason) = finish {
-            let mut seq = self.slots[slot].take().expect("checked above");
-            self.cache.clear(slot);
-            let rest = match seq.stream.finish(self.tokenizer, &seq.ids[prompt_len..]) {
-                Ok(rest) => rest,
-                Err(e) => {
-                    (seq.sink)(Event::Failed(e.to_string()));
-                    return Ok(());
-                }
-            };
-            if !rest.is_empty() && live {
-                live = (seq.sink)(Event::Token {
-                    id,
-                    text: rest,
-                    logprob: None,
-                });
+        if finish.is_some() {
+            // The last token carries whatever text was still held back.
+            text.push_str(&seq.stream.finish(self.tokenizer, &seq.ids[prompt_len..])?);
+        }
+        let live = (seq.sink)(Event::Token { id, text, logprob });
+        let Some(reason) = finish else {
+            if !live {
+                self.slots[slot] = None;
+                self.cache.clear(slot);
             }
-            let first = seq.first_token.unwrap_or(now);
-            let generation = Generation {
-                text: seq.stream.text().to_string(),
-                ids: seq.generated().to_vec(),
-                prompt_tokens: prompt_len,
-                finish_reason: reason,
-                prefill_seconds: (first - seq.arrived).as_secs_f64(),
-                decode_seconds: first.elapsed().as_secs_f64(),
-            };
-            if live {
-                (seq.sink)(Event::Finished(generation));
-            }
-        } else if !live {
-            self.slots[slot] = None;
-            self.cache.clear(slot);
+            return Ok(());
+        };
+        let mut seq = self.slots[slot].take().expect("checked above");
+        self.cache.clear(slot);
+        let first = seq.first_token.unwrap_or(now);
+        let generation = Generation {
+            text: seq.stream.text().to_string(),
+            ids: seq.generated().to_vec(),
+            prompt_tokens: prompt_len,
+            finish_reason: reason,
+            prefill_seconds: (first - seq.arrived).as_secs_f64(),
+            decode_seconds: first.elapsed().as_secs_f64(),
+        };
+        if live {
+            (seq.sink)(Event::Finished(generation));
         }
         Ok(())
     }

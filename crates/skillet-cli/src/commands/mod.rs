@@ -8,5 +8,6 @@ pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod score;
+pub mod serve;
 pub mod tokenize;
 pub mod train;

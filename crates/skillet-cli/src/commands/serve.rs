@@ -1,0 +1,118 @@
+//! `skillet serve`: the OpenAI-compatible API over a model and its
+//! adapters (see `skillet_server`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use skillet_server::ServerConfig;
+
+use crate::args::ModelArg;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The id the base model answers to in `model` (default: the file or folder name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Serve a PEFT LoRA adapter as NAME (repeatable): --adapter NAME=DIR.
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    adapters: Vec<String>,
+    /// A folder of adapter folders: each can be requested by its folder
+    /// name (loaded on first use), and runtime loads are confined to it.
+    #[arg(long)]
+    adapters_dir: Option<PathBuf>,
+    /// Let /v1/load_lora_adapter read adapters from any path.
+    #[arg(long)]
+    allow_any_adapter_path: bool,
+    /// Address to listen on (127.0.0.1: this machine only).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(
+        long,
+        env = "SKILLET_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_key_file"
+    )]
+    api_key: Option<String>,
+    /// A file with one API key per line.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// The key that may load and unload adapters (else any API key may).
+    #[arg(long, env = "SKILLET_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// Sequences decoded together (KV-cache slots).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Requests that may wait for a slot before new ones get 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Context per sequence, prompt plus completion (at most the model's).
+    #[arg(long, default_value_t = 2048)]
+    ctx: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Prompt tokens prefilled per decode step (smaller keeps running
+    /// streams smoother while long prompts arrive).
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
+}
+
+fn parse_adapter(spec: &str) -> anyhow::Result<(String, PathBuf)> {
+    let (name, dir) = spec
+        .split_once('=')
+        .filter(|(n, d)| !n.is_empty() && !d.is_empty())
+        .with_context(|| format!("--adapter {spec:?}: expected NAME=DIR"))?;
+    Ok((name.to_string(), PathBuf::from(dir)))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut cfg = ServerConfig::new(args.model.model.clone());
+    if let Some(name) = args.served_model_name {
+        cfg.model_id = name;
+    }
+    cfg.adapters = args
+        .adapters
+        .iter()
+        .map(|s| parse_adapter(s))
+        .collect::<anyhow::Result<_>>()?;
+    cfg.adapters_dir = args.adapters_dir;
+    cfg.allow_any_adapter_path = args.allow_any_adapter_path;
+    cfg.addr = SocketAddr::new(args.host, args.port);
+    cfg.api_keys = match (args.api_key, args.api_key_file) {
+        (Some(k), _) => vec![k],
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .with_context(|| f.display().to_string())?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect(),
+        (None, None) => Vec::new(),
+    };
+    cfg.admin_key = args.admin_key;
+    cfg.max_batch = args.max_batch;
+    cfg.max_queue = args.max_queue;
+    cfg.ctx = args.ctx;
+    cfg.max_body_bytes = args.max_body_bytes;
+    cfg.prefill_chunk = args.prefill_chunk;
+    let keys = cfg.api_keys.len();
+    skillet_server::serve(cfg, |addr| {
+        eprintln!(
+            "listening on http://{addr} ({})",
+            if keys == 0 {
+                "no API key required".to_string()
+            } else {
+                format!("{keys} API key(s)")
+            }
+        );
+    })?;
+    eprintln!("stopped");
+    Ok(())
+}

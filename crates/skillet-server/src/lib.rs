@@ -1,0 +1,177 @@
+//! `skillet serve`: an OpenAI-compatible HTTP API over one loaded model
+//! and any number of LoRA adapters. Requests for the base model and for
+//! different adapters are decoded together in one continuously batched
+//! engine (each row of a batch applies its own adapter), which runs on the
+//! calling thread; HTTP runs on a small tokio runtime beside it, so model
+//! compute never blocks request handling.
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod generation;
+mod metrics;
+mod openai;
+mod routes;
+mod state;
+mod worker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use skillet_generate::EngineConfig;
+use skillet_models::{CausalLm, LoadOptions};
+use skillet_runtime::Bundle;
+
+pub use config::ServerConfig;
+pub use error::ApiError;
+
+use crate::metrics::Metrics;
+use crate::state::AppState;
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The model or a start-up adapter could not be loaded.
+    #[error(transparent)]
+    Runtime(#[from] Box<skillet_runtime::RuntimeError>),
+    /// A start-up adapter was refused.
+    #[error("adapter {name}: {message}")]
+    Adapter {
+        /// Its name.
+        name: String,
+        /// Why.
+        message: String,
+    },
+    /// Sockets or threads.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The router over `state`.
+fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .route("/v1/models", get(routes::models))
+        .route("/v1/chat/completions", post(routes::chat))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/load_lora_adapter", post(routes::load_adapter))
+        .route("/v1/unload_lora_adapter", post(routes::unload_adapter))
+        .fallback(routes::fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::guard,
+        ))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Loads the model and adapters, listens, and serves until SIGTERM or
+/// Ctrl-C; then stops accepting, lets running requests finish (up to the
+/// grace period), and returns. `on_ready` gets the bound address once
+/// requests are accepted. The engine runs on the calling thread.
+pub fn serve(config: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<(), ServeError> {
+    let bundle = Bundle::open(&config.model).map_err(Box::new)?;
+    // Decoding reads quantized blocks directly; longer prefill chunks are
+    // dequantized per product.
+    let model = Arc::new(
+        bundle
+            .load_model(LoadOptions {
+                keep_quantized: true,
+                ..Default::default()
+            })
+            .map_err(Box::new)?,
+    );
+    let mut config = config;
+    config.ctx = config
+        .ctx
+        .clamp(2, model.config().max_position_embeddings.max(2));
+    let engine = EngineConfig {
+        max_batch: config.max_batch.max(1),
+        capacity: config.ctx,
+        prefill_chunk: config.prefill_chunk.max(1),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let adapters = config.adapters.clone();
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let addr = config.addr;
+    let state = Arc::new(AppState::new(
+        config,
+        bundle,
+        model.clone(),
+        tx,
+        metrics.clone(),
+    ));
+    for (name, dir) in &adapters {
+        state.load(name, dir).map_err(|e| ServeError::Adapter {
+            name: name.clone(),
+            message: e.message,
+        })?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("skillet-http")
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind(addr))?;
+    let bound = listener.local_addr()?;
+    let app = router(state.clone());
+    let server_state = state.clone();
+    runtime.spawn(async move {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let signalled = stop.clone();
+        let draining = server_state.clone();
+        let shutdown = async move {
+            wait_for_signal().await;
+            routes::stop(&draining);
+            signalled.notify_waiters();
+        };
+        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+        tokio::select! {
+            r = serve => {
+                if let Err(e) = r {
+                    tracing::error!("server error: {e}");
+                }
+            }
+            _ = async { stop.notified().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("grace period over; cancelling what still runs");
+            }
+        }
+        // No more requests: close the model thread's queue.
+        server_state.close_worker();
+    });
+    on_ready(bound);
+    let tokenizer = &state.bundle.tokenizer;
+    worker::run(model.as_ref(), tokenizer, engine, rx, metrics);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

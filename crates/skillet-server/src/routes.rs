@@ -1,0 +1,324 @@
+//! The HTTP routes: health, models, chat and text completions, adapter
+//! load/unload, metrics; and the API-key check in front of them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::generation::{self, Job, Kind};
+use crate::openai::{ChatRequest, Common, CompletionRequest, StreamOptions, body_object, fields};
+use crate::state::{AppState, Target};
+
+type Shared = State<Arc<AppState>>;
+
+/// `GET /health`: 200 once the model is loaded (the server only listens then).
+pub async fn health() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(state): Shared) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `GET /v1/models`: the base model and every adapter (`parent` = base).
+pub async fn models(State(state): Shared) -> Result<Response, ApiError> {
+    let base = &state.config.model_id;
+    let mut data = vec![json!({
+        "id": base, "object": "model", "created": state.started, "owned_by": "skillet",
+        "root": state.config.model.display().to_string(), "parent": Value::Null,
+    })];
+    for (name, e) in state.adapters()? {
+        data.push(json!({
+            "id": name, "object": "model", "created": e.created, "owned_by": "skillet",
+            "root": e.path.display().to_string(), "parent": base,
+        }));
+    }
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// The body, with a too-large one answered as OpenAI does.
+fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    match body {
+        Ok(b) => body_object(&b),
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(ApiError::too_large(state.config.max_body_bytes))
+        }
+        Err(r) => Err(ApiError::invalid(r.body_text())),
+    }
+}
+
+/// The shared options, and the model they name.
+fn common(state: &AppState, v: &Value) -> Result<(Common, Target), ApiError> {
+    let common: Common = fields(v)?;
+    let target = state.resolve(&common.model)?;
+    Ok((common, target))
+}
+
+fn include_usage(c: &Common) -> bool {
+    c.stream
+        && c.stream_options
+            .as_ref()
+            .is_some_and(|o: &StreamOptions| o.include_usage)
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(
+    State(state): Shared,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = body(&state, raw)?;
+    let req: ChatRequest = fields(&v)?;
+    let (common, target) = common(&state, &v)?;
+    let checked = common.check(state.config.max_n)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::param("messages", "`messages` must not be empty"));
+    }
+    if req.messages.len() > state.config.max_messages {
+        return Err(ApiError::param(
+            "messages",
+            format!("At most {} messages", state.config.max_messages),
+        ));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| m.to_message(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let logprobs = match (req.logprobs, req.top_logprobs) {
+        (_, Some(k)) if !(0..=20).contains(&k) => {
+            return Err(ApiError::param(
+                "top_logprobs",
+                "`top_logprobs` must be between 0 and 20",
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::param(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ));
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, None) => None,
+    };
+    let prompt = state.bundle.chat_prompt(&messages).map_err(|e| match e {
+        skillet_runtime::RuntimeError::Tokenizer(t) => ApiError::param("messages", t.to_string()),
+        other => other.into(),
+    })?;
+    generation::run(
+        state.clone(),
+        Job {
+            kind: Kind::Chat,
+            include_usage: include_usage(&common),
+            stream: common.stream,
+            ignore_eos: common.ignore_eos,
+            model: common.model,
+            target,
+            prompt,
+            checked,
+            logprobs,
+        },
+    )
+    .await
+}
+
+/// `POST /v1/completions`: a raw prompt, tokenized as `tokenizer(prompt)`
+/// (with the BOS the tokenizer adds).
+pub async fn completions(
+    State(state): Shared,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = body(&state, raw)?;
+    let req: CompletionRequest = fields(&v)?;
+    let (common, target) = common(&state, &v)?;
+    let checked = common.check(state.config.max_n)?;
+    let text = match &req.prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+            items[0].as_str().unwrap_or_default().to_string()
+        }
+        _ => {
+            return Err(ApiError::param(
+                "prompt",
+                "`prompt` must be a string (or a list holding one string)",
+            ));
+        }
+    };
+    if req.echo {
+        return Err(ApiError::param("echo", "`echo` is not supported"));
+    }
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::param("suffix", "`suffix` is not supported"));
+    }
+    let logprobs = match req.logprobs {
+        Some(k) if !(0..=5).contains(&k) => {
+            return Err(ApiError::param(
+                "logprobs",
+                "`logprobs` must be between 0 and 5",
+            ));
+        }
+        k => k.map(|k| k as usize),
+    };
+    let prompt = state.bundle.text_prompt(&text)?;
+    generation::run(
+        state.clone(),
+        Job {
+            kind: Kind::Completion,
+            include_usage: include_usage(&common),
+            stream: common.stream,
+            ignore_eos: common.ignore_eos,
+            model: common.model,
+            target,
+            prompt,
+            checked,
+            logprobs,
+        },
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+struct LoadRequest {
+    lora_name: String,
+    lora_path: String,
+}
+
+#[derive(Deserialize)]
+struct UnloadRequest {
+    lora_name: String,
+}
+
+/// `POST /v1/load_lora_adapter`: serve the adapter at `lora_path` as
+/// `lora_name`. Paths are confined to `--adapters-dir`.
+pub async fn load_adapter(
+    State(state): Shared,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    admin(&state, &headers)?;
+    let v = body(&state, raw)?;
+    let req: LoadRequest = fields(&v)?;
+    if state.adapters()?.iter().any(|(n, _)| *n == req.lora_name) {
+        return Err(ApiError::param(
+            "lora_name",
+            format!(
+                "an adapter named `{}` is already loaded; unload it first",
+                req.lora_name
+            ),
+        ));
+    }
+    let path = state.confine(&req.lora_path)?;
+    let s = state.clone();
+    let name = req.lora_name.clone();
+    tokio::task::spawn_blocking(move || s.load(&name, &path))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(axum::Json(json!({"status": "ok", "lora_name": req.lora_name})).into_response())
+}
+
+/// `POST /v1/unload_lora_adapter`: stop serving `lora_name`; requests
+/// already running on it finish.
+pub async fn unload_adapter(
+    State(state): Shared,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    admin(&state, &headers)?;
+    let v = body(&state, raw)?;
+    let req: UnloadRequest = fields(&v)?;
+    state.unload(&req.lora_name)?;
+    Ok(axum::Json(json!({"status": "ok", "lora_name": req.lora_name})).into_response())
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Equality that takes the same time wherever the first difference is.
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+/// Adapter loading needs the admin key when one is set.
+fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match &state.config.admin_key {
+        Some(key) if !bearer(headers).is_some_and(|k| same(k, key)) => Err(ApiError::forbidden(
+            "loading and unloading adapters needs the admin key",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Every route but `/health` needs one of the API keys (or the admin key),
+/// when keys are configured. Also counts requests for `/metrics`.
+pub async fn guard(State(state): Shared, request: Request, next: Next) -> Response {
+    let route = request.uri().path().to_string();
+    let keys = &state.config.api_keys;
+    let needs_key = route != "/health" && (!keys.is_empty() || state.config.admin_key.is_some());
+    if needs_key {
+        let given = bearer(request.headers());
+        let ok = given.is_some_and(|g| {
+            keys.iter().any(|k| same(g, k))
+                || state
+                    .config
+                    .admin_key
+                    .as_deref()
+                    .is_some_and(|k| same(g, k))
+        });
+        if !ok {
+            state.metrics.request(&route, 401);
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    let response = next.run(request).await;
+    let known = [
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+    ];
+    let label = if known.contains(&route.as_str()) {
+        route.as_str()
+    } else {
+        "other"
+    };
+    state.metrics.request(label, response.status().as_u16());
+    response
+}
+
+/// Unknown routes, in OpenAI's error shape.
+pub async fn fallback() -> ApiError {
+    ApiError::not_found("Unknown route")
+}
+
+/// Whether the server is draining (used by shutdown).
+pub fn stop(state: &AppState) {
+    state.stopping.store(true, Ordering::Relaxed);
+}
