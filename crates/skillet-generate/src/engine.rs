@@ -245,15 +245,20 @@ impl<'a> Engine<'a> {
         self.admit();
         let mut batch = CachedBatch::default();
         let mut rows = Vec::new(); // (slot, whether this row's logits are sampled)
-        let mut prefill_left = self.config.prefill_chunk;
+        // Prompts go in chunks of `prefill_chunk` tokens from their start,
+        // whatever else runs, so a sequence is computed the same way alone
+        // or batched; a step takes whole chunks up to that many tokens (at
+        // least one).
+        let chunk = self.config.prefill_chunk;
+        let mut prefill = 0;
         for (slot, seq) in self.slots.iter_mut().enumerate() {
             let Some(seq) = seq else { continue };
             let tokens = if seq.prefilled < seq.prompt_len() {
-                if prefill_left == 0 {
+                let n = (seq.prompt_len() - seq.prefilled).min(chunk);
+                if prefill > 0 && prefill + n > chunk {
                     continue;
                 }
-                let n = (seq.prompt_len() - seq.prefilled).min(prefill_left);
-                prefill_left -= n;
+                prefill += n;
                 seq.request.prompt[seq.prefilled..seq.prefilled + n].to_vec()
             } else {
                 vec![*seq.ids.last().expect("a prefilled sequence has a token")]

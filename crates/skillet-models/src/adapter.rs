@@ -152,7 +152,17 @@ impl Adapters {
     /// `[rows, in]` or `[rows, tokens, in]`; a per-row selection covers the
     /// leading rows.
     pub fn apply(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
-        let y = lin.forward(x)?;
+        self.add_delta(lin, module, x, lin.forward(x)?)
+    }
+
+    /// `y` (the base layer's output for `x`) plus each row's update.
+    pub(crate) fn add_delta(
+        &self,
+        lin: &dyn Linear,
+        module: usize,
+        x: &Tensor,
+        y: Tensor,
+    ) -> Result<Tensor> {
         if !self.adapts(module) {
             return Ok(y);
         }

@@ -10,10 +10,26 @@ use skillet_kernels::{QuantKind, QuantMatrix};
 
 use crate::{Result, Weight};
 
+/// What the rows of an incremental (cached) call are, so a layer can pick
+/// its product by the rows' role rather than by how many arrived together:
+/// a sequence then gets the same numbers whatever else shares its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKind {
+    /// One new token per sequence (decode steps).
+    Decode,
+    /// Chunks of prompt tokens.
+    Prefill,
+}
+
 /// A layer `y = x W^T (+ b)` mapping `[..., in]` to `[..., out]`.
 pub trait Linear: Send + Sync + std::fmt::Debug {
     /// Applies the layer to `x` of shape `[..., in_features]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// [`Linear::forward`] for rows that all have role `kind`.
+    fn forward_rows(&self, x: &Tensor, kind: RowKind) -> Result<Tensor> {
+        let _ = kind;
+        self.forward(x)
+    }
     /// Input width.
     fn in_features(&self) -> usize;
     /// Output width.
@@ -80,19 +96,18 @@ impl BaseLinear {
     }
 }
 
-impl Linear for BaseLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.elem_count() / self.in_features.max(1);
-        if let Some(packed) = &self.packed
-            && rows <= FEW_ROWS
-        {
-            // Decode: read the quantized blocks instead of dequantizing.
-            let y = packed.matmul(x)?;
-            return Ok(match &self.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            });
-        }
+impl BaseLinear {
+    /// The product through the repacked quantized blocks.
+    fn blocks(&self, packed: &Arc<QuantMatrix>, x: &Tensor) -> Result<Tensor> {
+        let y = packed.matmul(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// The product with the dense (or dequantized) weight.
+    fn dense(&self, x: &Tensor) -> Result<Tensor> {
         let weight = self.weight.to_dense(&Device::Cpu)?;
         // A frozen weight never enters the autograd graph (the op's
         // backward gives the input gradient only); a trainable one (full
@@ -106,6 +121,24 @@ impl Linear for BaseLinear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+impl Linear for BaseLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / self.in_features.max(1);
+        match &self.packed {
+            // Decode: read the quantized blocks instead of dequantizing.
+            Some(packed) if rows <= FEW_ROWS => self.blocks(packed, x),
+            _ => self.dense(x),
+        }
+    }
+
+    fn forward_rows(&self, x: &Tensor, kind: RowKind) -> Result<Tensor> {
+        match (&self.packed, kind) {
+            (Some(packed), RowKind::Decode) => self.blocks(packed, x),
+            _ => self.dense(x),
+        }
     }
 
     fn in_features(&self) -> usize {

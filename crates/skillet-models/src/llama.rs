@@ -18,7 +18,7 @@ use skillet_kernels::{AttentionMask, CachedSeq, RopeLayout, RopeTable};
 use crate::adapter::{Adapter, Adapters, LAYER_MODULES, ModuleInfo, module_names};
 use crate::cache::KvCache;
 use crate::checkpoint::{self, Checkpointing};
-use crate::linear::{BaseLinear, Linear};
+use crate::linear::{BaseLinear, Linear, RowKind};
 use crate::rope::Rope;
 use crate::{LlamaConfig, ModelError, Result, Weight, WeightSource};
 
@@ -154,6 +154,46 @@ pub(crate) struct LayerContext {
     composed: bool,
     adapters: Adapters,
     window: Option<usize>,
+    /// In a cached call, how many leading rows are decode rows (one new
+    /// token of a sequence); the rest are prompt chunks.
+    decode_rows: Option<usize>,
+}
+
+impl LayerContext {
+    /// `lin` over `x`, plus each row's adapter update of `module`.
+    fn project(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
+        let y = match self.decode_rows {
+            None => lin.forward(x)?,
+            Some(d) => by_row_kind(lin, x, d)?,
+        };
+        self.adapters.add_delta(lin, module, x, y)
+    }
+}
+
+/// `lin` over `x` whose first `decode` rows are decode rows and the rest
+/// prompt rows, each group through the product for its role.
+fn by_row_kind(lin: &dyn Linear, x: &Tensor, decode: usize) -> Result<Tensor> {
+    let inp = lin.in_features();
+    let n = x.elem_count() / inp.max(1);
+    let flat = x.reshape((n, inp))?;
+    let y = if decode == 0 {
+        lin.forward_rows(&flat, RowKind::Prefill)?
+    } else if decode >= n {
+        lin.forward_rows(&flat, RowKind::Decode)?
+    } else {
+        Tensor::cat(
+            &[
+                lin.forward_rows(&flat.narrow(0, 0, decode)?, RowKind::Decode)?,
+                lin.forward_rows(&flat.narrow(0, decode, n - decode)?, RowKind::Prefill)?,
+            ],
+            0,
+        )?
+    };
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = lin.out_features();
+    }
+    Ok(y.reshape(dims)?)
 }
 
 /// One sequence of a cached batch: its slot, the positions cached before
@@ -192,15 +232,14 @@ impl Attention {
     fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize, kv: Kv) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
-        let ad = &ctx.adapters;
-        let q = ad
-            .apply(self.q_proj.as_ref(), base, x)?
+        let q = ctx
+            .project(self.q_proj.as_ref(), base, x)?
             .reshape((b, t, h, d))?; // [B,T,H,D]
-        let kk = ad
-            .apply(self.k_proj.as_ref(), base + 1, x)?
+        let kk = ctx
+            .project(self.k_proj.as_ref(), base + 1, x)?
             .reshape((b, t, k, d))?; // [B,T,K,D]
-        let v = ad
-            .apply(self.v_proj.as_ref(), base + 2, x)?
+        let v = ctx
+            .project(self.v_proj.as_ref(), base + 2, x)?
             .reshape((b, t, k, d))?; // [B,T,K,D]
         let rope = if ctx.composed {
             skillet_kernels::rope_composed
@@ -255,7 +294,7 @@ impl Attention {
                 return Err(ModelError::Input("attention without a mask".into()));
             }
         };
-        ad.apply(self.o_proj.as_ref(), base + 3, &out.reshape((b, t, h * d))?)
+        ctx.project(self.o_proj.as_ref(), base + 3, &out.reshape((b, t, h * d))?)
     }
 }
 
@@ -268,15 +307,14 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize) -> Result<Tensor> {
-        let ad = &ctx.adapters;
-        let gate = ad.apply(self.gate_proj.as_ref(), base + 4, x)?;
-        let up = ad.apply(self.up_proj.as_ref(), base + 5, x)?;
+        let gate = ctx.project(self.gate_proj.as_ref(), base + 4, x)?;
+        let up = ctx.project(self.up_proj.as_ref(), base + 5, x)?;
         let act = if ctx.composed {
             skillet_kernels::swiglu_composed(&gate, &up)?
         } else {
             skillet_kernels::swiglu(&gate, &up)?
         };
-        ad.apply(self.down_proj.as_ref(), base + 6, &act)
+        ctx.project(self.down_proj.as_ref(), base + 6, &act)
     }
 }
 
@@ -612,6 +650,7 @@ impl CausalLm for Llama {
             composed: self.composed,
             adapters: input.adapters.clone(),
             window: self.cfg.sliding_window,
+            decode_rows: None,
         };
         self.run_layers(&input.ids, ctx, None)
     }
@@ -620,19 +659,29 @@ impl CausalLm for Llama {
         if batch.chunks.is_empty() {
             return Err(ModelError::Input("an empty batch".into()));
         }
-        let mut spans = Vec::with_capacity(batch.chunks.len());
+        // Decode rows (one token) first, prompt chunks after, each group
+        // through its own product (see `RowKind`); results go back in the
+        // caller's order.
+        let mut order: Vec<usize> = (0..batch.chunks.len()).collect();
+        order.sort_by_key(|&i| batch.chunks[i].tokens.len() > 1);
+        let decode = order
+            .iter()
+            .take_while(|&&i| batch.chunks[i].tokens.len() == 1)
+            .count();
+        let mut spans: Vec<Span> = Vec::with_capacity(order.len());
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut rows = Vec::new();
-        let mut last = Vec::with_capacity(batch.chunks.len());
-        for c in &batch.chunks {
+        let mut last = Vec::with_capacity(order.len());
+        for &i in &order {
+            let c = &batch.chunks[i];
             if c.tokens.is_empty() {
                 return Err(ModelError::Input(format!(
                     "slot {} brings no tokens",
                     c.slot
                 )));
             }
-            if spans.iter().any(|s: &Span| s.slot == c.slot) {
+            if spans.iter().any(|s| s.slot == c.slot) {
                 return Err(ModelError::Input(format!("slot {} appears twice", c.slot)));
             }
             let start = cache.reserve(c.slot, c.tokens.len())?;
@@ -659,6 +708,7 @@ impl CausalLm for Llama {
             composed: self.composed,
             adapters: adapters.clone(),
             window: self.cfg.sliding_window,
+            decode_rows: Some(decode),
         };
         let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu)?;
         let hidden = self.run_layers(&ids, ctx, Some((cache, &spans)))?; // [1,N,C]
@@ -668,7 +718,18 @@ impl CausalLm for Llama {
         let picked = hidden
             .squeeze(0)?
             .index_select(&Tensor::new(last.as_slice(), &Device::Cpu)?, 0)?; // [chunks,C]
-        self.head(&picked, &adapters.gather(&last, 1))
+        let head = self.lm_head.as_ref();
+        let logits = adapters.gather(&last, 1).add_delta(
+            head,
+            self.lm_head_module(),
+            &picked,
+            by_row_kind(head, &picked, decode)?,
+        )?; // [chunks,V] in processing order
+        let mut back = vec![0u32; order.len()];
+        for (k, &i) in order.iter().enumerate() {
+            back[i] = k as u32;
+        }
+        Ok(logits.index_select(&Tensor::new(back.as_slice(), &Device::Cpu)?, 0)?)
     }
 }
 

@@ -427,3 +427,41 @@ fn load_errors_name_the_file_and_tensor() {
         .to_string();
     assert!(err.contains("nope.gguf"), "{err}");
 }
+
+#[test]
+fn a_sequence_gets_the_same_numbers_alone_or_batched_on_a_quantized_base() {
+    // Decode rows read the quantized blocks and prompt chunks the
+    // dequantized weight, by their role: so how many rows share a call
+    // (here more than the block kernel's usual limit) changes nothing.
+    let (cfg, w) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q8.gguf");
+    write_gguf(&cfg, &w, &path, &|_| GgmlType::Q8_0, vec![]).unwrap();
+    let m = ModelSource::open(&path)
+        .unwrap()
+        .load_model(LoadOptions {
+            keep_quantized: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let a = vec![3u32, 14, 15, 92, 65];
+    let mut cache = m.new_cache(24, 16);
+    let alone_prefill = cached(&m, &mut cache, &[(0, &a)]);
+    let alone_decode = cached(&m, &mut cache, &[(0, &[50])]);
+    // The same sequence in slot 1, next to 22 others.
+    let others: Vec<Vec<u32>> = (0..22).map(|i| vec![(i * 3 + 1) as u32 % 90 + 1]).collect();
+    let mut chunks: Vec<(usize, &[u32])> = vec![(1, a.as_slice())];
+    chunks.extend(
+        others
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i + 2, t.as_slice())),
+    );
+    let batched_prefill = cached(&m, &mut cache, &chunks);
+    chunks[0] = (1, &[50]);
+    let long = vec![7u32; 9];
+    chunks[5] = (6, long.as_slice());
+    let batched_decode = cached(&m, &mut cache, &chunks);
+    assert_eq!(batched_prefill[0], alone_prefill[0]);
+    assert_eq!(batched_decode[0], alone_decode[0]);
+}

@@ -62,6 +62,10 @@ pub struct Args {
     /// streams smoother while long prompts arrive).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    /// Seconds running requests get to finish after SIGTERM or Ctrl-C
+    /// before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
 }
 
 fn parse_adapter(spec: &str) -> anyhow::Result<(String, PathBuf)> {
@@ -102,6 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.ctx = args.ctx;
     cfg.max_body_bytes = args.max_body_bytes;
     cfg.prefill_chunk = args.prefill_chunk;
+    cfg.shutdown_grace_secs = args.shutdown_grace;
     let keys = cfg.api_keys.len();
     skillet_server::serve(cfg, |addr| {
         eprintln!(

@@ -2,6 +2,8 @@
 //! byte-level tokenizer, and the real default model from the fetch script.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
