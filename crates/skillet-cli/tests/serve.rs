@@ -426,7 +426,8 @@ fn concurrent_streams_mixing_adapters_equal_sequential_answers() {
         json!({"model": id, "messages": [{"role": "user", "content": "Count to a thousand."}],
         "max_tokens": 1000, "ignore_eos": true, "stream": true})
         .to_string();
-    let s = open_stream(&server.addr, "/v1/chat/completions", Some(KEY), &long, 600);
+    // Wait for a few tokens: the gauges are updated after each step.
+    let s = open_stream(&server.addr, "/v1/chat/completions", Some(KEY), &long, 1500);
     assert_eq!(server.metric("skillet_running_sequences"), 1.0);
     drop(s);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -445,7 +446,7 @@ fn concurrent_streams_mixing_adapters_equal_sequential_answers() {
 }
 
 #[test]
-fn a_full_queue_answers_429_and_shutdown_cancels_running_streams() {
+fn idle_clients_are_cut_off_a_full_queue_answers_429_and_shutdown_cancels_running_streams() {
     let server = start(&[
         "--max-batch",
         "1",

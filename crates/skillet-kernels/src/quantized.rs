@@ -131,19 +131,16 @@ impl QuantMatrix {
             .map(|task| {
                 let (o0, o1) = range(task);
                 let mut out = vec![0f32; t * (o1 - o0)];
-                for (r, chunk) in out.chunks_exact_mut(o1 - o0).enumerate() {
-                    let xr = &x[r * self.cols..(r + 1) * self.cols];
-                    let s = &self.scales[o0 * nb..o1 * nb];
-                    match self.kind {
-                        QuantKind::Q4_1 => {
-                            let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
-                            let m = &self.mins[o0 * nb..o1 * nb];
-                            q4_1_rows(q, s, m, xr, &sums[r * nb..(r + 1) * nb], chunk);
-                        }
-                        QuantKind::Q8_0 => {
-                            let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
-                            q8_0_rows(q, s, xr, chunk);
-                        }
+                let s = &self.scales[o0 * nb..o1 * nb];
+                match self.kind {
+                    QuantKind::Q4_1 => {
+                        let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
+                        let m = &self.mins[o0 * nb..o1 * nb];
+                        q4_1_rows(q, s, m, x, &sums, self.cols, &mut out);
+                    }
+                    QuantKind::Q8_0 => {
+                        let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
+                        q8_0_rows(q, s, x, self.cols, &mut out);
                     }
                 }
                 out
@@ -195,60 +192,96 @@ impl CustomOp1 for QuantizedMatmul {
     }
 }
 
-/// Adds one Q4_1 block's `d·q·x` into the 16 lanes of `acc`.
+/// Input rows taken together through one pass over a block of weights.
+const GROUP: usize = 4;
+
+/// Adds one Q4_1 block's `d·q·x` into the 16 lanes of `acc`, its nibbles
+/// already as floats (`lo` the first 16 weights, `hi` the next 16).
 #[inline(always)]
-fn q4_1_block(acc: &mut [f32; 16], q: &[u8], d: f32, x: &[f32]) {
-    let q: &[u8; 16] = q.try_into().expect("16 bytes");
+fn q4_1_block(acc: &mut [f32; 16], lo: &[f32; 16], hi: &[f32; 16], d: f32, x: &[f32]) {
     let x: &[f32; 32] = x.try_into().expect("32 values");
     for i in 0..16 {
-        acc[i] += d * ((q[i] & 15) as f32 * x[i] + (q[i] >> 4) as f32 * x[16 + i]);
+        acc[i] += d * (lo[i] * x[i] + hi[i] * x[16 + i]);
     }
 }
 
+/// The nibbles of a Q4_1 block as floats.
+#[inline(always)]
+fn nibbles(q: &[u8]) -> ([f32; 16], [f32; 16]) {
+    let q: &[u8; 16] = q.try_into().expect("16 bytes");
+    (
+        std::array::from_fn(|i| (q[i] & 15) as f32),
+        std::array::from_fn(|i| (q[i] >> 4) as f32),
+    )
+}
+
 multiversion! {
-    /// `Σ (d·q + m)·x` over each output row's Q4_1 blocks, the minimums
-    /// through the block sums `xsum` of `x`.
-    fn q4_1_rows(quants: &[u8], scales: &[f32], mins: &[f32], x: &[f32], xsum: &[f32], out: &mut [f32]) {
-        let nb = x.len() / BLOCK;
-        for (o, y) in out.iter_mut().enumerate() {
-            // Two accumulators (even and odd blocks) hide the FMA latency.
-            let (mut a0, mut a1) = ([0f32; 16], [0f32; 16]);
+    /// `Σ (d·q + m)·x` over each output row's Q4_1 blocks for every input
+    /// row of `x` (rows of `cols`; `out` is `[rows of x, output rows]`),
+    /// the minimums through the block sums `xsum`. Each block is unpacked
+    /// once for up to `GROUP` input rows, and every row's sum runs in the
+    /// same order whatever the number of rows, so a row's result does not
+    /// depend on what else is in its batch.
+    fn q4_1_rows(quants: &[u8], scales: &[f32], mins: &[f32], x: &[f32], xsum: &[f32], cols: usize, out: &mut [f32]) {
+        let nb = cols / BLOCK;
+        let t = x.len() / cols;
+        let outs = out.len() / t;
+        for o in 0..outs {
             let row = &quants[o * nb * 16..(o + 1) * nb * 16];
             let d = &scales[o * nb..(o + 1) * nb];
-            let mut b = 0;
-            while b + 1 < nb {
-                q4_1_block(&mut a0, &row[b * 16..b * 16 + 16], d[b], &x[b * BLOCK..b * BLOCK + BLOCK]);
-                q4_1_block(&mut a1, &row[b * 16 + 16..b * 16 + 32], d[b + 1], &x[b * BLOCK + BLOCK..b * BLOCK + 2 * BLOCK]);
-                b += 2;
+            let m = &mins[o * nb..(o + 1) * nb];
+            for r0 in (0..t).step_by(GROUP) {
+                let g = GROUP.min(t - r0);
+                // Two accumulators (even and odd blocks) per row hide the FMA latency.
+                let mut acc = [[[0f32; 16]; 2]; GROUP];
+                for b in 0..nb {
+                    let (lo, hi) = nibbles(&row[b * 16..b * 16 + 16]);
+                    for (k, a) in acc.iter_mut().enumerate().take(g) {
+                        let at = (r0 + k) * cols + b * BLOCK;
+                        q4_1_block(&mut a[b % 2], &lo, &hi, d[b], &x[at..at + BLOCK]);
+                    }
+                }
+                for (k, a) in acc.iter().enumerate().take(g) {
+                    let mut bias = 0f32;
+                    for (mb, sb) in m.iter().zip(&xsum[(r0 + k) * nb..(r0 + k + 1) * nb]) {
+                        bias += mb * sb;
+                    }
+                    out[(r0 + k) * outs + o] = a[0].iter().sum::<f32>() + a[1].iter().sum::<f32>() + bias;
+                }
             }
-            if b < nb {
-                q4_1_block(&mut a0, &row[b * 16..b * 16 + 16], d[b], &x[b * BLOCK..b * BLOCK + BLOCK]);
-            }
-            let acc = [a0, a1];
-            let mut bias = 0f32;
-            for (m, s) in mins[o * nb..(o + 1) * nb].iter().zip(xsum) {
-                bias += m * s;
-            }
-            *y = acc[0].iter().sum::<f32>() + acc[1].iter().sum::<f32>() + bias;
         }
     }
 }
 
 multiversion! {
-    /// `Σ d·q·x` over each output row's Q8_0 blocks.
-    fn q8_0_rows(quants: &[u8], scales: &[f32], x: &[f32], out: &mut [f32]) {
-        let nb = x.len() / BLOCK;
-        for (o, y) in out.iter_mut().enumerate() {
-            let mut acc = [0f32; 32];
-            for b in 0..nb {
-                let q: &[u8; 32] = quants[(o * nb + b) * 32..][..32].try_into().expect("32 bytes");
-                let xb: &[f32; 32] = x[b * BLOCK..][..BLOCK].try_into().expect("32 values");
-                let d = scales[o * nb + b];
-                for i in 0..32 {
-                    acc[i] += d * (q[i] as i8 as f32 * xb[i]);
+    /// `Σ d·q·x` over each output row's Q8_0 blocks for every input row of
+    /// `x` (rows of `cols`; `out` is `[rows of x, output rows]`); each block
+    /// is converted once for up to `GROUP` rows, each row summed in the
+    /// same order whatever the number of rows.
+    fn q8_0_rows(quants: &[u8], scales: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+        let nb = cols / BLOCK;
+        let t = x.len() / cols;
+        let outs = out.len() / t;
+        for o in 0..outs {
+            for r0 in (0..t).step_by(GROUP) {
+                let g = GROUP.min(t - r0);
+                let mut acc = [[0f32; 32]; GROUP];
+                for b in 0..nb {
+                    let q: &[u8; 32] = quants[(o * nb + b) * 32..][..32].try_into().expect("32 bytes");
+                    let qf: [f32; 32] = std::array::from_fn(|i| q[i] as i8 as f32);
+                    let d = scales[o * nb + b];
+                    for (k, a) in acc.iter_mut().enumerate().take(g) {
+                        let at = (r0 + k) * cols + b * BLOCK;
+                        let xb: &[f32; 32] = x[at..at + BLOCK].try_into().expect("32 values");
+                        for i in 0..32 {
+                            a[i] += d * (qf[i] * xb[i]);
+                        }
+                    }
+                }
+                for (k, a) in acc.iter().enumerate().take(g) {
+                    out[(r0 + k) * outs + o] = a.iter().sum();
                 }
             }
-            *y = acc.iter().sum();
         }
     }
 }

@@ -39,6 +39,11 @@ pub struct ServerConfig {
     pub prefill_chunk: usize,
     /// Seconds running streams get to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Seconds a client may take to send a request head, and may keep an
+    /// idle connection open between requests.
+    pub header_timeout_secs: u64,
+    /// Open connections at most.
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -65,6 +70,8 @@ impl ServerConfig {
             max_n: 8,
             prefill_chunk: 256,
             shutdown_grace_secs: 30,
+            header_timeout_secs: 30,
+            max_connections: 1024,
         }
     }
 }

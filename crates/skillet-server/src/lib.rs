@@ -9,6 +9,7 @@
 mod config;
 mod error;
 mod generation;
+mod listen;
 mod metrics;
 mod openai;
 mod routes;
@@ -100,6 +101,8 @@ pub fn serve(config: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<
     let (tx, rx) = std::sync::mpsc::channel();
     let adapters = config.adapters.clone();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let header_timeout = Duration::from_secs(config.header_timeout_secs.max(1));
+    let max_connections = config.max_connections;
     let addr = config.addr;
     let state = Arc::new(AppState::new(
         config,
@@ -132,13 +135,12 @@ pub fn serve(config: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<
             routes::stop(&draining);
             signalled.notify_waiters();
         };
-        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+        let limits = listen::ConnectionLimits {
+            header_timeout,
+            max_connections,
+        };
         tokio::select! {
-            r = serve => {
-                if let Err(e) = r {
-                    tracing::error!("server error: {e}");
-                }
-            }
+            _ = listen::serve(listener, app, limits, shutdown) => {}
             _ = async { stop.notified().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!("grace period over; cancelling what still runs");
             }

@@ -66,6 +66,13 @@ pub struct Args {
     /// before they are cancelled.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
+    /// Seconds a client may take to send a request head; also how long an
+    /// idle keep-alive connection stays open.
+    #[arg(long, default_value_t = 30)]
+    header_timeout: u64,
+    /// Open connections at most (more clients wait to be accepted).
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
 }
 
 fn parse_adapter(spec: &str) -> anyhow::Result<(String, PathBuf)> {
@@ -107,6 +114,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.max_body_bytes = args.max_body_bytes;
     cfg.prefill_chunk = args.prefill_chunk;
     cfg.shutdown_grace_secs = args.shutdown_grace;
+    cfg.header_timeout_secs = args.header_timeout;
+    cfg.max_connections = args.max_connections;
     let keys = cfg.api_keys.len();
     skillet_server::serve(cfg, |addr| {
         eprintln!(
