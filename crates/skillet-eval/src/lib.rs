@@ -95,18 +95,19 @@ fn prompt_and_reference(
     }
 }
 
-/// Sequences generated together by [`exact_match`].
+/// Sequences generated together by [`exact_match`] unless told otherwise.
 pub const EXACT_MATCH_BATCH: usize = 16;
 
 /// Greedy generation (until EOS or `max_new_tokens`) for every example
-/// with a reference answer, all through one continuously batched engine;
-/// `exact_match` compares trimmed texts.
+/// with a reference answer, `batch` sequences at a time through one
+/// continuously batched engine; `exact_match` compares trimmed texts.
 pub fn exact_match(
     model: &dyn CausalLm,
     tokenizer: &Tokenizer,
     template: Option<&ChatTemplate>,
     examples: &[(usize, Example)],
     max_new_tokens: usize,
+    batch: usize,
 ) -> Result<ExactMatch> {
     let opts = GenerateOptions {
         max_tokens: max_new_tokens,
@@ -127,7 +128,7 @@ pub fn exact_match(
     }
     let longest = asked.iter().map(|(_, p, _)| p.len()).max().unwrap_or(0);
     let config = EngineConfig {
-        max_batch: EXACT_MATCH_BATCH,
+        max_batch: batch.max(1),
         capacity: longest + max_new_tokens,
         ..EngineConfig::default()
     };

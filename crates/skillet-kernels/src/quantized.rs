@@ -193,36 +193,83 @@ impl CustomOp1 for QuantizedMatmul {
 }
 
 /// Input rows taken together through one pass over a block of weights.
-const GROUP: usize = 4;
+const GROUP: usize = 8;
 
-/// Adds one Q4_1 block's `d·q·x` into the 16 lanes of `acc`, its nibbles
-/// already as floats (`lo` the first 16 weights, `hi` the next 16).
+// Plain loops only in the kernels below: a closure (as in
+// `array::from_fn`) is a function of its own, compiled without the
+// kernel's instruction set, and its `mul_add` becomes a library call.
+
+/// A Q4_1 block's weights without the minimum, `d·q`, as two halves.
 #[inline(always)]
-fn q4_1_block(acc: &mut [f32; 16], lo: &[f32; 16], hi: &[f32; 16], d: f32, x: &[f32]) {
-    let x: &[f32; 32] = x.try_into().expect("32 values");
+fn q4_1_scaled(q: &[u8], d: f32) -> ([f32; 16], [f32; 16]) {
+    let q: &[u8; 16] = q.try_into().expect("16 bytes");
+    let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
     for i in 0..16 {
-        acc[i] += d * (lo[i] * x[i] + hi[i] * x[16 + i]);
+        lo[i] = d * (q[i] & 15) as f32;
+        hi[i] = d * (q[i] >> 4) as f32;
+    }
+    (lo, hi)
+}
+
+/// `acc += w·x` lane by lane, fused (one rounding, the same on every CPU).
+#[inline(always)]
+fn fma16(acc: &mut [f32; 16], w: &[f32; 16], x: &[f32]) {
+    let x: &[f32; 16] = x.try_into().expect("16 values");
+    for i in 0..16 {
+        acc[i] = w[i].mul_add(x[i], acc[i]);
     }
 }
 
-/// The nibbles of a Q4_1 block as floats.
+/// `Σ (d·q + m)·x` of output row `o` for `G` input rows from `r0`, each
+/// row with two accumulators (the two halves of every block).
 #[inline(always)]
-fn nibbles(q: &[u8]) -> ([f32; 16], [f32; 16]) {
-    let q: &[u8; 16] = q.try_into().expect("16 bytes");
-    (
-        std::array::from_fn(|i| (q[i] & 15) as f32),
-        std::array::from_fn(|i| (q[i] >> 4) as f32),
-    )
+fn q4_1_group<const G: usize>(
+    row: &[u8],
+    d: &[f32],
+    m: &[f32],
+    x: &[f32],
+    xsum: &[f32],
+    cols: usize,
+    r0: usize,
+) -> [f32; G] {
+    let nb = cols / BLOCK;
+    let mut lo = [[0f32; 16]; G];
+    let mut hi = [[0f32; 16]; G];
+    for b in 0..nb {
+        let (wl, wh) = q4_1_scaled(&row[b * 16..b * 16 + 16], d[b]);
+        for k in 0..G {
+            let at = (r0 + k) * cols + b * BLOCK;
+            fma16(&mut lo[k], &wl, &x[at..at + 16]);
+            fma16(&mut hi[k], &wh, &x[at + 16..at + 32]);
+        }
+    }
+    let mut out = [0f32; G];
+    for k in 0..G {
+        let mut bias = 0f32;
+        for (mb, sb) in m.iter().zip(&xsum[(r0 + k) * nb..(r0 + k + 1) * nb]) {
+            bias = mb.mul_add(*sb, bias);
+        }
+        out[k] = sum16(&lo[k]) + sum16(&hi[k]) + bias;
+    }
+    out
+}
+
+/// The lanes' sum, in a fixed order.
+#[inline(always)]
+fn sum16(v: &[f32; 16]) -> f32 {
+    let mut s = 0f32;
+    for x in v {
+        s += x;
+    }
+    s
 }
 
 multiversion! {
     /// `Σ (d·q + m)·x` over each output row's Q4_1 blocks for every input
     /// row of `x` (rows of `cols`; `out` is `[rows of x, output rows]`),
-    /// the minimums through the block sums `xsum`. Each block is unpacked
-    /// once for up to `GROUP` input rows, and every row's sum runs in the
-    /// same order whatever the number of rows, so a row's result does not
-    /// depend on what else is in its batch.
-    fn q4_1_rows(quants: &[u8], scales: &[f32], mins: &[f32], x: &[f32], xsum: &[f32], cols: usize, out: &mut [f32]) {
+    /// the minimums through the block sums `xsum`, one row at a time (the
+    /// portable path; a row's result never depends on its batch).
+    fn q4_1_rows_portable(quants: &[u8], scales: &[f32], mins: &[f32], x: &[f32], xsum: &[f32], cols: usize, out: &mut [f32]) {
         let nb = cols / BLOCK;
         let t = x.len() / cols;
         let outs = out.len() / t;
@@ -230,59 +277,265 @@ multiversion! {
             let row = &quants[o * nb * 16..(o + 1) * nb * 16];
             let d = &scales[o * nb..(o + 1) * nb];
             let m = &mins[o * nb..(o + 1) * nb];
-            for r0 in (0..t).step_by(GROUP) {
-                let g = GROUP.min(t - r0);
-                // Two accumulators (even and odd blocks) per row hide the FMA latency.
-                let mut acc = [[[0f32; 16]; 2]; GROUP];
-                for b in 0..nb {
-                    let (lo, hi) = nibbles(&row[b * 16..b * 16 + 16]);
-                    for (k, a) in acc.iter_mut().enumerate().take(g) {
-                        let at = (r0 + k) * cols + b * BLOCK;
-                        q4_1_block(&mut a[b % 2], &lo, &hi, d[b], &x[at..at + BLOCK]);
-                    }
-                }
-                for (k, a) in acc.iter().enumerate().take(g) {
-                    let mut bias = 0f32;
-                    for (mb, sb) in m.iter().zip(&xsum[(r0 + k) * nb..(r0 + k + 1) * nb]) {
-                        bias += mb * sb;
-                    }
-                    out[(r0 + k) * outs + o] = a[0].iter().sum::<f32>() + a[1].iter().sum::<f32>() + bias;
-                }
+            for r in 0..t {
+                out[r * outs + o] = q4_1_group::<1>(row, d, m, x, xsum, cols, r)[0];
             }
         }
     }
 }
 
+/// `Σ d·q·x` of output row `o` for `G` input rows from `r0`.
+#[inline(always)]
+fn q8_0_group<const G: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize, r0: usize) -> [f32; G] {
+    let nb = cols / BLOCK;
+    let mut lo = [[0f32; 16]; G];
+    let mut hi = [[0f32; 16]; G];
+    for b in 0..nb {
+        let qb: &[u8; 32] = q[b * 32..b * 32 + 32].try_into().expect("32 bytes");
+        let (mut wl, mut wh) = ([0f32; 16], [0f32; 16]);
+        for i in 0..16 {
+            wl[i] = d[b] * qb[i] as i8 as f32;
+            wh[i] = d[b] * qb[16 + i] as i8 as f32;
+        }
+        for k in 0..G {
+            let at = (r0 + k) * cols + b * BLOCK;
+            fma16(&mut lo[k], &wl, &x[at..at + 16]);
+            fma16(&mut hi[k], &wh, &x[at + 16..at + 32]);
+        }
+    }
+    let mut out = [0f32; G];
+    for k in 0..G {
+        out[k] = sum16(&lo[k]) + sum16(&hi[k]);
+    }
+    out
+}
+
 multiversion! {
     /// `Σ d·q·x` over each output row's Q8_0 blocks for every input row of
-    /// `x` (rows of `cols`; `out` is `[rows of x, output rows]`); each block
-    /// is converted once for up to `GROUP` rows, each row summed in the
-    /// same order whatever the number of rows.
-    fn q8_0_rows(quants: &[u8], scales: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+    /// `x` (rows of `cols`; `out` is `[rows of x, output rows]`), one row
+    /// at a time (the portable path).
+    fn q8_0_rows_portable(quants: &[u8], scales: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
         let nb = cols / BLOCK;
         let t = x.len() / cols;
         let outs = out.len() / t;
         for o in 0..outs {
-            for r0 in (0..t).step_by(GROUP) {
-                let g = GROUP.min(t - r0);
-                let mut acc = [[0f32; 32]; GROUP];
-                for b in 0..nb {
-                    let q: &[u8; 32] = quants[(o * nb + b) * 32..][..32].try_into().expect("32 bytes");
-                    let qf: [f32; 32] = std::array::from_fn(|i| q[i] as i8 as f32);
-                    let d = scales[o * nb + b];
-                    for (k, a) in acc.iter_mut().enumerate().take(g) {
-                        let at = (r0 + k) * cols + b * BLOCK;
-                        let xb: &[f32; 32] = x[at..at + BLOCK].try_into().expect("32 values");
-                        for i in 0..32 {
-                            a[i] += d * (qf[i] * xb[i]);
-                        }
-                    }
-                }
-                for (k, a) in acc.iter().enumerate().take(g) {
-                    out[(r0 + k) * outs + o] = a.iter().sum();
-                }
+            let q = &quants[o * nb * 32..(o + 1) * nb * 32];
+            let d = &scales[o * nb..(o + 1) * nb];
+            for r in 0..t {
+                out[r * outs + o] = q8_0_group::<1>(q, d, x, cols, r)[0];
             }
         }
+    }
+}
+
+/// `q4_1_rows_portable`, with AVX-512 intrinsics where the CPU has them.
+fn q4_1_rows(
+    quants: &[u8],
+    scales: &[f32],
+    mins: &[f32],
+    x: &[f32],
+    xsum: &[f32],
+    cols: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; slices are checked inside.
+        return unsafe { avx512::q4_1_rows(quants, scales, mins, x, xsum, cols, out) };
+    }
+    q4_1_rows_portable(quants, scales, mins, x, xsum, cols, out)
+}
+
+/// `q8_0_rows_portable`, with AVX-512 intrinsics where the CPU has them.
+fn q8_0_rows(quants: &[u8], scales: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F; slices are checked inside.
+        return unsafe { avx512::q8_0_rows(quants, scales, x, cols, out) };
+    }
+    q8_0_rows_portable(quants, scales, x, cols, out)
+}
+
+/// The same kernels written with AVX-512 intrinsics: a block's 32 weights
+/// are two registers, scaled once and multiplied into up to `GROUP` input
+/// rows with fused multiply-adds; each row keeps its own two accumulators
+/// and is reduced the same way whatever the group size.
+#[cfg(target_arch = "x86_64")]
+// Every function here is an intrinsics kernel whose safety is its callers'
+// CPU check plus the length checks at the two entry points.
+#[allow(unsafe_op_in_unsafe_fn)]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, GROUP};
+
+    /// Two registers of accumulators per row, then the row's total.
+    #[inline(always)]
+    unsafe fn finish<const G: usize>(lo: &[__m512; G], hi: &[__m512; G]) -> [f32; G] {
+        let mut out = [0f32; G];
+        for k in 0..G {
+            out[k] = _mm512_reduce_add_ps(_mm512_add_ps(lo[k], hi[k]));
+        }
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn fma_rows<const G: usize>(
+        lo: &mut [__m512; G],
+        hi: &mut [__m512; G],
+        wl: __m512,
+        wh: __m512,
+        x: &[f32],
+        cols: usize,
+        at: usize,
+    ) {
+        for k in 0..G {
+            let p = x.as_ptr().add(k * cols + at);
+            lo[k] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(p), lo[k]);
+            hi[k] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(p.add(16)), hi[k]);
+        }
+    }
+
+    /// The block's weights `d·q + m` are made once (two registers) and
+    /// multiplied into every row of the group.
+    #[inline(always)]
+    unsafe fn q4_1_group<const G: usize>(
+        row: &[u8],
+        d: &[f32],
+        m: &[f32],
+        x: &[f32],
+        cols: usize,
+    ) -> [f32; G] {
+        let nb = cols / BLOCK;
+        let mut lo = [_mm512_setzero_ps(); G];
+        let mut hi = [_mm512_setzero_ps(); G];
+        let mask = _mm512_set1_epi32(15);
+        for b in 0..nb {
+            let q =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(row.as_ptr().add(b * 16) as *const __m128i));
+            let scale = _mm512_set1_ps(*d.get_unchecked(b));
+            let min = _mm512_set1_ps(*m.get_unchecked(b));
+            let wl = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_and_si512(q, mask)), min);
+            let wh = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), min);
+            fma_rows(&mut lo, &mut hi, wl, wh, x, cols, b * BLOCK);
+        }
+        finish(&lo, &hi)
+    }
+
+    #[inline(always)]
+    unsafe fn q8_0_group<const G: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize) -> [f32; G] {
+        let nb = cols / BLOCK;
+        let mut lo = [_mm512_setzero_ps(); G];
+        let mut hi = [_mm512_setzero_ps(); G];
+        for b in 0..nb {
+            let p = q.as_ptr().add(b * 32) as *const __m128i;
+            let scale = _mm512_set1_ps(*d.get_unchecked(b));
+            let wl = _mm512_mul_ps(
+                scale,
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p))),
+            );
+            let wh = _mm512_mul_ps(
+                scale,
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(1)))),
+            );
+            fma_rows(&mut lo, &mut hi, wl, wh, x, cols, b * BLOCK);
+        }
+        finish(&lo, &hi)
+    }
+
+    /// Runs `group` over every output row and group of input rows.
+    #[inline(always)]
+    unsafe fn each(
+        outs: usize,
+        t: usize,
+        out: &mut [f32],
+        mut group: impl FnMut(usize, usize, usize, &mut [f32]),
+    ) {
+        for o in 0..outs {
+            let mut r0 = 0;
+            let mut vals = [0f32; GROUP];
+            while r0 < t {
+                let g = GROUP.min(t - r0);
+                group(o, r0, g, &mut vals);
+                for k in 0..g {
+                    out[(r0 + k) * outs + o] = vals[k];
+                }
+                r0 += g;
+            }
+        }
+    }
+
+    /// See `q4_1_rows_portable`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn q4_1_rows(
+        quants: &[u8],
+        scales: &[f32],
+        mins: &[f32],
+        x: &[f32],
+        xsum: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let nb = cols / BLOCK;
+        let t = x.len() / cols;
+        let outs = out.len() / t;
+        assert!(
+            quants.len() >= outs * nb * 16 && scales.len() >= outs * nb && mins.len() >= outs * nb
+        );
+        assert!(cols.is_multiple_of(BLOCK));
+        each(outs, t, out, |o, r0, g, vals| {
+            let row = &quants[o * nb * 16..(o + 1) * nb * 16];
+            let d = &scales[o * nb..(o + 1) * nb];
+            let m = &mins[o * nb..(o + 1) * nb];
+            let xs = &x[r0 * cols..];
+            let sums: &[f32] = match g {
+                1 => &q4_1_group::<1>(row, d, m, xs, cols),
+                2 => &q4_1_group::<2>(row, d, m, xs, cols),
+                3 => &q4_1_group::<3>(row, d, m, xs, cols),
+                4 => &q4_1_group::<4>(row, d, m, xs, cols),
+                5 => &q4_1_group::<5>(row, d, m, xs, cols),
+                6 => &q4_1_group::<6>(row, d, m, xs, cols),
+                7 => &q4_1_group::<7>(row, d, m, xs, cols),
+                _ => &q4_1_group::<GROUP>(row, d, m, xs, cols),
+            };
+            vals[..g].copy_from_slice(&sums[..g]);
+        });
+        let _ = xsum;
+    }
+
+    /// See `q8_0_rows_portable`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn q8_0_rows(
+        quants: &[u8],
+        scales: &[f32],
+        x: &[f32],
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        let nb = cols / BLOCK;
+        let t = x.len() / cols;
+        let outs = out.len() / t;
+        assert!(
+            quants.len() >= outs * nb * 32
+                && scales.len() >= outs * nb
+                && cols.is_multiple_of(BLOCK)
+        );
+        each(outs, t, out, |o, r0, g, vals| {
+            let q = &quants[o * nb * 32..(o + 1) * nb * 32];
+            let d = &scales[o * nb..(o + 1) * nb];
+            let xs = &x[r0 * cols..];
+            let sums: &[f32] = match g {
+                1 => &q8_0_group::<1>(q, d, xs, cols),
+                2 => &q8_0_group::<2>(q, d, xs, cols),
+                3 => &q8_0_group::<3>(q, d, xs, cols),
+                4 => &q8_0_group::<4>(q, d, xs, cols),
+                5 => &q8_0_group::<5>(q, d, xs, cols),
+                6 => &q8_0_group::<6>(q, d, xs, cols),
+                7 => &q8_0_group::<7>(q, d, xs, cols),
+                _ => &q8_0_group::<GROUP>(q, d, xs, cols),
+            };
+            vals[..g].copy_from_slice(&sums[..g]);
+        });
     }
 }
 
@@ -331,5 +584,52 @@ mod tests {
             check_op(&[x], &|a| m.matmul(&a[0]), &|a| a[0].matmul(&wt), 1e-5);
         }
         assert!(QuantMatrix::from_ggml(QuantKind::Q8_0, 2, 32, &[0; 10]).is_err());
+    }
+
+    #[test]
+    fn a_row_gets_the_same_result_in_any_batch() {
+        // Every group size of the kernel (1 to 8 rows, and beyond): each
+        // row equals the matrix product within rounding and equals itself
+        // computed alone, bit for bit.
+        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
+            let (rows, cols) = (40, 64);
+            let (bytes, dense) = blocks(kind, rows, cols);
+            let m = Arc::new(QuantMatrix::from_ggml(kind, rows, cols, &bytes).unwrap());
+            let w = Tensor::from_vec(dense, (rows, cols), &candle_core::Device::Cpu).unwrap();
+            let x = random(&[11, cols], 2, 1.0);
+            let alone: Vec<Vec<f32>> = (0..11)
+                .map(|r| {
+                    m.matmul(&x.narrow(0, r, 1).unwrap())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            for t in 1..=11 {
+                let y = m
+                    .matmul(&x.narrow(0, 0, t).unwrap())
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                let want = x
+                    .narrow(0, 0, t)
+                    .unwrap()
+                    .matmul(&w.t().unwrap())
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                for r in 0..t {
+                    assert_eq!(y[r], alone[r], "{kind:?}: row {r} of {t}");
+                    for (a, b) in y[r].iter().zip(&want[r]) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{kind:?}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -122,6 +122,7 @@ fn snapshot(
             bundle.template.as_ref(),
             &data.valid.examples,
             cfg.eval.max_new_tokens,
+            skillet_eval::EXACT_MATCH_BATCH,
         )?)
     } else {
         None

@@ -29,6 +29,10 @@ pub struct Args {
     /// Longest generated answer.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
+    /// Answers generated together (continuous batching; 1 = one at a time,
+    /// the same answers, slower).
+    #[arg(long, default_value_t = skillet_eval::EXACT_MATCH_BATCH)]
+    generate_batch: usize,
     /// General text file: perplexity of the base and the adapted model.
     #[arg(long)]
     general: Option<std::path::PathBuf>,
@@ -85,6 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             b.template.as_ref(),
             &data.examples,
             args.max_new_tokens,
+            args.generate_batch,
         )?)
     } else {
         None
