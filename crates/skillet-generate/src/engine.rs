@@ -11,12 +11,17 @@
 //! new text; retire finished sequences and free their slots at once. A
 //! sequence whose output sink is gone (client disconnected) is dropped as
 //! soon as its next output is refused.
+//!
+//! A freed slot keeps its keys and values: a new request goes to the free
+//! slot whose tokens (under the same adapter) share the longest prefix with
+//! its prompt, and only the rest of the prompt is prefilled (a chat's
+//! system prompt and earlier turns, a repeated few-shot prefix).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use skillet_models::{Adapter, CachedBatch, CachedChunk, CausalLm, KvCache};
+use skillet_models::{Adapter, CachedBatch, CachedChunk, CausalLm, KvCache, RowKind};
 use skillet_tokenizer::Tokenizer;
 
 use crate::{FinishReason, GenerateError, Generation, Sampler, SamplingParams, TextStream};
@@ -124,6 +129,32 @@ impl Sequence<'_> {
     }
 }
 
+/// What a slot's cache holds: the tokens fed so far and their adapter.
+#[derive(Default)]
+struct Held {
+    tokens: Vec<u32>,
+    adapter: Option<Arc<dyn Adapter>>,
+}
+
+impl Held {
+    /// Positions of `prompt` (under `adapter`) already in this slot.
+    fn common(&self, prompt: &[u32], adapter: &Option<Arc<dyn Adapter>>) -> usize {
+        let same = match (&self.adapter, adapter) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if !same {
+            return 0;
+        }
+        self.tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
+}
+
 /// The batching engine over one model.
 pub struct Engine<'a> {
     model: &'a dyn CausalLm,
@@ -132,6 +163,10 @@ pub struct Engine<'a> {
     cache: KvCache,
     /// Running sequences by slot.
     slots: Vec<Option<Sequence<'a>>>,
+    /// What each slot's cache holds (kept after its sequence leaves).
+    held: Vec<Held>,
+    /// Prompt tokens taken from a slot's cache instead of prefilled.
+    reused: u64,
     waiting: VecDeque<Sequence<'a>>,
     next_id: SeqId,
 }
@@ -151,6 +186,8 @@ impl<'a> Engine<'a> {
             model,
             tokenizer,
             slots: (0..config.max_batch).map(|_| None).collect(),
+            held: (0..config.max_batch).map(|_| Held::default()).collect(),
+            reused: 0,
             waiting: VecDeque::new(),
             next_id: 0,
             config,
@@ -206,14 +243,24 @@ impl<'a> Engine<'a> {
         let before = self.waiting.len();
         self.waiting.retain(|s| s.id != id);
         let mut found = self.waiting.len() != before;
-        for (slot, s) in self.slots.iter_mut().enumerate() {
+        for s in self.slots.iter_mut() {
             if s.as_ref().is_some_and(|s| s.id == id) {
                 *s = None;
-                self.cache.clear(slot);
                 found = true;
             }
         }
         found
+    }
+
+    /// Prompt tokens so far taken from a slot's cache instead of computed.
+    pub fn reused_prompt_tokens(&self) -> u64 {
+        self.reused
+    }
+
+    /// Empties `slot`'s cache (after a failure its contents are unknown).
+    fn forget(&mut self, slot: usize) {
+        self.cache.clear(slot);
+        self.held[slot] = Held::default();
     }
 
     /// Sequences waiting for a slot.
@@ -273,10 +320,16 @@ impl<'a> Engine<'a> {
                 }
             });
             let n = tokens.len();
+            let kind = if seq.prefilled < seq.prompt_len() {
+                RowKind::Prefill
+            } else {
+                RowKind::Decode
+            };
             batch.chunks.push(CachedChunk {
                 slot,
                 tokens,
                 adapter,
+                kind,
             });
             let done = seq.prefilled >= seq.prompt_len() || seq.prefilled + n == seq.prompt_len();
             seq.prefilled = (seq.prefilled + n).min(seq.prompt_len());
@@ -296,32 +349,54 @@ impl<'a> Engine<'a> {
                     if let Some(mut s) = self.slots[slot].take() {
                         (s.sink)(Event::Failed(e.to_string()));
                     }
-                    self.cache.clear(slot);
+                    self.forget(slot);
                 }
                 return Err(e.into());
             }
         };
+        for c in &batch.chunks {
+            self.held[c.slot].tokens.extend_from_slice(&c.tokens);
+        }
         for (&(slot, sample), row) in rows.iter().zip(&logits) {
             if sample && let Err(e) = self.advance(slot, row) {
                 if let Some(mut s) = self.slots[slot].take() {
                     (s.sink)(Event::Failed(e.to_string()));
                 }
-                self.cache.clear(slot);
+                self.forget(slot);
             }
         }
         Ok(())
     }
 
-    /// Moves waiting sequences into free slots.
+    /// Moves waiting sequences into free slots, each into the one whose
+    /// cache shares the longest prefix with its prompt; that prefix is not
+    /// computed again (the last prompt token always is, for its logits).
     fn admit(&mut self) {
-        for slot in 0..self.slots.len() {
-            if self.slots[slot].is_none() {
-                let Some(seq) = self.waiting.pop_front() else {
-                    return;
-                };
-                self.cache.clear(slot);
-                self.slots[slot] = Some(seq);
-            }
+        while !self.waiting.is_empty() {
+            let seq = &self.waiting[0];
+            let Some((slot, common)) = (0..self.slots.len())
+                .filter(|&s| self.slots[s].is_none())
+                .map(|s| {
+                    (
+                        s,
+                        self.held[s].common(&seq.request.prompt, &seq.request.adapter),
+                    )
+                })
+                .max_by_key(|&(s, c)| (c, std::cmp::Reverse(s)))
+            else {
+                return;
+            };
+            let Some(mut seq) = self.waiting.pop_front() else {
+                return;
+            };
+            let keep = common.min(seq.prompt_len() - 1);
+            self.cache.truncate(slot, keep);
+            let held = &mut self.held[slot];
+            held.tokens.truncate(keep);
+            held.adapter = seq.request.adapter.clone();
+            seq.prefilled = keep;
+            self.reused += keep as u64;
+            self.slots[slot] = Some(seq);
         }
     }
 
@@ -358,12 +433,10 @@ impl<'a> Engine<'a> {
         let Some(reason) = finish else {
             if !live {
                 self.slots[slot] = None;
-                self.cache.clear(slot);
             }
             return Ok(());
         };
         let mut seq = self.slots[slot].take().expect("checked above");
-        self.cache.clear(slot);
         let first = seq.first_token.unwrap_or(now);
         let generation = Generation {
             text: seq.stream.text().to_string(),

@@ -215,3 +215,52 @@ fn text_streams_whole_characters_and_stops_before_stop_strings() {
         (want.as_str(), want.as_str(), true)
     );
 }
+
+#[test]
+fn a_freed_slot_lends_its_prompt_prefix_to_the_next_request() {
+    let (m, tok) = (model(), tokenizer());
+    let a1 = adapter(&m, &["q_proj", "v_proj"], 1);
+    let config = EngineConfig {
+        max_batch: 2,
+        capacity: 128,
+        prefill_chunk: 8,
+    };
+    let prompt: Vec<u32> = (0..30).map(|k| (k * 11 % 280 + 5) as u32).collect();
+    let fresh = |r: Request| {
+        generate_all(&m, &tok, config, vec![r]).unwrap()[0]
+            .ids
+            .clone()
+    };
+    let mut engine = Engine::new(&m, &tok, config);
+    let run = |engine: &mut Engine, r: Request| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        engine.add(
+            r,
+            Box::new(move |e| {
+                if let Event::Finished(g) = e {
+                    let _ = tx.send(g.ids);
+                }
+                true
+            }),
+        );
+        engine.run_to_end().unwrap();
+        rx.recv().unwrap()
+    };
+    let first = run(&mut engine, request(prompt.clone(), 10, None));
+    assert_eq!(engine.reused_prompt_tokens(), 0);
+    // The same prompt again: all but its last token come from the cache.
+    assert_eq!(run(&mut engine, request(prompt.clone(), 10, None)), first);
+    assert_eq!(engine.reused_prompt_tokens(), 29);
+    // A longer prompt sharing 20 tokens, and the same prompt under an
+    // adapter (whose keys differ: nothing reused); each equals a fresh run.
+    let mut longer = prompt[..20].to_vec();
+    longer.extend([7, 8, 9, 10, 11]);
+    assert_eq!(
+        run(&mut engine, request(longer.clone(), 10, None)),
+        fresh(request(longer, 10, None))
+    );
+    assert_eq!(engine.reused_prompt_tokens(), 29 + 20);
+    let with_adapter = run(&mut engine, request(prompt.clone(), 10, Some(a1.clone())));
+    assert_eq!(with_adapter, fresh(request(prompt, 10, Some(a1))));
+    assert_eq!(engine.reused_prompt_tokens(), 29 + 20);
+}

@@ -64,6 +64,14 @@ impl KvCache {
         }
     }
 
+    /// Keeps only the first `len` positions of `slot` (a cached prompt
+    /// prefix reused by the next sequence).
+    pub fn truncate(&mut self, slot: usize, len: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.len = s.len.min(len);
+        }
+    }
+
     /// Bytes one slot takes once used.
     pub fn bytes_per_slot(&self) -> usize {
         self.layers * 2 * self.capacity * self.width * std::mem::size_of::<f32>()

@@ -134,10 +134,14 @@ impl Linear for BaseLinear {
         }
     }
 
-    fn forward_rows(&self, x: &Tensor, kind: RowKind) -> Result<Tensor> {
-        match (&self.packed, kind) {
-            (Some(packed), RowKind::Decode) => self.blocks(packed, x),
-            _ => self.dense(x),
+    fn forward_rows(&self, x: &Tensor, _kind: RowKind) -> Result<Tensor> {
+        // Incremental calls read the quantized blocks for every row, prompt
+        // chunks too: a row's product then never depends on how many rows
+        // share the call (nor on a reused prompt prefix), and short prompt
+        // chunks skip dequantizing the whole matrix.
+        match &self.packed {
+            Some(packed) => self.blocks(packed, x),
+            None => self.dense(x),
         }
     }
 

@@ -78,6 +78,10 @@ pub struct CachedChunk {
     pub tokens: Vec<u32>,
     /// Index into [`CachedBatch::adapters`], or the base model.
     pub adapter: Option<usize>,
+    /// What the tokens are: prompt (`Prefill`) or one sampled token
+    /// (`Decode`, exactly one). Each row's product is picked by its role,
+    /// so a sequence gets the same numbers whatever shares its batch.
+    pub kind: RowKind,
 }
 
 /// A ragged batch for incremental decoding: each sequence brings its own
@@ -663,10 +667,10 @@ impl CausalLm for Llama {
         // through its own product (see `RowKind`); results go back in the
         // caller's order.
         let mut order: Vec<usize> = (0..batch.chunks.len()).collect();
-        order.sort_by_key(|&i| batch.chunks[i].tokens.len() > 1);
+        order.sort_by_key(|&i| batch.chunks[i].kind == RowKind::Prefill);
         let decode = order
             .iter()
-            .take_while(|&&i| batch.chunks[i].tokens.len() == 1)
+            .take_while(|&&i| batch.chunks[i].kind == RowKind::Decode)
             .count();
         let mut spans: Vec<Span> = Vec::with_capacity(order.len());
         let mut ids = Vec::new();

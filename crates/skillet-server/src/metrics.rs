@@ -60,6 +60,8 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     /// Tokens generated.
     pub generation_tokens: AtomicU64,
+    /// Prompt tokens taken from a slot's cache instead of computed.
+    pub cached_prompt_tokens: AtomicU64,
     /// Sequences waiting for a slot.
     pub waiting: AtomicU64,
     /// Sequences holding a slot.

@@ -68,11 +68,30 @@ fn common(state: &AppState, v: &Value) -> Result<(Common, Target), ApiError> {
     Ok((common, target))
 }
 
-fn include_usage(c: &Common) -> bool {
-    c.stream
-        && c.stream_options
-            .as_ref()
-            .is_some_and(|o: &StreamOptions| o.include_usage)
+/// The engine job of a checked request.
+fn job(
+    kind: Kind,
+    common: Common,
+    target: Target,
+    prompt: Vec<u32>,
+    checked: crate::openai::Checked,
+    logprobs: Option<usize>,
+) -> Job {
+    Job {
+        kind,
+        include_usage: common.stream
+            && common
+                .stream_options
+                .as_ref()
+                .is_some_and(|o: &StreamOptions| o.include_usage),
+        stream: common.stream,
+        ignore_eos: common.ignore_eos,
+        model: common.model,
+        target,
+        prompt,
+        checked,
+        logprobs,
+    }
 }
 
 /// `POST /v1/chat/completions`.
@@ -121,17 +140,7 @@ pub async fn chat(
     })?;
     generation::run(
         state.clone(),
-        Job {
-            kind: Kind::Chat,
-            include_usage: include_usage(&common),
-            stream: common.stream,
-            ignore_eos: common.ignore_eos,
-            model: common.model,
-            target,
-            prompt,
-            checked,
-            logprobs,
-        },
+        job(Kind::Chat, common, target, prompt, checked, logprobs),
     )
     .await
 }
@@ -176,17 +185,7 @@ pub async fn completions(
     let prompt = state.bundle.text_prompt(&text)?;
     generation::run(
         state.clone(),
-        Job {
-            kind: Kind::Completion,
-            include_usage: include_usage(&common),
-            stream: common.stream,
-            ignore_eos: common.ignore_eos,
-            model: common.model,
-            target,
-            prompt,
-            checked,
-            logprobs,
-        },
+        job(Kind::Completion, common, target, prompt, checked, logprobs),
     )
     .await
 }

@@ -77,6 +77,9 @@ pub fn run(
         metrics
             .waiting
             .store(engine.waiting() as u64, Ordering::Relaxed);
+        metrics
+            .cached_prompt_tokens
+            .store(engine.reused_prompt_tokens(), Ordering::Relaxed);
     }
 }
 
