@@ -31,7 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/skillet"))
     ap.add_argument("--reference", help="an older skillet binary (one answer at a time)")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     model = subprocess.run([os.path.join(ROOT, "scripts/fetch-model.sh")], check=True,

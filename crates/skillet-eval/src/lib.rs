@@ -96,7 +96,7 @@ fn prompt_and_reference(
 }
 
 /// Sequences generated together by [`exact_match`] unless told otherwise.
-pub const EXACT_MATCH_BATCH: usize = 16;
+pub const EXACT_MATCH_BATCH: usize = 32;
 
 /// Greedy generation (until EOS or `max_new_tokens`) for every example
 /// with a reference answer, `batch` sequences at a time through one
