@@ -100,21 +100,7 @@ pub fn cached_attention(
 mod tests {
     use super::*;
     use crate::attention;
-    use candle_core::Device;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::testing::random;
 
     /// A cache of `capacity` rows holding `keys` rows of `k`.
     fn cache(k: &Tensor, capacity: usize) -> Vec<f32> {
@@ -135,9 +121,9 @@ mod tests {
         let mut caches = Vec::new();
         let mut expected = Vec::new();
         for (i, &(start, len)) in shapes.iter().enumerate() {
-            let q = random(&[1, len, h, d], 10 + i as u64);
-            let k = random(&[1, start + len, kh, d], 20 + i as u64);
-            let v = random(&[1, start + len, kh, d], 30 + i as u64);
+            let q = random(&[1, len, h, d], 10 + i as u64, 0.5);
+            let k = random(&[1, start + len, kh, d], 20 + i as u64, 0.5);
+            let v = random(&[1, start + len, kh, d], 30 + i as u64, 0.5);
             let mask = AttentionMask::causal(1, len, start + len)
                 .unwrap()
                 .with_window(window);

@@ -369,6 +369,23 @@ mod avx512 {
 
     use super::{BLOCK, GROUP};
 
+    /// `$f::<g>(args)` for a group size `g` known only at run time (1 to
+    /// `GROUP`), as a slice of `g` results.
+    macro_rules! by_group {
+        ($g:expr, $f:ident($($arg:expr),*)) => {
+            match $g {
+                1 => &$f::<1>($($arg),*)[..],
+                2 => &$f::<2>($($arg),*)[..],
+                3 => &$f::<3>($($arg),*)[..],
+                4 => &$f::<4>($($arg),*)[..],
+                5 => &$f::<5>($($arg),*)[..],
+                6 => &$f::<6>($($arg),*)[..],
+                7 => &$f::<7>($($arg),*)[..],
+                _ => &$f::<GROUP>($($arg),*)[..],
+            }
+        };
+    }
+
     /// Two registers of accumulators per row, then the row's total.
     #[inline(always)]
     unsafe fn finish<const G: usize>(lo: &[__m512; G], hi: &[__m512; G]) -> [f32; G] {
@@ -488,16 +505,7 @@ mod avx512 {
             let d = &scales[o * nb..(o + 1) * nb];
             let m = &mins[o * nb..(o + 1) * nb];
             let xs = &x[r0 * cols..];
-            let sums: &[f32] = match g {
-                1 => &q4_1_group::<1>(row, d, m, xs, cols),
-                2 => &q4_1_group::<2>(row, d, m, xs, cols),
-                3 => &q4_1_group::<3>(row, d, m, xs, cols),
-                4 => &q4_1_group::<4>(row, d, m, xs, cols),
-                5 => &q4_1_group::<5>(row, d, m, xs, cols),
-                6 => &q4_1_group::<6>(row, d, m, xs, cols),
-                7 => &q4_1_group::<7>(row, d, m, xs, cols),
-                _ => &q4_1_group::<GROUP>(row, d, m, xs, cols),
-            };
+            let sums: &[f32] = by_group!(g, q4_1_group(row, d, m, xs, cols));
             vals[..g].copy_from_slice(&sums[..g]);
         });
         let _ = xsum;
@@ -524,16 +532,7 @@ mod avx512 {
             let q = &quants[o * nb * 32..(o + 1) * nb * 32];
             let d = &scales[o * nb..(o + 1) * nb];
             let xs = &x[r0 * cols..];
-            let sums: &[f32] = match g {
-                1 => &q8_0_group::<1>(q, d, xs, cols),
-                2 => &q8_0_group::<2>(q, d, xs, cols),
-                3 => &q8_0_group::<3>(q, d, xs, cols),
-                4 => &q8_0_group::<4>(q, d, xs, cols),
-                5 => &q8_0_group::<5>(q, d, xs, cols),
-                6 => &q8_0_group::<6>(q, d, xs, cols),
-                7 => &q8_0_group::<7>(q, d, xs, cols),
-                _ => &q8_0_group::<GROUP>(q, d, xs, cols),
-            };
+            let sums: &[f32] = by_group!(g, q8_0_group(q, d, xs, cols));
             vals[..g].copy_from_slice(&sums[..g]);
         });
     }

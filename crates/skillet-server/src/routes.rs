@@ -61,11 +61,18 @@ fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Value, 
     }
 }
 
-/// The shared options, and the model they name.
-fn common(state: &AppState, v: &Value) -> Result<(Common, Target), ApiError> {
-    let common: Common = fields(v)?;
+/// A request body read as the endpoint's own fields `T` and the shared
+/// options, checked, with the model they name.
+fn request<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<(T, Common, Target, crate::openai::Checked), ApiError> {
+    let v = body(state, raw)?;
+    let own: T = fields(&v)?;
+    let common: Common = fields(&v)?;
     let target = state.resolve(&common.model)?;
-    Ok((common, target))
+    let checked = common.check(state.config.max_n)?;
+    Ok((own, common, target, checked))
 }
 
 /// The engine job of a checked request.
@@ -99,10 +106,7 @@ pub async fn chat(
     State(state): Shared,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v = body(&state, raw)?;
-    let req: ChatRequest = fields(&v)?;
-    let (common, target) = common(&state, &v)?;
-    let checked = common.check(state.config.max_n)?;
+    let (req, common, target, checked) = request::<ChatRequest>(&state, raw)?;
     if req.messages.is_empty() {
         return Err(ApiError::param("messages", "`messages` must not be empty"));
     }
@@ -151,10 +155,7 @@ pub async fn completions(
     State(state): Shared,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v = body(&state, raw)?;
-    let req: CompletionRequest = fields(&v)?;
-    let (common, target) = common(&state, &v)?;
-    let checked = common.check(state.config.max_n)?;
+    let (req, common, target, checked) = request::<CompletionRequest>(&state, raw)?;
     let text = match &req.prompt {
         Value::String(s) => s.clone(),
         Value::Array(items) if items.len() == 1 && items[0].is_string() => {
