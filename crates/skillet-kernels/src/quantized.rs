@@ -396,21 +396,40 @@ mod avx512 {
         out
     }
 
+    /// `acc += w·x` for the `G` rows of one block; `x` points at the
+    /// block's rows laid side by side (`G × 32` floats, see `interleave`),
+    /// so every address is a constant offset.
     #[inline(always)]
     unsafe fn fma_rows<const G: usize>(
         lo: &mut [__m512; G],
         hi: &mut [__m512; G],
         wl: __m512,
         wh: __m512,
-        x: &[f32],
-        cols: usize,
-        at: usize,
+        x: *const f32,
     ) {
         for k in 0..G {
-            let p = x.as_ptr().add(k * cols + at);
+            let p = x.add(k * BLOCK);
             lo[k] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(p), lo[k]);
             hi[k] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(p.add(16)), hi[k]);
         }
+    }
+
+    /// `x` (`t` rows of `cols`) regrouped as `[group][block][row][32]`, in
+    /// groups of `GROUP` rows (the last one shorter).
+    fn interleave(x: &[f32], cols: usize) -> Vec<f32> {
+        let t = x.len() / cols;
+        let nb = cols / BLOCK;
+        let mut out = Vec::with_capacity(x.len());
+        for r0 in (0..t).step_by(GROUP) {
+            let g = GROUP.min(t - r0);
+            for b in 0..nb {
+                for k in 0..g {
+                    let at = (r0 + k) * cols + b * BLOCK;
+                    out.extend_from_slice(&x[at..at + BLOCK]);
+                }
+            }
+        }
+        out
     }
 
     /// The block's weights `d·q + m` are made once (two registers) and
@@ -434,13 +453,14 @@ mod avx512 {
             let min = _mm512_set1_ps(*m.get_unchecked(b));
             let wl = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_and_si512(q, mask)), min);
             let wh = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), min);
-            fma_rows(&mut lo, &mut hi, wl, wh, x, cols, b * BLOCK);
+            fma_rows(&mut lo, &mut hi, wl, wh, x.as_ptr().add(b * G * BLOCK));
         }
         finish(&lo, &hi)
     }
 
     #[inline(always)]
     unsafe fn q8_0_group<const G: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize) -> [f32; G] {
+        debug_assert!(x.len() >= cols * G);
         let nb = cols / BLOCK;
         let mut lo = [_mm512_setzero_ps(); G];
         let mut hi = [_mm512_setzero_ps(); G];
@@ -455,7 +475,7 @@ mod avx512 {
                 scale,
                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(1)))),
             );
-            fma_rows(&mut lo, &mut hi, wl, wh, x, cols, b * BLOCK);
+            fma_rows(&mut lo, &mut hi, wl, wh, x.as_ptr().add(b * G * BLOCK));
         }
         finish(&lo, &hi)
     }
@@ -500,11 +520,12 @@ mod avx512 {
             quants.len() >= outs * nb * 16 && scales.len() >= outs * nb && mins.len() >= outs * nb
         );
         assert!(cols.is_multiple_of(BLOCK));
+        let x = interleave(x, cols);
         each(outs, t, out, |o, r0, g, vals| {
             let row = &quants[o * nb * 16..(o + 1) * nb * 16];
             let d = &scales[o * nb..(o + 1) * nb];
             let m = &mins[o * nb..(o + 1) * nb];
-            let xs = &x[r0 * cols..];
+            let xs = &x[r0 * cols..(r0 + g) * cols];
             let sums: &[f32] = by_group!(g, q4_1_group(row, d, m, xs, cols));
             vals[..g].copy_from_slice(&sums[..g]);
         });
@@ -528,10 +549,11 @@ mod avx512 {
                 && scales.len() >= outs * nb
                 && cols.is_multiple_of(BLOCK)
         );
+        let x = interleave(x, cols);
         each(outs, t, out, |o, r0, g, vals| {
             let q = &quants[o * nb * 32..(o + 1) * nb * 32];
             let d = &scales[o * nb..(o + 1) * nb];
-            let xs = &x[r0 * cols..];
+            let xs = &x[r0 * cols..(r0 + g) * cols];
             let sums: &[f32] = by_group!(g, q8_0_group(q, d, xs, cols));
             vals[..g].copy_from_slice(&sums[..g]);
         });
