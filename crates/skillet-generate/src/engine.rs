@@ -391,6 +391,7 @@ impl<'a> Engine<'a> {
             };
             let keep = common.min(seq.prompt_len() - 1);
             self.cache.truncate(slot, keep);
+            self.cache.reserve_room(slot, seq.prompt_len() + seq.budget);
             let held = &mut self.held[slot];
             held.tokens.truncate(keep);
             held.adapter = seq.request.adapter.clone();

@@ -1,15 +1,18 @@
 //! Key/value cache for incremental decoding: a fixed number of slots, one
-//! per running sequence, each with room for `capacity` positions in every
-//! layer. A slot's memory is allocated on its first use and kept for the
-//! next sequence that takes the slot, so decoding appends in place (no
-//! per-token concatenation) and a server's memory stops growing once every
-//! slot has been used.
+//! per running sequence, each holding up to `capacity` positions in every
+//! layer. A slot's memory grows with the longest sequence it has held
+//! (doubling, and reserved up front by callers who know a sequence's
+//! length) and is kept for the next sequence that takes the slot, so
+//! decoding appends in place (no per-token concatenation) and a server's
+//! memory stops growing once its slots have seen its longest requests.
 
 use crate::{ModelError, Result};
 
 #[derive(Debug, Clone, Default)]
 struct Slot {
     len: usize,
+    /// Positions the buffers have room for.
+    room: usize,
     /// Per layer, keys then values, each `[capacity, K, D]` row-major;
     /// empty until the slot is first written.
     layers: Vec<(Vec<f32>, Vec<f32>)>,
@@ -72,7 +75,15 @@ impl KvCache {
         }
     }
 
-    /// Bytes one slot takes once used.
+    /// Makes room in `slot` for `positions` positions (at most the
+    /// capacity), keeping what it holds.
+    pub fn reserve_room(&mut self, slot: usize, positions: usize) {
+        if slot < self.slots.len() {
+            self.grow(slot, positions.min(self.capacity));
+        }
+    }
+
+    /// Bytes one slot takes at full capacity.
     pub fn bytes_per_slot(&self) -> usize {
         self.layers * 2 * self.capacity * self.width * std::mem::size_of::<f32>()
     }
@@ -91,7 +102,7 @@ impl KvCache {
         if from == to {
             return Ok(());
         }
-        self.allocate(to);
+        self.grow(to, len);
         let n = len * self.width;
         let (src, dst) = if from < to {
             let (a, b) = self.slots.split_at_mut(to);
@@ -118,14 +129,27 @@ impl KvCache {
         Ok(())
     }
 
-    fn allocate(&mut self, slot: usize) {
-        let (layers, n) = (self.layers, self.capacity * self.width);
+    /// Room for at least `needed` positions in `slot`: doubling (at least
+    /// 64 positions, at most the capacity), contents kept.
+    fn grow(&mut self, slot: usize, needed: usize) {
+        let (layers, width, capacity) = (self.layers, self.width, self.capacity);
         let s = &mut self.slots[slot];
+        if needed <= s.room && !s.layers.is_empty() {
+            return;
+        }
+        let room = needed.max(2 * s.room).max(64).min(capacity);
+        let n = room * width;
         if s.layers.is_empty() {
             s.layers = (0..layers)
                 .map(|_| (vec![0f32; n], vec![0f32; n]))
                 .collect();
+        } else {
+            for (k, v) in &mut s.layers {
+                k.resize(n, 0.0);
+                v.resize(n, 0.0);
+            }
         }
+        s.room = room;
     }
 
     /// Checks that `slot` can take `new` more positions and makes its
@@ -139,7 +163,7 @@ impl KvCache {
                 self.capacity
             )));
         }
-        self.allocate(slot);
+        self.grow(slot, start + new);
         Ok(start)
     }
 
