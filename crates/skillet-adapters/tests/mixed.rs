@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use skillet_adapters::{LoraAdapter, LoraSettings, Targets, save_peft};
 use skillet_models::{
     Adapted, Adapter, Adapters, CachedBatch, CachedChunk, CausalLm, ForwardInput, Llama,
-    LoadOptions, RowKind, random_weights, tiny_config,
+    LoadOptions, random_weights, tiny_config,
 };
 
 fn model() -> Llama {
@@ -118,7 +118,6 @@ fn mixed_adapter_batch_equals_each_row_alone() {
                 slot,
                 tokens: p.to_vec(),
                 adapter: w,
-                kind: RowKind::Prefill,
             })
             .collect(),
         adapters: vec![a1.clone(), a2.clone()],

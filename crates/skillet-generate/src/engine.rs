@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use skillet_models::{Adapter, CachedBatch, CachedChunk, CausalLm, KvCache, RowKind};
+use skillet_models::{Adapter, CachedBatch, CachedChunk, CausalLm, KvCache};
 use skillet_tokenizer::Tokenizer;
 
 use crate::{FinishReason, GenerateError, Generation, Sampler, SamplingParams, TextStream};
@@ -320,16 +320,10 @@ impl<'a> Engine<'a> {
                 }
             });
             let n = tokens.len();
-            let kind = if seq.prefilled < seq.prompt_len() {
-                RowKind::Prefill
-            } else {
-                RowKind::Decode
-            };
             batch.chunks.push(CachedChunk {
                 slot,
                 tokens,
                 adapter,
-                kind,
             });
             let done = seq.prefilled >= seq.prompt_len() || seq.prefilled + n == seq.prompt_len();
             seq.prefilled = (seq.prefilled + n).min(seq.prompt_len());

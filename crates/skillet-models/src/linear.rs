@@ -10,24 +10,14 @@ use skillet_kernels::{QuantKind, QuantMatrix};
 
 use crate::{Result, Weight};
 
-/// What the rows of an incremental (cached) call are, so a layer can pick
-/// its product by the rows' role rather than by how many arrived together:
-/// a sequence then gets the same numbers whatever else shares its batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowKind {
-    /// One new token per sequence (decode steps).
-    Decode,
-    /// Chunks of prompt tokens.
-    Prefill,
-}
-
 /// A layer `y = x W^T (+ b)` mapping `[..., in]` to `[..., out]`.
 pub trait Linear: Send + Sync + std::fmt::Debug {
     /// Applies the layer to `x` of shape `[..., in_features]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
-    /// [`Linear::forward`] for rows that all have role `kind`.
-    fn forward_rows(&self, x: &Tensor, kind: RowKind) -> Result<Tensor> {
-        let _ = kind;
+    /// [`Linear::forward`] for an incremental (cached) call, where every
+    /// row's result must not depend on the other rows of `x`: a sequence
+    /// then gets the same numbers whatever shares its batch.
+    fn forward_rowwise(&self, x: &Tensor) -> Result<Tensor> {
         self.forward(x)
     }
     /// Input width.
@@ -134,11 +124,11 @@ impl Linear for BaseLinear {
         }
     }
 
-    fn forward_rows(&self, x: &Tensor, _kind: RowKind) -> Result<Tensor> {
-        // Incremental calls read the quantized blocks for every row, prompt
-        // chunks too: a row's product then never depends on how many rows
-        // share the call (nor on a reused prompt prefix), and short prompt
-        // chunks skip dequantizing the whole matrix.
+    fn forward_rowwise(&self, x: &Tensor) -> Result<Tensor> {
+        // The quantized blocks for every row, prompt chunks too: a row's
+        // product then never depends on how many rows share the call (nor
+        // on a reused prompt prefix), and short prompt chunks skip
+        // dequantizing the whole matrix.
         match &self.packed {
             Some(packed) => self.blocks(packed, x),
             None => self.dense(x),

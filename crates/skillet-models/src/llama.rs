@@ -18,7 +18,7 @@ use skillet_kernels::{AttentionMask, CachedSeq, RopeLayout, RopeTable};
 use crate::adapter::{Adapter, Adapters, LAYER_MODULES, ModuleInfo, module_names};
 use crate::cache::KvCache;
 use crate::checkpoint::{self, Checkpointing};
-use crate::linear::{BaseLinear, Linear, RowKind};
+use crate::linear::{BaseLinear, Linear};
 use crate::rope::Rope;
 use crate::{LlamaConfig, ModelError, Result, Weight, WeightSource};
 
@@ -78,10 +78,6 @@ pub struct CachedChunk {
     pub tokens: Vec<u32>,
     /// Index into [`CachedBatch::adapters`], or the base model.
     pub adapter: Option<usize>,
-    /// What the tokens are: prompt (`Prefill`) or one sampled token
-    /// (`Decode`, exactly one). Each row's product is picked by its role,
-    /// so a sequence gets the same numbers whatever shares its batch.
-    pub kind: RowKind,
 }
 
 /// A ragged batch for incremental decoding: each sequence brings its own
@@ -158,46 +154,21 @@ pub(crate) struct LayerContext {
     composed: bool,
     adapters: Adapters,
     window: Option<usize>,
-    /// In a cached call, how many leading rows are decode rows (one new
-    /// token of a sequence); the rest are prompt chunks.
-    decode_rows: Option<usize>,
+    /// An incremental call: every row is computed on its own (see
+    /// `Linear::forward_rowwise`).
+    rowwise: bool,
 }
 
 impl LayerContext {
     /// `lin` over `x`, plus each row's adapter update of `module`.
     fn project(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
-        let y = match self.decode_rows {
-            None => lin.forward(x)?,
-            Some(d) => by_row_kind(lin, x, d)?,
+        let y = if self.rowwise {
+            lin.forward_rowwise(x)?
+        } else {
+            lin.forward(x)?
         };
         self.adapters.add_delta(lin, module, x, y)
     }
-}
-
-/// `lin` over `x` whose first `decode` rows are decode rows and the rest
-/// prompt rows, each group through the product for its role.
-fn by_row_kind(lin: &dyn Linear, x: &Tensor, decode: usize) -> Result<Tensor> {
-    let inp = lin.in_features();
-    let n = x.elem_count() / inp.max(1);
-    let flat = x.reshape((n, inp))?;
-    let y = if decode == 0 {
-        lin.forward_rows(&flat, RowKind::Prefill)?
-    } else if decode >= n {
-        lin.forward_rows(&flat, RowKind::Decode)?
-    } else {
-        Tensor::cat(
-            &[
-                lin.forward_rows(&flat.narrow(0, 0, decode)?, RowKind::Decode)?,
-                lin.forward_rows(&flat.narrow(0, decode, n - decode)?, RowKind::Prefill)?,
-            ],
-            0,
-        )?
-    };
-    let mut dims = x.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = lin.out_features();
-    }
-    Ok(y.reshape(dims)?)
 }
 
 /// One sequence of a cached batch: its slot, the positions cached before
@@ -654,7 +625,7 @@ impl CausalLm for Llama {
             composed: self.composed,
             adapters: input.adapters.clone(),
             window: self.cfg.sliding_window,
-            decode_rows: None,
+            rowwise: false,
         };
         self.run_layers(&input.ids, ctx, None)
     }
@@ -663,22 +634,12 @@ impl CausalLm for Llama {
         if batch.chunks.is_empty() {
             return Err(ModelError::Input("an empty batch".into()));
         }
-        // Decode rows (one token) first, prompt chunks after, each group
-        // through its own product (see `RowKind`); results go back in the
-        // caller's order.
-        let mut order: Vec<usize> = (0..batch.chunks.len()).collect();
-        order.sort_by_key(|&i| batch.chunks[i].kind == RowKind::Prefill);
-        let decode = order
-            .iter()
-            .take_while(|&&i| batch.chunks[i].kind == RowKind::Decode)
-            .count();
-        let mut spans: Vec<Span> = Vec::with_capacity(order.len());
+        let mut spans: Vec<Span> = Vec::with_capacity(batch.chunks.len());
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut rows = Vec::new();
-        let mut last = Vec::with_capacity(order.len());
-        for &i in &order {
-            let c = &batch.chunks[i];
+        let mut last = Vec::with_capacity(batch.chunks.len());
+        for c in &batch.chunks {
             if c.tokens.is_empty() {
                 return Err(ModelError::Input(format!(
                     "slot {} brings no tokens",
@@ -712,7 +673,7 @@ impl CausalLm for Llama {
             composed: self.composed,
             adapters: adapters.clone(),
             window: self.cfg.sliding_window,
-            decode_rows: Some(decode),
+            rowwise: true,
         };
         let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu)?;
         let hidden = self.run_layers(&ids, ctx, Some((cache, &spans)))?; // [1,N,C]
@@ -723,17 +684,12 @@ impl CausalLm for Llama {
             .squeeze(0)?
             .index_select(&Tensor::new(last.as_slice(), &Device::Cpu)?, 0)?; // [chunks,C]
         let head = self.lm_head.as_ref();
-        let logits = adapters.gather(&last, 1).add_delta(
+        adapters.gather(&last, 1).add_delta(
             head,
             self.lm_head_module(),
             &picked,
-            by_row_kind(head, &picked, decode)?,
-        )?; // [chunks,V] in processing order
-        let mut back = vec![0u32; order.len()];
-        for (k, &i) in order.iter().enumerate() {
-            back[i] = k as u32;
-        }
-        Ok(logits.index_select(&Tensor::new(back.as_slice(), &Device::Cpu)?, 0)?)
+            head.forward_rowwise(&picked)?,
+        ) // [chunks,V]
     }
 }
 

@@ -9,8 +9,8 @@ use skillet_gguf::{GgmlType, GgufFile, Value};
 use skillet_models::export::{write_gguf, write_hf_weights};
 use skillet_models::{
     Adapters, BaseLinear, CachedBatch, CachedChunk, CausalLm, ForwardInput, KvCache, Linear, Llama,
-    LlamaConfig, LoadOptions, MemoryWeights, ModelError, ModelSource, RowKind, Weight,
-    random_weights, tiny_config,
+    LlamaConfig, LoadOptions, MemoryWeights, ModelError, ModelSource, Weight, random_weights,
+    tiny_config,
 };
 
 const TOL: f32 = 2e-5;
@@ -124,15 +124,6 @@ fn packed_sequences_equal_separate_runs() {
     assert!(max_diff(&out[5..], &logits(&m, &b)) > 1e-3);
 }
 
-/// Decode for one token, else prefill (how the tests feed prompts).
-fn kind_of(tokens: &[u32]) -> RowKind {
-    if tokens.len() == 1 {
-        RowKind::Decode
-    } else {
-        RowKind::Prefill
-    }
-}
-
 /// One cached call: `(slot, tokens)` per sequence, no adapters; the
 /// logits of each sequence's last token.
 fn cached(m: &Llama, cache: &mut KvCache, chunks: &[(usize, &[u32])]) -> Vec<Vec<f32>> {
@@ -143,7 +134,6 @@ fn cached(m: &Llama, cache: &mut KvCache, chunks: &[(usize, &[u32])]) -> Vec<Vec
                 slot,
                 tokens: tokens.to_vec(),
                 adapter: None,
-                kind: kind_of(tokens),
             })
             .collect(),
         adapters: vec![],
@@ -182,7 +172,6 @@ fn kv_cache_decode_equals_full_forward() {
                     slot: 0,
                     tokens: vec![1; 8],
                     adapter: None,
-                    kind: RowKind::Prefill,
                 }],
                 adapters: vec![],
             },
@@ -441,9 +430,9 @@ fn load_errors_name_the_file_and_tensor() {
 
 #[test]
 fn a_sequence_gets_the_same_numbers_alone_or_batched_on_a_quantized_base() {
-    // Decode rows read the quantized blocks and prompt chunks the
-    // dequantized weight, by their role: so how many rows share a call
-    // (here more than the block kernel's usual limit) changes nothing.
+    // In a cached call every row, prompt or decode, goes through the
+    // quantized blocks on its own: how many rows share a call (here more
+    // than the block kernel's limit in an ordinary forward) changes nothing.
     let (cfg, w) = tiny();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q8.gguf");
