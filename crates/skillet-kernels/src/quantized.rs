@@ -341,7 +341,8 @@ fn q4_1_rows(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F; slices are checked inside.
-        return unsafe { avx512::q4_1_rows(quants, scales, mins, x, xsum, cols, out) };
+        // The minimums are folded into the block weights there: no sums.
+        return unsafe { avx512::q4_1_rows(quants, scales, mins, x, cols, out) };
     }
     q4_1_rows_portable(quants, scales, mins, x, xsum, cols, out)
 }
@@ -509,7 +510,6 @@ mod avx512 {
         scales: &[f32],
         mins: &[f32],
         x: &[f32],
-        xsum: &[f32],
         cols: usize,
         out: &mut [f32],
     ) {
@@ -529,7 +529,6 @@ mod avx512 {
             let sums: &[f32] = by_group!(g, q4_1_group(row, d, m, xs, cols));
             vals[..g].copy_from_slice(&sums[..g]);
         });
-        let _ = xsum;
     }
 
     /// See `q8_0_rows_portable`.
