@@ -194,16 +194,6 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// The sizes in use (the capacity is cut to the model's context).
-    pub fn config(&self) -> EngineConfig {
-        self.config
-    }
-
-    /// Bytes of cache per slot.
-    pub fn cache_bytes_per_slot(&self) -> usize {
-        self.cache.bytes_per_slot()
-    }
-
     /// Queues `request`; its events go to `sink`. A request that cannot
     /// run (empty prompt, prompt longer than a slot) fails at once.
     pub fn add(&mut self, request: Request, mut sink: Sink<'a>) -> SeqId {

@@ -117,8 +117,8 @@ impl QuantMatrix {
     fn products(&self, x: &[f32]) -> Vec<f32> {
         let nb = self.cols / BLOCK;
         let t = x.len() / self.cols;
-        // Per input row, the sum of each block of 32 (for Q4_1's minimums).
-        let sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+        // Once for every task.
+        let rows = Rows::prepare(x, self.cols);
         // Two tasks per thread: enough to balance, few enough that
         // scheduling stays small next to the work.
         let per_task = self
@@ -136,11 +136,11 @@ impl QuantMatrix {
                     QuantKind::Q4_1 => {
                         let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
                         let m = &self.mins[o0 * nb..o1 * nb];
-                        q4_1_rows(q, s, m, x, &sums, self.cols, &mut out);
+                        q4_1_rows(q, s, m, &rows, self.cols, &mut out);
                     }
                     QuantKind::Q8_0 => {
                         let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
-                        q8_0_rows(q, s, x, self.cols, &mut out);
+                        q8_0_rows(q, s, &rows, self.cols, &mut out);
                     }
                 }
                 out
@@ -328,33 +328,60 @@ multiversion! {
     }
 }
 
-/// `q4_1_rows_portable`, with AVX-512 intrinsics where the CPU has them.
+/// The input rows as the kernel for this CPU reads them.
+enum Rows<'a> {
+    /// Regrouped block by block for the AVX-512 kernels (built only where
+    /// the CPU has AVX-512F).
+    Grouped(Vec<f32>),
+    /// Row-major, with each row's block sums for Q4_1's minimums.
+    Plain { x: &'a [f32], sums: Vec<f32> },
+}
+
+impl<'a> Rows<'a> {
+    fn prepare(x: &'a [f32], cols: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Rows::Grouped(avx512::interleave(x, cols));
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = cols;
+        Rows::Plain {
+            x,
+            sums: x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect(),
+        }
+    }
+}
+
+/// `Σ (d·q + m)·x` for every input row, by the kernel `rows` was prepared for.
 fn q4_1_rows(
     quants: &[u8],
     scales: &[f32],
     mins: &[f32],
-    x: &[f32],
-    xsum: &[f32],
+    rows: &Rows,
     cols: usize,
     out: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; slices are checked inside.
-        // The minimums are folded into the block weights there: no sums.
-        return unsafe { avx512::q4_1_rows(quants, scales, mins, x, cols, out) };
+    match rows {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Grouped` exists only where the CPU has AVX-512F; slices
+        // are checked inside.
+        Rows::Grouped(x) => unsafe { avx512::q4_1_rows(quants, scales, mins, x, cols, out) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Rows::Grouped(_) => unreachable!("built on x86-64 only"),
+        Rows::Plain { x, sums } => q4_1_rows_portable(quants, scales, mins, x, sums, cols, out),
     }
-    q4_1_rows_portable(quants, scales, mins, x, xsum, cols, out)
 }
 
-/// `q8_0_rows_portable`, with AVX-512 intrinsics where the CPU has them.
-fn q8_0_rows(quants: &[u8], scales: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F; slices are checked inside.
-        return unsafe { avx512::q8_0_rows(quants, scales, x, cols, out) };
+/// `Σ d·q·x` for every input row, by the kernel `rows` was prepared for.
+fn q8_0_rows(quants: &[u8], scales: &[f32], rows: &Rows, cols: usize, out: &mut [f32]) {
+    match rows {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `q4_1_rows`.
+        Rows::Grouped(x) => unsafe { avx512::q8_0_rows(quants, scales, x, cols, out) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Rows::Grouped(_) => unreachable!("built on x86-64 only"),
+        Rows::Plain { x, .. } => q8_0_rows_portable(quants, scales, x, cols, out),
     }
-    q8_0_rows_portable(quants, scales, x, cols, out)
 }
 
 /// The same kernels written with AVX-512 intrinsics: a block's 32 weights
@@ -417,7 +444,7 @@ mod avx512 {
 
     /// `x` (`t` rows of `cols`) regrouped as `[group][block][row][32]`, in
     /// groups of `GROUP` rows (the last one shorter).
-    fn interleave(x: &[f32], cols: usize) -> Vec<f32> {
+    pub(super) fn interleave(x: &[f32], cols: usize) -> Vec<f32> {
         let t = x.len() / cols;
         let nb = cols / BLOCK;
         let mut out = Vec::with_capacity(x.len());
@@ -503,7 +530,7 @@ mod avx512 {
         }
     }
 
-    /// See `q4_1_rows_portable`.
+    /// See `q4_1_rows_portable`; `x` comes from `interleave`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn q4_1_rows(
         quants: &[u8],
@@ -520,7 +547,6 @@ mod avx512 {
             quants.len() >= outs * nb * 16 && scales.len() >= outs * nb && mins.len() >= outs * nb
         );
         assert!(cols.is_multiple_of(BLOCK));
-        let x = interleave(x, cols);
         each(outs, t, out, |o, r0, g, vals| {
             let row = &quants[o * nb * 16..(o + 1) * nb * 16];
             let d = &scales[o * nb..(o + 1) * nb];
@@ -531,7 +557,7 @@ mod avx512 {
         });
     }
 
-    /// See `q8_0_rows_portable`.
+    /// See `q8_0_rows_portable`; `x` comes from `interleave`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn q8_0_rows(
         quants: &[u8],
@@ -548,7 +574,6 @@ mod avx512 {
                 && scales.len() >= outs * nb
                 && cols.is_multiple_of(BLOCK)
         );
-        let x = interleave(x, cols);
         each(outs, t, out, |o, r0, g, vals| {
             let q = &quants[o * nb * 32..(o + 1) * nb * 32];
             let d = &scales[o * nb..(o + 1) * nb];

@@ -55,11 +55,6 @@ impl KvCache {
         self.slots.get(slot).map_or(0, |s| s.len)
     }
 
-    /// Whether `slot` holds nothing.
-    pub fn is_empty(&self, slot: usize) -> bool {
-        self.len(slot) == 0
-    }
-
     /// Forgets what `slot` holds (its memory is kept for reuse).
     pub fn clear(&mut self, slot: usize) {
         if let Some(s) = self.slots.get_mut(slot) {
@@ -81,42 +76,6 @@ impl KvCache {
         if slot < self.slots.len() {
             self.grow(slot, positions.min(self.capacity));
         }
-    }
-
-    /// Bytes one slot takes at full capacity.
-    pub fn bytes_per_slot(&self) -> usize {
-        self.layers * 2 * self.capacity * self.width * std::mem::size_of::<f32>()
-    }
-
-    /// Copies the first `len` positions of `from` into `to` (a shared
-    /// prompt prefilled once for several sequences).
-    pub fn copy_prefix(&mut self, from: usize, to: usize, len: usize) -> Result<()> {
-        self.check_slot(from)?;
-        self.check_slot(to)?;
-        if len > self.slots[from].len {
-            return Err(ModelError::Input(format!(
-                "slot {from} holds {} positions, not {len}",
-                self.slots[from].len
-            )));
-        }
-        if from == to {
-            return Ok(());
-        }
-        self.grow(to, len);
-        let n = len * self.width;
-        let (src, dst) = if from < to {
-            let (a, b) = self.slots.split_at_mut(to);
-            (&a[from], &mut b[0])
-        } else {
-            let (a, b) = self.slots.split_at_mut(from);
-            (&b[0], &mut a[to])
-        };
-        for ((sk, sv), (dk, dv)) in src.layers.iter().zip(dst.layers.iter_mut()) {
-            dk[..n].copy_from_slice(&sk[..n]);
-            dv[..n].copy_from_slice(&sv[..n]);
-        }
-        self.slots[to].len = len;
-        Ok(())
     }
 
     fn check_slot(&self, slot: usize) -> Result<()> {
