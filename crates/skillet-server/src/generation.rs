@@ -12,11 +12,12 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use skillet_generate::{Event, FinishReason, Request, TokenLogprob};
+use skillet_models::Adapter;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::error::ApiError;
 use crate::openai::Checked;
-use crate::state::{AppState, Target, now};
+use crate::state::{AppState, now};
 use crate::worker::Command;
 
 /// Which OpenAI object family the answer uses.
@@ -34,8 +35,8 @@ pub struct Job {
     pub kind: Kind,
     /// The `model` the client named (echoed back).
     pub model: String,
-    /// Base or adapter.
-    pub target: Target,
+    /// The adapter, or the base model.
+    pub adapter: Option<Arc<dyn Adapter>>,
     /// Prompt token ids.
     pub prompt: Vec<u32>,
     /// Checked shared options.
@@ -146,10 +147,6 @@ pub async fn run(state: Arc<AppState>, job: Job) -> Result<Response, ApiError> {
         .prompt_tokens
         .fetch_add(prompt_len as u64, Ordering::Relaxed);
     let (tx, rx) = unbounded_channel();
-    let adapter = match &job.target {
-        Target::Base => None,
-        Target::Adapter(a) => Some(a.clone()),
-    };
     let eos_ids = if job.ignore_eos {
         Vec::new()
     } else {
@@ -175,7 +172,7 @@ pub async fn run(state: Arc<AppState>, job: Job) -> Result<Response, ApiError> {
                 sampling,
                 stop: job.checked.stop.clone(),
                 eos_ids: eos_ids.clone(),
-                adapter: adapter.clone(),
+                adapter: job.adapter.clone(),
                 logprobs: job.logprobs,
             },
             events: tx.clone(),

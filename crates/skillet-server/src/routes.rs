@@ -12,11 +12,12 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use skillet_models::Adapter;
 
 use crate::error::ApiError;
 use crate::generation::{self, Job, Kind};
 use crate::openai::{ChatRequest, Common, CompletionRequest, StreamOptions, body_object, fields};
-use crate::state::{AppState, Target};
+use crate::state::AppState;
 
 type Shared = State<Arc<AppState>>;
 
@@ -61,25 +62,39 @@ fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Value, 
     }
 }
 
+/// A parsed request: the endpoint's own fields, the shared options
+/// (checked) and the adapter they name (`None`: the base model).
+struct Head<T> {
+    own: T,
+    common: Common,
+    adapter: Option<Arc<dyn Adapter>>,
+    checked: crate::openai::Checked,
+}
+
 /// A request body read as the endpoint's own fields `T` and the shared
 /// options, checked, with the model they name.
 fn request<T: serde::de::DeserializeOwned>(
     state: &AppState,
     raw: Result<Bytes, BytesRejection>,
-) -> Result<(T, Common, Target, crate::openai::Checked), ApiError> {
+) -> Result<Head<T>, ApiError> {
     let v = body(state, raw)?;
     let own: T = fields(&v)?;
     let common: Common = fields(&v)?;
-    let target = state.resolve(&common.model)?;
+    let adapter = state.resolve(&common.model)?;
     let checked = common.check(state.config.max_n)?;
-    Ok((own, common, target, checked))
+    Ok(Head {
+        own,
+        common,
+        adapter,
+        checked,
+    })
 }
 
 /// The engine job of a checked request.
 fn job(
     kind: Kind,
     common: Common,
-    target: Target,
+    adapter: Option<Arc<dyn Adapter>>,
     prompt: Vec<u32>,
     checked: crate::openai::Checked,
     logprobs: Option<usize>,
@@ -94,7 +109,7 @@ fn job(
         stream: common.stream,
         ignore_eos: common.ignore_eos,
         model: common.model,
-        target,
+        adapter,
         prompt,
         checked,
         logprobs,
@@ -106,7 +121,12 @@ pub async fn chat(
     State(state): Shared,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (req, common, target, checked) = request::<ChatRequest>(&state, raw)?;
+    let Head {
+        own: req,
+        common,
+        adapter,
+        checked,
+    } = request::<ChatRequest>(&state, raw)?;
     if req.messages.is_empty() {
         return Err(ApiError::param("messages", "`messages` must not be empty"));
     }
@@ -144,7 +164,7 @@ pub async fn chat(
     })?;
     generation::run(
         state.clone(),
-        job(Kind::Chat, common, target, prompt, checked, logprobs),
+        job(Kind::Chat, common, adapter, prompt, checked, logprobs),
     )
     .await
 }
@@ -155,7 +175,12 @@ pub async fn completions(
     State(state): Shared,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (req, common, target, checked) = request::<CompletionRequest>(&state, raw)?;
+    let Head {
+        own: req,
+        common,
+        adapter,
+        checked,
+    } = request::<CompletionRequest>(&state, raw)?;
     let text = match &req.prompt {
         Value::String(s) => s.clone(),
         Value::Array(items) if items.len() == 1 && items[0].is_string() => {
@@ -186,7 +211,7 @@ pub async fn completions(
     let prompt = state.bundle.text_prompt(&text)?;
     generation::run(
         state.clone(),
-        job(Kind::Completion, common, target, prompt, checked, logprobs),
+        job(Kind::Completion, common, adapter, prompt, checked, logprobs),
     )
     .await
 }

@@ -58,15 +58,6 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// What a request's `model` names.
-#[derive(Clone)]
-pub enum Target {
-    /// The base model.
-    Base,
-    /// An adapter.
-    Adapter(Arc<dyn Adapter>),
-}
-
 impl AppState {
     /// State for a loaded model.
     pub fn new(
@@ -118,21 +109,21 @@ impl AppState {
         }
     }
 
-    /// The base model or adapter `model` names. With an adapters folder,
-    /// an adapter there that is not loaded yet is loaded now.
-    pub fn resolve(&self, model: &str) -> Result<Target, ApiError> {
+    /// The adapter `model` names, or `None` for the base model. With an
+    /// adapters folder, an adapter there that is not loaded yet is loaded now.
+    pub fn resolve(&self, model: &str) -> Result<Option<Arc<dyn Adapter>>, ApiError> {
         if model == self.config.model_id {
-            return Ok(Target::Base);
+            return Ok(None);
         }
         if let Some(e) = self.read_adapters()?.get(model) {
-            return Ok(Target::Adapter(e.adapter.clone()));
+            return Ok(Some(e.adapter.clone()));
         }
         if let Some(dir) = &self.config.adapters_dir
             && is_plain_name(model)
             && dir.join(model).join("adapter_config.json").is_file()
         {
             let entry = self.load(model, &dir.join(model))?;
-            return Ok(Target::Adapter(entry.adapter));
+            return Ok(Some(entry.adapter));
         }
         Err(ApiError::model_not_found(model))
     }
