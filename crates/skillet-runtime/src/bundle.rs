@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use skillet_adapters::LoraAdapter;
-use skillet_models::{Adapter, CausalLm, Llama, LlamaConfig, LoadOptions, ModelSource};
+use skillet_models::{Adapter, Llama, LlamaConfig, LoadOptions, ModelSource};
 use skillet_tokenizer::{ChatTemplate, Message, Tokenizer};
 
 use crate::{Result, RuntimeError};
@@ -54,12 +54,6 @@ impl Bundle {
         Ok(Llama::load(self.config.clone(), weights.as_ref(), opts)?)
     }
 
-    /// Reads a PEFT LoRA folder as a frozen adapter for `model`; refuses
-    /// one that does not fit it.
-    pub fn load_adapter(&self, model: &dyn CausalLm, dir: &Path) -> Result<Arc<LoraAdapter>> {
-        Ok(Arc::new(LoraAdapter::load(model, dir)?))
-    }
-
     /// Loads the weights, and the PEFT adapter folder `adapter` if given
     /// (to pass with each call, e.g. through `skillet_models::Adapted`).
     pub fn load_with_adapter(
@@ -69,7 +63,8 @@ impl Bundle {
     ) -> Result<(Llama, Option<Arc<dyn Adapter>>)> {
         let model = self.load_model(opts)?;
         let adapter = match adapter {
-            Some(dir) => Some(self.load_adapter(&model, dir)? as Arc<dyn Adapter>),
+            // Refused when it does not fit the model.
+            Some(dir) => Some(Arc::new(LoraAdapter::load(&model, dir)?) as Arc<dyn Adapter>),
             None => None,
         };
         Ok((model, adapter))
