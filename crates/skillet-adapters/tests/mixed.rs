@@ -121,6 +121,7 @@ fn mixed_adapter_batch_equals_each_row_alone() {
             })
             .collect(),
         adapters: vec![a1.clone(), a2.clone()],
+        ..CachedBatch::default()
     };
     let last = rows(&m.forward_cached(&batch, &mut cache).unwrap());
     for (i, w) in want.iter().enumerate() {

@@ -10,6 +10,28 @@ pub struct ModelArg {
     pub model: PathBuf,
 }
 
+/// How quantized weights take their inputs in batched decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ActivationsArg {
+    /// int8 where the CPU has AMX (several times faster there), else f32.
+    Auto,
+    /// f32: the dequantized model's numbers.
+    F32,
+    /// Rounded to 8 bits per block of 32, as llama.cpp does (slow without AMX).
+    Int8,
+}
+
+impl ActivationsArg {
+    /// The setting this choice means on this CPU.
+    pub fn resolve(self) -> skillet_models::Activations {
+        match self {
+            ActivationsArg::Auto => skillet_models::Activations::fastest(),
+            ActivationsArg::F32 => skillet_models::Activations::F32,
+            ActivationsArg::Int8 => skillet_models::Activations::Int8,
+        }
+    }
+}
+
 /// The `--adapter` option of commands that can run a model with an adapter.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdapterArg {

@@ -11,7 +11,7 @@ pub use report::{RunFacts, Snapshot, loss_svg, write_report};
 use serde::Serialize;
 use skillet_data::{Example, Turn};
 use skillet_generate::{EngineConfig, GenerateOptions, SamplingParams, generate_all};
-use skillet_models::{CausalLm, ForwardInput};
+use skillet_models::{Activations, CausalLm, ForwardInput};
 use skillet_tokenizer::{ChatTemplate, Message, Tokenizer};
 
 pub use skillet_train::{EvalStats, evaluate};
@@ -114,6 +114,7 @@ pub fn exact_match(
         sampling: SamplingParams::default(),
         stop: vec![],
         eos_ids: tokenizer.eos_ids().to_vec(),
+        activations: Activations::F32,
     };
     let mut asked = Vec::new();
     for (line, ex) in examples {

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use skillet_models::{Adapter, CachedBatch, CachedChunk, CausalLm, KvCache};
+use skillet_models::{Activations, Adapter, CachedBatch, CachedChunk, CausalLm, KvCache};
 use skillet_tokenizer::Tokenizer;
 
 use crate::{FinishReason, GenerateError, Generation, Sampler, SamplingParams, TextStream};
@@ -35,6 +35,8 @@ pub struct EngineConfig {
     pub capacity: usize,
     /// Prompt tokens prefilled per step, over all prefilling sequences.
     pub prefill_chunk: usize,
+    /// How quantized weights take their inputs.
+    pub activations: Activations,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +45,7 @@ impl Default for EngineConfig {
             max_batch: 8,
             capacity: 2048,
             prefill_chunk: 256,
+            activations: Activations::F32,
         }
     }
 }
@@ -180,6 +183,7 @@ impl<'a> Engine<'a> {
                 .capacity
                 .clamp(2, model.config().max_position_embeddings.max(2)),
             prefill_chunk: config.prefill_chunk.max(1),
+            activations: config.activations,
         };
         Self {
             cache: model.new_cache(config.max_batch, config.capacity),
@@ -280,7 +284,10 @@ impl<'a> Engine<'a> {
     /// call fails the sequences of that batch and is returned.
     pub fn step(&mut self) -> Result<(), GenerateError> {
         self.admit();
-        let mut batch = CachedBatch::default();
+        let mut batch = CachedBatch {
+            activations: self.config.activations,
+            ..CachedBatch::default()
+        };
         let mut rows = Vec::new(); // (slot, whether this row's logits are sampled)
         // Prompts go in chunks of `prefill_chunk` tokens from their start,
         // whatever else runs, so a sequence is computed the same way alone

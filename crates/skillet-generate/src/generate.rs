@@ -1,7 +1,7 @@
 //! One prompt at a time: the batching engine with a single slot, the text
 //! streamed to a callback as it becomes final.
 
-use skillet_models::{CausalLm, ModelError};
+use skillet_models::{Activations, CausalLm, ModelError};
 use skillet_tokenizer::{Tokenizer, TokenizerError};
 
 use crate::{Engine, EngineConfig, Event, Request, SamplingParams};
@@ -37,6 +37,8 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Token ids that end generation (included in `ids`, not in `text`).
     pub eos_ids: Vec<u32>,
+    /// How quantized weights take their inputs.
+    pub activations: Activations,
 }
 
 impl GenerateOptions {
@@ -124,6 +126,7 @@ pub fn generate(
     let config = EngineConfig {
         max_batch: 1,
         capacity: (prompt.len() + opts.max_tokens).min(ctx),
+        activations: opts.activations,
         ..EngineConfig::default()
     };
     let mut result = None;

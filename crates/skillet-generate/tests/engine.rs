@@ -83,6 +83,7 @@ fn batched_greedy_generation_equals_one_at_a_time() {
                 max_batch: 1,
                 capacity: 128,
                 prefill_chunk: 256,
+                ..EngineConfig::default()
             };
             generate_all(&m, &tok, config, vec![r.clone()]).unwrap()[0]
                 .ids
@@ -110,6 +111,7 @@ fn batched_greedy_generation_equals_one_at_a_time() {
         max_batch: 3,
         capacity: 128,
         prefill_chunk: 8,
+        ..EngineConfig::default()
     };
     let batched = generate_all(&m, &tok, config, requests.clone()).unwrap();
     for (i, (g, want)) in batched.iter().zip(&alone).enumerate() {
@@ -126,6 +128,7 @@ fn cancelled_and_abandoned_sequences_free_their_slots() {
         max_batch: 2,
         capacity: 64,
         prefill_chunk: 64,
+        ..EngineConfig::default()
     };
     let mut engine = Engine::new(&m, &tok, config);
     let tokens = Arc::new(Mutex::new(0usize));
@@ -224,6 +227,7 @@ fn a_freed_slot_lends_its_prompt_prefix_to_the_next_request() {
         max_batch: 2,
         capacity: 128,
         prefill_chunk: 8,
+        ..EngineConfig::default()
     };
     let prompt: Vec<u32> = (0..30).map(|k| (k * 11 % 280 + 5) as u32).collect();
     let fresh = |r: Request| {

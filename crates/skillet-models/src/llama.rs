@@ -18,7 +18,7 @@ use skillet_kernels::{AttentionMask, CachedSeq, RopeLayout, RopeTable};
 use crate::adapter::{Adapter, Adapters, LAYER_MODULES, ModuleInfo, module_names};
 use crate::cache::KvCache;
 use crate::checkpoint::{self, Checkpointing};
-use crate::linear::{BaseLinear, Linear};
+use crate::linear::{Activations, BaseLinear, Linear};
 use crate::rope::Rope;
 use crate::{LlamaConfig, ModelError, Result, Weight, WeightSource};
 
@@ -88,6 +88,8 @@ pub struct CachedBatch {
     pub chunks: Vec<CachedChunk>,
     /// The adapters the chunks name.
     pub adapters: Vec<Arc<dyn Adapter>>,
+    /// How quantized weights take their inputs.
+    pub activations: Activations,
 }
 
 /// A causal language model: token ids in, logits for every position out.
@@ -155,17 +157,16 @@ pub(crate) struct LayerContext {
     adapters: Adapters,
     window: Option<usize>,
     /// An incremental call: every row is computed on its own (see
-    /// `Linear::forward_rowwise`).
-    rowwise: bool,
+    /// `Linear::forward_rowwise`), its quantized products with these inputs.
+    rowwise: Option<Activations>,
 }
 
 impl LayerContext {
     /// `lin` over `x`, plus each row's adapter update of `module`.
     fn project(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
-        let y = if self.rowwise {
-            lin.forward_rowwise(x)?
-        } else {
-            lin.forward(x)?
+        let y = match self.rowwise {
+            Some(activations) => lin.forward_rowwise(x, activations)?,
+            None => lin.forward(x)?,
         };
         self.adapters.add_delta(lin, module, x, y)
     }
@@ -625,7 +626,7 @@ impl CausalLm for Llama {
             composed: self.composed,
             adapters: input.adapters.clone(),
             window: self.cfg.sliding_window,
-            rowwise: false,
+            rowwise: None,
         };
         self.run_layers(&input.ids, ctx, None)
     }
@@ -673,7 +674,7 @@ impl CausalLm for Llama {
             composed: self.composed,
             adapters: adapters.clone(),
             window: self.cfg.sliding_window,
-            rowwise: true,
+            rowwise: Some(batch.activations),
         };
         let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu)?;
         let hidden = self.run_layers(&ids, ctx, Some((cache, &spans)))?; // [1,N,C]
@@ -688,7 +689,7 @@ impl CausalLm for Llama {
             head,
             self.lm_head_module(),
             &picked,
-            head.forward_rowwise(&picked)?,
+            head.forward_rowwise(&picked, batch.activations)?,
         ) // [chunks,V]
     }
 }

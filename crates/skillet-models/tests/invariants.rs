@@ -8,9 +8,9 @@ use candle_core::{Device, Tensor};
 use skillet_gguf::{GgmlType, GgufFile, Value};
 use skillet_models::export::{write_gguf, write_hf_weights};
 use skillet_models::{
-    Adapters, BaseLinear, CachedBatch, CachedChunk, CausalLm, ForwardInput, KvCache, Linear, Llama,
-    LlamaConfig, LoadOptions, MemoryWeights, ModelError, ModelSource, Weight, random_weights,
-    tiny_config,
+    Activations, Adapters, BaseLinear, CachedBatch, CachedChunk, CausalLm, ForwardInput, KvCache,
+    Linear, Llama, LlamaConfig, LoadOptions, MemoryWeights, ModelError, ModelSource, Weight,
+    random_weights, tiny_config,
 };
 
 const TOL: f32 = 2e-5;
@@ -127,6 +127,16 @@ fn packed_sequences_equal_separate_runs() {
 /// One cached call: `(slot, tokens)` per sequence, no adapters; the
 /// logits of each sequence's last token.
 fn cached(m: &Llama, cache: &mut KvCache, chunks: &[(usize, &[u32])]) -> Vec<Vec<f32>> {
+    cached_with(m, cache, chunks, Activations::F32)
+}
+
+/// [`cached`] with quantized products taking their inputs as `activations`.
+fn cached_with(
+    m: &Llama,
+    cache: &mut KvCache,
+    chunks: &[(usize, &[u32])],
+    activations: Activations,
+) -> Vec<Vec<f32>> {
     let batch = CachedBatch {
         chunks: chunks
             .iter()
@@ -137,6 +147,7 @@ fn cached(m: &Llama, cache: &mut KvCache, chunks: &[(usize, &[u32])]) -> Vec<Vec
             })
             .collect(),
         adapters: vec![],
+        activations,
     };
     m.forward_cached(&batch, cache).unwrap().to_vec2().unwrap()
 }
@@ -173,7 +184,7 @@ fn kv_cache_decode_equals_full_forward() {
                     tokens: vec![1; 8],
                     adapter: None,
                 }],
-                adapters: vec![],
+                ..CachedBatch::default()
             },
             &mut cache
         )
@@ -445,23 +456,45 @@ fn a_sequence_gets_the_same_numbers_alone_or_batched_on_a_quantized_base() {
         })
         .unwrap();
     let a = vec![3u32, 14, 15, 92, 65];
-    let mut cache = m.new_cache(24, 16);
-    let alone_prefill = cached(&m, &mut cache, &[(0, &a)]);
-    let alone_decode = cached(&m, &mut cache, &[(0, &[50])]);
-    // The same sequence in slot 1, next to 22 others.
-    let others: Vec<Vec<u32>> = (0..22).map(|i| vec![(i * 3 + 1) as u32 % 90 + 1]).collect();
-    let mut chunks: Vec<(usize, &[u32])> = vec![(1, a.as_slice())];
-    chunks.extend(
-        others
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (i + 2, t.as_slice())),
-    );
-    let batched_prefill = cached(&m, &mut cache, &chunks);
-    chunks[0] = (1, &[50]);
-    let long = vec![7u32; 9];
-    chunks[5] = (6, long.as_slice());
-    let batched_decode = cached(&m, &mut cache, &chunks);
-    assert_eq!(batched_prefill[0], alone_prefill[0]);
-    assert_eq!(batched_decode[0], alone_decode[0]);
+    let mut exact = Vec::new();
+    // Inputs in f32, and rounded to int8 (on AMX tiles where the CPU has
+    // them, else plain loops).
+    for activations in [Activations::F32, Activations::Int8] {
+        let mut cache = m.new_cache(24, 16);
+        let alone_prefill = cached_with(&m, &mut cache, &[(0, &a)], activations);
+        let alone_decode = cached_with(&m, &mut cache, &[(0, &[50])], activations);
+        // The same sequence in slot 1, next to 22 others.
+        let others: Vec<Vec<u32>> = (0..22).map(|i| vec![(i * 3 + 1) as u32 % 90 + 1]).collect();
+        let mut chunks: Vec<(usize, &[u32])> = vec![(1, a.as_slice())];
+        chunks.extend(
+            others
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (i + 2, t.as_slice())),
+        );
+        let batched_prefill = cached_with(&m, &mut cache, &chunks, activations);
+        chunks[0] = (1, &[50]);
+        let long = vec![7u32; 9];
+        chunks[5] = (6, long.as_slice());
+        let batched_decode = cached_with(&m, &mut cache, &chunks, activations);
+        assert_eq!(batched_prefill[0], alone_prefill[0], "{activations:?}");
+        assert_eq!(batched_decode[0], alone_decode[0], "{activations:?}");
+        if activations == Activations::F32 {
+            exact = vec![alone_prefill[0].clone(), alone_decode[0].clone()];
+        } else {
+            // Rounding the inputs to 8 bits moves the logits by about 1%
+            // of their spread, no more.
+            for (got, want) in [&alone_prefill[0], &alone_decode[0]]
+                .into_iter()
+                .zip(&exact)
+            {
+                let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = max_diff(std::slice::from_ref(got), std::slice::from_ref(want));
+                assert!(
+                    d > 0.0 && d < 0.05 * spread,
+                    "int8 logits off by {d} (spread {spread})"
+                );
+            }
+        }
+    }
 }

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use skillet_models::Activations;
+
 /// Everything `skillet serve` was told.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -37,6 +39,8 @@ pub struct ServerConfig {
     pub max_n: usize,
     /// Prompt tokens prefilled per engine step.
     pub prefill_chunk: usize,
+    /// How quantized weights take their inputs.
+    pub activations: Activations,
     /// Seconds running streams get to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
     /// Seconds a client may take to send a request head, and may keep an
@@ -69,6 +73,7 @@ impl ServerConfig {
             max_messages: 256,
             max_n: 8,
             prefill_chunk: 256,
+            activations: Activations::F32,
             shutdown_grace_secs: 30,
             header_timeout_secs: 30,
             max_connections: 1024,

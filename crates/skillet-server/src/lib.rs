@@ -96,6 +96,7 @@ pub fn serve(config: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<
         max_batch: config.max_batch.max(1),
         capacity: config.ctx,
         prefill_chunk: config.prefill_chunk.max(1),
+        activations: config.activations,
     };
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = std::sync::mpsc::channel();

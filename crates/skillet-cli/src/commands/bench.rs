@@ -299,6 +299,7 @@ fn run_one(
                 sampling: SamplingParams::default(),
                 stop: vec![],
                 eos_ids: vec![],
+                activations: skillet_models::Activations::F32,
             };
             let mut rates = Vec::new();
             for i in 0..args.warmup + args.steps.min(3) {

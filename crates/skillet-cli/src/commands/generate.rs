@@ -8,7 +8,7 @@ use skillet_models::{Adapted, LoadOptions};
 use skillet_runtime::SamplingOptions;
 use skillet_tokenizer::Message;
 
-use crate::args::{AdapterArg, ModelArg};
+use crate::args::{ActivationsArg, AdapterArg, ModelArg};
 use crate::output::print_json;
 use skillet_runtime::Bundle;
 
@@ -52,6 +52,10 @@ pub struct Args {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// How quantized weights take their inputs (f32: the dequantized
+    /// model's numbers; int8: as llama.cpp and `skillet serve` on AMX).
+    #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
+    activations: ActivationsArg,
 }
 
 #[derive(Serialize)]
@@ -98,6 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         sampling,
         stop: args.stop.clone(),
         eos_ids: b.tokenizer.eos_ids().to_vec(),
+        activations: args.activations.resolve(),
     };
     let stream = !args.json;
     let mut stdout = std::io::stdout();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use skillet_server::ServerConfig;
 
-use crate::args::ModelArg;
+use crate::args::{ActivationsArg, ModelArg};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -62,6 +62,10 @@ pub struct Args {
     /// streams smoother while long prompts arrive).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    /// How quantized weights take their inputs: int8 rounds them per block
+    /// of 32 as llama.cpp does, at about 1% error per product.
+    #[arg(long, value_enum, default_value_t = ActivationsArg::Auto)]
+    activations: ActivationsArg,
     /// Seconds running requests get to finish after SIGTERM or Ctrl-C
     /// before they are cancelled.
     #[arg(long, default_value_t = 30)]
@@ -113,13 +117,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.ctx = args.ctx;
     cfg.max_body_bytes = args.max_body_bytes;
     cfg.prefill_chunk = args.prefill_chunk;
+    cfg.activations = args.activations.resolve();
     cfg.shutdown_grace_secs = args.shutdown_grace;
     cfg.header_timeout_secs = args.header_timeout;
     cfg.max_connections = args.max_connections;
     let keys = cfg.api_keys.len();
+    let activations = cfg.activations;
     skillet_server::serve(cfg, |addr| {
         eprintln!(
-            "listening on http://{addr} ({})",
+            "listening on http://{addr} ({}, {activations:?} activations)",
             if keys == 0 {
                 "no API key required".to_string()
             } else {
