@@ -22,6 +22,9 @@ pub struct LoraParams {
     pub a: Tensor,
     /// `[out, r]`.
     pub b: Tensor,
+    /// `b` transposed and contiguous, kept by a frozen adapter for the
+    /// batched inference kernel (`None` when trainable: `b` changes).
+    pub b_t: Option<Tensor>,
 }
 
 /// A LoRA adapter for one model.
@@ -139,19 +142,21 @@ impl LoraAdapter {
                 }
                 None => fresh(&m.name, inp, out, r)?,
             };
-            let (a, b) = if trainable {
+            let (a, b, b_t) = if trainable {
                 let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-                let ts = (va.as_tensor().clone(), vb.as_tensor().clone());
+                let ts = (va.as_tensor().clone(), vb.as_tensor().clone(), None);
                 vars.extend([va, vb]);
                 ts
             } else {
-                (a, b)
+                let b_t = b.t()?.contiguous()?;
+                (a, b, Some(b_t))
             };
             by_module[id] = Some(params.len());
             params.push(LoraParams {
                 module: m.name.clone(),
                 a,
                 b,
+                b_t,
             });
         }
         if params.is_empty() {
@@ -231,6 +236,7 @@ impl Adapter for LoraAdapter {
         Some(LoraFactors {
             a: p.a.clone(),
             b: p.b.clone(),
+            b_t: p.b_t.clone(),
             scale: self.settings.scale() as f32,
         })
     }

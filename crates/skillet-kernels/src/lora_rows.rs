@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::storage::{tensor, with_f32_all};
-use crate::vec::dot;
+use crate::vec::{dot, multiversion};
 
 /// One adapter's factors for one layer: `A` `[r, in]`, `B` `[out, r]`.
 #[derive(Debug, Clone)]
@@ -18,6 +18,10 @@ pub struct LoraFactors {
     pub a: Tensor,
     /// Up projection `[out, r]`.
     pub b: Tensor,
+    /// `B` transposed (`[r, out]`, contiguous) where the adapter keeps it
+    /// (a frozen one): each row's update is then `r` contiguous
+    /// multiply-adds over the output instead of `out` short dot products.
+    pub b_t: Option<Tensor>,
     /// `alpha / r` (or `alpha / √r` with rsLoRA).
     pub scale: f32,
 }
@@ -56,7 +60,7 @@ pub fn lora_rows(x: &Tensor, which: &[Option<u16>], factors: &[LoraFactors]) -> 
     let mut ts: Vec<&Tensor> = vec![x];
     for f in factors {
         ts.push(&f.a);
-        ts.push(&f.b);
+        ts.push(f.b_t.as_ref().unwrap_or(&f.b));
     }
     let y = with_f32_all(&ts, "lora rows", |s| {
         let x = s[0];
@@ -78,14 +82,31 @@ pub fn lora_rows(x: &Tensor, which: &[Option<u16>], factors: &[LoraFactors]) -> 
                         .chunks_exact(inp)
                         .map(|ar| dot(ar, xr) * f.scale)
                         .collect();
-                    for (o, br) in yr.iter_mut().zip(b.chunks_exact(r)) {
-                        *o = dot(br, &t);
+                    if f.b_t.is_some() {
+                        up_transposed(b, &t, yr);
+                    } else {
+                        for (o, br) in yr.iter_mut().zip(b.chunks_exact(r)) {
+                            *o = dot(br, &t);
+                        }
                     }
                 }
             });
         Ok(y)
     })?;
     tensor(y, (n, out))
+}
+
+multiversion! {
+    /// `y = Σ_k t_k · bt_k` over the rows `bt_k` of `Bᵀ`.
+    fn up_transposed(bt: &[f32], t: &[f32], y: &mut [f32]) {
+        let out = y.len();
+        y.fill(0.0);
+        for (row, &tk) in bt.chunks_exact(out).zip(t) {
+            for (y, &b) in y.iter_mut().zip(row) {
+                *y = b.mul_add(tk, *y);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -104,12 +125,17 @@ mod tests {
     fn each_row_gets_its_own_adapter() {
         let (inp, out) = (20, 12);
         let x = t((5, inp), 0.1);
-        let f = |r, seed, scale| LoraFactors {
-            a: t((r, inp), seed),
-            b: t((out, r), seed + 1.0),
-            scale,
+        let f = |r, seed, scale, transposed: bool| {
+            let b = t((out, r), seed + 1.0);
+            LoraFactors {
+                a: t((r, inp), seed),
+                b_t: transposed.then(|| b.t().unwrap().contiguous().unwrap()),
+                b,
+                scale,
+            }
         };
-        let factors = [f(3, 1.0, 0.5), f(8, 2.0, 2.0)];
+        // One adapter with B as stored, one with its transpose kept.
+        let factors = [f(3, 1.0, 0.5, false), f(8, 2.0, 2.0, true)];
         let which = [Some(1), None, Some(0), Some(1), Some(0)];
         let got = lora_rows(&x, &which, &factors)
             .unwrap()
