@@ -149,9 +149,7 @@ fn answers_equal_skillet_generate_and_errors_have_openai_shapes() {
     let server = start(&[]);
     let id = model_id();
     let dir = adapters_dir();
-    // The server's greedy answer is the CLI's, for the base and an adapter
-    // (both with their inputs to quantized products chosen for this CPU:
-    // int8 where it has AMX).
+    // The server's greedy answer is the CLI's, for the base and an adapter.
     for (model, adapter) in [(id.as_str(), None), ("a1", Some(dir.join("a1")))] {
         let r = server.call(
             "POST",
@@ -175,8 +173,6 @@ fn answers_equal_skillet_generate_and_errors_have_openai_shapes() {
             "--max-tokens",
             "20",
             "--json",
-            "--activations",
-            "auto",
         ];
         let a = adapter.map(|p| p.display().to_string());
         if let Some(a) = &a {
