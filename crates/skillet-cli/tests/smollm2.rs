@@ -146,25 +146,32 @@ fn tokenize_command_prints_ids_and_tokens() {
     );
 }
 
+/// `skillet generate --json`: 32 greedy tokens of a chat answer to `prompt`.
+fn greedy_chat(model: &Path, prompt: &str, activations: &str) -> serde_json::Value {
+    skillet_json(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "32",
+        "--temperature",
+        "0",
+        "--json",
+        "--activations",
+        activations,
+    ])
+}
+
 #[test]
 fn greedy_chat_generation_matches_transformers() {
     let reference = read_json(&fixtures().join("smollm2/generate.json"));
     for model in [real_model(), hf_folder().to_path_buf()] {
         for case in reference["cases"].as_array().unwrap() {
             let prompt = case["prompt"].as_str().unwrap();
-            let o = skillet_json(&[
-                "generate",
-                "--model",
-                model.to_str().unwrap(),
-                "--chat",
-                "--prompt",
-                prompt,
-                "--max-tokens",
-                "32",
-                "--temperature",
-                "0",
-                "--json",
-            ]);
+            let o = greedy_chat(&model, prompt, "f32");
             assert_eq!(
                 o["prompt_tokens"].as_u64().unwrap() as usize,
                 case["prompt_ids"].as_array().unwrap().len()
@@ -195,8 +202,8 @@ fn greedy_chat_generation_matches_transformers() {
 fn greedy_generation_with_int8_inputs_stays_on_the_reference_answer() {
     // Inputs of the quantized products rounded to 8 bits (AMX tiles where
     // the CPU has them, else plain loops): the short factual answer is
-    // transformers' token for token, and every answer starts the same way
-    // or diverges only after a plausible first token (rounding moves
+    // transformers' token for token, at least half the answers start with
+    // transformers' first token, and none is empty (rounding moves
     // near-ties; llama.cpp diverges from transformers on these prompts too).
     let reference = read_json(&fixtures().join("smollm2/generate.json"));
     let model = real_model();
@@ -204,21 +211,7 @@ fn greedy_generation_with_int8_inputs_stays_on_the_reference_answer() {
     let mut agreeing = 0;
     for (i, case) in cases.iter().enumerate() {
         let prompt = case["prompt"].as_str().unwrap();
-        let o = skillet_json(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--chat",
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            "32",
-            "--temperature",
-            "0",
-            "--json",
-            "--activations",
-            "int8",
-        ]);
+        let o = greedy_chat(&model, prompt, "int8");
         let (got, want) = (
             o["ids"].as_array().unwrap(),
             case["new_ids"].as_array().unwrap(),

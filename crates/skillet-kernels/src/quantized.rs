@@ -726,6 +726,16 @@ mod tests {
         assert!(QuantMatrix::from_ggml(QuantKind::Q8_0, 2, 32, &[0; 10]).is_err());
     }
 
+    /// `product` of every row of `x` on its own.
+    fn each_row_alone(x: &Tensor, product: impl Fn(&Tensor) -> Result<Tensor>) -> Vec<Vec<f32>> {
+        (0..x.dim(0).unwrap())
+            .map(|r| {
+                let y = product(&x.narrow(0, r, 1).unwrap()).unwrap();
+                y.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect()
+    }
+
     #[test]
     fn a_row_gets_the_same_result_in_any_batch() {
         // Every group size of the kernel (1 to 8 rows, and beyond): each
@@ -737,16 +747,7 @@ mod tests {
             let m = Arc::new(QuantMatrix::from_ggml(kind, rows, cols, &bytes).unwrap());
             let w = Tensor::from_vec(dense, (rows, cols), &candle_core::Device::Cpu).unwrap();
             let x = random(&[11, cols], 2, 1.0);
-            let alone: Vec<Vec<f32>> = (0..11)
-                .map(|r| {
-                    m.matmul(&x.narrow(0, r, 1).unwrap())
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                })
-                .collect();
+            let alone = each_row_alone(&x, |row| m.matmul(row));
             for t in 1..=11 {
                 let y = m
                     .matmul(&x.narrow(0, 0, t).unwrap())
@@ -783,17 +784,7 @@ mod tests {
             let m = Arc::new(QuantMatrix::from_ggml(kind, rows, cols, &bytes).unwrap());
             let w = Tensor::from_vec(dense, (rows, cols), &candle_core::Device::Cpu).unwrap();
             let x = random(&[20, cols], 3, 1.0);
-            let alone: Vec<Vec<f32>> = (0..20)
-                .map(|r| {
-                    let row = x.narrow(0, r, 1).unwrap();
-                    m.matmul_int8(&row)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                })
-                .collect();
+            let alone = each_row_alone(&x, |row| m.matmul_int8(row));
             for t in [1, 5, 16, 17, 20] {
                 let xt = x.narrow(0, 0, t).unwrap();
                 let y = m.matmul_int8(&xt).unwrap().to_vec2::<f32>().unwrap();
