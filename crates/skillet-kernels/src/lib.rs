@@ -29,7 +29,7 @@ mod testing;
 
 pub use adamw::{AdamWStep, adamw_step};
 pub use attention::{AttentionMask, attention, attention_composed};
-pub use cached_attention::{CachedSeq, cached_attention};
+pub use cached_attention::{CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys};
 pub use linear::{frozen_matmul, linear};
 pub use linear_cross_entropy::{CrossEntropyStats, linear_cross_entropy};
 pub use lora_rows::{LoraFactors, lora_rows};

@@ -69,72 +69,100 @@ pub(crate) fn exp(x: f32) -> f32 {
     if x < -87.0 { 0.0 } else { v }
 }
 
+/// The largest element (−∞ for an empty slice; NaN-blind). Inlined into
+/// multiversioned callers; [`max`] is its dispatching form.
+#[inline(always)]
+pub(crate) fn max_in(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in acc.iter().chain(rest) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// Replaces each `v` by `e^(v - shift)` and returns the sum: 16 lane sums
+/// in order, then the lanes and the tail in order, so the result depends
+/// on the slice's contents alone. Inlined into multiversioned callers.
+#[inline(always)]
+pub(crate) fn exp_shifted_sum_in(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp(c[l] - shift);
+            acc[l] += c[l];
+        }
+    }
+    let mut s = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp(*v - shift);
+        s += *v;
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// `Σ a_i b_i`, summed in the fixed order of [`exp_shifted_sum_in`].
+/// Inlined into multiversioned callers.
+#[inline(always)]
+pub(crate) fn dot_in(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = 0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// `x *= a`. Inlined into multiversioned callers.
+#[inline(always)]
+pub(crate) fn scale_in(x: &mut [f32], a: f32) {
+    for v in x {
+        *v *= a;
+    }
+}
+
 multiversion! {
     /// The largest element (−∞ for an empty slice; NaN-blind).
     pub(crate) fn max(x: &[f32]) -> f32 {
-        let mut acc = [f32::NEG_INFINITY; LANES];
-        let chunks = x.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for l in 0..LANES {
-                acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
-            }
-        }
-        let mut m = f32::NEG_INFINITY;
-        for &v in acc.iter().chain(rest) {
-            m = if v > m { v } else { m };
-        }
-        m
+        max_in(x)
     }
 }
 
 multiversion! {
     /// Replaces each `v` by `e^(v - shift)` and returns the sum.
     pub(crate) fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
-        let mut acc = [0f32; LANES];
-        let mut chunks = x.chunks_exact_mut(LANES);
-        for c in &mut chunks {
-            for l in 0..LANES {
-                c[l] = exp(c[l] - shift);
-                acc[l] += c[l];
-            }
-        }
-        let mut s = 0f32;
-        for v in chunks.into_remainder() {
-            *v = exp(*v - shift);
-            s += *v;
-        }
-        acc.iter().sum::<f32>() + s
+        exp_shifted_sum_in(x, shift)
     }
 }
 
 multiversion! {
     /// `Σ a_i b_i`.
     pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (a, b) = (&a[..n], &b[..n]);
-        let mut acc = [0f32; LANES];
-        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-        let (ra, rb) = (ca.remainder(), cb.remainder());
-        for (x, y) in ca.zip(cb) {
-            for l in 0..LANES {
-                acc[l] += x[l] * y[l];
-            }
-        }
-        let mut s = 0f32;
-        for (x, y) in ra.iter().zip(rb) {
-            s += x * y;
-        }
-        acc.iter().sum::<f32>() + s
+        dot_in(a, b)
     }
 }
 
 multiversion! {
     /// `x *= a`.
     pub(crate) fn scale(x: &mut [f32], a: f32) {
-        for v in x {
-            *v *= a;
-        }
+        scale_in(x, a)
     }
 }
 

@@ -6,6 +6,8 @@
 //! decoding appends in place (no per-token concatenation) and a server's
 //! memory stops growing once its slots have seen its longest requests.
 
+use skillet_kernels::{key_cache_len, write_keys};
+
 use crate::{ModelError, Result};
 
 #[derive(Debug, Clone, Default)]
@@ -13,8 +15,9 @@ struct Slot {
     len: usize,
     /// Positions the buffers have room for.
     room: usize,
-    /// Per layer, keys then values, each `[capacity, K, D]` row-major;
-    /// empty until the slot is first written.
+    /// Per layer, keys (in blocks of positions, see
+    /// `skillet_kernels::write_keys`) then values (`[room, K, D]`
+    /// row-major); empty until the slot is first written.
     layers: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
@@ -97,15 +100,16 @@ impl KvCache {
             return;
         }
         let room = needed.max(2 * s.room).max(64).min(capacity);
-        let n = room * width;
+        // Key blocks are position-major, so growing appends whole blocks.
+        let (nk, nv) = (key_cache_len(room, width), room * width);
         if s.layers.is_empty() {
             s.layers = (0..layers)
-                .map(|_| (vec![0f32; n], vec![0f32; n]))
+                .map(|_| (vec![0f32; nk], vec![0f32; nv]))
                 .collect();
         } else {
             for (k, v) in &mut s.layers {
-                k.resize(n, 0.0);
-                v.resize(n, 0.0);
+                k.resize(nk, 0.0);
+                v.resize(nv, 0.0);
             }
         }
         s.room = room;
@@ -131,7 +135,7 @@ impl KvCache {
     pub(crate) fn write(&mut self, layer: usize, slot: usize, start: usize, k: &[f32], v: &[f32]) {
         let at = start * self.width;
         let (dk, dv) = &mut self.slots[slot].layers[layer];
-        dk[at..at + k.len()].copy_from_slice(k);
+        write_keys(dk, self.width, start, k);
         dv[at..at + v.len()].copy_from_slice(v);
     }
 

@@ -498,3 +498,48 @@ fn a_sequence_gets_the_same_numbers_alone_or_batched_on_a_quantized_base() {
         }
     }
 }
+
+#[test]
+fn a_prompt_gets_the_same_logits_however_it_is_split() {
+    // A server may prefill a prompt whole, in chunks, or after a reused
+    // prefix, next to other sequences: the last token's logits must not
+    // change by a bit, or a request's answer would depend on the traffic.
+    let (cfg, w) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q8.gguf");
+    write_gguf(&cfg, &w, &path, &|_| GgmlType::Q8_0, vec![]).unwrap();
+    let quantized = ModelSource::open(&path)
+        .unwrap()
+        .load_model(LoadOptions {
+            keep_quantized: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 96 + 1).collect();
+    let other = [11u32, 12, 13];
+    for activations in [Activations::F32, Activations::Int8] {
+        let mut cache = quantized.new_cache(2, 48);
+        let whole = cached_with(&quantized, &mut cache, &[(0, &prompt)], activations);
+        for splits in [&[1, 39][..], &[17, 23], &[20, 20], &[39, 1], &[5, 30, 5]] {
+            cache.clear(0);
+            cache.clear(1);
+            cached_with(&quantized, &mut cache, &[(1, &other)], activations);
+            let mut start = 0;
+            let mut last = Vec::new();
+            for &len in splits {
+                let chunk = &prompt[start..start + len];
+                let out = cached_with(
+                    &quantized,
+                    &mut cache,
+                    &[(1, &[14]), (0, chunk)],
+                    activations,
+                );
+                last = out[1].clone();
+                start += len;
+                cache.clear(1);
+                cached_with(&quantized, &mut cache, &[(1, &other)], activations);
+            }
+            assert!(last == whole[0], "{activations:?}, split {splits:?}");
+        }
+    }
+}

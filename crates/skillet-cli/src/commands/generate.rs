@@ -53,8 +53,9 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// How quantized weights take their inputs (f32: the dequantized
-    /// model's numbers; int8: as llama.cpp and `skillet serve` on AMX).
-    #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
+    /// model's numbers; int8: rounded per block of 32 as llama.cpp does;
+    /// auto, as `skillet serve`: int8 where the CPU has AMX tiles).
+    #[arg(long, value_enum, default_value_t = ActivationsArg::Auto)]
     activations: ActivationsArg,
 }
 
