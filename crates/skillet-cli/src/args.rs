@@ -13,7 +13,7 @@ pub struct ModelArg {
 /// How quantized weights take their inputs in batched decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ActivationsArg {
-    /// int8 where the CPU has AMX (several times faster there), else f32.
+    /// int8 where the CPU has AMX (faster there for batches), else f32.
     Auto,
     /// f32: the dequantized model's numbers.
     F32,
@@ -25,7 +25,7 @@ impl ActivationsArg {
     /// The setting this choice means on this CPU.
     pub fn resolve(self) -> skillet_models::Activations {
         match self {
-            ActivationsArg::Auto => skillet_models::Activations::fastest(),
+            ActivationsArg::Auto => skillet_models::Activations::for_batches(),
             ActivationsArg::F32 => skillet_models::Activations::F32,
             ActivationsArg::Int8 => skillet_models::Activations::Int8,
         }

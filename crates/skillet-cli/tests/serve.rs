@@ -173,6 +173,9 @@ fn answers_equal_skillet_generate_and_errors_have_openai_shapes() {
             "--max-tokens",
             "20",
             "--json",
+            // The server's default arithmetic.
+            "--activations",
+            "auto",
         ];
         let a = adapter.map(|p| p.display().to_string());
         if let Some(a) = &a {
@@ -366,7 +369,7 @@ fn answers_equal_skillet_generate_and_errors_have_openai_shapes() {
 fn concurrent_streams_mixing_adapters_equal_sequential_answers() {
     // The default inputs of quantized products (int8 where the CPU has AMX
     // tiles), and exact f32 inputs where that is not already the default.
-    if skillet_models::Activations::fastest() != skillet_models::Activations::F32 {
+    if skillet_models::Activations::for_batches() != skillet_models::Activations::F32 {
         let f32_server = start(&["--max-batch", "8", "--activations", "f32"]);
         batched_answers_equal_alone(&f32_server);
         assert!(f32_server.stop(30).success());

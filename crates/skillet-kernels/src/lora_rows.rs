@@ -26,18 +26,31 @@ pub struct LoraFactors {
     pub scale: f32,
 }
 
-/// Rows per parallel task: below this the work is too small to share.
-const ROWS_PER_TASK: usize = 4;
+/// Rows of one adapter per parallel task.
+const ROWS_PER_TASK: usize = 8;
 
 /// The update `[N, out]` for `x` (`[N, in]`): row `i` uses
-/// `factors[which[i]]`, or is zero where `which[i]` is `None`.
-pub fn lora_rows(x: &Tensor, which: &[Option<u16>], factors: &[LoraFactors]) -> Result<Tensor> {
+/// `factors[which[i]]`, or is zero where `which[i]` is `None`. With `base`
+/// (`[N, out]`), returns `base` plus the update instead, in one pass.
+///
+/// Rows are grouped by adapter, so each adapter's factors are read once
+/// per group rather than once per row; a row's numbers do not depend on
+/// which rows share its group.
+pub fn lora_rows(
+    x: &Tensor,
+    which: &[Option<u16>],
+    factors: &[LoraFactors],
+    base: Option<&Tensor>,
+) -> Result<Tensor> {
     let (n, inp) = x.dims2()?;
     if which.len() != n {
         bail!("lora rows: {} row choices for {n} rows", which.len());
     }
     let Some(first) = factors.first() else {
-        return tensor(vec![0f32; 0], (n, 0));
+        return match base {
+            Some(b) => Ok(b.clone()),
+            None => tensor(vec![0f32; 0], (n, 0)),
+        };
     };
     let out = first.b.dim(0)?;
     for f in factors {
@@ -50,6 +63,11 @@ pub fn lora_rows(x: &Tensor, which: &[Option<u16>], factors: &[LoraFactors]) -> 
             );
         }
     }
+    if let Some(b) = base
+        && b.dims() != [n, out]
+    {
+        bail!("lora rows: base {:?} for {n} rows of width {out}", b.dims());
+    }
     if let Some(j) = which
         .iter()
         .flatten()
@@ -57,54 +75,90 @@ pub fn lora_rows(x: &Tensor, which: &[Option<u16>], factors: &[LoraFactors]) -> 
     {
         bail!("lora rows: adapter {j} of {}", factors.len());
     }
+    // Tasks: up to ROWS_PER_TASK rows of one adapter.
+    let mut tasks: Vec<(usize, Vec<usize>)> = Vec::new();
+    for j in 0..factors.len() {
+        let rows: Vec<usize> = (0..n).filter(|&i| which[i] == Some(j as u16)).collect();
+        for chunk in rows.chunks(ROWS_PER_TASK) {
+            tasks.push((j, chunk.to_vec()));
+        }
+    }
     let mut ts: Vec<&Tensor> = vec![x];
     for f in factors {
         ts.push(&f.a);
         ts.push(f.b_t.as_ref().unwrap_or(&f.b));
     }
+    if let Some(b) = base {
+        ts.push(b);
+    }
     let y = with_f32_all(&ts, "lora rows", |s| {
         let x = s[0];
-        let mut y = vec![0f32; n * out];
-        y.par_chunks_mut(out * ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(task, ys)| {
-                for (k, yr) in ys.chunks_exact_mut(out).enumerate() {
-                    let i = task * ROWS_PER_TASK + k;
-                    let Some(j) = which[i] else { continue };
-                    let (a, b, f) = (
-                        s[1 + 2 * j as usize],
-                        s[2 + 2 * j as usize],
-                        &factors[j as usize],
-                    );
-                    let r = a.len() / inp;
-                    let xr = &x[i * inp..(i + 1) * inp];
-                    let t: Vec<f32> = a
-                        .chunks_exact(inp)
-                        .map(|ar| dot(ar, xr) * f.scale)
-                        .collect();
-                    if f.b_t.is_some() {
-                        up_transposed(b, &t, yr);
-                    } else {
-                        for (o, br) in yr.iter_mut().zip(b.chunks_exact(r)) {
-                            *o = dot(br, &t);
+        let parts: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|(j, rows)| {
+                let (a, b, f) = (s[1 + 2 * j], s[2 + 2 * j], &factors[*j]);
+                let r = a.len() / inp;
+                // t = scale · A x, per row.
+                let mut t = vec![0f32; rows.len() * r];
+                for (k, ak) in a.chunks_exact(inp).enumerate() {
+                    for (ri, &i) in rows.iter().enumerate() {
+                        t[ri * r + k] = dot(ak, &x[i * inp..(i + 1) * inp]) * f.scale;
+                    }
+                }
+                let mut d = vec![0f32; rows.len() * out];
+                if f.b_t.is_some() {
+                    up_transposed(b, &t, r, &mut d);
+                } else {
+                    for (dr, tr) in d.chunks_exact_mut(out).zip(t.chunks_exact(r)) {
+                        for (o, br) in dr.iter_mut().zip(b.chunks_exact(r)) {
+                            *o = dot(br, tr);
                         }
                     }
                 }
-            });
+                d
+            })
+            .collect();
+        let mut y = match base {
+            Some(_) => s[ts.len() - 1].to_vec(),
+            None => vec![0f32; n * out],
+        };
+        for ((_, rows), d) in tasks.iter().zip(&parts) {
+            for (&i, dr) in rows.iter().zip(d.chunks_exact(out)) {
+                let yr = &mut y[i * out..(i + 1) * out];
+                if base.is_some() {
+                    add(yr, dr);
+                } else {
+                    yr.copy_from_slice(dr);
+                }
+            }
+        }
         Ok(y)
     })?;
     tensor(y, (n, out))
 }
 
 multiversion! {
-    /// `y = Σ_k t_k · bt_k` over the rows `bt_k` of `Bᵀ`.
-    fn up_transposed(bt: &[f32], t: &[f32], y: &mut [f32]) {
-        let out = y.len();
-        y.fill(0.0);
-        for (row, &tk) in bt.chunks_exact(out).zip(t) {
-            for (y, &b) in y.iter_mut().zip(row) {
-                *y = b.mul_add(tk, *y);
+    /// Each row of `d` (`[rows, out]`, zeroed) becomes `Σ_k t_k · bt_k`
+    /// over the rows `bt_k` of `Bᵀ` (`[r, out]`), `k` in order, with its
+    /// own `t` (`[rows, r]`): each `bt_k` is read once for all rows.
+    fn up_transposed(bt: &[f32], t: &[f32], r: usize, d: &mut [f32]) {
+        let out = bt.len() / r.max(1);
+        for (k, row) in bt.chunks_exact(out).enumerate() {
+            for (y, tr) in d.chunks_exact_mut(out).zip(t.chunks_exact(r)) {
+                let tk = tr[k];
+                for (y, &b) in y.iter_mut().zip(row) {
+                    *y = b.mul_add(tk, *y);
+                }
             }
+        }
+    }
+}
+
+multiversion! {
+    /// `y += d`.
+    fn add(y: &mut [f32], d: &[f32]) {
+        for (y, &d) in y.iter_mut().zip(d) {
+            *y += d;
         }
     }
 }
@@ -137,7 +191,7 @@ mod tests {
         // One adapter with B as stored, one with its transpose kept.
         let factors = [f(3, 1.0, 0.5, false), f(8, 2.0, 2.0, true)];
         let which = [Some(1), None, Some(0), Some(1), Some(0)];
-        let got = lora_rows(&x, &which, &factors)
+        let got = lora_rows(&x, &which, &factors, None)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -163,6 +217,19 @@ mod tests {
                 assert!((g - w).abs() < 1e-5, "row {i}: {g} vs {w}");
             }
         }
-        assert!(lora_rows(&x, &[Some(2); 5], &factors).is_err());
+        assert!(lora_rows(&x, &[Some(2); 5], &factors, None).is_err());
+        // With a base: base plus the update, in one pass.
+        let base = t((5, out), 3.0);
+        let sum = lora_rows(&x, &which, &factors, Some(&base)).unwrap();
+        let want = (&base + Tensor::new(got.clone(), &Device::Cpu).unwrap()).unwrap();
+        assert_eq!(
+            sum.to_vec2::<f32>().unwrap(),
+            want.to_vec2::<f32>().unwrap()
+        );
+        // A row alone gets the same bits as in its group of rows.
+        for (i, w) in which.iter().enumerate() {
+            let alone = lora_rows(&x.narrow(0, i, 1).unwrap(), &[*w], &factors, None).unwrap();
+            assert_eq!(alone.to_vec2::<f32>().unwrap()[0], got[i], "row {i}");
+        }
     }
 }

@@ -98,7 +98,7 @@ impl QuantMatrix {
 
     /// [`QuantMatrix::matmul`] with `x` rounded to 8-bit integers per
     /// block of 32 and integer block products, as llama.cpp computes
-    /// quantized products: several times faster where the CPU has AMX
+    /// quantized products: faster for several rows where the CPU has AMX
     /// (see [`QuantMatrix::int8_accelerated`]), at a relative error of
     /// about 1e-2 per product. A row's result still never depends on the
     /// other rows. Backward is that of the exact product.

@@ -171,7 +171,10 @@ impl Adapters {
         let delta = match &self.rows {
             Rows::None => None,
             Rows::All => self.list[0].delta(module, &flat, self.dropout_seed)?,
-            Rows::Each(each) => Some(self.mixed(module, &flat, each, lin.out_features())?),
+            Rows::Each(each) => {
+                let base = y.reshape((n, lin.out_features()))?;
+                return Ok(self.mixed(module, &flat, each, &base)?.reshape(y.shape())?);
+            }
         };
         Ok(match delta {
             Some(d) => {
@@ -182,10 +185,17 @@ impl Adapters {
         })
     }
 
-    /// Updates for a batch whose rows use different adapters: the fused
-    /// kernel where nothing needs gradients, else each adapter on its own
-    /// rows, gathered and scattered back.
-    fn mixed(&self, module: usize, x: &Tensor, each: &[Option<u16>], out: usize) -> Result<Tensor> {
+    /// `base` (`[N, out]`) plus the updates of a batch whose rows use
+    /// different adapters: the fused kernel where nothing needs gradients,
+    /// else each adapter on its own rows, gathered and scattered back.
+    fn mixed(
+        &self,
+        module: usize,
+        x: &Tensor,
+        each: &[Option<u16>],
+        base: &Tensor,
+    ) -> Result<Tensor> {
+        let out = base.dim(1)?;
         let n = x.dim(0)?;
         if each.is_empty() || n % each.len() != 0 {
             return Err(ModelError::Input(format!(
@@ -216,7 +226,7 @@ impl Adapters {
             let which: Vec<Option<u16>> = (0..n)
                 .map(|i| token(i).and_then(|j| remap[j as usize]))
                 .collect();
-            return Ok(lora_rows(x, &which, &kept)?);
+            return Ok(lora_rows(x, &which, &kept, Some(base))?);
         }
         let mut total = Tensor::zeros((n, out), DType::F32, &Device::Cpu)?;
         for (j, adapter) in self.list.iter().enumerate() {
@@ -231,7 +241,7 @@ impl Adapters {
                 total = total.index_add(&idx, &d, 0)?;
             }
         }
-        Ok(total)
+        Ok((base + total)?)
     }
 }
 
