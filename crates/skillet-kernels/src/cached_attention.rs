@@ -8,9 +8,10 @@
 //! A query's numbers depend on its own row and the keys it sees, nothing
 //! else: each score adds its products in order of the head width, each
 //! softmax sums the query's own keys from its first, and each output adds
-//! the value rows in position order. So a prompt prefilled whole, in chunks, after a reused
-//! prefix, or next to other sequences gives the same bits, which is what
-//! lets a server's answers not depend on what else it is serving.
+//! the value rows in position order. So a prompt prefilled whole, in
+//! chunks, after a reused prefix, or next to other sequences gives the
+//! same bits, which is what lets a server's answers not depend on what
+//! else it is serving.
 
 use candle_core::{Result, Tensor, bail};
 use rayon::prelude::*;
@@ -121,8 +122,8 @@ fn attention_over_caches(
     wide: bool,
 ) -> Result<Tensor> {
     let (n, h, d) = q.dims3()?;
-    if kv_heads == 0 || h % kv_heads != 0 {
-        bail!("cached attention: {h} query heads over {kv_heads} key/value heads");
+    if kv_heads == 0 || h == 0 || d == 0 || h % kv_heads != 0 {
+        bail!("cached attention: {h} query heads of width {d} over {kv_heads} key/value heads");
     }
     if seqs.iter().map(|s| s.len).sum::<usize>() != n {
         bail!("cached attention: the sequences' tokens do not add up to {n} queries");
@@ -488,7 +489,8 @@ mod avx512 {
         for j in 0..n {
             let mut vj = [_mm512_setzero_ps(); 4];
             for (w, x) in vj.iter_mut().enumerate() {
-                // SAFETY: `v` holds `n` positions from this head's column `off - c`.
+                // SAFETY: the caller's `v` holds `n` rows `width` apart and
+                // each reaches column `off + 64` (it checked `c + 64 <= d`).
                 *x = unsafe { _mm512_loadu_ps(vp.add(j * width + off + w * 16)) };
             }
             for (row, pr) in a.iter_mut().zip(p) {

@@ -48,7 +48,8 @@ pub fn lora_rows(
     }
     let Some(first) = factors.first() else {
         return match base {
-            Some(b) => Ok(b.clone()),
+            Some(b) if b.dim(0)? == n => Ok(b.clone()),
+            Some(b) => bail!("lora rows: base {:?} for {n} rows", b.dims()),
             None => tensor(vec![0f32; 0], (n, 0)),
         };
     };
@@ -107,9 +108,9 @@ pub fn lora_rows(
                 }
                 let mut d = vec![0f32; rows.len() * out];
                 if f.b_t.is_some() {
-                    up_transposed(b, &t, r, &mut d);
+                    up_transposed(b, &t, r, out, &mut d);
                 } else {
-                    for (dr, tr) in d.chunks_exact_mut(out).zip(t.chunks_exact(r)) {
+                    for (dr, tr) in d.chunks_exact_mut(out).zip(t.chunks_exact(r.max(1))) {
                         for (o, br) in dr.iter_mut().zip(b.chunks_exact(r)) {
                             *o = dot(br, tr);
                         }
@@ -141,8 +142,10 @@ multiversion! {
     /// Each row of `d` (`[rows, out]`, zeroed) becomes `Σ_k t_k · bt_k`
     /// over the rows `bt_k` of `Bᵀ` (`[r, out]`), `k` in order, with its
     /// own `t` (`[rows, r]`): each `bt_k` is read once for all rows.
-    fn up_transposed(bt: &[f32], t: &[f32], r: usize, d: &mut [f32]) {
-        let out = bt.len() / r.max(1);
+    fn up_transposed(bt: &[f32], t: &[f32], r: usize, out: usize, d: &mut [f32]) {
+        if r == 0 || out == 0 {
+            return;
+        }
         for (k, row) in bt.chunks_exact(out).enumerate() {
             for (y, tr) in d.chunks_exact_mut(out).zip(t.chunks_exact(r)) {
                 let tk = tr[k];

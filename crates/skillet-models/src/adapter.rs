@@ -207,8 +207,10 @@ impl Adapters {
         let token = |i: usize| each[i / per];
         let factors: Vec<Option<LoraFactors>> =
             self.list.iter().map(|a| a.factors(module)).collect();
+        // The fused kernel passes no gradient: only where none is wanted.
         let fused = self.dropout_seed.is_none()
             && !x.track_op()
+            && !base.track_op()
             && self.list.iter().zip(&factors).all(|(a, f)| match f {
                 Some(f) => !f.a.track_op() && !f.b.track_op(),
                 None => !a.adapts(module),
