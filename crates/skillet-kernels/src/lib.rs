@@ -12,6 +12,7 @@
 
 mod adamw;
 mod attention;
+mod bf16;
 mod cached_attention;
 mod gemm;
 mod linear;
@@ -22,6 +23,8 @@ mod rms_norm;
 mod rope;
 mod storage;
 mod swiglu;
+#[cfg(target_arch = "x86_64")]
+mod tiles;
 mod vec;
 
 #[cfg(test)]
@@ -29,6 +32,7 @@ mod testing;
 
 pub use adamw::{AdamWStep, adamw_step};
 pub use attention::{AttentionMask, attention, attention_composed};
+pub use bf16::{Bf16Matrix, bf16_accelerated, matmul_bf16};
 pub use cached_attention::{CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys};
 pub use linear::{frozen_matmul, linear};
 pub use linear_cross_entropy::{CrossEntropyStats, linear_cross_entropy};

@@ -24,40 +24,7 @@ pub(super) const STRIPE: usize = 16;
 /// Whether the CPU has AMX-INT8 and the kernel lets this process use it.
 pub(super) fn available() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| {
-        // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
-        let edx = __cpuid_count(7, 0).edx;
-        if edx & (1 << 24) == 0 || edx & (1 << 25) == 0 {
-            return false;
-        }
-        if !std::arch::is_x86_feature_detected!("avx512f")
-            || !std::arch::is_x86_feature_detected!("avx512bw")
-            || !std::arch::is_x86_feature_detected!("avx512vl")
-        {
-            return false;
-        }
-        request_tile_state()
-    })
-}
-
-/// Asks Linux for the tile data state (`ARCH_REQ_XCOMP_PERM`).
-#[cfg(target_os = "linux")]
-fn request_tile_state() -> bool {
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: a plain system call with integer arguments.
-    unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        ) == 0
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn request_tile_state() -> bool {
-    false
+    *READY.get_or_init(|| crate::tiles::available(crate::tiles::TileType::Int8))
 }
 
 /// The tile shapes (`ldtilecfg`'s 64-byte palette-1 layout): tmm0 the

@@ -1,0 +1,273 @@
+//! Matrix products in bf16 with f32 accumulation, the semantics of
+//! PyTorch's CPU autocast for a matmul: both operands rounded to bf16
+//! (nearest, ties to even), their products (exact in f32) summed in f32.
+//!
+//! The right operand is packed once ([`Bf16Matrix`]: a frozen weight is
+//! packed when first used and kept); the left one is rounded on each call.
+//! On Intel AMX (Sapphire Rapids and later) one `tdpbf16ps` multiplies 16
+//! rows by 16 columns over 32 positions of the shared dimension; elsewhere
+//! the same rounded operands go through the f32 GEMM, which gives the same
+//! values up to the order of the f32 sums.
+
+use rayon::prelude::*;
+
+use crate::gemm::{Out, View, matmul};
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
+/// Positions of the shared dimension per tile product (bf16 pairs × 16).
+const KSTEP: usize = 32;
+/// Rows or columns per tile.
+const TILE: usize = 16;
+
+/// `x` rounded to bf16 (nearest, ties to even; NaN stays NaN), as bits.
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+pub(crate) fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Whether products run on AMX tiles here.
+pub fn bf16_accelerated() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static READY: OnceLock<bool> = OnceLock::new();
+        *READY.get_or_init(|| crate::tiles::available(crate::tiles::TileType::Bf16))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The right operand `B` (`[k, n]`) of bf16 products, rounded and packed
+/// for the kernel that runs here.
+#[derive(Debug, Clone)]
+pub struct Bf16Matrix {
+    k: usize,
+    n: usize,
+    layout: Layout,
+}
+
+#[derive(Debug, Clone)]
+enum Layout {
+    /// For the tiles: `k` padded to 32 and `n` to 16; column block `j`,
+    /// position pair `p`, column `c`, element `t` at
+    /// `((j · kp/2 + p) · 16 + c) · 2 + t`, holding `B[2p + t][16j + c]`.
+    Tiles { kp: usize, data: Vec<u16> },
+    /// Row-major `[k, n]` f32 holding bf16 values, for the f32 GEMM.
+    Rounded(Vec<f32>),
+}
+
+impl Bf16Matrix {
+    /// `B` = `w` (`[rows, cols]` row-major), or its transpose.
+    pub fn pack(w: &[f32], rows: usize, cols: usize, transposed: bool) -> Self {
+        Self::pack_for(w, rows, cols, transposed, bf16_accelerated())
+    }
+
+    /// [`Bf16Matrix::pack`] for the tile kernel, or for the f32 GEMM.
+    fn pack_for(w: &[f32], rows: usize, cols: usize, transposed: bool, tiles: bool) -> Self {
+        assert_eq!(
+            w.len(),
+            rows * cols,
+            "bf16 pack: {rows}×{cols} from {}",
+            w.len()
+        );
+        let (k, n) = if transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let at = |kk: usize, nn: usize| {
+            if transposed {
+                w[nn * cols + kk]
+            } else {
+                w[kk * cols + nn]
+            }
+        };
+        let layout = if tiles {
+            let kp = k.next_multiple_of(KSTEP);
+            let blocks = n.div_ceil(TILE);
+            let mut data = vec![0u16; blocks * kp * TILE];
+            data.par_chunks_mut(kp * TILE)
+                .enumerate()
+                .for_each(|(j, block)| {
+                    for kk in 0..k {
+                        let (p, t) = (kk / 2, kk % 2);
+                        for c in 0..TILE.min(n - j * TILE) {
+                            block[(p * TILE + c) * 2 + t] = to_bf16(at(kk, j * TILE + c));
+                        }
+                    }
+                });
+            Layout::Tiles { kp, data }
+        } else {
+            let mut data = vec![0f32; k * n];
+            data.par_chunks_mut(n.max(1))
+                .enumerate()
+                .for_each(|(kk, row)| {
+                    for (nn, v) in row.iter_mut().enumerate() {
+                        *v = from_bf16(to_bf16(at(kk, nn)));
+                    }
+                });
+            Layout::Rounded(data)
+        };
+        Self { k, n, layout }
+    }
+
+    /// Rows (the shared dimension).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match &self.layout {
+            Layout::Tiles { data, .. } => data.len() * 2,
+            Layout::Rounded(data) => data.len() * 4,
+        }
+    }
+}
+
+/// `out = a · B` for `a` (`[m, k]` f32 row-major, rounded to bf16 here)
+/// into `out` (`[m, n]` row-major), on the global thread pool.
+pub fn matmul_bf16(a: &[f32], m: usize, b: &Bf16Matrix, out: &mut [f32]) {
+    let (k, n) = (b.k, b.n);
+    assert_eq!(a.len(), m * k, "bf16 matmul: a is not {m}×{k}");
+    assert_eq!(out.len(), m * n, "bf16 matmul: out is not {m}×{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    match &b.layout {
+        #[cfg(target_arch = "x86_64")]
+        Layout::Tiles { kp, data } => {
+            let ar = round_rows(a, m, k, *kp);
+            // SAFETY: `Tiles` is built only where `bf16_accelerated()`, and
+            // the operands have the shapes the kernel reads (checked above
+            // and by construction).
+            unsafe { amx::matmul(&ar, m, *kp, data, n, out) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Layout::Tiles { .. } => unreachable!("tiles exist only on x86-64"),
+        Layout::Rounded(bw) => {
+            let ar: Vec<f32> = a.par_iter().map(|&x| from_bf16(to_bf16(x))).collect();
+            matmul(
+                m,
+                n,
+                k,
+                View::rows(&ar, k),
+                View::rows(bw, n),
+                Out::new(out, n),
+                true,
+            );
+        }
+    }
+}
+
+/// `a` (`[m, k]`) rounded to bf16 in rows of `kp` (zero-padded) and `m`
+/// padded to whole tiles with zero rows.
+fn round_rows(a: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
+    let mp = m.next_multiple_of(TILE);
+    let mut ar = vec![0u16; mp * kp];
+    ar.par_chunks_mut(kp)
+        .zip(a.par_chunks(k))
+        .for_each(|(dst, src)| {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = to_bf16(s);
+            }
+        });
+    ar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (i as f32 * 0.731 + seed as f32 * 1.37).sin() * 1.5)
+            .collect()
+    }
+
+    /// `a · B` in f64 over bf16-rounded operands (`B` = `w` or `wᵀ`).
+    fn reference(a: &[f32], m: usize, w: &[f32], rows: usize, cols: usize, t: bool) -> Vec<f64> {
+        let (k, n) = if t { (cols, rows) } else { (rows, cols) };
+        let r = |x: f32| from_bf16(to_bf16(x)) as f64;
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|kk| {
+                        let b = if t {
+                            w[j * cols + kk]
+                        } else {
+                            w[kk * cols + j]
+                        };
+                        r(a[i * k + kk]) * r(b)
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1).
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3·2^-8 is halfway to an odd neighbour: up.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+    }
+
+    #[test]
+    fn products_equal_the_rounded_operands_product() {
+        // Ragged shapes: rows, columns and the shared dimension off the
+        // tile sizes; both orientations of the packed operand.
+        for (m, rows, cols, t) in [
+            (37, 50, 70, true),
+            (16, 64, 32, false),
+            (5, 33, 17, false),
+            (64, 96, 576, true),
+        ] {
+            let (k, n) = if t { (cols, rows) } else { (rows, cols) };
+            let a = values(m * k, 1);
+            let w = values(rows * cols, 2);
+            let want = reference(&a, m, &w, rows, cols, t);
+            // The tile kernel where this CPU has it, and the f32 GEMM.
+            let layouts: &[bool] = if bf16_accelerated() {
+                &[true, false]
+            } else {
+                &[false]
+            };
+            for &tiles in layouts {
+                let b = Bf16Matrix::pack_for(&w, rows, cols, t, tiles);
+                assert_eq!((b.k(), b.n()), (k, n));
+                let mut out = vec![f32::NAN; m * n];
+                matmul_bf16(&a, m, &b, &mut out);
+                for (i, (&g, &r)) in out.iter().zip(&want).enumerate() {
+                    // f32 sums of exact products: a few ulps of the magnitudes.
+                    assert!(
+                        (g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
+                        "{m}×{k}×{n}, tiles {tiles}, at {i}: {g} vs {r}"
+                    );
+                }
+            }
+        }
+    }
+}
