@@ -32,6 +32,37 @@ impl ActivationsArg {
     }
 }
 
+/// The precision of the frozen weights' products in training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    /// bf16 where the CPU has AMX tiles (about 3× the f32 products there), else f32.
+    Auto,
+    /// Everything in f32.
+    F32,
+    /// bf16 products with f32 accumulation (PyTorch autocast's semantics).
+    Bf16,
+}
+
+impl PrecisionArg {
+    /// The setting this choice means on this CPU.
+    pub fn resolve(self) -> skillet_models::Precision {
+        match self {
+            PrecisionArg::Auto => skillet_models::Precision::fastest(),
+            PrecisionArg::F32 => skillet_models::Precision::F32,
+            PrecisionArg::Bf16 => skillet_models::Precision::Bf16,
+        }
+    }
+
+    /// The value as typed on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            PrecisionArg::Auto => "auto",
+            PrecisionArg::F32 => "f32",
+            PrecisionArg::Bf16 => "bf16",
+        }
+    }
+}
+
 /// The `--adapter` option of commands that can run a model with an adapter.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdapterArg {

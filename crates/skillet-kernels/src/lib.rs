@@ -32,7 +32,7 @@ mod testing;
 
 pub use adamw::{AdamWStep, adamw_step};
 pub use attention::{AttentionMask, attention, attention_composed};
-pub use bf16::{Bf16Matrix, bf16_accelerated, matmul_bf16};
+pub use bf16::{Bf16Matrix, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16};
 pub use cached_attention::{CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys};
 pub use linear::{frozen_matmul, linear};
 pub use linear_cross_entropy::{CrossEntropyStats, linear_cross_entropy};

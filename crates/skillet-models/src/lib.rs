@@ -23,7 +23,7 @@ pub use adapter::{Adapter, Adapters, LAYER_MODULES, ModuleInfo, module_names};
 pub use cache::KvCache;
 pub use config::{Architecture, HfConfig, LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
-pub use linear::{Activations, BaseLinear, Linear};
+pub use linear::{Activations, BaseLinear, Linear, Precision};
 pub use llama::{CachedBatch, CachedChunk, CausalLm, ForwardInput, Llama, LoadOptions};
 pub use memory::{MemoryWeights, collect_weights, random_weights, tensor_shapes, tiny_config};
 pub use rng::Rng;

@@ -18,7 +18,7 @@ use skillet_kernels::{AttentionMask, CachedSeq, RopeLayout, RopeTable};
 use crate::adapter::{Adapter, Adapters, LAYER_MODULES, ModuleInfo, module_names};
 use crate::cache::KvCache;
 use crate::checkpoint::{self, Checkpointing};
-use crate::linear::{Activations, BaseLinear, Linear};
+use crate::linear::{Activations, BaseLinear, Linear, Precision};
 use crate::rope::Rope;
 use crate::{LlamaConfig, ModelError, Result, Weight, WeightSource};
 
@@ -159,6 +159,8 @@ pub(crate) struct LayerContext {
     /// An incremental call: every row is computed on its own (see
     /// `Linear::forward_rowwise`), its quantized products with these inputs.
     rowwise: Option<Activations>,
+    /// The precision of frozen weights' products otherwise.
+    precision: Precision,
 }
 
 impl LayerContext {
@@ -166,7 +168,7 @@ impl LayerContext {
     fn project(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
         let y = match self.rowwise {
             Some(activations) => lin.forward_rowwise(x, activations)?,
-            None => lin.forward(x)?,
+            None => lin.forward_in(x, self.precision)?,
         };
         self.adapters.add_delta(lin, module, x, y)
     }
@@ -326,6 +328,7 @@ pub struct Llama {
     composed: bool,
     params: Vec<(String, Var)>,
     checkpointing: Option<Arc<Checkpointing>>,
+    precision: Precision,
 }
 
 impl Llama {
@@ -422,6 +425,7 @@ impl Llama {
             composed: opts.composed_ops,
             params: params.into_inner(),
             checkpointing: None,
+            precision: Precision::F32,
             cfg,
             embed_tokens,
             layers,
@@ -472,6 +476,13 @@ impl Llama {
     /// turns it off.
     pub fn set_activation_checkpointing(&mut self, vars: Option<Vec<Var>>) {
         self.checkpointing = vars.map(|v| Arc::new(Checkpointing::new(v)));
+    }
+
+    /// The precision of the frozen weights' products in [`CausalLm::forward`]
+    /// calls (training and scoring; incremental calls keep their own): bf16
+    /// is PyTorch autocast's mixed precision. F32 unless set.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// The token embedding matrix `[V, C]`.
@@ -627,6 +638,7 @@ impl CausalLm for Llama {
             adapters: input.adapters.clone(),
             window: self.cfg.sliding_window,
             rowwise: None,
+            precision: self.precision,
         };
         self.run_layers(&input.ids, ctx, None)
     }
@@ -675,6 +687,7 @@ impl CausalLm for Llama {
             adapters: adapters.clone(),
             window: self.cfg.sliding_window,
             rowwise: Some(batch.activations),
+            precision: Precision::F32,
         };
         let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu)?;
         let hidden = self.run_layers(&ids, ctx, Some((cache, &spans)))?; // [1,N,C]

@@ -253,6 +253,7 @@ pub fn run_training(
     if t.activation_checkpointing {
         model.set_activation_checkpointing(Some(adapter.vars()));
     }
+    model.set_precision(t.precision.resolve());
     let mut opt = AdamW::new(
         adapter.vars(),
         AdamWConfig {
@@ -314,6 +315,7 @@ pub fn run_training(
     let (steps, trained_tokens) = (trainer.state.step, trainer.state.tokens - start_tokens);
     drop(trainer);
     model.set_activation_checkpointing(None);
+    model.set_precision(skillet_models::Precision::F32);
 
     let adapter_dir = out.join("adapter");
     save_peft(

@@ -152,6 +152,36 @@ pub struct TrainConfig {
     /// them: less memory, about a third more compute.
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// `auto`, `f32` or `bf16`: the precision of the frozen base weights'
+    /// products (bf16 with f32 accumulation, as PyTorch's autocast; the
+    /// trained parameters, optimizer state, norms and loss stay f32).
+    /// `auto` picks bf16 where the CPU has AMX tiles.
+    #[serde(default)]
+    pub precision: PrecisionSetting,
+}
+
+/// `train.precision`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionSetting {
+    /// bf16 where the CPU multiplies it natively and faster, else f32.
+    #[default]
+    Auto,
+    /// Everything in f32.
+    F32,
+    /// The base weights' products in bf16.
+    Bf16,
+}
+
+impl PrecisionSetting {
+    /// What the setting means on this CPU.
+    pub fn resolve(self) -> skillet_models::Precision {
+        match self {
+            PrecisionSetting::Auto => skillet_models::Precision::fastest(),
+            PrecisionSetting::F32 => skillet_models::Precision::F32,
+            PrecisionSetting::Bf16 => skillet_models::Precision::Bf16,
+        }
+    }
 }
 
 /// `[eval]`.

@@ -19,7 +19,7 @@ pub use checkpoint::{
     TrainState, checkpoint_dir, latest_checkpoint, load_checkpoint_state, save_checkpoint,
 };
 pub use collate::{collate, collate_packed};
-pub use config::{DataConfig, EvalConfig, LoraConfig, RunConfig, TrainConfig};
+pub use config::{DataConfig, EvalConfig, LoraConfig, PrecisionSetting, RunConfig, TrainConfig};
 pub use error::TrainError;
 pub use eval::{EvalStats, evaluate};
 pub use loss::{LossParts, backward, causal_lm_loss, causal_lm_loss_with};

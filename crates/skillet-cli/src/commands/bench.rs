@@ -19,7 +19,11 @@ use serde::Serialize;
 use skillet_adapters::{LoraAdapter, LoraSettings, Targets};
 use skillet_data::{DataFormat, EncodeOptions};
 use skillet_generate::{GenerateOptions, SamplingParams, generate};
-use skillet_models::{Adapted, Adapter, CausalLm, ForwardInput, Llama, LoadOptions, Rng};
+use skillet_models::{
+    Adapted, Adapter, CausalLm, ForwardInput, Llama, LoadOptions, Precision, Rng,
+};
+
+use crate::args::PrecisionArg;
 use skillet_train::{
     AdamW, AdamWConfig, TrainBatch, backward, causal_lm_loss, clip_grad_norm, collate,
     collate_packed, collect_grads,
@@ -61,6 +65,10 @@ pub struct Args {
     /// instead of packing its examples into one row.
     #[arg(long)]
     pad: bool,
+    /// Precision of the frozen weights' products in training and scoring
+    /// workloads (auto: bf16 where the CPU has AMX tiles, as `train.precision`).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
+    precision: PrecisionArg,
     /// Print one JSON object (a single workload) instead of a table.
     #[arg(long)]
     json: bool,
@@ -71,6 +79,9 @@ struct Row {
     workload: String,
     batch: usize,
     seq: usize,
+    /// The precision the workload ran in.
+    #[serde(default)]
+    precision: String,
     tokens_per_s: f64,
     peak_rss_mib: f64,
     mfu: f64,
@@ -183,6 +194,7 @@ fn time_training(
     if args.checkpointing {
         model.set_activation_checkpointing(Some(vars.clone()));
     }
+    model.set_precision(args.precision.resolve());
     let model = Adapted::new(model, adapter);
     let model = &model;
     let mut opt = AdamW::new(
@@ -268,6 +280,7 @@ fn run_one(
             (tps, step, 4.0 * params, mean_len)
         }
         "score" => {
+            model.set_precision(args.precision.resolve());
             let b = random_batch(vocab, args.batch, args.seq);
             let input = ForwardInput::new(Tensor::from_vec(
                 b.ids.clone(),
@@ -323,10 +336,17 @@ fn run_one(
         ),
     };
     let batch = if workload == "decode" { 1 } else { args.batch };
+    // Decode reads the quantized blocks, QLoRA trains over them, and full
+    // fine-tuning trains the weights themselves: those stay in f32.
+    let precision = match workload {
+        "decode" | "qlora" | "full" => Precision::F32,
+        _ => args.precision.resolve(),
+    };
     Ok(Row {
         workload: workload.to_string(),
         batch,
         seq,
+        precision: format!("{precision:?}").to_lowercase(),
         tokens_per_s: tps,
         peak_rss_mib: peak_rss_mib(),
         mfu: tps * flops_per_token / (gemm * 1e9),
@@ -371,6 +391,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "--steps",
                 &args.steps.to_string(),
             ]);
+            cmd.args(["--precision", args.precision.name()]);
             cmd.args(["--warmup", &args.warmup.to_string(), "--model"])
                 .arg(&model)
                 .arg("--data")
@@ -395,14 +416,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn print_table(rows: &[Row], gemm: f64) {
     println!("f32 GEMM (1024³): {gemm:.1} GFLOP/s\n");
-    println!("| workload | batch × seq | tokens/s | step (s) | peak RSS (MiB) | MFU |");
-    println!("|---|---|---|---|---|---|");
+    println!("| workload | batch × seq | precision | tokens/s | step (s) | peak RSS (MiB) | MFU |");
+    println!("|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} × {} | {:.1} | {:.3} | {:.0} | {:.1}% |",
+            "| {} | {} × {} | {} | {:.1} | {:.3} | {:.0} | {:.1}% |",
             r.workload,
             r.batch,
             r.seq,
+            r.precision,
             r.tokens_per_s,
             r.step_seconds,
             r.peak_rss_mib,
