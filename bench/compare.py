@@ -1,6 +1,7 @@
 """Skillet vs PyTorch + PEFT, side by side, on one machine in one go.
 
     python3 bench/compare.py [--rounds 3] [--workloads lora,lora-ckpt,full,sft,score,decode] [--steps 5]
+                             [--precisions f32,bf16]
 
 Builds nothing: run `cargo build --release` first. The reference side runs
 in bench/reference/.venv (made by bench/reference/setup.sh, or pass
@@ -8,7 +9,10 @@ in bench/reference/.venv (made by bench/reference/setup.sh, or pass
 in bench/reference/.venv-llamacpp (bench/reference/setup-llamacpp.sh, or
 pass --llamacpp-python; --no-llamacpp skips it). Each round runs every workload once on each side, alternating,
 so drift on the machine hits both; the table shows medians over rounds and
-Skillet/PyTorch ratios of tokens/s and peak RSS.
+Skillet/PyTorch ratios of tokens/s and peak RSS. With --precisions f32,bf16
+each side also runs in bf16 (Skillet `--precision bf16`, PyTorch under
+autocast) and the table compares each side's best setting per row, naming
+it; the default is f32 only.
 """
 
 import argparse
@@ -37,7 +41,9 @@ def main():
     ap.add_argument("--python", default=None)
     ap.add_argument("--llamacpp-python", default=None)
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--precisions", default="f32", help="comma-separated: f32, bf16")
     args = ap.parse_args()
+    precisions = args.precisions.split(",")
     model = args.model or subprocess.run(["scripts/fetch-model.sh"], capture_output=True, text=True, check=True).stdout.strip()
     python = args.python or subprocess.run(["bench/reference/setup.sh"], capture_output=True, text=True, check=True).stdout.strip()
     llamacpp = None
@@ -60,19 +66,32 @@ def main():
                 for side, cmd in sides.items():
                     if side == "pytorch" and w == "qlora":
                         continue
-                    r = run(cmd)
-                    if r:
-                        results.setdefault((w, b, t), {}).setdefault(side, []).append(r)
+                    # decode has one setting; the others run in each precision.
+                    for p in (precisions if side != "llama.cpp" and w != "decode" else ["f32"]):
+                        r = run(cmd + (["--precision", p] if side != "llama.cpp" else []))
+                        if r:
+                            # What actually ran (Skillet keeps f32 where it has no bf16 path).
+                            ran = r.get("precision") or p
+                            results.setdefault((w, b, t), {}).setdefault(side, {}).setdefault(ran, []).append(r)
     print("| workload | batch × seq | Skillet tok/s | PyTorch+PEFT tok/s | ratio | llama.cpp tok/s | ratio | Skillet peak RSS (MiB) | PyTorch peak RSS (MiB) | RSS ratio | Skillet MFU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (w, b, t), sides in results.items():
-        med = lambda side, key: statistics.median(r[key] for r in sides.get(side, [])) if sides.get(side) else float("nan")
+        def best(side):
+            # The side's fastest precision by median tokens/s, and its runs.
+            runs = sides.get(side, {})
+            if not runs:
+                return None, []
+            p = max(runs, key=lambda k: statistics.median(r["tokens_per_s"] for r in runs[k]))
+            return p, runs[p]
+        picked = {side: best(side) for side in ("skillet", "pytorch", "llama.cpp")}
+        med = lambda side, key: statistics.median(r[key] for r in picked[side][1]) if picked[side][1] else float("nan")
+        name = lambda side: f" ({picked[side][0]})" if len(precisions) > 1 and picked[side][0] else ""
         s_tps, p_tps, l_tps = med("skillet", "tokens_per_s"), med("pytorch", "tokens_per_s"), med("llama.cpp", "tokens_per_s")
         s_rss, p_rss = med("skillet", "peak_rss_mib"), med("pytorch", "peak_rss_mib")
-        seq = next(iter(sides.values()))[0]["seq"]
-        llama = f"{l_tps:.1f} | {s_tps / l_tps:.2f}×" if sides.get("llama.cpp") else "– | –"
-        print(f"| {w} | {b} × {seq} | {s_tps:.1f} | {p_tps:.1f} | {s_tps / p_tps:.2f}× | {llama} | {s_rss:.0f} | {p_rss:.0f} | {s_rss / p_rss:.2f}× | {100 * med('skillet', 'mfu'):.1f}% |")
-    print(f"\nrounds: {args.rounds}, steps: {args.steps}")
+        seq = next(r for _, runs in picked.values() for r in runs)["seq"]
+        llama = f"{l_tps:.1f} | {s_tps / l_tps:.2f}×" if picked["llama.cpp"][1] else "– | –"
+        print(f"| {w} | {b} × {seq} | {s_tps:.1f}{name('skillet')} | {p_tps:.1f}{name('pytorch')} | {s_tps / p_tps:.2f}× | {llama} | {s_rss:.0f} | {p_rss:.0f} | {s_rss / p_rss:.2f}× | {100 * med('skillet', 'mfu'):.1f}% |")
+    print(f"\nrounds: {args.rounds}, steps: {args.steps}, precisions: {args.precisions}")
 
 if __name__ == "__main__":
     main()

@@ -9,8 +9,13 @@ does. Workloads: lora (r=8, alpha=16 on q,k,v,o; AdamW; `model(ids,
 labels=ids)`), full (every weight trained), sft (LoRA on a chat JSONL with
 the usual recipe: chat template, loss on assistant tokens only, padding to
 the batch's longest, full logits; real tokens counted), score (forward),
-decode (batch-1 greedy, 128 new tokens, KV cache).
+decode (batch-1 greedy, 128 new tokens, KV cache). `--precision bf16` runs
+the training and scoring workloads under `torch.autocast("cpu",
+dtype=torch.bfloat16)`, the mixed precision TRL and the HF Trainer turn on
+where the CPU has bf16 (weights and optimizer state stay f32).
 """
+
+import contextlib
 
 import argparse
 import json
@@ -78,8 +83,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--data", default="examples/contacts/train.jsonl")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16" \
+        else contextlib.nullcontext
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,7 +120,8 @@ def main():
         for i in range(args.warmup + args.steps):
             ids, mask, labels = batches[i % len(batches)]
             t = time.perf_counter()
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            with autocast():
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
@@ -125,7 +134,7 @@ def main():
     elif args.workload == "score":
         model.eval()
         ids = torch.randint(0, vocab, (batch, seq), generator=g)
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             times = [timed(lambda: model(ids)) for _ in range(args.warmup + args.steps)][args.warmup:]
         step = statistics.median(times)
         tps, flops = batch * seq / step, 2 * params
@@ -143,7 +152,8 @@ def main():
         tps, flops, batch, seq = statistics.median(rates), 2 * params, 1, 1
         step = 1 / tps
     row = {"workload": args.workload, "batch": batch, "seq": seq, "tokens_per_s": tps, "peak_rss_mib": peak_rss_mib(),
-           "mfu": tps * flops / (gemm * 1e9), "step_seconds": step, "gemm_gflops": gemm, "threads": args.threads}
+           "mfu": tps * flops / (gemm * 1e9), "step_seconds": step, "gemm_gflops": gemm, "threads": args.threads,
+           "precision": args.precision if args.workload != "decode" else "f32"}
     print(json.dumps(row))
 
 

@@ -58,6 +58,8 @@ pub struct RunFacts {
     pub trained_tokens: u64,
     /// Wall-clock seconds of training.
     pub train_seconds: f64,
+    /// Precision of the base weights' products in training (`f32`, `bf16`).
+    pub precision: String,
 }
 
 fn fmt(v: Option<f64>, digits: usize) -> String {
@@ -96,7 +98,7 @@ pub fn write_report(
     ];
     let mut md = String::from("# Skillet fine-tuning report\n\n");
     md += &format!(
-        "- model: `{}`\n- data: `{}` ({} train, {} held-out examples; {} truncated)\n- trainable parameters: {}\n- {} steps, {} trained tokens, {:.0} s ({:.1} tokens/s)\n\n",
+        "- model: `{}`\n- data: `{}` ({} train, {} held-out examples; {} truncated)\n- trainable parameters: {}\n- {} steps, {} trained tokens, {:.0} s ({:.1} tokens/s), {} products\n\n",
         facts.model,
         facts.train_file,
         facts.train_examples,
@@ -106,7 +108,8 @@ pub fn write_report(
         facts.steps,
         facts.trained_tokens,
         facts.train_seconds,
-        facts.trained_tokens as f64 / facts.train_seconds.max(1e-9)
+        facts.trained_tokens as f64 / facts.train_seconds.max(1e-9),
+        facts.precision
     );
     md += "| metric | base | tuned |\n|---|---|---|\n";
     for (name, b, t, d) in rows {

@@ -215,6 +215,16 @@ impl Bf16Weight {
     pub fn bytes(&self) -> usize {
         self.fwd.bytes() + self.bwd.bytes()
     }
+
+    /// `Wᵀ` (`[in, out]`), the right operand of `x Wᵀ`.
+    pub(crate) fn forward(&self) -> &Bf16Matrix {
+        &self.fwd
+    }
+
+    /// `W` (`[out, in]`), the right operand of `dy W`.
+    pub(crate) fn backward(&self) -> &Bf16Matrix {
+        &self.bwd
+    }
 }
 
 struct Bf16Linear(Arc<Bf16Weight>);

@@ -35,7 +35,9 @@ pub use attention::{AttentionMask, attention, attention_composed};
 pub use bf16::{Bf16Matrix, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16};
 pub use cached_attention::{CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys};
 pub use linear::{frozen_matmul, linear};
-pub use linear_cross_entropy::{CrossEntropyStats, linear_cross_entropy};
+pub use linear_cross_entropy::{
+    CrossEntropyStats, linear_cross_entropy, linear_cross_entropy_bf16,
+};
 pub use lora_rows::{LoraFactors, lora_rows};
 pub use quantized::{QuantKind, QuantMatrix};
 pub use rms_norm::{rms_norm, rms_norm_composed};

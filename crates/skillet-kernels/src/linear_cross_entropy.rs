@@ -9,9 +9,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use crate::bf16::{Bf16Weight, matmul_bf16};
 use crate::gemm::{Out, View, matmul};
 use crate::storage::{slice, tensor, with_f32};
 use crate::vec::{exp_shifted_sum, max, scale};
@@ -31,18 +32,109 @@ struct LinearCrossEntropy {
     stats: Arc<Mutex<CrossEntropyStats>>,
 }
 
-/// Logits of hidden rows `h` (`rows × c`) into `buf` (`rows × v`).
-fn logits(h: &[f32], w: &[f32], c: usize, v: usize, buf: &mut [f32]) {
-    let rows = h.len() / c;
-    matmul(
-        rows,
-        v,
-        c,
-        View::rows(h, c),
-        View::rows(w, c).t(),
-        Out::new(buf, v),
-        true,
-    );
+/// The head's products: f32 `[V, C]` rows, or a frozen head packed for bf16.
+#[derive(Clone, Copy)]
+enum Head<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a Bf16Weight),
+}
+
+impl Head<'_> {
+    /// Logits of hidden rows `h` (`rows × c`) into `buf` (`rows × v`).
+    fn logits(self, h: &[f32], c: usize, v: usize, buf: &mut [f32]) {
+        let rows = h.len() / c;
+        match self {
+            Head::F32(w) => matmul(
+                rows,
+                v,
+                c,
+                View::rows(h, c),
+                View::rows(w, c).t(),
+                Out::new(buf, v),
+                true,
+            ),
+            Head::Bf16(w) => matmul_bf16(h, rows, w.forward(), buf),
+        }
+    }
+
+    /// `dh = P W` for `P` (`rows × v`) into `dh` (`rows × c`).
+    fn input_grad(self, p: &[f32], c: usize, v: usize, dh: &mut [f32]) {
+        let rows = p.len() / v;
+        match self {
+            Head::F32(w) => matmul(
+                rows,
+                c,
+                v,
+                View::rows(p, v),
+                View::rows(w, c),
+                Out::new(dh, c),
+                true,
+            ),
+            Head::Bf16(w) => matmul_bf16(p, rows, w.backward(), dh),
+        }
+    }
+}
+
+/// The summed loss of `h` (`n × c`) against `labels`, and how many rows
+/// the argmax got right, a chunk of logits at a time.
+fn loss_sum(h: &[f32], head: Head, c: usize, v: usize, labels: &[u32]) -> (f64, usize) {
+    let n = labels.len();
+    let mut buf = vec![0f32; CHUNK.min(n) * v];
+    let (mut total, mut correct) = (0f64, 0usize);
+    for from in (0..n).step_by(CHUNK) {
+        let to = (from + CHUNK).min(n);
+        let buf = &mut buf[..(to - from) * v];
+        head.logits(&h[from * c..to * c], c, v, buf);
+        let (loss, hits) = buf
+            .par_chunks_mut(v)
+            .zip(labels[from..to].par_iter())
+            .map(|(row, &label)| {
+                let label = label as usize;
+                let picked = row[label];
+                let m = max(row);
+                let hit =
+                    usize::from(picked >= m && row.iter().position(|&x| x == m) == Some(label));
+                let sum = exp_shifted_sum(row, m);
+                (m as f64 + (sum as f64).ln() - picked as f64, hit)
+            })
+            .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        total += loss;
+        correct += hits;
+    }
+    (total, correct)
+}
+
+/// `dh` (`n × c`) of the summed loss scaled by `dloss`, chunk by chunk
+/// (logits recomputed, turned into `P` in place); `each_chunk` also gets
+/// every chunk's `P` and hidden rows (for a trainable head's gradient).
+fn hidden_grad(
+    h: &[f32],
+    head: Head,
+    (c, v): (usize, usize),
+    labels: &[u32],
+    dloss: f32,
+    mut each_chunk: impl FnMut(&[f32], &[f32]),
+) -> Vec<f32> {
+    let n = labels.len();
+    let mut dh = vec![0f32; n * c];
+    let mut buf = vec![0f32; CHUNK.min(n) * v];
+    for from in (0..n).step_by(CHUNK) {
+        let to = (from + CHUNK).min(n);
+        let buf = &mut buf[..(to - from) * v];
+        let hc = &h[from * c..to * c];
+        head.logits(hc, c, v, buf);
+        buf.par_chunks_mut(v)
+            .zip(labels[from..to].par_iter())
+            .for_each(|(row, &label)| {
+                let m = max(row);
+                let sum = exp_shifted_sum(row, m);
+                scale(row, dloss / sum);
+                row[label as usize] -= dloss;
+            });
+        head.input_grad(buf, c, v, &mut dh[from * c..to * c]);
+        each_chunk(buf, hc);
+    }
+    dh
 }
 
 impl CustomOp2 for LinearCrossEntropy {
@@ -67,29 +159,7 @@ impl CustomOp2 for LinearCrossEntropy {
                 self.labels.len()
             );
         }
-        let mut buf = vec![0f32; CHUNK.min(n) * v];
-        let (mut total, mut correct) = (0f64, 0usize);
-        for from in (0..n).step_by(CHUNK) {
-            let to = (from + CHUNK).min(n);
-            let buf = &mut buf[..(to - from) * v];
-            logits(&h[from * c..to * c], w, c, v, buf);
-            let labels = &self.labels[from..to];
-            let (loss, hits) = buf
-                .par_chunks_mut(v)
-                .zip(labels.par_iter())
-                .map(|(row, &label)| {
-                    let label = label as usize;
-                    let picked = row[label];
-                    let m = max(row);
-                    let hit =
-                        usize::from(picked >= m && row.iter().position(|&x| x == m) == Some(label));
-                    let sum = exp_shifted_sum(row, m);
-                    (m as f64 + (sum as f64).ln() - picked as f64, hit)
-                })
-                .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-            total += loss;
-            correct += hits;
-        }
+        let (total, correct) = loss_sum(h, Head::F32(w), c, v, &self.labels);
         if let Ok(mut s) = self.stats.lock() {
             s.correct = correct;
         }
@@ -108,51 +178,67 @@ impl CustomOp2 for LinearCrossEntropy {
         let v = w.dim(0)?;
         let want_dw = w.track_op();
         let (dh, dw) = with_f32([h, w], self.name(), |[h, w]| {
-            let mut dh = vec![0f32; n * c];
             let mut dw = vec![0f32; if want_dw { v * c } else { 0 }];
-            let mut buf = vec![0f32; CHUNK.min(n) * v];
-            for from in (0..n).step_by(CHUNK) {
-                let to = (from + CHUNK).min(n);
-                let rows = to - from;
-                let buf = &mut buf[..rows * v];
-                let hc = &h[from * c..to * c];
-                logits(hc, w, c, v, buf);
-                buf.par_chunks_mut(v)
-                    .zip(self.labels[from..to].par_iter())
-                    .for_each(|(row, &label)| {
-                        let m = max(row);
-                        let sum = exp_shifted_sum(row, m);
-                        scale(row, dloss / sum);
-                        row[label as usize] -= dloss;
-                    });
-                let dhc = &mut dh[from * c..to * c];
-                matmul(
-                    rows,
-                    c,
-                    v,
-                    View::rows(buf, v),
-                    View::rows(w, c),
-                    Out::new(dhc, c),
-                    true,
-                );
+            let dh = hidden_grad(h, Head::F32(w), (c, v), &self.labels, dloss, |p, hc| {
                 if want_dw {
                     matmul(
                         v,
                         c,
-                        rows,
-                        View::rows(buf, v).t(),
+                        hc.len() / c,
+                        View::rows(p, v).t(),
                         View::rows(hc, c),
                         Out::new(&mut dw, c).accumulate(),
                         true,
                     );
                 }
-            }
+            });
             Ok((dh, want_dw.then_some(dw)))
         })?;
         Ok((
             Some(tensor(dh, (n, c))?),
             dw.map(|d| tensor(d, (v, c))).transpose()?,
         ))
+    }
+}
+
+/// [`LinearCrossEntropy`] over a frozen head packed for bf16 products.
+struct LinearCrossEntropyBf16 {
+    head: Arc<Bf16Weight>,
+    labels: Arc<Vec<u32>>,
+    stats: Arc<Mutex<CrossEntropyStats>>,
+}
+
+impl CustomOp1 for LinearCrossEntropyBf16 {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy-bf16"
+    }
+
+    fn cpu_fwd(&self, hs: &CpuStorage, hl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = slice(hs, hl, self.name())?;
+        let (n, c) = hl.shape().dims2()?;
+        let (wc, v) = (self.head.forward().k(), self.head.forward().n());
+        if wc != c || self.labels.len() != n {
+            bail!(
+                "linear cross-entropy: hidden {n}×{c}, head {v}×{wc}, {} labels",
+                self.labels.len()
+            );
+        }
+        let (total, correct) = loss_sum(h, Head::Bf16(&self.head), c, v, &self.labels);
+        if let Ok(mut s) = self.stats.lock() {
+            s.correct = correct;
+        }
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dloss = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let (n, c) = h.dims2()?;
+        let v = self.head.forward().n();
+        let dh = with_f32([h], self.name(), |[h]| {
+            let head = Head::Bf16(&self.head);
+            Ok(hidden_grad(h, head, (c, v), &self.labels, dloss, |_, _| {}))
+        })?;
+        Ok(Some(tensor(dh, (n, c))?))
     }
 }
 
@@ -171,6 +257,29 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &[u32]) -> Result<(T
         stats: stats.clone(),
     };
     let sum = h.contiguous()?.apply_op2(&w.contiguous()?, op)?;
+    let correct = stats.lock().map(|s| s.correct).unwrap_or(0);
+    Ok((sum, correct))
+}
+
+/// [`linear_cross_entropy`] for a frozen head packed for bf16 products
+/// (logits and `h`'s gradient in bf16 with f32 accumulation; softmax and
+/// the loss in f32): `h` gets a gradient, the head none.
+pub fn linear_cross_entropy_bf16(
+    h: &Tensor,
+    head: &Arc<Bf16Weight>,
+    labels: &[u32],
+) -> Result<(Tensor, usize)> {
+    let v = head.forward().n();
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
+        bail!("label {bad} is outside the vocabulary ({v})");
+    }
+    let stats = Arc::new(Mutex::new(CrossEntropyStats::default()));
+    let op = LinearCrossEntropyBf16 {
+        head: head.clone(),
+        labels: Arc::new(labels.to_vec()),
+        stats: stats.clone(),
+    };
+    let sum = h.contiguous()?.apply_op1(op)?;
     let correct = stats.lock().map(|s| s.correct).unwrap_or(0);
     Ok((sum, correct))
 }
@@ -227,6 +336,34 @@ mod tests {
         let dh = g.get(hv.as_tensor()).unwrap();
         let scale = random(&[1], 99, 1.0).to_vec1::<f32>().unwrap()[0];
         assert_close(&(dh * scale as f64).unwrap(), &gf[0], 1e-4, "frozen dh");
+    }
+
+    #[test]
+    fn a_bf16_head_gives_the_f32_loss_and_gradient_to_bf16_precision() {
+        let (n, c, v) = (300, 40, 70);
+        let h = random(&[n, c], 3, 1.0);
+        let w = random(&[v, c], 4, 1.0);
+        let labels: Vec<u32> = (0..n).map(|i| ((i * 11) % v) as u32).collect();
+        let packed = Arc::new(Bf16Weight::new(&w).unwrap());
+        let hv = candle_core::Var::from_tensor(&h).unwrap();
+        let (loss, _) = linear_cross_entropy_bf16(hv.as_tensor(), &packed, &labels).unwrap();
+        let (want, _) = linear_cross_entropy(&h, &w, &labels).unwrap();
+        let (l, lw) = (
+            loss.to_scalar::<f32>().unwrap(),
+            want.to_scalar::<f32>().unwrap(),
+        );
+        assert!(l != lw && ((l - lw) / lw).abs() < 1e-2, "loss {l} vs {lw}");
+        let dh = loss.backward().unwrap();
+        let dh = dh.get(hv.as_tensor()).unwrap();
+        let hw = candle_core::Var::from_tensor(&h).unwrap();
+        let (want, _) = linear_cross_entropy(hw.as_tensor(), &w, &labels).unwrap();
+        let want_dh = want.backward().unwrap();
+        let want_dh = want_dh.get(hw.as_tensor()).unwrap();
+        let err = (dh - want_dh).unwrap().abs().unwrap().max_all().unwrap();
+        let size = want_dh.abs().unwrap().max_all().unwrap();
+        let rel = (err / size).unwrap().to_scalar::<f32>().unwrap();
+        assert!(rel < 2e-2, "dh relative error {rel}");
+        assert!(linear_cross_entropy_bf16(&h, &packed, &[v as u32]).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
+use skillet_kernels::Bf16Weight;
 
 use crate::adapter::{Adapter, Adapters, ModuleInfo};
 use crate::{CachedBatch, CausalLm, ForwardInput, KvCache, LlamaConfig, Result};
@@ -63,6 +64,10 @@ impl CausalLm for Adapted<'_> {
 
     fn head_weight(&self, adapters: &Adapters) -> Option<Tensor> {
         self.model.head_weight(self.or_mine(adapters))
+    }
+
+    fn head_bf16(&self, adapters: &Adapters) -> Result<Option<Arc<Bf16Weight>>> {
+        self.model.head_bf16(self.or_mine(adapters))
     }
 
     fn forward_cached(&self, batch: &CachedBatch, cache: &mut KvCache) -> Result<Tensor> {

@@ -29,6 +29,12 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
         let _ = precision;
         self.forward(x)
     }
+    /// The weight packed for bf16 products when the layer is exactly
+    /// `x Wᵀ` with a frozen dense `W` (so callers may fuse it: the LM head
+    /// in the loss); packed on first use and kept.
+    fn bf16_weight(&self) -> Result<Option<Arc<Bf16Weight>>> {
+        Ok(None)
+    }
     /// Input width.
     fn in_features(&self) -> usize;
     /// Output width.
@@ -189,21 +195,28 @@ impl BaseLinear {
 }
 
 impl BaseLinear {
-    /// The product in bf16 through the packed weight, where the weight is
-    /// dense and frozen.
-    fn bf16(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// The weight packed for bf16 products, where it is dense and frozen.
+    fn packed_bf16(&self) -> Result<Option<Arc<Bf16Weight>>> {
         let Weight::Dense(w) = &self.weight else {
             return Ok(None);
         };
         if w.track_op() {
             return Ok(None);
         }
-        let packed = match self.bf16.get() {
+        Ok(Some(match self.bf16.get() {
             Some(p) => p.clone(),
             None => {
                 let p = Arc::new(Bf16Weight::new(w)?);
                 self.bf16.get_or_init(|| p).clone()
             }
+        }))
+    }
+
+    /// The product in bf16 through the packed weight, where the weight is
+    /// dense and frozen.
+    fn bf16(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(packed) = self.packed_bf16()? else {
+            return Ok(None);
         };
         let y = frozen_matmul_bf16(x, &packed)?;
         Ok(Some(match &self.bias {
@@ -214,6 +227,13 @@ impl BaseLinear {
 }
 
 impl Linear for BaseLinear {
+    fn bf16_weight(&self) -> Result<Option<Arc<Bf16Weight>>> {
+        if self.bias.is_some() {
+            return Ok(None);
+        }
+        self.packed_bf16()
+    }
+
     fn forward_in(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
         if precision == Precision::Bf16
             && let Some(y) = self.bf16(x)?

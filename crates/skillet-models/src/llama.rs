@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use skillet_kernels::{AttentionMask, CachedSeq, RopeLayout, RopeTable};
+use skillet_kernels::{AttentionMask, Bf16Weight, CachedSeq, RopeLayout, RopeTable};
 
 use crate::adapter::{Adapter, Adapters, LAYER_MODULES, ModuleInfo, module_names};
 use crate::cache::KvCache;
@@ -105,6 +105,13 @@ pub trait CausalLm: Send + Sync {
     /// under `adapters` (so the loss may fuse it); a trainable weight is
     /// returned as its variable.
     fn head_weight(&self, adapters: &Adapters) -> Option<Tensor>;
+    /// The LM head packed for bf16 products, when training forwards run in
+    /// bf16 ([`Llama::set_precision`]) and the head is frozen and not
+    /// adapted under `adapters` (so the loss may fuse it).
+    fn head_bf16(&self, adapters: &Adapters) -> Result<Option<Arc<Bf16Weight>>> {
+        let _ = adapters;
+        Ok(None)
+    }
     /// Logits `[B, T, V]` for every input position.
     fn forward(&self, input: &ForwardInput) -> Result<Tensor> {
         self.head(&self.forward_hidden(input)?, &input.adapters)
@@ -594,6 +601,13 @@ impl CausalLm for Llama {
             return None;
         }
         self.lm_head.dense_weight()
+    }
+
+    fn head_bf16(&self, adapters: &Adapters) -> Result<Option<Arc<Bf16Weight>>> {
+        if self.precision != Precision::Bf16 || adapters.adapts(self.lm_head_module()) {
+            return Ok(None);
+        }
+        self.lm_head.bf16_weight()
     }
 
     fn modules(&self) -> Vec<ModuleInfo> {

@@ -253,7 +253,8 @@ pub fn run_training(
     if t.activation_checkpointing {
         model.set_activation_checkpointing(Some(adapter.vars()));
     }
-    model.set_precision(t.precision.resolve());
+    let precision = t.precision.resolve();
+    model.set_precision(precision);
     let mut opt = AdamW::new(
         adapter.vars(),
         AdamWConfig {
@@ -344,6 +345,7 @@ pub fn run_training(
         steps,
         trained_tokens,
         train_seconds,
+        precision: format!("{precision:?}").to_lowercase(),
     };
     let report = write_report(&out, &facts, &base, &tuned, &read_metrics(&out))
         .map_err(RuntimeError::io(out.join("report.md")))?;

@@ -54,6 +54,14 @@ pub fn causal_lm_loss_with(
     let picked = hidden
         .reshape((batch.batch * batch.seq, c))?
         .index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?; // [N,C]
+    if allow_fused && let Some(head) = model.head_bf16(&adapters)? {
+        let (sum, correct) = skillet_kernels::linear_cross_entropy_bf16(&picked, &head, &labels)?;
+        return Ok(LossParts {
+            sum,
+            tokens: n,
+            correct,
+        });
+    }
     if allow_fused && let Some(weight) = model.head_weight(&adapters) {
         let (sum, correct) = skillet_kernels::linear_cross_entropy(&picked, &weight, &labels)?;
         return Ok(LossParts {
