@@ -91,6 +91,16 @@ def main():
         seq = next(r for _, runs in picked.values() for r in runs)["seq"]
         llama = f"{l_tps:.1f} | {s_tps / l_tps:.2f}×" if picked["llama.cpp"][1] else "– | –"
         print(f"| {w} | {b} × {seq} | {s_tps:.1f}{name('skillet')} | {p_tps:.1f}{name('pytorch')} | {s_tps / p_tps:.2f}× | {llama} | {s_rss:.0f} | {p_rss:.0f} | {s_rss / p_rss:.2f}× | {100 * med('skillet', 'mfu'):.1f}% |")
+    if len(precisions) > 1:
+        # Every setting each side ran, so the best-of choice above can be checked.
+        print("\n| workload | batch × seq | side | precision | tok/s | peak RSS (MiB) |")
+        print("|---|---|---|---|---|---|")
+        for (w, b, t), sides in results.items():
+            for side, runs in sides.items():
+                for p, rs in sorted(runs.items()):
+                    tps = statistics.median(r["tokens_per_s"] for r in rs)
+                    rss = statistics.median(r["peak_rss_mib"] for r in rs)
+                    print(f"| {w} | {b} × {rs[0]['seq']} | {side} | {p} | {tps:.1f} | {rss:.0f} |")
     print(f"\nrounds: {args.rounds}, steps: {args.steps}, precisions: {args.precisions}")
 
 if __name__ == "__main__":

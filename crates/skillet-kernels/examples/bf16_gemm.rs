@@ -5,36 +5,11 @@
 //!
 //!     cargo run --release -p skillet-kernels --example bf16_gemm
 
-use std::time::Instant;
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::{median, values};
 use skillet_kernels::{Bf16Matrix, bf16_accelerated, frozen_matmul, matmul_bf16};
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
-
-/// Median seconds of `runs` calls of `f` (after one untimed call).
-fn median(runs: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..runs)
-        .map(|_| {
-            let now = Instant::now();
-            f();
-            now.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[runs / 2]
-}
 
 fn main() {
     println!("bf16 on AMX tiles: {}", bf16_accelerated());

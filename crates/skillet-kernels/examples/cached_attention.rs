@@ -6,9 +6,10 @@
 //!
 //!     cargo run --release -p skillet-kernels --example cached_attention
 
-use std::time::Instant;
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::{median, values};
 use skillet_kernels::{
     AttentionMask, CachedSeq, attention, cached_attention, key_cache_len, write_keys,
 };
@@ -17,19 +18,6 @@ const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
 const WIDTH: usize = 64;
 const SCALE: f32 = 0.125;
-
-/// Values in [-0.5, 0.5) from a fixed linear congruential sequence.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
 
 fn tensor(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(values(shape.iter().product(), seed), shape, &Device::Cpu).unwrap()
@@ -41,20 +29,6 @@ fn key_cache(rows: &[f32]) -> Vec<f32> {
     let mut c = vec![0f32; key_cache_len(rows.len() / w, w)];
     write_keys(&mut c, w, 0, rows);
     c
-}
-
-/// Median seconds of `runs` calls of `f`.
-fn median(runs: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..runs)
-        .map(|_| {
-            let now = Instant::now();
-            f();
-            now.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[runs / 2]
 }
 
 fn main() {

@@ -54,3 +54,35 @@ fn request_tile_state() -> bool {
 fn request_tile_state() -> bool {
     false
 }
+
+/// `ldtilecfg`'s 64-byte palette-1 layout: per tile, its rows and bytes
+/// per row.
+#[repr(C, align(64))]
+pub(crate) struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+impl TileConfig {
+    /// Tiles `0..shapes.len()` of `(rows, bytes per row)` each.
+    pub(crate) const fn new(shapes: &[(u8, u16)]) -> Self {
+        let mut colsb = [0u16; 16];
+        let mut rows = [0u8; 16];
+        let mut i = 0;
+        while i < shapes.len() {
+            rows[i] = shapes[i].0;
+            colsb[i] = shapes[i].1;
+            i += 1;
+        }
+        Self {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb,
+            rows,
+        }
+    }
+}

@@ -439,22 +439,27 @@ fn load_errors_name_the_file_and_tensor() {
     assert!(err.contains("nope.gguf"), "{err}");
 }
 
-#[test]
-fn a_sequence_gets_the_same_numbers_alone_or_batched_on_a_quantized_base() {
-    // In a cached call every row, prompt or decode, goes through the
-    // quantized blocks on its own: how many rows share a call (here more
-    // than the block kernel's limit in an ordinary forward) changes nothing.
+/// The tiny model written as Q8_0 GGUF and loaded in its quantized blocks.
+fn tiny_q8_kept_quantized() -> Llama {
     let (cfg, w) = tiny();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q8.gguf");
     write_gguf(&cfg, &w, &path, &|_| GgmlType::Q8_0, vec![]).unwrap();
-    let m = ModelSource::open(&path)
+    ModelSource::open(&path)
         .unwrap()
         .load_model(LoadOptions {
             keep_quantized: true,
             ..Default::default()
         })
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn a_sequence_gets_the_same_numbers_alone_or_batched_on_a_quantized_base() {
+    // In a cached call every row, prompt or decode, goes through the
+    // quantized blocks on its own: how many rows share a call (here more
+    // than the block kernel's limit in an ordinary forward) changes nothing.
+    let m = tiny_q8_kept_quantized();
     let a = vec![3u32, 14, 15, 92, 65];
     let mut exact = Vec::new();
     // Inputs in f32, and rounded to int8 (on AMX tiles where the CPU has
@@ -504,17 +509,7 @@ fn a_prompt_gets_the_same_logits_however_it_is_split() {
     // A server may prefill a prompt whole, in chunks, or after a reused
     // prefix, next to other sequences: the last token's logits must not
     // change by a bit, or a request's answer would depend on the traffic.
-    let (cfg, w) = tiny();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("q8.gguf");
-    write_gguf(&cfg, &w, &path, &|_| GgmlType::Q8_0, vec![]).unwrap();
-    let quantized = ModelSource::open(&path)
-        .unwrap()
-        .load_model(LoadOptions {
-            keep_quantized: true,
-            ..Default::default()
-        })
-        .unwrap();
+    let quantized = tiny_q8_kept_quantized();
     let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 96 + 1).collect();
     let other = [11u32, 12, 13];
     for activations in [Activations::F32, Activations::Int8] {

@@ -13,40 +13,16 @@ use std::arch::asm;
 use rayon::prelude::*;
 
 use super::{KSTEP, TILE};
+use crate::tiles::TileConfig;
 
 /// Left rows per parallel task.
 const TASK_ROWS: usize = 256;
 /// Column blocks (of 16) per parallel task.
 const TASK_BLOCKS: usize = 8;
 
-/// `ldtilecfg`'s 64-byte palette-1 layout: all eight tiles 16 rows × 64
-/// bytes (16 f32 results, or 32 bf16 of a left row, or 16 bf16 pairs).
-#[repr(C, align(64))]
-struct TileConfig {
-    palette: u8,
-    start_row: u8,
-    reserved: [u8; 14],
-    colsb: [u16; 16],
-    rows: [u8; 16],
-}
-
-const CONFIG: TileConfig = {
-    let mut colsb = [0u16; 16];
-    let mut rows = [0u8; 16];
-    let mut i = 0;
-    while i < 8 {
-        colsb[i] = 64;
-        rows[i] = TILE as u8;
-        i += 1;
-    }
-    TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb,
-        rows,
-    }
-};
+/// All eight tiles 16 rows × 64 bytes (16 f32 results, or 32 bf16 of a
+/// left row, or 16 bf16 pairs).
+const CONFIG: TileConfig = TileConfig::new(&[(TILE as u8, 64); 8]);
 
 /// The destination, shared by tasks that write disjoint blocks of it.
 #[derive(Clone, Copy)]

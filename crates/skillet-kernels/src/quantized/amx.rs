@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 
 use super::int8::{GROUP_BLOCK, Int8Rows, LANES, WeightRows};
 use super::{BLOCK, QuantKind};
+use crate::tiles::TileConfig;
 
 /// Output rows per tile (the A operand's rows).
 pub(super) const STRIPE: usize = 16;
@@ -27,41 +28,14 @@ pub(super) fn available() -> bool {
     *READY.get_or_init(|| crate::tiles::available(crate::tiles::TileType::Int8))
 }
 
-/// The tile shapes (`ldtilecfg`'s 64-byte palette-1 layout): tmm0 the
-/// 16 × 16 int32 results, tmm1 the weights (16 rows × 32 bytes), tmm2 the
-/// inputs (8 rows × 64 bytes); tmm3..5 the same for odd blocks.
-#[repr(C, align(64))]
-struct TileConfig {
-    palette: u8,
-    start_row: u8,
-    reserved: [u8; 14],
-    colsb: [u16; 16],
-    rows: [u8; 16],
-}
-
+/// The tile shapes: tmm0 the 16 × 16 int32 results, tmm1 the weights
+/// (16 rows × 32 bytes), tmm2 the inputs (8 rows × 64 bytes); tmm3..5 the
+/// same for odd blocks.
 const CONFIG: TileConfig = {
-    let mut colsb = [0u16; 16];
-    let mut rows = [0u8; 16];
-    colsb[0] = (LANES * 4) as u16;
-    rows[0] = STRIPE as u8;
-    colsb[1] = BLOCK as u16;
-    rows[1] = STRIPE as u8;
-    colsb[2] = (LANES * 4) as u16;
-    rows[2] = (BLOCK / 4) as u8;
-    // tmm3..5: the same shapes, for odd blocks.
-    let mut i = 3;
-    while i < 6 {
-        colsb[i] = colsb[i - 3];
-        rows[i] = rows[i - 3];
-        i += 1;
-    }
-    TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb,
-        rows,
-    }
+    let results = (STRIPE as u8, (LANES * 4) as u16);
+    let weights = (STRIPE as u8, BLOCK as u16);
+    let inputs = ((BLOCK / 4) as u8, (LANES * 4) as u16);
+    TileConfig::new(&[results, weights, inputs, results, weights, inputs])
 };
 
 #[repr(C, align(64))]
