@@ -269,17 +269,14 @@ pub fn frozen_matmul_bf16(x: &Tensor, w: &Arc<Bf16Weight>) -> Result<Tensor> {
 }
 
 /// `a` (`[m, k]`) rounded to bf16 in rows of `kp` (zero-padded) and `m`
-/// padded to whole tiles with zero rows.
+/// padded to whole tiles with zero rows, for the tile kernel.
+#[cfg(target_arch = "x86_64")]
 fn round_rows(a: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
     let mp = m.next_multiple_of(TILE);
     let mut ar = vec![0u16; mp * kp];
     ar.par_chunks_mut(kp)
         .zip(a.par_chunks(k))
-        .for_each(|(dst, src)| {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = to_bf16(s);
-            }
-        });
+        .for_each(|(dst, src)| amx::round_row(src, &mut dst[..k]));
     ar
 }
 
@@ -385,5 +382,17 @@ mod tests {
             let rel = (err / scale).unwrap().to_scalar::<f32>().unwrap();
             assert!(rel > 0.0 && rel < 1e-2, "relative error {rel}");
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_rounding_equals_the_scalar_one() {
+        // Normal values, halfway cases, infinities; 37 = two vectors + 5.
+        let mut src: Vec<f32> = values(35, 7).iter().map(|x| x * 1e3).collect();
+        src.extend([1.0 + 1.0 / 256.0, f32::INFINITY]);
+        let mut got = vec![0u16; src.len()];
+        amx::round_row(&src, &mut got);
+        let want: Vec<u16> = src.iter().map(|&x| to_bf16(x)).collect();
+        assert_eq!(got, want);
     }
 }

@@ -199,3 +199,32 @@ unsafe fn store(s: Shapes, dest: Dest, i: usize, j: usize, t: usize) {
         }
     }
 }
+
+/// `src` rounded to bf16 (nearest, ties to even) into `dst`, 16 at a time
+/// with `vcvtneps2bf16` where the CPU has AVX512-BF16 (the tiles read bf16
+/// subnormals as zero either way), else one by one.
+pub(super) fn round_row(src: &[f32], dst: &mut [u16]) {
+    if std::arch::is_x86_feature_detected!("avx512bf16") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        unsafe { round_row_avx512(src, dst) };
+    } else {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = super::to_bf16(x);
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let whole = n / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        let v = _mm512_loadu_ps(src.as_ptr().add(i));
+        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
+    }
+    for i in whole..n {
+        dst[i] = super::to_bf16(src[i]);
+    }
+}
