@@ -6,8 +6,9 @@
 //! packed when first used and kept); the left one is rounded on each call.
 //! On Intel AMX (Sapphire Rapids and later) one `tdpbf16ps` multiplies 16
 //! rows by 16 columns over 32 positions of the shared dimension; elsewhere
-//! the same rounded operands go through the f32 GEMM, which gives the same
-//! values up to the order of the f32 sums.
+//! the same rounded operands go through the f32 GEMM: the same values up to
+//! the order of the f32 sums, except that the tiles (and the vector
+//! rounding that feeds them) treat subnormal bf16 values as zero.
 
 use std::sync::Arc;
 
@@ -108,7 +109,7 @@ impl Bf16Matrix {
             }
         };
         let layout = if tiles {
-            let kp = k.next_multiple_of(KSTEP);
+            let kp = k.next_multiple_of(KSTEP).max(KSTEP);
             let blocks = n.div_ceil(TILE);
             let mut data = vec![0u16; blocks * kp * TILE];
             data.par_chunks_mut(kp * TILE)
@@ -164,6 +165,10 @@ pub fn matmul_bf16(a: &[f32], m: usize, b: &Bf16Matrix, out: &mut [f32]) {
     if m == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
     match &b.layout {
         #[cfg(target_arch = "x86_64")]
         Layout::Tiles { kp, data } => {
@@ -191,8 +196,8 @@ pub fn matmul_bf16(a: &[f32], m: usize, b: &Bf16Matrix, out: &mut [f32]) {
 }
 
 /// A frozen `[out, in]` weight packed for bf16 products both ways: `x Wᵀ`
-/// forward and `dy W` backward (twice the bytes of the bf16 weight, as
-/// much as the f32 one).
+/// forward and `dy W` backward (for the tiles, twice the bytes of the bf16
+/// weight, as much as the f32 one; without them, two f32 copies).
 #[derive(Debug)]
 pub struct Bf16Weight {
     fwd: Bf16Matrix,
@@ -333,6 +338,8 @@ mod tests {
             (16, 64, 32, false),
             (5, 33, 17, false),
             (64, 96, 576, true),
+            // More than one task of rows (256) and of column blocks (8 × 16).
+            (300, 150, 64, true),
         ] {
             let (k, n) = if t { (cols, rows) } else { (rows, cols) };
             let a = values(m * k, 1);

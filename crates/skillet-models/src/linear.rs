@@ -56,8 +56,10 @@ pub enum Precision {
     /// Everything in f32.
     #[default]
     F32,
-    /// Frozen dense weights' products (forward and the input gradient) in
-    /// bf16 with f32 accumulation: on AMX tiles where the CPU has them.
+    /// Frozen dense weights' products in the decoder layers (forward and
+    /// the input gradient) and in the fused LM-head loss, in bf16 with f32
+    /// accumulation: on AMX tiles where the CPU has them. (Logits asked of
+    /// the head directly, and an adapted head, stay f32.)
     Bf16,
 }
 

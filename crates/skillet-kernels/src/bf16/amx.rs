@@ -83,12 +83,13 @@ unsafe fn task(
     while j < cols.end {
         let two_cols = j + 1 < cols.end;
         let b0 = b.as_ptr().add(j * s.kp * TILE);
-        let b1 = b0.add(s.kp * TILE);
+        // Used only where a second block exists (wrapping: may point past the end).
+        let b1 = b0.wrapping_add(s.kp * TILE);
         let mut i = rows.start;
         while i < rows.end {
             let two_rows = i + TILE < rows.end;
             let a0 = a.as_ptr().add(i * s.kp);
-            let a1 = a0.add(TILE * s.kp);
+            let a1 = a0.wrapping_add(TILE * s.kp);
             asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
@@ -99,8 +100,8 @@ unsafe fn task(
             for k in 0..steps {
                 // One step: 32 positions, i.e. 16 packed pairs (1 KiB) of
                 // each column block, 64 bytes of each left row.
-                let (ak0, ak1) = (a0.add(k * KSTEP), a1.add(k * KSTEP));
-                let (bk0, bk1) = (b0.add(k * KSTEP * TILE), b1.add(k * KSTEP * TILE));
+                let (ak0, ak1) = (a0.add(k * KSTEP), a1.wrapping_add(k * KSTEP));
+                let (bk0, bk1) = (b0.add(k * KSTEP * TILE), b1.wrapping_add(k * KSTEP * TILE));
                 match (two_rows, two_cols) {
                     (true, true) => asm!(
                         "tileloadd tmm4, [{a0} + {lda}]",
