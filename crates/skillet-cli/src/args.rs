@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use skillet_train::PrecisionSetting;
+
 /// The `--model` option shared by every command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArg {
@@ -44,22 +46,21 @@ pub enum PrecisionArg {
 }
 
 impl PrecisionArg {
-    /// The setting this choice means on this CPU.
+    /// The setting this choice means on this CPU (as `train.precision`).
     pub fn resolve(self) -> skillet_models::Precision {
         match self {
-            PrecisionArg::Auto => skillet_models::Precision::fastest(),
-            PrecisionArg::F32 => skillet_models::Precision::F32,
-            PrecisionArg::Bf16 => skillet_models::Precision::Bf16,
+            PrecisionArg::Auto => PrecisionSetting::Auto,
+            PrecisionArg::F32 => PrecisionSetting::F32,
+            PrecisionArg::Bf16 => PrecisionSetting::Bf16,
         }
+        .resolve()
     }
 
     /// The value as typed on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            PrecisionArg::Auto => "auto",
-            PrecisionArg::F32 => "f32",
-            PrecisionArg::Bf16 => "bf16",
-        }
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string())
     }
 }
 

@@ -391,7 +391,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "--steps",
                 &args.steps.to_string(),
             ]);
-            cmd.args(["--precision", args.precision.name()]);
+            cmd.args(["--precision", &args.precision.name()]);
             cmd.args(["--warmup", &args.warmup.to_string(), "--model"])
                 .arg(&model)
                 .arg("--data")
