@@ -231,6 +231,10 @@ impl Adapter for LoraAdapter {
         matches!(self.by_module.get(module), Some(Some(_)))
     }
 
+    fn dropout(&self) -> f32 {
+        self.settings.dropout
+    }
+
     fn factors(&self, module: usize) -> Option<LoraFactors> {
         let p = &self.params[(*self.by_module.get(module)?)?];
         Some(LoraFactors {

@@ -36,6 +36,17 @@ pub(crate) fn to_bf16(x: f32) -> u16 {
     (b.wrapping_add(round) >> 16) as u16
 }
 
+/// `src` rounded to bf16 into `dst`, 16 at a time where the CPU has
+/// AVX512-BF16.
+pub(crate) fn round_into(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    amx::round_row(src, dst);
+    #[cfg(not(target_arch = "x86_64"))]
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = to_bf16(x);
+    }
+}
+
 /// The f32 value of bf16 bits.
 pub(crate) fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
@@ -89,7 +100,13 @@ impl Bf16Matrix {
     }
 
     /// [`Bf16Matrix::pack`] for the tile kernel, or for the f32 GEMM.
-    fn pack_for(w: &[f32], rows: usize, cols: usize, transposed: bool, tiles: bool) -> Self {
+    pub(crate) fn pack_for(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+        tiles: bool,
+    ) -> Self {
         assert_eq!(
             w.len(),
             rows * cols,
@@ -109,7 +126,7 @@ impl Bf16Matrix {
             }
         };
         let layout = if tiles {
-            let kp = k.next_multiple_of(KSTEP).max(KSTEP);
+            let kp = padded(k);
             let blocks = n.div_ceil(TILE);
             let mut data = vec![0u16; blocks * kp * TILE];
             data.par_chunks_mut(kp * TILE)
@@ -156,31 +173,72 @@ impl Bf16Matrix {
     }
 }
 
+/// The right operand `B` (`[k, n]`) of a tile product, by column block.
+pub(crate) trait Panels: Sync {
+    /// Rows of `B` (the shared dimension).
+    fn k(&self) -> usize;
+    /// Columns of `B`.
+    fn n(&self) -> usize;
+    /// Column block `j` (columns `16j..16j + 16`) in the tile layout (see
+    /// `Layout::Tiles`): stored, or written into `scratch` (`kp · 16`
+    /// values, zero from `k` on; columns past `n` may hold anything).
+    fn panel<'a>(&'a self, j: usize, scratch: &'a mut [u16]) -> &'a [u16];
+    /// Whether [`Panels::panel`] computes (then the kernel asks for each
+    /// block once per product, for all rows together).
+    fn computed(&self) -> bool;
+}
+
+/// The shared dimension padded for the tiles.
+pub(crate) fn padded(k: usize) -> usize {
+    k.next_multiple_of(KSTEP).max(KSTEP)
+}
+
+/// Column blocks of a packed [`Bf16Matrix`] in the tile layout.
+struct Stored<'a> {
+    k: usize,
+    n: usize,
+    kp: usize,
+    data: &'a [u16],
+}
+
+impl Panels for Stored<'_> {
+    fn k(&self) -> usize {
+        self.k
+    }
+
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panel<'a>(&'a self, j: usize, _: &'a mut [u16]) -> &'a [u16] {
+        &self.data[j * self.kp * TILE..(j + 1) * self.kp * TILE]
+    }
+
+    fn computed(&self) -> bool {
+        false
+    }
+}
+
 /// `out = a · B` for `a` (`[m, k]` f32 row-major, rounded to bf16 here)
 /// into `out` (`[m, n]` row-major), on the global thread pool.
 pub fn matmul_bf16(a: &[f32], m: usize, b: &Bf16Matrix, out: &mut [f32]) {
     let (k, n) = (b.k, b.n);
-    assert_eq!(a.len(), m * k, "bf16 matmul: a is not {m}×{k}");
-    assert_eq!(out.len(), m * n, "bf16 matmul: out is not {m}×{n}");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
-        return;
-    }
     match &b.layout {
-        #[cfg(target_arch = "x86_64")]
-        Layout::Tiles { kp, data } => {
-            let ar = round_rows(a, m, k, *kp);
-            // SAFETY: `Tiles` is built only where `bf16_accelerated()`, and
-            // the operands have the shapes the kernel reads (checked above
-            // and by construction).
-            unsafe { amx::matmul(&ar, m, *kp, data, n, out) };
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        Layout::Tiles { .. } => unreachable!("tiles exist only on x86-64"),
+        Layout::Tiles { kp, data } => matmul_panels(
+            a,
+            m,
+            &Stored {
+                k,
+                n,
+                kp: *kp,
+                data,
+            },
+            out,
+        ),
         Layout::Rounded(bw) => {
+            if !checked(a, m, k, n, out) {
+                return;
+            }
             let ar: Vec<f32> = a.par_iter().map(|&x| from_bf16(to_bf16(x))).collect();
             matmul(
                 m,
@@ -193,6 +251,42 @@ pub fn matmul_bf16(a: &[f32], m: usize, b: &Bf16Matrix, out: &mut [f32]) {
             );
         }
     }
+}
+
+/// Checks the shapes of `a · B` and settles the empty cases; true when
+/// there is a product to compute.
+fn checked(a: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) -> bool {
+    assert_eq!(a.len(), m * k, "bf16 matmul: a is not {m}×{k}");
+    assert_eq!(out.len(), m * n, "bf16 matmul: out is not {m}×{n}");
+    if m == 0 || n == 0 {
+        return false;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return false;
+    }
+    true
+}
+
+/// `out = a · B` on the tiles, `B` given by column blocks. Only where
+/// [`bf16_accelerated`] (the callers' check).
+pub(crate) fn matmul_panels(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32]) {
+    let (k, n) = (b.k(), b.n());
+    if !checked(a, m, k, n, out) {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(bf16_accelerated(), "bf16 tiles without AMX");
+        let kp = padded(k);
+        let ar = round_rows(a, m, k, kp);
+        // SAFETY: the CPU has the tiles (asserted above), and the operands
+        // have the shapes the kernel reads (checked above, and `ar` by
+        // construction).
+        unsafe { amx::matmul(&ar, m, kp, b, out) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("tiles exist only on x86-64")
 }
 
 /// A frozen `[out, in]` weight packed for bf16 products both ways: `x Wᵀ`

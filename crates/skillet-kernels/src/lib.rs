@@ -17,6 +17,7 @@ mod cached_attention;
 mod gemm;
 mod linear;
 mod linear_cross_entropy;
+mod lora_linear;
 mod lora_rows;
 mod quantized;
 mod rms_norm;
@@ -38,6 +39,7 @@ pub use linear::{frozen_matmul, linear};
 pub use linear_cross_entropy::{
     CrossEntropyStats, linear_cross_entropy, linear_cross_entropy_bf16,
 };
+pub use lora_linear::{FrozenLinear, FrozenWeight, lora_linear};
 pub use lora_rows::{LoraFactors, lora_rows};
 pub use quantized::{QuantKind, QuantMatrix};
 pub use rms_norm::{rms_norm, rms_norm_composed};

@@ -19,6 +19,7 @@ use crate::vec::multiversion;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 mod int8;
+mod training;
 
 /// Weights per block.
 const BLOCK: usize = 32;

@@ -12,9 +12,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use skillet_kernels::{LoraFactors, lora_rows};
+use skillet_kernels::{LoraFactors, lora_linear, lora_rows};
 
-use crate::{Linear, ModelError, Result};
+use crate::{Linear, ModelError, Precision, Result};
 
 /// The projections of one decoder layer, in module order.
 pub const LAYER_MODULES: [&str; 7] = [
@@ -52,6 +52,10 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     /// different adapter to each row; `None` where the module is not
     /// adapted or the update is not a plain product.
     fn factors(&self, module: usize) -> Option<LoraFactors>;
+    /// The probability with which training drops the adapter's inputs.
+    fn dropout(&self) -> f32 {
+        0.0
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -153,6 +157,36 @@ impl Adapters {
     /// leading rows.
     pub fn apply(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
         self.add_delta(lin, module, x, lin.forward(x)?)
+    }
+
+    /// `lin(x)` plus the update as one op with its own backward
+    /// ([`lora_linear`]), where one plain LoRA adapter covers every row,
+    /// something needs gradients, no dropout applies and the layer is a
+    /// frozen product; `None` elsewhere.
+    pub(crate) fn fused(
+        &self,
+        lin: &dyn Linear,
+        module: usize,
+        x: &Tensor,
+        precision: Precision,
+    ) -> Result<Option<Tensor>> {
+        if !matches!(self.rows, Rows::All) || self.list.is_empty() {
+            return Ok(None);
+        }
+        let adapter = &self.list[0];
+        if self.dropout_seed.is_some() && adapter.dropout() > 0.0 {
+            return Ok(None);
+        }
+        let Some(factors) = adapter.factors(module) else {
+            return Ok(None);
+        };
+        if !(x.track_op() || factors.a.track_op() || factors.b.track_op()) {
+            return Ok(None);
+        }
+        let Some(base) = lin.frozen(precision)? else {
+            return Ok(None);
+        };
+        Ok(Some(lora_linear(x, &base, &factors)?))
     }
 
     /// `y` (the base layer's output for `x`) plus each row's update.

@@ -6,7 +6,9 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
-use skillet_kernels::{Bf16Weight, QuantKind, QuantMatrix, frozen_matmul_bf16};
+use skillet_kernels::{
+    Bf16Weight, FrozenLinear, FrozenWeight, QuantKind, QuantMatrix, frozen_matmul_bf16,
+};
 
 use crate::{Result, Weight};
 
@@ -35,6 +37,14 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
     fn bf16_weight(&self) -> Result<Option<Arc<Bf16Weight>>> {
         Ok(None)
     }
+    /// The layer as a frozen product for the fused LoRA op in training,
+    /// its products taken in `precision`; `None` where the layer is
+    /// trainable or has no such form (then LoRA is composed around
+    /// [`Linear::forward_in`]).
+    fn frozen(&self, precision: Precision) -> Result<Option<FrozenLinear>> {
+        let _ = precision;
+        Ok(None)
+    }
     /// Input width.
     fn in_features(&self) -> usize;
     /// Output width.
@@ -56,10 +66,12 @@ pub enum Precision {
     /// Everything in f32.
     #[default]
     F32,
-    /// Frozen dense weights' products in the decoder layers (forward and
-    /// the input gradient) and in the fused LM-head loss, in bf16 with f32
-    /// accumulation: on AMX tiles where the CPU has them. (Logits asked of
-    /// the head directly, and an adapted head, stay f32.)
+    /// Frozen weights' products in the decoder layers (forward and the
+    /// input gradient) and in the fused LM-head loss, in bf16 with f32
+    /// accumulation: on AMX tiles where the CPU has them. Dense weights
+    /// are packed once; Q4_1 / Q8_0 blocks (QLoRA) are dequantized inside
+    /// the product, other block formats stay f32. (Logits asked of the
+    /// head directly, and an adapted head, stay f32.)
     Bf16,
 }
 
@@ -180,6 +192,15 @@ impl BaseLinear {
 
     /// The product with the dense (or dequantized) weight.
     fn dense(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(blocks) = &self.packed {
+            // Dequantized for this call (and again in backward), not held
+            // by the autograd graph in between.
+            let y = blocks.matmul_dequantized(x)?;
+            return Ok(match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
+        }
         let weight = self.weight.to_dense(&Device::Cpu)?;
         // A frozen weight never enters the autograd graph (the op's
         // backward gives the input gradient only); a trainable one (full
@@ -197,30 +218,34 @@ impl BaseLinear {
 }
 
 impl BaseLinear {
-    /// The weight packed for bf16 products, where it is dense and frozen.
+    /// The weight packed for bf16 products, where it is frozen: a dense
+    /// one, or (for the fused LM head) the dequantized blocks.
     fn packed_bf16(&self) -> Result<Option<Arc<Bf16Weight>>> {
-        let Weight::Dense(w) = &self.weight else {
-            return Ok(None);
-        };
-        if w.track_op() {
-            return Ok(None);
+        if let Some(p) = self.bf16.get() {
+            return Ok(Some(p.clone()));
         }
-        Ok(Some(match self.bf16.get() {
-            Some(p) => p.clone(),
-            None => {
-                let p = Arc::new(Bf16Weight::new(w)?);
-                self.bf16.get_or_init(|| p).clone()
-            }
-        }))
+        let w = match &self.weight {
+            Weight::Dense(w) if w.track_op() => return Ok(None),
+            Weight::Dense(w) => w.clone(),
+            Weight::Quantized(_) => self.weight.to_dense(&Device::Cpu)?,
+        };
+        let p = Arc::new(Bf16Weight::new(&w)?);
+        Ok(Some(self.bf16.get_or_init(|| p).clone()))
     }
 
-    /// The product in bf16 through the packed weight, where the weight is
-    /// dense and frozen.
+    /// The product in bf16 where the weight is frozen: Q4_1 / Q8_0 blocks
+    /// are read inside the product (no dense copy kept), a dense weight
+    /// through its packed copy.
     fn bf16(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(packed) = self.packed_bf16()? else {
-            return Ok(None);
+        let y = match (&self.packed, &self.weight) {
+            (Some(blocks), _) => blocks.matmul_bf16(x)?,
+            (None, Weight::Dense(_)) => match self.packed_bf16()? {
+                Some(packed) => frozen_matmul_bf16(x, &packed)?,
+                None => return Ok(None),
+            },
+            // Other block formats: the f32 path, dequantized per call.
+            (None, Weight::Quantized(_)) => return Ok(None),
         };
-        let y = frozen_matmul_bf16(x, &packed)?;
         Ok(Some(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -234,6 +259,24 @@ impl Linear for BaseLinear {
             return Ok(None);
         }
         self.packed_bf16()
+    }
+
+    fn frozen(&self, precision: Precision) -> Result<Option<FrozenLinear>> {
+        let weight = match (&self.weight, &self.packed, precision) {
+            (Weight::Dense(w), _, _) if w.track_op() => return Ok(None),
+            (Weight::Dense(w), _, Precision::F32) => FrozenWeight::Dense(w.clone()),
+            (Weight::Dense(_), _, Precision::Bf16) => match self.packed_bf16()? {
+                Some(p) => FrozenWeight::Bf16(p),
+                None => return Ok(None),
+            },
+            (Weight::Quantized(_), Some(q), Precision::F32) => FrozenWeight::QuantF32(q.clone()),
+            (Weight::Quantized(_), Some(q), Precision::Bf16) => FrozenWeight::QuantBf16(q.clone()),
+            (Weight::Quantized(_), None, _) => return Ok(None),
+        };
+        Ok(Some(FrozenLinear {
+            weight,
+            bias: self.bias.clone(),
+        }))
     }
 
     fn forward_in(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {

@@ -173,6 +173,12 @@ pub(crate) struct LayerContext {
 impl LayerContext {
     /// `lin` over `x`, plus each row's adapter update of `module`.
     fn project(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
+        if self.rowwise.is_none()
+            && !self.composed
+            && let Some(y) = self.adapters.fused(lin, module, x, self.precision)?
+        {
+            return Ok(y);
+        }
         let y = match self.rowwise {
             Some(activations) => lin.forward_rowwise(x, activations)?,
             None => lin.forward_in(x, self.precision)?,

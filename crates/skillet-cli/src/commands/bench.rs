@@ -336,10 +336,10 @@ fn run_one(
         ),
     };
     let batch = if workload == "decode" { 1 } else { args.batch };
-    // Decode reads the quantized blocks, QLoRA trains over them, and full
-    // fine-tuning trains the weights themselves: those stay in f32.
+    // Decode reads the quantized blocks in f32, and full fine-tuning
+    // trains the weights themselves: those stay in f32.
     let precision = match workload {
-        "decode" | "qlora" | "full" => Precision::F32,
+        "decode" | "full" => Precision::F32,
         _ => args.precision.resolve(),
     };
     Ok(Row {

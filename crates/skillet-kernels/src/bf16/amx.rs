@@ -12,7 +12,7 @@ use std::arch::asm;
 
 use rayon::prelude::*;
 
-use super::{KSTEP, TILE};
+use super::{KSTEP, Panels, TILE};
 use crate::tiles::TileConfig;
 
 /// Left rows per parallel task.
@@ -43,24 +43,33 @@ struct Shapes {
 }
 
 /// `out` (`[m, n]`) = `a` (`[⌈m/16⌉·16, kp]` bf16, zero-padded) times the
-/// packed right operand `b` (see `Layout::Tiles`).
+/// right operand `b`, by column blocks.
 ///
 /// # Safety
 /// `bf16_accelerated()` must be true.
-pub(super) unsafe fn matmul(a: &[u16], m: usize, kp: usize, b: &[u16], n: usize, out: &mut [f32]) {
+pub(super) unsafe fn matmul(a: &[u16], m: usize, kp: usize, b: &dyn Panels, out: &mut [f32]) {
+    let n = b.n();
     let mp = m.next_multiple_of(TILE);
     let blocks = n.div_ceil(TILE);
-    assert!(kp.is_multiple_of(KSTEP));
-    assert!(a.len() >= mp * kp && b.len() >= blocks * kp * TILE && out.len() >= m * n);
+    assert!(kp.is_multiple_of(KSTEP) && kp >= b.k());
+    assert!(a.len() >= mp * kp && out.len() >= m * n);
     let shapes = Shapes { m, n, kp };
+    // Computed column blocks are made once per product: a task takes every
+    // row and a share of the blocks (an even number, for the 2 × 2 tiles).
+    let (task_rows, task_blocks) = if b.computed() {
+        let share = blocks.div_ceil(4 * rayon::current_num_threads());
+        (mp, share.next_multiple_of(2))
+    } else {
+        (TASK_ROWS, TASK_BLOCKS)
+    };
     let tasks: Vec<(usize, usize)> = (0..mp)
-        .step_by(TASK_ROWS)
-        .flat_map(|r| (0..blocks).step_by(TASK_BLOCKS).map(move |j| (r, j)))
+        .step_by(task_rows)
+        .flat_map(|r| (0..blocks).step_by(task_blocks).map(move |j| (r, j)))
         .collect();
     let dest = Dest(out.as_mut_ptr());
     tasks.par_iter().for_each(|&(r0, j0)| {
-        let rows = r0..(r0 + TASK_ROWS).min(mp);
-        let cols = j0..(j0 + TASK_BLOCKS).min(blocks);
+        let rows = r0..(r0 + task_rows).min(mp);
+        let cols = j0..(j0 + task_blocks).min(blocks);
         // SAFETY: the caller's promise; each task writes only its rows and
         // column blocks of `out`.
         unsafe { task(a, b, shapes, dest, rows, cols) };
@@ -70,21 +79,29 @@ pub(super) unsafe fn matmul(a: &[u16], m: usize, kp: usize, b: &[u16], n: usize,
 /// Rows `rows` (whole tiles) by column blocks `cols` of the result.
 unsafe fn task(
     a: &[u16],
-    b: &[u16],
+    b: &dyn Panels,
     s: Shapes,
     dest: Dest,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
+    let scratch = if b.computed() { s.kp * TILE } else { 0 };
+    let (mut s0, mut s1) = (vec![0u16; scratch], vec![0u16; scratch]);
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
     let steps = s.kp / KSTEP;
     let lda = s.kp * 2; // bytes per left row
     let mut j = cols.start;
     while j < cols.end {
         let two_cols = j + 1 < cols.end;
-        let b0 = b.as_ptr().add(j * s.kp * TILE);
-        // Used only where a second block exists (wrapping: may point past the end).
-        let b1 = b0.wrapping_add(s.kp * TILE);
+        let p0 = b.panel(j, &mut s0);
+        // Read only where a second block exists.
+        let p1 = if two_cols {
+            b.panel(j + 1, &mut s1)
+        } else {
+            p0
+        };
+        debug_assert!(p0.len() >= s.kp * TILE && p1.len() >= s.kp * TILE);
+        let (b0, b1) = (p0.as_ptr(), p1.as_ptr());
         let mut i = rows.start;
         while i < rows.end {
             let two_rows = i + TILE < rows.end;
@@ -101,7 +118,7 @@ unsafe fn task(
                 // One step: 32 positions, i.e. 16 packed pairs (1 KiB) of
                 // each column block, 64 bytes of each left row.
                 let (ak0, ak1) = (a0.add(k * KSTEP), a1.wrapping_add(k * KSTEP));
-                let (bk0, bk1) = (b0.add(k * KSTEP * TILE), b1.wrapping_add(k * KSTEP * TILE));
+                let (bk0, bk1) = (b0.add(k * KSTEP * TILE), b1.add(k * KSTEP * TILE));
                 match (two_rows, two_cols) {
                     (true, true) => asm!(
                         "tileloadd tmm4, [{a0} + {lda}]",

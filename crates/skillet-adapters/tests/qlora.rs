@@ -1,0 +1,119 @@
+//! LoRA over a base kept in its quantized blocks (QLoRA) trains the same
+//! adapter as LoRA over the dequantized base: the same gradients in f32
+//! (the blocks dequantized for each product), and in bf16 the same
+//! gradients as the dense base in bf16 (the blocks read inside the tile
+//! products), both within bf16's precision of f32.
+
+use candle_core::{Device, Tensor, Var};
+use skillet_adapters::{LoraAdapter, LoraSettings, Targets};
+use skillet_gguf::GgmlType;
+use skillet_models::export::write_gguf;
+use skillet_models::{
+    Adapted, CausalLm, ForwardInput, Llama, LoadOptions, ModelSource, Precision, random_weights,
+    tiny_config,
+};
+
+/// The tiny model stored in `storage`, loaded dequantized and kept in
+/// its blocks.
+fn models(storage: GgmlType) -> (Llama, Llama) {
+    let cfg = tiny_config(97);
+    let w = random_weights(&cfg, 5).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&cfg, &w, &path, &|_| storage, vec![]).unwrap();
+    let load = |keep_quantized| {
+        ModelSource::open(&path)
+            .unwrap()
+            .load_model(LoadOptions {
+                keep_quantized,
+                ..Default::default()
+            })
+            .unwrap()
+    };
+    (load(false), load(true))
+}
+
+/// Gradients of every adapter variable for a fixed weighting of the
+/// logits of two sequences of 40 tokens, in `precision`.
+fn gradients(mut m: Llama, precision: Precision) -> Vec<Vec<f32>> {
+    m.set_precision(precision);
+    let settings = LoraSettings::new(
+        4,
+        8.0,
+        0.0,
+        false,
+        Targets::Names(
+            ["q_proj", "v_proj", "o_proj", "down_proj"]
+                .map(String::from)
+                .to_vec(),
+        ),
+    )
+    .unwrap();
+    let adapter = LoraAdapter::new(&m, &settings, 11, None).unwrap();
+    // B away from zero, so every factor gets a gradient.
+    let vars: Vec<Var> = adapter.vars();
+    for (i, v) in vars.iter().enumerate().skip(1).step_by(2) {
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|k| (((k * 17 + i) % 11) as f32 - 5.0) * 0.03)
+            .collect();
+        v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let ids: Vec<u32> = (0..80).map(|i| (i * 37 + 5) % 97).collect();
+    let input = ForwardInput::new(Tensor::from_vec(ids, (2, 40), &Device::Cpu).unwrap());
+    let model = Adapted::new(&m, Some(std::sync::Arc::new(adapter)));
+    let logits = model.forward(&input).unwrap(); // [2, 40, 97]
+    let n = logits.elem_count();
+    let weights: Vec<f32> = (0..n)
+        .map(|k| ((k * 7919) % 101) as f32 / 101.0 - 0.5)
+        .collect();
+    let weights = Tensor::from_vec(weights, logits.shape(), &Device::Cpu).unwrap();
+    let loss = (logits * weights).unwrap().sum_all().unwrap();
+    let g = loss.backward().unwrap();
+    vars.iter()
+        .map(|v| {
+            g.get(v.as_tensor())
+                .expect("every factor gets a gradient")
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The largest difference over all gradients, relative to the largest
+/// magnitude of `want`'s.
+fn rel_diff(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
+    let flat = |g: &[Vec<f32>]| g.iter().flatten().copied().collect::<Vec<f32>>();
+    let (got, want) = (flat(got), flat(want));
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    err / scale
+}
+
+#[test]
+fn qlora_gradients_equal_lora_over_the_dequantized_base() {
+    for storage in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        let (dense, quantized) = models(storage);
+        let dense_f32 = gradients(dense, Precision::F32);
+        let quant_f32 = gradients(quantized, Precision::F32);
+        let (dense, quantized) = models(storage);
+        let dense_bf16 = gradients(dense, Precision::Bf16);
+        let quant_bf16 = gradients(quantized, Precision::Bf16);
+        // Same values, only the order of f32 sums may differ.
+        let same = rel_diff(&quant_f32, &dense_f32);
+        assert!(same < 1e-4, "{storage:?}: f32 QLoRA vs LoRA {same}");
+        let same = rel_diff(&quant_bf16, &dense_bf16);
+        assert!(same < 1e-4, "{storage:?}: bf16 QLoRA vs LoRA {same}");
+        // bf16 rounds the operands: close to f32, and not equal to it.
+        let rounded = rel_diff(&quant_bf16, &dense_f32);
+        assert!(
+            rounded > 0.0 && rounded < 3e-2,
+            "{storage:?}: bf16 vs f32 {rounded}"
+        );
+    }
+}

@@ -1,0 +1,340 @@
+//! A frozen projection plus its LoRA update as one op, for training:
+//! `y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ` (Hu et al. 2021; PEFT's `lora.Linear`
+//! without dropout). Composed from candle ops, the update keeps three
+//! full-width tensors per module alive until backward (the base output,
+//! the update and its scaled copy, each held by the next op) and adds
+//! four nodes whose gradients candle sums one by one. Here the op keeps
+//! only its inputs, recomputes the `r`-wide `x Aᵀ` in backward, and
+//! writes every gradient in one pass:
+//! `g = dy B`, `dB = s · dyᵀ (x Aᵀ)`, `dA = s · gᵀ x`,
+//! `dx = dy W + s · g A`.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+
+use crate::bf16::Bf16Weight;
+use crate::gemm::{Out, View, matmul};
+use crate::lora_rows::LoraFactors;
+use crate::quantized::QuantMatrix;
+use crate::storage::{slice, tensor, with_f32, with_f32_all};
+
+/// A frozen `[out, in]` weight as the products of training see it.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// A dense f32 weight, through the f32 GEMM.
+    Dense(Tensor),
+    /// A dense weight packed for bf16 products.
+    Bf16(Arc<Bf16Weight>),
+    /// Quantized blocks, dequantized inside bf16 products.
+    QuantBf16(Arc<QuantMatrix>),
+    /// Quantized blocks, dequantized for each f32 product.
+    QuantF32(Arc<QuantMatrix>),
+}
+
+impl FrozenWeight {
+    /// `(out, in)`.
+    fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            FrozenWeight::Dense(w) => w.dims2()?,
+            FrozenWeight::Bf16(w) => (w.forward().n(), w.forward().k()),
+            FrozenWeight::QuantBf16(q) | FrozenWeight::QuantF32(q) => (q.rows(), q.cols()),
+        })
+    }
+
+    /// `x Wᵀ` for row-major rows `x` of width `in`.
+    fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let (out, inp) = self.dims()?;
+        let rows = x.len() / inp;
+        Ok(match self {
+            FrozenWeight::Dense(w) => with_f32([w], "frozen weight", |[w]| {
+                let mut y = vec![0f32; rows * out];
+                let (xv, wv) = (View::rows(x, inp), View::rows(w, inp).t());
+                matmul(rows, out, inp, xv, wv, Out::new(&mut y, out), true);
+                Ok(y)
+            })?,
+            FrozenWeight::Bf16(w) => {
+                let mut y = vec![0f32; rows * out];
+                crate::bf16::matmul_bf16(x, rows, w.forward(), &mut y);
+                y
+            }
+            FrozenWeight::QuantBf16(q) => q.product_bf16(x, true),
+            FrozenWeight::QuantF32(q) => q.product_f32(x, true),
+        })
+    }
+
+    /// `dy W` for row-major rows `dy` of width `out`.
+    fn backward(&self, dy: &[f32]) -> Result<Vec<f32>> {
+        let (out, inp) = self.dims()?;
+        let rows = dy.len() / out;
+        Ok(match self {
+            FrozenWeight::Dense(w) => with_f32([w], "frozen weight", |[w]| {
+                let mut dx = vec![0f32; rows * inp];
+                let (dv, wv) = (View::rows(dy, out), View::rows(w, inp));
+                matmul(rows, inp, out, dv, wv, Out::new(&mut dx, inp), true);
+                Ok(dx)
+            })?,
+            FrozenWeight::Bf16(w) => {
+                let mut dx = vec![0f32; rows * inp];
+                crate::bf16::matmul_bf16(dy, rows, w.backward(), &mut dx);
+                dx
+            }
+            FrozenWeight::QuantBf16(q) => q.product_bf16(dy, false),
+            FrozenWeight::QuantF32(q) => q.product_f32(dy, false),
+        })
+    }
+}
+
+/// The frozen part of a LoRA-adapted layer.
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    /// The weight.
+    pub weight: FrozenWeight,
+    /// An optional `[out]` bias, frozen too.
+    pub bias: Option<Tensor>,
+}
+
+struct LoraLinear {
+    base: FrozenLinear,
+    scale: f32,
+}
+
+impl LoraLinear {
+    /// `x Aᵀ` (`[rows, r]`).
+    fn down(x: &[f32], a: &[f32], inp: usize, r: usize) -> Vec<f32> {
+        let rows = x.len() / inp;
+        let mut u = vec![0f32; rows * r];
+        let (xv, av) = (View::rows(x, inp), View::rows(a, inp).t());
+        matmul(rows, r, inp, xv, av, Out::new(&mut u, r), true);
+        u
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, self.name())?;
+        let a = slice(as_, al, self.name())?;
+        let b = slice(bs, bl, self.name())?;
+        let (out, inp) = self.base.weight.dims()?;
+        let (r, a_in) = al.shape().dims2()?;
+        let (b_out, b_r) = bl.shape().dims2()?;
+        let dims = xl.dims();
+        if dims.last() != Some(&inp) || a_in != inp || b_out != out || b_r != r {
+            bail!(
+                "lora linear: x {dims:?}, A [{r}, {a_in}], B [{b_out}, {b_r}] for W [{out}, {inp}]"
+            );
+        }
+        let rows = x.len() / inp;
+        let mut y = self.base.weight.forward(x)?;
+        let u = Self::down(x, a, inp, r);
+        let (uv, bv) = (View::rows(&u, r), View::rows(b, r).t());
+        let dst = Out::new(&mut y, out).accumulate().scaled(self.scale);
+        matmul(rows, out, r, uv, bv, dst, true);
+        if let Some(bias) = &self.base.bias {
+            with_f32([bias], self.name(), |[bias]| {
+                if bias.len() != out {
+                    bail!("lora linear: bias of {} for {out} outputs", bias.len());
+                }
+                for row in y.chunks_exact_mut(out) {
+                    for (v, b) in row.iter_mut().zip(bias) {
+                        *v += b;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked above") = out;
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, inp) = self.base.weight.dims()?;
+        let r = a.dim(0)?;
+        let s = self.scale;
+        let want_dx = x.track_op();
+        let (dx, da, db) = with_f32_all(&[x, a, b, dy], self.name(), |t| {
+            let [x, a, b, dy] = [t[0], t[1], t[2], t[3]];
+            let rows = x.len() / inp;
+            let u = Self::down(x, a, inp, r);
+            // g = dy B: [rows, r].
+            let mut g = vec![0f32; rows * r];
+            let (dyv, bv) = (View::rows(dy, out), View::rows(b, r));
+            matmul(rows, r, out, dyv, bv, Out::new(&mut g, r), true);
+            // dB = s · dyᵀ u: [out, r].
+            let mut db = vec![0f32; out * r];
+            let dst = Out::new(&mut db, r).scaled(s);
+            matmul(out, r, rows, dyv.t(), View::rows(&u, r), dst, true);
+            // dA = s · gᵀ x: [r, in].
+            let mut da = vec![0f32; r * inp];
+            let dst = Out::new(&mut da, inp).scaled(s);
+            matmul(
+                r,
+                inp,
+                rows,
+                View::rows(&g, r).t(),
+                View::rows(x, inp),
+                dst,
+                true,
+            );
+            // dx = dy W + s · g A.
+            let dx = if want_dx {
+                let mut dx = self.base.weight.backward(dy)?;
+                let dst = Out::new(&mut dx, inp).accumulate().scaled(s);
+                matmul(
+                    rows,
+                    inp,
+                    r,
+                    View::rows(&g, r),
+                    View::rows(a, inp),
+                    dst,
+                    true,
+                );
+                Some(dx)
+            } else {
+                None
+            };
+            Ok((dx, da, db))
+        })?;
+        Ok((
+            dx.map(|d| tensor(d, x.shape())).transpose()?,
+            Some(tensor(da, a.shape())?),
+            Some(tensor(db, b.shape())?),
+        ))
+    }
+}
+
+/// `x Wᵀ (+ bias) + s · (x Aᵀ) Bᵀ` for `x` of shape `[..., in]`, with
+/// `A` (`[r, in]`) and `B` (`[out, r]`) and `s` from `lora`; backward
+/// gives `x`, `A` and `B` their gradients (the frozen weight none).
+pub fn lora_linear(x: &Tensor, base: &FrozenLinear, lora: &LoraFactors) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &lora.a.contiguous()?,
+        &lora.b.contiguous()?,
+        LoraLinear {
+            base: base.clone(),
+            scale: lora.scale,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_close, check_op, grads, random};
+    use crate::{frozen_matmul, frozen_matmul_bf16};
+
+    fn factors(a: &Tensor, b: &Tensor) -> LoraFactors {
+        LoraFactors {
+            a: a.clone(),
+            b: b.clone(),
+            b_t: None,
+            scale: 1.5,
+        }
+    }
+
+    /// PEFT's composition: base, plus the scaled update.
+    fn composed(base: &Tensor, t: &[Tensor]) -> Result<Tensor> {
+        let delta = t[0]
+            .broadcast_matmul(&t[1].t()?)?
+            .broadcast_matmul(&t[2].t()?)?;
+        base + (delta * 1.5)?
+    }
+
+    #[test]
+    fn equals_the_composed_update_over_a_dense_weight() {
+        let w = random(&[12, 10], 1, 1.0);
+        let bias = random(&[12], 5, 1.0);
+        let inputs = [
+            random(&[2, 3, 10], 2, 1.0),
+            random(&[4, 10], 3, 0.5),
+            random(&[12, 4], 4, 0.5),
+        ];
+        for bias in [None, Some(bias)] {
+            let base = FrozenLinear {
+                weight: FrozenWeight::Dense(w.clone()),
+                bias: bias.clone(),
+            };
+            check_op(
+                &inputs,
+                &|t| lora_linear(&t[0], &base, &factors(&t[1], &t[2])),
+                &|t| {
+                    let y = frozen_matmul(&t[0], &w)?;
+                    let y = match &bias {
+                        Some(b) => y.broadcast_add(b)?,
+                        None => y,
+                    };
+                    composed(&y, t)
+                },
+                1e-4,
+            );
+        }
+    }
+
+    #[test]
+    fn equals_the_composed_update_over_bf16_weights() {
+        let w = random(&[40, 64], 6, 1.0);
+        let packed = Arc::new(Bf16Weight::new(&w).unwrap());
+        let base = FrozenLinear {
+            weight: FrozenWeight::Bf16(packed.clone()),
+            bias: None,
+        };
+        let inputs = [
+            random(&[37, 64], 7, 1.0),
+            random(&[8, 64], 8, 0.5),
+            random(&[40, 8], 9, 0.5),
+        ];
+        // Same bf16 base product both ways, the update f32 in both (no
+        // finite differences: the rounded operands make them coarse).
+        let fused = |t: &[Tensor]| lora_linear(&t[0], &base, &factors(&t[1], &t[2]));
+        let reference = |t: &[Tensor]| composed(&frozen_matmul_bf16(&t[0], &packed)?, t);
+        assert_close(
+            &fused(&inputs).unwrap(),
+            &reference(&inputs).unwrap(),
+            1e-4,
+            "forward",
+        );
+        for (i, (g, want)) in grads(&inputs, &fused)
+            .iter()
+            .zip(grads(&inputs, &reference))
+            .enumerate()
+        {
+            assert_close(g, &want, 1e-4, &format!("gradient of input {i}"));
+        }
+    }
+
+    #[test]
+    fn a_frozen_input_gets_no_gradient_and_the_factors_still_do() {
+        let w = random(&[6, 5], 10, 1.0);
+        let base = FrozenLinear {
+            weight: FrozenWeight::Dense(w),
+            bias: None,
+        };
+        let x = random(&[3, 5], 11, 1.0);
+        let a = candle_core::Var::from_tensor(&random(&[2, 5], 12, 1.0)).unwrap();
+        let b = candle_core::Var::from_tensor(&random(&[6, 2], 13, 1.0)).unwrap();
+        let y = lora_linear(&x, &base, &factors(a.as_tensor(), b.as_tensor())).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        assert!(g.get(a.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());
+    }
+}

@@ -1,0 +1,348 @@
+//! `x Wᵀ` over many rows (training on a quantized base, QLoRA) without a
+//! dense copy of `W` held between forward and backward: in bf16, the
+//! tile kernel gets each 16-column block of its right operand dequantized
+//! and rounded on the fly, once per product; in f32, the weight is
+//! dequantized for the call and dropped. Backward gives the input its
+//! gradient `dy W` the same way, the weight none.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
+
+use super::{BLOCK, QuantKind, QuantMatrix};
+use crate::bf16::{Bf16Matrix, Panels, bf16_accelerated, matmul_bf16, matmul_panels, round_into};
+use crate::gemm::{Out, View, matmul};
+use crate::storage::{slice, tensor, with_f32};
+
+/// How the products are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Precision {
+    /// bf16 operands, f32 sums (on AMX tiles where the CPU has them).
+    Bf16,
+    /// The dequantized f32 weight through the f32 GEMM.
+    F32,
+}
+
+impl QuantMatrix {
+    /// `x Wᵀ` for `x` of shape `[..., cols]` in bf16 with f32 accumulation
+    /// (the semantics of [`crate::frozen_matmul_bf16`]), reading the
+    /// blocks inside the product; backward gives `x` its gradient `dy W`,
+    /// in bf16 too. Without AMX the weight is dequantized and rounded for
+    /// each call instead.
+    pub fn matmul_bf16(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        self.many_rows(x, Precision::Bf16)
+    }
+
+    /// `x Wᵀ` in f32 through the dequantized weight, made for each call
+    /// (forward and backward) and dropped after it: for many rows, where
+    /// [`QuantMatrix::matmul`]'s per-row loops are slow.
+    pub fn matmul_dequantized(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        self.many_rows(x, Precision::F32)
+    }
+
+    fn many_rows(self: &Arc<Self>, x: &Tensor, precision: Precision) -> Result<Tensor> {
+        x.contiguous()?.apply_op1(ManyRows {
+            w: self.clone(),
+            precision,
+        })
+    }
+
+    /// Input width.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `x Wᵀ` (`forward`, rows of width `cols`) or `dy W` (rows of width
+    /// `rows`) in bf16, as [`QuantMatrix::matmul_bf16`] computes them.
+    pub(crate) fn product_bf16(&self, x: &[f32], forward: bool) -> Vec<f32> {
+        self.product(x, Orient::of(forward), Precision::Bf16)
+    }
+
+    /// [`QuantMatrix::product_bf16`] in f32 through the dequantized weight.
+    pub(crate) fn product_f32(&self, x: &[f32], forward: bool) -> Vec<f32> {
+        self.product(x, Orient::of(forward), Precision::F32)
+    }
+
+    /// The 32 weights of block `b` (blocks in row-major order).
+    #[inline(always)]
+    fn block(&self, b: usize, out: &mut [f32; BLOCK]) {
+        let d = self.scales[b];
+        match self.kind {
+            QuantKind::Q4_1 => {
+                let m = self.mins[b];
+                let q: &[u8; 16] = self.quants[b * 16..b * 16 + 16]
+                    .try_into()
+                    .expect("16 bytes");
+                for i in 0..16 {
+                    out[i] = d * (q[i] & 15) as f32 + m;
+                    out[i + 16] = d * (q[i] >> 4) as f32 + m;
+                }
+            }
+            QuantKind::Q8_0 => {
+                let q: &[u8; 32] = self.quants[b * 32..b * 32 + 32]
+                    .try_into()
+                    .expect("32 bytes");
+                for i in 0..32 {
+                    out[i] = d * q[i] as i8 as f32;
+                }
+            }
+        }
+    }
+
+    /// `y = x Wᵀ` (`x`: `[t, cols]`) or `dx = dy W` (`dy`: `[t, rows]`).
+    fn product(&self, x: &[f32], orient: Orient, precision: Precision) -> Vec<f32> {
+        let (k, n) = match orient {
+            Orient::Transposed => (self.cols, self.rows),
+            Orient::AsStored => (self.rows, self.cols),
+        };
+        let t = x.len() / k.max(1);
+        let mut out = vec![0f32; t * n];
+        match precision {
+            Precision::Bf16 if bf16_accelerated() => {
+                matmul_panels(x, t, &QuantPanels { w: self, orient }, &mut out);
+            }
+            Precision::Bf16 => {
+                let w = self.dequantize();
+                let transposed = orient == Orient::Transposed;
+                let b = Bf16Matrix::pack_for(&w, self.rows, self.cols, transposed, false);
+                matmul_bf16(x, t, &b, &mut out);
+            }
+            Precision::F32 => {
+                let w = self.dequantize();
+                let b = match orient {
+                    Orient::Transposed => View::rows(&w, self.cols).t(),
+                    Orient::AsStored => View::rows(&w, self.cols),
+                };
+                matmul(t, n, k, View::rows(x, k), b, Out::new(&mut out, n), true);
+            }
+        }
+        out
+    }
+}
+
+/// Which product the right operand serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Orient {
+    /// `B = Wᵀ` (`[cols, rows]`): the forward `x Wᵀ`.
+    Transposed,
+    /// `B = W` (`[rows, cols]`): the input gradient `dy W`.
+    AsStored,
+}
+
+impl Orient {
+    fn of(forward: bool) -> Self {
+        if forward {
+            Orient::Transposed
+        } else {
+            Orient::AsStored
+        }
+    }
+}
+
+/// The tile kernel's column blocks of `B`, made from the blocks.
+struct QuantPanels<'a> {
+    w: &'a QuantMatrix,
+    orient: Orient,
+}
+
+impl Panels for QuantPanels<'_> {
+    fn k(&self) -> usize {
+        match self.orient {
+            Orient::Transposed => self.w.cols,
+            Orient::AsStored => self.w.rows,
+        }
+    }
+
+    fn n(&self) -> usize {
+        match self.orient {
+            Orient::Transposed => self.w.rows,
+            Orient::AsStored => self.w.cols,
+        }
+    }
+
+    fn panel<'a>(&'a self, j: usize, scratch: &'a mut [u16]) -> &'a [u16] {
+        match self.orient {
+            Orient::Transposed => self.rows_panel(j, scratch),
+            Orient::AsStored => self.columns_panel(j, scratch),
+        }
+        scratch
+    }
+
+    fn computed(&self) -> bool {
+        true
+    }
+}
+
+/// Positions of a panel per pair of the shared dimension: 16 columns × 2.
+const PAIR: usize = 32;
+
+impl QuantPanels<'_> {
+    /// `B = Wᵀ`, columns `16j..`: weight rows `16j..16j + 16`, each a
+    /// column whose pair `p` is `(W[o][2p], W[o][2p + 1])`.
+    fn rows_panel(&self, j: usize, panel: &mut [u16]) {
+        let w = self.w;
+        let nb = w.cols / BLOCK;
+        let mut values = [0f32; BLOCK];
+        let mut rounded = [0u16; BLOCK];
+        for c in 0..16.min(w.rows - 16 * j) {
+            let o = 16 * j + c;
+            for b in 0..nb {
+                w.block(o * nb + b, &mut values);
+                round_into(&values, &mut rounded);
+                for e in 0..BLOCK / 2 {
+                    let at = (b * BLOCK / 2 + e) * PAIR + 2 * c;
+                    panel[at] = rounded[2 * e];
+                    panel[at + 1] = rounded[2 * e + 1];
+                }
+            }
+        }
+    }
+
+    /// `B = W`, columns `16j..16j + 16` (half of a block): pair `p` of
+    /// column `c` is `(W[2p][16j + c], W[2p + 1][16j + c])`.
+    fn columns_panel(&self, j: usize, panel: &mut [u16]) {
+        let w = self.w;
+        let nb = w.cols / BLOCK;
+        let (b, half) = (j / 2, (j % 2) * 16);
+        let mut values = [0f32; BLOCK];
+        let mut rounded = [0u16; BLOCK];
+        for o in 0..w.rows {
+            w.block(o * nb + b, &mut values);
+            round_into(&values[half..half + 16], &mut rounded[..16]);
+            let base = (o / 2) * PAIR + o % 2;
+            for c in 0..16 {
+                panel[base + 2 * c] = rounded[c];
+            }
+        }
+    }
+}
+
+/// The many-row product as an op.
+struct ManyRows {
+    w: Arc<QuantMatrix>,
+    precision: Precision,
+}
+
+impl CustomOp1 for ManyRows {
+    fn name(&self) -> &'static str {
+        match self.precision {
+            Precision::Bf16 => "quantized-matmul-bf16",
+            Precision::F32 => "quantized-matmul-dequantized",
+        }
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout, self.name())?;
+        let dims = layout.dims();
+        if dims.last() != Some(&self.w.cols) {
+            bail!(
+                "{}: input {dims:?} does not end in {}",
+                self.name(),
+                self.w.cols
+            );
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked above") = self.w.rows;
+        let y = self.w.product(x, Orient::Transposed, self.precision);
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dx = with_f32([dy], self.name(), |[dy]| {
+            Ok(self.w.product(dy, Orient::AsStored, self.precision))
+        })?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::random;
+    use crate::{Bf16Weight, frozen_matmul, frozen_matmul_bf16};
+
+    /// A `[rows, cols]` matrix of each kind, from deterministic bytes.
+    fn matrices(rows: usize, cols: usize) -> Vec<Arc<QuantMatrix>> {
+        let blocks = rows * cols / BLOCK;
+        let byte = |i: usize| ((i * 2_654_435_761) >> 13) as u8;
+        let half = |v: f32| half::f16::from_f32(v).to_le_bytes();
+        let mut q4 = Vec::new();
+        let mut q8 = Vec::new();
+        for b in 0..blocks {
+            let d = 0.01 + (b % 7) as f32 * 0.003;
+            q4.extend(half(d));
+            q4.extend(half(-0.05 * (b % 3) as f32));
+            q4.extend((0..16).map(|i| byte(b * 16 + i)));
+            q8.extend(half(d / 8.0));
+            q8.extend((0..32).map(|i| byte(b * 32 + i + 7)));
+        }
+        vec![
+            Arc::new(QuantMatrix::from_ggml(QuantKind::Q4_1, rows, cols, &q4).unwrap()),
+            Arc::new(QuantMatrix::from_ggml(QuantKind::Q8_0, rows, cols, &q8).unwrap()),
+        ]
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Output and input gradient of `op` for `x` and an upstream `dy`.
+    fn run(op: impl Fn(&Tensor) -> Result<Tensor>, x: &Tensor, dy: &Tensor) -> (Tensor, Tensor) {
+        let v = candle_core::Var::from_tensor(x).unwrap();
+        let y = op(v.as_tensor()).unwrap();
+        let g = (&y * dy).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(&v).unwrap().clone())
+    }
+
+    #[test]
+    fn bf16_products_equal_the_dense_packed_ones() {
+        // Rows off the tile sizes (and more rows than one task of the
+        // stored kernel), outputs off 16 and an odd number of blocks.
+        for (t, rows, cols) in [(37, 40, 96), (300, 80, 64), (5, 16, 32)] {
+            for w in matrices(rows, cols) {
+                let dense = tensor(w.dequantize(), (rows, cols)).unwrap();
+                let packed = Arc::new(Bf16Weight::new(&dense).unwrap());
+                let x = random(&[t, cols], 1, 1.0);
+                let dy = random(&[t, rows], 2, 1.0);
+                let (y, gx) = run(|x| w.matmul_bf16(x), &x, &dy);
+                let (want_y, want_gx) = run(|x| frozen_matmul_bf16(x, &packed), &x, &dy);
+                // Same rounded operands; only the order of f32 sums may differ.
+                for (got, want) in [(&y, &want_y), (&gx, &want_gx)] {
+                    let scale = want
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    let err = max_diff(got, want);
+                    assert!(
+                        err <= 1e-5 * scale,
+                        "{:?} {t}×{cols}→{rows}: {err} of {scale}",
+                        w.kind
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dequantized_products_equal_the_dense_ones() {
+        for w in matrices(48, 64) {
+            let dense = tensor(w.dequantize(), (48, 64)).unwrap();
+            let x = random(&[3, 7, 64], 3, 1.0);
+            let dy = random(&[3, 7, 48], 4, 1.0);
+            let (y, gx) = run(|x| w.matmul_dequantized(x), &x, &dy);
+            let (want_y, want_gx) = run(|x| frozen_matmul(x, &dense), &x, &dy);
+            assert!(max_diff(&y, &want_y) < 1e-5);
+            assert!(max_diff(&gx, &want_gx) < 1e-5);
+        }
+    }
+}
