@@ -219,6 +219,78 @@ impl Panels for Stored<'_> {
     }
 }
 
+/// Column blocks of `B` = `Wᵀ` (`forward`) or `W`, for a dense f32 `W`
+/// (`[rows, cols]` row-major), rounded as the kernel asks for them.
+pub(crate) struct DensePanels<'a> {
+    w: &'a [f32],
+    rows: usize,
+    cols: usize,
+    forward: bool,
+}
+
+impl<'a> DensePanels<'a> {
+    pub(crate) fn new(w: &'a [f32], rows: usize, cols: usize, forward: bool) -> Self {
+        assert_eq!(w.len(), rows * cols, "dense panels: {rows}×{cols}");
+        Self {
+            w,
+            rows,
+            cols,
+            forward,
+        }
+    }
+}
+
+impl Panels for DensePanels<'_> {
+    fn k(&self) -> usize {
+        if self.forward { self.cols } else { self.rows }
+    }
+
+    fn n(&self) -> usize {
+        if self.forward { self.rows } else { self.cols }
+    }
+
+    fn panel<'a>(&'a self, j: usize, scratch: &'a mut [u16]) -> &'a [u16] {
+        #[cfg(target_arch = "x86_64")]
+        if amx::panels_vectorized() {
+            // SAFETY: the CPU has the features (checked), and the panel
+            // has the length the layout needs.
+            unsafe { amx::dense_panel(self.w, self.rows, self.cols, self.forward, j, scratch) };
+            return scratch;
+        }
+        let mut rounded = [0u16; KSTEP];
+        if self.forward {
+            // Column c is weight row 16j + c; its pair p is
+            // (W[o][2p], W[o][2p + 1]).
+            for c in 0..TILE.min(self.rows - TILE * j) {
+                let row = &self.w[(TILE * j + c) * self.cols..][..self.cols];
+                for (chunk, src) in row.chunks(KSTEP).enumerate() {
+                    round_into(src, &mut rounded[..src.len()]);
+                    for (e, &v) in rounded[..src.len()].iter().enumerate() {
+                        let kk = chunk * KSTEP + e;
+                        scratch[((kk / 2) * TILE + c) * 2 + kk % 2] = v;
+                    }
+                }
+            }
+        } else {
+            // Pair p of column c is (W[2p][16j + c], W[2p + 1][16j + c]).
+            let (c0, width) = (TILE * j, TILE.min(self.cols - TILE * j));
+            for o in 0..self.rows {
+                let src = &self.w[o * self.cols + c0..][..width];
+                round_into(src, &mut rounded[..width]);
+                let base = (o / 2) * TILE * 2 + o % 2;
+                for (c, &v) in rounded[..width].iter().enumerate() {
+                    scratch[base + 2 * c] = v;
+                }
+            }
+        }
+        scratch
+    }
+
+    fn computed(&self) -> bool {
+        true
+    }
+}
+
 /// `out = a · B` for `a` (`[m, k]` f32 row-major, rounded to bf16 here)
 /// into `out` (`[m, n]` row-major), on the global thread pool.
 pub fn matmul_bf16(a: &[f32], m: usize, b: &Bf16Matrix, out: &mut [f32]) {

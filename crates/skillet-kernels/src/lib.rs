@@ -14,6 +14,7 @@ mod adamw;
 mod attention;
 mod bf16;
 mod cached_attention;
+mod frozen;
 mod gemm;
 mod linear;
 mod linear_cross_entropy;
@@ -35,11 +36,12 @@ pub use adamw::{AdamWStep, adamw_step};
 pub use attention::{AttentionMask, attention, attention_composed};
 pub use bf16::{Bf16Matrix, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16};
 pub use cached_attention::{CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys};
+pub use frozen::{FrozenWeight, frozen_product};
 pub use linear::{frozen_matmul, linear};
 pub use linear_cross_entropy::{
     CrossEntropyStats, linear_cross_entropy, linear_cross_entropy_bf16,
 };
-pub use lora_linear::{FrozenLinear, FrozenWeight, lora_linear};
+pub use lora_linear::{FrozenLinear, lora_linear};
 pub use lora_rows::{LoraFactors, lora_rows};
 pub use quantized::{QuantKind, QuantMatrix};
 pub use rms_norm::{rms_norm, rms_norm_composed};

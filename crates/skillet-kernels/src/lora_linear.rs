@@ -9,81 +9,12 @@
 //! `g = dy B`, `dB = s · dyᵀ (x Aᵀ)`, `dA = s · gᵀ x`,
 //! `dx = dy W + s · g A`.
 
-use std::sync::Arc;
-
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
-use crate::bf16::Bf16Weight;
+use crate::frozen::FrozenWeight;
 use crate::gemm::{Out, View, matmul};
 use crate::lora_rows::LoraFactors;
-use crate::quantized::QuantMatrix;
 use crate::storage::{slice, tensor, with_f32, with_f32_all};
-
-/// A frozen `[out, in]` weight as the products of training see it.
-#[derive(Debug, Clone)]
-pub enum FrozenWeight {
-    /// A dense f32 weight, through the f32 GEMM.
-    Dense(Tensor),
-    /// A dense weight packed for bf16 products.
-    Bf16(Arc<Bf16Weight>),
-    /// Quantized blocks, dequantized inside bf16 products.
-    QuantBf16(Arc<QuantMatrix>),
-    /// Quantized blocks, dequantized for each f32 product.
-    QuantF32(Arc<QuantMatrix>),
-}
-
-impl FrozenWeight {
-    /// `(out, in)`.
-    fn dims(&self) -> Result<(usize, usize)> {
-        Ok(match self {
-            FrozenWeight::Dense(w) => w.dims2()?,
-            FrozenWeight::Bf16(w) => (w.forward().n(), w.forward().k()),
-            FrozenWeight::QuantBf16(q) | FrozenWeight::QuantF32(q) => (q.rows(), q.cols()),
-        })
-    }
-
-    /// `x Wᵀ` for row-major rows `x` of width `in`.
-    fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let (out, inp) = self.dims()?;
-        let rows = x.len() / inp;
-        Ok(match self {
-            FrozenWeight::Dense(w) => with_f32([w], "frozen weight", |[w]| {
-                let mut y = vec![0f32; rows * out];
-                let (xv, wv) = (View::rows(x, inp), View::rows(w, inp).t());
-                matmul(rows, out, inp, xv, wv, Out::new(&mut y, out), true);
-                Ok(y)
-            })?,
-            FrozenWeight::Bf16(w) => {
-                let mut y = vec![0f32; rows * out];
-                crate::bf16::matmul_bf16(x, rows, w.forward(), &mut y);
-                y
-            }
-            FrozenWeight::QuantBf16(q) => q.product_bf16(x, true),
-            FrozenWeight::QuantF32(q) => q.product_f32(x, true),
-        })
-    }
-
-    /// `dy W` for row-major rows `dy` of width `out`.
-    fn backward(&self, dy: &[f32]) -> Result<Vec<f32>> {
-        let (out, inp) = self.dims()?;
-        let rows = dy.len() / out;
-        Ok(match self {
-            FrozenWeight::Dense(w) => with_f32([w], "frozen weight", |[w]| {
-                let mut dx = vec![0f32; rows * inp];
-                let (dv, wv) = (View::rows(dy, out), View::rows(w, inp));
-                matmul(rows, inp, out, dv, wv, Out::new(&mut dx, inp), true);
-                Ok(dx)
-            })?,
-            FrozenWeight::Bf16(w) => {
-                let mut dx = vec![0f32; rows * inp];
-                crate::bf16::matmul_bf16(dy, rows, w.backward(), &mut dx);
-                dx
-            }
-            FrozenWeight::QuantBf16(q) => q.product_bf16(dy, false),
-            FrozenWeight::QuantF32(q) => q.product_f32(dy, false),
-        })
-    }
-}
 
 /// The frozen part of a LoRA-adapted layer.
 #[derive(Debug, Clone)]
@@ -293,9 +224,9 @@ mod tests {
     #[test]
     fn equals_the_composed_update_over_bf16_weights() {
         let w = random(&[40, 64], 6, 1.0);
-        let packed = Arc::new(Bf16Weight::new(&w).unwrap());
+        let packed = std::sync::Arc::new(crate::Bf16Weight::new(&w).unwrap());
         let base = FrozenLinear {
-            weight: FrozenWeight::Bf16(packed.clone()),
+            weight: FrozenWeight::DenseBf16(w),
             bias: None,
         };
         let inputs = [

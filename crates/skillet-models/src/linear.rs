@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use skillet_kernels::{
-    Bf16Weight, FrozenLinear, FrozenWeight, QuantKind, QuantMatrix, frozen_matmul_bf16,
+    Bf16Weight, FrozenLinear, FrozenWeight, QuantKind, QuantMatrix, frozen_product,
 };
 
 use crate::{Result, Weight};
@@ -69,9 +69,10 @@ pub enum Precision {
     /// Frozen weights' products in the decoder layers (forward and the
     /// input gradient) and in the fused LM-head loss, in bf16 with f32
     /// accumulation: on AMX tiles where the CPU has them. Dense weights
-    /// are packed once; Q4_1 / Q8_0 blocks (QLoRA) are dequantized inside
-    /// the product, other block formats stay f32. (Logits asked of the
-    /// head directly, and an adapted head, stay f32.)
+    /// are rounded and Q4_1 / Q8_0 blocks (QLoRA) dequantized inside each
+    /// product, with no copy kept (the fused head alone keeps a packed
+    /// copy); other block formats stay f32. (Logits asked of the head
+    /// directly, and an adapted head, stay f32.)
     Bf16,
 }
 
@@ -124,8 +125,8 @@ pub struct BaseLinear {
     weight: Weight,
     /// Q4_1 / Q8_0 blocks repacked for the few-row (decode) path.
     packed: Option<Arc<QuantMatrix>>,
-    /// The dense weight packed for bf16 products, made on first use and
-    /// shared by clones.
+    /// The weight packed for bf16 products when it serves as the fused LM
+    /// head, made on first use and shared by clones.
     bf16: Arc<OnceLock<Arc<Bf16Weight>>>,
     bias: Option<Tensor>,
     out_features: usize,
@@ -195,7 +196,7 @@ impl BaseLinear {
         if let Some(blocks) = &self.packed {
             // Dequantized for this call (and again in backward), not held
             // by the autograd graph in between.
-            let y = blocks.matmul_dequantized(x)?;
+            let y = frozen_product(x, &FrozenWeight::QuantF32(blocks.clone()))?;
             return Ok(match &self.bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -218,8 +219,8 @@ impl BaseLinear {
 }
 
 impl BaseLinear {
-    /// The weight packed for bf16 products, where it is frozen: a dense
-    /// one, or (for the fused LM head) the dequantized blocks.
+    /// The weight packed for bf16 products (for the fused LM head), where
+    /// it is frozen: a dense one, or the dequantized blocks.
     fn packed_bf16(&self) -> Result<Option<Arc<Bf16Weight>>> {
         if let Some(p) = self.bf16.get() {
             return Ok(Some(p.clone()));
@@ -233,19 +234,14 @@ impl BaseLinear {
         Ok(Some(self.bf16.get_or_init(|| p).clone()))
     }
 
-    /// The product in bf16 where the weight is frozen: Q4_1 / Q8_0 blocks
-    /// are read inside the product (no dense copy kept), a dense weight
-    /// through its packed copy.
+    /// The product in bf16 where the weight is frozen and dense or in
+    /// Q4_1 / Q8_0 blocks, with no copy of the weight kept (the tile
+    /// kernel rounds or dequantizes it block by block).
     fn bf16(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let y = match (&self.packed, &self.weight) {
-            (Some(blocks), _) => blocks.matmul_bf16(x)?,
-            (None, Weight::Dense(_)) => match self.packed_bf16()? {
-                Some(packed) => frozen_matmul_bf16(x, &packed)?,
-                None => return Ok(None),
-            },
-            // Other block formats: the f32 path, dequantized per call.
-            (None, Weight::Quantized(_)) => return Ok(None),
+        let Some(frozen) = self.frozen(Precision::Bf16)? else {
+            return Ok(None);
         };
+        let y = frozen_product(x, &frozen.weight)?;
         Ok(Some(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -265,10 +261,7 @@ impl Linear for BaseLinear {
         let weight = match (&self.weight, &self.packed, precision) {
             (Weight::Dense(w), _, _) if w.track_op() => return Ok(None),
             (Weight::Dense(w), _, Precision::F32) => FrozenWeight::Dense(w.clone()),
-            (Weight::Dense(_), _, Precision::Bf16) => match self.packed_bf16()? {
-                Some(p) => FrozenWeight::Bf16(p),
-                None => return Ok(None),
-            },
+            (Weight::Dense(w), _, Precision::Bf16) => FrozenWeight::DenseBf16(w.clone()),
             (Weight::Quantized(_), Some(q), Precision::F32) => FrozenWeight::QuantF32(q.clone()),
             (Weight::Quantized(_), Some(q), Precision::Bf16) => FrozenWeight::QuantBf16(q.clone()),
             (Weight::Quantized(_), None, _) => return Ok(None),

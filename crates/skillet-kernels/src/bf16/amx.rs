@@ -85,98 +85,111 @@ unsafe fn task(
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
-    let scratch = if b.computed() { s.kp * TILE } else { 0 };
-    let (mut s0, mut s1) = (vec![0u16; scratch], vec![0u16; scratch]);
+    // Computed blocks are made once, before any product, into one buffer
+    // (zeroed: the padding of the shared dimension must read as zero).
+    let size = s.kp * TILE;
+    let mut made = vec![0u16; if b.computed() { cols.len() * size } else { 0 }];
+    let panels: Vec<*const u16> = if b.computed() {
+        made.chunks_mut(size)
+            .zip(cols.clone())
+            .map(|(buf, j)| b.panel(j, buf).as_ptr())
+            .collect()
+    } else {
+        cols.clone().map(|j| b.panel(j, &mut []).as_ptr()).collect()
+    };
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
     let steps = s.kp / KSTEP;
     let lda = s.kp * 2; // bytes per left row
-    let mut j = cols.start;
-    while j < cols.end {
-        let two_cols = j + 1 < cols.end;
-        let p0 = b.panel(j, &mut s0);
-        // Read only where a second block exists.
-        let p1 = if two_cols {
-            b.panel(j + 1, &mut s1)
-        } else {
-            p0
-        };
-        debug_assert!(p0.len() >= s.kp * TILE && p1.len() >= s.kp * TILE);
-        let (b0, b1) = (p0.as_ptr(), p1.as_ptr());
-        let mut i = rows.start;
-        while i < rows.end {
-            let two_rows = i + TILE < rows.end;
-            let a0 = a.as_ptr().add(i * s.kp);
-            let a1 = a0.wrapping_add(TILE * s.kp);
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-            for k in 0..steps {
-                // One step: 32 positions, i.e. 16 packed pairs (1 KiB) of
-                // each column block, 64 bytes of each left row.
-                let (ak0, ak1) = (a0.add(k * KSTEP), a1.wrapping_add(k * KSTEP));
-                let (bk0, bk1) = (b0.add(k * KSTEP * TILE), b1.add(k * KSTEP * TILE));
-                match (two_rows, two_cols) {
-                    (true, true) => asm!(
-                        "tileloadd tmm4, [{a0} + {lda}]",
-                        "tileloadd tmm5, [{a1} + {lda}]",
-                        "tileloadd tmm6, [{b0} + {ldb}]",
-                        "tileloadd tmm7, [{b1} + {ldb}]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) ak0, a1 = in(reg) ak1, lda = in(reg) lda,
-                        b0 = in(reg) bk0, b1 = in(reg) bk1, ldb = in(reg) 64usize,
-                        options(nostack, readonly)
-                    ),
-                    (true, false) => asm!(
-                        "tileloadd tmm4, [{a0} + {lda}]",
-                        "tileloadd tmm5, [{a1} + {lda}]",
-                        "tileloadd tmm6, [{b0} + {ldb}]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        a0 = in(reg) ak0, a1 = in(reg) ak1, lda = in(reg) lda,
-                        b0 = in(reg) bk0, ldb = in(reg) 64usize,
-                        options(nostack, readonly)
-                    ),
-                    (false, true) => asm!(
-                        "tileloadd tmm4, [{a0} + {lda}]",
-                        "tileloadd tmm6, [{b0} + {ldb}]",
-                        "tileloadd tmm7, [{b1} + {ldb}]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        a0 = in(reg) ak0, lda = in(reg) lda,
-                        b0 = in(reg) bk0, b1 = in(reg) bk1, ldb = in(reg) 64usize,
-                        options(nostack, readonly)
-                    ),
-                    (false, false) => asm!(
-                        "tileloadd tmm4, [{a0} + {lda}]",
-                        "tileloadd tmm6, [{b0} + {ldb}]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        a0 = in(reg) ak0, lda = in(reg) lda,
-                        b0 = in(reg) bk0, ldb = in(reg) 64usize,
-                        options(nostack, readonly)
-                    ),
+    // Rows in chunks that stay in cache while every block passes over them.
+    for r0 in rows.clone().step_by(TASK_ROWS) {
+        let r1 = (r0 + TASK_ROWS).min(rows.end);
+        let mut j = cols.start;
+        while j < cols.end {
+            let two_cols = j + 1 < cols.end;
+            let b0 = panels[j - cols.start];
+            // Read only where a second block exists.
+            let b1 = if two_cols {
+                panels[j + 1 - cols.start]
+            } else {
+                b0
+            };
+            let mut i = r0;
+            while i < r1 {
+                let two_rows = i + TILE < r1;
+                let a0 = a.as_ptr().add(i * s.kp);
+                let a1 = a0.wrapping_add(TILE * s.kp);
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                for k in 0..steps {
+                    // One step: 32 positions, i.e. 16 packed pairs (1 KiB) of
+                    // each column block, 64 bytes of each left row.
+                    let (ak0, ak1) = (a0.add(k * KSTEP), a1.wrapping_add(k * KSTEP));
+                    let (bk0, bk1) = (b0.add(k * KSTEP * TILE), b1.add(k * KSTEP * TILE));
+                    match (two_rows, two_cols) {
+                        (true, true) => asm!(
+                            "tileloadd tmm4, [{a0} + {lda}]",
+                            "tileloadd tmm5, [{a1} + {lda}]",
+                            "tileloadd tmm6, [{b0} + {ldb}]",
+                            "tileloadd tmm7, [{b1} + {ldb}]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) ak0, a1 = in(reg) ak1, lda = in(reg) lda,
+                            b0 = in(reg) bk0, b1 = in(reg) bk1, ldb = in(reg) 64usize,
+                            options(nostack, readonly)
+                        ),
+                        (true, false) => asm!(
+                            "tileloadd tmm4, [{a0} + {lda}]",
+                            "tileloadd tmm5, [{a1} + {lda}]",
+                            "tileloadd tmm6, [{b0} + {ldb}]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            a0 = in(reg) ak0, a1 = in(reg) ak1, lda = in(reg) lda,
+                            b0 = in(reg) bk0, ldb = in(reg) 64usize,
+                            options(nostack, readonly)
+                        ),
+                        (false, true) => asm!(
+                            "tileloadd tmm4, [{a0} + {lda}]",
+                            "tileloadd tmm6, [{b0} + {ldb}]",
+                            "tileloadd tmm7, [{b1} + {ldb}]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            a0 = in(reg) ak0, lda = in(reg) lda,
+                            b0 = in(reg) bk0, b1 = in(reg) bk1, ldb = in(reg) 64usize,
+                            options(nostack, readonly)
+                        ),
+                        (false, false) => asm!(
+                            "tileloadd tmm4, [{a0} + {lda}]",
+                            "tileloadd tmm6, [{b0} + {ldb}]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            a0 = in(reg) ak0, lda = in(reg) lda,
+                            b0 = in(reg) bk0, ldb = in(reg) 64usize,
+                            options(nostack, readonly)
+                        ),
+                    }
                 }
-            }
-            store(s, dest, i, j, 0);
-            if two_cols {
-                store(s, dest, i, j + 1, 1);
-            }
-            if two_rows {
-                store(s, dest, i + TILE, j, 2);
+                store(s, dest, i, j, 0);
                 if two_cols {
-                    store(s, dest, i + TILE, j + 1, 3);
+                    store(s, dest, i, j + 1, 1);
                 }
+                if two_rows {
+                    store(s, dest, i + TILE, j, 2);
+                    if two_cols {
+                        store(s, dest, i + TILE, j + 1, 3);
+                    }
+                }
+                i += if two_rows { 2 * TILE } else { TILE };
             }
-            i += if two_rows { 2 * TILE } else { TILE };
+            j += if two_cols { 2 } else { 1 };
         }
-        j += if two_cols { 2 } else { 1 };
     }
+    drop(made);
     asm!("tilerelease", options(nostack, nomem));
 }
 
@@ -244,5 +257,92 @@ unsafe fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
     }
     for i in whole..n {
         dst[i] = super::to_bf16(src[i]);
+    }
+}
+
+/// Whether [`dense_panel`] can run here.
+pub(super) fn panels_vectorized() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+/// Column block `j` of `B` = `Wᵀ` (`forward`) or `W` for a dense `W`
+/// (`[rows, cols]`), rounded into `panel` (see `Layout::Tiles`) with
+/// AVX512-BF16 conversions: a whole 16-column block of a pair of rows
+/// per store for `W`, a row's 32 values per scatter for `Wᵀ`.
+///
+/// # Safety
+/// [`panels_vectorized`] must be true and `panel` at least `kp · 16` long.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn dense_panel(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    forward: bool,
+    j: usize,
+    panel: &mut [u16],
+) {
+    use std::arch::x86_64::*;
+    let kp = super::padded(if forward { cols } else { rows });
+    assert!(panel.len() >= kp * TILE && w.len() >= rows * cols);
+    // Loads `n` (≤ 16) floats from `p`, zeros past them.
+    let load = |p: *const f32, n: usize| {
+        if n >= TILE {
+            _mm512_loadu_ps(p)
+        } else {
+            _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p)
+        }
+    };
+    if forward {
+        // Row o's pair p goes to 32-bit element p · 16 + c.
+        let index = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(TILE as i32),
+        );
+        for c in 0..TILE.min(rows - TILE * j) {
+            let row = w.as_ptr().add((TILE * j + c) * cols);
+            let dst = panel.as_mut_ptr().add(2 * c) as *mut u8;
+            let mut kk = 0;
+            while kk < cols {
+                let lo = load(row.add(kk), cols - kk);
+                let hi = if kk + TILE < cols {
+                    load(row.add(kk + TILE), cols - kk - TILE)
+                } else {
+                    _mm512_setzero_ps()
+                };
+                // 32 values in order: pairs as 32-bit elements.
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                let pairs = (cols - kk).div_ceil(2).min(TILE);
+                let mask = if pairs >= TILE {
+                    0xffff
+                } else {
+                    ((1u32 << pairs) - 1) as u16
+                };
+                // Pair kk/2 + e at byte ((kk/2 + e) · 16 + c) · 4.
+                let base = dst.add((kk / 2) * TILE * 4);
+                _mm512_mask_i32scatter_epi32::<4>(base as *mut i32, mask, index, v);
+                kk += 2 * TILE;
+            }
+        }
+    } else {
+        // Rows 2p and 2p + 1 interleaved: one 64-byte line per pair.
+        let (c0, width) = (TILE * j, TILE.min(cols - TILE * j));
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        let mut o = 0;
+        while o < rows {
+            let even = load(w.as_ptr().add(o * cols + c0), width);
+            let odd = if o + 1 < rows {
+                load(w.as_ptr().add((o + 1) * cols + c0), width)
+            } else {
+                _mm512_setzero_ps()
+            };
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
+            let line = _mm512_permutexvar_epi16(interleave, v);
+            _mm512_storeu_si512(panel.as_mut_ptr().add((o / 2) * TILE * 2) as *mut _, line);
+            o += 2;
+        }
     }
 }

@@ -1,18 +1,12 @@
-//! `x Wᵀ` over many rows (training on a quantized base, QLoRA) without a
-//! dense copy of `W` held between forward and backward: in bf16, the
-//! tile kernel gets each 16-column block of its right operand dequantized
-//! and rounded on the fly, once per product; in f32, the weight is
-//! dequantized for the call and dropped. Backward gives the input its
-//! gradient `dy W` the same way, the weight none.
-
-use std::sync::Arc;
-
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
+//! Products over many rows (training on a quantized base, QLoRA) without a
+//! dense copy of `W` kept: in bf16, the tile kernel gets each 16-column
+//! block of its right operand dequantized and rounded on the fly, once per
+//! product; in f32, the weight is dequantized for the call and dropped.
+//! (The op is [`crate::frozen_product`].)
 
 use super::{BLOCK, QuantKind, QuantMatrix};
 use crate::bf16::{Bf16Matrix, Panels, bf16_accelerated, matmul_bf16, matmul_panels, round_into};
 use crate::gemm::{Out, View, matmul};
-use crate::storage::{slice, tensor, with_f32};
 
 /// How the products are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,36 +18,14 @@ enum Precision {
 }
 
 impl QuantMatrix {
-    /// `x Wᵀ` for `x` of shape `[..., cols]` in bf16 with f32 accumulation
-    /// (the semantics of [`crate::frozen_matmul_bf16`]), reading the
-    /// blocks inside the product; backward gives `x` its gradient `dy W`,
-    /// in bf16 too. Without AMX the weight is dequantized and rounded for
-    /// each call instead.
-    pub fn matmul_bf16(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
-        self.many_rows(x, Precision::Bf16)
-    }
-
-    /// `x Wᵀ` in f32 through the dequantized weight, made for each call
-    /// (forward and backward) and dropped after it: for many rows, where
-    /// [`QuantMatrix::matmul`]'s per-row loops are slow.
-    pub fn matmul_dequantized(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
-        self.many_rows(x, Precision::F32)
-    }
-
-    fn many_rows(self: &Arc<Self>, x: &Tensor, precision: Precision) -> Result<Tensor> {
-        x.contiguous()?.apply_op1(ManyRows {
-            w: self.clone(),
-            precision,
-        })
-    }
-
     /// Input width.
     pub fn cols(&self) -> usize {
         self.cols
     }
 
     /// `x Wᵀ` (`forward`, rows of width `cols`) or `dy W` (rows of width
-    /// `rows`) in bf16, as [`QuantMatrix::matmul_bf16`] computes them.
+    /// `rows`) in bf16: on the tiles with each column block dequantized
+    /// once, else through a transient rounded copy.
     pub(crate) fn product_bf16(&self, x: &[f32], forward: bool) -> Vec<f32> {
         self.product(x, Orient::of(forward), Precision::Bf16)
     }
@@ -217,49 +189,16 @@ impl QuantPanels<'_> {
     }
 }
 
-/// The many-row product as an op.
-struct ManyRows {
-    w: Arc<QuantMatrix>,
-    precision: Precision,
-}
-
-impl CustomOp1 for ManyRows {
-    fn name(&self) -> &'static str {
-        match self.precision {
-            Precision::Bf16 => "quantized-matmul-bf16",
-            Precision::F32 => "quantized-matmul-dequantized",
-        }
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(storage, layout, self.name())?;
-        let dims = layout.dims();
-        if dims.last() != Some(&self.w.cols) {
-            bail!(
-                "{}: input {dims:?} does not end in {}",
-                self.name(),
-                self.w.cols
-            );
-        }
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked above") = self.w.rows;
-        let y = self.w.product(x, Orient::Transposed, self.precision);
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_f32([dy], self.name(), |[dy]| {
-            Ok(self.w.product(dy, Orient::AsStored, self.precision))
-        })?;
-        Ok(Some(tensor(dx, x.shape())?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use candle_core::{Result, Tensor};
+
     use super::*;
+    use crate::storage::tensor;
     use crate::testing::random;
-    use crate::{Bf16Weight, frozen_matmul, frozen_matmul_bf16};
+    use crate::{Bf16Weight, FrozenWeight, frozen_matmul, frozen_matmul_bf16, frozen_product};
 
     /// A `[rows, cols]` matrix of each kind, from deterministic bytes.
     fn matrices(rows: usize, cols: usize) -> Vec<Arc<QuantMatrix>> {
@@ -311,7 +250,11 @@ mod tests {
                 let packed = Arc::new(Bf16Weight::new(&dense).unwrap());
                 let x = random(&[t, cols], 1, 1.0);
                 let dy = random(&[t, rows], 2, 1.0);
-                let (y, gx) = run(|x| w.matmul_bf16(x), &x, &dy);
+                let (y, gx) = run(
+                    |x| frozen_product(x, &FrozenWeight::QuantBf16(w.clone())),
+                    &x,
+                    &dy,
+                );
                 let (want_y, want_gx) = run(|x| frozen_matmul_bf16(x, &packed), &x, &dy);
                 // Same rounded operands; only the order of f32 sums may differ.
                 for (got, want) in [(&y, &want_y), (&gx, &want_gx)] {
@@ -339,7 +282,11 @@ mod tests {
             let dense = tensor(w.dequantize(), (48, 64)).unwrap();
             let x = random(&[3, 7, 64], 3, 1.0);
             let dy = random(&[3, 7, 48], 4, 1.0);
-            let (y, gx) = run(|x| w.matmul_dequantized(x), &x, &dy);
+            let (y, gx) = run(
+                |x| frozen_product(x, &FrozenWeight::QuantF32(w.clone())),
+                &x,
+                &dy,
+            );
             let (want_y, want_gx) = run(|x| frozen_matmul(x, &dense), &x, &dy);
             assert!(max_diff(&y, &want_y) < 1e-5);
             assert!(max_diff(&gx, &want_gx) < 1e-5);

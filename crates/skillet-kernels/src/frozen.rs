@@ -1,0 +1,176 @@
+//! A frozen `[out, in]` weight as the products of training see it
+//! (forward `x Wᵀ`, input gradient `dy W`, no weight gradient), in f32 or
+//! in bf16 with f32 accumulation (PyTorch autocast's semantics). Nothing
+//! but the weight's own storage is kept between calls: bf16 products make
+//! the tile kernel's 16-column blocks of the right operand on the fly,
+//! once per product, rounding a dense weight or dequantizing Q4_1 / Q8_0
+//! blocks; f32 products on blocks dequantize for the call. So the weight
+//! costs its own bytes alone, as in PyTorch, where autocast casts a
+//! frozen weight for each use and keeps no copy.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
+
+use crate::bf16::{Bf16Matrix, DensePanels, bf16_accelerated, matmul_bf16, matmul_panels};
+use crate::gemm::{Out, View, matmul};
+use crate::quantized::QuantMatrix;
+use crate::storage::{slice, tensor, with_f32};
+
+/// A frozen weight and the precision of its products.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// A dense f32 weight through the f32 GEMM.
+    Dense(Tensor),
+    /// A dense f32 weight in bf16 products.
+    DenseBf16(Tensor),
+    /// Quantized blocks in bf16 products.
+    QuantBf16(Arc<QuantMatrix>),
+    /// Quantized blocks dequantized for each f32 product.
+    QuantF32(Arc<QuantMatrix>),
+}
+
+impl FrozenWeight {
+    /// `(out, in)`.
+    pub(crate) fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            FrozenWeight::Dense(w) | FrozenWeight::DenseBf16(w) => w.dims2()?,
+            FrozenWeight::QuantBf16(q) | FrozenWeight::QuantF32(q) => (q.rows(), q.cols()),
+        })
+    }
+
+    /// `x Wᵀ` for row-major rows `x` of width `in`.
+    pub(crate) fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.product(x, true)
+    }
+
+    /// `dy W` for row-major rows `dy` of width `out`.
+    pub(crate) fn backward(&self, dy: &[f32]) -> Result<Vec<f32>> {
+        self.product(dy, false)
+    }
+
+    /// `a Wᵀ` (`forward`) or `a W`.
+    fn product(&self, a: &[f32], forward: bool) -> Result<Vec<f32>> {
+        let (out, inp) = self.dims()?;
+        let (k, n) = if forward { (inp, out) } else { (out, inp) };
+        let rows = a.len() / k.max(1);
+        Ok(match self {
+            FrozenWeight::Dense(w) => with_f32([w], "frozen weight", |[w]| {
+                let mut y = vec![0f32; rows * n];
+                let wv = if forward {
+                    View::rows(w, inp).t()
+                } else {
+                    View::rows(w, inp)
+                };
+                matmul(rows, n, k, View::rows(a, k), wv, Out::new(&mut y, n), true);
+                Ok(y)
+            })?,
+            FrozenWeight::DenseBf16(w) => with_f32([w], "frozen weight", |[w]| {
+                let mut y = vec![0f32; rows * n];
+                if bf16_accelerated() {
+                    let panels = DensePanels::new(w, out, inp, forward);
+                    matmul_panels(a, rows, &panels, &mut y);
+                } else {
+                    // The same rounded operands through the f32 GEMM.
+                    let b = Bf16Matrix::pack_for(w, out, inp, forward, false);
+                    matmul_bf16(a, rows, &b, &mut y);
+                }
+                Ok(y)
+            })?,
+            FrozenWeight::QuantBf16(q) => q.product_bf16(a, forward),
+            FrozenWeight::QuantF32(q) => q.product_f32(a, forward),
+        })
+    }
+}
+
+struct FrozenProduct(FrozenWeight);
+
+impl CustomOp1 for FrozenProduct {
+    fn name(&self) -> &'static str {
+        "frozen-product"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(storage, layout, self.name())?;
+        let (out, inp) = self.0.dims()?;
+        let dims = layout.dims();
+        if dims.last() != Some(&inp) {
+            bail!("frozen product: input {dims:?} does not end in {inp}");
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked above") = out;
+        Ok((CpuStorage::F32(self.0.forward(x)?), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dx = with_f32([dy], self.name(), |[dy]| self.0.backward(dy))?;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// `x Wᵀ` for `x` of shape `[..., in]`; backward gives `x` its gradient
+/// `dy W` in the same precision, the weight none.
+pub fn frozen_product(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenProduct(w.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::random;
+    use crate::{Bf16Weight, frozen_matmul, frozen_matmul_bf16};
+
+    /// Output and input gradient of `op` for `x` and an upstream `dy`.
+    fn run(op: impl Fn(&Tensor) -> Result<Tensor>, x: &Tensor, dy: &Tensor) -> (Tensor, Tensor) {
+        let v = candle_core::Var::from_tensor(x).unwrap();
+        let y = op(v.as_tensor()).unwrap();
+        let g = (&y * dy).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(&v).unwrap().clone())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn products_equal_the_packed_and_the_f32_ones() {
+        // Shapes off the tile sizes: odd widths, outputs off 16.
+        for (t, out, inp) in [(37, 40, 70), (300, 33, 64), (5, 16, 17)] {
+            let w = random(&[out, inp], 1, 1.0);
+            let x = random(&[t, inp], 2, 1.0);
+            let dy = random(&[t, out], 3, 1.0);
+            let packed = Arc::new(Bf16Weight::new(&w).unwrap());
+            let (y, gx) = run(
+                |x| frozen_product(x, &FrozenWeight::DenseBf16(w.clone())),
+                &x,
+                &dy,
+            );
+            let (want_y, want_gx) = run(|x| frozen_matmul_bf16(x, &packed), &x, &dy);
+            // The same rounded operands and kernel: the same values.
+            for (got, want) in [(&y, &want_y), (&gx, &want_gx)] {
+                let scale = want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(max_diff(got, want) <= 1e-5 * scale, "{t}×{inp}→{out}");
+            }
+            let (y, gx) = run(
+                |x| frozen_product(x, &FrozenWeight::Dense(w.clone())),
+                &x,
+                &dy,
+            );
+            let (want_y, want_gx) = run(|x| frozen_matmul(x, &w), &x, &dy);
+            assert!(max_diff(&y, &want_y) < 1e-5 && max_diff(&gx, &want_gx) < 1e-5);
+        }
+    }
+}
