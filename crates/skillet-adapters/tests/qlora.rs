@@ -117,3 +117,50 @@ fn qlora_gradients_equal_lora_over_the_dequantized_base() {
         );
     }
 }
+
+/// Logits and one factor's gradient of a training forward with adapter
+/// dropout drawn from `seed`.
+fn with_dropout(
+    m: &Llama,
+    adapter: &std::sync::Arc<LoraAdapter>,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>) {
+    let ids: Vec<u32> = (0..40).map(|i| (i * 13 + 3) % 97).collect();
+    let mut input = ForwardInput::new(Tensor::from_vec(ids, (1, 40), &Device::Cpu).unwrap());
+    input.adapters = skillet_models::Adapters::all(adapter.clone()).with_dropout(seed);
+    let logits = m.forward(&input).unwrap();
+    let g = logits.sum_all().unwrap().backward().unwrap();
+    let a = adapter.vars()[0].clone();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (flat(&logits), flat(g.get(a.as_tensor()).unwrap()))
+}
+
+#[test]
+fn adapter_dropout_still_applies_where_layers_are_fused() {
+    // The fused LoRA op has no dropout: with dropout set, training must
+    // take the composed path, so the seed changes the result.
+    let (dense, _) = models(GgmlType::Q8_0);
+    let settings = LoraSettings::new(
+        4,
+        8.0,
+        0.5,
+        false,
+        Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
+    )
+    .unwrap();
+    let adapter = LoraAdapter::new(&dense, &settings, 3, None).unwrap();
+    for (i, v) in adapter.vars().iter().enumerate().skip(1).step_by(2) {
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|k| ((k + i) % 5) as f32 * 0.05)
+            .collect();
+        v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let adapter = std::sync::Arc::new(adapter);
+    let (logits_1, grad_1) = with_dropout(&dense, &adapter, 1);
+    let (logits_2, grad_2) = with_dropout(&dense, &adapter, 2);
+    assert_ne!(logits_1, logits_2, "dropout ignored in the forward");
+    assert_ne!(grad_1, grad_2, "dropout ignored in the gradient");
+    // The same seed gives the same numbers.
+    assert_eq!(with_dropout(&dense, &adapter, 1), (logits_1, grad_1));
+}

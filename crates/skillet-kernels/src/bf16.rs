@@ -181,7 +181,8 @@ pub(crate) trait Panels: Sync {
     fn n(&self) -> usize;
     /// Column block `j` (columns `16j..16j + 16`) in the tile layout (see
     /// `Layout::Tiles`): stored, or written into `scratch` (`kp · 16`
-    /// values, zero from `k` on; columns past `n` may hold anything).
+    /// values, handed over zeroed: positions from `k` on are left as they
+    /// are and must read as zero; columns past `n` may hold anything).
     fn panel<'a>(&'a self, j: usize, scratch: &'a mut [u16]) -> &'a [u16];
     /// Whether [`Panels::panel`] computes (then the kernel asks for each
     /// block once per product, for all rows together).

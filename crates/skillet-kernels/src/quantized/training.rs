@@ -4,6 +4,8 @@
 //! product; in f32, the weight is dequantized for the call and dropped.
 //! (The op is [`crate::frozen_product`].)
 
+use rayon::prelude::*;
+
 use super::{BLOCK, QuantKind, QuantMatrix};
 use crate::bf16::{Bf16Matrix, Panels, bf16_accelerated, matmul_bf16, matmul_panels, round_into};
 use crate::gemm::{Out, View, matmul};
@@ -33,6 +35,22 @@ impl QuantMatrix {
     /// [`QuantMatrix::product_bf16`] in f32 through the dequantized weight.
     pub(crate) fn product_f32(&self, x: &[f32], forward: bool) -> Vec<f32> {
         self.product(x, Orient::of(forward), Precision::F32)
+    }
+
+    /// The dense `[rows, cols]` values, rows spread over threads.
+    fn dequantize_parallel(&self) -> Vec<f32> {
+        let nb = self.cols / BLOCK;
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols.max(1))
+            .enumerate()
+            .for_each(|(o, row)| {
+                let mut values = [0f32; BLOCK];
+                for (b, dst) in row.chunks_exact_mut(BLOCK).enumerate() {
+                    self.block(o * nb + b, &mut values);
+                    dst.copy_from_slice(&values);
+                }
+            });
+        out
     }
 
     /// The 32 weights of block `b` (blocks in row-major order).
@@ -74,13 +92,13 @@ impl QuantMatrix {
                 matmul_panels(x, t, &QuantPanels { w: self, orient }, &mut out);
             }
             Precision::Bf16 => {
-                let w = self.dequantize();
+                let w = self.dequantize_parallel();
                 let transposed = orient == Orient::Transposed;
                 let b = Bf16Matrix::pack_for(&w, self.rows, self.cols, transposed, false);
                 matmul_bf16(x, t, &b, &mut out);
             }
             Precision::F32 => {
-                let w = self.dequantize();
+                let w = self.dequantize_parallel();
                 let b = match orient {
                     Orient::Transposed => View::rows(&w, self.cols).t(),
                     Orient::AsStored => View::rows(&w, self.cols),
@@ -273,6 +291,13 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn parallel_dequantizing_equals_the_serial_one() {
+        for w in matrices(40, 96) {
+            assert_eq!(w.dequantize_parallel(), w.dequantize());
         }
     }
 
