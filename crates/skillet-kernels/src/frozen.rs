@@ -117,27 +117,8 @@ pub fn frozen_product(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::random;
+    use crate::testing::{max_abs, max_abs_diff, output_and_input_grad, random};
     use crate::{Bf16Weight, frozen_matmul, frozen_matmul_bf16};
-
-    /// Output and input gradient of `op` for `x` and an upstream `dy`.
-    fn run(op: impl Fn(&Tensor) -> Result<Tensor>, x: &Tensor, dy: &Tensor) -> (Tensor, Tensor) {
-        let v = candle_core::Var::from_tensor(x).unwrap();
-        let y = op(v.as_tensor()).unwrap();
-        let g = (&y * dy).unwrap().sum_all().unwrap().backward().unwrap();
-        (y, g.get(&v).unwrap().clone())
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn products_equal_the_packed_and_the_f32_ones() {
@@ -147,30 +128,25 @@ mod tests {
             let x = random(&[t, inp], 2, 1.0);
             let dy = random(&[t, out], 3, 1.0);
             let packed = Arc::new(Bf16Weight::new(&w).unwrap());
-            let (y, gx) = run(
+            let (y, gx) = output_and_input_grad(
                 |x| frozen_product(x, &FrozenWeight::DenseBf16(w.clone())),
                 &x,
                 &dy,
             );
-            let (want_y, want_gx) = run(|x| frozen_matmul_bf16(x, &packed), &x, &dy);
+            let (want_y, want_gx) =
+                output_and_input_grad(|x| frozen_matmul_bf16(x, &packed), &x, &dy);
             // The same rounded operands and kernel: the same values.
             for (got, want) in [(&y, &want_y), (&gx, &want_gx)] {
-                let scale = want
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(max_diff(got, want) <= 1e-5 * scale, "{t}×{inp}→{out}");
+                let scale = max_abs(want);
+                assert!(max_abs_diff(got, want) <= 1e-5 * scale, "{t}×{inp}→{out}");
             }
-            let (y, gx) = run(
+            let (y, gx) = output_and_input_grad(
                 |x| frozen_product(x, &FrozenWeight::Dense(w.clone())),
                 &x,
                 &dy,
             );
-            let (want_y, want_gx) = run(|x| frozen_matmul(x, &w), &x, &dy);
-            assert!(max_diff(&y, &want_y) < 1e-5 && max_diff(&gx, &want_gx) < 1e-5);
+            let (want_y, want_gx) = output_and_input_grad(|x| frozen_matmul(x, &w), &x, &dy);
+            assert!(max_abs_diff(&y, &want_y) < 1e-5 && max_abs_diff(&gx, &want_gx) < 1e-5);
         }
     }
 }

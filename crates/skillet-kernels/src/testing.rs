@@ -34,6 +34,28 @@ pub fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
     }
 }
 
+/// The largest `|x|` of `t`.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+}
+
+/// The largest `|a - b|`.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
+/// `op(x)` and the gradient `x` gets from an upstream gradient `dy`.
+pub fn output_and_input_grad(
+    op: impl Fn(&Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    dy: &Tensor,
+) -> (Tensor, Tensor) {
+    let v = Var::from_tensor(x).unwrap();
+    let y = op(v.as_tensor()).unwrap();
+    let g = (&y * dy).unwrap().sum_all().unwrap().backward().unwrap();
+    (y, g.get(&v).unwrap().clone())
+}
+
 /// `Σ f(inputs) ∘ r` for a fixed random `r`: a scalar whose gradient
 /// exercises every output element with a different weight.
 pub fn weighted_sum(out: &Tensor, seed: u64) -> Result<Tensor> {

@@ -211,11 +211,9 @@ impl QuantPanels<'_> {
 mod tests {
     use std::sync::Arc;
 
-    use candle_core::{Result, Tensor};
-
     use super::*;
     use crate::storage::tensor;
-    use crate::testing::random;
+    use crate::testing::{max_abs, max_abs_diff, output_and_input_grad, random};
     use crate::{Bf16Weight, FrozenWeight, frozen_matmul, frozen_matmul_bf16, frozen_product};
 
     /// A `[rows, cols]` matrix of each kind, from deterministic bytes.
@@ -239,25 +237,6 @@ mod tests {
         ]
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
-    /// Output and input gradient of `op` for `x` and an upstream `dy`.
-    fn run(op: impl Fn(&Tensor) -> Result<Tensor>, x: &Tensor, dy: &Tensor) -> (Tensor, Tensor) {
-        let v = candle_core::Var::from_tensor(x).unwrap();
-        let y = op(v.as_tensor()).unwrap();
-        let g = (&y * dy).unwrap().sum_all().unwrap().backward().unwrap();
-        (y, g.get(&v).unwrap().clone())
-    }
-
     #[test]
     fn bf16_products_equal_the_dense_packed_ones() {
         // Rows off the tile sizes (and more rows than one task of the
@@ -268,22 +247,17 @@ mod tests {
                 let packed = Arc::new(Bf16Weight::new(&dense).unwrap());
                 let x = random(&[t, cols], 1, 1.0);
                 let dy = random(&[t, rows], 2, 1.0);
-                let (y, gx) = run(
+                let (y, gx) = output_and_input_grad(
                     |x| frozen_product(x, &FrozenWeight::QuantBf16(w.clone())),
                     &x,
                     &dy,
                 );
-                let (want_y, want_gx) = run(|x| frozen_matmul_bf16(x, &packed), &x, &dy);
+                let (want_y, want_gx) =
+                    output_and_input_grad(|x| frozen_matmul_bf16(x, &packed), &x, &dy);
                 // Same rounded operands; only the order of f32 sums may differ.
                 for (got, want) in [(&y, &want_y), (&gx, &want_gx)] {
-                    let scale = want
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
-                    let err = max_diff(got, want);
+                    let scale = max_abs(want);
+                    let err = max_abs_diff(got, want);
                     assert!(
                         err <= 1e-5 * scale,
                         "{:?} {t}×{cols}→{rows}: {err} of {scale}",
@@ -307,14 +281,14 @@ mod tests {
             let dense = tensor(w.dequantize(), (48, 64)).unwrap();
             let x = random(&[3, 7, 64], 3, 1.0);
             let dy = random(&[3, 7, 48], 4, 1.0);
-            let (y, gx) = run(
+            let (y, gx) = output_and_input_grad(
                 |x| frozen_product(x, &FrozenWeight::QuantF32(w.clone())),
                 &x,
                 &dy,
             );
-            let (want_y, want_gx) = run(|x| frozen_matmul(x, &dense), &x, &dy);
-            assert!(max_diff(&y, &want_y) < 1e-5);
-            assert!(max_diff(&gx, &want_gx) < 1e-5);
+            let (want_y, want_gx) = output_and_input_grad(|x| frozen_matmul(x, &dense), &x, &dy);
+            assert!(max_abs_diff(&y, &want_y) < 1e-5);
+            assert!(max_abs_diff(&gx, &want_gx) < 1e-5);
         }
     }
 }
