@@ -117,7 +117,7 @@ pub fn frozen_product(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{max_abs, max_abs_diff, output_and_input_grad, random};
+    use crate::testing::{assert_same_product, max_abs_diff, output_and_input_grad, random};
     use crate::{Bf16Weight, frozen_matmul, frozen_matmul_bf16};
 
     #[test]
@@ -128,18 +128,16 @@ mod tests {
             let x = random(&[t, inp], 2, 1.0);
             let dy = random(&[t, out], 3, 1.0);
             let packed = Arc::new(Bf16Weight::new(&w).unwrap());
-            let (y, gx) = output_and_input_grad(
+            let what = format!("{t}×{inp}→{out}");
+            // The same rounded operands and kernel: the same values.
+            assert_same_product(
                 |x| frozen_product(x, &FrozenWeight::DenseBf16(w.clone())),
+                |x| frozen_matmul_bf16(x, &packed),
                 &x,
                 &dy,
+                1e-5,
+                &what,
             );
-            let (want_y, want_gx) =
-                output_and_input_grad(|x| frozen_matmul_bf16(x, &packed), &x, &dy);
-            // The same rounded operands and kernel: the same values.
-            for (got, want) in [(&y, &want_y), (&gx, &want_gx)] {
-                let scale = max_abs(want);
-                assert!(max_abs_diff(got, want) <= 1e-5 * scale, "{t}×{inp}→{out}");
-            }
             let (y, gx) = output_and_input_grad(
                 |x| frozen_product(x, &FrozenWeight::Dense(w.clone())),
                 &x,

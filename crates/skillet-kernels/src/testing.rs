@@ -56,6 +56,25 @@ pub fn output_and_input_grad(
     (y, g.get(&v).unwrap().clone())
 }
 
+/// Asserts that `op` and `reference` give `x` the same output and the
+/// same input gradient (for the upstream `dy`), each within `rel` of the
+/// reference's largest magnitude.
+pub fn assert_same_product(
+    op: impl Fn(&Tensor) -> Result<Tensor>,
+    reference: impl Fn(&Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    dy: &Tensor,
+    rel: f32,
+    what: &str,
+) {
+    let (y, gx) = output_and_input_grad(op, x, dy);
+    let (want_y, want_gx) = output_and_input_grad(reference, x, dy);
+    for (name, got, want) in [("output", &y, &want_y), ("input gradient", &gx, &want_gx)] {
+        let (err, scale) = (max_abs_diff(got, want), max_abs(want));
+        assert!(err <= rel * scale, "{what}: {name} off by {err} of {scale}");
+    }
+}
+
 /// `Σ f(inputs) ∘ r` for a fixed random `r`: a scalar whose gradient
 /// exercises every output element with a different weight.
 pub fn weighted_sum(out: &Tensor, seed: u64) -> Result<Tensor> {

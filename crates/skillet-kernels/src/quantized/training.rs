@@ -213,7 +213,7 @@ mod tests {
 
     use super::*;
     use crate::storage::tensor;
-    use crate::testing::{max_abs, max_abs_diff, output_and_input_grad, random};
+    use crate::testing::{assert_same_product, max_abs_diff, output_and_input_grad, random};
     use crate::{Bf16Weight, FrozenWeight, frozen_matmul, frozen_matmul_bf16, frozen_product};
 
     /// A `[rows, cols]` matrix of each kind, from deterministic bytes.
@@ -247,23 +247,15 @@ mod tests {
                 let packed = Arc::new(Bf16Weight::new(&dense).unwrap());
                 let x = random(&[t, cols], 1, 1.0);
                 let dy = random(&[t, rows], 2, 1.0);
-                let (y, gx) = output_and_input_grad(
+                // Same rounded operands; only the order of f32 sums may differ.
+                assert_same_product(
                     |x| frozen_product(x, &FrozenWeight::QuantBf16(w.clone())),
+                    |x| frozen_matmul_bf16(x, &packed),
                     &x,
                     &dy,
+                    1e-5,
+                    &format!("{:?} {t}×{cols}→{rows}", w.kind),
                 );
-                let (want_y, want_gx) =
-                    output_and_input_grad(|x| frozen_matmul_bf16(x, &packed), &x, &dy);
-                // Same rounded operands; only the order of f32 sums may differ.
-                for (got, want) in [(&y, &want_y), (&gx, &want_gx)] {
-                    let scale = max_abs(want);
-                    let err = max_abs_diff(got, want);
-                    assert!(
-                        err <= 1e-5 * scale,
-                        "{:?} {t}×{cols}→{rows}: {err} of {scale}",
-                        w.kind
-                    );
-                }
             }
         }
     }
