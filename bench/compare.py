@@ -1,7 +1,7 @@
 """Skillet vs PyTorch + PEFT, side by side, on one machine in one go.
 
     python3 bench/compare.py [--rounds 3] [--workloads lora,lora-ckpt,full,sft,score,decode] [--steps 5]
-                             [--precisions f32,bf16]
+                             [--precisions f32,bf16] [--shapes 1x2048,1x4096] [--random-model llama-3.2-1b]
 
 Builds nothing: run `cargo build --release` first. The reference side runs
 in bench/reference/.venv (made by bench/reference/setup.sh, or pass
@@ -12,16 +12,21 @@ so drift on the machine hits both; the table shows medians over rounds and
 Skillet/PyTorch ratios of tokens/s and peak RSS. With --precisions f32,bf16
 each side also runs in bf16 (Skillet `--precision bf16`, PyTorch under
 autocast) and the table compares each side's best setting per row, naming
-it; the default is f32 only.
+it; the default is f32 only. --shapes replaces each workload's batch ×
+sequence shapes (long context: --shapes 1x2048,1x4096). --random-model
+runs on a model of that published shape with random weights, which
+`skillet bench --write-random` writes once beside the default model.
+`qlora` runs on Skillet's side only (PyTorch has no GGUF-block QLoRA).
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 
-SHAPES = {"lora": [(4, 256), (1, 512)], "lora-ckpt": [(4, 256), (1, 512)], "full": [(4, 256)], "sft": [(4, 0)], "score": [(4, 256), (1, 512)], "decode": [(1, 1)]}
+SHAPES = {"lora": [(4, 256), (1, 512)], "qlora": [(4, 256), (1, 512)], "lora-ckpt": [(4, 256), (1, 512)], "full": [(4, 256)], "sft": [(4, 0)], "score": [(4, 256), (1, 512)], "decode": [(1, 1)]}
 
 
 def run(cmd):
@@ -42,9 +47,23 @@ def main():
     ap.add_argument("--llamacpp-python", default=None)
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--precisions", default="f32", help="comma-separated: f32, bf16")
+    ap.add_argument("--shapes", default=None, help="comma-separated BxT, replacing every workload's shapes")
+    ap.add_argument("--random-model", default=None, help="a shape of `skillet bench --write-random`")
+    ap.add_argument("--save", default=None, help="also write every run's row, as JSON, to this file (for bench/plot.py)")
     args = ap.parse_args()
     precisions = args.precisions.split(",")
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        for w in SHAPES:
+            SHAPES[w] = shapes
     model = args.model or subprocess.run(["scripts/fetch-model.sh"], capture_output=True, text=True, check=True).stdout.strip()
+    if args.random_model:
+        path = os.path.join(os.path.dirname(model), f"random-{args.random_model}.Q4_1.gguf")
+        if not os.path.exists(path):
+            subprocess.run(["target/release/skillet", "bench", "--model", model, "--write-random", args.random_model,
+                            "--out", path + ".part"], check=True, stdout=subprocess.DEVNULL)
+            os.replace(path + ".part", path)
+        model = path
     python = args.python or subprocess.run(["bench/reference/setup.sh"], capture_output=True, text=True, check=True).stdout.strip()
     llamacpp = None
     if not args.no_llamacpp:
@@ -102,6 +121,11 @@ def main():
                     rss = statistics.median(r["peak_rss_mib"] for r in rs)
                     print(f"| {w} | {b} × {rs[0]['seq']} | {side} | {p} | {tps:.1f} | {rss:.0f} |")
     print(f"\nrounds: {args.rounds}, steps: {args.steps}, precisions: {args.precisions}")
+    if args.save:
+        rows = [dict(r, side=side, model=os.path.basename(model)) for sides in results.values()
+                for side, runs in sides.items() for rs in runs.values() for r in rs]
+        with open(args.save, "w") as f:
+            json.dump(rows, f, indent=1)
 
 if __name__ == "__main__":
     main()

@@ -153,7 +153,8 @@ def main():
         step = 1 / tps
     row = {"workload": args.workload, "batch": batch, "seq": seq, "tokens_per_s": tps, "peak_rss_mib": peak_rss_mib(),
            "mfu": tps * flops / (gemm * 1e9), "step_seconds": step, "gemm_gflops": gemm, "threads": args.threads,
-           "precision": args.precision if args.workload != "decode" else "f32"}
+           "precision": args.precision if args.workload != "decode" else "f32",
+           "attention": model.config._attn_implementation}
     print(json.dumps(row))
 
 

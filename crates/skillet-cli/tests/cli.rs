@@ -98,7 +98,15 @@ fn bench_prints_one_row_per_workload() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tiny.gguf");
     tiny_gguf(&p, GgmlType::Q8_0, vec![]);
-    for w in ["lora", "qlora", "full", "score", "decode"] {
+    for w in [
+        "lora",
+        "qlora",
+        "full",
+        "score",
+        "decode",
+        "prefill",
+        "prefill-lora",
+    ] {
         let o = skillet_json(&[
             "bench",
             "--model",
@@ -118,4 +126,51 @@ fn bench_prints_one_row_per_workload() {
         assert!(o["peak_rss_mib"].as_f64().unwrap() > 0.0);
         assert!(o["mfu"].as_f64().unwrap() > 0.0);
     }
+}
+
+#[test]
+fn bench_writes_a_random_model_of_a_named_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("tiny.gguf");
+    tiny_gguf(&src, GgmlType::F32, vec![]);
+    let out = dir.path().join("random.gguf");
+    let (s, o) = (src.to_str().unwrap(), out.to_str().unwrap());
+    let r = skillet(&["bench", "--model", s, "--write-random", "tiny", "--out", o]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The shape's config, the source's tokenizer, Q4_1 blocks.
+    let info = skillet_json(&["inspect", o, "--json"]);
+    assert_eq!(info["vocab_size"], 512, "{info}");
+    assert_eq!(info["hidden_size"], 64);
+    assert_eq!(info["tensor_types"]["Q4_1"], 15);
+    let src_info = skillet_json(&["inspect", s, "--json"]);
+    assert_eq!(
+        info["tokenizer_vocab_size"],
+        src_info["tokenizer_vocab_size"]
+    );
+    let row = skillet_json(&[
+        "bench",
+        "--model",
+        o,
+        "--workload",
+        "qlora",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--steps",
+        "1",
+        "--json",
+    ]);
+    assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    let bad = skillet(&[
+        "bench",
+        "--model",
+        s,
+        "--write-random",
+        "llama-9b",
+        "--out",
+        o,
+    ]);
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("unknown model shape"), "{}", bad.stderr);
 }

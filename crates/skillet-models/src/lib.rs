@@ -25,7 +25,10 @@ pub use config::{Architecture, HfConfig, LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use linear::{Activations, BaseLinear, Linear, Precision};
 pub use llama::{CachedBatch, CachedChunk, CausalLm, ForwardInput, Llama, LoadOptions};
-pub use memory::{MemoryWeights, collect_weights, random_weights, tensor_shapes, tiny_config};
+pub use memory::{
+    MemoryWeights, SHAPES, collect_weights, random_weights, random_weights_with, shape_config,
+    tensor_shapes, tiny_config,
+};
 pub use rng::Rng;
 pub use rope::Rope;
 pub use skillet_kernels::LoraFactors;

@@ -97,9 +97,51 @@ pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
     }
 }
 
+/// Model shapes for benchmarks on random weights: Llama 3.2 1B and 3B
+/// (dimensions, heads, vocabulary, tied embeddings and RoPE base from
+/// their `config.json`; plain RoPE without Llama 3's frequency scaling,
+/// which costs nothing at these lengths), and `tiny` ([`tiny_config`] with
+/// 512 tokens) to try the tools on.
+pub const SHAPES: [&str; 3] = ["llama-3.2-1b", "llama-3.2-3b", "tiny"];
+
+/// The config of a shape in [`SHAPES`], or `None`.
+pub fn shape_config(name: &str) -> Option<LlamaConfig> {
+    let (hidden, layers, heads, head_dim) = match name {
+        "llama-3.2-1b" => (2048, 16, 32, 64),
+        "llama-3.2-3b" => (3072, 28, 24, 128),
+        "tiny" => return Some(tiny_config(512)),
+        _ => return None,
+    };
+    Some(LlamaConfig {
+        architecture: Architecture::Llama,
+        vocab_size: 128_256,
+        hidden_size: hidden,
+        intermediate_size: 8192,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: 8,
+        head_dim,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500_000.0,
+        rope_scaling: RopeScaling::None,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        sliding_window: None,
+    })
+}
+
 /// Random weights for `cfg`, deterministic in `seed` (norm weights near 1,
-/// projections ~ N(0, 0.02²)-like uniform, as an initialized model).
+/// projections uniform with half-width 0.07).
 pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<MemoryWeights> {
+    random_weights_with(cfg, seed, 0.14)
+}
+
+/// As [`random_weights`], with projections uniform over `±width / 2`
+/// (`width = 0.02 * 12f32.sqrt()` gives the standard deviation 0.02 that
+/// transformers initializes with, which keeps deep models' activations
+/// finite).
+pub fn random_weights_with(cfg: &LlamaConfig, seed: u64, width: f32) -> Result<MemoryWeights> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
         // xorshift64*: enough for test weights, stable across platforms.
@@ -112,7 +154,7 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<MemoryWeights> {
     for (name, shape) in tensor_shapes(cfg) {
         let n: usize = shape.iter().product();
         let is_norm = name.ends_with("norm.weight");
-        let scale = if name.ends_with(".bias") { 0.1 } else { 0.14 };
+        let scale = if name.ends_with(".bias") { 0.1 } else { width };
         let data: Vec<f32> = (0..n)
             .map(|_| {
                 if is_norm {
@@ -137,4 +179,21 @@ pub fn collect_weights(cfg: &LlamaConfig, src: &dyn WeightSource) -> Result<Memo
         tensors.insert(name, w.to_dtype(DType::F32)?);
     }
     Ok(MemoryWeights { tensors })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_shapes_have_the_published_parameter_counts() {
+        // Llama 3.2 1B and 3B, as transformers counts them (tied embeddings once).
+        let count = |n| shape_config(n).unwrap().parameter_count();
+        assert_eq!(count("llama-3.2-1b"), 1_235_814_400);
+        assert_eq!(count("llama-3.2-3b"), 3_212_749_824);
+        assert!(shape_config("llama-3.2-8b").is_none());
+        for name in SHAPES {
+            assert!(shape_config(name).is_some(), "{name}");
+        }
+    }
 }

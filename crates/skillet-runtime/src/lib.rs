@@ -9,6 +9,7 @@ mod bundle;
 mod dataset;
 mod error;
 mod export;
+mod random_model;
 mod sampling;
 mod train;
 
@@ -16,5 +17,6 @@ pub use bundle::Bundle;
 pub use dataset::Dataset;
 pub use error::{Result, RuntimeError};
 pub use export::{is_quantized, write_hf_folder};
+pub use random_model::write_random_model;
 pub use sampling::SamplingOptions;
 pub use train::{TrainOutcome, TrainProgress, TrainSummary, run_training};

@@ -32,14 +32,26 @@ use skillet_train::{
 use skillet_runtime::Bundle;
 use skillet_runtime::Dataset;
 
-const WORKLOADS: [&str; 6] = ["lora", "qlora", "full", "sft", "score", "decode"];
+const WORKLOADS: [&str; 8] = [
+    "lora",
+    "qlora",
+    "full",
+    "sft",
+    "score",
+    "decode",
+    "prefill",
+    "prefill-lora",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Model (default: the fetched default model, see scripts/fetch-model.sh).
     #[arg(long, env = "SKILLET_MODEL")]
     model: Option<PathBuf>,
-    /// lora, qlora, full, sft, score or decode; all of them (at 4x256 and 1x512) when absent.
+    /// lora, qlora, full, sft, score, decode, prefill (batch-1 prompt of
+    /// `--seq` tokens over the quantized base, as generation runs it) or
+    /// prefill-lora (the same with an unmerged LoRA adapter); all but the
+    /// prefills (at 4x256 and 1x512) when absent.
     #[arg(long)]
     workload: Option<String>,
     /// Sequences per step.
@@ -72,6 +84,14 @@ pub struct Args {
     /// Print one JSON object (a single workload) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Instead of benchmarking, write a GGUF with random weights of this
+    /// shape (llama-3.2-1b, llama-3.2-3b, tiny; Q4_1 blocks, the tokenizer
+    /// of `--model`) to `--out`, for benchmarks at that size.
+    #[arg(long, requires = "out")]
+    write_random: Option<String>,
+    /// Where `--write-random` writes.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -231,8 +251,8 @@ fn run_one(
     gemm: f64,
 ) -> anyhow::Result<Row> {
     let bundle = Bundle::open(model_path)?;
-    // QLoRA trains over the quantized blocks; decode reads them.
-    let keep_quantized = workload == "qlora" || workload == "decode";
+    // QLoRA trains over the quantized blocks; generation reads them.
+    let keep_quantized = matches!(workload, "qlora" | "decode" | "prefill" | "prefill-lora");
     let mut model = bundle.load_model(LoadOptions {
         keep_quantized,
         trainable: workload == "full",
@@ -324,6 +344,48 @@ fn run_one(
             let tps = median(rates);
             (tps, 1.0 / tps, 2.0 * params, 1)
         }
+        "prefill" | "prefill-lora" => {
+            // A random prompt of `seq` tokens, one new token: the time to
+            // the first token, as a server's first step.
+            let mut rng = Rng::new(99);
+            let prompt: Vec<u32> = (0..args.seq)
+                .map(|_| (rng.next_u64() % vocab.min(bundle.tokenizer.vocab_size()) as u64) as u32)
+                .collect();
+            let adapter = if workload == "prefill-lora" {
+                let a = LoraAdapter::new(&model, &lora_settings()?, 0, None)?;
+                // B away from zero, as a trained adapter: nothing is skipped.
+                for v in a.vars().iter().skip(1).step_by(2) {
+                    v.set(&Tensor::randn(0f32, 0.01, v.shape(), &Device::Cpu)?)?;
+                }
+                // Frozen, as a server loads it from its PEFT folder.
+                let dir = std::env::temp_dir()
+                    .join(format!("skillet-bench-adapter-{}", std::process::id()));
+                skillet_adapters::save_peft(&a, &dir, None)?;
+                let loaded = LoraAdapter::load(&model, &dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                let a = loaded?;
+                Some(Arc::new(a) as Arc<dyn Adapter>)
+            } else {
+                None
+            };
+            let adapted = Adapted::new(&model, adapter);
+            let opts = GenerateOptions {
+                max_tokens: 1,
+                sampling: SamplingParams::default(),
+                stop: vec![],
+                eos_ids: vec![],
+                activations: skillet_models::Activations::F32,
+            };
+            let mut times = Vec::new();
+            for i in 0..args.warmup + args.steps {
+                let g = generate(&adapted, &bundle.tokenizer, &prompt, &opts, |_| {})?;
+                if i >= args.warmup {
+                    times.push(g.prefill_seconds);
+                }
+            }
+            let step = median(times);
+            (args.seq as f64 / step, step, 2.0 * params, args.seq)
+        }
         "full" => {
             let vars = model.parameters().iter().map(|(_, v)| v.clone()).collect();
             let batches = [random_batch(vocab, args.batch, args.seq)];
@@ -335,11 +397,14 @@ fn run_one(
             WORKLOADS.join(", ")
         ),
     };
-    let batch = if workload == "decode" { 1 } else { args.batch };
-    // Decode reads the quantized blocks in f32, and full fine-tuning
+    let batch = match workload {
+        "decode" | "prefill" | "prefill-lora" => 1,
+        _ => args.batch,
+    };
+    // Generation reads the quantized blocks in f32, and full fine-tuning
     // trains the weights themselves: those stay in f32.
     let precision = match workload {
-        "decode" | "full" => Precision::F32,
+        "decode" | "full" | "prefill" | "prefill-lora" => Precision::F32,
         _ => args.precision.resolve(),
     };
     Ok(Row {
@@ -360,6 +425,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => default_model()?,
     };
+    if let (Some(shape), Some(out)) = (&args.write_random, &args.out) {
+        skillet_runtime::write_random_model(shape, &model, skillet_gguf::GgmlType::Q4_1, out)?;
+        println!("{}", out.display());
+        return Ok(());
+    }
     let gemm = gemm_gflops()?;
     if let Some(w) = &args.workload {
         let row = run_one(&args, w, &model, gemm)?;
@@ -373,7 +443,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // peak RSS is its own.
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
-    for w in WORKLOADS {
+    for w in WORKLOADS.into_iter().filter(|w| !w.starts_with("prefill")) {
         let shapes: &[(usize, usize)] = match w {
             "decode" => &[(1, 1)],
             "sft" => &[(4, 0)],
