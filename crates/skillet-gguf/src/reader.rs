@@ -176,6 +176,21 @@ impl GgufFile {
         })
     }
 
+    /// Hands the pages of the mapped file that were read back to the
+    /// kernel, so they stop counting in this process's resident memory
+    /// once their tensors have been copied out (a later read maps them in
+    /// again from the file). Best effort: an error leaves them mapped.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only and never written, so a page
+        // dropped here reads back with the same bytes from the file; no
+        // slice into it changes value.
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+
     /// The file this was read from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -53,33 +53,44 @@ impl FrozenWeight {
     fn product(&self, a: &[f32], forward: bool) -> Result<Vec<f32>> {
         let (out, inp) = self.dims()?;
         let (k, n) = if forward { (inp, out) } else { (out, inp) };
+        let mut y = vec![0f32; a.len() / k.max(1) * n];
+        self.product_into(a, forward, &mut y)?;
+        Ok(y)
+    }
+
+    /// `a Wᵀ` (`forward`) or `a W`, written over `y`.
+    pub(crate) fn product_into(&self, a: &[f32], forward: bool, y: &mut [f32]) -> Result<()> {
+        let (out, inp) = self.dims()?;
+        let (k, n) = if forward { (inp, out) } else { (out, inp) };
         let rows = a.len() / k.max(1);
-        Ok(match self {
+        if y.len() != rows * n {
+            bail!("frozen product: {} outputs for {rows} rows of {n}", y.len());
+        }
+        match self {
             FrozenWeight::Dense(w) => with_f32([w], "frozen weight", |[w]| {
-                let mut y = vec![0f32; rows * n];
                 let wv = if forward {
                     View::rows(w, inp).t()
                 } else {
                     View::rows(w, inp)
                 };
-                matmul(rows, n, k, View::rows(a, k), wv, Out::new(&mut y, n), true);
-                Ok(y)
+                matmul(rows, n, k, View::rows(a, k), wv, Out::new(y, n), true);
+                Ok(())
             })?,
             FrozenWeight::DenseBf16(w) => with_f32([w], "frozen weight", |[w]| {
-                let mut y = vec![0f32; rows * n];
                 if bf16_accelerated() {
                     let panels = DensePanels::new(w, out, inp, forward);
-                    matmul_panels(a, rows, &panels, &mut y);
+                    matmul_panels(a, rows, &panels, y);
                 } else {
                     // The same rounded operands through the f32 GEMM.
                     let b = Bf16Matrix::pack_for(w, out, inp, forward, false);
-                    matmul_bf16(a, rows, &b, &mut y);
+                    matmul_bf16(a, rows, &b, y);
                 }
-                Ok(y)
+                Ok(())
             })?,
-            FrozenWeight::QuantBf16(q) => q.product_bf16(a, forward),
-            FrozenWeight::QuantF32(q) => q.product_f32(a, forward),
-        })
+            FrozenWeight::QuantBf16(q) => q.product_bf16_into(a, forward, y),
+            FrozenWeight::QuantF32(q) => q.product_f32_into(a, forward, y),
+        }
+        Ok(())
     }
 }
 

@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use crate::bf16::{Bf16Weight, matmul_bf16};
+use crate::frozen::FrozenWeight;
 use crate::gemm::{Out, View, matmul};
 use crate::storage::{slice, tensor, with_f32};
 use crate::vec::{exp_shifted_sum, max, scale};
@@ -32,16 +33,46 @@ struct LinearCrossEntropy {
     stats: Arc<Mutex<CrossEntropyStats>>,
 }
 
-/// The head's products: f32 `[V, C]` rows, or a frozen head packed for bf16.
+/// A frozen LM head as the fused loss reads it.
+#[derive(Debug, Clone)]
+pub enum FrozenHead {
+    /// Packed once for bf16 products (a dense head: the fastest, at the
+    /// cost of a bf16 copy of the head in both orientations).
+    Packed(Arc<Bf16Weight>),
+    /// Made into the products' operands as they run, no copy kept (a head
+    /// in quantized blocks: each chunk's products dequantize it again).
+    Weight(FrozenWeight),
+}
+
+impl FrozenHead {
+    /// `(vocabulary, width)`.
+    fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            FrozenHead::Packed(w) => (w.forward().n(), w.forward().k()),
+            FrozenHead::Weight(w) => w.dims()?,
+        })
+    }
+
+    fn head(&self) -> Head<'_> {
+        match self {
+            FrozenHead::Packed(w) => Head::Bf16(w),
+            FrozenHead::Weight(w) => Head::Frozen(w),
+        }
+    }
+}
+
+/// The head's products: f32 `[V, C]` rows, a frozen head packed for bf16,
+/// or any frozen weight.
 #[derive(Clone, Copy)]
 enum Head<'a> {
     F32(&'a [f32]),
     Bf16(&'a Bf16Weight),
+    Frozen(&'a FrozenWeight),
 }
 
 impl Head<'_> {
     /// Logits of hidden rows `h` (`rows × c`) into `buf` (`rows × v`).
-    fn logits(self, h: &[f32], c: usize, v: usize, buf: &mut [f32]) {
+    fn logits(self, h: &[f32], c: usize, v: usize, buf: &mut [f32]) -> Result<()> {
         let rows = h.len() / c;
         match self {
             Head::F32(w) => matmul(
@@ -54,11 +85,13 @@ impl Head<'_> {
                 true,
             ),
             Head::Bf16(w) => matmul_bf16(h, rows, w.forward(), buf),
+            Head::Frozen(w) => w.product_into(h, true, buf)?,
         }
+        Ok(())
     }
 
     /// `dh = P W` for `P` (`rows × v`) into `dh` (`rows × c`).
-    fn input_grad(self, p: &[f32], c: usize, v: usize, dh: &mut [f32]) {
+    fn input_grad(self, p: &[f32], c: usize, v: usize, dh: &mut [f32]) -> Result<()> {
         let rows = p.len() / v;
         match self {
             Head::F32(w) => matmul(
@@ -71,20 +104,22 @@ impl Head<'_> {
                 true,
             ),
             Head::Bf16(w) => matmul_bf16(p, rows, w.backward(), dh),
+            Head::Frozen(w) => w.product_into(p, false, dh)?,
         }
+        Ok(())
     }
 }
 
 /// The summed loss of `h` (`n × c`) against `labels`, and how many rows
 /// the argmax got right, a chunk of logits at a time.
-fn loss_sum(h: &[f32], head: Head, c: usize, v: usize, labels: &[u32]) -> (f64, usize) {
+fn loss_sum(h: &[f32], head: Head, c: usize, v: usize, labels: &[u32]) -> Result<(f64, usize)> {
     let n = labels.len();
     let mut buf = vec![0f32; CHUNK.min(n) * v];
     let (mut total, mut correct) = (0f64, 0usize);
     for from in (0..n).step_by(CHUNK) {
         let to = (from + CHUNK).min(n);
         let buf = &mut buf[..(to - from) * v];
-        head.logits(&h[from * c..to * c], c, v, buf);
+        head.logits(&h[from * c..to * c], c, v, buf)?;
         let (loss, hits) = buf
             .par_chunks_mut(v)
             .zip(labels[from..to].par_iter())
@@ -101,7 +136,7 @@ fn loss_sum(h: &[f32], head: Head, c: usize, v: usize, labels: &[u32]) -> (f64, 
         total += loss;
         correct += hits;
     }
-    (total, correct)
+    Ok((total, correct))
 }
 
 /// `dh` (`n × c`) of the summed loss scaled by `dloss`, chunk by chunk
@@ -114,7 +149,7 @@ fn hidden_grad(
     labels: &[u32],
     dloss: f32,
     mut each_chunk: impl FnMut(&[f32], &[f32]),
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let n = labels.len();
     let mut dh = vec![0f32; n * c];
     let mut buf = vec![0f32; CHUNK.min(n) * v];
@@ -122,7 +157,7 @@ fn hidden_grad(
         let to = (from + CHUNK).min(n);
         let buf = &mut buf[..(to - from) * v];
         let hc = &h[from * c..to * c];
-        head.logits(hc, c, v, buf);
+        head.logits(hc, c, v, buf)?;
         buf.par_chunks_mut(v)
             .zip(labels[from..to].par_iter())
             .for_each(|(row, &label)| {
@@ -131,10 +166,10 @@ fn hidden_grad(
                 scale(row, dloss / sum);
                 row[label as usize] -= dloss;
             });
-        head.input_grad(buf, c, v, &mut dh[from * c..to * c]);
+        head.input_grad(buf, c, v, &mut dh[from * c..to * c])?;
         each_chunk(buf, hc);
     }
-    dh
+    Ok(dh)
 }
 
 impl CustomOp2 for LinearCrossEntropy {
@@ -159,7 +194,7 @@ impl CustomOp2 for LinearCrossEntropy {
                 self.labels.len()
             );
         }
-        let (total, correct) = loss_sum(h, Head::F32(w), c, v, &self.labels);
+        let (total, correct) = loss_sum(h, Head::F32(w), c, v, &self.labels)?;
         if let Ok(mut s) = self.stats.lock() {
             s.correct = correct;
         }
@@ -191,7 +226,7 @@ impl CustomOp2 for LinearCrossEntropy {
                         true,
                     );
                 }
-            });
+            })?;
             Ok((dh, want_dw.then_some(dw)))
         })?;
         Ok((
@@ -201,29 +236,29 @@ impl CustomOp2 for LinearCrossEntropy {
     }
 }
 
-/// [`LinearCrossEntropy`] over a frozen head packed for bf16 products.
-struct LinearCrossEntropyBf16 {
-    head: Arc<Bf16Weight>,
+/// [`LinearCrossEntropy`] over a frozen head.
+struct LinearCrossEntropyFrozen {
+    head: FrozenHead,
     labels: Arc<Vec<u32>>,
     stats: Arc<Mutex<CrossEntropyStats>>,
 }
 
-impl CustomOp1 for LinearCrossEntropyBf16 {
+impl CustomOp1 for LinearCrossEntropyFrozen {
     fn name(&self) -> &'static str {
-        "linear-cross-entropy-bf16"
+        "linear-cross-entropy-frozen"
     }
 
     fn cpu_fwd(&self, hs: &CpuStorage, hl: &Layout) -> Result<(CpuStorage, Shape)> {
         let h = slice(hs, hl, self.name())?;
         let (n, c) = hl.shape().dims2()?;
-        let (wc, v) = (self.head.forward().k(), self.head.forward().n());
+        let (v, wc) = self.head.dims()?;
         if wc != c || self.labels.len() != n {
             bail!(
                 "linear cross-entropy: hidden {n}×{c}, head {v}×{wc}, {} labels",
                 self.labels.len()
             );
         }
-        let (total, correct) = loss_sum(h, Head::Bf16(&self.head), c, v, &self.labels);
+        let (total, correct) = loss_sum(h, self.head.head(), c, v, &self.labels)?;
         if let Ok(mut s) = self.stats.lock() {
             s.correct = correct;
         }
@@ -233,10 +268,9 @@ impl CustomOp1 for LinearCrossEntropyBf16 {
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dloss = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         let (n, c) = h.dims2()?;
-        let v = self.head.forward().n();
+        let (v, _) = self.head.dims()?;
         let dh = with_f32([h], self.name(), |[h]| {
-            let head = Head::Bf16(&self.head);
-            Ok(hidden_grad(h, head, (c, v), &self.labels, dloss, |_, _| {}))
+            hidden_grad(h, self.head.head(), (c, v), &self.labels, dloss, |_, _| {})
         })?;
         Ok(Some(tensor(dh, (n, c))?))
     }
@@ -261,20 +295,21 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &[u32]) -> Result<(T
     Ok((sum, correct))
 }
 
-/// [`linear_cross_entropy`] for a frozen head packed for bf16 products
-/// (logits and `h`'s gradient in bf16 with f32 accumulation; softmax and
-/// the loss in f32): `h` gets a gradient, the head none.
-pub fn linear_cross_entropy_bf16(
+/// [`linear_cross_entropy`] for a frozen head: `h` gets a gradient, the
+/// head none. With a bf16 head (packed, or a frozen weight in bf16) the
+/// logits and `h`'s gradient are bf16 products with f32 accumulation; the
+/// softmax and the loss stay in f32.
+pub fn linear_cross_entropy_frozen(
     h: &Tensor,
-    head: &Arc<Bf16Weight>,
+    head: &FrozenHead,
     labels: &[u32],
 ) -> Result<(Tensor, usize)> {
-    let v = head.forward().n();
+    let (v, _) = head.dims()?;
     if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
         bail!("label {bad} is outside the vocabulary ({v})");
     }
     let stats = Arc::new(Mutex::new(CrossEntropyStats::default()));
-    let op = LinearCrossEntropyBf16 {
+    let op = LinearCrossEntropyFrozen {
         head: head.clone(),
         labels: Arc::new(labels.to_vec()),
         stats: stats.clone(),
@@ -287,7 +322,8 @@ pub fn linear_cross_entropy_bf16(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, grads, random};
+    use crate::storage::tensor;
+    use crate::testing::{assert_close, grads, max_abs, max_abs_diff, quant_matrices, random};
     use candle_core::{D, Device};
 
     fn composed(h: &Tensor, w: &Tensor, labels: &[u32]) -> Tensor {
@@ -344,9 +380,9 @@ mod tests {
         let h = random(&[n, c], 3, 1.0);
         let w = random(&[v, c], 4, 1.0);
         let labels: Vec<u32> = (0..n).map(|i| ((i * 11) % v) as u32).collect();
-        let packed = Arc::new(Bf16Weight::new(&w).unwrap());
+        let packed = FrozenHead::Packed(Arc::new(Bf16Weight::new(&w).unwrap()));
         let hv = candle_core::Var::from_tensor(&h).unwrap();
-        let (loss, _) = linear_cross_entropy_bf16(hv.as_tensor(), &packed, &labels).unwrap();
+        let (loss, _) = linear_cross_entropy_frozen(hv.as_tensor(), &packed, &labels).unwrap();
         let (want, _) = linear_cross_entropy(&h, &w, &labels).unwrap();
         let (l, lw) = (
             loss.to_scalar::<f32>().unwrap(),
@@ -363,7 +399,46 @@ mod tests {
         let size = want_dh.abs().unwrap().max_all().unwrap();
         let rel = (err / size).unwrap().to_scalar::<f32>().unwrap();
         assert!(rel < 2e-2, "dh relative error {rel}");
-        assert!(linear_cross_entropy_bf16(&h, &packed, &[v as u32]).is_err());
+        assert!(linear_cross_entropy_frozen(&h, &packed, &[v as u32]).is_err());
+    }
+
+    /// The loss and `h`'s gradient through `head`.
+    fn loss_and_grad(h: &Tensor, head: &FrozenHead, labels: &[u32]) -> (f32, Tensor) {
+        let hv = candle_core::Var::from_tensor(h).unwrap();
+        let (loss, _) = linear_cross_entropy_frozen(hv.as_tensor(), head, labels).unwrap();
+        let g = loss.backward().unwrap();
+        let dh = g.get(hv.as_tensor()).unwrap().clone();
+        (loss.to_scalar::<f32>().unwrap(), dh)
+    }
+
+    #[test]
+    fn a_head_made_on_the_fly_gives_the_packed_head_results() {
+        // More rows than one chunk; a head in quantized blocks (made into
+        // operands per product) against its dequantized values packed, and
+        // a dense head either way.
+        let (n, c) = (CHUNK + 44, 64);
+        let h = random(&[n, c], 5, 1.0);
+        for q in quant_matrices(96, c) {
+            let v = q.rows();
+            let labels: Vec<u32> = (0..n).map(|i| ((i * 7) % v) as u32).collect();
+            let dense = tensor(q.dequantize(), (v, c)).unwrap();
+            let packed = FrozenHead::Packed(Arc::new(Bf16Weight::new(&dense).unwrap()));
+            let (want, want_dh) = loss_and_grad(&h, &packed, &labels);
+            for head in [
+                FrozenWeight::QuantBf16(q.clone()),
+                FrozenWeight::DenseBf16(dense.clone()),
+            ] {
+                let (loss, dh) = loss_and_grad(&h, &FrozenHead::Weight(head), &labels);
+                assert!((loss - want).abs() <= 1e-5 * want.abs(), "{loss} vs {want}");
+                assert!(max_abs_diff(&dh, &want_dh) <= 1e-6 * max_abs(&want_dh).max(1.0));
+            }
+            // In f32 the blocks give the dense f32 head's loss.
+            let (f32_loss, _) = linear_cross_entropy(&h, &dense, &labels).unwrap();
+            let (loss, _) =
+                loss_and_grad(&h, &FrozenHead::Weight(FrozenWeight::QuantF32(q)), &labels);
+            let f32_loss = f32_loss.to_scalar::<f32>().unwrap();
+            assert!((loss - f32_loss).abs() <= 1e-5 * f32_loss.abs());
+        }
     }
 
     #[test]

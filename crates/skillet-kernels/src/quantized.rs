@@ -19,6 +19,8 @@ use crate::vec::multiversion;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 mod int8;
+#[cfg(target_arch = "x86_64")]
+mod panels;
 mod training;
 
 /// Weights per block.

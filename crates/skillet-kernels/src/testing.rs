@@ -2,7 +2,11 @@
 //! comparison, and gradient checks against composed ops and finite
 //! differences.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Result, Tensor, Var};
+
+use crate::{QuantKind, QuantMatrix};
 
 /// Deterministic uniform values in `[-scale, scale)` (SplitMix64).
 pub fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
@@ -143,4 +147,26 @@ pub fn check_op(
             );
         }
     }
+}
+
+/// A `[rows, cols]` matrix of each block kind (Q4_1, Q8_0), from
+/// deterministic bytes.
+pub fn quant_matrices(rows: usize, cols: usize) -> Vec<Arc<QuantMatrix>> {
+    let blocks = rows * cols / 32;
+    let byte = |i: usize| ((i * 2_654_435_761) >> 13) as u8;
+    let half = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    let mut q4 = Vec::new();
+    let mut q8 = Vec::new();
+    for b in 0..blocks {
+        let d = 0.01 + (b % 7) as f32 * 0.003;
+        q4.extend(half(d));
+        q4.extend(half(-0.05 * (b % 3) as f32));
+        q4.extend((0..16).map(|i| byte(b * 16 + i)));
+        q8.extend(half(d / 8.0));
+        q8.extend((0..32).map(|i| byte(b * 32 + i + 7)));
+    }
+    vec![
+        Arc::new(QuantMatrix::from_ggml(QuantKind::Q4_1, rows, cols, &q4).unwrap()),
+        Arc::new(QuantMatrix::from_ggml(QuantKind::Q8_0, rows, cols, &q8).unwrap()),
+    ]
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use skillet_kernels::Bf16Weight;
+use skillet_kernels::FrozenHead;
 
 use crate::adapter::{Adapter, Adapters, ModuleInfo};
 use crate::{CachedBatch, CausalLm, ForwardInput, KvCache, LlamaConfig, Result};
@@ -66,8 +66,8 @@ impl CausalLm for Adapted<'_> {
         self.model.head_weight(self.or_mine(adapters))
     }
 
-    fn head_bf16(&self, adapters: &Adapters) -> Result<Option<Arc<Bf16Weight>>> {
-        self.model.head_bf16(self.or_mine(adapters))
+    fn head_frozen(&self, adapters: &Adapters) -> Result<Option<FrozenHead>> {
+        self.model.head_frozen(self.or_mine(adapters))
     }
 
     fn forward_cached(&self, batch: &CachedBatch, cache: &mut KvCache) -> Result<Tensor> {

@@ -5,9 +5,10 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::GgmlDType;
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use skillet_kernels::{
-    Bf16Weight, FrozenLinear, FrozenWeight, QuantKind, QuantMatrix, frozen_product,
+    Bf16Weight, FrozenHead, FrozenLinear, FrozenWeight, QuantKind, QuantMatrix, frozen_product,
 };
 
 use crate::{Result, Weight};
@@ -31,10 +32,13 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
         let _ = precision;
         self.forward(x)
     }
-    /// The weight packed for bf16 products when the layer is exactly
-    /// `x Wᵀ` with a frozen dense `W` (so callers may fuse it: the LM head
-    /// in the loss); packed on first use and kept.
-    fn bf16_weight(&self) -> Result<Option<Arc<Bf16Weight>>> {
+    /// The layer as a frozen head with its products in `precision`, when
+    /// it is exactly `x Wᵀ` with a frozen `W` (so callers may fuse it: the
+    /// LM head in the loss): in bf16 a dense `W` packed on first use and
+    /// kept; quantized blocks read as they are in either precision. `None`
+    /// for a dense f32 head (callers fuse [`Linear::dense_weight`]).
+    fn frozen_head(&self, precision: Precision) -> Result<Option<FrozenHead>> {
+        let _ = precision;
         Ok(None)
     }
     /// The layer as a frozen product for the fused LoRA op in training,
@@ -119,14 +123,37 @@ impl Activations {
 /// blocks; beyond, it is dequantized for the f32 GEMM.
 const FEW_ROWS: usize = 16;
 
+/// Q4_1 / Q8_0 blocks of a `[rows, cols]` matrix repacked for Skillet's
+/// kernels; `None` for other types.
+pub(crate) fn repack(q: &QTensor) -> Option<QuantMatrix> {
+    let kind = match q.dtype() {
+        GgmlDType::Q4_1 => QuantKind::Q4_1,
+        GgmlDType::Q8_0 => QuantKind::Q8_0,
+        _ => return None,
+    };
+    let (rows, cols) = q.shape().dims2().ok()?;
+    let bytes = q.data().ok()?;
+    QuantMatrix::from_ggml(kind, rows, cols, &bytes).ok()
+}
+
+/// How a [`BaseLinear`] holds its weight.
+#[derive(Debug, Clone)]
+enum Stored {
+    /// Dense f32 values (a variable in full fine-tuning).
+    Dense(Tensor),
+    /// Q4_1 / Q8_0 blocks repacked for Skillet's kernels (the GGML copy
+    /// is not kept).
+    Blocks(Arc<QuantMatrix>),
+    /// Other GGML block types, through candle's quantized tensor.
+    Ggml(Arc<QTensor>),
+}
+
 /// A frozen pretrained projection: dense f32 or quantized blocks.
 #[derive(Debug, Clone)]
 pub struct BaseLinear {
-    weight: Weight,
-    /// Q4_1 / Q8_0 blocks repacked for the few-row (decode) path.
-    packed: Option<Arc<QuantMatrix>>,
+    weight: Stored,
     /// The weight packed for bf16 products when it serves as the fused LM
-    /// head, made on first use and shared by clones.
+    /// head, made on first use and shared by clones (dense weights only).
     bf16: Arc<OnceLock<Arc<Bf16Weight>>>,
     bias: Option<Tensor>,
     out_features: usize,
@@ -137,39 +164,57 @@ impl BaseLinear {
     /// Wraps a `[out, in]` weight and an optional `[out]` bias.
     pub fn new(weight: Weight, bias: Option<Tensor>) -> Self {
         let shape = weight.shape();
-        let packed = match &weight {
-            Weight::Quantized(q) => {
-                let kind = match q.dtype() {
-                    GgmlDType::Q4_1 => Some(QuantKind::Q4_1),
-                    GgmlDType::Q8_0 => Some(QuantKind::Q8_0),
-                    _ => None,
-                };
-                kind.and_then(|k| {
-                    let bytes = q.data().ok()?;
-                    QuantMatrix::from_ggml(k, shape[0], shape[1], &bytes).ok()
-                })
-                .map(Arc::new)
-            }
-            Weight::Dense(_) => None,
+        let weight = match weight {
+            Weight::Dense(t) => Stored::Dense(t),
+            Weight::Quantized(q) => match repack(&q) {
+                Some(b) => Stored::Blocks(Arc::new(b)),
+                None => Stored::Ggml(q),
+            },
         };
         Self {
             out_features: shape[0],
             in_features: shape[1],
             weight,
-            packed,
             bf16: Arc::default(),
             bias,
         }
     }
 
-    /// The stored weight.
-    pub fn weight(&self) -> &Weight {
-        &self.weight
+    /// A frozen layer over Q4_1 / Q8_0 blocks already repacked (shared
+    /// with another use of the same weight: a tied embedding).
+    pub fn from_blocks(blocks: Arc<QuantMatrix>) -> Self {
+        Self {
+            out_features: blocks.rows(),
+            in_features: blocks.cols(),
+            weight: Stored::Blocks(blocks),
+            bf16: Arc::default(),
+            bias: None,
+        }
     }
 
     /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// The dense f32 weight (dequantized when stored in blocks).
+    fn to_dense(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            Stored::Dense(t) => t.clone(),
+            Stored::Blocks(q) => Tensor::from_vec(
+                q.dequantize(),
+                (self.out_features, self.in_features),
+                &Device::Cpu,
+            )?,
+            Stored::Ggml(q) => q.dequantize(&Device::Cpu)?,
+        })
+    }
+
+    fn with_bias(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 }
 
@@ -185,24 +230,18 @@ impl BaseLinear {
             Activations::F32 => packed.matmul(x)?,
             Activations::Int8 => packed.matmul_int8(x)?,
         };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        self.with_bias(y)
     }
 
     /// The product with the dense (or dequantized) weight.
     fn dense(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(blocks) = &self.packed {
+        if let Stored::Blocks(blocks) = &self.weight {
             // Dequantized for this call (and again in backward), not held
             // by the autograd graph in between.
             let y = frozen_product(x, &FrozenWeight::QuantF32(blocks.clone()))?;
-            return Ok(match &self.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            });
+            return self.with_bias(y);
         }
-        let weight = self.weight.to_dense(&Device::Cpu)?;
+        let weight = self.to_dense()?;
         // A frozen weight never enters the autograd graph (the op's
         // backward gives the input gradient only); a trainable one (full
         // fine-tuning) gets its gradient too.
@@ -211,29 +250,11 @@ impl BaseLinear {
         } else {
             skillet_kernels::frozen_matmul(x, &weight)?
         };
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        self.with_bias(y)
     }
 }
 
 impl BaseLinear {
-    /// The weight packed for bf16 products (for the fused LM head), where
-    /// it is frozen: a dense one, or the dequantized blocks.
-    fn packed_bf16(&self) -> Result<Option<Arc<Bf16Weight>>> {
-        if let Some(p) = self.bf16.get() {
-            return Ok(Some(p.clone()));
-        }
-        let w = match &self.weight {
-            Weight::Dense(w) if w.track_op() => return Ok(None),
-            Weight::Dense(w) => w.clone(),
-            Weight::Quantized(_) => self.weight.to_dense(&Device::Cpu)?,
-        };
-        let p = Arc::new(Bf16Weight::new(&w)?);
-        Ok(Some(self.bf16.get_or_init(|| p).clone()))
-    }
-
     /// The product in bf16 where the weight is frozen and dense or in
     /// Q4_1 / Q8_0 blocks, with no copy of the weight kept (the tile
     /// kernel rounds or dequantizes it block by block).
@@ -242,29 +263,46 @@ impl BaseLinear {
             return Ok(None);
         };
         let y = frozen_product(x, &frozen.weight)?;
-        Ok(Some(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        }))
+        Ok(Some(self.with_bias(y)?))
     }
 }
 
 impl Linear for BaseLinear {
-    fn bf16_weight(&self) -> Result<Option<Arc<Bf16Weight>>> {
+    fn frozen_head(&self, precision: Precision) -> Result<Option<FrozenHead>> {
         if self.bias.is_some() {
             return Ok(None);
         }
-        self.packed_bf16()
+        Ok(match (&self.weight, precision) {
+            (Stored::Dense(w), _) if w.track_op() => None,
+            (Stored::Dense(_), Precision::F32) => None,
+            (Stored::Dense(w), Precision::Bf16) => {
+                let p = match self.bf16.get() {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = Arc::new(Bf16Weight::new(w)?);
+                        self.bf16.get_or_init(|| p).clone()
+                    }
+                };
+                Some(FrozenHead::Packed(p))
+            }
+            (Stored::Blocks(q), Precision::Bf16) => {
+                Some(FrozenHead::Weight(FrozenWeight::QuantBf16(q.clone())))
+            }
+            (Stored::Blocks(q), Precision::F32) => {
+                Some(FrozenHead::Weight(FrozenWeight::QuantF32(q.clone())))
+            }
+            (Stored::Ggml(_), _) => None,
+        })
     }
 
     fn frozen(&self, precision: Precision) -> Result<Option<FrozenLinear>> {
-        let weight = match (&self.weight, &self.packed, precision) {
-            (Weight::Dense(w), _, _) if w.track_op() => return Ok(None),
-            (Weight::Dense(w), _, Precision::F32) => FrozenWeight::Dense(w.clone()),
-            (Weight::Dense(w), _, Precision::Bf16) => FrozenWeight::DenseBf16(w.clone()),
-            (Weight::Quantized(_), Some(q), Precision::F32) => FrozenWeight::QuantF32(q.clone()),
-            (Weight::Quantized(_), Some(q), Precision::Bf16) => FrozenWeight::QuantBf16(q.clone()),
-            (Weight::Quantized(_), None, _) => return Ok(None),
+        let weight = match (&self.weight, precision) {
+            (Stored::Dense(w), _) if w.track_op() => return Ok(None),
+            (Stored::Dense(w), Precision::F32) => FrozenWeight::Dense(w.clone()),
+            (Stored::Dense(w), Precision::Bf16) => FrozenWeight::DenseBf16(w.clone()),
+            (Stored::Blocks(q), Precision::F32) => FrozenWeight::QuantF32(q.clone()),
+            (Stored::Blocks(q), Precision::Bf16) => FrozenWeight::QuantBf16(q.clone()),
+            (Stored::Ggml(_), _) => return Ok(None),
         };
         Ok(Some(FrozenLinear {
             weight,
@@ -283,9 +321,9 @@ impl Linear for BaseLinear {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.elem_count() / self.in_features.max(1);
-        match &self.packed {
+        match &self.weight {
             // Decode: read the quantized blocks instead of dequantizing.
-            Some(packed) if rows <= FEW_ROWS => self.blocks(packed, x, Activations::F32),
+            Stored::Blocks(packed) if rows <= FEW_ROWS => self.blocks(packed, x, Activations::F32),
             _ => self.dense(x),
         }
     }
@@ -295,9 +333,9 @@ impl Linear for BaseLinear {
         // product then never depends on how many rows share the call (nor
         // on a reused prompt prefix), and short prompt chunks skip
         // dequantizing the whole matrix.
-        match &self.packed {
-            Some(packed) => self.blocks(packed, x, activations),
-            None => self.dense(x),
+        match &self.weight {
+            Stored::Blocks(packed) => self.blocks(packed, x, activations),
+            _ => self.dense(x),
         }
     }
 
@@ -313,6 +351,6 @@ impl Linear for BaseLinear {
         if self.bias.is_some() {
             return None;
         }
-        self.weight.to_dense(&Device::Cpu).ok()
+        self.to_dense().ok()
     }
 }

@@ -13,12 +13,12 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use skillet_kernels::{AttentionMask, Bf16Weight, CachedSeq, RopeLayout, RopeTable};
+use skillet_kernels::{AttentionMask, CachedSeq, FrozenHead, QuantMatrix, RopeLayout, RopeTable};
 
 use crate::adapter::{Adapter, Adapters, LAYER_MODULES, ModuleInfo, module_names};
 use crate::cache::KvCache;
 use crate::checkpoint::{self, Checkpointing};
-use crate::linear::{Activations, BaseLinear, Linear, Precision};
+use crate::linear::{Activations, BaseLinear, Linear, Precision, repack};
 use crate::rope::Rope;
 use crate::{LlamaConfig, ModelError, Result, Weight, WeightSource};
 
@@ -105,10 +105,11 @@ pub trait CausalLm: Send + Sync {
     /// under `adapters` (so the loss may fuse it); a trainable weight is
     /// returned as its variable.
     fn head_weight(&self, adapters: &Adapters) -> Option<Tensor>;
-    /// The LM head packed for bf16 products, when training forwards run in
-    /// bf16 ([`Llama::set_precision`]) and the head is frozen and not
-    /// adapted under `adapters` (so the loss may fuse it).
-    fn head_bf16(&self, adapters: &Adapters) -> Result<Option<Arc<Bf16Weight>>> {
+    /// The LM head as a frozen weight for the fused loss, its products in
+    /// the precision of training forwards ([`Llama::set_precision`]), when
+    /// the head is frozen and not adapted under `adapters` and is not a
+    /// dense f32 head (that one is [`CausalLm::head_weight`]).
+    fn head_frozen(&self, adapters: &Adapters) -> Result<Option<FrozenHead>> {
         let _ = adapters;
         Ok(None)
     }
@@ -329,11 +330,38 @@ impl DecoderLayer {
     }
 }
 
+/// The token embedding: dense (a variable in full fine-tuning), or frozen
+/// Q4_1 / Q8_0 blocks whose rows are dequantized as they are looked up.
+#[derive(Debug)]
+enum Embedding {
+    Dense(Tensor),
+    Blocks(Arc<QuantMatrix>),
+}
+
+impl Embedding {
+    /// The rows of `ids` (`[N]`): `[N, C]`.
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Dense(t) => t.index_select(ids, 0)?,
+            Embedding::Blocks(q) => {
+                let ids = ids.to_vec1::<u32>()?;
+                if let Some(&bad) = ids.iter().find(|&&i| i as usize >= q.rows()) {
+                    return Err(ModelError::Input(format!(
+                        "token id {bad} is outside the vocabulary ({})",
+                        q.rows()
+                    )));
+                }
+                Tensor::from_vec(q.dequantize_rows(&ids), (ids.len(), q.cols()), &Device::Cpu)?
+            }
+        })
+    }
+}
+
 /// A Llama-family model.
 #[derive(Debug)]
 pub struct Llama {
     cfg: LlamaConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<Arc<DecoderLayer>>,
     norm: RmsNorm,
     lm_head: Box<dyn Linear>,
@@ -391,7 +419,20 @@ impl Llama {
             })
         };
 
-        let embed_tokens = dense("model.embed_tokens.weight", &[v, c])?;
+        // A frozen embedding in Q4_1 / Q8_0 blocks stays in them (rows are
+        // dequantized as they are looked up), and a tied head reads the
+        // same blocks.
+        let embed_tokens = match (opts.keep_quantized && !opts.trainable)
+            .then(|| src.load_checked("model.embed_tokens.weight", &[v, c], true))
+            .transpose()?
+        {
+            Some(Weight::Quantized(q)) => match repack(&q) {
+                Some(blocks) => Embedding::Blocks(Arc::new(blocks)),
+                None => Embedding::Dense(q.dequantize(&device)?),
+            },
+            Some(Weight::Dense(t)) => Embedding::Dense(t),
+            None => Embedding::Dense(dense("model.embed_tokens.weight", &[v, c])?),
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -421,18 +462,25 @@ impl Llama {
         // writes it for some models); an untied one must carry it.
         let lm_head: Box<dyn Linear> = if src.contains("lm_head.weight") {
             linear("lm_head", v, c, false)?
+        } else if cfg.tie_word_embeddings
+            && let Embedding::Blocks(blocks) = &embed_tokens
+        {
+            Box::new(BaseLinear::from_blocks(blocks.clone()))
         } else if cfg.tie_word_embeddings && opts.keep_quantized && !opts.trainable {
             // The head reads the embedding's own blocks (decode speed).
             let w = src.load_checked("model.embed_tokens.weight", &[v, c], true)?;
             Box::new(BaseLinear::new(w, None))
-        } else if cfg.tie_word_embeddings {
-            Box::new(BaseLinear::new(Weight::Dense(embed_tokens.clone()), None))
+        } else if cfg.tie_word_embeddings
+            && let Embedding::Dense(t) = &embed_tokens
+        {
+            Box::new(BaseLinear::new(Weight::Dense(t.clone()), None))
         } else {
             return Err(ModelError::MissingTensor {
                 path: src.path().to_path_buf(),
                 tensor: src.file_name("lm_head.weight"),
             });
         };
+        src.release_pages();
         Ok(Self {
             rope: Rope::new(&cfg),
             composed: opts.composed_ops,
@@ -498,11 +546,6 @@ impl Llama {
         self.precision = precision;
     }
 
-    /// The token embedding matrix `[V, C]`.
-    pub fn embed_tokens(&self) -> &Tensor {
-        &self.embed_tokens
-    }
-
     fn check_input(&self, input: &ForwardInput) -> Result<(usize, usize)> {
         let (b, t) = input.ids.dims2().map_err(|_| {
             ModelError::Input(format!(
@@ -557,10 +600,10 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let ctx = Arc::new(ctx);
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?; // [B,T,C]
+        let mut x =
+            self.embed_tokens
+                .lookup(&ids.flatten_all()?)?
+                .reshape((b, t, self.cfg.hidden_size))?; // [B,T,C]
         for (i, layer) in self.layers.iter().enumerate() {
             x = match (&self.checkpointing, cached.as_mut()) {
                 (_, Some((cache, spans))) => layer.forward(
@@ -609,11 +652,11 @@ impl CausalLm for Llama {
         self.lm_head.dense_weight()
     }
 
-    fn head_bf16(&self, adapters: &Adapters) -> Result<Option<Arc<Bf16Weight>>> {
-        if self.precision != Precision::Bf16 || adapters.adapts(self.lm_head_module()) {
+    fn head_frozen(&self, adapters: &Adapters) -> Result<Option<FrozenHead>> {
+        if adapters.adapts(self.lm_head_module()) {
             return Ok(None);
         }
-        self.lm_head.bf16_weight()
+        self.lm_head.frozen_head(self.precision)
     }
 
     fn modules(&self) -> Vec<ModuleInfo> {

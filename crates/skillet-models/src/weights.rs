@@ -54,6 +54,9 @@ pub trait WeightSource {
     fn load(&self, hf_name: &str, keep_quantized: bool) -> Result<Weight>;
     /// Storage type names and how many tensors use each (for `inspect`).
     fn storage_types(&self) -> BTreeMap<String, usize>;
+    /// Called once a model has copied out what it needs: a mapped file
+    /// drops the pages that were read from resident memory.
+    fn release_pages(&self) {}
 
     /// Loads a required tensor and checks its shape.
     fn load_checked(&self, hf_name: &str, shape: &[usize], keep_quantized: bool) -> Result<Weight> {
@@ -176,6 +179,10 @@ impl WeightSource for GgufWeights {
             None => std::borrow::Cow::Borrowed(bytes),
         };
         decode(&bytes, info, keep_quantized, self.path())
+    }
+
+    fn release_pages(&self) {
+        self.file.release_pages();
     }
 
     fn storage_types(&self) -> BTreeMap<String, usize> {

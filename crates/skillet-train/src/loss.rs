@@ -54,8 +54,8 @@ pub fn causal_lm_loss_with(
     let picked = hidden
         .reshape((batch.batch * batch.seq, c))?
         .index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?; // [N,C]
-    if allow_fused && let Some(head) = model.head_bf16(&adapters)? {
-        let (sum, correct) = skillet_kernels::linear_cross_entropy_bf16(&picked, &head, &labels)?;
+    if allow_fused && let Some(head) = model.head_frozen(&adapters)? {
+        let (sum, correct) = skillet_kernels::linear_cross_entropy_frozen(&picked, &head, &labels)?;
         return Ok(LossParts {
             sum,
             tokens: n,

@@ -25,18 +25,6 @@ impl QuantMatrix {
         self.cols
     }
 
-    /// `x Wᵀ` (`forward`, rows of width `cols`) or `dy W` (rows of width
-    /// `rows`) in bf16: on the tiles with each column block dequantized
-    /// once, else through a transient rounded copy.
-    pub(crate) fn product_bf16(&self, x: &[f32], forward: bool) -> Vec<f32> {
-        self.product(x, Orient::of(forward), Precision::Bf16)
-    }
-
-    /// [`QuantMatrix::product_bf16`] in f32 through the dequantized weight.
-    pub(crate) fn product_f32(&self, x: &[f32], forward: bool) -> Vec<f32> {
-        self.product(x, Orient::of(forward), Precision::F32)
-    }
-
     /// The dense `[rows, cols]` values, rows spread over threads.
     fn dequantize_parallel(&self) -> Vec<f32> {
         let nb = self.cols / BLOCK;
@@ -79,23 +67,51 @@ impl QuantMatrix {
         }
     }
 
-    /// `y = x Wᵀ` (`x`: `[t, cols]`) or `dx = dy W` (`dy`: `[t, rows]`).
-    fn product(&self, x: &[f32], orient: Orient, precision: Precision) -> Vec<f32> {
+    /// `x Wᵀ` (`forward`, rows of width `cols`) or `dy W` (rows of width
+    /// `rows`) in bf16, written over `out`: on the tiles with each column
+    /// block dequantized once, else through a transient rounded copy.
+    pub(crate) fn product_bf16_into(&self, x: &[f32], forward: bool, out: &mut [f32]) {
+        self.product_into(x, Orient::of(forward), Precision::Bf16, out)
+    }
+
+    /// [`QuantMatrix::product_bf16_into`] in f32 through the dequantized weight.
+    pub(crate) fn product_f32_into(&self, x: &[f32], forward: bool, out: &mut [f32]) {
+        self.product_into(x, Orient::of(forward), Precision::F32, out)
+    }
+
+    /// The dense rows `ids` (each `< rows`), one after another: an
+    /// embedding lookup that reads only the blocks it needs.
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+        let nb = self.cols / BLOCK;
+        let mut out = vec![0f32; ids.len() * self.cols];
+        let mut values = [0f32; BLOCK];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(self.cols.max(1))) {
+            assert!((id as usize) < self.rows, "row {id} of {}", self.rows);
+            for (b, dst) in row.chunks_exact_mut(BLOCK).enumerate() {
+                self.block(id as usize * nb + b, &mut values);
+                dst.copy_from_slice(&values);
+            }
+        }
+        out
+    }
+
+    /// `out = x Wᵀ` (`x`: `[t, cols]`) or `out = dy W` (`dy`: `[t, rows]`).
+    fn product_into(&self, x: &[f32], orient: Orient, precision: Precision, out: &mut [f32]) {
         let (k, n) = match orient {
             Orient::Transposed => (self.cols, self.rows),
             Orient::AsStored => (self.rows, self.cols),
         };
         let t = x.len() / k.max(1);
-        let mut out = vec![0f32; t * n];
+        assert_eq!(out.len(), t * n, "quantized product: output size");
         match precision {
             Precision::Bf16 if bf16_accelerated() => {
-                matmul_panels(x, t, &QuantPanels { w: self, orient }, &mut out);
+                matmul_panels(x, t, &QuantPanels { w: self, orient }, out);
             }
             Precision::Bf16 => {
                 let w = self.dequantize_parallel();
                 let transposed = orient == Orient::Transposed;
                 let b = Bf16Matrix::pack_for(&w, self.rows, self.cols, transposed, false);
-                matmul_bf16(x, t, &b, &mut out);
+                matmul_bf16(x, t, &b, out);
             }
             Precision::F32 => {
                 let w = self.dequantize_parallel();
@@ -103,10 +119,9 @@ impl QuantMatrix {
                     Orient::Transposed => View::rows(&w, self.cols).t(),
                     Orient::AsStored => View::rows(&w, self.cols),
                 };
-                matmul(t, n, k, View::rows(x, k), b, Out::new(&mut out, n), true);
+                matmul(t, n, k, View::rows(x, k), b, Out::new(out, n), true);
             }
         }
-        out
     }
 }
 
@@ -151,10 +166,15 @@ impl Panels for QuantPanels<'_> {
     }
 
     fn panel<'a>(&'a self, j: usize, scratch: &'a mut [u16]) -> &'a [u16] {
-        match self.orient {
-            Orient::Transposed => self.rows_panel(j, scratch),
-            Orient::AsStored => self.columns_panel(j, scratch),
+        #[cfg(target_arch = "x86_64")]
+        if super::panels::vectorized() {
+            let forward = self.orient == Orient::Transposed;
+            // SAFETY: the CPU has the features (checked); the scratch is
+            // zeroed and as long as the layout needs (the trait's contract).
+            unsafe { super::panels::quant_panel(self.w, forward, j, scratch) };
+            return scratch;
         }
+        self.scalar_panel(j, scratch);
         scratch
     }
 
@@ -167,6 +187,14 @@ impl Panels for QuantPanels<'_> {
 const PAIR: usize = 32;
 
 impl QuantPanels<'_> {
+    /// Column block `j` without vector extensions.
+    fn scalar_panel(&self, j: usize, panel: &mut [u16]) {
+        match self.orient {
+            Orient::Transposed => self.rows_panel(j, panel),
+            Orient::AsStored => self.columns_panel(j, panel),
+        }
+    }
+
     /// `B = Wᵀ`, columns `16j..`: weight rows `16j..16j + 16`, each a
     /// column whose pair `p` is `(W[o][2p], W[o][2p + 1])`.
     fn rows_panel(&self, j: usize, panel: &mut [u16]) {
@@ -213,36 +241,17 @@ mod tests {
 
     use super::*;
     use crate::storage::tensor;
-    use crate::testing::{assert_same_product, max_abs_diff, output_and_input_grad, random};
+    use crate::testing::{
+        assert_same_product, max_abs_diff, output_and_input_grad, quant_matrices, random,
+    };
     use crate::{Bf16Weight, FrozenWeight, frozen_matmul, frozen_matmul_bf16, frozen_product};
-
-    /// A `[rows, cols]` matrix of each kind, from deterministic bytes.
-    fn matrices(rows: usize, cols: usize) -> Vec<Arc<QuantMatrix>> {
-        let blocks = rows * cols / BLOCK;
-        let byte = |i: usize| ((i * 2_654_435_761) >> 13) as u8;
-        let half = |v: f32| half::f16::from_f32(v).to_le_bytes();
-        let mut q4 = Vec::new();
-        let mut q8 = Vec::new();
-        for b in 0..blocks {
-            let d = 0.01 + (b % 7) as f32 * 0.003;
-            q4.extend(half(d));
-            q4.extend(half(-0.05 * (b % 3) as f32));
-            q4.extend((0..16).map(|i| byte(b * 16 + i)));
-            q8.extend(half(d / 8.0));
-            q8.extend((0..32).map(|i| byte(b * 32 + i + 7)));
-        }
-        vec![
-            Arc::new(QuantMatrix::from_ggml(QuantKind::Q4_1, rows, cols, &q4).unwrap()),
-            Arc::new(QuantMatrix::from_ggml(QuantKind::Q8_0, rows, cols, &q8).unwrap()),
-        ]
-    }
 
     #[test]
     fn bf16_products_equal_the_dense_packed_ones() {
         // Rows off the tile sizes (and more rows than one task of the
         // stored kernel), outputs off 16 and an odd number of blocks.
         for (t, rows, cols) in [(37, 40, 96), (300, 80, 64), (5, 16, 32)] {
-            for w in matrices(rows, cols) {
+            for w in quant_matrices(rows, cols) {
                 let dense = tensor(w.dequantize(), (rows, cols)).unwrap();
                 let packed = Arc::new(Bf16Weight::new(&dense).unwrap());
                 let x = random(&[t, cols], 1, 1.0);
@@ -262,14 +271,14 @@ mod tests {
 
     #[test]
     fn parallel_dequantizing_equals_the_serial_one() {
-        for w in matrices(40, 96) {
+        for w in quant_matrices(40, 96) {
             assert_eq!(w.dequantize_parallel(), w.dequantize());
         }
     }
 
     #[test]
     fn dequantized_products_equal_the_dense_ones() {
-        for w in matrices(48, 64) {
+        for w in quant_matrices(48, 64) {
             let dense = tensor(w.dequantize(), (48, 64)).unwrap();
             let x = random(&[3, 7, 64], 3, 1.0);
             let dy = random(&[3, 7, 48], 4, 1.0);
@@ -281,6 +290,42 @@ mod tests {
             let (want_y, want_gx) = output_and_input_grad(|x| frozen_matmul(x, &dense), &x, &dy);
             assert!(max_abs_diff(&y, &want_y) < 1e-5);
             assert!(max_abs_diff(&gx, &want_gx) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn dequantized_rows_are_the_rows_of_the_dense_matrix() {
+        for w in quant_matrices(48, 64) {
+            let dense = w.dequantize();
+            let ids = [5u32, 0, 47, 5];
+            let rows = w.dequantize_rows(&ids);
+            for (i, &id) in ids.iter().enumerate() {
+                let want = &dense[id as usize * 64..(id as usize + 1) * 64];
+                assert_eq!(&rows[i * 64..(i + 1) * 64], want, "row {id}");
+            }
+        }
+    }
+
+    #[test]
+    fn vectorized_panels_equal_the_scalar_ones() {
+        #[cfg(target_arch = "x86_64")]
+        if super::super::panels::vectorized() {
+            // Ragged rows (a partial last panel, an odd last pair).
+            for (rows, cols) in [(37, 96), (16, 32), (5, 64)] {
+                for w in quant_matrices(rows, cols) {
+                    for orient in [Orient::Transposed, Orient::AsStored] {
+                        let p = QuantPanels { w: &w, orient };
+                        let len = crate::bf16::padded(p.k()) * 16;
+                        for j in 0..p.n().div_ceil(16) {
+                            let mut want = vec![0u16; len];
+                            p.scalar_panel(j, &mut want);
+                            let mut got = vec![0u16; len];
+                            p.panel(j, &mut got);
+                            assert_eq!(got, want, "{rows}x{cols} {orient:?} panel {j}");
+                        }
+                    }
+                }
+            }
         }
     }
 }

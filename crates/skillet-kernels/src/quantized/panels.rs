@@ -1,0 +1,105 @@
+//! The tile kernel's 16-column blocks of a quantized `W` (or `Wᵀ`) made
+//! with AVX-512: each block of 32 weights is dequantized in registers
+//! (bytes widened, scaled, offset) and rounded to bf16 with one
+//! `vcvtne2ps2bf16`, never passing through memory as f32. The layout is
+//! the one `QuantPanels` writes with scalar code (see there).
+// Intrinsics inside `unsafe fn`s whose contract covers them, as in the
+// tile kernels.
+#![allow(unsafe_op_in_unsafe_fn)]
+
+use std::arch::x86_64::*;
+
+use super::{BLOCK, QuantKind, QuantMatrix};
+
+/// Columns per panel (the tile width).
+const TILE: usize = 16;
+
+/// Whether [`quant_panel`] can run here.
+pub(super) fn vectorized() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+/// Half `half` (0: weights 0–15, 1: weights 16–31) of block `b`, in f32.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and `b` must be a block of `w`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn half_block(w: &QuantMatrix, b: usize, half: usize) -> __m512 {
+    let d = _mm512_set1_ps(w.scales[b]);
+    // Block `b` has 16 (Q4_1) or 32 (Q8_0) bytes at these offsets.
+    match w.kind {
+        QuantKind::Q4_1 => {
+            let q =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(w.quants.as_ptr().add(b * 16) as *const _));
+            let q = if half == 0 {
+                _mm512_and_si512(q, _mm512_set1_epi32(15))
+            } else {
+                _mm512_srli_epi32::<4>(q)
+            };
+            _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q), _mm512_set1_ps(w.mins[b]))
+        }
+        QuantKind::Q8_0 => {
+            let p = w.quants.as_ptr().add(b * 32 + 16 * half);
+            _mm512_mul_ps(
+                d,
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const _))),
+            )
+        }
+    }
+}
+
+/// Column block `j` of `B` = `Wᵀ` (`forward`) or `W` into `panel`, which
+/// arrives zeroed and at least `padded(k) · 16` long.
+///
+/// # Safety
+/// [`vectorized`] must be true.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(super) unsafe fn quant_panel(w: &QuantMatrix, forward: bool, j: usize, panel: &mut [u16]) {
+    // Every write lands inside `panel` (asserted lengths: scatters reach
+    // 32-bit element `(cols / 2 - 1) · 16 + 15`, lines end at
+    // `rows.div_ceil(2) · 32` values).
+    let nb = w.cols / BLOCK;
+    if forward {
+        // Weight row 16j + c is column c; its pair p goes to 32-bit
+        // element p · 16 + c, a block's 16 pairs by one scatter.
+        assert!(panel.len() >= w.cols * TILE);
+        let index = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(TILE as i32),
+        );
+        for c in 0..TILE.min(w.rows - TILE * j) {
+            let o = TILE * j + c;
+            let dst = (panel.as_mut_ptr() as *mut i32).add(c);
+            for b in 0..nb {
+                let lo = half_block(w, o * nb + b, 0);
+                let hi = half_block(w, o * nb + b, 1);
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_i32scatter_epi32::<4>(dst.add(b * BLOCK / 2 * TILE), index, v);
+            }
+        }
+    } else {
+        // Columns 16j.. are half j % 2 of block j / 2 of every row; rows
+        // 2p and 2p + 1 interleaved make one 64-byte line per pair.
+        assert!(panel.len() >= w.rows.div_ceil(2) * 2 * TILE);
+        let (b, half) = (j / 2, j % 2);
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        let mut o = 0;
+        while o < w.rows {
+            let even = half_block(w, o * nb + b, half);
+            let odd = if o + 1 < w.rows {
+                half_block(w, (o + 1) * nb + b, half)
+            } else {
+                _mm512_setzero_ps()
+            };
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
+            let line = _mm512_permutexvar_epi16(interleave, v);
+            _mm512_storeu_si512(panel.as_mut_ptr().add(o / 2 * 2 * TILE) as *mut _, line);
+            o += 2;
+        }
+    }
+}
