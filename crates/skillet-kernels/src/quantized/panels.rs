@@ -1,7 +1,8 @@
 //! The tile kernel's 16-column blocks of a quantized `W` (or `Wᵀ`) made
 //! with AVX-512: each block of 32 weights is dequantized in registers
 //! (bytes widened, scaled, offset) and rounded to bf16 with one
-//! `vcvtne2ps2bf16`, never passing through memory as f32. The layout is
+//! `vcvtne2ps2bf16`, never passing through memory as f32; for `Wᵀ`, 16
+//! rows' blocks are transposed in registers and stored a line at a time. The layout is
 //! the one `QuantPanels` writes with scalar code (see there).
 // Intrinsics inside `unsafe fn`s whose contract covers them, as in the
 // tile kernels.
@@ -62,21 +63,23 @@ pub(super) unsafe fn quant_panel(w: &QuantMatrix, forward: bool, j: usize, panel
     // `rows.div_ceil(2) · 32` values).
     let nb = w.cols / BLOCK;
     if forward {
-        // Weight row 16j + c is column c; its pair p goes to 32-bit
-        // element p · 16 + c, a block's 16 pairs by one scatter.
+        // Weight row 16j + c is column c: a block of each of the 16 rows
+        // gives 16 pairs per row; transposed in registers, pair p of all
+        // 16 rows is one 64-byte line at 32-bit element p · 16.
         assert!(panel.len() >= w.cols * TILE);
-        let index = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(TILE as i32),
-        );
-        for c in 0..TILE.min(w.rows - TILE * j) {
-            let o = TILE * j + c;
-            let dst = (panel.as_mut_ptr() as *mut i32).add(c);
-            for b in 0..nb {
-                let lo = half_block(w, o * nb + b, 0);
-                let hi = half_block(w, o * nb + b, 1);
-                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                _mm512_i32scatter_epi32::<4>(dst.add(b * BLOCK / 2 * TILE), index, v);
+        let valid = TILE.min(w.rows - TILE * j);
+        let dst = panel.as_mut_ptr() as *mut __m512i;
+        for b in 0..nb {
+            // Rows past the weight's last stay zero.
+            let mut r = [_mm512_setzero_si512(); TILE];
+            for (c, row) in r.iter_mut().enumerate().take(valid) {
+                let blk = (TILE * j + c) * nb + b;
+                let (lo, hi) = (half_block(w, blk, 0), half_block(w, blk, 1));
+                *row = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            }
+            transpose(&mut r);
+            for (p, line) in r.iter().enumerate() {
+                _mm512_storeu_si512(dst.add(b * BLOCK / 2 + p), *line);
             }
         }
     } else {
@@ -101,5 +104,39 @@ pub(super) unsafe fn quant_panel(w: &QuantMatrix, forward: bool, j: usize, panel
             _mm512_storeu_si512(panel.as_mut_ptr().add(o / 2 * 2 * TILE) as *mut _, line);
             o += 2;
         }
+    }
+}
+
+/// Transposes 16 rows of 16 32-bit elements in place: row `x` becomes
+/// element `x` of every input row.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose(r: &mut [__m512i; TILE]) {
+    // 32-bit, then 64-bit interleaves: `u[4i + m]`, 128-bit lane `k`, is
+    // element `4k + m` of rows `4i..4i + 4`.
+    let mut t = [_mm512_setzero_si512(); TILE];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); TILE];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // Lanes: element 4k + m takes lane k of u[m], u[4 + m], u[8 + m],
+    // u[12 + m].
+    for m in 0..4 {
+        let (a, b, c, d) = (u[m], u[4 + m], u[8 + m], u[12 + m]);
+        let ab_even = _mm512_shuffle_i32x4::<0x88>(a, b); // a0 a2 b0 b2
+        let ab_odd = _mm512_shuffle_i32x4::<0xdd>(a, b); // a1 a3 b1 b3
+        let cd_even = _mm512_shuffle_i32x4::<0x88>(c, d);
+        let cd_odd = _mm512_shuffle_i32x4::<0xdd>(c, d);
+        r[m] = _mm512_shuffle_i32x4::<0x88>(ab_even, cd_even);
+        r[8 + m] = _mm512_shuffle_i32x4::<0xdd>(ab_even, cd_even);
+        r[4 + m] = _mm512_shuffle_i32x4::<0x88>(ab_odd, cd_odd);
+        r[12 + m] = _mm512_shuffle_i32x4::<0xdd>(ab_odd, cd_odd);
     }
 }
