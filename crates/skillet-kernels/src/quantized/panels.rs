@@ -75,7 +75,7 @@ pub(super) unsafe fn quant_panel(w: &QuantMatrix, forward: bool, j: usize, panel
             for (c, row) in r.iter_mut().enumerate().take(valid) {
                 let blk = (TILE * j + c) * nb + b;
                 let (lo, hi) = (half_block(w, blk, 0), half_block(w, blk, 1));
-                *row = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                *row = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
             }
             transpose(&mut r);
             for (p, line) in r.iter().enumerate() {
