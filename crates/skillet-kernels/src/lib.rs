@@ -25,6 +25,7 @@ mod rms_norm;
 mod rope;
 mod storage;
 mod swiglu;
+mod swiglu_down;
 #[cfg(target_arch = "x86_64")]
 mod tiles;
 mod vec;
@@ -47,3 +48,4 @@ pub use quantized::{QuantKind, QuantMatrix};
 pub use rms_norm::{rms_norm, rms_norm_composed};
 pub use rope::{RopeLayout, RopeTable, rope, rope_composed};
 pub use swiglu::{swiglu, swiglu_composed};
+pub use swiglu_down::swiglu_down;

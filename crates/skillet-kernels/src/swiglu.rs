@@ -10,12 +10,12 @@ use crate::storage::{slice, tensor, with_f32};
 use crate::vec::{exp, multiversion};
 
 /// Elements per parallel task.
-const BLOCK: usize = 1 << 14;
+pub(crate) const BLOCK: usize = 1 << 14;
 
 struct SwiGlu;
 
 multiversion! {
-    fn forward_block(g: &[f32], u: &[f32], y: &mut [f32]) {
+    pub(crate) fn forward_block(g: &[f32], u: &[f32], y: &mut [f32]) {
         for ((yv, &gv), &uv) in y.iter_mut().zip(g).zip(u) {
             *yv = gv / (1.0 + exp(-gv)) * uv;
         }
@@ -23,7 +23,7 @@ multiversion! {
 }
 
 multiversion! {
-    fn backward_block(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    pub(crate) fn backward_block(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
         for ((((dgv, duv), &gv), &uv), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
             let s = 1.0 / (1.0 + exp(-gv));
             *duv = d * gv * s;

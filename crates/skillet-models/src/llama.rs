@@ -298,15 +298,32 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize) -> Result<Tensor> {
+    /// `residual + mlp(x)`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        ctx: &LayerContext,
+        base: usize,
+    ) -> Result<Tensor> {
         let gate = ctx.project(self.gate_proj.as_ref(), base + 4, x)?;
         let up = ctx.project(self.up_proj.as_ref(), base + 5, x)?;
+        let down = base + 6;
+        // A frozen, unadapted down projection: gate, product and residual
+        // add in one op that keeps no gated product for backward.
+        if !ctx.composed
+            && ctx.rowwise.is_none()
+            && !ctx.adapters.adapts(down)
+            && let Some(frozen) = self.down_proj.frozen(ctx.precision)?
+        {
+            return Ok(skillet_kernels::swiglu_down(&gate, &up, residual, &frozen)?);
+        }
         let act = if ctx.composed {
             skillet_kernels::swiglu_composed(&gate, &up)?
         } else {
             skillet_kernels::swiglu(&gate, &up)?
         };
-        ctx.project(self.down_proj.as_ref(), base + 6, &act)
+        Ok((residual + ctx.project(self.down_proj.as_ref(), down, &act)?)?)
     }
 }
 
@@ -326,7 +343,7 @@ impl DecoderLayer {
         let normed = self.input_layernorm.forward(x, ctx.composed)?;
         let x = (x + self.self_attn.forward(&normed, ctx, base, kv)?)?;
         let normed = self.post_attention_layernorm.forward(&x, ctx.composed)?;
-        Ok((&x + self.mlp.forward(&normed, ctx, base)?)?)
+        self.mlp.forward(&normed, &x, ctx, base)
     }
 }
 
