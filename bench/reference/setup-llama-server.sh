@@ -31,15 +31,8 @@ ROOT="$PWD/.llama-server"
 mkdir -p "$ROOT/dl"
 log() { echo "setup-llama-server: $*" >&2; }
 
-# x86-64 feature set; all of these are in /proc/cpuinfo of the Xeon VMs.
-CPU_FLAGS=(
-  -DGGML_NATIVE=OFF
-  -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON
-  -DGGML_FMA=ON -DGGML_F16C=ON
-  -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
-  -DGGML_AVX_VNNI=OFF
-  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
-)
+# x86-64 feature set (shared with setup-llamacpp.sh).
+source ./cpu-flags.sh
 for f in avx512f avx512vbmi avx512_vnni avx512_bf16; do
   grep -qw "$f" /proc/cpuinfo || log "warning: this CPU lacks $f; the binary will not run here"
 done
