@@ -21,6 +21,7 @@ use candle_core::{CpuStorage, CustomOp3, D, Device, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use crate::gemm::{Out, View, matmul};
+use crate::rope::{RopeLayout, RopeTable, rotate};
 use crate::storage::{slice, tensor, with_f32};
 use crate::vec::{dot, exp_shifted_sum, max, scale};
 
@@ -225,6 +226,9 @@ pub(crate) struct Attention {
     /// `[B, H, T]` log-sum-exp of each query's scaled scores (−∞ when it
     /// sees no key), written by forward for backward.
     pub(crate) lse: Arc<Mutex<Vec<f32>>>,
+    /// RoPE applied to `q` and `k` inside the op (rotated copies made for
+    /// the call and again in backward, never kept by the graph).
+    pub(crate) rope: Option<(RopeTable, RopeLayout)>,
 }
 
 impl Attention {
@@ -430,6 +434,17 @@ impl CustomOp3 for Attention {
             slice(ks, kl, "attention")?,
             slice(vs, vl, "attention")?,
         );
+        let rotated = match &self.rope {
+            Some((table, layout)) => Some((
+                rotate(q, ql.dims(), table, *layout, false)?,
+                rotate(k, kl.dims(), table, *layout, false)?,
+            )),
+            None => None,
+        };
+        let (q, k) = match &rotated {
+            Some((q, k)) => (q.as_slice(), k.as_slice()),
+            None => (q, k),
+        };
         let tiles = dims.tiles();
         let results: Vec<(Vec<f32>, Vec<f32>)> = tiles
             .par_iter()
@@ -460,6 +475,17 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse = self.lse.lock().map(|l| l.clone()).unwrap_or_default();
+        // With RoPE inside: the rotated inputs again here, and their
+        // gradients rotated back at the end.
+        let (q_in, k_in) = (q, k);
+        let (qr, kr) = match &self.rope {
+            Some((table, layout)) => (
+                Some(rotated(q, table, *layout, false)?),
+                Some(rotated(k, table, *layout, false)?),
+            ),
+            None => (None, None),
+        };
+        let (q, k) = (qr.as_ref().unwrap_or(q), kr.as_ref().unwrap_or(k));
         let (ql, kl) = (q.layout().clone(), k.layout().clone());
         let dims = self.dims(&ql, &kl, v.layout())?;
         if lse.len() != dims.b * dims.h * dims.t {
@@ -487,12 +513,25 @@ impl CustomOp3 for Attention {
             }
             Ok((dq, dk, dv))
         })?;
-        Ok((
-            Some(tensor(dq, q.shape())?),
-            Some(tensor(dk, k.shape())?),
-            Some(tensor(dv, v.shape())?),
-        ))
+        let (dq, dk) = (tensor(dq, q.shape())?, tensor(dk, k.shape())?);
+        let (dq, dk) = match &self.rope {
+            Some((table, layout)) => (
+                rotated(&dq, table, *layout, true)?,
+                rotated(&dk, table, *layout, true)?,
+            ),
+            None => (dq, dk),
+        };
+        debug_assert_eq!((dq.dims(), dk.dims()), (q_in.dims(), k_in.dims()));
+        Ok((Some(dq), Some(dk), Some(tensor(dv, v.shape())?)))
     }
+}
+
+/// `x` (`[B, T, heads, D]`) rotated by `table` (or back, `inverse`).
+fn rotated(x: &Tensor, table: &RopeTable, layout: RopeLayout, inverse: bool) -> Result<Tensor> {
+    let y = with_f32([x], "attention", |[xs]| {
+        rotate(xs, x.dims(), table, layout, inverse)
+    })?;
+    tensor(y, x.shape())
 }
 
 /// Attention of queries `q` (`[B, T, H, D]`) over keys `k` and values `v`
@@ -509,6 +548,29 @@ pub fn attention(
         mask: mask.clone(),
         scale,
         lse: Arc::new(Mutex::new(Vec::new())),
+        rope: None,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`attention`] of `q` and `k` rotated by `table` inside the op (RoPE
+/// then attention, as two ops; but the rotated `q` and `k` are made for
+/// the call and again in backward, not kept until backward).
+pub fn attention_rope(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f32,
+    table: &RopeTable,
+    layout: RopeLayout,
+) -> Result<Tensor> {
+    let op = Attention {
+        mask: mask.clone(),
+        scale,
+        lse: Arc::new(Mutex::new(Vec::new())),
+        rope: Some((table.clone(), layout)),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -572,6 +634,45 @@ mod tests {
             &|a| attention_composed(&a[0], &a[1], &a[2], &mask, scale),
             5e-5,
         );
+    }
+
+    #[test]
+    fn rope_inside_matches_rope_then_attention() {
+        // Two sequences of 70 (two query tiles), GQA 6/2, packed segments
+        // with positions restarting, in both RoPE layouts.
+        let (b, t, h, k, d) = (2, 70, 6, 2, 8);
+        let half = d / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for row in 0..b * t {
+            let pos = (row % t) % 40; // a second packed example from 40
+            for i in 0..half {
+                let angle = pos as f32 * 10_000f32.powf(-(i as f32) / half as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let table = RopeTable::new(cos, sin, b * t, half).unwrap();
+        let segments: Vec<u32> = (0..b * t).map(|i| u32::from(i % t >= 40)).collect();
+        let mask = AttentionMask::causal(b, t, t)
+            .unwrap()
+            .with_segments(segments)
+            .unwrap();
+        let q = random(&[b, t, h, d], 11, 1.0);
+        let kk = random(&[b, t, k, d], 12, 1.0);
+        let v = random(&[b, t, k, d], 13, 1.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        for layout in [RopeLayout::Half, RopeLayout::Interleaved] {
+            check_op(
+                &[q.clone(), kk.clone(), v.clone()],
+                &|a| attention_rope(&a[0], &a[1], &a[2], &mask, scale, &table, layout),
+                &|a| {
+                    let q = crate::rope(&a[0], &table, layout)?;
+                    let k = crate::rope(&a[1], &table, layout)?;
+                    attention(&q, &k, &a[2], &mask, scale)
+                },
+                5e-5,
+            );
+        }
     }
 
     #[test]

@@ -34,7 +34,7 @@ mod vec;
 mod testing;
 
 pub use adamw::{AdamWStep, adamw_step};
-pub use attention::{AttentionMask, attention, attention_composed};
+pub use attention::{AttentionMask, attention, attention_composed, attention_rope};
 pub use bf16::{Bf16Matrix, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16};
 pub use cached_attention::{CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys};
 pub use frozen::{FrozenWeight, frozen_product};

@@ -89,6 +89,45 @@ multiversion! {
     }
 }
 
+/// `x` (`[batch, seq, heads, head_dim]` row-major, `dims`) rotated by
+/// `table`, or by its inverse (the gradient's rotation).
+pub(crate) fn rotate(
+    x: &[f32],
+    dims: &[usize],
+    t: &RopeTable,
+    layout: RopeLayout,
+    inverse: bool,
+) -> Result<Vec<f32>> {
+    if dims.len() != 4 || dims[0] * dims[1] != t.rows || dims[3] != 2 * t.half {
+        bail!(
+            "rope: input {dims:?} is not [batch, seq, heads, {}] over {} tokens",
+            2 * t.half,
+            t.rows
+        );
+    }
+    let row = dims[2] * dims[3];
+    let mut y = vec![0f32; x.len()];
+    let sign = if inverse { -1.0 } else { 1.0 };
+    let rows_per_task = 8;
+    y.par_chunks_mut(rows_per_task * row)
+        .zip(x.par_chunks(rows_per_task * row))
+        .enumerate()
+        .for_each(|(k, (y, x))| {
+            let r0 = k * rows_per_task;
+            let r1 = r0 + x.len() / row;
+            rotate_rows(
+                x,
+                y,
+                &t.cos[r0 * t.half..r1 * t.half],
+                &t.sin[r0 * t.half..r1 * t.half],
+                t.half,
+                layout == RopeLayout::Interleaved,
+                sign,
+            );
+        });
+    Ok(y)
+}
+
 impl CustomOp1 for Rope {
     fn name(&self) -> &'static str {
         "rope"
@@ -96,35 +135,7 @@ impl CustomOp1 for Rope {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(storage, layout, self.name())?;
-        let dims = layout.dims();
-        let t = &self.table;
-        if dims.len() != 4 || dims[0] * dims[1] != t.rows || dims[3] != 2 * t.half {
-            bail!(
-                "rope: input {dims:?} is not [batch, seq, heads, {}] over {} tokens",
-                2 * t.half,
-                t.rows
-            );
-        }
-        let row = dims[2] * dims[3];
-        let mut y = vec![0f32; x.len()];
-        let sign = if self.inverse { -1.0 } else { 1.0 };
-        let rows_per_task = 8;
-        y.par_chunks_mut(rows_per_task * row)
-            .zip(x.par_chunks(rows_per_task * row))
-            .enumerate()
-            .for_each(|(k, (y, x))| {
-                let r0 = k * rows_per_task;
-                let r1 = r0 + x.len() / row;
-                rotate_rows(
-                    x,
-                    y,
-                    &t.cos[r0 * t.half..r1 * t.half],
-                    &t.sin[r0 * t.half..r1 * t.half],
-                    t.half,
-                    self.layout == RopeLayout::Interleaved,
-                    sign,
-                );
-            });
+        let y = rotate(x, layout.dims(), &self.table, self.layout, self.inverse)?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 

@@ -233,6 +233,22 @@ impl Attention {
         let v = ctx
             .project(self.v_proj.as_ref(), base + 2, x)?
             .reshape((b, t, k, d))?; // [B,T,K,D]
+        let scale = 1.0 / (d as f32).sqrt();
+        if !ctx.composed
+            && let (Kv::Fresh, Some(mask)) = (&kv, &ctx.mask)
+        {
+            // RoPE inside the attention op: no rotated copies kept.
+            let out = skillet_kernels::attention_rope(
+                &q,
+                &kk,
+                &v,
+                mask,
+                scale,
+                &ctx.rope,
+                RopeLayout::Half,
+            )?;
+            return ctx.project(self.o_proj.as_ref(), base + 3, &out.reshape((b, t, h * d))?);
+        }
         let rope = if ctx.composed {
             skillet_kernels::rope_composed
         } else {
@@ -240,7 +256,6 @@ impl Attention {
         };
         let q = rope(&q, &ctx.rope, RopeLayout::Half)?;
         let kk = rope(&kk, &ctx.rope, RopeLayout::Half)?;
-        let scale = 1.0 / (d as f32).sqrt();
         let out = match (kv, &ctx.mask) {
             (Kv::Fresh, Some(mask)) => {
                 let attend = if ctx.composed {
