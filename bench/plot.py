@@ -14,7 +14,7 @@ import argparse
 import json
 import statistics
 
-W, H, PAD = 360, 260, 52
+W, H, PAD = 370, 260, 62
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
