@@ -10,12 +10,12 @@ use crate::storage::{slice, tensor, with_f32};
 use crate::vec::{exp, multiversion};
 
 /// Elements per parallel task.
-pub(crate) const BLOCK: usize = 1 << 14;
+const BLOCK: usize = 1 << 14;
 
 struct SwiGlu;
 
 multiversion! {
-    pub(crate) fn forward_block(g: &[f32], u: &[f32], y: &mut [f32]) {
+    fn forward_block(g: &[f32], u: &[f32], y: &mut [f32]) {
         for ((yv, &gv), &uv) in y.iter_mut().zip(g).zip(u) {
             *yv = gv / (1.0 + exp(-gv)) * uv;
         }
@@ -23,13 +23,34 @@ multiversion! {
 }
 
 multiversion! {
-    pub(crate) fn backward_block(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    fn backward_block(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
         for ((((dgv, duv), &gv), &uv), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
             let s = 1.0 / (1.0 + exp(-gv));
             *duv = d * gv * s;
             *dgv = d * uv * s * (1.0 + gv * (1.0 - s));
         }
     }
+}
+
+/// `silu(g) ∘ u`, over threads.
+pub(crate) fn gated(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; g.len()];
+    y.par_chunks_mut(BLOCK)
+        .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
+        .for_each(|(y, (g, u))| forward_block(g, u, y));
+    y
+}
+
+/// `(dg, du)` of `silu(g) ∘ u` for the output gradient `dy`, over threads.
+pub(crate) fn gated_grads(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; g.len()];
+    let mut du = vec![0f32; g.len()];
+    dg.par_chunks_mut(BLOCK)
+        .zip(du.par_chunks_mut(BLOCK))
+        .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
+        .zip(dy.par_chunks(BLOCK))
+        .for_each(|(((dg, du), (g, u)), dy)| backward_block(g, u, dy, dg, du));
+    (dg, du)
 }
 
 impl CustomOp2 for SwiGlu {
@@ -49,11 +70,7 @@ impl CustomOp2 for SwiGlu {
         }
         let g = slice(gs, gl, self.name())?;
         let u = slice(us, ul, self.name())?;
-        let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(BLOCK)
-            .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
-            .for_each(|(y, (g, u))| forward_block(g, u, y));
-        Ok((CpuStorage::F32(y), gl.shape().clone()))
+        Ok((CpuStorage::F32(gated(g, u)), gl.shape().clone()))
     }
 
     fn bwd(
@@ -64,14 +81,7 @@ impl CustomOp2 for SwiGlu {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dg, du) = with_f32([g, u, dy], self.name(), |[g, u, dy]| {
-            let mut dg = vec![0f32; g.len()];
-            let mut du = vec![0f32; g.len()];
-            dg.par_chunks_mut(BLOCK)
-                .zip(du.par_chunks_mut(BLOCK))
-                .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
-                .zip(dy.par_chunks(BLOCK))
-                .for_each(|(((dg, du), (g, u)), dy)| backward_block(g, u, dy, dg, du));
-            Ok((dg, du))
+            Ok(gated_grads(g, u, dy))
         })?;
         Ok((Some(tensor(dg, g.shape())?), Some(tensor(du, u.shape())?)))
     }

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::lora_linear::FrozenLinear;
 use crate::storage::{slice, tensor, with_f32};
-use crate::swiglu::{BLOCK, backward_block, forward_block};
+use crate::swiglu::{gated, gated_grads};
 
 struct SwiGluDown {
     down: FrozenLinear,
@@ -50,10 +50,7 @@ impl CustomOp3 for SwiGluDown {
             slice(us, ul, self.name())?,
             slice(hs, hl, self.name())?,
         );
-        let mut p = vec![0f32; g.len()];
-        p.par_chunks_mut(BLOCK)
-            .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
-            .for_each(|(p, (g, u))| forward_block(g, u, p));
+        let p = gated(g, u);
         let mut y = self.down.weight.forward(&p)?;
         drop(p);
         let bias = match &self.down.bias {
@@ -81,14 +78,7 @@ impl CustomOp3 for SwiGluDown {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dg, du) = with_f32([g, u, dy], self.name(), |[g, u, dy]| {
             let dp = self.down.weight.backward(dy)?;
-            let mut dg = vec![0f32; g.len()];
-            let mut du = vec![0f32; g.len()];
-            dg.par_chunks_mut(BLOCK)
-                .zip(du.par_chunks_mut(BLOCK))
-                .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))
-                .zip(dp.par_chunks(BLOCK))
-                .for_each(|(((dg, du), (g, u)), dp)| backward_block(g, u, dp, dg, du));
-            Ok((dg, du))
+            Ok(gated_grads(g, u, &dp))
         })?;
         Ok((
             Some(tensor(dg, g.shape())?),

@@ -2,16 +2,21 @@
 //! adapter as LoRA over the dequantized base: the same gradients in f32
 //! (the blocks dequantized for each product), and in bf16 the same
 //! gradients as the dense base in bf16 (the blocks read inside the tile
-//! products), both within bf16's precision of f32.
+//! products), both within bf16's precision of f32. The fused loss over
+//! the blocks (the tied LM head read from the embedding's blocks, no
+//! dense copy) gives the dequantized model's loss and gradients.
+
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
 use skillet_adapters::{LoraAdapter, LoraSettings, Targets};
 use skillet_gguf::GgmlType;
 use skillet_models::export::write_gguf;
 use skillet_models::{
-    Adapted, CausalLm, ForwardInput, Llama, LoadOptions, ModelSource, Precision, random_weights,
-    tiny_config,
+    Adapted, Adapters, CausalLm, ForwardInput, Llama, LoadOptions, ModelSource, Precision,
+    random_weights, tiny_config,
 };
+use skillet_train::{TrainBatch, causal_lm_loss};
 
 /// The tiny model stored in `storage`, loaded dequantized and kept in
 /// its blocks.
@@ -33,32 +38,28 @@ fn models(storage: GgmlType) -> (Llama, Llama) {
     (load(false), load(true))
 }
 
-/// Gradients of every adapter variable for a fixed weighting of the
-/// logits of two sequences of 40 tokens, in `precision`.
-fn gradients(mut m: Llama, precision: Precision) -> Vec<Vec<f32>> {
-    m.set_precision(precision);
-    let settings = LoraSettings::new(
-        4,
-        8.0,
-        0.0,
-        false,
-        Targets::Names(
-            ["q_proj", "v_proj", "o_proj", "down_proj"]
-                .map(String::from)
-                .to_vec(),
-        ),
-    )
-    .unwrap();
-    let adapter = LoraAdapter::new(&m, &settings, 11, None).unwrap();
-    // B away from zero, so every factor gets a gradient.
-    let vars: Vec<Var> = adapter.vars();
-    for (i, v) in vars.iter().enumerate().skip(1).step_by(2) {
+/// A LoRA adapter (r = 4) on `targets` with B away from zero, the same
+/// values for every model, so every factor gets a gradient.
+fn trained_adapter(m: &Llama, targets: &[&str], seed: u64) -> LoraAdapter {
+    let targets = Targets::Names(targets.iter().map(|t| t.to_string()).collect());
+    let settings = LoraSettings::new(4, 8.0, 0.0, false, targets).unwrap();
+    let adapter = LoraAdapter::new(m, &settings, seed, None).unwrap();
+    for (i, v) in adapter.vars().iter().enumerate().skip(1).step_by(2) {
         let vals: Vec<f32> = (0..v.elem_count())
             .map(|k| (((k * 17 + i) % 11) as f32 - 5.0) * 0.03)
             .collect();
         v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
             .unwrap();
     }
+    adapter
+}
+
+/// Gradients of every adapter variable for a fixed weighting of the
+/// logits of two sequences of 40 tokens, in `precision`.
+fn gradients(mut m: Llama, precision: Precision) -> Vec<Vec<f32>> {
+    m.set_precision(precision);
+    let adapter = trained_adapter(&m, &["q_proj", "v_proj", "o_proj", "down_proj"], 11);
+    let vars: Vec<Var> = adapter.vars();
     let ids: Vec<u32> = (0..80).map(|i| (i * 37 + 5) % 97).collect();
     let input = ForwardInput::new(Tensor::from_vec(ids, (2, 40), &Device::Cpu).unwrap());
     let model = Adapted::new(&m, Some(std::sync::Arc::new(adapter)));
@@ -163,4 +164,59 @@ fn adapter_dropout_still_applies_where_layers_are_fused() {
     assert_ne!(grad_1, grad_2, "dropout ignored in the gradient");
     // The same seed gives the same numbers.
     assert_eq!(with_dropout(&dense, &adapter, 1), (logits_1, grad_1));
+}
+
+/// The mean loss and every adapter gradient of one batch in `precision`.
+fn loss_and_grads(mut m: Llama, precision: Precision) -> (f32, Vec<Vec<f32>>) {
+    m.set_precision(precision);
+    let adapter = trained_adapter(&m, &["q_proj", "v_proj"], 3);
+    let vars: Vec<Var> = adapter.vars();
+    let ids: Vec<u32> = (0..80).map(|i| (i * 37 + 5) % 97).collect();
+    let batch = TrainBatch {
+        batch: 2,
+        seq: 40,
+        labels: ids.iter().map(|&i| i64::from((i * 3 + 1) % 97)).collect(),
+        key_mask: vec![1; 80],
+        positions: None,
+        segments: None,
+        ids,
+    };
+    let model = Adapted::new(&m, Some(Arc::new(adapter)));
+    let parts = causal_lm_loss(&model, &batch).unwrap();
+    let loss = (parts.sum / parts.tokens as f64).unwrap();
+    let g = loss.backward().unwrap();
+    let grads = vars
+        .iter()
+        .map(|v| {
+            g.get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    (loss.to_scalar().unwrap(), grads)
+}
+
+#[test]
+fn the_fused_loss_over_quantized_blocks_equals_the_dequantized_model() {
+    for storage in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for precision in [Precision::F32, Precision::Bf16] {
+            let (dense, quantized) = models(storage);
+            // The quantized model's head is fused from its blocks.
+            let mut probe = models(storage).1;
+            probe.set_precision(precision);
+            assert!(probe.head_frozen(&Adapters::none()).unwrap().is_some());
+            let (want, want_g) = loss_and_grads(dense, precision);
+            let (got, got_g) = loss_and_grads(quantized, precision);
+            let what = format!("{storage:?} {precision:?}");
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs(),
+                "{what}: {got} vs {want}"
+            );
+            let d = rel_diff(&got_g, &want_g);
+            assert!(d < 1e-4, "{what}: gradients differ by {d}");
+        }
+    }
 }
