@@ -20,6 +20,8 @@ use crate::storage::{slice, tensor, with_f32};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use amx::transpose16;
 
 /// Positions of the shared dimension per tile product (bf16 pairs × 16).
 const KSTEP: usize = 32;

@@ -294,16 +294,17 @@ pub(super) unsafe fn dense_panel(
         }
     };
     if forward {
-        // Row o's pair p goes to 32-bit element p · 16 + c.
-        let index = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(TILE as i32),
-        );
-        for c in 0..TILE.min(rows - TILE * j) {
-            let row = w.as_ptr().add((TILE * j + c) * cols);
-            let dst = panel.as_mut_ptr().add(2 * c) as *mut u8;
-            let mut kk = 0;
-            while kk < cols {
+        // Row o's pair p goes to 32-bit element p · 16 + c: 32 values of
+        // each of the 16 rows, transposed in registers, are the 16 lines
+        // of pairs kk/2.. (kp is a multiple of 32, so every line exists;
+        // past the weight they are zeros).
+        let valid = TILE.min(rows - TILE * j);
+        let dst = panel.as_mut_ptr() as *mut __m512i;
+        let mut kk = 0;
+        while kk < cols {
+            let mut r = [_mm512_setzero_si512(); TILE];
+            for (c, line) in r.iter_mut().enumerate().take(valid) {
+                let row = w.as_ptr().add((TILE * j + c) * cols);
                 let lo = load(row.add(kk), cols - kk);
                 let hi = if kk + TILE < cols {
                     load(row.add(kk + TILE), cols - kk - TILE)
@@ -311,18 +312,13 @@ pub(super) unsafe fn dense_panel(
                     _mm512_setzero_ps()
                 };
                 // 32 values in order: pairs as 32-bit elements.
-                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                let pairs = (cols - kk).div_ceil(2).min(TILE);
-                let mask = if pairs >= TILE {
-                    0xffff
-                } else {
-                    ((1u32 << pairs) - 1) as u16
-                };
-                // Pair kk/2 + e at byte ((kk/2 + e) · 16 + c) · 4.
-                let base = dst.add((kk / 2) * TILE * 4);
-                _mm512_mask_i32scatter_epi32::<4>(base as *mut i32, mask, index, v);
-                kk += 2 * TILE;
+                *line = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
             }
+            transpose16(&mut r);
+            for (p, line) in r.iter().enumerate() {
+                _mm512_storeu_si512(dst.add(kk / 2 + p), *line);
+            }
+            kk += 2 * TILE;
         }
     } else {
         // Rows 2p and 2p + 1 interleaved: one 64-byte line per pair.
@@ -344,5 +340,40 @@ pub(super) unsafe fn dense_panel(
             _mm512_storeu_si512(panel.as_mut_ptr().add((o / 2) * TILE * 2) as *mut _, line);
             o += 2;
         }
+    }
+}
+
+/// Transposes 16 rows of 16 32-bit elements in place: row `x` becomes
+/// element `x` of every input row.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; TILE]) {
+    use std::arch::x86_64::*;
+    // 32-bit, then 64-bit interleaves: `u[4i + m]`, 128-bit lane `k`, is
+    // element `4k + m` of rows `4i..4i + 4`.
+    let mut t = [_mm512_setzero_si512(); TILE];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); TILE];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // Lanes: element 4k + m takes lane k of u[m], u[4 + m], u[8 + m],
+    // u[12 + m].
+    for m in 0..4 {
+        let (a, b, c, d) = (u[m], u[4 + m], u[8 + m], u[12 + m]);
+        let ab_even = _mm512_shuffle_i32x4::<0x88>(a, b); // a0 a2 b0 b2
+        let ab_odd = _mm512_shuffle_i32x4::<0xdd>(a, b); // a1 a3 b1 b3
+        let cd_even = _mm512_shuffle_i32x4::<0x88>(c, d);
+        let cd_odd = _mm512_shuffle_i32x4::<0xdd>(c, d);
+        r[m] = _mm512_shuffle_i32x4::<0x88>(ab_even, cd_even);
+        r[8 + m] = _mm512_shuffle_i32x4::<0xdd>(ab_even, cd_even);
+        r[4 + m] = _mm512_shuffle_i32x4::<0x88>(ab_odd, cd_odd);
+        r[12 + m] = _mm512_shuffle_i32x4::<0xdd>(ab_odd, cd_odd);
     }
 }

@@ -11,6 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::{BLOCK, QuantKind, QuantMatrix};
+use crate::bf16::transpose16 as transpose;
 
 /// Columns per panel (the tile width).
 const TILE: usize = 16;
@@ -104,39 +105,5 @@ pub(super) unsafe fn quant_panel(w: &QuantMatrix, forward: bool, j: usize, panel
             _mm512_storeu_si512(panel.as_mut_ptr().add(o / 2 * 2 * TILE) as *mut _, line);
             o += 2;
         }
-    }
-}
-
-/// Transposes 16 rows of 16 32-bit elements in place: row `x` becomes
-/// element `x` of every input row.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn transpose(r: &mut [__m512i; TILE]) {
-    // 32-bit, then 64-bit interleaves: `u[4i + m]`, 128-bit lane `k`, is
-    // element `4k + m` of rows `4i..4i + 4`.
-    let mut t = [_mm512_setzero_si512(); TILE];
-    for i in 0..8 {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    let mut u = [_mm512_setzero_si512(); TILE];
-    for i in 0..4 {
-        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    // Lanes: element 4k + m takes lane k of u[m], u[4 + m], u[8 + m],
-    // u[12 + m].
-    for m in 0..4 {
-        let (a, b, c, d) = (u[m], u[4 + m], u[8 + m], u[12 + m]);
-        let ab_even = _mm512_shuffle_i32x4::<0x88>(a, b); // a0 a2 b0 b2
-        let ab_odd = _mm512_shuffle_i32x4::<0xdd>(a, b); // a1 a3 b1 b3
-        let cd_even = _mm512_shuffle_i32x4::<0x88>(c, d);
-        let cd_odd = _mm512_shuffle_i32x4::<0xdd>(c, d);
-        r[m] = _mm512_shuffle_i32x4::<0x88>(ab_even, cd_even);
-        r[8 + m] = _mm512_shuffle_i32x4::<0xdd>(ab_even, cd_even);
-        r[4 + m] = _mm512_shuffle_i32x4::<0x88>(ab_odd, cd_odd);
-        r[12 + m] = _mm512_shuffle_i32x4::<0xdd>(ab_odd, cd_odd);
     }
 }
