@@ -476,8 +476,7 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse = self.lse.lock().map(|l| l.clone()).unwrap_or_default();
         // With RoPE inside: the rotated inputs again here, and their
-        // gradients rotated back at the end.
-        let (q_in, k_in) = (q, k);
+        // gradients rotated back at the end (a rotation keeps the shape).
         let (qr, kr) = match &self.rope {
             Some((table, layout)) => (
                 Some(rotated(q, table, *layout, false)?),
@@ -521,7 +520,6 @@ impl CustomOp3 for Attention {
             ),
             None => (dq, dk),
         };
-        debug_assert_eq!((dq.dims(), dk.dims()), (q_in.dims(), k_in.dims()));
         Ok((Some(dq), Some(dk), Some(tensor(dv, v.shape())?)))
     }
 }
@@ -544,19 +542,12 @@ pub fn attention(
     mask: &AttentionMask,
     scale: f32,
 ) -> Result<Tensor> {
-    let op = Attention {
-        mask: mask.clone(),
-        scale,
-        lse: Arc::new(Mutex::new(Vec::new())),
-        rope: None,
-    };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    apply(q, k, v, mask, scale, None)
 }
 
-/// [`attention`] of `q` and `k` rotated by `table` inside the op (RoPE
-/// then attention, as two ops; but the rotated `q` and `k` are made for
-/// the call and again in backward, not kept until backward).
+/// [`attention`] of `q` and `k` rotated by `table` (`q` and `k` at the
+/// same positions): the rotated copies are made inside the op, for the
+/// call and again in backward, so the graph never keeps them.
 pub fn attention_rope(
     q: &Tensor,
     k: &Tensor,
@@ -566,11 +557,22 @@ pub fn attention_rope(
     table: &RopeTable,
     layout: RopeLayout,
 ) -> Result<Tensor> {
+    apply(q, k, v, mask, scale, Some((table.clone(), layout)))
+}
+
+fn apply(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f32,
+    rope: Option<(RopeTable, RopeLayout)>,
+) -> Result<Tensor> {
     let op = Attention {
         mask: mask.clone(),
         scale,
         lse: Arc::new(Mutex::new(Vec::new())),
-        rope: Some((table.clone(), layout)),
+        rope,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)

@@ -234,11 +234,22 @@ impl Attention {
             .project(self.v_proj.as_ref(), base + 2, x)?
             .reshape((b, t, k, d))?; // [B,T,K,D]
         let scale = 1.0 / (d as f32).sqrt();
-        if !ctx.composed
-            && let (Kv::Fresh, Some(mask)) = (&kv, &ctx.mask)
-        {
-            // RoPE inside the attention op: no rotated copies kept.
-            let out = skillet_kernels::attention_rope(
+        // Fused, a fresh batch gets RoPE inside the attention op (no
+        // rotated copies kept); otherwise q and k are rotated first.
+        let rope_inside = !ctx.composed && matches!((&kv, &ctx.mask), (Kv::Fresh, Some(_)));
+        let (q, kk) = match (rope_inside, ctx.composed) {
+            (true, _) => (q, kk),
+            (false, true) => (
+                skillet_kernels::rope_composed(&q, &ctx.rope, RopeLayout::Half)?,
+                skillet_kernels::rope_composed(&kk, &ctx.rope, RopeLayout::Half)?,
+            ),
+            (false, false) => (
+                skillet_kernels::rope(&q, &ctx.rope, RopeLayout::Half)?,
+                skillet_kernels::rope(&kk, &ctx.rope, RopeLayout::Half)?,
+            ),
+        };
+        let out = match (kv, &ctx.mask) {
+            (Kv::Fresh, Some(mask)) if rope_inside => skillet_kernels::attention_rope(
                 &q,
                 &kk,
                 &v,
@@ -246,24 +257,9 @@ impl Attention {
                 scale,
                 &ctx.rope,
                 RopeLayout::Half,
-            )?;
-            return ctx.project(self.o_proj.as_ref(), base + 3, &out.reshape((b, t, h * d))?);
-        }
-        let rope = if ctx.composed {
-            skillet_kernels::rope_composed
-        } else {
-            skillet_kernels::rope
-        };
-        let q = rope(&q, &ctx.rope, RopeLayout::Half)?;
-        let kk = rope(&kk, &ctx.rope, RopeLayout::Half)?;
-        let out = match (kv, &ctx.mask) {
+            )?,
             (Kv::Fresh, Some(mask)) => {
-                let attend = if ctx.composed {
-                    skillet_kernels::attention_composed
-                } else {
-                    skillet_kernels::attention
-                };
-                attend(&q, &kk, &v, mask, scale)? // [B,T,H,D]
+                skillet_kernels::attention_composed(&q, &kk, &v, mask, scale)?
             }
             (
                 Kv::Cached {

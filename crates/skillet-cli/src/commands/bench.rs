@@ -192,6 +192,17 @@ fn random_batch(vocab: usize, batch: usize, seq: usize) -> TrainBatch {
     }
 }
 
+/// Greedy generation of exactly `max_tokens` tokens (no stop, no EOS), f32 inputs.
+fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+        eos_ids: vec![],
+        activations: skillet_models::Activations::F32,
+    }
+}
+
 fn lora_settings() -> anyhow::Result<LoraSettings> {
     let targets = Targets::Names(
         ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -327,13 +338,7 @@ fn run_one(
             let prompt = bundle
                 .tokenizer
                 .encode("Tell me a story about a dragon.", false)?;
-            let opts = GenerateOptions {
-                max_tokens: 128,
-                sampling: SamplingParams::default(),
-                stop: vec![],
-                eos_ids: vec![],
-                activations: skillet_models::Activations::F32,
-            };
+            let opts = greedy(128);
             let mut rates = Vec::new();
             for i in 0..args.warmup + args.steps.min(3) {
                 let g = generate(&model, &bundle.tokenizer, &prompt, &opts, |_| {})?;
@@ -369,13 +374,7 @@ fn run_one(
                 None
             };
             let adapted = Adapted::new(&model, adapter);
-            let opts = GenerateOptions {
-                max_tokens: 1,
-                sampling: SamplingParams::default(),
-                stop: vec![],
-                eos_ids: vec![],
-                activations: skillet_models::Activations::F32,
-            };
+            let opts = greedy(1);
             let mut times = Vec::new();
             for i in 0..args.warmup + args.steps {
                 let g = generate(&adapted, &bundle.tokenizer, &prompt, &opts, |_| {})?;
