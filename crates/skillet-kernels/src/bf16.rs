@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout as TensorLayout, Result, Shape, 
 use rayon::prelude::*;
 
 use crate::gemm::{Out, View, matmul};
-use crate::storage::{slice, tensor, with_f32};
+use crate::storage::{slice, tensor, unfilled, with_f32};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -183,8 +183,10 @@ pub(crate) trait Panels: Sync {
     fn n(&self) -> usize;
     /// Column block `j` (columns `16j..16j + 16`) in the tile layout (see
     /// `Layout::Tiles`): stored, or written into `scratch` (`kp · 16`
-    /// values, handed over zeroed: positions from `k` on are left as they
-    /// are and must read as zero; columns past `n` may hold anything).
+    /// values, handed over with the pairs from position `k` on zeroed and
+    /// the rest holding anything: every position below `k` of the valid
+    /// columns must be written, the zeroed ones left as they are; columns
+    /// past `n` may hold anything).
     fn panel<'a>(&'a self, j: usize, scratch: &'a mut [u16]) -> &'a [u16];
     /// Whether [`Panels::panel`] computes (then the kernel asks for each
     /// block once per product, for all rows together).
@@ -447,10 +449,18 @@ pub fn frozen_matmul_bf16(x: &Tensor, w: &Arc<Bf16Weight>) -> Result<Tensor> {
 #[cfg(target_arch = "x86_64")]
 fn round_rows(a: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
     let mp = m.next_multiple_of(TILE);
-    let mut ar = vec![0u16; mp * kp];
-    ar.par_chunks_mut(kp)
+    // SAFETY: every element is written below: each row's first `k` by
+    // rounding, the rest of it and the padding rows with zeros.
+    let mut ar = unsafe { unfilled::<u16>(mp * kp) };
+    let (rows, pad) = ar.split_at_mut(m * kp);
+    rows.par_chunks_mut(kp)
         .zip(a.par_chunks(k))
-        .for_each(|(dst, src)| amx::round_row(src, &mut dst[..k]));
+        .for_each(|(dst, src)| {
+            let (values, tail) = dst.split_at_mut(k);
+            amx::round_row(src, values);
+            tail.fill(0);
+        });
+    pad.fill(0);
     ar
 }
 

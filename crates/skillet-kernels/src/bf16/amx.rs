@@ -24,6 +24,11 @@ const TASK_BLOCKS: usize = 8;
 /// left row, or 16 bf16 pairs).
 const CONFIG: TileConfig = TileConfig::new(&[(TILE as u8, 64); 8]);
 
+thread_local! {
+    /// Each thread's buffer for the column blocks its tasks make.
+    static MADE: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// The destination, shared by tasks that write disjoint blocks of it.
 #[derive(Clone, Copy)]
 struct Dest(*mut f32);
@@ -85,14 +90,21 @@ unsafe fn task(
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
-    // Computed blocks are made once, before any product, into one buffer
-    // (zeroed: the padding of the shared dimension must read as zero).
+    // Computed blocks are made once, before any product, into this
+    // thread's buffer, reused from product to product: only the padding of
+    // the shared dimension is zeroed (it must read as zero), since a block
+    // writes every position below `k`.
     let size = s.kp * TILE;
-    let mut made = vec![0u16; if b.computed() { cols.len() * size } else { 0 }];
+    let mut made = MADE.take();
     let panels: Vec<*const u16> = if b.computed() {
+        made.resize(cols.len() * size, 0);
+        let pad = (b.k() / 2) * TILE * 2;
         made.chunks_mut(size)
             .zip(cols.clone())
-            .map(|(buf, j)| b.panel(j, buf).as_ptr())
+            .map(|(buf, j)| {
+                buf[pad..].fill(0);
+                b.panel(j, buf).as_ptr()
+            })
             .collect()
     } else {
         cols.clone().map(|j| b.panel(j, &mut []).as_ptr()).collect()
@@ -189,7 +201,7 @@ unsafe fn task(
             j += if two_cols { 2 } else { 1 };
         }
     }
-    drop(made);
+    MADE.set(made);
     asm!("tilerelease", options(nostack, nomem));
 }
 
@@ -198,15 +210,25 @@ unsafe fn task(
 #[inline(always)]
 unsafe fn store(s: Shapes, dest: Dest, i: usize, j: usize, t: usize) {
     let c = j * TILE;
-    let whole = i + TILE <= s.m && c + TILE <= s.n;
+    if i + TILE <= s.m && c + TILE <= s.n {
+        store_at(t, dest.0.add(i * s.n + c), s.n * 4);
+        return;
+    }
     #[repr(C, align(64))]
     struct Buf([f32; TILE * TILE]);
     let mut buf = Buf([0.0; TILE * TILE]);
-    let (ptr, stride) = if whole {
-        (dest.0.add(i * s.n + c), s.n * 4)
-    } else {
-        (buf.0.as_mut_ptr(), TILE * 4)
-    };
+    store_at(t, buf.0.as_mut_ptr(), TILE * 4);
+    for r in 0..TILE.min(s.m.saturating_sub(i)) {
+        for cc in 0..TILE.min(s.n - c) {
+            *dest.0.add((i + r) * s.n + c + cc) = buf.0[r * TILE + cc];
+        }
+    }
+}
+
+/// Stores tile `tmm{t}` as 16 rows of 64 bytes from `ptr`, `stride` bytes
+/// apart.
+#[inline(always)]
+unsafe fn store_at(t: usize, ptr: *mut f32, stride: usize) {
     macro_rules! stored {
         ($t:literal) => {
             asm!(
@@ -221,13 +243,6 @@ unsafe fn store(s: Shapes, dest: Dest, i: usize, j: usize, t: usize) {
         1 => stored!("tmm1"),
         2 => stored!("tmm2"),
         _ => stored!("tmm3"),
-    }
-    if !whole {
-        for r in 0..TILE.min(s.m.saturating_sub(i)) {
-            for cc in 0..TILE.min(s.n - c) {
-                *dest.0.add((i + r) * s.n + c + cc) = buf.0[r * TILE + cc];
-            }
-        }
     }
 }
 

@@ -53,7 +53,8 @@ unsafe fn half_block(w: &QuantMatrix, b: usize, half: usize) -> __m512 {
 }
 
 /// Column block `j` of `B` = `Wᵀ` (`forward`) or `W` into `panel`, which
-/// arrives zeroed and at least `padded(k) · 16` long.
+/// is at least `padded(k) · 16` long (the `Panels` contract: its padding
+/// past `k` arrives zeroed).
 ///
 /// # Safety
 /// [`vectorized`] must be true.

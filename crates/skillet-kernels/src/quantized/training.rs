@@ -169,8 +169,8 @@ impl Panels for QuantPanels<'_> {
         #[cfg(target_arch = "x86_64")]
         if super::panels::vectorized() {
             let forward = self.orient == Orient::Transposed;
-            // SAFETY: the CPU has the features (checked); the scratch is
-            // zeroed and as long as the layout needs (the trait's contract).
+            // SAFETY: the CPU has the features (checked); the scratch is as
+            // long as the layout needs (the trait's contract).
             unsafe { super::panels::quant_panel(self.w, forward, j, scratch) };
             return scratch;
         }
