@@ -20,8 +20,10 @@ use crate::storage::{slice, tensor, unfilled, with_f32};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+mod rows;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use amx::transpose16;
+pub use rows::Bf16Rows;
 
 /// Positions of the shared dimension per tile product (bf16 pairs × 16).
 const KSTEP: usize = 32;

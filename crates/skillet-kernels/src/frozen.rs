@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 
-use crate::bf16::{Bf16Matrix, DensePanels, bf16_accelerated, matmul_bf16, matmul_panels};
+use crate::bf16::{
+    Bf16Matrix, Bf16Rows, DensePanels, bf16_accelerated, matmul_bf16, matmul_panels,
+};
 use crate::gemm::{Out, View, matmul};
 use crate::quantized::QuantMatrix;
 use crate::storage::{slice, tensor, unfilled, with_f32};
@@ -24,6 +26,8 @@ pub enum FrozenWeight {
     Dense(Tensor),
     /// A dense f32 weight in bf16 products.
     DenseBf16(Tensor),
+    /// A weight held in bf16, always in bf16 products.
+    Bf16(Arc<Bf16Rows>),
     /// Quantized blocks in bf16 products.
     QuantBf16(Arc<QuantMatrix>),
     /// Quantized blocks dequantized for each f32 product.
@@ -35,6 +39,7 @@ impl FrozenWeight {
     pub(crate) fn dims(&self) -> Result<(usize, usize)> {
         Ok(match self {
             FrozenWeight::Dense(w) | FrozenWeight::DenseBf16(w) => w.dims2()?,
+            FrozenWeight::Bf16(w) => (w.rows(), w.cols()),
             FrozenWeight::QuantBf16(q) | FrozenWeight::QuantF32(q) => (q.rows(), q.cols()),
         })
     }
@@ -90,6 +95,7 @@ impl FrozenWeight {
                 }
                 Ok(())
             })?,
+            FrozenWeight::Bf16(w) => w.product_into(a, forward, y),
             FrozenWeight::QuantBf16(q) => q.product_bf16_into(a, forward, y),
             FrozenWeight::QuantF32(q) => q.product_f32_into(a, forward, y),
         }

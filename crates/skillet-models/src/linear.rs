@@ -8,7 +8,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use skillet_kernels::{
-    Bf16Weight, FrozenHead, FrozenLinear, FrozenWeight, QuantKind, QuantMatrix, frozen_product,
+    Bf16Rows, Bf16Weight, FrozenHead, FrozenLinear, FrozenWeight, QuantKind, QuantMatrix,
+    frozen_product,
 };
 
 use crate::{Result, Weight};
@@ -72,10 +73,11 @@ pub enum Precision {
     F32,
     /// Frozen weights' products in the decoder layers (forward and the
     /// input gradient) and in the fused LM-head loss, in bf16 with f32
-    /// accumulation: on AMX tiles where the CPU has them. Dense weights
-    /// are rounded and Q4_1 / Q8_0 blocks (QLoRA) dequantized inside each
-    /// product, with no copy kept (the fused head alone keeps a packed
-    /// copy); other block formats stay f32. (Logits asked of the head
+    /// accumulation: on AMX tiles where the CPU has them. Dense f32
+    /// weights are rounded and Q4_1 / Q8_0 blocks (QLoRA) dequantized
+    /// inside each product, with no copy kept (the fused head alone keeps
+    /// a packed copy); weights held in bf16 are read as they are; other
+    /// block formats stay f32. (Logits asked of the head
     /// directly, and an adapted head, stay f32.)
     Bf16,
 }
@@ -141,6 +143,8 @@ pub(crate) fn repack(q: &QTensor) -> Option<QuantMatrix> {
 enum Stored {
     /// Dense f32 values (a variable in full fine-tuning).
     Dense(Tensor),
+    /// Dense values rounded to bf16 (frozen; every product in bf16).
+    Bf16(Arc<Bf16Rows>),
     /// Q4_1 / Q8_0 blocks repacked for Skillet's kernels (the GGML copy
     /// is not kept).
     Blocks(Arc<QuantMatrix>),
@@ -192,6 +196,18 @@ impl BaseLinear {
         }
     }
 
+    /// The layer with a dense frozen weight held in bf16 instead (half
+    /// the bytes); every product of it is then in bf16 with f32
+    /// accumulation, whatever precision a call asks for. Other weights
+    /// (quantized blocks, a trainable variable) are kept as they are.
+    pub fn in_bf16(self) -> Result<Self> {
+        let weight = match self.weight {
+            Stored::Dense(w) if !w.track_op() => Stored::Bf16(Arc::new(Bf16Rows::new(&w)?)),
+            other => other,
+        };
+        Ok(Self { weight, ..self })
+    }
+
     /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
@@ -201,6 +217,11 @@ impl BaseLinear {
     fn to_dense(&self) -> Result<Tensor> {
         Ok(match &self.weight {
             Stored::Dense(t) => t.clone(),
+            Stored::Bf16(w) => Tensor::from_vec(
+                w.to_f32(),
+                (self.out_features, self.in_features),
+                &Device::Cpu,
+            )?,
             Stored::Blocks(q) => Tensor::from_vec(
                 q.dequantize(),
                 (self.out_features, self.in_features),
@@ -235,11 +256,18 @@ impl BaseLinear {
 
     /// The product with the dense (or dequantized) weight.
     fn dense(&self, x: &Tensor) -> Result<Tensor> {
-        if let Stored::Blocks(blocks) = &self.weight {
-            // Dequantized for this call (and again in backward), not held
-            // by the autograd graph in between.
-            let y = frozen_product(x, &FrozenWeight::QuantF32(blocks.clone()))?;
-            return self.with_bias(y);
+        match &self.weight {
+            Stored::Blocks(blocks) => {
+                // Dequantized for this call (and again in backward), not
+                // held by the autograd graph in between.
+                let y = frozen_product(x, &FrozenWeight::QuantF32(blocks.clone()))?;
+                return self.with_bias(y);
+            }
+            Stored::Bf16(w) => {
+                let y = frozen_product(x, &FrozenWeight::Bf16(w.clone()))?;
+                return self.with_bias(y);
+            }
+            Stored::Dense(_) | Stored::Ggml(_) => {}
         }
         let weight = self.to_dense()?;
         // A frozen weight never enters the autograd graph (the op's
@@ -285,6 +313,7 @@ impl Linear for BaseLinear {
                 };
                 Some(FrozenHead::Packed(p))
             }
+            (Stored::Bf16(w), _) => Some(FrozenHead::Weight(FrozenWeight::Bf16(w.clone()))),
             (Stored::Blocks(q), Precision::Bf16) => {
                 Some(FrozenHead::Weight(FrozenWeight::QuantBf16(q.clone())))
             }
@@ -300,6 +329,7 @@ impl Linear for BaseLinear {
             (Stored::Dense(w), _) if w.track_op() => return Ok(None),
             (Stored::Dense(w), Precision::F32) => FrozenWeight::Dense(w.clone()),
             (Stored::Dense(w), Precision::Bf16) => FrozenWeight::DenseBf16(w.clone()),
+            (Stored::Bf16(w), _) => FrozenWeight::Bf16(w.clone()),
             (Stored::Blocks(q), Precision::F32) => FrozenWeight::QuantF32(q.clone()),
             (Stored::Blocks(q), Precision::Bf16) => FrozenWeight::QuantBf16(q.clone()),
             (Stored::Ggml(_), _) => return Ok(None),

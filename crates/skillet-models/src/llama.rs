@@ -37,6 +37,14 @@ pub struct LoadOptions {
     /// projections, norms and embeddings, the tied head sharing the
     /// embedding's variable. Quantized weights are dequantized.
     pub trainable: bool,
+    /// Hold dense frozen projection weights in bf16 (half the bytes of
+    /// f32), for training in [`Precision::Bf16`], whose products round
+    /// them to bf16 anyway: every product of such a layer is then in bf16
+    /// (evaluation too), whatever precision is set. Each weight is
+    /// rounded as it is loaded, so the f32 copies never exist together.
+    /// Quantized weights kept in their blocks, embeddings and norms are
+    /// unaffected; ignored with `trainable`.
+    pub frozen_bf16: bool,
 }
 
 /// One forward call's input.
@@ -438,7 +446,12 @@ impl Llama {
                 } else {
                     None
                 };
-                Ok(Box::new(BaseLinear::new(w, b)))
+                let layer = BaseLinear::new(w, b);
+                Ok(Box::new(if opts.frozen_bf16 && !opts.trainable {
+                    layer.in_bf16()?
+                } else {
+                    layer
+                }))
             };
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {

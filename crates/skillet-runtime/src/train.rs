@@ -221,8 +221,11 @@ pub fn run_training(
         None
     };
 
+    let precision = cfg.train.precision.resolve();
     let mut model = bundle.load_model(skillet_models::LoadOptions {
         keep_quantized: cfg.lora.keep_base_quantized,
+        // Products in bf16 round the frozen base anyway: hold it in bf16.
+        frozen_bf16: precision == skillet_models::Precision::Bf16,
         ..Default::default()
     })?;
     let base = if resuming {
@@ -253,7 +256,6 @@ pub fn run_training(
     if t.activation_checkpointing {
         model.set_activation_checkpointing(Some(adapter.vars()));
     }
-    let precision = t.precision.resolve();
     model.set_precision(precision);
     let mut opt = AdamW::new(
         adapter.vars(),

@@ -4,7 +4,8 @@
 //! gradients as the dense base in bf16 (the blocks read inside the tile
 //! products), both within bf16's precision of f32. The fused loss over
 //! the blocks (the tied LM head read from the embedding's blocks, no
-//! dense copy) gives the dequantized model's loss and gradients.
+//! dense copy) gives the dequantized model's loss and gradients. A dense
+//! base held in bf16 trains exactly as the f32 base does in bf16.
 
 use std::sync::Arc;
 
@@ -18,24 +19,25 @@ use skillet_models::{
 };
 use skillet_train::{TrainBatch, causal_lm_loss};
 
-/// The tiny model stored in `storage`, loaded dequantized and kept in
-/// its blocks.
-fn models(storage: GgmlType) -> (Llama, Llama) {
+/// The tiny model stored in `storage`, loaded with each of `options`.
+fn loaded<const N: usize>(storage: GgmlType, options: [LoadOptions; N]) -> [Llama; N] {
     let cfg = tiny_config(97);
     let w = random_weights(&cfg, 5).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_gguf(&cfg, &w, &path, &|_| storage, vec![]).unwrap();
-    let load = |keep_quantized| {
-        ModelSource::open(&path)
-            .unwrap()
-            .load_model(LoadOptions {
-                keep_quantized,
-                ..Default::default()
-            })
-            .unwrap()
+    options.map(|opts| ModelSource::open(&path).unwrap().load_model(opts).unwrap())
+}
+
+/// The tiny model stored in `storage`, loaded dequantized and kept in
+/// its blocks.
+fn models(storage: GgmlType) -> (Llama, Llama) {
+    let keep = |keep_quantized| LoadOptions {
+        keep_quantized,
+        ..Default::default()
     };
-    (load(false), load(true))
+    let [dense, quantized] = loaded(storage, [keep(false), keep(true)]);
+    (dense, quantized)
 }
 
 /// A LoRA adapter (r = 4) on `targets` with B away from zero, the same
@@ -219,4 +221,27 @@ fn the_fused_loss_over_quantized_blocks_equals_the_dequantized_model() {
             assert!(d < 1e-4, "{what}: gradients differ by {d}");
         }
     }
+}
+
+#[test]
+fn a_base_held_in_bf16_trains_as_the_f32_base_does_in_bf16() {
+    // f32 storage: weights with more bits than bf16 keeps. Held in bf16,
+    // they are rounded once at load as each bf16 product rounds them: the
+    // same loss and gradients, bit for bit.
+    let held = LoadOptions {
+        frozen_bf16: true,
+        ..Default::default()
+    };
+    let [f32_base, bf16_base] = loaded(GgmlType::F32, [LoadOptions::default(), held]);
+    let (want, want_g) = loss_and_grads(f32_base, Precision::Bf16);
+    let (got, got_g) = loss_and_grads(bf16_base, Precision::Bf16);
+    assert_eq!(got, want);
+    assert_eq!(got_g, want_g);
+    // Held in bf16, its products stay in bf16 when f32 is asked for: not
+    // the f32 base's f32 numbers.
+    let [f32_base, bf16_base] = loaded(GgmlType::F32, [LoadOptions::default(), held]);
+    let (f32_loss, _) = loss_and_grads(f32_base, Precision::F32);
+    let (held_loss, _) = loss_and_grads(bf16_base, Precision::F32);
+    assert_ne!(held_loss, f32_loss);
+    assert!((held_loss - f32_loss).abs() < 1e-2 * f32_loss.abs());
 }

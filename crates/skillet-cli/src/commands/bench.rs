@@ -264,9 +264,13 @@ fn run_one(
     let bundle = Bundle::open(model_path)?;
     // QLoRA trains over the quantized blocks; generation reads them.
     let keep_quantized = matches!(workload, "qlora" | "decode" | "prefill" | "prefill-lora");
+    // A frozen base multiplied in bf16 is held in bf16, as `skillet train`
+    // holds it.
+    let frozen = matches!(workload, "lora" | "qlora" | "sft" | "score");
     let mut model = bundle.load_model(LoadOptions {
         keep_quantized,
         trainable: workload == "full",
+        frozen_bf16: frozen && args.precision.resolve() == Precision::Bf16,
         ..Default::default()
     })?;
     let params = matmul_params(&model);

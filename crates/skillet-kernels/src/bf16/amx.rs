@@ -358,6 +358,71 @@ pub(super) unsafe fn dense_panel(
     }
 }
 
+/// Column block `j` of `B` = `Wᵀ` (`forward`) or `W` for bf16 rows `w`
+/// (`[rows, cols]`) into `panel` (see `Layout::Tiles`): for `Wᵀ`, 32
+/// values of each of 16 rows transposed in registers as 16 lines of
+/// pairs; for `W`, a block's 16 values of two rows interleaved into one
+/// line per pair.
+///
+/// # Safety
+/// [`panels_vectorized`] must be true and `panel` at least `kp · 16` long.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn rows_panel(
+    w: &[u16],
+    rows: usize,
+    cols: usize,
+    forward: bool,
+    j: usize,
+    panel: &mut [u16],
+) {
+    use std::arch::x86_64::*;
+    let kp = super::padded(if forward { cols } else { rows });
+    assert!(panel.len() >= kp * TILE && w.len() >= rows * cols);
+    if forward {
+        let valid = TILE.min(rows - TILE * j);
+        let dst = panel.as_mut_ptr() as *mut __m512i;
+        let mut kk = 0;
+        while kk < cols {
+            let n = (cols - kk).min(2 * TILE);
+            let mask = if n == 2 * TILE {
+                u32::MAX
+            } else {
+                (1u32 << n) - 1
+            };
+            let mut r = [_mm512_setzero_si512(); TILE];
+            for (c, line) in r.iter_mut().enumerate().take(valid) {
+                let row = w.as_ptr().add((TILE * j + c) * cols + kk);
+                *line = _mm512_maskz_loadu_epi16(mask, row as *const i16);
+            }
+            transpose16(&mut r);
+            for (p, line) in r.iter().enumerate() {
+                _mm512_storeu_si512(dst.add(kk / 2 + p), *line);
+            }
+            kk += 2 * TILE;
+        }
+    } else {
+        let (c0, width) = (TILE * j, TILE.min(cols - TILE * j));
+        let mask = ((1u32 << width) - 1) as u16;
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        let mut o = 0;
+        while o < rows {
+            let even = _mm256_maskz_loadu_epi16(mask, w.as_ptr().add(o * cols + c0) as *const i16);
+            let odd = if o + 1 < rows {
+                _mm256_maskz_loadu_epi16(mask, w.as_ptr().add((o + 1) * cols + c0) as *const i16)
+            } else {
+                _mm256_setzero_si256()
+            };
+            let v = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
+            let line = _mm512_permutexvar_epi16(interleave, v);
+            _mm512_storeu_si512(panel.as_mut_ptr().add((o / 2) * TILE * 2) as *mut _, line);
+            o += 2;
+        }
+    }
+}
+
 /// Transposes 16 rows of 16 32-bit elements in place: row `x` becomes
 /// element `x` of every input row.
 #[target_feature(enable = "avx512f")]
