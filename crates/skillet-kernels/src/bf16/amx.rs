@@ -275,10 +275,11 @@ unsafe fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// Whether [`dense_panel`] can run here.
+/// Whether [`dense_panel`] and [`rows_panel`] can run here.
 pub(super) fn panels_vectorized() -> bool {
     std::arch::is_x86_feature_detected!("avx512bf16")
         && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
 }
 
 /// Column block `j` of `B` = `Wᵀ` (`forward`) or `W` for a dense `W`
@@ -366,7 +367,7 @@ pub(super) unsafe fn dense_panel(
 ///
 /// # Safety
 /// [`panels_vectorized`] must be true and `panel` at least `kp · 16` long.
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(super) unsafe fn rows_panel(
     w: &[u16],
     rows: usize,
