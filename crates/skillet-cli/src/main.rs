@@ -74,7 +74,7 @@ fn set_thread_count(requested: Option<usize>) -> usize {
 /// How long candle's helper threads for elementwise ops spin after each op
 /// before they sleep. Its default (25,000 pauses, about a millisecond)
 /// kept its helper busy while our own pool's threads worked: 8.8% of a
-/// LoRA step's CPU samples on 2 cores went to that spinning, 2.9% with
+/// LoRA step's CPU samples on 2 cores went to that spinning, 2.6% with
 /// this limit.
 const SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 const SPIN_LIMIT_DEFAULT: &str = "1000";

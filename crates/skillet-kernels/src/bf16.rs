@@ -185,10 +185,10 @@ pub(crate) trait Panels: Sync {
     fn n(&self) -> usize;
     /// Column block `j` (columns `16j..16j + 16`) in the tile layout (see
     /// `Layout::Tiles`): stored, or written into `scratch` (`kp · 16`
-    /// values, handed over with the pairs from position `k` on zeroed and
+    /// values, handed over with the pairs from pair `k / 2` on zeroed and
     /// the rest holding anything: every position below `k` of the valid
-    /// columns must be written, the zeroed ones left as they are; columns
-    /// past `n` may hold anything).
+    /// columns must be written, those from `k` on left zero or written as
+    /// zero; columns past `n` may hold anything).
     fn panel<'a>(&'a self, j: usize, scratch: &'a mut [u16]) -> &'a [u16];
     /// Whether [`Panels::panel`] computes (then the kernel asks for each
     /// block once per product, for all rows together).

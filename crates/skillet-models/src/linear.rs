@@ -76,8 +76,8 @@ pub enum Precision {
     /// accumulation: on AMX tiles where the CPU has them. Dense f32
     /// weights are rounded and Q4_1 / Q8_0 blocks (QLoRA) dequantized
     /// inside each product, with no copy kept (the fused head alone keeps
-    /// a packed copy); weights held in bf16 are read as they are; other
-    /// block formats stay f32. (Logits asked of the head
+    /// a packed copy of a dense f32 head); weights held in bf16 are read
+    /// as they are; other block formats stay f32. (Logits asked of the head
     /// directly, and an adapted head, stay f32.)
     Bf16,
 }
@@ -92,6 +92,14 @@ impl Precision {
         } else {
             Precision::F32
         }
+    }
+
+    /// Whether a frozen dense base trained in this precision is best held
+    /// in bf16 ([`crate::LoadOptions::frozen_bf16`]): in bf16 where the
+    /// tiles read it as it is. (Without them its bf16 products go through
+    /// the f32 GEMM, which would expand it for every product.)
+    pub fn holds_base_in_bf16(self) -> bool {
+        self == Precision::Bf16 && skillet_kernels::bf16_accelerated()
     }
 }
 

@@ -37,13 +37,15 @@ pub struct LoadOptions {
     /// projections, norms and embeddings, the tied head sharing the
     /// embedding's variable. Quantized weights are dequantized.
     pub trainable: bool,
-    /// Hold dense frozen projection weights in bf16 (half the bytes of
-    /// f32), for training in [`Precision::Bf16`], whose products round
-    /// them to bf16 anyway: every product of such a layer is then in bf16
-    /// (evaluation too), whatever precision is set. Each weight is
-    /// rounded as it is loaded, so the f32 copies never exist together.
-    /// Quantized weights kept in their blocks, embeddings and norms are
-    /// unaffected; ignored with `trainable`.
+    /// Hold the decoder layers' dense frozen projection weights in bf16
+    /// (half the bytes of f32), for training in [`Precision::Bf16`], whose
+    /// products round them to bf16 anyway
+    /// ([`Precision::holds_base_in_bf16`] says where it pays): every
+    /// product of such a layer is then in bf16 (evaluation too), whatever
+    /// precision is set. Each weight is rounded as it is loaded, so the
+    /// f32 copies never exist together. Quantized weights kept in their
+    /// blocks, embeddings, norms and the LM head are unaffected; ignored
+    /// with `trainable`.
     pub frozen_bf16: bool,
 }
 
@@ -447,11 +449,16 @@ impl Llama {
                     None
                 };
                 let layer = BaseLinear::new(w, b);
-                Ok(Box::new(if opts.frozen_bf16 && !opts.trainable {
-                    layer.in_bf16()?
-                } else {
-                    layer
-                }))
+                // An untied head stays f32 for its packed bf16 copy: the
+                // fused loss multiplies it three times per chunk of rows,
+                // where blocks made from bf16 rows would be made each time.
+                Ok(Box::new(
+                    if opts.frozen_bf16 && !opts.trainable && prefix != "lm_head" {
+                        layer.in_bf16()?
+                    } else {
+                        layer
+                    },
+                ))
             };
         let norm = |name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm {

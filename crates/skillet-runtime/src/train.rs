@@ -225,7 +225,7 @@ pub fn run_training(
     let mut model = bundle.load_model(skillet_models::LoadOptions {
         keep_quantized: cfg.lora.keep_base_quantized,
         // Products in bf16 round the frozen base anyway: hold it in bf16.
-        frozen_bf16: precision == skillet_models::Precision::Bf16,
+        frozen_bf16: precision.holds_base_in_bf16(),
         ..Default::default()
     })?;
     let base = if resuming {

@@ -155,7 +155,9 @@ pub struct TrainConfig {
     /// `auto`, `f32` or `bf16`: the precision of the frozen base weights'
     /// products (bf16 with f32 accumulation, as PyTorch's autocast; the
     /// trained parameters, optimizer state, norms and loss stay f32).
-    /// `auto` picks bf16 where the CPU has AMX tiles.
+    /// `auto` picks bf16 where the CPU has AMX tiles. In bf16 a dense
+    /// frozen base is held in bf16 (half the bytes), and evaluation
+    /// multiplies it in bf16 too.
     #[serde(default)]
     pub precision: PrecisionSetting,
 }

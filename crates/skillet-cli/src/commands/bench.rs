@@ -270,7 +270,7 @@ fn run_one(
     let mut model = bundle.load_model(LoadOptions {
         keep_quantized,
         trainable: workload == "full",
-        frozen_bf16: frozen && args.precision.resolve() == Precision::Bf16,
+        frozen_bf16: frozen && args.precision.resolve().holds_base_in_bf16(),
         ..Default::default()
     })?;
     let params = matmul_params(&model);

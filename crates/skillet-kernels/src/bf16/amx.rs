@@ -24,6 +24,11 @@ const TASK_BLOCKS: usize = 8;
 /// left row, or 16 bf16 pairs).
 const CONFIG: TileConfig = TileConfig::new(&[(TILE as u8, 64); 8]);
 
+/// The most values of a thread's block buffer kept between products (8
+/// MiB): the blocks of a projection's share fit; a whole LM head's share
+/// is made afresh rather than held while everything else runs.
+const KEPT_SCRATCH: usize = 4 << 20;
+
 thread_local! {
     /// Each thread's buffer for the column blocks its tasks make.
     static MADE: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
@@ -201,7 +206,9 @@ unsafe fn task(
             j += if two_cols { 2 } else { 1 };
         }
     }
-    MADE.set(made);
+    if made.capacity() <= KEPT_SCRATCH {
+        MADE.set(made);
+    }
     asm!("tilerelease", options(nostack, nomem));
 }
 

@@ -180,25 +180,40 @@ mod tests {
                 for forward in [true, false] {
                     let (k, n) = if forward { (cols, rows) } else { (rows, cols) };
                     let size = padded(k) * TILE;
+                    // Scratch as the kernel hands it over: stale values
+                    // (NaNs here), with the pairs from k / 2 on zeroed.
+                    let stale = || {
+                        let mut s = vec![0x7fc0u16; size];
+                        s[(k / 2) * TILE * 2..].fill(0);
+                        s
+                    };
                     for j in 0..n.div_ceil(TILE) {
-                        let mut want = vec![0u16; size];
+                        let mut want = stale();
                         scalar_panel(&r.data, rows, cols, forward, j, &mut want);
-                        let mut got = vec![0u16; size];
+                        let mut got = stale();
                         // SAFETY: the features are checked above; `got` is
                         // as long as the layout needs.
                         unsafe {
                             super::super::amx::rows_panel(&r.data, rows, cols, forward, j, &mut got)
                         };
-                        // Columns past `n` may differ; compare the valid ones.
-                        let valid = TILE.min(n - TILE * j);
+                        // Columns past `n` may hold anything; the valid ones
+                        // hold the weight below k and zeros from k on, with
+                        // no stale value left.
                         for p in 0..size / (2 * TILE) {
-                            for c in 0..valid {
+                            for c in 0..TILE.min(n - TILE * j) {
                                 for e in 0..2 {
                                     let at = (p * TILE + c) * 2 + e;
-                                    assert_eq!(
-                                        got[at], want[at],
+                                    let what = format!(
                                         "{rows}×{cols} {forward} block {j} pair {p} col {c}"
                                     );
+                                    let (kk, col) = (2 * p + e, TILE * j + c);
+                                    let value = match (kk < k, forward) {
+                                        (false, _) => 0,
+                                        (true, true) => r.data[col * cols + kk],
+                                        (true, false) => r.data[kk * cols + col],
+                                    };
+                                    assert_eq!(want[at], value, "scalar {what}");
+                                    assert_eq!(got[at], value, "vectorized {what}");
                                 }
                             }
                         }
