@@ -3,7 +3,9 @@
 //! Forward sums `logsumexp(h Wᵀ) − (h Wᵀ)[label]` chunk by chunk; backward
 //! recomputes each chunk's logits, turns them into
 //! `P = (softmax − onehot(label)) · dloss` in place, and returns
-//! `dh = P W` and, for a trainable head, `dW = Pᵀ h`. This is the fused
+//! `dh = P W` and, for a trainable head, `dW = Pᵀ h`. Over a frozen head,
+//! forward makes `dh` from its own logits instead (for `dloss = 1`) and
+//! backward only scales it. This is the fused
 //! linear cross-entropy of Liger-Kernel (Hsu et al. 2024,
 //! arXiv 2410.10989), here on the CPU.
 
@@ -31,6 +33,41 @@ pub struct CrossEntropyStats {
 struct LinearCrossEntropy {
     labels: Arc<Vec<u32>>,
     stats: Arc<Mutex<CrossEntropyStats>>,
+    /// `h`'s gradient made by forward, where the head is frozen.
+    kept: KeptGrad,
+}
+
+/// `h`'s gradient for a loss gradient of 1, made by forward from its own
+/// logits when `h` takes a gradient and the head does not (backward then
+/// scales it), so each chunk's logits are made once per step, not twice.
+struct KeptGrad(Option<Mutex<Option<Vec<f32>>>>);
+
+impl KeptGrad {
+    fn new(wanted: bool) -> Self {
+        Self(wanted.then(Mutex::default))
+    }
+
+    /// A zeroed `len`-value buffer for forward to fill, when wanted.
+    fn buffer(&self, len: usize) -> Option<Vec<f32>> {
+        self.0.as_ref().map(|_| vec![0f32; len])
+    }
+
+    fn keep(&self, dh: Option<Vec<f32>>) {
+        if let (Some(slot), Some(dh)) = (&self.0, dh)
+            && let Ok(mut slot) = slot.lock()
+        {
+            *slot = Some(dh);
+        }
+    }
+
+    /// The kept gradient scaled by `dloss` (once: a second backward of the
+    /// same graph makes it again).
+    fn take(&self, dloss: f32, c: usize) -> Option<Vec<f32>> {
+        let mut dh = self.0.as_ref()?.lock().ok()?.take()?;
+        dh.par_chunks_mut(c.max(1))
+            .for_each(|row| scale(row, dloss));
+        Some(dh)
+    }
 }
 
 /// A frozen LM head as the fused loss reads it.
@@ -111,11 +148,22 @@ impl Head<'_> {
 }
 
 /// The summed loss of `h` (`n × c`) against `labels`, and how many rows
-/// the argmax got right, a chunk of logits at a time.
-fn loss_sum(h: &[f32], head: Head, c: usize, v: usize, labels: &[u32]) -> Result<(f64, usize)> {
+/// the argmax got right, a chunk of logits at a time; with `dh` (`n × c`),
+/// also the gradient of the summed loss with respect to `h` (for a loss
+/// gradient of 1), from the same logits, so backward need not make them
+/// again.
+fn loss_sum(
+    h: &[f32],
+    head: Head,
+    c: usize,
+    v: usize,
+    labels: &[u32],
+    mut dh: Option<&mut [f32]>,
+) -> Result<(f64, usize)> {
     let n = labels.len();
     let mut buf = vec![0f32; CHUNK.min(n) * v];
     let (mut total, mut correct) = (0f64, 0usize);
+    let grad = dh.is_some();
     for from in (0..n).step_by(CHUNK) {
         let to = (from + CHUNK).min(n);
         let buf = &mut buf[..(to - from) * v];
@@ -130,9 +178,17 @@ fn loss_sum(h: &[f32], head: Head, c: usize, v: usize, labels: &[u32]) -> Result
                 let hit =
                     usize::from(picked >= m && row.iter().position(|&x| x == m) == Some(label));
                 let sum = exp_shifted_sum(row, m);
+                if grad {
+                    // softmax − onehot(label), as `hidden_grad` makes it.
+                    scale(row, 1.0 / sum);
+                    row[label] -= 1.0;
+                }
                 (m as f64 + (sum as f64).ln() - picked as f64, hit)
             })
             .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        if let Some(dh) = dh.as_deref_mut() {
+            head.input_grad(buf, c, v, &mut dh[from * c..to * c])?;
+        }
         total += loss;
         correct += hits;
     }
@@ -194,10 +250,12 @@ impl CustomOp2 for LinearCrossEntropy {
                 self.labels.len()
             );
         }
-        let (total, correct) = loss_sum(h, Head::F32(w), c, v, &self.labels)?;
+        let mut dh = self.kept.buffer(n * c);
+        let (total, correct) = loss_sum(h, Head::F32(w), c, v, &self.labels, dh.as_deref_mut())?;
         if let Ok(mut s) = self.stats.lock() {
             s.correct = correct;
         }
+        self.kept.keep(dh);
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
 
@@ -212,6 +270,9 @@ impl CustomOp2 for LinearCrossEntropy {
         let (n, c) = h.dims2()?;
         let v = w.dim(0)?;
         let want_dw = w.track_op();
+        if !want_dw && let Some(dh) = self.kept.take(dloss, c) {
+            return Ok((Some(tensor(dh, (n, c))?), None));
+        }
         let (dh, dw) = with_f32([h, w], self.name(), |[h, w]| {
             let mut dw = vec![0f32; if want_dw { v * c } else { 0 }];
             let dh = hidden_grad(h, Head::F32(w), (c, v), &self.labels, dloss, |p, hc| {
@@ -241,6 +302,8 @@ struct LinearCrossEntropyFrozen {
     head: FrozenHead,
     labels: Arc<Vec<u32>>,
     stats: Arc<Mutex<CrossEntropyStats>>,
+    /// `h`'s gradient made by forward.
+    kept: KeptGrad,
 }
 
 impl CustomOp1 for LinearCrossEntropyFrozen {
@@ -258,10 +321,13 @@ impl CustomOp1 for LinearCrossEntropyFrozen {
                 self.labels.len()
             );
         }
-        let (total, correct) = loss_sum(h, self.head.head(), c, v, &self.labels)?;
+        let mut dh = self.kept.buffer(n * c);
+        let (total, correct) =
+            loss_sum(h, self.head.head(), c, v, &self.labels, dh.as_deref_mut())?;
         if let Ok(mut s) = self.stats.lock() {
             s.correct = correct;
         }
+        self.kept.keep(dh);
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
 
@@ -269,9 +335,12 @@ impl CustomOp1 for LinearCrossEntropyFrozen {
         let dloss = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         let (n, c) = h.dims2()?;
         let (v, _) = self.head.dims()?;
-        let dh = with_f32([h], self.name(), |[h]| {
-            hidden_grad(h, self.head.head(), (c, v), &self.labels, dloss, |_, _| {})
-        })?;
+        let dh = match self.kept.take(dloss, c) {
+            Some(dh) => dh,
+            None => with_f32([h], self.name(), |[h]| {
+                hidden_grad(h, self.head.head(), (c, v), &self.labels, dloss, |_, _| {})
+            })?,
+        };
         Ok(Some(tensor(dh, (n, c))?))
     }
 }
@@ -289,6 +358,7 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &[u32]) -> Result<(T
     let op = LinearCrossEntropy {
         labels: Arc::new(labels.to_vec()),
         stats: stats.clone(),
+        kept: KeptGrad::new(h.track_op() && !w.track_op()),
     };
     let sum = h.contiguous()?.apply_op2(&w.contiguous()?, op)?;
     let correct = stats.lock().map(|s| s.correct).unwrap_or(0);
@@ -298,7 +368,9 @@ pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &[u32]) -> Result<(T
 /// [`linear_cross_entropy`] for a frozen head: `h` gets a gradient, the
 /// head none. With a bf16 head (packed, or a frozen weight in bf16) the
 /// logits and `h`'s gradient are bf16 products with f32 accumulation; the
-/// softmax and the loss stay in f32.
+/// softmax and the loss stay in f32. When `h` takes a gradient, forward
+/// makes it too from the same logits (two products of the head per step
+/// instead of three), and backward scales it by the loss's gradient.
 pub fn linear_cross_entropy_frozen(
     h: &Tensor,
     head: &FrozenHead,
@@ -313,6 +385,7 @@ pub fn linear_cross_entropy_frozen(
         head: head.clone(),
         labels: Arc::new(labels.to_vec()),
         stats: stats.clone(),
+        kept: KeptGrad::new(h.track_op()),
     };
     let sum = h.contiguous()?.apply_op1(op)?;
     let correct = stats.lock().map(|s| s.correct).unwrap_or(0);
@@ -439,6 +512,40 @@ mod tests {
             let f32_loss = f32_loss.to_scalar::<f32>().unwrap();
             assert!((loss - f32_loss).abs() <= 1e-5 * f32_loss.abs());
         }
+    }
+
+    #[test]
+    fn the_gradient_made_in_forward_equals_the_one_made_in_backward() {
+        // Forward keeps `h`'s gradient for a loss gradient of 1 and backward
+        // scales it; a second backward of the same graph finds none kept
+        // and makes it from the logits again. Both, for a loss gradient
+        // other than 1, equal the dense op's (made in backward).
+        let (n, c, v) = (CHUNK + 44, 24, 53);
+        let h = random(&[n, c], 7, 1.0);
+        let w = random(&[v, c], 8, 1.0);
+        let labels: Vec<u32> = (0..n).map(|i| ((i * 5) % v) as u32).collect();
+        let head = FrozenHead::Weight(FrozenWeight::Dense(w.clone()));
+        let hv = candle_core::Var::from_tensor(&h).unwrap();
+        let (loss, _) = linear_cross_entropy_frozen(hv.as_tensor(), &head, &labels).unwrap();
+        let scaled = (loss * 0.37).unwrap();
+        let first = scaled
+            .backward()
+            .unwrap()
+            .get(hv.as_tensor())
+            .unwrap()
+            .clone();
+        let again = scaled
+            .backward()
+            .unwrap()
+            .get(hv.as_tensor())
+            .unwrap()
+            .clone();
+        let hw = candle_core::Var::from_tensor(&h).unwrap();
+        let (want, _) = linear_cross_entropy(hw.as_tensor(), &w, &labels).unwrap();
+        let want = (want * 0.37).unwrap().backward().unwrap();
+        let want = want.get(hw.as_tensor()).unwrap();
+        assert_close(&first, want, 1e-5, "kept from forward");
+        assert_close(&again, want, 1e-5, "made in backward");
     }
 
     #[test]
