@@ -4,7 +4,7 @@ use serde::Serialize;
 use skillet_data::TokenizedExample;
 use skillet_models::CausalLm;
 
-use crate::{Result, causal_lm_loss, collate};
+use crate::{Result, causal_lm_loss_value, collate};
 
 /// Loss statistics of a data set.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -29,7 +29,7 @@ pub fn evaluate(
     let (mut sum, mut tokens, mut correct) = (0f64, 0usize, 0usize);
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&TokenizedExample> = chunk.iter().collect();
-        let parts = causal_lm_loss(model, &collate(&refs, pad_id))?;
+        let parts = causal_lm_loss_value(model, &collate(&refs, pad_id))?;
         sum += parts
             .sum
             .detach()

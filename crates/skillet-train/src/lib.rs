@@ -22,7 +22,7 @@ pub use collate::{collate, collate_packed};
 pub use config::{DataConfig, EvalConfig, LoraConfig, PrecisionSetting, RunConfig, TrainConfig};
 pub use error::TrainError;
 pub use eval::{EvalStats, evaluate};
-pub use loss::{LossParts, backward, causal_lm_loss, causal_lm_loss_with};
+pub use loss::{LossParts, backward, causal_lm_loss, causal_lm_loss_value, causal_lm_loss_with};
 pub use optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads, grad_norm};
 pub use schedule::{Schedule, ScheduleKind};
 pub use trainer::{Event, LoopSettings, Trainer, epoch_batches, read_metrics, steps_per_epoch};

@@ -29,12 +29,27 @@ pub fn causal_lm_loss(model: &dyn CausalLm, batch: &TrainBatch) -> Result<LossPa
     causal_lm_loss_with(model, batch, true)
 }
 
+/// [`causal_lm_loss`] for evaluation: the sum is detached, so the fused
+/// loss makes no gradient (it makes one in forward where one may follow).
+pub fn causal_lm_loss_value(model: &dyn CausalLm, batch: &TrainBatch) -> Result<LossParts> {
+    loss(model, batch, true, false)
+}
+
 /// [`causal_lm_loss`], choosing whether the fused op may be used (the
 /// composed path is the reference the fused one is tested against).
 pub fn causal_lm_loss_with(
     model: &dyn CausalLm,
     batch: &TrainBatch,
     allow_fused: bool,
+) -> Result<LossParts> {
+    loss(model, batch, allow_fused, true)
+}
+
+fn loss(
+    model: &dyn CausalLm,
+    batch: &TrainBatch,
+    allow_fused: bool,
+    gradient: bool,
 ) -> Result<LossParts> {
     let targets = batch.targets();
     if targets.is_empty() {
@@ -54,6 +69,7 @@ pub fn causal_lm_loss_with(
     let picked = hidden
         .reshape((batch.batch * batch.seq, c))?
         .index_select(&Tensor::new(rows, &Device::Cpu)?, 0)?; // [N,C]
+    let picked = if gradient { picked } else { picked.detach() };
     if allow_fused && let Some(head) = model.head_frozen(&adapters)? {
         let (sum, correct) = skillet_kernels::linear_cross_entropy_frozen(&picked, &head, &labels)?;
         return Ok(LossParts {

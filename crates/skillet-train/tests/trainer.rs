@@ -601,6 +601,12 @@ fn fused_kernels_train_like_the_composed_ops() {
         };
         let (fused_loss, fused_correct, fused_grads) = run(&fused, &fused_adapter, true);
         let (loss, correct, grads) = run(&composed, &composed_adapter, false);
+        // For evaluation: the same value, nothing to differentiate.
+        let value =
+            skillet_train::causal_lm_loss_value(&adapted(&fused, &fused_adapter), &batch).unwrap();
+        assert!(!value.sum.track_op());
+        let value = (value.sum / value.tokens as f64).unwrap();
+        assert_eq!(value.to_scalar::<f32>().unwrap(), fused_loss);
         assert!(
             (fused_loss - loss).abs() < 1e-5 * loss.abs(),
             "{fused_loss} vs {loss}"
