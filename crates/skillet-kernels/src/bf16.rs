@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout as TensorLayout, Result, Shape, 
 use rayon::prelude::*;
 
 use crate::gemm::{Out, View, matmul};
-use crate::storage::{slice, tensor, unfilled, with_f32};
+use crate::storage::{slice, tensor, with_f32};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -358,11 +358,15 @@ pub(crate) fn matmul_panels(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32]
     {
         assert!(bf16_accelerated(), "bf16 tiles without AMX");
         let kp = padded(k);
-        let ar = round_rows(a, m, k, kp);
+        let mut ar = ROUNDED.take();
+        round_rows(a, m, k, kp, &mut ar);
         // SAFETY: the CPU has the tiles (asserted above), and the operands
         // have the shapes the kernel reads (checked above, and `ar` by
         // construction).
         unsafe { amx::matmul(&ar, m, kp, b, out) };
+        if ar.capacity() <= KEPT_ROUNDED {
+            ROUNDED.set(ar);
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("tiles exist only on x86-64")
@@ -446,15 +450,27 @@ pub fn frozen_matmul_bf16(x: &Tensor, w: &Arc<Bf16Weight>) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Bf16Linear(w.clone()))
 }
 
-/// `a` (`[m, k]`) rounded to bf16 in rows of `kp` (zero-padded) and `m`
-/// padded to whole tiles with zero rows, for the tile kernel.
+/// The most values of a thread's rounded left operand kept between
+/// products (8 MiB).
 #[cfg(target_arch = "x86_64")]
-fn round_rows(a: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
+const KEPT_ROUNDED: usize = 4 << 20;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each thread's buffer for the rounded left operand, reused from
+    /// product to product (a nested product on the same thread finds it
+    /// taken and makes its own).
+    static ROUNDED: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `a` (`[m, k]`) rounded to bf16 into `ar` in rows of `kp` (zero-padded)
+/// and `m` padded to whole tiles with zero rows, for the tile kernel.
+/// Every value of `ar` is written (it may hold an earlier product's).
+#[cfg(target_arch = "x86_64")]
+fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>) {
     let mp = m.next_multiple_of(TILE);
-    // SAFETY: every element is written below: each row's first `k` by
-    // rounding, the rest of it and the padding rows with zeros.
-    let mut ar = unsafe { unfilled::<u16>(mp * kp) };
-    let (rows, pad) = ar.split_at_mut(m * kp);
+    ar.resize(mp * kp, 0);
+    let (rows, pad) = ar[..mp * kp].split_at_mut(m * kp);
     rows.par_chunks_mut(kp)
         .zip(a.par_chunks(k))
         .for_each(|(dst, src)| {
@@ -463,7 +479,6 @@ fn round_rows(a: &[f32], m: usize, k: usize, kp: usize) -> Vec<u16> {
             tail.fill(0);
         });
     pad.fill(0);
-    ar
 }
 
 #[cfg(test)]

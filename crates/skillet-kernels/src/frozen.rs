@@ -17,7 +17,7 @@ use crate::bf16::{
 };
 use crate::gemm::{Out, View, matmul};
 use crate::quantized::QuantMatrix;
-use crate::storage::{slice, tensor, unfilled, with_f32};
+use crate::storage::{slice, tensor, with_f32};
 
 /// A frozen weight and the precision of its products.
 #[derive(Debug, Clone)]
@@ -58,10 +58,7 @@ impl FrozenWeight {
     fn product(&self, a: &[f32], forward: bool) -> Result<Vec<f32>> {
         let (out, inp) = self.dims()?;
         let (k, n) = if forward { (inp, out) } else { (out, inp) };
-        // SAFETY: `product_into` writes every output (each path overwrites
-        // `y` whole: the GEMMs without reading it, an empty product with
-        // zeros).
-        let mut y = unsafe { unfilled::<f32>(a.len() / k.max(1) * n) };
+        let mut y = vec![0f32; a.len() / k.max(1) * n];
         self.product_into(a, forward, &mut y)?;
         Ok(y)
     }

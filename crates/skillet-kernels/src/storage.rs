@@ -48,26 +48,6 @@ pub(crate) fn with_f32_all<R>(
     f(&slices)
 }
 
-/// Element types any bit pattern of which is a valid value.
-pub(crate) trait Plain: Copy {}
-impl Plain for f32 {}
-impl Plain for u16 {}
-
-/// `n` elements as the allocator hands them over, not zeroed: for a
-/// buffer every element of which is written before any is read. A
-/// reused allocation then costs no memset (zeroing outputs that a product
-/// overwrites was about 5% of a LoRA step).
-///
-/// # Safety
-/// The caller writes every element before reading it.
-pub(crate) unsafe fn unfilled<T: Plain>(n: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: the capacity is `n`; every bit pattern is a valid `T`
-    // (`Plain`), and the caller writes each element before reading it.
-    unsafe { v.set_len(n) };
-    v
-}
-
 /// A CPU tensor owning `data`.
 pub(crate) fn tensor(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
     Tensor::from_vec(data, shape, &Device::Cpu)
