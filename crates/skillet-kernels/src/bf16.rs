@@ -22,7 +22,7 @@ use crate::storage::{slice, tensor, with_f32};
 mod amx;
 mod rows;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use amx::transpose16;
+pub(crate) use amx::{interleave_pairs, transpose16};
 pub use rows::Bf16Rows;
 
 /// Positions of the shared dimension per tile product (bf16 pairs × 16).

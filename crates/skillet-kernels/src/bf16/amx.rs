@@ -346,10 +346,6 @@ pub(super) unsafe fn dense_panel(
     } else {
         // Rows 2p and 2p + 1 interleaved: one 64-byte line per pair.
         let (c0, width) = (TILE * j, TILE.min(cols - TILE * j));
-        let interleave = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
-            4, 19, 3, 18, 2, 17, 1, 16, 0,
-        );
         let mut o = 0;
         while o < rows {
             let even = load(w.as_ptr().add(o * cols + c0), width);
@@ -359,7 +355,7 @@ pub(super) unsafe fn dense_panel(
                 _mm512_setzero_ps()
             };
             let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
-            let line = _mm512_permutexvar_epi16(interleave, v);
+            let line = interleave_pairs(v);
             _mm512_storeu_si512(panel.as_mut_ptr().add((o / 2) * TILE * 2) as *mut _, line);
             o += 2;
         }
@@ -411,10 +407,6 @@ pub(super) unsafe fn rows_panel(
     } else {
         let (c0, width) = (TILE * j, TILE.min(cols - TILE * j));
         let mask = ((1u32 << width) - 1) as u16;
-        let interleave = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
-            4, 19, 3, 18, 2, 17, 1, 16, 0,
-        );
         let mut o = 0;
         while o < rows {
             let even = _mm256_maskz_loadu_epi16(mask, w.as_ptr().add(o * cols + c0) as *const i16);
@@ -424,11 +416,24 @@ pub(super) unsafe fn rows_panel(
                 _mm256_setzero_si256()
             };
             let v = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
-            let line = _mm512_permutexvar_epi16(interleave, v);
+            let line = interleave_pairs(v);
             _mm512_storeu_si512(panel.as_mut_ptr().add((o / 2) * TILE * 2) as *mut _, line);
             o += 2;
         }
     }
+}
+
+/// The lower and upper 16 16-bit values of `v` interleaved, `(lo0, hi0,
+/// lo1, hi1, …)`: two rows' values made into one line of pairs.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+pub(crate) unsafe fn interleave_pairs(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let order = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    _mm512_permutexvar_epi16(order, v)
 }
 
 /// Transposes 16 rows of 16 32-bit elements in place: row `x` becomes

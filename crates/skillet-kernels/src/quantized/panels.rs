@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::{BLOCK, QuantKind, QuantMatrix};
-use crate::bf16::transpose16 as transpose;
+use crate::bf16::{interleave_pairs, transpose16 as transpose};
 
 /// Columns per panel (the tile width).
 const TILE: usize = 16;
@@ -89,10 +89,6 @@ pub(super) unsafe fn quant_panel(w: &QuantMatrix, forward: bool, j: usize, panel
         // 2p and 2p + 1 interleaved make one 64-byte line per pair.
         assert!(panel.len() >= w.rows.div_ceil(2) * 2 * TILE);
         let (b, half) = (j / 2, j % 2);
-        let interleave = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
-            4, 19, 3, 18, 2, 17, 1, 16, 0,
-        );
         let mut o = 0;
         while o < w.rows {
             let even = half_block(w, o * nb + b, half);
@@ -102,7 +98,7 @@ pub(super) unsafe fn quant_panel(w: &QuantMatrix, forward: bool, j: usize, panel
                 _mm512_setzero_ps()
             };
             let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
-            let line = _mm512_permutexvar_epi16(interleave, v);
+            let line = interleave_pairs(v);
             _mm512_storeu_si512(panel.as_mut_ptr().add(o / 2 * 2 * TILE) as *mut _, line);
             o += 2;
         }
