@@ -354,22 +354,56 @@ pub(crate) fn matmul_panels(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32]
     if !checked(a, m, k, n, out) {
         return;
     }
+    // SAFETY: `out` is a live slice of `out.len()` values.
+    unsafe { tiles(a, m, b, out.as_mut_ptr(), out.len()) };
+}
+
+/// [`matmul_panels`] into a new vector whose values are written once,
+/// never zeroed first (zeroing the outputs of every product cost 5–10% of
+/// a LoRA step).
+pub(crate) fn matmul_panels_new(a: &[f32], m: usize, b: &dyn Panels) -> Vec<f32> {
+    let (k, n) = (b.k(), b.n());
+    let len = m * n;
+    assert_eq!(a.len(), m * k, "bf16 matmul: a is not {m}×{k}");
+    if len == 0 || k == 0 {
+        return vec![0f32; len];
+    }
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the spare capacity holds `len` values; the kernel writes
+    // every one of them through the pointer and reads none, so all `len`
+    // are initialized when the length is set.
+    unsafe {
+        tiles(a, m, b, out.spare_capacity_mut().as_mut_ptr().cast(), len);
+        out.set_len(len);
+    }
+    out
+}
+
+/// The tile product of [`matmul_panels`] for a non-empty `m × k × n`,
+/// writing all `m · n` results through `out`.
+///
+/// # Safety
+/// `out` is valid for `out_len ≥ m · n` f32 writes.
+unsafe fn tiles(a: &[f32], m: usize, b: &dyn Panels, out: *mut f32, out_len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         assert!(bf16_accelerated(), "bf16 tiles without AMX");
-        let kp = padded(k);
+        let kp = padded(b.k());
         let mut ar = ROUNDED.take();
-        round_rows(a, m, k, kp, &mut ar);
-        // SAFETY: the CPU has the tiles (asserted above), and the operands
-        // have the shapes the kernel reads (checked above, and `ar` by
-        // construction).
-        unsafe { amx::matmul(&ar, m, kp, b, out) };
+        round_rows(a, m, b.k(), kp, &mut ar);
+        // SAFETY: the CPU has the tiles (asserted above), the operands have
+        // the shapes the kernel reads (the callers' checks, and `ar` by
+        // construction), and `out` is the caller's promise.
+        unsafe { amx::matmul(&ar, m, kp, b, out, out_len) };
         if ar.capacity() <= KEPT_ROUNDED {
             ROUNDED.set(ar);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("tiles exist only on x86-64")
+    {
+        let _ = (a, m, b, out, out_len);
+        unreachable!("tiles exist only on x86-64")
+    }
 }
 
 /// A frozen `[out, in]` weight packed for bf16 products both ways: `x Wᵀ`
@@ -463,13 +497,18 @@ thread_local! {
     static ROUNDED: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// `a` (`[m, k]`) rounded to bf16 into `ar` in rows of `kp` (zero-padded)
-/// and `m` padded to whole tiles with zero rows, for the tile kernel.
-/// Every value of `ar` is written (it may hold an earlier product's).
+/// `a` (`[m, k]`) rounded to bf16 into the first `⌈m/16⌉·16 · kp` values
+/// of `ar` in rows of `kp` (zero-padded) and `m` padded to whole tiles
+/// with zero rows, for the tile kernel. Each of those values is written
+/// (`ar` may hold an earlier product's).
 #[cfg(target_arch = "x86_64")]
 fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>) {
     let mp = m.next_multiple_of(TILE);
-    ar.resize(mp * kp, 0);
+    // Grown, never shrunk: shrinking and growing again would zero the
+    // growth each time, only for it to be overwritten.
+    if ar.len() < mp * kp {
+        ar.resize(mp * kp, 0);
+    }
     let (rows, pad) = ar[..mp * kp].split_at_mut(m * kp);
     rows.par_chunks_mut(kp)
         .zip(a.par_chunks(k))

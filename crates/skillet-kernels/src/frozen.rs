@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 
 use crate::bf16::{
     Bf16Matrix, Bf16Rows, DensePanels, bf16_accelerated, matmul_bf16, matmul_panels,
+    matmul_panels_new,
 };
 use crate::gemm::{Out, View, matmul};
 use crate::quantized::QuantMatrix;
@@ -58,6 +59,19 @@ impl FrozenWeight {
     fn product(&self, a: &[f32], forward: bool) -> Result<Vec<f32>> {
         let (out, inp) = self.dims()?;
         let (k, n) = if forward { (inp, out) } else { (out, inp) };
+        if bf16_accelerated() {
+            // On the tiles the results are written once, not zeroed first.
+            match self {
+                FrozenWeight::DenseBf16(w) => {
+                    return with_f32([w], "frozen weight", |[w]| {
+                        let panels = DensePanels::new(w, out, inp, forward);
+                        Ok(matmul_panels_new(a, a.len() / k.max(1), &panels))
+                    });
+                }
+                FrozenWeight::Bf16(w) => return Ok(w.product_new(a, forward)),
+                _ => {}
+            }
+        }
         let mut y = vec![0f32; a.len() / k.max(1) * n];
         self.product_into(a, forward, &mut y)?;
         Ok(y)

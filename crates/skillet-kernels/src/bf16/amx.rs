@@ -52,17 +52,27 @@ struct Shapes {
     kp: usize,
 }
 
-/// `out` (`[m, n]`) = `a` (`[⌈m/16⌉·16, kp]` bf16, zero-padded) times the
-/// right operand `b`, by column blocks.
+/// `out` (`[m, n]`, `out_len` values from `out`) = `a` (`[⌈m/16⌉·16, kp]`
+/// bf16, zero-padded) times the right operand `b`, by column blocks. Every
+/// one of the `m · n` results is written (through the pointer, so `out`
+/// may be memory not yet initialized) and none is read.
 ///
 /// # Safety
-/// `bf16_accelerated()` must be true.
-pub(super) unsafe fn matmul(a: &[u16], m: usize, kp: usize, b: &dyn Panels, out: &mut [f32]) {
+/// `bf16_accelerated()` must be true, and `out` valid for `out_len` f32
+/// writes.
+pub(super) unsafe fn matmul(
+    a: &[u16],
+    m: usize,
+    kp: usize,
+    b: &dyn Panels,
+    out: *mut f32,
+    out_len: usize,
+) {
     let n = b.n();
     let mp = m.next_multiple_of(TILE);
     let blocks = n.div_ceil(TILE);
     assert!(kp.is_multiple_of(KSTEP) && kp >= b.k());
-    assert!(a.len() >= mp * kp && out.len() >= m * n);
+    assert!(a.len() >= mp * kp && out_len >= m * n);
     let shapes = Shapes { m, n, kp };
     // Computed column blocks are made once per product: a task takes every
     // row and a share of the blocks (an even number, for the 2 × 2 tiles).
@@ -76,7 +86,7 @@ pub(super) unsafe fn matmul(a: &[u16], m: usize, kp: usize, b: &dyn Panels, out:
         .step_by(task_rows)
         .flat_map(|r| (0..blocks).step_by(task_blocks).map(move |j| (r, j)))
         .collect();
-    let dest = Dest(out.as_mut_ptr());
+    let dest = Dest(out);
     tasks.par_iter().for_each(|&(r0, j0)| {
         let rows = r0..(r0 + task_rows).min(mp);
         let cols = j0..(j0 + task_blocks).min(blocks);

@@ -59,6 +59,14 @@ impl Bf16Rows {
         self.data.par_iter().map(|&h| from_bf16(h)).collect()
     }
 
+    /// `a Wᵀ` (`forward`, `a`: `[t, cols]`) or `a W` (`a`: `[t, rows]`)
+    /// on the tiles, into a new vector. Only where [`bf16_accelerated`].
+    pub(crate) fn product_new(&self, a: &[f32], forward: bool) -> Vec<f32> {
+        let k = if forward { self.cols } else { self.rows };
+        let panels = RowPanels { w: self, forward };
+        super::matmul_panels_new(a, a.len() / k.max(1), &panels)
+    }
+
     /// `a Wᵀ` (`forward`, `a`: `[t, cols]`) or `a W` (`a`: `[t, rows]`),
     /// in bf16 with f32 accumulation, written over `y`.
     pub(crate) fn product_into(&self, a: &[f32], forward: bool, y: &mut [f32]) {
