@@ -395,9 +395,7 @@ unsafe fn tiles(a: &[f32], m: usize, b: &dyn Panels, out: *mut f32, out_len: usi
         // the shapes the kernel reads (the callers' checks, and `ar` by
         // construction), and `out` is the caller's promise.
         unsafe { amx::matmul(&ar, m, kp, b, out, out_len) };
-        if ar.capacity() <= KEPT_ROUNDED {
-            ROUNDED.set(ar);
-        }
+        hand_back(&ROUNDED, ar);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -484,16 +482,30 @@ pub fn frozen_matmul_bf16(x: &Tensor, w: &Arc<Bf16Weight>) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Bf16Linear(w.clone()))
 }
 
-/// The most values of a thread's rounded left operand kept between
-/// products (8 MiB).
+/// A thread's buffer reused from product to product: taken for a product
+/// (a nested product on the same thread finds it taken and makes its
+/// own) and handed back after.
 #[cfg(target_arch = "x86_64")]
-const KEPT_ROUNDED: usize = 4 << 20;
+type Reused = std::thread::LocalKey<std::cell::Cell<Vec<u16>>>;
+
+/// The most values of a reused buffer kept between products (8 MiB): a
+/// projection's operands fit; a whole LM head's share is made afresh
+/// rather than held while everything else runs.
+#[cfg(target_arch = "x86_64")]
+const KEPT: usize = 4 << 20;
+
+/// Hands `v` back to `buffer` for the next product on this thread, unless
+/// it grew past [`KEPT`].
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn hand_back(buffer: &'static Reused, v: Vec<u16>) {
+    if v.capacity() <= KEPT {
+        buffer.set(v);
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
-    /// Each thread's buffer for the rounded left operand, reused from
-    /// product to product (a nested product on the same thread finds it
-    /// taken and makes its own).
+    /// Each thread's buffer for the rounded left operand.
     static ROUNDED: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 

@@ -69,7 +69,8 @@ impl FrozenWeight {
                     });
                 }
                 FrozenWeight::Bf16(w) => return Ok(w.product_new(a, forward)),
-                _ => {}
+                FrozenWeight::QuantBf16(q) => return Ok(q.product_bf16_new(a, forward)),
+                FrozenWeight::Dense(_) | FrozenWeight::QuantF32(_) => {}
             }
         }
         let mut y = vec![0f32; a.len() / k.max(1) * n];

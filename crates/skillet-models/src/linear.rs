@@ -264,18 +264,16 @@ impl BaseLinear {
 
     /// The product with the dense (or dequantized) weight.
     fn dense(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            Stored::Blocks(blocks) => {
-                // Dequantized for this call (and again in backward), not
-                // held by the autograd graph in between.
-                let y = frozen_product(x, &FrozenWeight::QuantF32(blocks.clone()))?;
-                return self.with_bias(y);
-            }
-            Stored::Bf16(w) => {
-                let y = frozen_product(x, &FrozenWeight::Bf16(w.clone()))?;
-                return self.with_bias(y);
-            }
-            Stored::Dense(_) | Stored::Ggml(_) => {}
+        // Blocks are dequantized for this call (and again in backward),
+        // not held by the autograd graph in between; bf16 rows multiply
+        // as they are.
+        let frozen = match &self.weight {
+            Stored::Blocks(blocks) => Some(FrozenWeight::QuantF32(blocks.clone())),
+            Stored::Bf16(w) => Some(FrozenWeight::Bf16(w.clone())),
+            Stored::Dense(_) | Stored::Ggml(_) => None,
+        };
+        if let Some(frozen) = frozen {
+            return self.with_bias(frozen_product(x, &frozen)?);
         }
         let weight = self.to_dense()?;
         // A frozen weight never enters the autograd graph (the op's

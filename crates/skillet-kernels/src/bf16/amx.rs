@@ -24,11 +24,6 @@ const TASK_BLOCKS: usize = 8;
 /// left row, or 16 bf16 pairs).
 const CONFIG: TileConfig = TileConfig::new(&[(TILE as u8, 64); 8]);
 
-/// The most values of a thread's block buffer kept between products (8
-/// MiB): the blocks of a projection's share fit; a whole LM head's share
-/// is made afresh rather than held while everything else runs.
-const KEPT_SCRATCH: usize = 4 << 20;
-
 thread_local! {
     /// Each thread's buffer for the column blocks its tasks make.
     static MADE: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
@@ -216,9 +211,7 @@ unsafe fn task(
             j += if two_cols { 2 } else { 1 };
         }
     }
-    if made.capacity() <= KEPT_SCRATCH {
-        MADE.set(made);
-    }
+    super::hand_back(&MADE, made);
     asm!("tilerelease", options(nostack, nomem));
 }
 

@@ -7,7 +7,9 @@
 use rayon::prelude::*;
 
 use super::{BLOCK, QuantKind, QuantMatrix};
-use crate::bf16::{Bf16Matrix, Panels, bf16_accelerated, matmul_bf16, matmul_panels, round_into};
+use crate::bf16::{
+    Bf16Matrix, Panels, bf16_accelerated, matmul_bf16, matmul_panels, matmul_panels_new, round_into,
+};
 use crate::gemm::{Out, View, matmul};
 
 /// How the products are computed.
@@ -72,6 +74,14 @@ impl QuantMatrix {
     /// block dequantized once, else through a transient rounded copy.
     pub(crate) fn product_bf16_into(&self, x: &[f32], forward: bool, out: &mut [f32]) {
         self.product_into(x, Orient::of(forward), Precision::Bf16, out)
+    }
+
+    /// [`QuantMatrix::product_bf16_into`] on the tiles into a new vector.
+    /// Only where [`bf16_accelerated`].
+    pub(crate) fn product_bf16_new(&self, x: &[f32], forward: bool) -> Vec<f32> {
+        let orient = Orient::of(forward);
+        let k = if forward { self.cols } else { self.rows };
+        matmul_panels_new(x, x.len() / k.max(1), &QuantPanels { w: self, orient })
     }
 
     /// [`QuantMatrix::product_bf16_into`] in f32 through the dequantized weight.
