@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, D, Device, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use crate::bf16::{DensePanels, bf16_accelerated, matmul_panels_serial};
 use crate::gemm::{Out, View, matmul};
 use crate::rope::{RopeLayout, RopeTable, rotate};
 use crate::storage::{slice, tensor, with_f32};
@@ -27,6 +28,9 @@ use crate::vec::{dot, exp_shifted_sum, max, scale};
 
 /// Queries per tile (per head).
 const TILE: usize = 64;
+/// Keys per block within a tile: a block's scores and their gradient stay
+/// in cache while its products run.
+const KEYS: usize = 256;
 
 /// Which keys each query may attend to.
 #[derive(Debug, Clone)]
@@ -175,12 +179,14 @@ impl Dims {
         ((b * self.t + i) * self.h + head) * self.d
     }
 
-    /// The `[S', D]` view of key/value head `kh` of sequence `b` from key `lo`.
-    fn kv<'a>(&self, data: &'a [f32], b: usize, kh: usize, lo: usize) -> View<'a> {
-        View::rows(
-            &data[((b * self.s + lo) * self.k + kh) * self.d..],
-            self.k * self.d,
-        )
+    /// Key/value head `kh` of sequence `b` from key `lo` (`[S', D]`) as
+    /// a product's right operand, or its transpose.
+    fn kv<'a>(&self, data: &'a [f32], b: usize, kh: usize, lo: usize, transposed: bool) -> Rhs<'a> {
+        Rhs {
+            w: &data[((b * self.s + lo) * self.k + kh) * self.d..],
+            stride: self.k * self.d,
+            transposed,
+        }
     }
 
     /// The tile's `G·n` query rows of `x` (`[B, T, H, D]`), head-major.
@@ -212,12 +218,54 @@ impl Dims {
     }
 }
 
-/// What one tile contributes to the gradients (see `tile_backward`).
-struct TileGrads {
-    lo: usize,
-    dq: Vec<f32>,
+/// Backward splits each (sequence, key/value head)'s tiles into runs of
+/// consecutive tiles, at least this many runs in all, of about equal work
+/// within a head. A run sums its tiles' key and value gradients into its
+/// own buffers, in tile order, and the runs' sums are then added in run
+/// order: the result depends neither on how the runs were scheduled nor
+/// on the thread count.
+const RUNS: usize = 8;
+
+/// The most values of a thread's tile scratch kept between tiles (16 MiB).
+const KEPT: usize = 4 << 20;
+
+thread_local! {
+    /// Each thread's scratch for a tile's scores, probabilities and their
+    /// gradients, reused from tile to tile.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// This thread's scratch, at least `len` values holding anything (another
+/// tile started on this thread while one waits gets a new one).
+fn scratch(len: usize) -> Vec<f32> {
+    let mut v = SCRATCH.take();
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    v
+}
+
+fn hand_back(v: Vec<f32>) {
+    if v.capacity() <= KEPT {
+        SCRATCH.set(v);
+    }
+}
+
+/// A run of a head's tiles: the `dQ` rows of each, and their sums of `dK`
+/// and `dV` over keys `first..` of the head (rows of `D`).
+struct Run {
+    dq: Vec<(Tile, Vec<f32>)>,
+    first: usize,
     dk: Vec<f32>,
     dv: Vec<f32>,
+}
+
+/// Where a tile adds its keys' gradients: rows of `D` for keys `first..`
+/// of its head.
+struct KeyGrads<'a> {
+    first: usize,
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
 }
 
 pub(crate) struct Attention {
@@ -229,157 +277,268 @@ pub(crate) struct Attention {
     /// RoPE applied to `q` and `k` inside the op (rotated copies made for
     /// the call and again in backward, never kept by the graph).
     pub(crate) rope: Option<(RopeTable, RopeLayout)>,
+    /// Products on bf16 tiles (see [`attention_rope`]).
+    pub(crate) bf16: bool,
+}
+
+/// The right operand of a tile product: `W` (`[k, n]`) or, `transposed`,
+/// `Wᵀ` (`W` `[n, k]`), its rows `stride` values apart in `w`.
+#[derive(Clone, Copy)]
+struct Rhs<'a> {
+    w: &'a [f32],
+    stride: usize,
+    transposed: bool,
 }
 
 impl Attention {
-    /// Scaled, masked scores of a tile's queries `qt` (`G·n × D`) against
-    /// the keys they may see, and the first of those keys.
-    fn scores(&self, dims: &Dims, tile: Tile, qt: &[f32], k: &[f32]) -> (usize, usize, Vec<f32>) {
+    /// `out` (`[m, n]`) = (or `+=`, where `add`) `a` (`[m, k]` row-major)
+    /// times `b` (`[k, n]`): on bf16 tiles (operands rounded to bf16, sums
+    /// in f32) in a bf16 op, else by the f32 GEMM; on this thread.
+    fn product(&self, a: &[f32], [m, k, n]: [usize; 3], b: Rhs, out: &mut [f32], add: bool) {
+        let (a, out) = (&a[..m * k], &mut out[..m * n]);
+        if self.bf16 {
+            let (rows, cols) = if b.transposed { (n, k) } else { (k, n) };
+            let panels = DensePanels::strided(b.w, rows, cols, b.stride, b.transposed);
+            if add {
+                let mut part = vec![0f32; m * n];
+                matmul_panels_serial(a, m, &panels, &mut part);
+                out.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
+            } else {
+                matmul_panels_serial(a, m, &panels, out);
+            }
+            return;
+        }
+        let w = View::rows(b.w, b.stride);
+        let w = if b.transposed { w.t() } else { w };
+        let out = Out::new(out, n);
+        let out = if add { out.accumulate() } else { out };
+        matmul(m, n, k, View::rows(a, k), w, out, false);
+    }
+
+    /// The tile's query rows (`G·n × D`, head-major), times the scale.
+    fn queries(&self, dims: &Dims, tile: Tile, q: &[f32]) -> Vec<f32> {
+        let mut qt = dims.gather(q, tile);
+        scale(&mut qt, self.scale);
+        qt
+    }
+
+    /// The blocks of keys a tile's queries may see: the first key of each,
+    /// and how many.
+    fn key_blocks(&self, tile: Tile) -> impl Iterator<Item = (usize, usize)> {
         let lo = self.mask.range(tile.i0).0;
         let hi = self.mask.range(tile.i0 + tile.n - 1).1;
-        let ns = hi - lo;
+        (lo..hi)
+            .step_by(KEYS)
+            .map(move |j0| (j0, KEYS.min(hi - j0)))
+    }
+
+    /// Masked scores `s` (`G·n × nb`) of a tile's scaled queries `qt`
+    /// (`G·n × D`) against keys `j0..j0 + nb`.
+    fn scores(
+        &self,
+        dims: &Dims,
+        tile: Tile,
+        qt: &[f32],
+        k: &[f32],
+        (j0, nb): (usize, usize),
+        s: &mut [f32],
+    ) {
         let rows = dims.g * tile.n;
-        let mut s = vec![0f32; rows * ns];
-        let kv = dims.kv(k, tile.b, tile.kh, lo);
-        matmul(
-            rows,
-            ns,
-            dims.d,
-            View::rows(qt, dims.d),
-            kv.t(),
-            Out::new(&mut s, ns).scaled(self.scale),
-            false,
-        );
+        let keys = dims.kv(k, tile.b, tile.kh, j0, true);
+        self.product(qt, [rows, dims.d, nb], keys, s, false);
         let exact = self.mask.key_mask.is_some() || self.mask.segments.is_some();
-        for (r, row) in s.chunks_exact_mut(ns).enumerate() {
+        for (r, row) in s[..rows * nb].chunks_exact_mut(nb).enumerate() {
             let i = tile.i0 + r % tile.n;
             let (a, z) = self.mask.range(i);
-            row[..a - lo].fill(f32::NEG_INFINITY);
-            row[z - lo..].fill(f32::NEG_INFINITY);
+            let (a, z) = (a.clamp(j0, j0 + nb), z.clamp(j0, j0 + nb));
+            row[..a - j0].fill(f32::NEG_INFINITY);
+            row[z - j0..].fill(f32::NEG_INFINITY);
             if exact {
                 for j in a..z {
                     if !self.mask.allowed(tile.b, i, j) {
-                        row[j - lo] = f32::NEG_INFINITY;
+                        row[j - j0] = f32::NEG_INFINITY;
                     }
                 }
             }
         }
-        (lo, ns, s)
     }
 
     /// One tile's output rows (`G·n × D`, head-major) and the log-sum-exp
-    /// of each of its queries (−∞ when a query sees no key).
+    /// of each of its queries (−∞ when a query sees no key): block by
+    /// block of keys, with a running maximum and sum per query and the
+    /// output rescaled as the maximum grows (FlashAttention's online
+    /// softmax).
     pub(crate) fn tile_forward(
         &self,
         dims: &Dims,
         tile: Tile,
         [q, k, v]: [&[f32]; 3],
     ) -> (Vec<f32>, Vec<f32>) {
-        let d = dims.d;
-        let qt = dims.gather(q, tile);
-        let (lo, ns, mut p) = self.scores(dims, tile, &qt, k);
-        let mut lse = Vec::with_capacity(dims.g * tile.n);
-        for row in p.chunks_exact_mut(ns) {
-            let m = max(row);
-            if m == f32::NEG_INFINITY {
-                row.fill(0.0);
-                lse.push(f32::NEG_INFINITY);
-            } else {
-                let sum = exp_shifted_sum(row, m);
-                scale(row, 1.0 / sum);
-                lse.push(m + sum.ln());
+        let (rows, d) = (dims.g * tile.n, dims.d);
+        let qt = self.queries(dims, tile, q);
+        let mut o = vec![0f32; rows * d];
+        let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+        let mut p = scratch(rows * KEYS);
+        for (j0, nb) in self.key_blocks(tile) {
+            let p = &mut p[..rows * nb];
+            self.scores(dims, tile, &qt, k, (j0, nb), p);
+            for (r, row) in p.chunks_exact_mut(nb).enumerate() {
+                let top = m[r].max(max(row));
+                if top == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let shrink = (m[r] - top).exp();
+                l[r] = l[r] * shrink + exp_shifted_sum(row, top);
+                if shrink != 1.0 {
+                    scale(&mut o[r * d..(r + 1) * d], shrink);
+                }
+                m[r] = top;
             }
+            let values = dims.kv(v, tile.b, tile.kh, j0, false);
+            self.product(p, [rows, nb, d], values, &mut o, true);
         }
-        let mut o = vec![0f32; dims.g * tile.n * d];
-        matmul(
-            dims.g * tile.n,
-            d,
-            ns,
-            View::rows(&p, ns),
-            dims.kv(v, tile.b, tile.kh, lo),
-            Out::new(&mut o, d),
-            false,
-        );
+        hand_back(p);
+        let lse = m
+            .iter()
+            .zip(&l)
+            .zip(o.chunks_exact_mut(d))
+            .map(|((&m, &l), row)| {
+                if m == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    f32::NEG_INFINITY
+                } else {
+                    scale(row, 1.0 / l);
+                    m + l.ln()
+                }
+            })
+            .collect();
         (o, lse)
     }
 
-    /// One tile's share of the gradients: its queries' `dQ` rows, and the
-    /// `dK`, `dV` rows of the keys it saw (from key `lo`), to be summed.
-    /// `inputs` are `q`, `k`, `v`, the forward output `o` and `dO`.
+    /// One tile's share of the gradients: its queries' `dQ` rows, returned,
+    /// and the `dK`, `dV` rows of the keys it saw, added to `sums`; block
+    /// by block of keys. `inputs` are `q`, `k`, `v`, the forward output `o`
+    /// and `dO`.
     fn tile_backward(
         &self,
         dims: &Dims,
         tile: Tile,
         inputs: [&[f32]; 5],
         lse: &[f32],
-    ) -> TileGrads {
+        sums: &mut KeyGrads,
+    ) -> Vec<f32> {
         let [q, k, v, o, dout] = inputs;
         let (d, rows) = (dims.d, dims.g * tile.n);
-        let qt = dims.gather(q, tile);
+        let qt = self.queries(dims, tile, q);
         let dot_t = dims.gather(dout, tile);
+        // rowsum(dO ∘ O), the same for every block.
         let ot = dims.gather(o, tile);
-        // P again, from the saved log-sum-exp.
-        let (lo, ns, mut p) = self.scores(dims, tile, &qt, k);
-        for (r, row) in p.chunks_exact_mut(ns).enumerate() {
-            let l = lse[dims.lse_at(tile, r / tile.n, r % tile.n)];
-            if l == f32::NEG_INFINITY {
-                row.fill(0.0);
-            } else {
-                exp_shifted_sum(row, l);
-            }
-        }
-        // dP = dO Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)).
-        let mut ds = vec![0f32; rows * ns];
-        let vv = dims.kv(v, tile.b, tile.kh, lo);
-        matmul(
-            rows,
-            ns,
-            d,
-            View::rows(&dot_t, d),
-            vv.t(),
-            Out::new(&mut ds, ns),
-            false,
-        );
-        for (r, (dsr, pr)) in ds.chunks_exact_mut(ns).zip(p.chunks_exact(ns)).enumerate() {
-            let di = dot(&dot_t[r * d..(r + 1) * d], &ot[r * d..(r + 1) * d]);
-            for (x, &pv) in dsr.iter_mut().zip(pr) {
-                *x = pv * (*x - di);
-            }
-        }
-        let kk = dims.kv(k, tile.b, tile.kh, lo);
+        let di: Vec<f32> = dot_t
+            .chunks_exact(d)
+            .zip(ot.chunks_exact(d))
+            .map(|(a, b)| dot(a, b))
+            .collect();
+        let lse: Vec<f32> = (0..rows)
+            .map(|r| lse[dims.lse_at(tile, r / tile.n, r % tile.n)])
+            .collect();
+        let (qtt, dott) = match self.bf16 {
+            true => (transposed(&qt, rows, d), transposed(&dot_t, rows, d)),
+            false => (Vec::new(), Vec::new()),
+        };
         let mut dq = vec![0f32; rows * d];
-        matmul(
-            rows,
-            d,
-            ns,
-            View::rows(&ds, ns),
-            kk,
-            Out::new(&mut dq, d).scaled(self.scale),
-            false,
-        );
-        let mut dk = vec![0f32; ns * d];
-        let dst = View::rows(&ds, ns).t();
-        matmul(
-            ns,
-            d,
-            rows,
-            dst,
-            View::rows(&qt, d),
-            Out::new(&mut dk, d).scaled(self.scale),
-            false,
-        );
-        let mut dv = vec![0f32; ns * d];
-        let pt = View::rows(&p, ns).t();
-        matmul(
-            ns,
-            d,
-            rows,
-            pt,
-            View::rows(&dot_t, d),
-            Out::new(&mut dv, d),
-            false,
-        );
-        TileGrads { lo, dq, dk, dv }
+        let mut buf = scratch(2 * rows * KEYS);
+        for (j0, nb) in self.key_blocks(tile) {
+            let (p, ds) = buf.split_at_mut(rows * nb);
+            let ds = &mut ds[..rows * nb];
+            // P again, from the saved log-sum-exp.
+            self.scores(dims, tile, &qt, k, (j0, nb), p);
+            for (row, &l) in p.chunks_exact_mut(nb).zip(&lse) {
+                if l == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                } else {
+                    exp_shifted_sum(row, l);
+                }
+            }
+            // dP = dO Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)).
+            let values = dims.kv(v, tile.b, tile.kh, j0, true);
+            self.product(&dot_t, [rows, d, nb], values, ds, false);
+            for ((dsr, pr), &di) in ds.chunks_exact_mut(nb).zip(p.chunks_exact(nb)).zip(&di) {
+                for (x, &pv) in dsr.iter_mut().zip(pr) {
+                    *x = pv * (*x - di);
+                }
+            }
+            let keys = dims.kv(k, tile.b, tile.kh, j0, false);
+            self.product(ds, [rows, nb, d], keys, &mut dq, true);
+            // dK = dSᵀ (scale·Q) and dV = Pᵀ dO, added at the block's keys.
+            let at = (j0 - sums.first) * d;
+            self.add_key_grads(ds, [&qt, &qtt], [rows, nb, d], &mut sums.dk[at..]);
+            self.add_key_grads(p, [&dot_t, &dott], [rows, nb, d], &mut sums.dv[at..]);
+        }
+        hand_back(buf);
+        scale(&mut dq, self.scale);
+        dq
+    }
+
+    /// `acc` (`nb` rows of `D`) `+= wᵀ x` for `w` (`rows × nb`) and `x`
+    /// (`rows × D`; `xt` its transpose, made once per tile, for bf16). On
+    /// bf16 tiles `(xᵀ w)ᵀ`, the product's shared dimension being the
+    /// tile's rows: only `x` and the `D × nb` result are transposed, never
+    /// the wide `w`.
+    fn add_key_grads(
+        &self,
+        w: &[f32],
+        [x, xt]: [&[f32]; 2],
+        [rows, nb, d]: [usize; 3],
+        acc: &mut [f32],
+    ) {
+        if !self.bf16 {
+            let out = Out::new(acc, d).accumulate();
+            let w = View::rows(w, nb).t();
+            matmul(nb, d, rows, w, View::rows(x, d), out, false);
+            return;
+        }
+        let by_rows = Rhs {
+            w,
+            stride: nb,
+            transposed: false,
+        };
+        let mut t = vec![0f32; d * nb];
+        self.product(xt, [d, rows, nb], by_rows, &mut t, false);
+        add_transposed(&t, d, nb, acc);
+    }
+
+    /// Backward's runs (see [`RUNS`]): ranges of `tiles`, each within one
+    /// head, in order.
+    fn runs(&self, dims: &Dims, tiles: &[Tile]) -> Vec<std::ops::Range<usize>> {
+        let groups = dims.b * dims.k;
+        let per_group = tiles.len() / groups.max(1);
+        let pieces = RUNS.div_ceil(groups.max(1));
+        let mut runs = Vec::new();
+        for g in 0..groups {
+            let start = g * per_group;
+            let work: Vec<usize> = tiles[start..start + per_group]
+                .iter()
+                .map(|t| {
+                    let lo = self.mask.range(t.i0).0;
+                    (self.mask.range(t.i0 + t.n - 1).1 - lo) * t.n
+                })
+                .collect();
+            let total: usize = work.iter().sum();
+            let (mut from, mut done, mut piece) = (0, 0, 1);
+            for (i, w) in work.iter().enumerate() {
+                done += w;
+                let last = i + 1 == per_group;
+                if last || done * pieces >= total * piece {
+                    runs.push(start + from..start + i + 1);
+                    from = i + 1;
+                    while done * pieces >= total * piece {
+                        piece += 1;
+                    }
+                }
+            }
+        }
+        runs
     }
 
     fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
@@ -490,22 +649,40 @@ impl CustomOp3 for Attention {
         if lse.len() != dims.b * dims.h * dims.t {
             bail!("attention backward without its forward statistics");
         }
-        let d = dims.d;
         let tiles = dims.tiles();
         let (dq, dk, dv) = with_f32([q, k, v, res, grad], self.name(), |inputs| {
-            let parts: Vec<TileGrads> = tiles
-                .par_iter()
-                .map(|&tile| self.tile_backward(&dims, tile, inputs, &lse))
+            let runs: Vec<Run> = self
+                .runs(&dims, &tiles)
+                .into_par_iter()
+                .map(|run| {
+                    let tiles = &tiles[run];
+                    let first = self.mask.range(tiles[0].i0).0;
+                    let last = tiles[tiles.len() - 1];
+                    let len = (self.mask.range(last.i0 + last.n - 1).1 - first) * dims.d;
+                    let (mut dk, mut dv) = (vec![0f32; len], vec![0f32; len]);
+                    let mut sums = KeyGrads {
+                        first,
+                        dk: &mut dk,
+                        dv: &mut dv,
+                    };
+                    let dq = tiles
+                        .iter()
+                        .map(|&t| (t, self.tile_backward(&dims, t, inputs, &lse, &mut sums)))
+                        .collect();
+                    Run { dq, first, dk, dv }
+                })
                 .collect();
-            let [q, k, v, ..] = inputs;
-            let mut dq = vec![0f32; q.len()];
-            let mut dk = vec![0f32; k.len()];
-            let mut dv = vec![0f32; v.len()];
-            for (tile, part) in tiles.iter().zip(&parts) {
-                dims.scatter(&mut dq, *tile, &part.dq);
-                let rows = part.dk.chunks_exact(d).zip(part.dv.chunks_exact(d));
+            let [q, k, ..] = inputs;
+            let (d, mut dq) = (dims.d, vec![0f32; q.len()]);
+            let (mut dk, mut dv) = (vec![0f32; k.len()], vec![0f32; k.len()]);
+            for run in &runs {
+                for (tile, rows) in &run.dq {
+                    dims.scatter(&mut dq, *tile, rows);
+                }
+                let (b, kh) = (run.dq[0].0.b, run.dq[0].0.kh);
+                let rows = run.dk.chunks_exact(d).zip(run.dv.chunks_exact(d));
                 for (j, (kr, vr)) in rows.enumerate() {
-                    let at = ((tile.b * dims.s + part.lo + j) * dims.k + tile.kh) * d;
+                    let at = ((b * dims.s + run.first + j) * dims.k + kh) * d;
                     dk[at..at + d].iter_mut().zip(kr).for_each(|(a, b)| *a += b);
                     dv[at..at + d].iter_mut().zip(vr).for_each(|(a, b)| *a += b);
                 }
@@ -521,6 +698,71 @@ impl CustomOp3 for Attention {
             None => (dq, dk),
         };
         Ok((Some(dq), Some(dk), Some(tensor(dv, v.shape())?)))
+    }
+}
+
+/// `x` (`[rows, cols]` row-major) transposed.
+fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for (r, row) in x.chunks_exact(cols).enumerate().take(rows) {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+    out
+}
+
+/// `acc` (`[cols, rows]` row-major) `+= xᵀ` for `x` (`[rows, cols]`).
+fn add_transposed(x: &[f32], rows: usize, cols: usize, acc: &mut [f32]) {
+    assert!(x.len() >= rows * cols && acc.len() >= rows * cols);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature; the lengths are checked above.
+        unsafe { add_transposed_avx512(x, rows, cols, acc) };
+        return;
+    }
+    for (r, row) in x[..rows * cols].chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            acc[c * rows + r] += v;
+        }
+    }
+}
+
+/// [`add_transposed`] by 16 × 16 blocks transposed in registers, the
+/// ragged edges one by one.
+///
+/// # Safety
+/// The CPU has AVX-512F; `x` and `acc` hold `rows · cols` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_transposed_avx512(x: &[f32], rows: usize, cols: usize, acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const B: usize = 16;
+    let (rb, cb) = (rows / B * B, cols / B * B);
+    for r0 in (0..rb).step_by(B) {
+        for c0 in (0..cb).step_by(B) {
+            // SAFETY: whole blocks lie inside both `rows · cols` buffers,
+            // and the CPU has the feature (the caller's promise).
+            unsafe {
+                let mut t = [_mm512_setzero_si512(); B];
+                for (i, line) in t.iter_mut().enumerate() {
+                    let src = x.as_ptr().add((r0 + i) * cols + c0);
+                    *line = _mm512_castps_si512(_mm512_loadu_ps(src));
+                }
+                crate::bf16::transpose16(&mut t);
+                for (i, line) in t.iter().enumerate() {
+                    let dst = acc.as_mut_ptr().add((c0 + i) * rows + r0);
+                    let sum = _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_castsi512_ps(*line));
+                    _mm512_storeu_ps(dst, sum);
+                }
+            }
+        }
+    }
+    for r in 0..rows {
+        let from = if r < rb { cb } else { 0 };
+        for c in from..cols {
+            acc[c * rows + r] += x[r * cols + c];
+        }
     }
 }
 
@@ -542,12 +784,20 @@ pub fn attention(
     mask: &AttentionMask,
     scale: f32,
 ) -> Result<Tensor> {
-    apply(q, k, v, mask, scale, None)
+    apply(q, k, v, mask, scale, None, false)
 }
 
 /// [`attention`] of `q` and `k` rotated by `table` (`q` and `k` at the
 /// same positions): the rotated copies are made inside the op, for the
 /// call and again in backward, so the graph never keeps them.
+///
+/// With `bf16`, its five matrix products per tile (scores, output, and in
+/// backward `dP`, `dQ`, `dK`, `dV`) run on bf16 tiles where the CPU has
+/// them ([`bf16_accelerated`]): their operands (scaled queries, keys,
+/// values, probabilities, `dO`, `dS`) rounded to bf16, sums in f32, the
+/// mask, softmax and its statistics in f32, as PyTorch's fused attention
+/// computes under bf16 autocast. Elsewhere it is the f32 op.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_rope(
     q: &Tensor,
     k: &Tensor,
@@ -556,8 +806,10 @@ pub fn attention_rope(
     scale: f32,
     table: &RopeTable,
     layout: RopeLayout,
+    bf16: bool,
 ) -> Result<Tensor> {
-    apply(q, k, v, mask, scale, Some((table.clone(), layout)))
+    let rope = Some((table.clone(), layout));
+    apply(q, k, v, mask, scale, rope, bf16 && bf16_accelerated())
 }
 
 fn apply(
@@ -567,12 +819,14 @@ fn apply(
     mask: &AttentionMask,
     scale: f32,
     rope: Option<(RopeTable, RopeLayout)>,
+    bf16: bool,
 ) -> Result<Tensor> {
     let op = Attention {
         mask: mask.clone(),
         scale,
         lse: Arc::new(Mutex::new(Vec::new())),
         rope,
+        bf16,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -613,7 +867,7 @@ pub fn attention_composed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, check_op, grads, random};
+    use crate::testing::{assert_close, check_op, grads, max_abs_diff, random};
 
     #[allow(clippy::too_many_arguments)]
     fn check(
@@ -666,7 +920,7 @@ mod tests {
         for layout in [RopeLayout::Half, RopeLayout::Interleaved] {
             check_op(
                 &[q.clone(), kk.clone(), v.clone()],
-                &|a| attention_rope(&a[0], &a[1], &a[2], &mask, scale, &table, layout),
+                &|a| attention_rope(&a[0], &a[1], &a[2], &mask, scale, &table, layout, false),
                 &|a| {
                     let q = crate::rope(&a[0], &table, layout)?;
                     let k = crate::rope(&a[1], &table, layout)?;
@@ -788,6 +1042,114 @@ mod tests {
             0.0,
             "a padding key got a gradient"
         );
+    }
+
+    /// RoPE tables for `rows` positions restarting at `period`.
+    fn table(rows: usize, period: usize, d: usize) -> RopeTable {
+        let half = d / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for row in 0..rows {
+            let pos = row % period;
+            for i in 0..half {
+                let angle = pos as f32 * 10_000f32.powf(-(i as f32) / half as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        RopeTable::new(cos, sin, rows, half).unwrap()
+    }
+
+    #[test]
+    fn bf16_products_stay_within_bf16_rounding_of_f32() {
+        // 300 positions: five query tiles, two key blocks; GQA 6/2; a
+        // second packed example from 290; width 40 (padded to 64 on the
+        // tiles).
+        let (b, t, h, k, d) = (1, 300, 6, 2, 40);
+        let segments: Vec<u32> = (0..t).map(|i| u32::from(i >= 290)).collect();
+        let mask = AttentionMask::causal(b, t, t)
+            .unwrap()
+            .with_segments(segments)
+            .unwrap();
+        let rope = table(t, 290, d);
+        let inputs = [
+            random(&[b, t, h, d], 21, 1.0),
+            random(&[b, t, k, d], 22, 1.0),
+            random(&[b, t, k, d], 23, 1.0),
+        ];
+        let scale = 1.0 / (d as f32).sqrt();
+        let run = |bf16: bool| {
+            let f = |a: &[Tensor]| {
+                attention_rope(
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &mask,
+                    scale,
+                    &rope,
+                    RopeLayout::Half,
+                    bf16,
+                )
+            };
+            let mut out = vec![f(&inputs).unwrap()];
+            out.extend(grads(&inputs, &f));
+            out
+        };
+        let (low, exact) = (run(true), run(false));
+        for (i, (a, b)) in low.iter().zip(&exact).enumerate() {
+            assert_close(
+                a,
+                b,
+                2e-2,
+                &format!("output {i} (0: values, then gradients)"),
+            );
+            if bf16_accelerated() {
+                assert!(
+                    max_abs_diff(a, b) > 0.0,
+                    "output {i}: the tiles did not run"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn backward_sums_do_not_depend_on_the_thread_count() {
+        // Four heads' worth of runs at two lengths: the key and value
+        // gradients are summed over tiles in a fixed order.
+        for t in [70, 330] {
+            let (b, h, k, d) = (2, 4, 2, 8);
+            let mask = AttentionMask::causal(b, t, t).unwrap();
+            let inputs = [
+                random(&[b, t, h, d], 31, 1.0),
+                random(&[b, t, k, d], 32, 1.0),
+                random(&[b, t, k, d], 33, 1.0),
+            ];
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| grads(&inputs, &|a| attention(&a[0], &a[1], &a[2], &mask, 0.3)))
+            };
+            let (one, three) = (on(1), on(3));
+            for (a, b) in one.iter().zip(&three) {
+                assert_eq!(max_abs_diff(a, b), 0.0, "{t} positions");
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_transposed_in_registers_add_as_one_by_one() {
+        for (rows, cols) in [(16, 16), (37, 21), (64, 256), (5, 3)] {
+            let x: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let start: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32).collect();
+            let mut got = start.clone();
+            add_transposed(&x, rows, cols, &mut got);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(got[c * rows + r], start[c * rows + r] + x[r * cols + c]);
+                }
+            }
+        }
     }
 
     #[test]

@@ -227,21 +227,42 @@ impl Panels for Stored<'_> {
 }
 
 /// Column blocks of `B` = `Wᵀ` (`forward`) or `W`, for a dense f32 `W`
-/// (`[rows, cols]` row-major), rounded as the kernel asks for them.
+/// (`[rows, cols]`, rows `stride` values apart), rounded as the kernel
+/// asks for them.
 pub(crate) struct DensePanels<'a> {
     w: &'a [f32],
     rows: usize,
     cols: usize,
+    stride: usize,
     forward: bool,
 }
 
 impl<'a> DensePanels<'a> {
+    /// `W` row-major, its rows back to back.
     pub(crate) fn new(w: &'a [f32], rows: usize, cols: usize, forward: bool) -> Self {
         assert_eq!(w.len(), rows * cols, "dense panels: {rows}×{cols}");
+        Self::strided(w, rows, cols, cols, forward)
+    }
+
+    /// `W` whose row `r` starts at `w[r · stride]` (a head's rows of a
+    /// `[S, heads, D]` tensor, say).
+    pub(crate) fn strided(
+        w: &'a [f32],
+        rows: usize,
+        cols: usize,
+        stride: usize,
+        forward: bool,
+    ) -> Self {
+        assert!(
+            stride >= cols && (rows == 0 || w.len() >= (rows - 1) * stride + cols),
+            "dense panels: {rows}×{cols}, rows {stride} apart, over {} values",
+            w.len()
+        );
         Self {
             w,
             rows,
             cols,
+            stride,
             forward,
         }
     }
@@ -261,7 +282,15 @@ impl Panels for DensePanels<'_> {
         if amx::panels_vectorized() {
             // SAFETY: the CPU has the features (checked), and the panel
             // has the length the layout needs.
-            unsafe { amx::dense_panel(self.w, self.rows, self.cols, self.forward, j, scratch) };
+            unsafe {
+                amx::dense_panel(
+                    self.w,
+                    [self.rows, self.cols, self.stride],
+                    self.forward,
+                    j,
+                    scratch,
+                )
+            };
             return scratch;
         }
         let mut rounded = [0u16; KSTEP];
@@ -269,7 +298,7 @@ impl Panels for DensePanels<'_> {
             // Column c is weight row 16j + c; its pair p is
             // (W[o][2p], W[o][2p + 1]).
             for c in 0..TILE.min(self.rows - TILE * j) {
-                let row = &self.w[(TILE * j + c) * self.cols..][..self.cols];
+                let row = &self.w[(TILE * j + c) * self.stride..][..self.cols];
                 for (chunk, src) in row.chunks(KSTEP).enumerate() {
                     round_into(src, &mut rounded[..src.len()]);
                     for (e, &v) in rounded[..src.len()].iter().enumerate() {
@@ -282,7 +311,7 @@ impl Panels for DensePanels<'_> {
             // Pair p of column c is (W[2p][16j + c], W[2p + 1][16j + c]).
             let (c0, width) = (TILE * j, TILE.min(self.cols - TILE * j));
             for o in 0..self.rows {
-                let src = &self.w[o * self.cols + c0..][..width];
+                let src = &self.w[o * self.stride + c0..][..width];
                 round_into(src, &mut rounded[..width]);
                 let base = (o / 2) * TILE * 2 + o % 2;
                 for (c, &v) in rounded[..width].iter().enumerate() {
@@ -355,7 +384,18 @@ pub(crate) fn matmul_panels(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32]
         return;
     }
     // SAFETY: `out` is a live slice of `out.len()` values.
-    unsafe { tiles(a, m, b, out.as_mut_ptr(), out.len()) };
+    unsafe { tiles(a, m, b, out.as_mut_ptr(), out.len(), true) };
+}
+
+/// [`matmul_panels`] on this thread alone, for callers already inside a
+/// parallel loop over many small products.
+pub(crate) fn matmul_panels_serial(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32]) {
+    let (k, n) = (b.k(), b.n());
+    if !checked(a, m, k, n, out) {
+        return;
+    }
+    // SAFETY: `out` is a live slice of `out.len()` values.
+    unsafe { tiles(a, m, b, out.as_mut_ptr(), out.len(), false) };
 }
 
 /// [`matmul_panels`] into a new vector whose values are written once,
@@ -373,33 +413,48 @@ pub(crate) fn matmul_panels_new(a: &[f32], m: usize, b: &dyn Panels) -> Vec<f32>
     // every one of them through the pointer and reads none, so all `len`
     // are initialized when the length is set.
     unsafe {
-        tiles(a, m, b, out.spare_capacity_mut().as_mut_ptr().cast(), len);
+        tiles(
+            a,
+            m,
+            b,
+            out.spare_capacity_mut().as_mut_ptr().cast(),
+            len,
+            true,
+        );
         out.set_len(len);
     }
     out
 }
 
 /// The tile product of [`matmul_panels`] for a non-empty `m × k × n`,
-/// writing all `m · n` results through `out`.
+/// writing all `m · n` results through `out`, on the thread pool where
+/// `parallel`.
 ///
 /// # Safety
 /// `out` is valid for `out_len ≥ m · n` f32 writes.
-unsafe fn tiles(a: &[f32], m: usize, b: &dyn Panels, out: *mut f32, out_len: usize) {
+unsafe fn tiles(
+    a: &[f32],
+    m: usize,
+    b: &dyn Panels,
+    out: *mut f32,
+    out_len: usize,
+    parallel: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         assert!(bf16_accelerated(), "bf16 tiles without AMX");
         let kp = padded(b.k());
         let mut ar = ROUNDED.take();
-        round_rows(a, m, b.k(), kp, &mut ar);
+        round_rows(a, m, b.k(), kp, &mut ar, parallel);
         // SAFETY: the CPU has the tiles (asserted above), the operands have
         // the shapes the kernel reads (the callers' checks, and `ar` by
         // construction), and `out` is the caller's promise.
-        unsafe { amx::matmul(&ar, m, kp, b, out, out_len) };
+        unsafe { amx::matmul(&ar, m, kp, b, out, out_len, parallel) };
         hand_back(&ROUNDED, ar);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, m, b, out, out_len);
+        let _ = (a, m, b, out, out_len, parallel);
         unreachable!("tiles exist only on x86-64")
     }
 }
@@ -512,9 +567,10 @@ thread_local! {
 /// `a` (`[m, k]`) rounded to bf16 into the first `⌈m/16⌉·16 · kp` values
 /// of `ar` in rows of `kp` (zero-padded) and `m` padded to whole tiles
 /// with zero rows, for the tile kernel. Each of those values is written
-/// (`ar` may hold an earlier product's).
+/// (`ar` may hold an earlier product's). On the thread pool where
+/// `parallel`.
 #[cfg(target_arch = "x86_64")]
-fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>) {
+fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>, parallel: bool) {
     let mp = m.next_multiple_of(TILE);
     // Grown, never shrunk: shrinking and growing again would zero the
     // growth each time, only for it to be overwritten.
@@ -522,13 +578,16 @@ fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>) {
         ar.resize(mp * kp, 0);
     }
     let (rows, pad) = ar[..mp * kp].split_at_mut(m * kp);
-    rows.par_chunks_mut(kp)
-        .zip(a.par_chunks(k))
-        .for_each(|(dst, src)| {
-            let (values, tail) = dst.split_at_mut(k);
-            amx::round_row(src, values);
-            tail.fill(0);
-        });
+    let round = |(dst, src): (&mut [u16], &[f32])| {
+        let (values, tail) = dst.split_at_mut(k);
+        amx::round_row(src, values);
+        tail.fill(0);
+    };
+    if parallel {
+        rows.par_chunks_mut(kp).zip(a.par_chunks(k)).for_each(round);
+    } else {
+        rows.chunks_mut(kp).zip(a.chunks(k)).for_each(round);
+    }
     pad.fill(0);
 }
 

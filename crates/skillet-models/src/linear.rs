@@ -78,7 +78,9 @@ pub enum Precision {
     /// inside each product, with no copy kept (the fused head alone keeps
     /// a packed copy of a dense f32 head); weights held in bf16 are read
     /// as they are; other block formats stay f32. (Logits asked of the head
-    /// directly, and an adapted head, stay f32.)
+    /// directly, and an adapted head, stay f32.) Attention's products in a
+    /// fresh batch run on the tiles too (`skillet_kernels::attention_rope`),
+    /// its softmax in f32.
     Bf16,
 }
 

@@ -267,6 +267,7 @@ impl Attention {
                 scale,
                 &ctx.rope,
                 RopeLayout::Half,
+                ctx.precision == Precision::Bf16,
             )?,
             (Kv::Fresh, Some(mask)) => {
                 skillet_kernels::attention_composed(&q, &kk, &v, mask, scale)?

@@ -50,7 +50,8 @@ struct Shapes {
 /// `out` (`[m, n]`, `out_len` values from `out`) = `a` (`[⌈m/16⌉·16, kp]`
 /// bf16, zero-padded) times the right operand `b`, by column blocks. Every
 /// one of the `m · n` results is written (through the pointer, so `out`
-/// may be memory not yet initialized) and none is read.
+/// may be memory not yet initialized) and none is read. On the thread
+/// pool where `parallel`, else on this thread.
 ///
 /// # Safety
 /// `bf16_accelerated()` must be true, and `out` valid for `out_len` f32
@@ -62,6 +63,7 @@ pub(super) unsafe fn matmul(
     b: &dyn Panels,
     out: *mut f32,
     out_len: usize,
+    parallel: bool,
 ) {
     let n = b.n();
     let mp = m.next_multiple_of(TILE);
@@ -71,7 +73,9 @@ pub(super) unsafe fn matmul(
     let shapes = Shapes { m, n, kp };
     // Computed column blocks are made once per product: a task takes every
     // row and a share of the blocks (an even number, for the 2 × 2 tiles).
-    let (task_rows, task_blocks) = if b.computed() {
+    let (task_rows, task_blocks) = if !parallel {
+        (mp, blocks.next_multiple_of(2))
+    } else if b.computed() {
         let share = blocks.div_ceil(4 * rayon::current_num_threads());
         (mp, share.next_multiple_of(2))
     } else {
@@ -82,13 +86,18 @@ pub(super) unsafe fn matmul(
         .flat_map(|r| (0..blocks).step_by(task_blocks).map(move |j| (r, j)))
         .collect();
     let dest = Dest(out);
-    tasks.par_iter().for_each(|&(r0, j0)| {
+    let run = |&(r0, j0): &(usize, usize)| {
         let rows = r0..(r0 + task_rows).min(mp);
         let cols = j0..(j0 + task_blocks).min(blocks);
         // SAFETY: the caller's promise; each task writes only its rows and
         // column blocks of `out`.
         unsafe { task(a, b, shapes, dest, rows, cols) };
-    });
+    };
+    if parallel {
+        tasks.par_iter().for_each(run);
+    } else {
+        tasks.iter().for_each(run);
+    }
 }
 
 /// Rows `rows` (whole tiles) by column blocks `cols` of the result.
@@ -293,7 +302,7 @@ pub(super) fn panels_vectorized() -> bool {
 }
 
 /// Column block `j` of `B` = `Wᵀ` (`forward`) or `W` for a dense `W`
-/// (`[rows, cols]`), rounded into `panel` (see `Layout::Tiles`) with
+/// (`[rows, cols]`, rows `stride` values apart), rounded into `panel` (see `Layout::Tiles`) with
 /// AVX512-BF16 conversions: a whole 16-column block of a pair of rows
 /// per store for `W`, a row's 32 values per scatter for `Wᵀ`.
 ///
@@ -302,15 +311,15 @@ pub(super) fn panels_vectorized() -> bool {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(super) unsafe fn dense_panel(
     w: &[f32],
-    rows: usize,
-    cols: usize,
+    [rows, cols, stride]: [usize; 3],
     forward: bool,
     j: usize,
     panel: &mut [u16],
 ) {
     use std::arch::x86_64::*;
     let kp = super::padded(if forward { cols } else { rows });
-    assert!(panel.len() >= kp * TILE && w.len() >= rows * cols);
+    assert!(panel.len() >= kp * TILE && stride >= cols);
+    assert!(rows == 0 || w.len() >= (rows - 1) * stride + cols);
     // Loads `n` (≤ 16) floats from `p`, zeros past them.
     let load = |p: *const f32, n: usize| {
         if n >= TILE {
@@ -330,7 +339,7 @@ pub(super) unsafe fn dense_panel(
         while kk < cols {
             let mut r = [_mm512_setzero_si512(); TILE];
             for (c, line) in r.iter_mut().enumerate().take(valid) {
-                let row = w.as_ptr().add((TILE * j + c) * cols);
+                let row = w.as_ptr().add((TILE * j + c) * stride);
                 let lo = load(row.add(kk), cols - kk);
                 let hi = if kk + TILE < cols {
                     load(row.add(kk + TILE), cols - kk - TILE)
@@ -351,9 +360,9 @@ pub(super) unsafe fn dense_panel(
         let (c0, width) = (TILE * j, TILE.min(cols - TILE * j));
         let mut o = 0;
         while o < rows {
-            let even = load(w.as_ptr().add(o * cols + c0), width);
+            let even = load(w.as_ptr().add(o * stride + c0), width);
             let odd = if o + 1 < rows {
-                load(w.as_ptr().add((o + 1) * cols + c0), width)
+                load(w.as_ptr().add((o + 1) * stride + c0), width)
             } else {
                 _mm512_setzero_ps()
             };
