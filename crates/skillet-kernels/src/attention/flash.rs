@@ -1,0 +1,571 @@
+//! The tiled computation of the fused attention (FlashAttention, Dao et
+//! al. 2022, arXiv 2205.14135; backward as in FlashAttention-2, arXiv
+//! 2307.08691): a tile is up to 64 queries of all `G` query heads that
+//! share one key/value head; it walks the keys it may see in blocks of
+//! 256, with an online softmax in forward and the probabilities
+//! recomputed from the saved log-sum-exp in backward. Each block's
+//! products run on bf16 tiles in a bf16 op, else through the f32 GEMM.
+
+use rayon::prelude::*;
+
+use super::Attention;
+use crate::bf16::{DensePanels, matmul_panels_serial};
+use crate::gemm::{Out, View, matmul};
+use crate::vec::{dot, exp_shifted_sum, max, scale};
+
+/// Queries per tile (per head).
+const TILE: usize = 64;
+/// Keys per block within a tile: a block's scores and their gradient stay
+/// in cache while its products run.
+const KEYS: usize = 256;
+
+/// A call's shapes: `b` sequences of `t` queries over `s` keys, `h` query
+/// heads over `k` key/value heads (`g` = `h / k` per key head), width `d`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Dims {
+    pub(super) b: usize,
+    pub(super) t: usize,
+    pub(super) s: usize,
+    pub(super) h: usize,
+    pub(super) k: usize,
+    pub(super) d: usize,
+    pub(super) g: usize,
+}
+
+/// One tile: sequence `b`, key/value head `kh`, queries `i0..i0 + n`.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    b: usize,
+    kh: usize,
+    i0: usize,
+    n: usize,
+}
+
+impl Dims {
+    /// Every tile, sequence by sequence, head by head, in query order.
+    fn tiles(&self) -> Vec<Tile> {
+        let mut tiles = Vec::new();
+        for b in 0..self.b {
+            for kh in 0..self.k {
+                for i0 in (0..self.t).step_by(TILE) {
+                    tiles.push(Tile {
+                        b,
+                        kh,
+                        i0,
+                        n: TILE.min(self.t - i0),
+                    });
+                }
+            }
+        }
+        tiles
+    }
+
+    /// Offset of query row `(b, i, head)` in a `[B, T, H, D]` tensor.
+    fn q_at(&self, b: usize, i: usize, head: usize) -> usize {
+        ((b * self.t + i) * self.h + head) * self.d
+    }
+
+    /// Key/value head `kh` of sequence `b` from key `lo` (`[S', D]`) as
+    /// a product's right operand, or its transpose.
+    fn kv<'a>(&self, data: &'a [f32], b: usize, kh: usize, lo: usize, transposed: bool) -> Rhs<'a> {
+        Rhs {
+            w: &data[((b * self.s + lo) * self.k + kh) * self.d..],
+            stride: self.k * self.d,
+            transposed,
+        }
+    }
+
+    /// The tile's `G·n` query rows of `x` (`[B, T, H, D]`), head-major.
+    fn gather(&self, x: &[f32], tile: Tile) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.g * tile.n * self.d);
+        for g in 0..self.g {
+            for i in tile.i0..tile.i0 + tile.n {
+                let at = self.q_at(tile.b, i, tile.kh * self.g + g);
+                out.extend_from_slice(&x[at..at + self.d]);
+            }
+        }
+        out
+    }
+
+    /// Writes tile rows back into `x` (`[B, T, H, D]`).
+    fn scatter(&self, x: &mut [f32], tile: Tile, rows: &[f32]) {
+        for g in 0..self.g {
+            for ii in 0..tile.n {
+                let at = self.q_at(tile.b, tile.i0 + ii, tile.kh * self.g + g);
+                let r = (g * tile.n + ii) * self.d;
+                x[at..at + self.d].copy_from_slice(&rows[r..r + self.d]);
+            }
+        }
+    }
+
+    /// Index of `(b, head, i)` in the `[B, H, T]` statistics.
+    fn lse_at(&self, tile: Tile, g: usize, ii: usize) -> usize {
+        (tile.b * self.h + tile.kh * self.g + g) * self.t + tile.i0 + ii
+    }
+}
+
+/// Backward splits each (sequence, key/value head)'s tiles into runs of
+/// consecutive tiles, at least this many runs in all, of about equal work
+/// within a head. A run sums its tiles' key and value gradients into its
+/// own buffers, in tile order, and the runs' sums are then added in run
+/// order: the result depends neither on how the runs were scheduled nor
+/// on the thread count.
+const RUNS: usize = 8;
+
+/// The most values of a thread's tile scratch kept between tiles (16 MiB).
+const KEPT: usize = 4 << 20;
+
+thread_local! {
+    /// Each thread's scratch for a tile's scores, probabilities and their
+    /// gradients, reused from tile to tile.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// This thread's scratch, at least `len` values holding anything (another
+/// tile started on this thread while one waits gets a new one).
+fn scratch(len: usize) -> Vec<f32> {
+    let mut v = SCRATCH.take();
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    v
+}
+
+fn hand_back(v: Vec<f32>) {
+    if v.capacity() <= KEPT {
+        SCRATCH.set(v);
+    }
+}
+
+/// A run of a head's tiles: the `dQ` rows of each, and their sums of `dK`
+/// and `dV` over keys `first..` of the head (rows of `D`).
+struct Run {
+    dq: Vec<(Tile, Vec<f32>)>,
+    first: usize,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+/// Where a tile adds its keys' gradients: rows of `D` for keys `first..`
+/// of its head.
+struct KeyGrads<'a> {
+    first: usize,
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
+/// The right operand of a tile product: `W` (`[k, n]`) or, `transposed`,
+/// `Wᵀ` (`W` `[n, k]`), its rows `stride` values apart in `w`.
+#[derive(Clone, Copy)]
+struct Rhs<'a> {
+    w: &'a [f32],
+    stride: usize,
+    transposed: bool,
+}
+
+impl Attention {
+    /// The output (`[B, T, H, D]`) and the log-sum-exp of each query's
+    /// scores (`[B, H, T]`), tile by tile in parallel.
+    pub(super) fn forward(&self, dims: &Dims, [q, k, v]: [&[f32]; 3]) -> (Vec<f32>, Vec<f32>) {
+        let tiles = dims.tiles();
+        let results: Vec<(Vec<f32>, Vec<f32>)> = tiles
+            .par_iter()
+            .map(|&tile| self.tile_forward(dims, tile, [q, k, v]))
+            .collect();
+        let mut out = vec![0f32; q.len()];
+        let mut lse = vec![0f32; dims.b * dims.h * dims.t];
+        for (tile, (o, l)) in tiles.iter().zip(&results) {
+            dims.scatter(&mut out, *tile, o);
+            for g in 0..dims.g {
+                for ii in 0..tile.n {
+                    lse[dims.lse_at(*tile, g, ii)] = l[g * tile.n + ii];
+                }
+            }
+        }
+        (out, lse)
+    }
+
+    /// `dQ`, `dK` and `dV` from `inputs` (`q`, `k`, `v`, the output and
+    /// its gradient) and forward's log-sum-exp: runs of tiles in parallel
+    /// (see [`RUNS`]), their sums added in order.
+    pub(super) fn backward(
+        &self,
+        dims: &Dims,
+        inputs: [&[f32]; 5],
+        lse: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let tiles = dims.tiles();
+        let runs: Vec<Run> = self
+            .runs(dims, &tiles)
+            .into_par_iter()
+            .map(|run| {
+                let tiles = &tiles[run];
+                let first = self.mask.range(tiles[0].i0).0;
+                let last = tiles[tiles.len() - 1];
+                let len = (self.mask.range(last.i0 + last.n - 1).1 - first) * dims.d;
+                let (mut dk, mut dv) = (vec![0f32; len], vec![0f32; len]);
+                let mut sums = KeyGrads {
+                    first,
+                    dk: &mut dk,
+                    dv: &mut dv,
+                };
+                let dq = tiles
+                    .iter()
+                    .map(|&t| (t, self.tile_backward(dims, t, inputs, lse, &mut sums)))
+                    .collect();
+                Run { dq, first, dk, dv }
+            })
+            .collect();
+        let [q, k, ..] = inputs;
+        let (d, mut dq) = (dims.d, vec![0f32; q.len()]);
+        let (mut dk, mut dv) = (vec![0f32; k.len()], vec![0f32; k.len()]);
+        for run in &runs {
+            for (tile, rows) in &run.dq {
+                dims.scatter(&mut dq, *tile, rows);
+            }
+            let (b, kh) = (run.dq[0].0.b, run.dq[0].0.kh);
+            let rows = run.dk.chunks_exact(d).zip(run.dv.chunks_exact(d));
+            for (j, (kr, vr)) in rows.enumerate() {
+                let at = ((b * dims.s + run.first + j) * dims.k + kh) * d;
+                dk[at..at + d].iter_mut().zip(kr).for_each(|(a, b)| *a += b);
+                dv[at..at + d].iter_mut().zip(vr).for_each(|(a, b)| *a += b);
+            }
+        }
+        (dq, dk, dv)
+    }
+
+    /// `out` (`[m, n]`) = (or `+=`, where `add`) `a` (`[m, k]` row-major)
+    /// times `b` (`[k, n]`): on bf16 tiles (operands rounded to bf16, sums
+    /// in f32) in a bf16 op, else by the f32 GEMM; on this thread.
+    fn product(&self, a: &[f32], [m, k, n]: [usize; 3], b: Rhs, out: &mut [f32], add: bool) {
+        let (a, out) = (&a[..m * k], &mut out[..m * n]);
+        if self.bf16 {
+            let (rows, cols) = if b.transposed { (n, k) } else { (k, n) };
+            let panels = DensePanels::strided(b.w, rows, cols, b.stride, b.transposed);
+            if add {
+                let mut part = vec![0f32; m * n];
+                matmul_panels_serial(a, m, &panels, &mut part);
+                out.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
+            } else {
+                matmul_panels_serial(a, m, &panels, out);
+            }
+            return;
+        }
+        let w = View::rows(b.w, b.stride);
+        let w = if b.transposed { w.t() } else { w };
+        let out = Out::new(out, n);
+        let out = if add { out.accumulate() } else { out };
+        matmul(m, n, k, View::rows(a, k), w, out, false);
+    }
+
+    /// The tile's query rows (`G·n × D`, head-major), times the scale.
+    fn queries(&self, dims: &Dims, tile: Tile, q: &[f32]) -> Vec<f32> {
+        let mut qt = dims.gather(q, tile);
+        scale(&mut qt, self.scale);
+        qt
+    }
+
+    /// The blocks of keys a tile's queries may see: the first key of each,
+    /// and how many.
+    fn key_blocks(&self, tile: Tile) -> impl Iterator<Item = (usize, usize)> {
+        let lo = self.mask.range(tile.i0).0;
+        let hi = self.mask.range(tile.i0 + tile.n - 1).1;
+        (lo..hi)
+            .step_by(KEYS)
+            .map(move |j0| (j0, KEYS.min(hi - j0)))
+    }
+
+    /// Masked scores `s` (`G·n × nb`) of a tile's scaled queries `qt`
+    /// (`G·n × D`) against keys `j0..j0 + nb`.
+    fn scores(
+        &self,
+        dims: &Dims,
+        tile: Tile,
+        qt: &[f32],
+        k: &[f32],
+        (j0, nb): (usize, usize),
+        s: &mut [f32],
+    ) {
+        let rows = dims.g * tile.n;
+        let keys = dims.kv(k, tile.b, tile.kh, j0, true);
+        self.product(qt, [rows, dims.d, nb], keys, s, false);
+        let exact = self.mask.key_mask.is_some() || self.mask.segments.is_some();
+        for (r, row) in s[..rows * nb].chunks_exact_mut(nb).enumerate() {
+            let i = tile.i0 + r % tile.n;
+            let (a, z) = self.mask.range(i);
+            let (a, z) = (a.clamp(j0, j0 + nb), z.clamp(j0, j0 + nb));
+            row[..a - j0].fill(f32::NEG_INFINITY);
+            row[z - j0..].fill(f32::NEG_INFINITY);
+            if exact {
+                for j in a..z {
+                    if !self.mask.allowed(tile.b, i, j) {
+                        row[j - j0] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One tile's output rows (`G·n × D`, head-major) and the log-sum-exp
+    /// of each of its queries (−∞ when a query sees no key): block by
+    /// block of keys, with a running maximum and sum per query and the
+    /// output rescaled as the maximum grows (FlashAttention's online
+    /// softmax).
+    fn tile_forward(
+        &self,
+        dims: &Dims,
+        tile: Tile,
+        [q, k, v]: [&[f32]; 3],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (rows, d) = (dims.g * tile.n, dims.d);
+        let qt = self.queries(dims, tile, q);
+        let mut o = vec![0f32; rows * d];
+        let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+        let mut p = scratch(rows * KEYS);
+        for (j0, nb) in self.key_blocks(tile) {
+            let p = &mut p[..rows * nb];
+            self.scores(dims, tile, &qt, k, (j0, nb), p);
+            for (r, row) in p.chunks_exact_mut(nb).enumerate() {
+                let top = m[r].max(max(row));
+                if top == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let shrink = (m[r] - top).exp();
+                l[r] = l[r] * shrink + exp_shifted_sum(row, top);
+                if shrink != 1.0 {
+                    scale(&mut o[r * d..(r + 1) * d], shrink);
+                }
+                m[r] = top;
+            }
+            let values = dims.kv(v, tile.b, tile.kh, j0, false);
+            self.product(p, [rows, nb, d], values, &mut o, true);
+        }
+        hand_back(p);
+        let lse = m
+            .iter()
+            .zip(&l)
+            .zip(o.chunks_exact_mut(d))
+            .map(|((&m, &l), row)| {
+                if m == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    f32::NEG_INFINITY
+                } else {
+                    scale(row, 1.0 / l);
+                    m + l.ln()
+                }
+            })
+            .collect();
+        (o, lse)
+    }
+
+    /// One tile's share of the gradients: its queries' `dQ` rows, returned,
+    /// and the `dK`, `dV` rows of the keys it saw, added to `sums`; block
+    /// by block of keys. `inputs` are `q`, `k`, `v`, the forward output `o`
+    /// and `dO`.
+    fn tile_backward(
+        &self,
+        dims: &Dims,
+        tile: Tile,
+        inputs: [&[f32]; 5],
+        lse: &[f32],
+        sums: &mut KeyGrads,
+    ) -> Vec<f32> {
+        let [q, k, v, o, dout] = inputs;
+        let (d, rows) = (dims.d, dims.g * tile.n);
+        let qt = self.queries(dims, tile, q);
+        let dot_t = dims.gather(dout, tile);
+        // rowsum(dO ∘ O), the same for every block.
+        let ot = dims.gather(o, tile);
+        let di: Vec<f32> = dot_t
+            .chunks_exact(d)
+            .zip(ot.chunks_exact(d))
+            .map(|(a, b)| dot(a, b))
+            .collect();
+        let lse: Vec<f32> = (0..rows)
+            .map(|r| lse[dims.lse_at(tile, r / tile.n, r % tile.n)])
+            .collect();
+        let (qtt, dott) = match self.bf16 {
+            true => (transposed(&qt, rows, d), transposed(&dot_t, rows, d)),
+            false => (Vec::new(), Vec::new()),
+        };
+        let mut dq = vec![0f32; rows * d];
+        let mut buf = scratch(2 * rows * KEYS);
+        for (j0, nb) in self.key_blocks(tile) {
+            let (p, ds) = buf.split_at_mut(rows * nb);
+            let ds = &mut ds[..rows * nb];
+            // P again, from the saved log-sum-exp.
+            self.scores(dims, tile, &qt, k, (j0, nb), p);
+            for (row, &l) in p.chunks_exact_mut(nb).zip(&lse) {
+                if l == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                } else {
+                    exp_shifted_sum(row, l);
+                }
+            }
+            // dP = dO Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)).
+            let values = dims.kv(v, tile.b, tile.kh, j0, true);
+            self.product(&dot_t, [rows, d, nb], values, ds, false);
+            for ((dsr, pr), &di) in ds.chunks_exact_mut(nb).zip(p.chunks_exact(nb)).zip(&di) {
+                for (x, &pv) in dsr.iter_mut().zip(pr) {
+                    *x = pv * (*x - di);
+                }
+            }
+            let keys = dims.kv(k, tile.b, tile.kh, j0, false);
+            self.product(ds, [rows, nb, d], keys, &mut dq, true);
+            // dK = dSᵀ (scale·Q) and dV = Pᵀ dO, added at the block's keys.
+            let at = (j0 - sums.first) * d;
+            self.add_key_grads(ds, [&qt, &qtt], [rows, nb, d], &mut sums.dk[at..]);
+            self.add_key_grads(p, [&dot_t, &dott], [rows, nb, d], &mut sums.dv[at..]);
+        }
+        hand_back(buf);
+        scale(&mut dq, self.scale);
+        dq
+    }
+
+    /// `acc` (`nb` rows of `D`) `+= wᵀ x` for `w` (`rows × nb`) and `x`
+    /// (`rows × D`; `xt` its transpose, made once per tile, for bf16). On
+    /// bf16 tiles `(xᵀ w)ᵀ`, the product's shared dimension being the
+    /// tile's rows: only `x` and the `D × nb` result are transposed, never
+    /// the wide `w`.
+    fn add_key_grads(
+        &self,
+        w: &[f32],
+        [x, xt]: [&[f32]; 2],
+        [rows, nb, d]: [usize; 3],
+        acc: &mut [f32],
+    ) {
+        if !self.bf16 {
+            let out = Out::new(acc, d).accumulate();
+            let w = View::rows(w, nb).t();
+            matmul(nb, d, rows, w, View::rows(x, d), out, false);
+            return;
+        }
+        let by_rows = Rhs {
+            w,
+            stride: nb,
+            transposed: false,
+        };
+        let mut t = vec![0f32; d * nb];
+        self.product(xt, [d, rows, nb], by_rows, &mut t, false);
+        add_transposed(&t, d, nb, acc);
+    }
+
+    /// Backward's runs (see [`RUNS`]): ranges of `tiles`, each within one
+    /// head, in order.
+    fn runs(&self, dims: &Dims, tiles: &[Tile]) -> Vec<std::ops::Range<usize>> {
+        let groups = dims.b * dims.k;
+        let per_group = tiles.len() / groups.max(1);
+        let pieces = RUNS.div_ceil(groups.max(1));
+        let mut runs = Vec::new();
+        for g in 0..groups {
+            let start = g * per_group;
+            let work: Vec<usize> = tiles[start..start + per_group]
+                .iter()
+                .map(|t| {
+                    let lo = self.mask.range(t.i0).0;
+                    (self.mask.range(t.i0 + t.n - 1).1 - lo) * t.n
+                })
+                .collect();
+            let total: usize = work.iter().sum();
+            let (mut from, mut done, mut piece) = (0, 0, 1);
+            for (i, w) in work.iter().enumerate() {
+                done += w;
+                let last = i + 1 == per_group;
+                if last || done * pieces >= total * piece {
+                    runs.push(start + from..start + i + 1);
+                    from = i + 1;
+                    while done * pieces >= total * piece {
+                        piece += 1;
+                    }
+                }
+            }
+        }
+        runs
+    }
+}
+
+/// `x` (`[rows, cols]` row-major) transposed.
+fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * cols];
+    for (r, row) in x.chunks_exact(cols).enumerate().take(rows) {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
+    out
+}
+
+/// `acc` (`[cols, rows]` row-major) `+= xᵀ` for `x` (`[rows, cols]`).
+fn add_transposed(x: &[f32], rows: usize, cols: usize, acc: &mut [f32]) {
+    assert!(x.len() >= rows * cols && acc.len() >= rows * cols);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature; the lengths are checked above.
+        unsafe { add_transposed_avx512(x, rows, cols, acc) };
+        return;
+    }
+    for (r, row) in x[..rows * cols].chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            acc[c * rows + r] += v;
+        }
+    }
+}
+
+/// [`add_transposed`] by 16 × 16 blocks transposed in registers, the
+/// ragged edges one by one.
+///
+/// # Safety
+/// The CPU has AVX-512F; `x` and `acc` hold `rows · cols` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_transposed_avx512(x: &[f32], rows: usize, cols: usize, acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const B: usize = 16;
+    let (rb, cb) = (rows / B * B, cols / B * B);
+    for r0 in (0..rb).step_by(B) {
+        for c0 in (0..cb).step_by(B) {
+            // SAFETY: whole blocks lie inside both `rows · cols` buffers,
+            // and the CPU has the feature (the caller's promise).
+            unsafe {
+                let mut t = [_mm512_setzero_si512(); B];
+                for (i, line) in t.iter_mut().enumerate() {
+                    let src = x.as_ptr().add((r0 + i) * cols + c0);
+                    *line = _mm512_castps_si512(_mm512_loadu_ps(src));
+                }
+                crate::bf16::transpose16(&mut t);
+                for (i, line) in t.iter().enumerate() {
+                    let dst = acc.as_mut_ptr().add((c0 + i) * rows + r0);
+                    let sum = _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_castsi512_ps(*line));
+                    _mm512_storeu_ps(dst, sum);
+                }
+            }
+        }
+    }
+    for r in 0..rows {
+        let from = if r < rb { cb } else { 0 };
+        for c in from..cols {
+            acc[c * rows + r] += x[r * cols + c];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_transposed_in_registers_add_as_one_by_one() {
+        for (rows, cols) in [(16, 16), (37, 21), (64, 256), (5, 3)] {
+            let x: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let start: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32).collect();
+            let mut got = start.clone();
+            add_transposed(&x, rows, cols, &mut got);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(got[c * rows + r], start[c * rows + r] + x[r * cols + c]);
+                }
+            }
+        }
+    }
+}
