@@ -22,6 +22,8 @@ mod int8;
 #[cfg(target_arch = "x86_64")]
 mod panels;
 mod training;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 /// Weights per block.
 const BLOCK: usize = 32;
@@ -113,7 +115,8 @@ impl QuantMatrix {
     }
 
     /// Whether [`QuantMatrix::matmul_int8`] runs on AMX tiles here (else it
-    /// runs plain loops, far slower than [`QuantMatrix::matmul`]).
+    /// runs plain loops, far slower than [`QuantMatrix::matmul`], except
+    /// for up to 4 rows of a Q4_1 weight where the CPU has AVX512-VNNI).
     pub fn int8_accelerated() -> bool {
         #[cfg(target_arch = "x86_64")]
         return amx::available();
@@ -193,7 +196,12 @@ impl QuantMatrix {
             let w = self.weight_rows(o0);
             let mut done = 0;
             #[cfg(target_arch = "x86_64")]
-            if amx::available() {
+            if self.kind == QuantKind::Q4_1 && rows.t <= vnni::MAX_ROWS && vnni::available() {
+                let stripes = (o1 - o0) / vnni::STRIPE;
+                // SAFETY: the CPU has the instructions.
+                unsafe { vnni::q4_1_rows(&w, &rows, stripes, out) };
+                done = stripes * vnni::STRIPE;
+            } else if amx::available() {
                 let stripes = (o1 - o0) / amx::STRIPE;
                 // SAFETY: the CPU has AMX and the tile state is granted.
                 unsafe { amx::rows(&w, &rows, stripes, out) };
@@ -788,7 +796,7 @@ mod tests {
             let w = Tensor::from_vec(dense, (rows, cols), &candle_core::Device::Cpu).unwrap();
             let x = random(&[20, cols], 3, 1.0);
             let alone = each_row_alone(&x, |row| m.matmul_int8(row));
-            for t in [1, 5, 16, 17, 20] {
+            for t in [1, 3, 4, 5, 16, 17, 20] {
                 let xt = x.narrow(0, 0, t).unwrap();
                 let y = m.matmul_int8(&xt).unwrap().to_vec2::<f32>().unwrap();
                 let want = xt

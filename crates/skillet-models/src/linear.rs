@@ -114,14 +114,17 @@ pub enum Activations {
     F32,
     /// Rounded to 8-bit integers per block of 32, as llama.cpp does
     /// ([`QuantMatrix::matmul_int8`]): faster for batches where the CPU
-    /// has AMX (about 1.5× at 8 rows), within about 1% per product.
+    /// has AMX (about 1.5× at 8 rows), within about 1% per product. Up to
+    /// 4 rows of a Q4_1 weight run on AVX512-VNNI where the CPU has it: a
+    /// single sequence then decodes as fast as in `F32` (the AMX path
+    /// alone was about 0.7× of it there).
     Int8,
 }
 
 impl Activations {
     /// The faster for batched decoding: `Int8` where the CPU runs it on AMX
-    /// tiles, else `F32`. (For a single sequence `F32` is faster even there:
-    /// the int8 kernel's per-call preparation pays off from a few rows.)
+    /// tiles, else `F32`. (For a single sequence the two are about as fast
+    /// there when the CPU also has AVX512-VNNI, as Sapphire Rapids does.)
     pub fn for_batches() -> Self {
         if QuantMatrix::int8_accelerated() {
             Activations::Int8

@@ -23,7 +23,7 @@ use skillet_models::{
     Adapted, Adapter, CausalLm, ForwardInput, Llama, LoadOptions, Precision, Rng,
 };
 
-use crate::args::PrecisionArg;
+use crate::args::{ActivationsArg, PrecisionArg};
 use skillet_train::{
     AdamW, AdamWConfig, TrainBatch, backward, causal_lm_loss, clip_grad_norm, collate,
     collate_packed, collect_grads,
@@ -77,6 +77,11 @@ pub struct Args {
     /// instead of packing its examples into one row.
     #[arg(long)]
     pad: bool,
+    /// decode and the prefills: how quantized weights take their inputs
+    /// (f32: the dequantized model's numbers; int8: rounded per block of
+    /// 32, as llama.cpp does).
+    #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
+    activations: ActivationsArg,
     /// Precision of the frozen weights' products in training and scoring
     /// workloads (auto: bf16 where the CPU has AMX tiles, as `train.precision`).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
@@ -192,14 +197,14 @@ fn random_batch(vocab: usize, batch: usize, seq: usize) -> TrainBatch {
     }
 }
 
-/// Greedy generation of exactly `max_tokens` tokens (no stop, no EOS), f32 inputs.
-fn greedy(max_tokens: usize) -> GenerateOptions {
+/// Greedy generation of exactly `max_tokens` tokens (no stop, no EOS).
+fn greedy(max_tokens: usize, activations: ActivationsArg) -> GenerateOptions {
     GenerateOptions {
         max_tokens,
         sampling: SamplingParams::default(),
         stop: vec![],
         eos_ids: vec![],
-        activations: skillet_models::Activations::F32,
+        activations: activations.resolve(),
     }
 }
 
@@ -342,7 +347,7 @@ fn run_one(
             let prompt = bundle
                 .tokenizer
                 .encode("Tell me a story about a dragon.", false)?;
-            let opts = greedy(128);
+            let opts = greedy(128, args.activations);
             let mut rates = Vec::new();
             for i in 0..args.warmup + args.steps.min(3) {
                 let g = generate(&model, &bundle.tokenizer, &prompt, &opts, |_| {})?;
@@ -378,7 +383,7 @@ fn run_one(
                 None
             };
             let adapted = Adapted::new(&model, adapter);
-            let opts = greedy(1);
+            let opts = greedy(1, args.activations);
             let mut times = Vec::new();
             for i in 0..args.warmup + args.steps {
                 let g = generate(&adapted, &bundle.tokenizer, &prompt, &opts, |_| {})?;
