@@ -486,13 +486,10 @@ impl Attention {
 }
 
 /// `x` (`[rows, cols]` row-major) transposed.
+/// (A zero comes out as +0, which the products it feeds cannot tell.)
 fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; rows * cols];
-    for (r, row) in x.chunks_exact(cols).enumerate().take(rows) {
-        for (c, &v) in row.iter().enumerate() {
-            out[c * rows + r] = v;
-        }
-    }
+    add_transposed(x, rows, cols, &mut out);
     out
 }
 
