@@ -79,6 +79,40 @@ fn set_thread_count(requested: Option<usize>) -> usize {
 const SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 const SPIN_LIMIT_DEFAULT: &str = "1000";
 
+/// Whether the command is a long stretch of tensor math (training,
+/// scoring, benchmarks), for [`keep_freed_memory`].
+fn computes(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Train(_) | Command::Eval(_) | Command::Score(_) | Command::Bench(_)
+    )
+}
+
+/// Keeps freed memory in the process for the next tensor of the same size,
+/// instead of glibc's defaults: one arena for all threads, allocations up
+/// to 256 MiB from the heap and not mapped each on its own, and up to
+/// 1 GiB of free heap kept rather than handed back. A training step
+/// allocates and frees the same multi-megabyte buffers every layer; with
+/// the defaults each came back as fresh pages, about a million page faults
+/// per `skillet bench` LoRA run at 4 × 256 tokens, 400,000 with these
+/// (BENCHMARKS.md). Peak memory is the same. Left alone where the user
+/// tunes glibc's allocator through the environment.
+fn keep_freed_memory() {
+    if std::env::var_os("GLIBC_TUNABLES").is_some()
+        || std::env::var_os("MALLOC_ARENA_MAX").is_some()
+    {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called in main before any other thread exists; mallopt only
+    // sets the allocator's parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Inspect(a) => commands::inspect::run(a),
@@ -105,6 +139,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let threads = set_thread_count(cli.threads);
+    if computes(&cli.command) {
+        keep_freed_memory();
+    }
     // The command itself runs on one of the pool's threads, so the serial
     // parts between parallel ops do not add a thread: n threads on n
     // cores, where running from the main thread meant n + 1, with idle
