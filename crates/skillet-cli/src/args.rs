@@ -19,7 +19,9 @@ pub enum ActivationsArg {
     Auto,
     /// f32: the dequantized model's numbers.
     F32,
-    /// Rounded to 8 bits per block of 32, as llama.cpp does (slow without AMX).
+    /// Rounded to 8 bits per block of 32, as llama.cpp does (slow without
+    /// AMX, except for a few sequences over Q4_1 weights where the CPU has
+    /// AVX512-VNNI).
     Int8,
 }
 

@@ -98,18 +98,29 @@ fn computes(command: &Command) -> bool {
 /// (BENCHMARKS.md). Peak memory is the same. Left alone where the user
 /// tunes glibc's allocator through the environment.
 fn keep_freed_memory() {
-    if std::env::var_os("GLIBC_TUNABLES").is_some()
-        || std::env::var_os("MALLOC_ARENA_MAX").is_some()
-    {
+    const TUNING: [&str; 5] = [
+        "GLIBC_TUNABLES",
+        "MALLOC_ARENA_MAX",
+        "MALLOC_MMAP_THRESHOLD_",
+        "MALLOC_TRIM_THRESHOLD_",
+        "MALLOC_TOP_PAD_",
+    ];
+    if TUNING.iter().any(|v| std::env::var_os(v).is_some()) {
         return;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: called in main before any other thread exists; mallopt only
     // sets the allocator's parameters.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        // glibc before 2.35 or so refuses a map threshold above 32 MiB;
+        // setting the trim threshold alone would then freeze the map
+        // threshold at 128 KiB, worse than the defaults.
+        let mapped = libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20) == 1
+            || libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1;
+        if mapped {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
     }
 }
 

@@ -523,6 +523,55 @@ mod tests {
     }
 
     #[test]
+    fn rows_whose_first_key_blocks_are_masked_match_composed() {
+        // 600 positions: three blocks of 256 keys. A window of 100 masks
+        // every block before a query's own; a second packed example from
+        // 300 masks the first block for its queries; left padding of 300
+        // keys leaves the first queries nothing, then one block unseen.
+        let window = AttentionMask::causal(1, 600, 600)
+            .unwrap()
+            .with_window(Some(100));
+        check(1, 600, 600, 4, 2, 8, window, 9);
+        let segments: Vec<u32> = (0..600).map(|i| u32::from(i >= 300)).collect();
+        let packed = AttentionMask::causal(1, 600, 600)
+            .unwrap()
+            .with_segments(segments)
+            .unwrap();
+        check(1, 600, 600, 4, 2, 8, packed, 10);
+        let keys: Vec<u8> = (0..600).map(|i| u8::from(i >= 300)).collect();
+        let padded = AttentionMask::causal(1, 600, 600)
+            .unwrap()
+            .with_key_mask(keys)
+            .unwrap();
+        let q = random(&[1, 600, 4, 8], 11, 1.0);
+        let k = random(&[1, 600, 2, 8], 12, 1.0);
+        let v = random(&[1, 600, 2, 8], 13, 1.0);
+        let seen = |t: &Tensor| t.narrow(1, 300, 300).unwrap();
+        let out = attention(&q, &k, &v, &padded, 0.3).unwrap();
+        let composed = attention_composed(&q, &k, &v, &padded, 0.3).unwrap();
+        assert_close(&seen(&out), &seen(&composed), 5e-5, "queries that see keys");
+        assert_eq!(
+            out.narrow(1, 0, 300)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+    }
+
+    #[test]
+    fn a_window_of_zero_is_no_window() {
+        // Degenerate configs say 0 for "no window"; the backward split
+        // must not hang on heads with no work either way.
+        let m = AttentionMask::causal(1, 1, 1).unwrap().with_window(Some(0));
+        check(1, 1, 1, 2, 1, 8, m, 14);
+    }
+
+    #[test]
     fn long_sequence_tiles_agree_with_composed() {
         check(
             1,

@@ -444,7 +444,7 @@ impl HfConfig {
         };
         let sliding_window = match architecture {
             Architecture::Qwen2 if self.use_sliding_window != Some(true) => None,
-            _ => self.sliding_window,
+            _ => self.sliding_window.filter(|&w| w > 0),
         };
         let heads = self.num_attention_heads;
         LlamaConfig {

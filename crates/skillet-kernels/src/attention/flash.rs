@@ -105,12 +105,13 @@ impl Dims {
 }
 
 /// Backward splits each (sequence, key/value head)'s tiles into runs of
-/// consecutive tiles, at least this many runs in all, of about equal work
-/// within a head. A run sums its tiles' key and value gradients into its
-/// own buffers, in tile order, and the runs' sums are then added in run
-/// order: the result depends neither on how the runs were scheduled nor
-/// on the thread count.
-const RUNS: usize = 8;
+/// consecutive tiles of about equal work, up to `⌈RUNS / heads⌉` per head
+/// (never more than its tiles): the parallel tasks. A run sums its tiles'
+/// key and value gradients into its own buffers, in tile order, and the
+/// runs' sums are then added in run order: the result depends neither on
+/// how the runs were scheduled nor on the thread count (so `RUNS` must
+/// not depend on it either).
+const RUNS: usize = 32;
 
 /// The most values of a thread's tile scratch kept between tiles (16 MiB).
 const KEPT: usize = 4 << 20;
@@ -468,6 +469,11 @@ impl Attention {
                 })
                 .collect();
             let total: usize = work.iter().sum();
+            if total == 0 {
+                // No query of this head sees a key: one run, which adds nothing.
+                runs.push(start..start + per_group);
+                continue;
+            }
             let (mut from, mut done, mut piece) = (0, 0, 1);
             for (i, w) in work.iter().enumerate() {
                 done += w;

@@ -61,9 +61,10 @@ impl AttentionMask {
     }
 
     /// A sliding window: a query sees at most the last `window` positions,
-    /// itself included (Mistral's convention).
+    /// itself included (Mistral's convention). A window of 0 means none,
+    /// as a GGUF's missing window does.
     pub fn with_window(mut self, window: Option<usize>) -> Self {
-        self.window = window;
+        self.window = window.filter(|&w| w > 0);
         self
     }
 

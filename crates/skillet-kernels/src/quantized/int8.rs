@@ -4,9 +4,9 @@
 //! signed byte, and every block product is an exact integer dot product
 //! scaled by the two block scales. A Q4_1 block's minimum multiplies the
 //! sum of the unrounded inputs. The sum over blocks runs in a fixed order
-//! with fused multiply-adds, so the AMX kernel (`amx.rs`) and the portable
-//! loop below give the same bits, and a row's result never depends on the
-//! rows beside it.
+//! with fused multiply-adds, so the AMX kernel (`amx.rs`), the VNNI kernel
+//! for a few rows (`vnni.rs`) and the portable loop below give the same
+//! bits, and a row's result never depends on the rows beside it.
 
 use super::{BLOCK, QuantKind};
 
