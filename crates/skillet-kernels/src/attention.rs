@@ -252,7 +252,7 @@ pub fn attention_composed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_close, check_op, grads, max_abs_diff, random};
+    use crate::testing::{assert_close, check_op, grads, max_abs, max_abs_diff, random};
 
     #[allow(clippy::too_many_arguments)]
     fn check(
@@ -550,17 +550,7 @@ mod tests {
         let out = attention(&q, &k, &v, &padded, 0.3).unwrap();
         let composed = attention_composed(&q, &k, &v, &padded, 0.3).unwrap();
         assert_close(&seen(&out), &seen(&composed), 5e-5, "queries that see keys");
-        assert_eq!(
-            out.narrow(1, 0, 300)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            0.0
-        );
+        assert_eq!(max_abs(&out.narrow(1, 0, 300).unwrap()), 0.0);
     }
 
     #[test]

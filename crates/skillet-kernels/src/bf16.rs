@@ -450,7 +450,7 @@ unsafe fn tiles(
         // the shapes the kernel reads (the callers' checks, and `ar` by
         // construction), and `out` is the caller's promise.
         unsafe { amx::matmul(&ar, m, kp, b, out, out_len, parallel) };
-        hand_back(&ROUNDED, ar);
+        crate::reused::hand_back(&ROUNDED, ar);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -535,27 +535,6 @@ impl CustomOp1 for Bf16Linear {
 /// in bf16 too (autocast's semantics).
 pub fn frozen_matmul_bf16(x: &Tensor, w: &Arc<Bf16Weight>) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Bf16Linear(w.clone()))
-}
-
-/// A thread's buffer reused from product to product: taken for a product
-/// (a nested product on the same thread finds it taken and makes its
-/// own) and handed back after.
-#[cfg(target_arch = "x86_64")]
-type Reused = std::thread::LocalKey<std::cell::Cell<Vec<u16>>>;
-
-/// The most values of a reused buffer kept between products (8 MiB): a
-/// projection's operands fit; a whole LM head's share is made afresh
-/// rather than held while everything else runs.
-#[cfg(target_arch = "x86_64")]
-const KEPT: usize = 4 << 20;
-
-/// Hands `v` back to `buffer` for the next product on this thread, unless
-/// it grew past [`KEPT`].
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn hand_back(buffer: &'static Reused, v: Vec<u16>) {
-    if v.capacity() <= KEPT {
-        buffer.set(v);
-    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -21,6 +21,7 @@ mod linear_cross_entropy;
 mod lora_linear;
 mod lora_rows;
 mod quantized;
+mod reused;
 mod rms_norm;
 mod rope;
 mod storage;

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::Attention;
 use crate::bf16::{DensePanels, matmul_panels_serial};
 use crate::gemm::{Out, View, matmul};
+use crate::reused::hand_back;
 use crate::vec::{dot, exp_shifted_sum, max, scale};
 
 /// Queries per tile (per head).
@@ -113,9 +114,6 @@ impl Dims {
 /// not depend on it either).
 const RUNS: usize = 32;
 
-/// The most values of a thread's tile scratch kept between tiles (16 MiB).
-const KEPT: usize = 4 << 20;
-
 thread_local! {
     /// Each thread's scratch for a tile's scores, probabilities and their
     /// gradients, reused from tile to tile.
@@ -130,12 +128,6 @@ fn scratch(len: usize) -> Vec<f32> {
         v.resize(len, 0.0);
     }
     v
-}
-
-fn hand_back(v: Vec<f32>) {
-    if v.capacity() <= KEPT {
-        SCRATCH.set(v);
-    }
 }
 
 /// A run of a head's tiles: the `dQ` rows of each, and their sums of `dK`
@@ -342,7 +334,7 @@ impl Attention {
             let values = dims.kv(v, tile.b, tile.kh, j0, false);
             self.product(p, [rows, nb, d], values, &mut o, true);
         }
-        hand_back(p);
+        hand_back(&SCRATCH, p);
         let lse = m
             .iter()
             .zip(&l)
@@ -419,7 +411,7 @@ impl Attention {
             self.add_key_grads(ds, [&qt, &qtt], [rows, nb, d], &mut sums.dk[at..]);
             self.add_key_grads(p, [&dot_t, &dott], [rows, nb, d], &mut sums.dv[at..]);
         }
-        hand_back(buf);
+        hand_back(&SCRATCH, buf);
         scale(&mut dq, self.scale);
         dq
     }

@@ -220,7 +220,7 @@ unsafe fn task(
             j += if two_cols { 2 } else { 1 };
         }
     }
-    super::hand_back(&MADE, made);
+    crate::reused::hand_back(&MADE, made);
     asm!("tilerelease", options(nostack, nomem));
 }
 
