@@ -379,23 +379,23 @@ fn checked(a: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) -> bool {
 /// `out = a · B` on the tiles, `B` given by column blocks. Only where
 /// [`bf16_accelerated`] (the callers' check).
 pub(crate) fn matmul_panels(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32]) {
-    let (k, n) = (b.k(), b.n());
-    if !checked(a, m, k, n, out) {
-        return;
-    }
-    // SAFETY: `out` is a live slice of `out.len()` values.
-    unsafe { tiles(a, m, b, out.as_mut_ptr(), out.len(), true) };
+    panels_into(a, m, b, out, true);
 }
 
 /// [`matmul_panels`] on this thread alone, for callers already inside a
 /// parallel loop over many small products.
 pub(crate) fn matmul_panels_serial(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32]) {
+    panels_into(a, m, b, out, false);
+}
+
+/// [`matmul_panels`] on the thread pool where `parallel`.
+fn panels_into(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32], parallel: bool) {
     let (k, n) = (b.k(), b.n());
     if !checked(a, m, k, n, out) {
         return;
     }
     // SAFETY: `out` is a live slice of `out.len()` values.
-    unsafe { tiles(a, m, b, out.as_mut_ptr(), out.len(), false) };
+    unsafe { tiles(a, m, b, out.as_mut_ptr(), out.len(), parallel) };
 }
 
 /// [`matmul_panels`] into a new vector whose values are written once,
