@@ -51,9 +51,11 @@ impl TokenizedExample {
 
 /// Encodes examples for one model.
 pub struct Encoder<'a> {
-    tokenizer: &'a Tokenizer,
-    template: Option<&'a ChatTemplate>,
-    options: EncodeOptions,
+    pub(crate) tokenizer: &'a Tokenizer,
+    pub(crate) template: Option<&'a ChatTemplate>,
+    pub(crate) options: EncodeOptions,
+    /// Longest prompt of a preference pair (`None`: only `max_seq_len`).
+    pub(crate) max_prompt_len: Option<usize>,
 }
 
 impl<'a> Encoder<'a> {
@@ -67,7 +69,15 @@ impl<'a> Encoder<'a> {
             tokenizer,
             template,
             options,
+            max_prompt_len: None,
         }
+    }
+
+    /// Cuts preference prompts to their first `max` tokens (TRL's
+    /// `max_prompt_length` with `truncation_mode = "keep_start"`).
+    pub fn with_max_prompt_len(mut self, max: Option<usize>) -> Self {
+        self.max_prompt_len = max;
+        self
     }
 
     /// Encodes every example; examples left with nothing to train on are
@@ -139,7 +149,11 @@ impl<'a> Encoder<'a> {
         })
     }
 
-    fn push_eos(&self, ids: &mut Vec<u32>, trainable: &mut Vec<bool>) -> Result<(), DataError> {
+    pub(crate) fn push_eos(
+        &self,
+        ids: &mut Vec<u32>,
+        trainable: &mut Vec<bool>,
+    ) -> Result<(), DataError> {
         if !self.options.add_eos {
             return Ok(());
         }

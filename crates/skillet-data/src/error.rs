@@ -6,6 +6,8 @@ use std::path::PathBuf;
 /// validation where one exists).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IssueCode {
+    /// The line is not valid UTF-8.
+    InvalidUtf8,
     /// The line is not valid JSON.
     InvalidJson,
     /// The line is JSON but not an object ("Line N is not a dictionary").
@@ -30,12 +32,19 @@ pub enum IssueCode {
     NoTrainableTokens,
     /// The file has no examples.
     EmptyFile,
+    /// A preference pair's prompt is not a conversation ending in a user turn.
+    InvalidPrompt,
+    /// A preferred or rejected completion is not one assistant message.
+    InvalidCompletion,
+    /// `margin` is not a finite number.
+    InvalidMargin,
 }
 
 impl IssueCode {
     /// The code as users see it.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::InvalidUtf8 => "invalid_utf8",
             Self::InvalidJson => "invalid_json",
             Self::DataType => "data_type",
             Self::MissingMessagesList => "missing_messages_list",
@@ -48,6 +57,9 @@ impl IssueCode {
             Self::MissingField => "missing_field",
             Self::NoTrainableTokens => "no_trainable_tokens",
             Self::EmptyFile => "empty_file",
+            Self::InvalidPrompt => "invalid_prompt",
+            Self::InvalidCompletion => "invalid_completion",
+            Self::InvalidMargin => "invalid_margin",
         }
     }
 }

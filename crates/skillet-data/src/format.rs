@@ -9,7 +9,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::{DataError, DataIssue, IssueCode};
+use crate::lines::{Parsed, read_objects};
+use crate::{DataError, IssueCode};
 
 /// The layout of a data file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +57,7 @@ pub enum Example {
     Text(String),
 }
 
-type LineResult = Result<Example, Vec<(IssueCode, String)>>;
+type LineResult = Parsed<Example>;
 
 fn detect(obj: &Map<String, Value>) -> Option<DataFormat> {
     if obj.contains_key("messages") {
@@ -74,7 +75,7 @@ fn detect(obj: &Map<String, Value>) -> Option<DataFormat> {
     }
 }
 
-fn string_field(
+pub(crate) fn string_field(
     obj: &Map<String, Value>,
     key: &str,
     required: bool,
@@ -101,7 +102,7 @@ fn string_field(
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -135,17 +136,29 @@ fn parse_chat(obj: &Map<String, Value>) -> LineResult {
         )]);
     };
     let mut issues = Vec::new();
+    let turns = parse_messages(messages, "message", &mut issues);
+    finish_chat(turns, issues)
+}
+
+/// OpenAI-style messages (`role`, `content`, optional `weight` and
+/// `name`), each problem pushed to `issues`; `what` names them in messages
+/// (`message 2`, `chosen message 0`).
+pub(crate) fn parse_messages(
+    messages: &[Value],
+    what: &str,
+    issues: &mut Vec<(IssueCode, String)>,
+) -> Vec<Turn> {
     let mut turns = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let Value::Object(m) = m else {
-            issues.push((IssueCode::DataType, format!("message {i} is not an object")));
+            issues.push((IssueCode::DataType, format!("{what} {i} is not an object")));
             continue;
         };
         for key in m.keys() {
             if !matches!(key.as_str(), "role" | "content" | "weight" | "name") {
                 issues.push((
                     IssueCode::MessageUnrecognizedKey,
-                    format!("message {i} has unrecognized key '{key}'"),
+                    format!("{what} {i} has unrecognized key '{key}'"),
                 ));
             }
         }
@@ -153,7 +166,7 @@ fn parse_chat(obj: &Map<String, Value>) -> LineResult {
             None => {
                 issues.push((
                     IssueCode::MessageMissingKey,
-                    format!("message {i} has no 'role'"),
+                    format!("{what} {i} has no 'role'"),
                 ));
                 continue;
             }
@@ -163,7 +176,7 @@ fn parse_chat(obj: &Map<String, Value>) -> LineResult {
             Some(other) => {
                 issues.push((
                     IssueCode::UnrecognizedRole,
-                    format!("message {i} has role {other} (expected system, user or assistant)"),
+                    format!("{what} {i} has role {other} (expected system, user or assistant)"),
                 ));
                 continue;
             }
@@ -172,7 +185,7 @@ fn parse_chat(obj: &Map<String, Value>) -> LineResult {
             None => {
                 issues.push((
                     IssueCode::MessageMissingKey,
-                    format!("message {i} has no 'content'"),
+                    format!("{what} {i} has no 'content'"),
                 ));
                 continue;
             }
@@ -180,7 +193,7 @@ fn parse_chat(obj: &Map<String, Value>) -> LineResult {
             Some(_) => {
                 issues.push((
                     IssueCode::MissingContent,
-                    format!("message {i} ({role}) has empty or non-text content"),
+                    format!("{what} {i} ({role}) has empty or non-text content"),
                 ));
                 continue;
             }
@@ -191,7 +204,7 @@ fn parse_chat(obj: &Map<String, Value>) -> LineResult {
                 issues.push((
                     IssueCode::InvalidWeight,
                     format!(
-                        "message {i} ({role}) has weight {w}; only assistant messages take a weight"
+                        "{what} {i} ({role}) has weight {w}; only assistant messages take a weight"
                     ),
                 ));
                 false
@@ -202,7 +215,7 @@ fn parse_chat(obj: &Map<String, Value>) -> LineResult {
                 _ => {
                     issues.push((
                         IssueCode::InvalidWeight,
-                        format!("message {i} has weight {w} (expected 0 or 1)"),
+                        format!("{what} {i} has weight {w} (expected 0 or 1)"),
                     ));
                     false
                 }
@@ -214,7 +227,7 @@ fn parse_chat(obj: &Map<String, Value>) -> LineResult {
             train,
         });
     }
-    finish_chat(turns, issues)
+    turns
 }
 
 fn parse_sharegpt(obj: &Map<String, Value>) -> LineResult {
@@ -322,82 +335,24 @@ pub fn read_jsonl(
     path: &Path,
     format: DataFormat,
 ) -> Result<(DataFormat, Vec<(usize, Example)>), DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
     let mut format = format;
-    let mut examples = Vec::new();
-    let mut issues = Vec::new();
-    let issue = |line: usize, code: IssueCode, message: String| DataIssue {
-        file: path.to_path_buf(),
-        line,
-        code,
-        message,
-    };
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        if raw.trim().is_empty() {
-            continue;
-        }
-        let value: Value = match serde_json::from_str(raw) {
-            Ok(v) => v,
-            Err(e) => {
-                issues.push(issue(
-                    line,
-                    IssueCode::InvalidJson,
-                    format!("invalid JSON: {e}"),
-                ));
-                continue;
-            }
-        };
-        let Value::Object(obj) = value else {
-            issues.push(issue(
-                line,
-                IssueCode::DataType,
-                format!("Line {line} is not a dictionary"),
-            ));
-            continue;
-        };
+    let examples = read_objects(path, |obj| {
         if format == DataFormat::Auto {
-            match detect(&obj) {
-                Some(f) => format = f,
-                None => {
-                    issues.push(issue(
-                        line,
-                        IssueCode::MissingField,
-                        "cannot tell the format: expected 'messages', 'conversations', 'instruction'/'output', 'prompt'/'completion' or 'text'".into(),
-                    ));
-                    continue;
-                }
-            }
+            format = detect(obj).ok_or_else(|| {
+                vec![(
+                    IssueCode::MissingField,
+                    "cannot tell the format: expected 'messages', 'conversations', 'instruction'/'output', 'prompt'/'completion' or 'text'".to_string(),
+                )]
+            })?;
         }
-        let parsed = match format {
-            DataFormat::Chat => parse_chat(&obj),
-            DataFormat::ShareGpt => parse_sharegpt(&obj),
-            DataFormat::Alpaca => parse_alpaca(&obj),
-            DataFormat::Completion => parse_completion(&obj),
-            DataFormat::Text => parse_text(&obj),
+        match format {
+            DataFormat::Chat => parse_chat(obj),
+            DataFormat::ShareGpt => parse_sharegpt(obj),
+            DataFormat::Alpaca => parse_alpaca(obj),
+            DataFormat::Completion => parse_completion(obj),
+            DataFormat::Text => parse_text(obj),
             DataFormat::Auto => unreachable!("resolved above"),
-        };
-        match parsed {
-            Ok(ex) => examples.push((line, ex)),
-            Err(list) => issues.extend(
-                list.into_iter()
-                    .map(|(code, message)| issue(line, code, message)),
-            ),
         }
-    }
-    if examples.is_empty() && issues.is_empty() {
-        issues.push(issue(
-            0,
-            IssueCode::EmptyFile,
-            "the file has no examples".into(),
-        ));
-    }
-    if issues.is_empty() {
-        Ok((format, examples))
-    } else {
-        Err(DataError::Invalid(issues))
-    }
+    })?;
+    Ok((format, examples))
 }
