@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::{EvalStats, ExactMatch, GeneralStats};
+use crate::{ExactMatch, GeneralStats};
 
 /// Evaluation of one model state (base or tuned).
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -19,9 +19,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Collects what was measured.
+    /// Collects what was measured: held-out metrics by name (`loss`,
+    /// `perplexity`, `accuracy` for SFT; TRL's names for DPO).
     pub fn new(
-        heldout: Option<&EvalStats>,
+        heldout: Option<&skillet_train::Metrics>,
         em: Option<&ExactMatch>,
         general: Option<&GeneralStats>,
     ) -> Self {
@@ -42,6 +43,8 @@ impl Snapshot {
 pub struct RunFacts {
     /// Model path.
     pub model: String,
+    /// Training method (`sft`, `dpo`).
+    pub method: String,
     /// Training file.
     pub train_file: String,
     /// Training examples.
@@ -96,10 +99,28 @@ pub fn write_report(
             4,
         ),
     ];
+    // Preference metrics, where the held-out set is pairs.
+    let pairs = [
+        (
+            "reward accuracy (chosen above rejected)",
+            "rewards/accuracies",
+            3,
+        ),
+        ("reward margin", "rewards/margins", 4),
+        ("log-probability of chosen", "logps/chosen", 3),
+        ("log-probability of rejected", "logps/rejected", 3),
+    ];
+    let rows = rows
+        .into_iter()
+        .chain(pairs.iter().filter_map(|&(name, key, d)| {
+            let (b, t) = (base.stat(key), tuned.stat(key));
+            (b.is_some() || t.is_some()).then_some((name, b, t, d))
+        }));
     let mut md = String::from("# Skillet fine-tuning report\n\n");
     md += &format!(
-        "- model: `{}`\n- data: `{}` ({} train, {} held-out examples; {} truncated)\n- trainable parameters: {}\n- {} steps, {} trained tokens, {:.0} s ({:.1} tokens/s), {} products\n\n",
+        "- model: `{}`\n- method: {}\n- data: `{}` ({} train, {} held-out examples; {} truncated)\n- trainable parameters: {}\n- {} steps, {} trained tokens, {:.0} s ({:.1} tokens/s), {} products\n\n",
         facts.model,
+        facts.method,
         facts.train_file,
         facts.train_examples,
         facts.valid_examples,

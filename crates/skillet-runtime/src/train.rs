@@ -10,14 +10,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use skillet_adapters::{LoraAdapter, LoraSettings, load_peft, save_peft};
-use skillet_data::{EncodeOptions, split_fraction};
-use skillet_eval::{RunFacts, Snapshot, evaluate, exact_match, general_perplexity, write_report};
-use skillet_models::{Adapted, Adapter, CausalLm};
+use skillet_data::{EncodeOptions, Example, split_fraction};
+use skillet_eval::{RunFacts, Snapshot, exact_match, general_perplexity, write_report};
+use skillet_models::{Adapted, Adapter, CausalLm, Llama};
 use skillet_train::{
-    AdamW, AdamWConfig, Event, LoopSettings, RunConfig, Schedule, TrainState, Trainer,
-    latest_checkpoint, load_checkpoint_state, read_metrics,
+    AdamW, AdamWConfig, Dpo, Event, LoopSettings, MethodConfig, Objective, PairSet, RunConfig,
+    Schedule, Sft, TrainState, Trainable, Trainer, latest_checkpoint, load_checkpoint_state,
+    pair_logps, read_metrics,
 };
 
+use crate::pairs::{PairData, ReferenceLogps};
 use crate::{Bundle, Dataset, Result, RuntimeError};
 
 /// What a front end is told while a run goes on.
@@ -63,56 +65,98 @@ pub struct TrainOutcome {
 /// Window of the general-text perplexity (the forgetting check).
 const GENERAL_WINDOW: usize = 1024;
 
-/// The data of a run: train and held-out sets.
-struct RunData {
-    train: Dataset,
-    valid: Dataset,
+/// The data of a run: train and held-out sets, of examples or of pairs.
+enum RunData {
+    Sft { train: Dataset, valid: Dataset },
+    Pairs { train: PairData, valid: PairData },
 }
 
-fn load_data(cfg: &RunConfig, bundle: &Bundle) -> Result<RunData> {
-    let opts = EncodeOptions {
-        max_seq_len: cfg.data.max_seq_len,
-        train_on_prompt: cfg.data.train_on_prompt,
-        add_eos: cfg.data.add_eos,
-    };
-    let all = Dataset::load(&cfg.data.train, cfg.data.format, bundle, opts)?;
-    Ok(match &cfg.data.validation {
-        Some(v) => RunData {
-            valid: Dataset::load(v, cfg.data.format, bundle, opts)?,
-            train: all,
-        },
-        None => {
-            let (t, v) = split_fraction(all.examples.len(), cfg.data.validation_fraction, cfg.seed);
-            RunData {
-                train: all.subset(&t),
-                valid: all.subset(&v),
+impl RunData {
+    fn load(cfg: &RunConfig, bundle: &Bundle) -> Result<Self> {
+        let opts = EncodeOptions {
+            max_seq_len: cfg.data.max_seq_len,
+            train_on_prompt: cfg.data.train_on_prompt,
+            add_eos: cfg.data.add_eos,
+        };
+        let split = |n: usize| split_fraction(n, cfg.data.validation_fraction, cfg.seed);
+        Ok(match &cfg.method {
+            MethodConfig::Sft => {
+                let load = |p: &Path| Dataset::load(p, cfg.data.format, bundle, opts);
+                let all = load(&cfg.data.train)?;
+                match &cfg.data.validation {
+                    Some(v) => RunData::Sft {
+                        valid: load(v)?,
+                        train: all,
+                    },
+                    None => {
+                        let (t, v) = split(all.examples.len());
+                        RunData::Sft {
+                            train: all.subset(&t),
+                            valid: all.subset(&v),
+                        }
+                    }
+                }
             }
+            MethodConfig::Dpo(d) => {
+                let load =
+                    |p: &Path| PairData::load(p, d.format, bundle, opts, d.max_prompt_length);
+                let all = load(&cfg.data.train)?;
+                match &cfg.data.validation {
+                    Some(v) => RunData::Pairs {
+                        valid: load(v)?,
+                        train: all,
+                    },
+                    None => {
+                        let (t, v) = split(all.pairs.len());
+                        RunData::Pairs {
+                            train: all.subset(&t),
+                            valid: all.subset(&v),
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// (train, held-out) item counts.
+    fn sizes(&self) -> (usize, usize) {
+        match self {
+            RunData::Sft { train, valid } => (train.tokenized.len(), valid.tokenized.len()),
+            RunData::Pairs { train, valid } => (train.tokenized.len(), valid.tokenized.len()),
         }
-    })
+    }
+
+    /// (train, held-out) items cut by truncation.
+    fn truncated(&self) -> (usize, usize) {
+        match self {
+            RunData::Sft { train, valid } => (train.truncated(), valid.truncated()),
+            RunData::Pairs { train, valid } => (train.truncated(), valid.truncated()),
+        }
+    }
+
+    /// Held-out examples with a reference answer, for exact match.
+    fn answers(&self) -> Vec<(usize, Example)> {
+        match self {
+            RunData::Sft { valid, .. } => valid.examples.clone(),
+            RunData::Pairs { valid, .. } => valid.chosen_examples(),
+        }
+    }
 }
 
-/// Base or tuned model evaluated the same way.
+/// Base or tuned model evaluated the same way: `heldout` metrics (from the
+/// objective), exact match of held-out answers, general-text perplexity.
+#[allow(clippy::too_many_arguments)]
 fn snapshot(
     model: &dyn CausalLm,
+    heldout: Option<skillet_train::Metrics>,
     bundle: &Bundle,
     cfg: &RunConfig,
-    data: &RunData,
+    answers: &[(usize, Example)],
     general: Option<&str>,
     what: &str,
     progress: &mut dyn TrainProgress,
 ) -> Result<Snapshot> {
-    progress.phase(Some(&format!("evaluating the {what} model")));
-    let heldout = if data.valid.tokenized.is_empty() {
-        None
-    } else {
-        Some(evaluate(
-            model,
-            &data.valid.tokenized,
-            cfg.eval.batch_size,
-            bundle.pad_id(),
-        )?)
-    };
-    let em = if cfg.eval.generate && !data.valid.examples.is_empty() {
+    let em = if cfg.eval.generate && !answers.is_empty() {
         progress.phase(Some(&format!(
             "generating held-out answers with the {what} model"
         )));
@@ -120,7 +164,7 @@ fn snapshot(
             model,
             &bundle.tokenizer,
             bundle.template.as_ref(),
-            &data.valid.examples,
+            answers,
             cfg.eval.max_new_tokens,
             skillet_eval::EXACT_MATCH_BATCH,
         )?)
@@ -143,6 +187,20 @@ fn snapshot(
         em.as_ref(),
         gen_stats.as_ref(),
     ))
+}
+
+/// Held-out metrics of `model` under `objective`, if there is held-out data.
+fn heldout<O: Objective>(
+    objective: &O,
+    model: &dyn CausalLm,
+    what: &str,
+    progress: &mut dyn TrainProgress,
+) -> Result<Option<skillet_train::Metrics>> {
+    if !objective.has_validation() {
+        return Ok(None);
+    }
+    progress.phase(Some(&format!("evaluating the {what} model")));
+    Ok(Some(objective.validate(model)?))
 }
 
 fn prepare_output(dir: &Path, overwrite: bool) -> Result<()> {
@@ -183,8 +241,8 @@ pub fn run_training(
     let bundle = Bundle::open(&cfg.model)?;
     // Everything that can be wrong with the data is found before anything
     // is written or trained.
-    let data = load_data(cfg, &bundle)?;
-    if data.train.tokenized.is_empty() {
+    let data = RunData::load(cfg, &bundle)?;
+    if data.sizes().0 == 0 {
         return Err(RuntimeError::Invalid(format!(
             "{}: no training examples",
             cfg.data.train.display()
@@ -228,127 +286,79 @@ pub fn run_training(
         frozen_bf16: precision.holds_base_in_bf16(),
         ..Default::default()
     })?;
-    let base = if resuming {
-        serde_json::from_str(&read_text(&out.join("base_eval.json"))?)?
-    } else {
-        let s = snapshot(
-            &model,
-            &bundle,
-            cfg,
-            &data,
-            general.as_deref(),
-            "base",
-            progress,
-        )?;
-        write_text(
-            &out.join("base_eval.json"),
-            &serde_json::to_string_pretty(&s)?,
-        )?;
-        s
-    };
-
     let initial = match &checkpoint {
         Some(dir) => Some(load_peft(dir)?.1),
         None => init_weights,
     };
-    let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial.as_ref())?;
-    let t = &cfg.train;
-    if t.activation_checkpointing {
-        model.set_activation_checkpointing(Some(adapter.vars()));
-    }
-    model.set_precision(precision);
-    let mut opt = AdamW::new(
-        adapter.vars(),
-        AdamWConfig {
-            lr: t.lr,
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-    );
-    let state = match &checkpoint {
-        Some(dir) => load_checkpoint_state(dir, &mut opt)?,
-        None => TrainState::default(),
+    let run = Run {
+        cfg,
+        bundle: &bundle,
+        general: general.as_deref(),
+        resuming,
+        out: &out,
     };
-    let loop_settings = LoopSettings {
-        epochs: t.epochs,
-        max_steps: (t.max_steps > 0).then_some(t.max_steps),
-        batch_size: t.batch_size,
-        grad_accum: t.grad_accum,
-        max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
-        eval_every: (cfg.eval.every > 0).then_some(cfg.eval.every),
-        save_every: (cfg.eval.save_every > 0).then_some(cfg.eval.save_every),
-        seed: cfg.seed,
-        packing: cfg.data.packing.then_some(cfg.data.max_seq_len),
-        pad_id: bundle.pad_id(),
+    let (facts, base, tuned, adapter) = match &data {
+        RunData::Sft { train, valid } => {
+            let objective = Sft {
+                train: &train.tokenized,
+                valid: &valid.tokenized,
+                packing: cfg.data.packing.then_some(cfg.data.max_seq_len),
+                pad_id: bundle.pad_id(),
+                eval_batch: cfg.eval.batch_size,
+            };
+            // The base is measured in f32, before the adapter exists.
+            let base = run.base_snapshot(&objective, &model, &data, progress)?;
+            let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial.as_ref())?;
+            let (facts, tuned) = run.train(
+                &objective,
+                &mut model,
+                &adapter,
+                checkpoint.as_deref(),
+                &data,
+                progress,
+            )?;
+            (facts, base, tuned, adapter)
+        }
+        RunData::Pairs { train, valid } => {
+            let MethodConfig::Dpo(d) = &cfg.method else {
+                unreachable!("pairs are loaded for DPO")
+            };
+            // The reference and the policy multiply alike, so that the
+            // first step sees them equal.
+            model.set_precision(precision);
+            let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial.as_ref())?;
+            let reference = run.reference(&model, &adapter, train, valid, progress)?;
+            let objective = Dpo {
+                settings: d.settings(),
+                train: PairSet {
+                    pairs: &train.tokenized,
+                    reference: &reference.train,
+                },
+                valid: PairSet {
+                    pairs: &valid.tokenized,
+                    reference: &reference.valid,
+                },
+                pad_id: bundle.pad_id(),
+                eval_batch: cfg.eval.batch_size,
+            };
+            let base = run.base_snapshot(&objective, &model, &data, progress)?;
+            let (facts, tuned) = run.train(
+                &objective,
+                &mut model,
+                &adapter,
+                checkpoint.as_deref(),
+                &data,
+                progress,
+            )?;
+            (facts, base, tuned, adapter)
+        }
     };
-    let mut trainer = Trainer {
-        model: &model,
-        adapter: &adapter,
-        opt,
-        schedule: Schedule {
-            kind: t.schedule,
-            peak: t.lr,
-            warmup: t.warmup_steps,
-            total: 0,
-        },
-        settings: loop_settings,
-        train: &data.train.tokenized,
-        valid: &data.valid.tokenized,
-        out: out.clone(),
-        base_model: Some(cfg.model.display().to_string()),
-        state,
-    };
-    let total = trainer.total_steps();
-    trainer.schedule.total = total;
-    progress.started(&TrainSummary {
-        parameters: adapter.parameter_count(),
-        train_examples: data.train.tokenized.len(),
-        valid_examples: data.valid.tokenized.len(),
-        truncated: data.train.truncated(),
-        max_seq_len: cfg.data.max_seq_len,
-        total_steps: total,
-        done_steps: trainer.state.step,
-    });
-    let start = Instant::now();
-    let start_tokens = trainer.state.tokens;
-    trainer.run(&mut |e| progress.event(e))?;
-    let train_seconds = start.elapsed().as_secs_f64();
-    let (steps, trained_tokens) = (trainer.state.step, trainer.state.tokens - start_tokens);
-    drop(trainer);
-    model.set_activation_checkpointing(None);
-    model.set_precision(skillet_models::Precision::F32);
-
     let adapter_dir = out.join("adapter");
     save_peft(
         &adapter,
         &adapter_dir,
         Some(cfg.model.display().to_string()),
     )?;
-    let parameters = adapter.parameter_count();
-    let tuned_model = Adapted::new(&model, Some(Arc::new(adapter) as Arc<dyn Adapter>));
-    let tuned = snapshot(
-        &tuned_model,
-        &bundle,
-        cfg,
-        &data,
-        general.as_deref(),
-        "tuned",
-        progress,
-    )?;
-    let facts = RunFacts {
-        model: cfg.model.display().to_string(),
-        train_file: cfg.data.train.display().to_string(),
-        train_examples: data.train.tokenized.len(),
-        valid_examples: data.valid.tokenized.len(),
-        truncated: data.train.truncated() + data.valid.truncated(),
-        trainable_parameters: parameters,
-        steps,
-        trained_tokens,
-        train_seconds,
-        precision: format!("{precision:?}").to_lowercase(),
-    };
     let report = write_report(&out, &facts, &base, &tuned, &read_metrics(&out))
         .map_err(RuntimeError::io(out.join("report.md")))?;
     Ok(TrainOutcome {
@@ -356,4 +366,182 @@ pub fn run_training(
         adapter_dir,
         report_path: out.join("report.md"),
     })
+}
+
+/// What every phase of one run shares.
+struct Run<'r> {
+    cfg: &'r RunConfig,
+    bundle: &'r Bundle,
+    general: Option<&'r str>,
+    resuming: bool,
+    out: &'r Path,
+}
+
+impl Run<'_> {
+    /// The base model's evaluation: measured on a new run and saved, read
+    /// back on a resumed one.
+    fn base_snapshot<O: Objective>(
+        &self,
+        objective: &O,
+        model: &Llama,
+        data: &RunData,
+        progress: &mut dyn TrainProgress,
+    ) -> Result<Snapshot> {
+        let path = self.out.join("base_eval.json");
+        if self.resuming {
+            return Ok(serde_json::from_str(&read_text(&path)?)?);
+        }
+        let metrics = heldout(objective, model, "base", progress)?;
+        let s = snapshot(
+            model,
+            metrics,
+            self.bundle,
+            self.cfg,
+            &data.answers(),
+            self.general,
+            "base",
+            progress,
+        )?;
+        write_text(&path, &serde_json::to_string_pretty(&s)?)?;
+        Ok(s)
+    }
+
+    /// DPO's reference log-probabilities: the starting policy's (the base
+    /// with a fresh adapter, whose B is zero, or the starting adapter
+    /// frozen), computed once and saved; a resume reads them back.
+    fn reference(
+        &self,
+        model: &Llama,
+        adapter: &LoraAdapter,
+        train: &PairData,
+        valid: &PairData,
+        progress: &mut dyn TrainProgress,
+    ) -> Result<ReferenceLogps> {
+        let (n_train, n_valid) = (train.tokenized.len(), valid.tokenized.len());
+        if self.resuming {
+            return ReferenceLogps::load(self.out, n_train, n_valid);
+        }
+        progress.phase(Some("computing the reference model's log-probabilities"));
+        let start = Adapted::new(model, Trainable::adapter(adapter));
+        let batch = self.cfg.eval.batch_size;
+        let pad = self.bundle.pad_id();
+        let r = ReferenceLogps {
+            train: pair_logps(&start, &train.tokenized, batch, pad)?,
+            valid: pair_logps(&start, &valid.tokenized, batch, pad)?,
+        };
+        progress.phase(None);
+        r.save(self.out)?;
+        Ok(r)
+    }
+
+    /// Trains `adapter` on `objective` from `checkpoint` (or the start),
+    /// then evaluates the tuned model.
+    fn train<O: Objective>(
+        &self,
+        objective: &O,
+        model: &mut Llama,
+        adapter: &LoraAdapter,
+        checkpoint: Option<&Path>,
+        data: &RunData,
+        progress: &mut dyn TrainProgress,
+    ) -> Result<(RunFacts, Snapshot)> {
+        let cfg = self.cfg;
+        let t = &cfg.train;
+        let precision = t.precision.resolve();
+        if t.activation_checkpointing {
+            model.set_activation_checkpointing(Some(adapter.vars()));
+        }
+        model.set_precision(precision);
+        let mut opt = AdamW::new(
+            adapter.vars(),
+            AdamWConfig {
+                lr: t.lr,
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: t.eps,
+                weight_decay: t.weight_decay,
+            },
+        );
+        let state = match checkpoint {
+            Some(dir) => load_checkpoint_state(dir, &mut opt)?,
+            None => TrainState::default(),
+        };
+        let mut trainer = Trainer {
+            model: &*model,
+            trainable: adapter,
+            opt,
+            schedule: Schedule {
+                kind: t.schedule,
+                peak: t.lr,
+                warmup: t.warmup_steps,
+                total: 0,
+            },
+            settings: LoopSettings {
+                epochs: t.epochs,
+                max_steps: (t.max_steps > 0).then_some(t.max_steps),
+                batch_size: t.batch_size,
+                grad_accum: t.grad_accum,
+                max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
+                eval_every: (cfg.eval.every > 0).then_some(cfg.eval.every),
+                save_every: (cfg.eval.save_every > 0).then_some(cfg.eval.save_every),
+                seed: cfg.seed,
+            },
+            out: self.out.to_path_buf(),
+            base_model: Some(cfg.model.display().to_string()),
+            state,
+        };
+        let total = trainer.total_steps(objective);
+        trainer.schedule.total = total;
+        let (n_train, n_valid) = data.sizes();
+        progress.started(&TrainSummary {
+            parameters: adapter.parameter_count(),
+            train_examples: n_train,
+            valid_examples: n_valid,
+            truncated: data.truncated().0,
+            max_seq_len: cfg.data.max_seq_len,
+            total_steps: total,
+            done_steps: trainer.state.step,
+        });
+        let start = Instant::now();
+        let start_tokens = trainer.state.tokens;
+        trainer.run(objective, &mut |e| progress.event(e))?;
+        let train_seconds = start.elapsed().as_secs_f64();
+        let (steps, trained_tokens) = (trainer.state.step, trainer.state.tokens - start_tokens);
+        drop(trainer);
+        model.set_activation_checkpointing(None);
+        let sft = matches!(cfg.method, MethodConfig::Sft);
+        if sft {
+            // Measured as the base was, in f32.
+            model.set_precision(skillet_models::Precision::F32);
+        }
+        let tuned_model =
+            Adapted::new(&*model, Some(Arc::new(adapter.clone()) as Arc<dyn Adapter>));
+        let metrics = heldout(objective, &tuned_model, "tuned", progress)?;
+        let tuned = snapshot(
+            &tuned_model,
+            metrics,
+            self.bundle,
+            cfg,
+            &data.answers(),
+            self.general,
+            "tuned",
+            progress,
+        )?;
+        model.set_precision(skillet_models::Precision::F32);
+        let truncated = data.truncated();
+        let facts = RunFacts {
+            model: cfg.model.display().to_string(),
+            method: if sft { "sft" } else { "dpo" }.to_string(),
+            train_file: cfg.data.train.display().to_string(),
+            train_examples: n_train,
+            valid_examples: n_valid,
+            truncated: truncated.0 + truncated.1,
+            trainable_parameters: adapter.parameter_count(),
+            steps,
+            trained_tokens,
+            train_seconds,
+            precision: format!("{precision:?}").to_lowercase(),
+        };
+        Ok((facts, tuned))
+    }
 }

@@ -1,5 +1,5 @@
-//! Checkpoints: everything needed to continue a run exactly: the adapter
-//! (PEFT format), both AdamW moments, and the trainer's position (step,
+//! Checkpoints: everything needed to continue a run exactly: the trained
+//! parameters (an adapter in PEFT format), both AdamW moments, and the trainer's position (step,
 //! epoch, micro-batch). Data order and dropout masks are derived from the
 //! seed and that position, so they need no stored RNG state. Written to a
 //! temporary folder, then renamed: a crash never leaves half a checkpoint.
@@ -7,11 +7,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::trainable::Trainable;
+use crate::{AdamW, Result, TrainError};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
-use skillet_adapters::{LoraAdapter, save_peft};
-
-use crate::{AdamW, Result, TrainError};
 
 /// Where the trainer stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -39,7 +38,7 @@ pub fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
 pub fn save_checkpoint(
     out: &Path,
     state: &TrainState,
-    adapter: &LoraAdapter,
+    trainable: &dyn Trainable,
     opt: &AdamW,
     base_model: Option<String>,
 ) -> Result<PathBuf> {
@@ -49,7 +48,7 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    save_peft(adapter, &tmp, base_model)?;
+    trainable.save(&tmp, base_model)?;
     let (m, v) = opt.moments();
     let mut tensors = HashMap::new();
     for (i, (mi, vi)) in m.iter().zip(v).enumerate() {

@@ -16,6 +16,9 @@
 //! [train]
 //! epochs = 2
 //! lr = 1e-3
+//! [method]                        # optional; "sft" by default
+//! type = "dpo"
+//! beta = 0.1
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -48,6 +51,54 @@ pub struct RunConfig {
     /// Evaluation settings.
     #[serde(default)]
     pub eval: EvalConfig,
+    /// The training method and its own options.
+    #[serde(default)]
+    pub method: MethodConfig,
+}
+
+/// `[method]`: what the run optimizes. Data, adapter, optimizer, schedule,
+/// checkpoints and evaluation cadence are shared by every method.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum MethodConfig {
+    /// Supervised fine-tuning on examples (the default).
+    #[default]
+    Sft,
+    /// Direct preference optimization on preference pairs.
+    Dpo(DpoConfig),
+}
+
+/// `[method] type = "dpo"`, with TRL's names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoConfig {
+    /// Strength of the pull toward the reference model.
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// `sigmoid`, `hinge`, `ipo` or `robust`.
+    #[serde(default)]
+    pub loss_type: crate::DpoLoss,
+    /// `robust` only: the probability that a pair's labels are flipped.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Cut prompts to their first this many tokens (then each side to
+    /// `data.max_seq_len`).
+    #[serde(default)]
+    pub max_prompt_length: Option<usize>,
+    /// `auto`, `standard`, `conversational` or `openai`.
+    #[serde(default = "default_pair_format")]
+    pub format: skillet_data::PairFormat,
+}
+
+impl DpoConfig {
+    /// The loss settings.
+    pub fn settings(&self) -> crate::DpoSettings {
+        crate::DpoSettings {
+            loss: self.loss_type,
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+        }
+    }
 }
 
 /// `[data]`.
@@ -210,6 +261,12 @@ pub struct EvalConfig {
     pub general: Option<PathBuf>,
 }
 
+fn default_beta() -> f64 {
+    0.1
+}
+fn default_pair_format() -> skillet_data::PairFormat {
+    skillet_data::PairFormat::Auto
+}
 fn default_output() -> PathBuf {
     PathBuf::from("runs/skillet")
 }
@@ -362,6 +419,23 @@ impl RunConfig {
         if self.data.max_seq_len < 2 {
             return bad("data.max_seq_len must be at least 2".into());
         }
+        if let MethodConfig::Dpo(d) = &self.method {
+            if !(d.beta.is_finite() && d.beta > 0.0) {
+                return bad(format!("method.beta must be positive, got {}", d.beta));
+            }
+            if !(0.0..0.5).contains(&d.label_smoothing) {
+                return bad(format!(
+                    "method.label_smoothing must be in [0, 0.5), got {}",
+                    d.label_smoothing
+                ));
+            }
+            if d.label_smoothing != 0.0 && d.loss_type != crate::DpoLoss::Robust {
+                return bad("method.label_smoothing applies to loss_type = \"robust\" only".into());
+            }
+            if self.data.packing {
+                return bad("data.packing applies to SFT only".into());
+            }
+        }
         Ok(())
     }
 
@@ -414,5 +488,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("typo"), "{e}");
+    }
+
+    #[test]
+    fn the_method_section_selects_and_checks_dpo() {
+        let text = "model = \"m.gguf\"\n[data]\ntrain = \"t.jsonl\"\n";
+        assert_eq!(
+            RunConfig::from_toml(text, &[]).unwrap().method,
+            MethodConfig::Sft
+        );
+        let c = RunConfig::from_toml(
+            &format!("{text}[method]\ntype = \"dpo\"\nloss_type = \"ipo\"\n"),
+            &["method.beta=0.5".into()],
+        )
+        .unwrap();
+        let MethodConfig::Dpo(d) = &c.method else {
+            panic!("{:?}", c.method)
+        };
+        assert_eq!((d.beta, d.loss_type), (0.5, crate::DpoLoss::Ipo));
+        assert_eq!(
+            RunConfig::from_toml(&c.to_toml(), &[]).unwrap().method,
+            c.method
+        );
+        let e = RunConfig::from_toml(
+            text,
+            &[
+                "method.type=\"dpo\"".into(),
+                "method.label_smoothing=0.1".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("robust"), "{e}");
+        let e = RunConfig::from_toml(text, &["method.type=\"dpo\"".into(), "method.bta=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bta"), "{e}");
     }
 }

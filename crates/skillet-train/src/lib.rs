@@ -1,17 +1,23 @@
-//! Training: padded or packed batches, the causal-LM loss over labelled
-//! tokens, AdamW with PyTorch's semantics, learning-rate schedules and
-//! gradient clipping.
+//! Training: one loop and one `step()` for every objective (SFT's
+//! causal-LM loss over labelled tokens, DPO's preference loss), padded or
+//! packed batches, AdamW with PyTorch's semantics, learning-rate schedules
+//! and gradient clipping.
 #![warn(missing_docs)]
 
 mod batch;
 mod checkpoint;
 mod collate;
 mod config;
+mod dpo;
 mod error;
 mod eval;
+mod logps;
 mod loss;
+mod objective;
 mod optim;
 mod schedule;
+mod sft;
+mod trainable;
 mod trainer;
 
 pub use batch::{IGNORE, TrainBatch};
@@ -19,13 +25,26 @@ pub use checkpoint::{
     TrainState, checkpoint_dir, latest_checkpoint, load_checkpoint_state, save_checkpoint,
 };
 pub use collate::{collate, collate_packed};
-pub use config::{DataConfig, EvalConfig, LoraConfig, PrecisionSetting, RunConfig, TrainConfig};
+pub use config::{
+    DataConfig, DpoConfig, EvalConfig, LoraConfig, MethodConfig, PrecisionSetting, RunConfig,
+    TrainConfig,
+};
+pub use dpo::{
+    Dpo, DpoLoss, DpoSettings, PairBatch, PairSet, RefLogps, dpo_pair_loss, pair_batch, pair_logps,
+};
 pub use error::TrainError;
 pub use eval::{EvalStats, evaluate};
+pub use logps::sequence_logps;
 pub use loss::{LossParts, backward, causal_lm_loss, causal_lm_loss_value, causal_lm_loss_with};
+pub use objective::{Metrics, MicroLoss, Objective};
 pub use optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads, grad_norm};
 pub use schedule::{Schedule, ScheduleKind};
-pub use trainer::{Event, LoopSettings, Trainer, epoch_batches, read_metrics, steps_per_epoch};
+pub use sft::Sft;
+pub use trainable::{FullWeights, Trainable};
+pub use trainer::{
+    Event, LoopSettings, StepStats, Trainer, epoch_batches, epoch_order, read_metrics,
+    steps_per_epoch,
+};
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, TrainError>;

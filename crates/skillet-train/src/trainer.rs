@@ -6,24 +6,21 @@
 //! Data order: each epoch shuffles the examples with a generator seeded by
 //! (seed, epoch); dropout masks are seeded by (seed, step, micro-batch).
 //! Position and moments are all a checkpoint needs for an exact resume.
+//! What is optimized is the objective's ([`Objective`]): SFT, DPO and the
+//! rest share this loop and its `step()`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use serde::Serialize;
-use skillet_adapters::LoraAdapter;
-use skillet_data::{TokenizedExample, pack};
-use skillet_models::{Adapted, Adapter, CausalLm, Rng};
+use skillet_models::{Adapted, CausalLm, Rng};
 
 use crate::checkpoint::{TrainState, save_checkpoint};
-use crate::eval::{EvalStats, evaluate};
-use crate::{
-    AdamW, Result, Schedule, TrainBatch, TrainError, backward, causal_lm_loss, clip_grad_norm,
-    collate, collate_packed, collect_grads,
-};
+use crate::objective::{Metrics, Objective};
+use crate::trainable::Trainable;
+use crate::{AdamW, Result, Schedule, TrainError, backward, clip_grad_norm, collect_grads};
 
 /// Loop settings (validated by the caller's config layer).
 #[derive(Debug, Clone)]
@@ -32,7 +29,7 @@ pub struct LoopSettings {
     pub epochs: u64,
     /// Stop after this many optimizer steps instead (if set).
     pub max_steps: Option<u64>,
-    /// Examples (or packed sequences) per micro-batch.
+    /// Items (examples, pairs, or packed sequences) per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
@@ -44,10 +41,6 @@ pub struct LoopSettings {
     pub save_every: Option<u64>,
     /// Seed of data order and dropout.
     pub seed: u64,
-    /// Pack examples into sequences of `max_seq_len` tokens.
-    pub packing: Option<usize>,
-    /// Padding token id.
-    pub pad_id: u32,
 }
 
 /// What the loop reports as it goes.
@@ -62,23 +55,26 @@ pub enum Event {
         total_steps: u64,
         /// Epoch (fractional progress through the data).
         epoch: f64,
-        /// Mean loss of the step's labelled tokens.
+        /// The step's loss, averaged over its units (labelled tokens, pairs).
         loss: f64,
         /// Learning rate used.
         lr: f64,
         /// Gradient norm before clipping.
         grad_norm: f64,
-        /// Labelled tokens in the step.
+        /// Tokens trained on in the step.
         tokens: usize,
-        /// Labelled tokens per second over the step.
+        /// Those tokens per second over the step.
         tokens_per_s: f64,
+        /// The objective's own metrics, averaged like the loss.
+        #[serde(skip_serializing_if = "Metrics::is_empty")]
+        metrics: Metrics,
     },
     /// A validation pass finished.
     Eval {
         /// After this many steps.
         step: u64,
-        /// Held-out statistics.
-        stats: EvalStats,
+        /// Held-out metrics (`loss` among them).
+        stats: Metrics,
     },
     /// A checkpoint was written.
     Checkpoint {
@@ -89,23 +85,38 @@ pub enum Event {
     },
 }
 
-/// One training run over tokenized data.
+/// What one optimizer step did.
+#[derive(Debug, Clone)]
+pub struct StepStats {
+    /// The loss averaged over the step's units.
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Units the loss was averaged over.
+    pub units: usize,
+    /// Tokens trained on.
+    pub tokens: usize,
+    /// The objective's metrics, averaged over the units.
+    pub metrics: Metrics,
+}
+
+/// One training run: a model, what is trained on it, the optimizer and
+/// the loop's position. The objective (and its data) is passed to each
+/// call, so the same trainer drives SFT, DPO and the rest.
 pub struct Trainer<'a> {
     /// The base model.
     pub model: &'a dyn CausalLm,
-    /// The adapter being trained (passed with every call, never written
-    /// into the model).
-    pub adapter: &'a LoraAdapter,
+    /// The parameters trained (an adapter passed with every call, never
+    /// written into the model).
+    pub trainable: &'a dyn Trainable,
     /// Its optimizer.
     pub opt: AdamW,
     /// Learning-rate schedule.
     pub schedule: Schedule,
     /// Loop settings.
     pub settings: LoopSettings,
-    /// Training examples.
-    pub train: &'a [TokenizedExample],
-    /// Validation examples.
-    pub valid: &'a [TokenizedExample],
     /// Output folder (metrics.jsonl, checkpoints/).
     pub out: PathBuf,
     /// Recorded in checkpoints' adapter_config.json.
@@ -114,56 +125,36 @@ pub struct Trainer<'a> {
     pub state: TrainState,
 }
 
-/// The examples of one epoch in their shuffled order.
-fn epoch_order<'t>(
-    train: &'t [TokenizedExample],
-    s: &LoopSettings,
-    epoch: u64,
-) -> Vec<&'t TokenizedExample> {
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut rng = Rng::new(s.seed ^ (epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+/// The item indices of one epoch in their shuffled order.
+pub fn epoch_order(items: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items).collect();
+    let mut rng = Rng::new(seed ^ (epoch + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     for i in (1..order.len()).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         order.swap(i, j);
     }
-    order.iter().map(|&i| &train[i]).collect()
+    order
 }
 
-/// Micro-batches of one epoch, as batches ready for the model.
-pub fn epoch_batches(train: &[TokenizedExample], s: &LoopSettings, epoch: u64) -> Vec<TrainBatch> {
-    let examples = epoch_order(train, s, epoch);
-    match s.packing {
-        Some(max_len) => {
-            let packed = pack(&examples, max_len);
-            packed
-                .chunks(s.batch_size)
-                .map(|c| collate_packed(&c.iter().collect::<Vec<_>>(), s.pad_id))
-                .collect()
-        }
-        None => examples
-            .chunks(s.batch_size)
-            .map(|c| collate(c, s.pad_id))
-            .collect(),
-    }
+/// Micro-batches of one epoch, in order.
+pub fn epoch_batches<O: Objective>(objective: &O, s: &LoopSettings, epoch: u64) -> Vec<O::Batch> {
+    objective.batches(&epoch_order(objective.len(), s.seed, epoch), s.batch_size)
 }
 
-/// Optimizer steps in one epoch (counted without building the batches;
-/// with packing, the first epoch's packing decides the count).
-pub fn steps_per_epoch(train: &[TokenizedExample], s: &LoopSettings) -> u64 {
-    let rows = match s.packing {
-        Some(max_len) => pack(&epoch_order(train, s, 0), max_len).len(),
-        None => train.len(),
-    };
-    rows.div_ceil(s.batch_size.max(1))
+/// Optimizer steps in one epoch (the first epoch's batching decides it,
+/// where packing makes it depend on the order).
+pub fn steps_per_epoch<O: Objective>(objective: &O, s: &LoopSettings) -> u64 {
+    epoch_batches(objective, s, 0)
+        .len()
         .div_ceil(s.grad_accum.max(1)) as u64
 }
 
 impl Trainer<'_> {
     /// Total optimizer steps of the run.
-    pub fn total_steps(&self) -> u64 {
+    pub fn total_steps<O: Objective>(&self, objective: &O) -> u64 {
         self.settings
             .max_steps
-            .unwrap_or(self.settings.epochs * steps_per_epoch(self.train, &self.settings))
+            .unwrap_or(self.settings.epochs * steps_per_epoch(objective, &self.settings))
     }
 
     fn log(&self, event: &Event) -> Result<()> {
@@ -181,104 +172,122 @@ impl Trainer<'_> {
         .map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))
     }
 
-    fn shared_adapter(&self) -> Arc<dyn Adapter> {
-        Arc::new(self.adapter.clone())
+    /// Held-out metrics of the model as trained so far (no dropout).
+    pub fn validate<O: Objective>(&self, objective: &O) -> Result<Metrics> {
+        objective.validate(&Adapted::new(self.model, self.trainable.adapter()))
     }
 
-    /// Held-out statistics (no dropout).
-    pub fn validate(&self) -> Result<EvalStats> {
-        evaluate(
-            &Adapted::new(self.model, Some(self.shared_adapter())),
-            self.valid,
-            self.settings.batch_size,
-            self.settings.pad_id,
-        )
+    /// One optimizer step over the micro-batches `group`: each one's loss
+    /// divided by the units of all of them, gradients accumulated, clipped,
+    /// then AdamW at the scheduled rate. Advances `state.step`.
+    pub fn step<O: Objective>(&mut self, objective: &O, group: &[O::Batch]) -> Result<StepStats> {
+        let vars = self.trainable.vars();
+        let adapter = self.trainable.adapter();
+        let units: usize = group.iter().map(|b| objective.units(b)).sum();
+        let tokens: usize = group.iter().map(|b| objective.tokens(b)).sum();
+        let mut acc: Option<Vec<Tensor>> = None;
+        let mut loss_sum = 0f64;
+        let mut metrics = Metrics::new();
+        for (k, batch) in group.iter().enumerate() {
+            if objective.units(batch) == 0 {
+                continue;
+            }
+            let seed = self.settings.seed
+                ^ (self.state.step << 16 | k as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let model = Adapted::new(self.model, adapter.clone()).with_dropout(seed);
+            let part = objective.loss(&model, batch)?;
+            let value = part.value / units as f64;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite(format!(
+                    "loss is {value} at step {} (micro-batch {k}); stopping. The last checkpoint is intact; \
+                     try a lower learning rate",
+                    self.state.step + 1
+                )));
+            }
+            loss_sum += value;
+            for (name, v) in part.metrics {
+                *metrics.entry(name).or_default() += v / units as f64;
+            }
+            let loss = (part.graph / units as f64)?;
+            let grads = collect_grads(&backward(&model, &loss)?, &vars)?;
+            acc = Some(match acc {
+                None => grads,
+                Some(prev) => prev
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let Some(mut grads) = acc else {
+            return Err(TrainError::Invalid("a step had nothing to train on".into()));
+        };
+        let grad_norm = match self.settings.max_grad_norm {
+            Some(max) => clip_grad_norm(&mut grads, max)?,
+            None => crate::grad_norm(&grads)?,
+        };
+        if !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite(format!(
+                "gradient norm is {grad_norm} at step {}; stopping",
+                self.state.step + 1
+            )));
+        }
+        let lr = self.schedule.lr(self.state.step);
+        self.opt.step(&grads, lr)?;
+        self.state.step += 1;
+        Ok(StepStats {
+            loss: loss_sum,
+            grad_norm,
+            lr,
+            units,
+            tokens,
+            metrics,
+        })
     }
 
-    /// Runs until the last step, reporting each event to `on_event`.
-    pub fn run(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
-        let total = self.total_steps();
-        let vars = self.adapter.vars();
-        let adapter = self.shared_adapter();
-        let mut batches = epoch_batches(self.train, &self.settings, self.state.epoch);
+    /// Runs `objective` until the last step, reporting each event to
+    /// `on_event`.
+    pub fn run<O: Objective>(
+        &mut self,
+        objective: &O,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<()> {
+        let total = self.total_steps(objective);
+        let mut batches = epoch_batches(objective, &self.settings, self.state.epoch);
         while self.state.step < total {
             if self.state.micro as usize >= batches.len() {
                 self.state.epoch += 1;
                 self.state.micro = 0;
-                batches = epoch_batches(self.train, &self.settings, self.state.epoch);
+                batches = epoch_batches(objective, &self.settings, self.state.epoch);
             }
             let start = Instant::now();
             let from = self.state.micro as usize;
             let group = &batches[from..(from + self.settings.grad_accum).min(batches.len())];
-            let targets: usize = group.iter().map(TrainBatch::target_count).sum();
-            let mut acc: Option<Vec<Tensor>> = None;
-            let mut loss_sum = 0f64;
-            for (k, batch) in group.iter().enumerate() {
-                let seed = self.settings.seed
-                    ^ (self.state.step << 16 | k as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-                let model = Adapted::new(self.model, Some(adapter.clone())).with_dropout(seed);
-                let parts = causal_lm_loss(&model, batch)?;
-                if parts.tokens == 0 {
-                    continue;
-                }
-                let loss = (parts.sum / targets as f64)?;
-                let value = loss.to_scalar::<f32>()? as f64;
-                if !value.is_finite() {
-                    return Err(TrainError::NonFinite(format!(
-                        "loss is {value} at step {} (micro-batch {k}); stopping. The last checkpoint is intact; \
-                         try a lower learning rate",
-                        self.state.step + 1
-                    )));
-                }
-                loss_sum += value;
-                let grads = collect_grads(&backward(&model, &loss)?, &vars)?;
-                acc = Some(match acc {
-                    None => grads,
-                    Some(prev) => prev
-                        .iter()
-                        .zip(&grads)
-                        .map(|(a, b)| a + b)
-                        .collect::<candle_core::Result<_>>()?,
-                });
-            }
-            let Some(mut grads) = acc else {
-                return Err(TrainError::Invalid("a step had no labelled tokens".into()));
-            };
-            let grad_norm = match self.settings.max_grad_norm {
-                Some(max) => clip_grad_norm(&mut grads, max)?,
-                None => crate::grad_norm(&grads)?,
-            };
-            if !grad_norm.is_finite() {
-                return Err(TrainError::NonFinite(format!(
-                    "gradient norm is {grad_norm} at step {}; stopping",
-                    self.state.step + 1
-                )));
-            }
-            let lr = self.schedule.lr(self.state.step);
-            self.opt.step(&grads, lr)?;
-            self.state.step += 1;
+            let stats = self.step(objective, group)?;
             self.state.micro += group.len() as u64;
-            self.state.tokens += targets as u64;
+            self.state.tokens += stats.tokens as u64;
             let event = Event::Train {
                 step: self.state.step,
                 total_steps: total,
                 epoch: self.state.epoch as f64 + self.state.micro as f64 / batches.len() as f64,
-                loss: loss_sum,
-                lr,
-                grad_norm,
-                tokens: targets,
-                tokens_per_s: targets as f64 / start.elapsed().as_secs_f64(),
+                loss: stats.loss,
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                tokens: stats.tokens,
+                tokens_per_s: stats.tokens as f64 / start.elapsed().as_secs_f64(),
+                metrics: stats.metrics,
             };
             self.log(&event)?;
             on_event(&event);
             let due = |every: Option<u64>| {
                 every.is_some_and(|e| e > 0 && self.state.step.is_multiple_of(e))
             };
-            if !self.valid.is_empty() && (due(self.settings.eval_every) || self.state.step == total)
+            if objective.has_validation()
+                && (due(self.settings.eval_every) || self.state.step == total)
             {
                 let event = Event::Eval {
                     step: self.state.step,
-                    stats: self.validate()?,
+                    stats: self.validate(objective)?,
                 };
                 self.log(&event)?;
                 on_event(&event);
@@ -287,7 +296,7 @@ impl Trainer<'_> {
                 let path = save_checkpoint(
                     &self.out,
                     &self.state,
-                    self.adapter,
+                    self.trainable,
                     &self.opt,
                     self.base_model.clone(),
                 )?;

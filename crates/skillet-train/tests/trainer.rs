@@ -12,7 +12,7 @@ use skillet_models::{
     Adapted, CausalLm, ForwardInput, Llama, LoadOptions, MemoryWeights, random_weights, tiny_config,
 };
 use skillet_train::{
-    AdamW, AdamWConfig, Event, LoopSettings, Schedule, ScheduleKind, TrainState, Trainer,
+    AdamW, AdamWConfig, Event, LoopSettings, Schedule, ScheduleKind, Sft, TrainState, Trainer,
     causal_lm_loss, checkpoint_dir, collate, collect_grads, load_checkpoint_state,
 };
 
@@ -50,8 +50,16 @@ fn settings(dropout_seed: u64) -> LoopSettings {
         eval_every: None,
         save_every: Some(1),
         seed: dropout_seed,
+    }
+}
+
+fn sft<'a>(train: &'a [TokenizedExample], valid: &'a [TokenizedExample]) -> Sft<'a> {
+    Sft {
+        train,
+        valid,
         packing: None,
         pad_id: 0,
+        eval_batch: 2,
     }
 }
 
@@ -181,7 +189,7 @@ fn run_with_warmup(
     };
     let mut trainer = Trainer {
         model: &model,
-        adapter: &adapter,
+        trainable: &adapter,
         opt,
         schedule: Schedule {
             kind: ScheduleKind::Cosine,
@@ -190,16 +198,15 @@ fn run_with_warmup(
             total: 0,
         },
         settings: s.clone(),
-        train: data,
-        valid: &data[..2],
         out: out.to_path_buf(),
         base_model: None,
         state,
     };
-    trainer.schedule.total = trainer.total_steps();
+    let sft = sft(data, &data[..2]);
+    trainer.schedule.total = trainer.total_steps(&sft);
     let mut losses = Vec::new();
     trainer
-        .run(&mut |e| {
+        .run(&sft, &mut |e| {
             if let Event::Train { loss, .. } = e {
                 losses.push(*loss)
             }
@@ -459,7 +466,7 @@ fn qlora_on_a_quantized_gguf_trains_like_lora_on_its_dequantized_weights() {
         };
         let mut trainer = Trainer {
             model: &model,
-            adapter: &adapter,
+            trainable: &adapter,
             opt: AdamW::new(adapter.vars(), opt_config()),
             schedule: Schedule {
                 kind: ScheduleKind::Constant,
@@ -468,13 +475,11 @@ fn qlora_on_a_quantized_gguf_trains_like_lora_on_its_dequantized_weights() {
                 total: 1,
             },
             settings: s,
-            train: &data,
-            valid: &[],
             out: out.path().to_path_buf(),
             base_model: None,
             state: TrainState::default(),
         };
-        trainer.run(&mut |_| {}).unwrap();
+        trainer.run(&sft(&data, &[]), &mut |_| {}).unwrap();
         assert_eq!(trainer.state.step, 1);
         adapter_values(&adapter)
     };
@@ -503,7 +508,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     };
     let mut trainer = Trainer {
         model: &model,
-        adapter: &adapter,
+        trainable: &adapter,
         opt: AdamW::new(adapter.vars(), huge),
         schedule: Schedule {
             kind: ScheduleKind::Constant,
@@ -518,13 +523,14 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
             save_every: Some(1),
             ..settings(1)
         },
-        train: &data,
-        valid: &[],
         out: out.path().to_path_buf(),
         base_model: None,
         state: TrainState::default(),
     };
-    let err = trainer.run(&mut |_| {}).unwrap_err().to_string();
+    let err = trainer
+        .run(&sft(&data, &[]), &mut |_| {})
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("is NaN") || err.contains("is inf") || err.contains("gradient norm is"),
         "{err}"

@@ -25,8 +25,8 @@ use skillet_models::{
 
 use crate::args::{ActivationsArg, PrecisionArg};
 use skillet_train::{
-    AdamW, AdamWConfig, TrainBatch, backward, causal_lm_loss, clip_grad_norm, collate,
-    collate_packed, collect_grads,
+    AdamW, AdamWConfig, FullWeights, LoopSettings, Schedule, ScheduleKind, Sft, TrainBatch,
+    TrainState, Trainable, Trainer, collate, collate_packed,
 };
 
 use skillet_runtime::Bundle;
@@ -218,38 +218,61 @@ fn lora_settings() -> anyhow::Result<LoraSettings> {
     Ok(LoraSettings::new(8, 16.0, 0.0, false, targets)?)
 }
 
-/// Times `steps` training steps of `vars` (with `adapter`, if any) over
-/// `batches` (cycled).
+/// Times `steps` training steps of `trainable` over `batches` (cycled),
+/// through the trainer's own `step()`.
 fn time_training(
     model: &mut Llama,
-    vars: Vec<candle_core::Var>,
-    adapter: Option<Arc<dyn Adapter>>,
+    trainable: &dyn Trainable,
     batches: &[TrainBatch],
     args: &Args,
 ) -> anyhow::Result<(f64, f64)> {
     if args.checkpointing {
-        model.set_activation_checkpointing(Some(vars.clone()));
+        model.set_activation_checkpointing(Some(trainable.vars()));
     }
     model.set_precision(args.precision.resolve());
-    let model = Adapted::new(model, adapter);
-    let model = &model;
-    let mut opt = AdamW::new(
-        vars.clone(),
-        AdamWConfig {
-            lr: 1e-4,
-            ..Default::default()
+    let objective = Sft {
+        train: &[],
+        valid: &[],
+        packing: None,
+        pad_id: 0,
+        eval_batch: 1,
+    };
+    let mut trainer = Trainer {
+        model: &*model,
+        trainable,
+        opt: AdamW::new(
+            trainable.vars(),
+            AdamWConfig {
+                lr: 1e-4,
+                ..Default::default()
+            },
+        ),
+        schedule: Schedule {
+            kind: ScheduleKind::Constant,
+            peak: 1e-4,
+            warmup: 0,
+            total: 0,
         },
-    );
+        settings: LoopSettings {
+            epochs: 1,
+            max_steps: None,
+            batch_size: 1,
+            grad_accum: 1,
+            max_grad_norm: Some(1.0),
+            eval_every: None,
+            save_every: None,
+            seed: 0,
+        },
+        out: std::env::temp_dir(),
+        base_model: None,
+        state: TrainState::default(),
+    };
     let mut times = Vec::new();
     let mut tokens = Vec::new();
     for i in 0..args.warmup + args.steps {
         let batch = &batches[i % batches.len()];
         let t = Instant::now();
-        let parts = causal_lm_loss(model, batch)?;
-        let loss = (parts.sum / parts.tokens as f64)?;
-        let mut grads = collect_grads(&backward(model, &loss)?, &vars)?;
-        clip_grad_norm(&mut grads, 1.0)?;
-        opt.step(&grads, 1e-4)?;
+        trainer.step(&objective, std::slice::from_ref(batch))?;
         if i >= args.warmup {
             times.push(t.elapsed().as_secs_f64());
             tokens.push(batch.key_mask.iter().filter(|&&m| m != 0).count() as f64);
@@ -284,9 +307,7 @@ fn run_one(
         "lora" | "qlora" => {
             let adapter = LoraAdapter::new(&model, &lora_settings()?, 0, None)?;
             let batches = [random_batch(vocab, args.batch, args.seq)];
-            let vars = adapter.vars();
-            let (tps, step) =
-                time_training(&mut model, vars, Some(Arc::new(adapter)), &batches, args)?;
+            let (tps, step) = time_training(&mut model, &adapter, &batches, args)?;
             (tps, step, 4.0 * params, args.seq)
         }
         "sft" => {
@@ -314,9 +335,7 @@ fn run_one(
                 .collect();
             let mean_len = data.tokenized.iter().map(|t| t.ids.len()).sum::<usize>()
                 / data.tokenized.len().max(1);
-            let vars = adapter.vars();
-            let (tps, step) =
-                time_training(&mut model, vars, Some(Arc::new(adapter)), &batches, args)?;
+            let (tps, step) = time_training(&mut model, &adapter, &batches, args)?;
             (tps, step, 4.0 * params, mean_len)
         }
         "score" => {
@@ -395,9 +414,11 @@ fn run_one(
             (args.seq as f64 / step, step, 2.0 * params, args.seq)
         }
         "full" => {
-            let vars = model.parameters().iter().map(|(_, v)| v.clone()).collect();
+            let full = FullWeights {
+                named: model.parameters().to_vec(),
+            };
             let batches = [random_batch(vocab, args.batch, args.seq)];
-            let (tps, step) = time_training(&mut model, vars, None, &batches, args)?;
+            let (tps, step) = time_training(&mut model, &full, &batches, args)?;
             (tps, step, 6.0 * params, args.seq)
         }
         other => bail!(

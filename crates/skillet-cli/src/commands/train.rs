@@ -89,10 +89,14 @@ impl TrainProgress for Progress {
                     bar.finish_and_clear();
                 }
             }
-            Event::Eval { step, stats } => bar.println(format!(
-                "step {step}: validation loss {:.4}, token accuracy {:.3}",
-                stats.loss, stats.accuracy
-            )),
+            Event::Eval { step, stats } => {
+                let shown: Vec<String> = stats
+                    .iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "tokens" | "pairs" | "perplexity"))
+                    .map(|(k, v)| format!("{k} {v:.4}"))
+                    .collect();
+                bar.println(format!("step {step}: validation {}", shown.join(", ")))
+            }
             Event::Checkpoint { .. } => {}
         }
     }

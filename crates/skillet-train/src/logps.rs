@@ -1,0 +1,51 @@
+//! Per-sequence log-probabilities: for each row of a batch, the sum of
+//! `log p(token | prefix)` over its labelled tokens, from one batched
+//! forward, and how many tokens each sum has. DPO compares these sums
+//! between policy and reference, as TRL's `concatenated_forward` does.
+//! The LM head runs on labelled positions only; log-softmax is computed
+//! in f32 and the row sums are a product with a 0/1 row-membership matrix,
+//! so the whole stays differentiable.
+
+use candle_core::{D, DType, Device, Tensor};
+use skillet_models::CausalLm;
+
+use crate::{Result, TrainBatch};
+
+/// Summed log-probabilities of each row's labelled tokens (`[rows]`,
+/// differentiable) and their counts.
+pub fn sequence_logps(model: &dyn CausalLm, batch: &TrainBatch) -> Result<(Tensor, Vec<usize>)> {
+    let targets = batch.targets();
+    let mut counts = vec![0usize; batch.batch];
+    for &(at, _) in &targets {
+        counts[at / batch.seq] += 1;
+    }
+    if targets.is_empty() {
+        return Ok((
+            Tensor::zeros(batch.batch, DType::F32, &Device::Cpu)?,
+            counts,
+        ));
+    }
+    let input = batch.input()?;
+    let hidden = model.forward_hidden(&input)?; // [B,T,C]
+    let c = hidden.dim(D::Minus1)?;
+    let n = targets.len();
+    let rows: Vec<u32> = targets.iter().map(|&(i, _)| i as u32).collect();
+    let labels: Vec<u32> = targets.iter().map(|&(_, t)| t).collect();
+    let adapters = input.adapters.gather(&rows, batch.seq);
+    let picked = hidden
+        .reshape((batch.batch * batch.seq, c))?
+        .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?; // [N,C]
+    let logits = model.head(&picked, &adapters)?.to_dtype(DType::F32)?; // [N,V]
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // [N,1]
+    let label_t = Tensor::new(labels.as_slice(), &Device::Cpu)?.reshape((n, 1))?;
+    let token = (shifted.gather(&label_t, D::Minus1)? - lse)?; // [N,1]
+    let mut member = vec![0f32; batch.batch * n];
+    for (k, &(at, _)) in targets.iter().enumerate() {
+        member[(at / batch.seq) * n + k] = 1.0;
+    }
+    let member = Tensor::from_vec(member, (batch.batch, n), &Device::Cpu)?;
+    let sums = member.matmul(&token)?.squeeze(1)?; // [B]
+    Ok((sums, counts))
+}
