@@ -1,0 +1,145 @@
+//! `skillet train` with `[method] type = "dpo"` end to end on a tiny random
+//! GGUF model: the first step's loss is ln 2, TRL's metrics are logged and
+//! reported, the reference log-probabilities are saved and a resume reuses
+//! them to reach the same adapter, and bad pairs stop the run before
+//! anything is written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{skillet, tiny_gguf};
+use skillet_gguf::GgmlType;
+
+fn pair_line(i: usize) -> String {
+    serde_json::json!({
+        "input": {"messages": [{"role": "user", "content": format!("say {i}")}]},
+        "preferred_output": [{"role": "assistant", "content": format!("ok {}", i % 3)}],
+        "non_preferred_output": [{"role": "assistant", "content": format!("no {} then", i % 5)}],
+    })
+    .to_string()
+}
+
+fn write_pairs(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let lines: Vec<String> = (0..n).map(pair_line).collect();
+    let p = dir.join(name);
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+fn setup(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny.gguf");
+    tiny_gguf(&model, GgmlType::Q8_0, vec![]);
+    let train = write_pairs(dir, "train.jsonl", 8);
+    let valid = write_pairs(dir, "valid.jsonl", 3);
+    let config = dir.join("run.toml");
+    let text = format!(
+        "model = {model:?}\noutput_dir = {:?}\nseed = 3\n[data]\ntrain = {train:?}\nvalidation = {valid:?}\nmax_seq_len = 64\n\
+         [lora]\nr = 4\nalpha = 8\ntargets = \"all-linear\"\n[train]\nmax_steps = 4\nbatch_size = 2\nlr = 1e-2\n\
+         [eval]\nevery = 2\nsave_every = 2\nmax_new_tokens = 4\n[method]\ntype = \"dpo\"\nbeta = 0.1\n",
+        dir.join("out"),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+#[test]
+fn dpo_trains_logs_trl_metrics_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let r = skillet(&["train", config.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = dir.path().join("out");
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let train: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["kind"] == "train").collect();
+    assert_eq!(train.len(), 4);
+    // The policy starts as the reference (B = 0, no dropout): ln 2 exactly.
+    let first = train[0]["loss"].as_f64().unwrap();
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-6, "{first}");
+    assert_eq!(train[0]["metrics"]["rewards/margins"].as_f64(), Some(0.0));
+    assert!(train[3]["metrics"]["rewards/accuracies"].as_f64().is_some());
+    assert!(
+        train[3]["loss"].as_f64().unwrap() < first,
+        "DPO did not lower its loss"
+    );
+    let evals: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["kind"] == "eval").collect();
+    assert_eq!(evals.len(), 2);
+    assert!(evals[1]["stats"]["rewards/margins"].as_f64().unwrap() != 0.0);
+    assert!(out.join("reference_logps.json").exists());
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("- method: dpo")
+            && report.contains("| reward accuracy (chosen above rejected) |")
+            && report.contains("| exact match |"),
+        "{report}"
+    );
+
+    // Killed after step 2: the resume reads the saved reference back and
+    // ends at the same adapter.
+    let final_adapter = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
+    std::fs::remove_dir_all(out.join("adapter")).unwrap();
+    let saved = std::fs::read(out.join("reference_logps.json")).unwrap();
+    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
+        final_adapter,
+        "resume changed the adapter"
+    );
+    assert_eq!(
+        std::fs::read(out.join("reference_logps.json")).unwrap(),
+        saved
+    );
+}
+
+#[test]
+fn bad_pairs_are_reported_with_lines_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let train = dir.path().join("train.jsonl");
+    let good = pair_line(0);
+    let long = serde_json::json!({
+        "input": {"messages": [{"role": "user", "content": "x ".repeat(80)}]},
+        "preferred_output": [{"role": "assistant", "content": "a"}],
+        "non_preferred_output": [{"role": "assistant", "content": "b"}],
+    });
+    std::fs::write(
+        &train,
+        format!(
+            "{good}\n{}\n{good}\n{long}\n",
+            r#"{"input":{"messages":[{"role":"user","content":"q"}]},"preferred_output":[{"role":"assistant","content":"a"}]}"#
+        ),
+    )
+    .unwrap();
+    let r = skillet(&["train", config.to_str().unwrap()]);
+    assert_ne!(r.code, 0);
+    let shown = train.display();
+    assert!(
+        r.stderr.contains(&format!("{shown}:2: [missing_field]")),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !dir.path().join("out").exists(),
+        "the output folder was written"
+    );
+    // With line 2 fixed, the pair whose answers are cut away is reported.
+    std::fs::write(&train, format!("{good}\n{good}\n{good}\n{long}\n")).unwrap();
+    let r = skillet(&["train", config.to_str().unwrap()]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr
+            .contains(&format!("{shown}:4: [no_trainable_tokens]")),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !dir.path().join("out").exists(),
+        "the output folder was written"
+    );
+}
