@@ -143,3 +143,35 @@ fn bad_pairs_are_reported_with_lines_and_nothing_is_written() {
         "the output folder was written"
     );
 }
+
+#[test]
+fn data_check_shows_both_sides_of_each_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    tiny_gguf(&model, GgmlType::Q8_0, vec![]);
+    let pairs = write_pairs(dir.path(), "pairs.jsonl", 5);
+    let j = common::skillet_json(&[
+        "data",
+        "check",
+        pairs.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(
+        (j["pairs"].as_u64(), j["format"].as_str()),
+        (Some(5), Some("openai"))
+    );
+    let s = &j["samples"][0];
+    let (chosen, rejected) = (
+        s["chosen"].as_str().unwrap(),
+        s["rejected"].as_str().unwrap(),
+    );
+    assert!(chosen.contains("[[ok 0"), "{chosen}");
+    assert!(rejected.contains("[[no 0 then"), "{rejected}");
+    // Both sides share the prompt: everything before the marked span.
+    assert_eq!(chosen.split("[[").next(), rejected.split("[[").next());
+    assert!(
+        j["chosen_tokens"]["max"].as_u64().unwrap() < j["rejected_tokens"]["max"].as_u64().unwrap()
+    );
+}

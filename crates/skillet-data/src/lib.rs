@@ -20,5 +20,5 @@ pub use encode_pair::TokenizedPair;
 pub use error::{DataError, DataIssue, IssueCode};
 pub use format::{DataFormat, Example, Turn, read_jsonl};
 pub use pack::{PackedSequence, pack};
-pub use preference::{PairFormat, PairPrompt, PreferencePair, read_pairs};
+pub use preference::{PairFormat, PairPrompt, PreferencePair, looks_like_pairs, read_pairs};
 pub use split::split_fraction;

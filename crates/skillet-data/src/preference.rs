@@ -206,6 +206,18 @@ fn parse(obj: &Map<String, Value>, format: PairFormat) -> Parsed<PreferencePair>
     }
 }
 
+/// Whether the first example of `path` is a preference pair (it has
+/// `chosen` or `preferred_output`); `false` for anything unreadable.
+pub fn looks_like_pairs(path: &Path) -> bool {
+    let Ok(text) = std::fs::read(path) else {
+        return false;
+    };
+    text.split(|&b| b == b'\n')
+        .find(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .and_then(|l| serde_json::from_slice::<Map<String, Value>>(l).ok())
+        .is_some_and(|obj| detect(&obj).is_some())
+}
+
 /// Reads preference pairs from `path` in `format` (or the one detected
 /// from the first line). Returns the format and `(line, pair)` pairs, or
 /// every problem of every line.

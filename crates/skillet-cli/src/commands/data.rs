@@ -1,14 +1,16 @@
 //! `skillet data check`: validate a data file against a model and show
 //! exactly what training will see: counts, token lengths, truncation, and
 //! a few examples rendered with the trained tokens marked `[[like this]]`.
+//! A file of preference pairs (detected, or `--pairs`) shows both sides of
+//! each pair that way, with the lengths of prompts and of both completions.
 
 use serde::Serialize;
-use skillet_data::{DataFormat, EncodeOptions, mark_trained};
+use skillet_data::{DataFormat, EncodeOptions, PairFormat, looks_like_pairs, mark_trained};
 
 use crate::args::ModelArg;
 use crate::output::print_json;
 use skillet_runtime::Bundle;
-use skillet_runtime::Dataset;
+use skillet_runtime::{Dataset, PairData};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DataCommand {
@@ -22,9 +24,17 @@ pub struct CheckArgs {
     file: std::path::PathBuf,
     #[command(flatten)]
     model: ModelArg,
-    /// auto, chat, sharegpt, alpaca, completion or text.
+    /// auto, chat, sharegpt, alpaca, completion or text; for preference
+    /// pairs auto, standard, conversational or openai.
     #[arg(long, default_value = "auto")]
     format: String,
+    /// The file holds preference pairs (detected from the first line
+    /// where the format is auto).
+    #[arg(long)]
+    pairs: bool,
+    /// Preference pairs: cut prompts to their first this many tokens.
+    #[arg(long)]
+    max_prompt_len: Option<usize>,
     /// Longest sequence in tokens.
     #[arg(long, default_value_t = 1024)]
     max_seq_len: usize,
@@ -68,6 +78,9 @@ struct Sample {
 
 pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
     let DataCommand::Check(args) = cmd;
+    if args.pairs || (args.format == "auto" && looks_like_pairs(&args.file)) {
+        return check_pairs(&args);
+    }
     let format: DataFormat = serde_json::from_value(serde_json::Value::String(args.format.clone()))
         .map_err(|_| {
             anyhow::anyhow!(
@@ -135,6 +148,114 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
         println!(
             "\n--- line {} ({} tokens, {} trained) ---\n{}",
             s.line, s.tokens, s.trained_tokens, s.rendered
+        );
+    }
+    Ok(())
+}
+
+/// Lengths of one part of every pair.
+#[derive(Serialize)]
+struct Lengths {
+    min: usize,
+    mean: f64,
+    max: usize,
+}
+
+impl Lengths {
+    fn of(v: impl Iterator<Item = usize>) -> Self {
+        let v: Vec<usize> = v.collect();
+        Lengths {
+            min: v.iter().copied().min().unwrap_or(0),
+            mean: v.iter().sum::<usize>() as f64 / v.len().max(1) as f64,
+            max: v.iter().copied().max().unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct PairReport {
+    file: String,
+    format: PairFormat,
+    pairs: usize,
+    prompt_tokens: Lengths,
+    chosen_tokens: Lengths,
+    rejected_tokens: Lengths,
+    truncated: usize,
+    samples: Vec<PairSample>,
+}
+
+#[derive(Serialize)]
+struct PairSample {
+    line: usize,
+    chosen: String,
+    rejected: String,
+}
+
+fn check_pairs(args: &CheckArgs) -> anyhow::Result<()> {
+    let format: PairFormat = serde_json::from_value(serde_json::Value::String(args.format.clone()))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "--format for preference pairs must be auto, standard, conversational or openai, got {:?}",
+                args.format
+            )
+        })?;
+    let b = Bundle::open(&args.model.model)?;
+    let opts = EncodeOptions {
+        max_seq_len: args.max_seq_len,
+        train_on_prompt: false,
+        add_eos: !args.no_eos,
+    };
+    let d = PairData::load(&args.file, format, &b, opts, args.max_prompt_len)?;
+    let t = &d.tokenized;
+    let mark = |side: &skillet_data::TokenizedExample| {
+        mark_trained(&b.tokenizer, &side.ids, &side.trainable)
+    };
+    let samples = t
+        .iter()
+        .take(args.show)
+        .map(|p| {
+            Ok(PairSample {
+                line: p.line,
+                chosen: mark(&p.side(true))?,
+                rejected: mark(&p.side(false))?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let r = PairReport {
+        file: args.file.display().to_string(),
+        format: d.format,
+        pairs: t.len(),
+        prompt_tokens: Lengths::of(t.iter().map(|p| p.prompt.len())),
+        chosen_tokens: Lengths::of(t.iter().map(|p| p.chosen.len())),
+        rejected_tokens: Lengths::of(t.iter().map(|p| p.rejected.len())),
+        truncated: d.truncated(),
+        samples,
+    };
+    if args.json {
+        return print_json(&r);
+    }
+    println!(
+        "{}: {} preference pairs ({:?} format), all valid",
+        r.file, r.pairs, r.format
+    );
+    for (name, l) in [
+        ("prompt", &r.prompt_tokens),
+        ("chosen", &r.chosen_tokens),
+        ("rejected", &r.rejected_tokens),
+    ] {
+        println!(
+            "{name:<15} tokens min {}, mean {:.1}, max {}",
+            l.min, l.mean, l.max
+        );
+    }
+    println!(
+        "truncated       {} (to {} tokens)",
+        r.truncated, args.max_seq_len
+    );
+    for s in &r.samples {
+        println!(
+            "\n--- line {}, chosen ---\n{}\n--- line {}, rejected ---\n{}",
+            s.line, s.chosen, s.line, s.rejected
         );
     }
     Ok(())
