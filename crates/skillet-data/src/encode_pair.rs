@@ -20,6 +20,9 @@ use crate::{
     DataError, DataIssue, Encoder, IssueCode, PairPrompt, PreferencePair, TokenizedExample,
 };
 
+/// Prompt, chosen and rejected tokens.
+type Sides = (Vec<u32>, Vec<u32>, Vec<u32>);
+
 /// A preference pair as tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenizedPair {
@@ -140,7 +143,7 @@ impl Encoder<'_> {
         turns: &[crate::Turn],
         chosen: &str,
         rejected: &str,
-    ) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), DataError> {
+    ) -> Result<Sides, DataError> {
         let template = self.template.ok_or_else(|| {
             DataError::Template(
                 "conversational preference data needs a chat template, and the model has none"

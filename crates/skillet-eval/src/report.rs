@@ -118,12 +118,17 @@ pub fn write_report(
         }));
     let mut md = String::from("# Skillet fine-tuning report\n\n");
     md += &format!(
-        "- model: `{}`\n- method: {}\n- data: `{}` ({} train, {} held-out examples; {} truncated)\n- trainable parameters: {}\n- {} steps, {} trained tokens, {:.0} s ({:.1} tokens/s), {} products\n\n",
+        "- model: `{}`\n- method: {}\n- data: `{}` ({} train, {} held-out {}; {} truncated)\n- trainable parameters: {}\n- {} steps, {} trained tokens, {:.0} s ({:.1} tokens/s), {} products\n\n",
         facts.model,
         facts.method,
         facts.train_file,
         facts.train_examples,
         facts.valid_examples,
+        if facts.method == "dpo" {
+            "pairs"
+        } else {
+            "examples"
+        },
         facts.truncated,
         facts.trainable_parameters,
         facts.steps,

@@ -37,7 +37,9 @@ pub trait TrainProgress {
 pub struct TrainSummary {
     /// Trainable parameters.
     pub parameters: usize,
-    /// Training examples.
+    /// What the data holds: `examples` or `pairs`.
+    pub items: &'static str,
+    /// Training examples (or pairs).
     pub train_examples: usize,
     /// Held-out examples.
     pub valid_examples: usize,
@@ -495,6 +497,10 @@ impl Run<'_> {
         let (n_train, n_valid) = data.sizes();
         progress.started(&TrainSummary {
             parameters: adapter.parameter_count(),
+            items: match data {
+                RunData::Sft { .. } => "examples",
+                RunData::Pairs { .. } => "pairs",
+            },
             train_examples: n_train,
             valid_examples: n_valid,
             truncated: data.truncated().0,

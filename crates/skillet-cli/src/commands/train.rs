@@ -53,9 +53,10 @@ impl TrainProgress for Progress {
 
     fn started(&mut self, s: &TrainSummary) {
         eprintln!(
-            "training {} LoRA parameters on {} examples ({} held out, {} truncated to {} tokens): {} steps",
+            "training {} LoRA parameters on {} {} ({} held out, {} truncated to {} tokens): {} steps",
             s.parameters,
             s.train_examples,
+            s.items,
             s.valid_examples,
             s.truncated,
             s.max_seq_len,
