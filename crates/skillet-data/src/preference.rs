@@ -60,7 +60,10 @@ pub struct PreferencePair {
 }
 
 fn detect(obj: &Map<String, Value>) -> Option<PairFormat> {
-    if obj.contains_key("preferred_output") || obj.contains_key("input") {
+    // Alpaca's `input` is a string; OpenAI's is an object of messages.
+    let openai_input =
+        matches!(obj.get("input"), Some(Value::Object(i)) if i.contains_key("messages"));
+    if obj.contains_key("preferred_output") || openai_input {
         Some(PairFormat::OpenAi)
     } else if obj.contains_key("chosen") {
         let listed = |k: &str| matches!(obj.get(k), Some(Value::Array(_)));

@@ -216,3 +216,16 @@ fn truncation_keeps_the_start_and_reports_pairs_cut_away() {
     assert_eq!(second.prompt.len(), 2);
     assert!(!second.chosen.is_empty() && !second.rejected.is_empty());
 }
+
+#[test]
+fn alpaca_input_is_not_mistaken_for_openai_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let alpaca = write(
+        dir.path(),
+        "a.jsonl",
+        &[br#"{"instruction":"add","input":"2 and 2","output":"4"}"#],
+    );
+    assert!(!skillet_data::looks_like_pairs(&alpaca));
+    let openai = write(dir.path(), "o.jsonl", &[OPENAI.as_bytes()]);
+    assert!(skillet_data::looks_like_pairs(&openai));
+}

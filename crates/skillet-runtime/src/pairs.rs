@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use skillet_data::{
     EncodeOptions, Encoder, Example, PairFormat, PairPrompt, PreferencePair, TokenizedPair, Turn,
     read_pairs,
@@ -89,8 +89,15 @@ impl PairData {
     }
 }
 
+/// The file's form: f32 values.
+#[derive(Deserialize)]
+struct Stored {
+    train: Vec<(f32, f32)>,
+    valid: Vec<(f32, f32)>,
+}
+
 /// Reference log-probabilities of a run's training and held-out pairs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReferenceLogps {
     /// Training pairs, in data order.
     pub train: Vec<RefLogps>,
@@ -101,17 +108,30 @@ pub struct ReferenceLogps {
 impl ReferenceLogps {
     const FILE: &str = "reference_logps.json";
 
-    /// Writes them into the run folder `out`.
+    /// Writes them into the run folder `out`. The values were summed in
+    /// f32 and are written as f32, whose shortest decimal form reads back
+    /// to the same bits, so a resume sees exactly what the run saw.
     pub fn save(&self, out: &Path) -> Result<()> {
         let path = out.join(Self::FILE);
-        std::fs::write(&path, serde_json::to_string(self)?).map_err(RuntimeError::io(path))
+        let f32s = |v: &[RefLogps]| -> Vec<(f32, f32)> {
+            v.iter().map(|&(c, r)| (c as f32, r as f32)).collect()
+        };
+        let json = serde_json::json!({"train": f32s(&self.train), "valid": f32s(&self.valid)});
+        std::fs::write(&path, json.to_string()).map_err(RuntimeError::io(path))
     }
 
     /// Reads them back, checking they cover `train` and `valid` pairs.
     pub fn load(out: &Path, train: usize, valid: usize) -> Result<Self> {
         let path = out.join(Self::FILE);
         let text = std::fs::read_to_string(&path).map_err(RuntimeError::io(&path))?;
-        let r: Self = serde_json::from_str(&text)?;
+        let stored: Stored = serde_json::from_str(&text)?;
+        let f64s = |v: Vec<(f32, f32)>| -> Vec<RefLogps> {
+            v.into_iter().map(|(c, r)| (c as f64, r as f64)).collect()
+        };
+        let r = Self {
+            train: f64s(stored.train),
+            valid: f64s(stored.valid),
+        };
         if (r.train.len(), r.valid.len()) != (train, valid) {
             return Err(RuntimeError::Invalid(format!(
                 "{}: reference log-probabilities for {} + {} pairs, but the data has {train} + {valid}; \

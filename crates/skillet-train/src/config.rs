@@ -435,6 +435,9 @@ impl RunConfig {
             if self.data.packing {
                 return bad("data.packing applies to SFT only".into());
             }
+            if d.max_prompt_length == Some(0) {
+                return bad("method.max_prompt_length must be at least 1".into());
+            }
         }
         Ok(())
     }
