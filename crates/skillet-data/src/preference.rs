@@ -77,6 +77,18 @@ fn detect(obj: &Map<String, Value>) -> Option<PairFormat> {
     }
 }
 
+/// The messages of `list` (under `key`), or `None` with their problems
+/// added to `issues`.
+fn valid_messages(
+    list: &[Value],
+    key: &str,
+    issues: &mut Vec<(IssueCode, String)>,
+) -> Option<Vec<Turn>> {
+    let before = issues.len();
+    let turns = parse_messages(list, &format!("'{key}' message"), issues);
+    (issues.len() == before).then_some(turns)
+}
+
 /// A list holding exactly one assistant message with text: its content.
 fn one_assistant(
     obj: &Map<String, Value>,
@@ -100,13 +112,7 @@ fn one_assistant(
             return None;
         }
     };
-    let mut found = Vec::new();
-    let turns = parse_messages(list, &format!("'{key}' message"), &mut found);
-    let failed = !found.is_empty();
-    issues.extend(found);
-    if failed {
-        return None;
-    }
+    let turns = valid_messages(list, key, issues)?;
     match turns.as_slice() {
         [t] if t.role == "assistant" => Some(t.content.clone()),
         _ => {
@@ -140,13 +146,7 @@ fn chat_prompt(
         ));
         return None;
     };
-    let mut found = Vec::new();
-    let turns = parse_messages(list, &format!("'{key}' message"), &mut found);
-    let failed = !found.is_empty();
-    issues.extend(found);
-    if failed {
-        return None;
-    }
+    let turns = valid_messages(list, key, issues)?;
     if turns.last().is_none_or(|t| t.role != "user") {
         issues.push((
             IssueCode::InvalidPrompt,

@@ -80,42 +80,24 @@ impl RunData {
             train_on_prompt: cfg.data.train_on_prompt,
             add_eos: cfg.data.add_eos,
         };
-        let split = |n: usize| split_fraction(n, cfg.data.validation_fraction, cfg.seed);
         Ok(match &cfg.method {
             MethodConfig::Sft => {
-                let load = |p: &Path| Dataset::load(p, cfg.data.format, bundle, opts);
-                let all = load(&cfg.data.train)?;
-                match &cfg.data.validation {
-                    Some(v) => RunData::Sft {
-                        valid: load(v)?,
-                        train: all,
-                    },
-                    None => {
-                        let (t, v) = split(all.examples.len());
-                        RunData::Sft {
-                            train: all.subset(&t),
-                            valid: all.subset(&v),
-                        }
-                    }
-                }
+                let (train, valid) = train_and_valid(
+                    cfg,
+                    |p| Dataset::load(p, cfg.data.format, bundle, opts),
+                    |d| d.examples.len(),
+                    Dataset::subset,
+                )?;
+                RunData::Sft { train, valid }
             }
             MethodConfig::Dpo(d) => {
-                let load =
-                    |p: &Path| PairData::load(p, d.format, bundle, opts, d.max_prompt_length);
-                let all = load(&cfg.data.train)?;
-                match &cfg.data.validation {
-                    Some(v) => RunData::Pairs {
-                        valid: load(v)?,
-                        train: all,
-                    },
-                    None => {
-                        let (t, v) = split(all.pairs.len());
-                        RunData::Pairs {
-                            train: all.subset(&t),
-                            valid: all.subset(&v),
-                        }
-                    }
-                }
+                let (train, valid) = train_and_valid(
+                    cfg,
+                    |p| PairData::load(p, d.format, bundle, opts, d.max_prompt_length),
+                    |d| d.pairs.len(),
+                    PairData::subset,
+                )?;
+                RunData::Pairs { train, valid }
             }
         })
     }
@@ -143,6 +125,24 @@ impl RunData {
             RunData::Pairs { valid, .. } => valid.chosen_examples(),
         }
     }
+}
+
+/// The training file and the held-out file, or, without one, the seeded
+/// split of the training file.
+fn train_and_valid<T>(
+    cfg: &RunConfig,
+    load: impl Fn(&Path) -> Result<T>,
+    len: impl Fn(&T) -> usize,
+    subset: impl Fn(&T, &[usize]) -> T,
+) -> Result<(T, T)> {
+    let all = load(&cfg.data.train)?;
+    Ok(match &cfg.data.validation {
+        Some(v) => (all, load(v)?),
+        None => {
+            let (t, v) = split_fraction(len(&all), cfg.data.validation_fraction, cfg.seed);
+            (subset(&all, &t), subset(&all, &v))
+        }
+    })
 }
 
 /// Base or tuned model evaluated the same way: `heldout` metrics (from the
