@@ -154,7 +154,8 @@ pub struct PeftAdapterConfig {
     /// DoRA (not supported yet).
     #[serde(default)]
     pub use_dora: bool,
-    /// Whole modules trained and saved besides LoRA (not supported yet).
+    /// Whole modules trained and saved besides LoRA (a reward model's
+    /// `score`; their weights are in the file, see `read_peft`).
     #[serde(default)]
     pub modules_to_save: Option<serde_json::Value>,
     /// How the adapter was initialized.
@@ -229,13 +230,6 @@ impl PeftAdapterConfig {
         }
         if self.fan_in_fan_out {
             return unsupported("fan_in_fan_out");
-        }
-        if self
-            .modules_to_save
-            .as_ref()
-            .is_some_and(|m| !m.is_null() && m.as_array().is_none_or(|a| !a.is_empty()))
-        {
-            return unsupported("modules_to_save");
         }
         if self
             .layers_to_transform

@@ -1,18 +1,21 @@
 //! LoRA adapters (Hu et al. 2021, arXiv 2106.09685; rsLoRA: Kalajdzievski
 //! 2023, arXiv 2312.03732) following Hugging Face PEFT's `LoraLayer`:
 //! layers that wrap any base [`skillet_models::Linear`], selection of target
-//! modules, the PEFT on-disk format both ways, and merging into the base.
+//! modules, the PEFT on-disk format both ways, merging into the base, and
+//! reward models (LoRA plus a scalar `score` head).
 #![warn(missing_docs)]
 
 mod config;
 mod error;
 mod lora;
 mod peft;
+mod reward;
 
 pub use config::{LoraSettings, PeftAdapterConfig, Targets};
 pub use error::AdapterError;
 pub use lora::{LoraAdapter, LoraParams, merged_weight};
-pub use peft::{load_peft, peft_tensor_name, save_peft};
+pub use peft::{PeftFile, load_peft, peft_tensor_name, read_peft, save_peft, write_peft};
+pub use reward::{RewardAdapter, SCORE_WEIGHT};
 
 /// LoRA weights by module name: `(A [r, in], B [out, r])`.
 pub type LoraWeights =

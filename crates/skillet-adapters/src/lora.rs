@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use skillet_models::{Adapter, CausalLm, LoraFactors, Rng};
 
-use crate::{AdapterError, LoraSettings, LoraWeights, Result, load_peft};
+use crate::{AdapterError, LoraSettings, LoraWeights, PeftAdapterConfig, Result, load_peft};
 
 /// The factors of one adapted module.
 #[derive(Debug, Clone)]
@@ -70,6 +70,17 @@ impl LoraAdapter {
     /// that does not fit the model is refused, never served as the base.
     pub fn load(model: &dyn CausalLm, dir: &Path) -> Result<Self> {
         let (config, weights) = load_peft(dir)?;
+        Self::from_file(model, dir, config, weights)
+    }
+
+    /// A frozen adapter from the config and factors read from `dir`,
+    /// checked as [`LoraAdapter::load`] says.
+    pub(crate) fn from_file(
+        model: &dyn CausalLm,
+        dir: &Path,
+        config: PeftAdapterConfig,
+        weights: LoraWeights,
+    ) -> Result<Self> {
         let settings = config.settings().map_err(|e| AdapterError::File {
             path: dir.join("adapter_config.json"),
             message: e.to_string(),

@@ -1,13 +1,15 @@
 //! The PEFT adapter format: `adapter_config.json` plus
 //! `adapter_model.safetensors` with tensors named
 //! `base_model.model.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight`
-//! `[out, r]`, metadata `{"format": "pt"}`. Read and written exactly so
-//! adapters move between Skillet and PEFT unchanged.
+//! `[out, r]`, metadata `{"format": "pt"}`, plus whole modules trained
+//! beside LoRA (`modules_to_save`, e.g. a reward model's `score`) as
+//! `base_model.model.<module>.weight`. Read and written exactly so adapters
+//! move between Skillet and PEFT unchanged.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use crate::{AdapterError, LoraAdapter, LoraWeights, PeftAdapterConfig, Result};
 
@@ -25,8 +27,19 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> AdapterError + '_ {
 
 /// Writes `adapter` into `dir` (created) as PEFT would.
 pub fn save_peft(adapter: &LoraAdapter, dir: &Path, base_model: Option<String>) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let config = PeftAdapterConfig::from_settings(&adapter.settings, base_model);
+    write_peft(dir, &config, adapter, &[])
+}
+
+/// Writes `adapter` and whole `modules` (`(name, weight)`, e.g.
+/// `("score.weight", w)`) into `dir` (created) under `config`.
+pub fn write_peft(
+    dir: &Path,
+    config: &PeftAdapterConfig,
+    adapter: &LoraAdapter,
+    modules: &[(&str, &Tensor)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let text = serde_json::to_string_pretty(&config).expect("config serializes") + "\n";
     write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
     let mut tensors = Vec::new();
@@ -37,6 +50,12 @@ pub fn save_peft(adapter: &LoraAdapter, dir: &Path, base_model: Option<String>) 
                 t.to_dtype(DType::F32)?.contiguous()?,
             ));
         }
+    }
+    for (name, t) in modules {
+        tensors.push((
+            format!("base_model.model.{name}"),
+            t.to_dtype(DType::F32)?.contiguous()?,
+        ));
     }
     let path = dir.join("adapter_model.safetensors");
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
@@ -54,8 +73,45 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
-/// Reads a PEFT adapter folder: its config and `(A, B)` per module name.
+/// A PEFT adapter folder as read: its config, the LoRA factors and the
+/// whole modules saved beside them.
+#[derive(Debug, Clone)]
+pub struct PeftFile {
+    /// `adapter_config.json`.
+    pub config: PeftAdapterConfig,
+    /// `(A, B)` per module name.
+    pub lora: LoraWeights,
+    /// Whole-module weights by name (`score.weight`).
+    pub modules: HashMap<String, Tensor>,
+}
+
+/// Reads a PEFT adapter folder of LoRA factors alone: its config and
+/// `(A, B)` per module name. An adapter that also saves whole modules
+/// (`modules_to_save`) is refused: using it without them would silently
+/// give another model.
 pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, LoraWeights)> {
+    let file = read_peft(dir)?;
+    let mut saved: Vec<&str> = file.modules.keys().map(String::as_str).collect();
+    saved.sort_unstable();
+    if !saved.is_empty() {
+        let head = if file.modules.contains_key("score.weight") {
+            " (a reward model's score head: load it as a reward model)"
+        } else {
+            ""
+        };
+        return Err(AdapterError::File {
+            path: dir.join("adapter_model.safetensors"),
+            message: format!(
+                "the adapter saves whole modules besides LoRA ({}){head}; only LoRA weights are supported here",
+                saved.join(", ")
+            ),
+        });
+    }
+    Ok((file.config, file.lora))
+}
+
+/// Reads a PEFT adapter folder: config, LoRA factors and saved modules.
+pub fn read_peft(dir: &Path) -> Result<PeftFile> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
     let config: PeftAdapterConfig =
@@ -80,21 +136,27 @@ pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, LoraWeights)> {
         })?;
     let mut a_parts = HashMap::new();
     let mut b_parts = HashMap::new();
+    let mut modules = HashMap::new();
     for (name, t) in tensors {
-        // PEFT files may carry the adapter name (".lora_A.default.weight").
-        let clean = name.replace(".default.weight", ".weight");
+        // PEFT files may carry the adapter name (".lora_A.default.weight",
+        // ".modules_to_save.default.weight").
+        let clean = name
+            .replace(".modules_to_save.default.", ".")
+            .replace(".default.weight", ".weight");
         let module = clean.strip_prefix("base_model.model.").unwrap_or(&clean);
         if let Some(m) = module.strip_suffix(".lora_A.weight") {
             a_parts.insert(m.to_string(), t);
         } else if let Some(m) = module.strip_suffix(".lora_B.weight") {
             b_parts.insert(m.to_string(), t);
-        } else {
+        } else if module.contains("lora_") {
             return Err(AdapterError::File {
                 path,
                 message: format!(
-                    "unexpected tensor '{name}' (only LoRA A/B weights are supported)"
+                    "unexpected tensor '{name}' (only LoRA A/B weights and whole modules are supported)"
                 ),
             });
+        } else {
+            modules.insert(module.to_string(), t);
         }
     }
     let mut out = HashMap::new();
@@ -111,5 +173,9 @@ pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, LoraWeights)> {
             message: format!("'{m}' has lora_B but no lora_A"),
         });
     }
-    Ok((config, out))
+    Ok(PeftFile {
+        config,
+        lora: out,
+        modules,
+    })
 }

@@ -1,5 +1,6 @@
 //! Training: one loop and one `step()` for every objective (SFT's
-//! causal-LM loss over labelled tokens, DPO's preference loss), padded or
+//! causal-LM loss over labelled tokens, DPO's preference loss, a reward
+//! model's Bradley–Terry loss), padded or
 //! packed batches, AdamW with PyTorch's semantics, learning-rate schedules
 //! and gradient clipping.
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@ mod logps;
 mod loss;
 mod objective;
 mod optim;
+mod reward;
 mod schedule;
 mod sft;
 mod trainable;
@@ -38,6 +40,7 @@ pub use logps::sequence_logps;
 pub use loss::{LossParts, backward, causal_lm_loss, causal_lm_loss_value, causal_lm_loss_with};
 pub use objective::{Metrics, MicroLoss, Objective};
 pub use optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads, grad_norm};
+pub use reward::{Reward, RewardSettings, reward_pair_loss, score_sequences, sequence_rewards};
 pub use schedule::{Schedule, ScheduleKind};
 pub use sft::Sft;
 pub use trainable::{FullWeights, Trainable};

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Var;
-use skillet_adapters::{LoraAdapter, save_peft};
+use skillet_adapters::{LoraAdapter, RewardAdapter, save_peft};
 use skillet_models::Adapter;
 
 use crate::Result;
@@ -19,6 +19,10 @@ pub trait Trainable {
     fn adapter(&self) -> Option<Arc<dyn Adapter>>;
     /// Writes the parameters into `dir` (created) in their usual format.
     fn save(&self, dir: &Path, base_model: Option<String>) -> Result<()>;
+    /// Number of trained parameters.
+    fn parameter_count(&self) -> usize {
+        self.vars().iter().map(|v| v.elem_count()).sum()
+    }
 }
 
 impl Trainable for LoraAdapter {
@@ -33,6 +37,20 @@ impl Trainable for LoraAdapter {
 
     fn save(&self, dir: &Path, base_model: Option<String>) -> Result<()> {
         Ok(save_peft(self, dir, base_model)?)
+    }
+}
+
+impl Trainable for RewardAdapter {
+    fn vars(&self) -> Vec<Var> {
+        RewardAdapter::vars(self)
+    }
+
+    fn adapter(&self) -> Option<Arc<dyn Adapter>> {
+        Some(Arc::new(self.lora.clone()))
+    }
+
+    fn save(&self, dir: &Path, base_model: Option<String>) -> Result<()> {
+        Ok(RewardAdapter::save(self, dir, base_model)?)
     }
 }
 
