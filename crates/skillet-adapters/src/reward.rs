@@ -32,10 +32,11 @@ pub struct RewardAdapter {
 }
 
 impl RewardAdapter {
-    /// A trainable reward adapter for `model`: from `initial` (a reward
-    /// adapter read with `read_peft`, whose LoRA and head it starts from),
-    /// or fresh: PEFT's LoRA init and the head drawn from N(0, 0.02²) as
-    /// transformers initializes a new `score`.
+    /// A trainable reward adapter for `model`, starting from `initial`
+    /// (read with `read_peft`): its LoRA factors, and its head where it has
+    /// one. Whatever `initial` lacks starts fresh: PEFT's LoRA init, and
+    /// the head drawn from N(0, 0.02²) as transformers initializes a new
+    /// `score` (so a plain LoRA adapter, e.g. from SFT, gets a new head).
     pub fn new(
         model: &dyn CausalLm,
         settings: &LoraSettings,
@@ -45,8 +46,10 @@ impl RewardAdapter {
         let hidden = model.config().hidden_size;
         let lora = LoraAdapter::new(model, settings, seed, initial.map(|f| &f.lora))?;
         let score = match initial {
-            Some(f) => head_of(f, hidden, Path::new("the starting adapter"))?,
-            None => {
+            Some(f) if !f.modules.is_empty() => {
+                head_of(f, hidden, Path::new("the starting adapter"))?
+            }
+            _ => {
                 let mut rng = Rng::new(seed ^ 0x5C0E_5C0E_5C0E_5C0E);
                 let w: Vec<f32> = (0..hidden)
                     .map(|_| (normal(&mut rng) * INIT_STD) as f32)

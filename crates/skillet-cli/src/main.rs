@@ -45,6 +45,8 @@ enum Command {
     Merge(commands::merge::Args),
     /// Held-out loss, accuracy, exact match and forgetting check of a model (+ adapter).
     Eval(commands::eval::Args),
+    /// Scores under a reward model: accuracy and margins on pairs, or a score per text.
+    Reward(commands::reward::Args),
     /// Fine-tune a LoRA adapter from a TOML config; evaluate before and after.
     Train(commands::train::Args),
     /// Serve the model and its adapters as an OpenAI-compatible HTTP API.
@@ -84,7 +86,11 @@ const SPIN_LIMIT_DEFAULT: &str = "1000";
 fn computes(command: &Command) -> bool {
     matches!(
         command,
-        Command::Train(_) | Command::Eval(_) | Command::Score(_) | Command::Bench(_)
+        Command::Train(_)
+            | Command::Eval(_)
+            | Command::Score(_)
+            | Command::Reward(_)
+            | Command::Bench(_)
     )
 }
 
@@ -135,6 +141,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Eval(a) => commands::eval::run(a),
         Command::Data(c) => commands::data::run(c),
         Command::Merge(a) => commands::merge::run(a),
+        Command::Reward(a) => commands::reward::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Serve(a) => commands::serve::run(a),
     }

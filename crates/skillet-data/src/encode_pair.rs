@@ -138,6 +138,23 @@ impl Encoder<'_> {
         ))
     }
 
+    /// One prompt and completion as a reward model scores them: the
+    /// tokens of one side of a pair (prompt, then the completion through
+    /// its end-of-turn token), cut as pairs are.
+    pub fn encode_scored(
+        &self,
+        prompt: &PairPrompt,
+        completion: &str,
+    ) -> Result<Vec<u32>, DataError> {
+        let pair = PreferencePair {
+            prompt: prompt.clone(),
+            chosen: completion.to_string(),
+            rejected: completion.to_string(),
+            margin: None,
+        };
+        Ok(self.encode_pair(0, &pair)?.0.side(true).ids)
+    }
+
     fn chat_pair(
         &self,
         turns: &[crate::Turn],

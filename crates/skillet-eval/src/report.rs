@@ -43,7 +43,7 @@ impl Snapshot {
 pub struct RunFacts {
     /// Model path.
     pub model: String,
-    /// Training method (`sft`, `dpo`).
+    /// Training method (`sft`, `dpo`, `reward`).
     pub method: String,
     /// Training file.
     pub train_file: String,
@@ -77,45 +77,60 @@ pub fn write_report(
     tuned: &Snapshot,
     metrics: &[serde_json::Value],
 ) -> std::io::Result<String> {
-    let rows = [
-        ("held-out loss", base.stat("loss"), tuned.stat("loss"), 4),
-        (
-            "held-out perplexity",
-            base.stat("perplexity"),
-            tuned.stat("perplexity"),
-            3,
-        ),
-        (
-            "token accuracy",
-            base.stat("accuracy"),
-            tuned.stat("accuracy"),
-            3,
-        ),
-        ("exact match", base.exact_match, tuned.exact_match, 3),
-        (
-            "general-text perplexity",
-            base.general_perplexity,
-            tuned.general_perplexity,
-            4,
-        ),
-    ];
-    // Preference metrics, where the held-out set is pairs.
-    let pairs = [
-        (
-            "reward accuracy (chosen above rejected)",
-            "rewards/accuracies",
-            3,
-        ),
-        ("reward margin", "rewards/margins", 4),
-        ("log-probability of chosen", "logps/chosen", 3),
-        ("log-probability of rejected", "logps/rejected", 3),
-    ];
-    let rows = rows
-        .into_iter()
-        .chain(pairs.iter().filter_map(|&(name, key, d)| {
-            let (b, t) = (base.stat(key), tuned.stat(key));
-            (b.is_some() || t.is_some()).then_some((name, b, t, d))
-        }));
+    let rows: Vec<(&str, Option<f64>, Option<f64>, usize)> = if facts.method == "reward" {
+        // A reward model's held-out pairs, with TRL's metrics.
+        [
+            ("held-out loss", "loss", 4),
+            ("accuracy (chosen scored above rejected)", "accuracy", 3),
+            ("mean margin (chosen − rejected)", "margin", 4),
+            ("mean reward", "mean_reward", 4),
+            ("lowest reward", "min_reward", 4),
+            ("highest reward", "max_reward", 4),
+        ]
+        .iter()
+        .map(|&(name, key, d)| (name, base.stat(key), tuned.stat(key), d))
+        .collect()
+    } else {
+        let rows = [
+            ("held-out loss", base.stat("loss"), tuned.stat("loss"), 4),
+            (
+                "held-out perplexity",
+                base.stat("perplexity"),
+                tuned.stat("perplexity"),
+                3,
+            ),
+            (
+                "token accuracy",
+                base.stat("accuracy"),
+                tuned.stat("accuracy"),
+                3,
+            ),
+            ("exact match", base.exact_match, tuned.exact_match, 3),
+            (
+                "general-text perplexity",
+                base.general_perplexity,
+                tuned.general_perplexity,
+                4,
+            ),
+        ];
+        // Preference metrics, where the held-out set is pairs.
+        let pairs = [
+            (
+                "reward accuracy (chosen above rejected)",
+                "rewards/accuracies",
+                3,
+            ),
+            ("reward margin", "rewards/margins", 4),
+            ("log-probability of chosen", "logps/chosen", 3),
+            ("log-probability of rejected", "logps/rejected", 3),
+        ];
+        rows.into_iter()
+            .chain(pairs.iter().filter_map(|&(name, key, d)| {
+                let (b, t) = (base.stat(key), tuned.stat(key));
+                (b.is_some() || t.is_some()).then_some((name, b, t, d))
+            }))
+            .collect()
+    };
     let mut md = String::from("# Skillet fine-tuning report\n\n");
     md += &format!(
         "- model: `{}`\n- method: {}\n- data: `{}` ({} train, {} held-out {}; {} truncated)\n- trainable parameters: {}\n- {} steps, {} trained tokens, {:.0} s ({:.1} tokens/s), {} products\n\n",
@@ -124,10 +139,10 @@ pub fn write_report(
         facts.train_file,
         facts.train_examples,
         facts.valid_examples,
-        if facts.method == "dpo" {
-            "pairs"
-        } else {
+        if facts.method == "sft" {
             "examples"
+        } else {
+            "pairs"
         },
         facts.truncated,
         facts.trainable_parameters,

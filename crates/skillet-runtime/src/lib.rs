@@ -1,7 +1,7 @@
 //! What every front end of Skillet shares (the command line, the server,
 //! a jobs worker): opening a model with its tokenizer, chat template and
 //! adapters; rendering chat prompts; checking sampling options; loading
-//! data sets; running a training run; writing Hugging Face folders. The
+//! data sets; running a training run; scoring with a reward model; writing Hugging Face folders. The
 //! binaries only parse arguments and print.
 #![warn(missing_docs)]
 
@@ -11,6 +11,7 @@ mod error;
 mod export;
 mod pairs;
 mod random_model;
+mod reward;
 mod sampling;
 mod train;
 
@@ -20,5 +21,6 @@ pub use error::{Result, RuntimeError};
 pub use export::{is_quantized, write_hf_folder};
 pub use pairs::{PairData, ReferenceLogps};
 pub use random_model::write_random_model;
+pub use reward::{PairReward, PairScores, RewardModel, RewardStats, score_pairs, scored_tokens};
 pub use sampling::SamplingOptions;
 pub use train::{TrainOutcome, TrainProgress, TrainSummary, run_training};

@@ -6,17 +6,16 @@
 //! [`TrainProgress`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
-use skillet_adapters::{LoraAdapter, LoraSettings, load_peft, save_peft};
+use skillet_adapters::{LoraAdapter, LoraSettings, PeftFile, RewardAdapter, load_peft, read_peft};
 use skillet_data::{EncodeOptions, Example, split_fraction};
 use skillet_eval::{RunFacts, Snapshot, exact_match, general_perplexity, write_report};
-use skillet_models::{Adapted, Adapter, CausalLm, Llama};
+use skillet_models::{Adapted, CausalLm, Llama};
 use skillet_train::{
-    AdamW, AdamWConfig, Dpo, Event, LoopSettings, MethodConfig, Objective, PairSet, RunConfig,
-    Schedule, Sft, TrainState, Trainable, Trainer, latest_checkpoint, load_checkpoint_state,
-    pair_logps, read_metrics,
+    AdamW, AdamWConfig, Dpo, Event, LoopSettings, MethodConfig, Objective, PairSet, Reward,
+    RunConfig, Schedule, Sft, TrainState, Trainable, Trainer, latest_checkpoint,
+    load_checkpoint_state, pair_logps, read_metrics,
 };
 
 use crate::pairs::{PairData, ReferenceLogps};
@@ -90,10 +89,11 @@ impl RunData {
                 )?;
                 RunData::Sft { train, valid }
             }
-            MethodConfig::Dpo(d) => {
+            MethodConfig::Dpo(_) | MethodConfig::Reward(_) => {
+                let (format, max_prompt) = cfg.method.pairs().expect("a pair method");
                 let (train, valid) = train_and_valid(
                     cfg,
-                    |p| PairData::load(p, d.format, bundle, opts, d.max_prompt_length),
+                    |p| PairData::load(p, format, bundle, opts, max_prompt),
                     |d| d.pairs.len(),
                     PairData::subset,
                 )?;
@@ -118,11 +118,13 @@ impl RunData {
         }
     }
 
-    /// Held-out examples with a reference answer, for exact match.
-    fn answers(&self) -> Vec<(usize, Example)> {
-        match self {
-            RunData::Sft { valid, .. } => valid.examples.clone(),
-            RunData::Pairs { valid, .. } => valid.chosen_examples(),
+    /// Held-out examples with a reference answer, for exact match (none
+    /// for a reward model, which does not generate).
+    fn answers(&self, method: &MethodConfig) -> Vec<(usize, Example)> {
+        match (self, method) {
+            (_, MethodConfig::Reward(_)) => Vec::new(),
+            (RunData::Sft { valid, .. }, _) => valid.examples.clone(),
+            (RunData::Pairs { valid, .. }, _) => valid.chosen_examples(),
         }
     }
 }
@@ -141,6 +143,22 @@ fn train_and_valid<T>(
         None => {
             let (t, v) = split_fraction(len(&all), cfg.data.validation_fraction, cfg.seed);
             (subset(&all, &t), subset(&all, &v))
+        }
+    })
+}
+
+/// A starting adapter (`init_adapter` or a checkpoint): LoRA factors, and
+/// for a reward model the score head where the folder has one (a plain
+/// LoRA adapter, e.g. from SFT, starts a fresh head).
+fn read_start(dir: &Path, reward: bool) -> Result<PeftFile> {
+    Ok(if reward {
+        read_peft(dir)?
+    } else {
+        let (config, lora) = load_peft(dir)?;
+        PeftFile {
+            config,
+            lora,
+            modules: Default::default(),
         }
     })
 }
@@ -250,9 +268,11 @@ pub fn run_training(
             cfg.data.train.display()
         )));
     }
-    let general = match &cfg.eval.general {
-        Some(p) => Some(read_text(p)?),
-        None => None,
+    // The forgetting check reads the LM head, which a reward model does
+    // not use.
+    let general = match (&cfg.eval.general, &cfg.method) {
+        (_, MethodConfig::Reward(_)) | (None, _) => None,
+        (Some(p), _) => Some(read_text(p)?),
     };
     let settings = LoraSettings::new(
         cfg.lora.r,
@@ -263,14 +283,14 @@ pub fn run_training(
     )?;
     // Read a starting adapter before anything is written, so a bad path
     // leaves no output folder behind.
-    let init_weights = match (&cfg.lora.init_adapter, resuming) {
-        (Some(dir), false) => Some(
-            load_peft(dir)
-                .map_err(|e| RuntimeError::Invalid(format!("init_adapter {}: {e}", dir.display())))?
-                .1,
-        ),
-        _ => None,
-    };
+    let reward = matches!(cfg.method, MethodConfig::Reward(_));
+    let init_weights =
+        match (&cfg.lora.init_adapter, resuming) {
+            (Some(dir), false) => Some(read_start(dir, reward).map_err(|e| {
+                RuntimeError::Invalid(format!("init_adapter {}: {e}", dir.display()))
+            })?),
+            _ => None,
+        };
     let checkpoint = if resuming {
         Some(latest_checkpoint(&out).ok_or_else(|| {
             RuntimeError::Invalid(format!("{}: no checkpoint to resume from", out.display()))
@@ -289,9 +309,10 @@ pub fn run_training(
         ..Default::default()
     })?;
     let initial = match &checkpoint {
-        Some(dir) => Some(load_peft(dir)?.1),
+        Some(dir) => Some(read_start(dir, reward)?),
         None => init_weights,
     };
+    let initial_lora = initial.as_ref().map(|f| &f.lora);
     let run = Run {
         cfg,
         bundle: &bundle,
@@ -310,7 +331,7 @@ pub fn run_training(
             };
             // The base is measured in f32, before the adapter exists.
             let base = run.base_snapshot(&objective, &model, &data, progress)?;
-            let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial.as_ref())?;
+            let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial_lora)?;
             let (facts, tuned) = run.train(
                 &objective,
                 &mut model,
@@ -319,16 +340,43 @@ pub fn run_training(
                 &data,
                 progress,
             )?;
-            (facts, base, tuned, adapter)
+            (facts, base, tuned, Box::new(adapter) as Box<dyn Trainable>)
+        }
+        RunData::Pairs { train, valid } if reward => {
+            let MethodConfig::Reward(r) = &cfg.method else {
+                unreachable!("a reward run")
+            };
+            model.set_precision(precision);
+            let adapter = RewardAdapter::new(&model, &settings, cfg.seed, initial.as_ref())?;
+            let objective = Reward {
+                settings: r.settings(),
+                score: adapter.score.clone(),
+                train: &train.tokenized,
+                valid: &valid.tokenized,
+                pad_id: bundle.pad_id(),
+                eval_batch: cfg.eval.batch_size,
+            };
+            // The base column: the body without the adapter, under the
+            // starting head.
+            let base = run.base_snapshot(&objective, &model, &data, progress)?;
+            let (facts, tuned) = run.train(
+                &objective,
+                &mut model,
+                &adapter,
+                checkpoint.as_deref(),
+                &data,
+                progress,
+            )?;
+            (facts, base, tuned, Box::new(adapter) as Box<dyn Trainable>)
         }
         RunData::Pairs { train, valid } => {
             let MethodConfig::Dpo(d) = &cfg.method else {
-                unreachable!("pairs are loaded for DPO")
+                unreachable!("pairs are loaded for DPO and reward models")
             };
             // The reference and the policy multiply alike, so that the
             // first step sees them equal.
             model.set_precision(precision);
-            let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial.as_ref())?;
+            let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial_lora)?;
             let reference = run.reference(&model, &adapter, train, valid, progress)?;
             let objective = Dpo {
                 settings: d.settings(),
@@ -352,15 +400,11 @@ pub fn run_training(
                 &data,
                 progress,
             )?;
-            (facts, base, tuned, adapter)
+            (facts, base, tuned, Box::new(adapter) as Box<dyn Trainable>)
         }
     };
     let adapter_dir = out.join("adapter");
-    save_peft(
-        &adapter,
-        &adapter_dir,
-        Some(cfg.model.display().to_string()),
-    )?;
+    adapter.save(&adapter_dir, Some(cfg.model.display().to_string()))?;
     let report = write_report(&out, &facts, &base, &tuned, &read_metrics(&out))
         .map_err(RuntimeError::io(out.join("report.md")))?;
     Ok(TrainOutcome {
@@ -399,7 +443,7 @@ impl Run<'_> {
             metrics,
             self.bundle,
             self.cfg,
-            &data.answers(),
+            &data.answers(&self.cfg.method),
             self.general,
             "base",
             progress,
@@ -438,11 +482,11 @@ impl Run<'_> {
 
     /// Trains `adapter` on `objective` from `checkpoint` (or the start),
     /// then evaluates the tuned model.
-    fn train<O: Objective>(
+    fn train<O: Objective, T: Trainable>(
         &self,
         objective: &O,
         model: &mut Llama,
-        adapter: &LoraAdapter,
+        adapter: &T,
         checkpoint: Option<&Path>,
         data: &RunData,
         progress: &mut dyn TrainProgress,
@@ -520,15 +564,14 @@ impl Run<'_> {
             // Measured as the base was, in f32.
             model.set_precision(skillet_models::Precision::F32);
         }
-        let tuned_model =
-            Adapted::new(&*model, Some(Arc::new(adapter.clone()) as Arc<dyn Adapter>));
+        let tuned_model = Adapted::new(&*model, adapter.adapter());
         let metrics = heldout(objective, &tuned_model, "tuned", progress)?;
         let tuned = snapshot(
             &tuned_model,
             metrics,
             self.bundle,
             cfg,
-            &data.answers(),
+            &data.answers(&self.cfg.method),
             self.general,
             "tuned",
             progress,
@@ -537,7 +580,7 @@ impl Run<'_> {
         let truncated = data.truncated();
         let facts = RunFacts {
             model: cfg.model.display().to_string(),
-            method: if sft { "sft" } else { "dpo" }.to_string(),
+            method: cfg.method.name().to_string(),
             train_file: cfg.data.train.display().to_string(),
             train_examples: n_train,
             valid_examples: n_valid,

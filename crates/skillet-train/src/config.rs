@@ -66,6 +66,64 @@ pub enum MethodConfig {
     Sft,
     /// Direct preference optimization on preference pairs.
     Dpo(DpoConfig),
+    /// A reward model (LoRA plus a scalar head) from preference pairs.
+    Reward(RewardConfig),
+}
+
+impl MethodConfig {
+    /// The method's name as configured.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MethodConfig::Sft => "sft",
+            MethodConfig::Dpo(_) => "dpo",
+            MethodConfig::Reward(_) => "reward",
+        }
+    }
+
+    /// `(format, max_prompt_length)` where the method trains on pairs.
+    pub fn pairs(&self) -> Option<(skillet_data::PairFormat, Option<usize>)> {
+        match self {
+            MethodConfig::Sft => None,
+            MethodConfig::Dpo(d) => Some((d.format, d.max_prompt_length)),
+            MethodConfig::Reward(r) => Some((r.format, r.max_prompt_length)),
+        }
+    }
+}
+
+/// `[method] type = "reward"`, with TRL's names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardConfig {
+    /// Weight of `(r_chosen + r_rejected)²`, pulling rewards toward a
+    /// zero mean (TRL: unset).
+    #[serde(default)]
+    pub center_rewards_coefficient: Option<f64>,
+    /// Cut prompts to their first this many tokens (then each side to
+    /// `data.max_seq_len`).
+    #[serde(default)]
+    pub max_prompt_length: Option<usize>,
+    /// `auto`, `standard`, `conversational` or `openai`.
+    #[serde(default = "default_pair_format")]
+    pub format: skillet_data::PairFormat,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self {
+            center_rewards_coefficient: None,
+            max_prompt_length: None,
+            format: default_pair_format(),
+        }
+    }
+}
+
+impl RewardConfig {
+    /// The loss settings.
+    pub fn settings(&self) -> crate::RewardSettings {
+        crate::RewardSettings {
+            center_rewards_coefficient: self.center_rewards_coefficient,
+        }
+    }
 }
 
 /// `[method] type = "dpo"`, with TRL's names and defaults.
@@ -432,10 +490,20 @@ impl RunConfig {
             if d.label_smoothing != 0.0 && d.loss_type != crate::DpoLoss::Robust {
                 return bad("method.label_smoothing applies to loss_type = \"robust\" only".into());
             }
+        }
+        if let MethodConfig::Reward(r) = &self.method
+            && let Some(c) = r.center_rewards_coefficient
+            && !(c.is_finite() && c >= 0.0)
+        {
+            return bad(format!(
+                "method.center_rewards_coefficient must be at least 0, got {c}"
+            ));
+        }
+        if let Some((_, max_prompt)) = self.method.pairs() {
             if self.data.packing {
                 return bad("data.packing applies to SFT only".into());
             }
-            if d.max_prompt_length == Some(0) {
+            if max_prompt == Some(0) {
                 return bad("method.max_prompt_length must be at least 1".into());
             }
         }
@@ -494,7 +562,7 @@ mod tests {
     }
 
     #[test]
-    fn the_method_section_selects_and_checks_dpo() {
+    fn the_method_section_selects_and_checks_dpo_and_reward() {
         let text = "model = \"m.gguf\"\n[data]\ntrain = \"t.jsonl\"\n";
         assert_eq!(
             RunConfig::from_toml(text, &[]).unwrap().method,
@@ -523,6 +591,32 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("robust"), "{e}");
+        let c = RunConfig::from_toml(
+            &format!("{text}[method]\ntype = \"reward\"\ncenter_rewards_coefficient = 0.01\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.method,
+            MethodConfig::Reward(RewardConfig {
+                center_rewards_coefficient: Some(0.01),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            RunConfig::from_toml(&c.to_toml(), &[]).unwrap().method,
+            c.method
+        );
+        let e = RunConfig::from_toml(
+            text,
+            &[
+                "method.type=\"reward\"".into(),
+                "method.center_rewards_coefficient=-1".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("center_rewards_coefficient"), "{e}");
         let e = RunConfig::from_toml(text, &["method.type=\"dpo\"".into(), "method.bta=1".into()])
             .unwrap_err()
             .to_string();

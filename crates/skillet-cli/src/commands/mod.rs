@@ -7,6 +7,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod reward;
 pub mod score;
 pub mod serve;
 pub mod tokenize;

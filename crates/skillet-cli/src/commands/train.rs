@@ -53,7 +53,7 @@ impl TrainProgress for Progress {
 
     fn started(&mut self, s: &TrainSummary) {
         eprintln!(
-            "training {} LoRA parameters on {} {} ({} held out, {} truncated to {} tokens): {} steps",
+            "training {} adapter parameters on {} {} ({} held out, {} truncated to {} tokens): {} steps",
             s.parameters,
             s.train_examples,
             s.items,
