@@ -217,6 +217,7 @@ impl Dpo<'_> {
             graph: (sums * grad)?.sum_all()?,
             value,
             metrics: names.iter().map(|n| n.to_string()).zip(m).collect(),
+            token_metrics: Metrics::new(),
         })
     }
 }

@@ -36,7 +36,7 @@ pub use dpo::{
 };
 pub use error::TrainError;
 pub use eval::{EvalStats, evaluate};
-pub use logps::sequence_logps;
+pub use logps::{sequence_logps, token_logps};
 pub use loss::{LossParts, backward, causal_lm_loss, causal_lm_loss_value, causal_lm_loss_with};
 pub use objective::{Metrics, MicroLoss, Objective};
 pub use optim::{AdamW, AdamWConfig, clip_grad_norm, collect_grads, grad_norm};

@@ -25,6 +25,26 @@ pub fn sequence_logps(model: &dyn CausalLm, batch: &TrainBatch) -> Result<(Tenso
             counts,
         ));
     }
+    let n = targets.len();
+    let token = token_logps(model, batch, 1.0)?.reshape((n, 1))?;
+    let mut member = vec![0f32; batch.batch * n];
+    for (k, &(at, _)) in targets.iter().enumerate() {
+        member[(at / batch.seq) * n + k] = 1.0;
+    }
+    let member = Tensor::from_vec(member, (batch.batch, n), &Device::Cpu)?;
+    let sums = member.matmul(&token)?.squeeze(1)?; // [B]
+    Ok((sums, counts))
+}
+
+/// `log p(token | prefix)` of every labelled token (`[N]`, f32,
+/// differentiable), in the order of [`TrainBatch::targets`], from logits
+/// divided by `temperature` (what sampling at that temperature draws from,
+/// as TRL's GRPO scores its completions).
+pub fn token_logps(model: &dyn CausalLm, batch: &TrainBatch, temperature: f64) -> Result<Tensor> {
+    let targets = batch.targets();
+    if targets.is_empty() {
+        return Ok(Tensor::zeros(0, DType::F32, &Device::Cpu)?);
+    }
     let input = batch.input()?;
     let hidden = model.forward_hidden(&input)?; // [B,T,C]
     let c = hidden.dim(D::Minus1)?;
@@ -35,17 +55,13 @@ pub fn sequence_logps(model: &dyn CausalLm, batch: &TrainBatch) -> Result<(Tenso
     let picked = hidden
         .reshape((batch.batch * batch.seq, c))?
         .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?; // [N,C]
-    let logits = model.head(&picked, &adapters)?.to_dtype(DType::F32)?; // [N,V]
+    let mut logits = model.head(&picked, &adapters)?.to_dtype(DType::F32)?; // [N,V]
+    if temperature != 1.0 {
+        logits = (logits / temperature)?;
+    }
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // [N,1]
     let label_t = Tensor::new(labels.as_slice(), &Device::Cpu)?.reshape((n, 1))?;
-    let token = (shifted.gather(&label_t, D::Minus1)? - lse)?; // [N,1]
-    let mut member = vec![0f32; batch.batch * n];
-    for (k, &(at, _)) in targets.iter().enumerate() {
-        member[(at / batch.seq) * n + k] = 1.0;
-    }
-    let member = Tensor::from_vec(member, (batch.batch, n), &Device::Cpu)?;
-    let sums = member.matmul(&token)?.squeeze(1)?; // [B]
-    Ok((sums, counts))
+    Ok((shifted.gather(&label_t, D::Minus1)? - lse)?.squeeze(1)?)
 }

@@ -6,9 +6,10 @@
 //! differentiate and the metrics it logs under its own names.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::Tensor;
-use skillet_models::CausalLm;
+use skillet_models::{Adapter, CausalLm};
 
 use crate::Result;
 
@@ -25,6 +26,10 @@ pub struct MicroLoss {
     pub value: f64,
     /// Metrics summed over the units (the trainer divides by the step's).
     pub metrics: Metrics,
+    /// Metrics summed over trained tokens (the trainer divides by the
+    /// step's tokens), where units are not tokens (GRPO's per-token KL and
+    /// clip ratios under a per-sequence loss).
+    pub token_metrics: Metrics,
 }
 
 /// A training objective.
@@ -48,6 +53,26 @@ pub trait Objective {
 
     /// Tokens this micro-batch trains on (for throughput).
     fn tokens(&self, batch: &Self::Batch) -> usize;
+
+    /// Makes a step's micro-batches ready to train on, with the policy as
+    /// it is now (`model` with `adapter`), and the metrics of doing so:
+    /// GRPO samples its completions and scores them here. `None` (the
+    /// default): the batches are used as they are.
+    fn prepare(
+        &self,
+        _model: &dyn CausalLm,
+        _adapter: Option<Arc<dyn Adapter>>,
+        _group: &[Self::Batch],
+        _step: u64,
+    ) -> Result<Option<(Vec<Self::Batch>, Metrics)>> {
+        Ok(None)
+    }
+
+    /// Optimizer steps taken on each prepared group (GRPO's
+    /// `num_iterations`; 1 elsewhere).
+    fn iterations(&self) -> u64 {
+        1
+    }
 
     /// The micro-batch's loss under `model`, summed over its units.
     fn loss(&self, model: &dyn CausalLm, batch: &Self::Batch) -> Result<MicroLoss>;

@@ -175,6 +175,7 @@ impl Reward<'_> {
             graph: (rewards * grad)?.sum_all()?,
             value,
             metrics: names.iter().map(|n| n.to_string()).zip(m).collect(),
+            token_metrics: Metrics::new(),
         };
         Ok((loss, each))
     }

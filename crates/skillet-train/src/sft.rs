@@ -61,6 +61,7 @@ impl Objective for Sft<'_> {
             graph: parts.sum,
             value,
             metrics: Metrics::new(),
+            token_metrics: Metrics::new(),
         })
     }
 

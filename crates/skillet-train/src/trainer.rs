@@ -152,9 +152,11 @@ pub fn steps_per_epoch<O: Objective>(objective: &O, s: &LoopSettings) -> u64 {
 impl Trainer<'_> {
     /// Total optimizer steps of the run.
     pub fn total_steps<O: Objective>(&self, objective: &O) -> u64 {
-        self.settings
-            .max_steps
-            .unwrap_or(self.settings.epochs * steps_per_epoch(objective, &self.settings))
+        self.settings.max_steps.unwrap_or(
+            self.settings.epochs
+                * steps_per_epoch(objective, &self.settings)
+                * objective.iterations(),
+        )
     }
 
     fn log(&self, event: &Event) -> Result<()> {
@@ -208,6 +210,9 @@ impl Trainer<'_> {
             for (name, v) in part.metrics {
                 *metrics.entry(name).or_default() += v / units as f64;
             }
+            for (name, v) in part.token_metrics {
+                *metrics.entry(name).or_default() += v / tokens.max(1) as f64;
+            }
             let loss = (part.graph / units as f64)?;
             let grads = collect_grads(&backward(&model, &loss)?, &vars)?;
             acc = Some(match acc {
@@ -246,13 +251,17 @@ impl Trainer<'_> {
     }
 
     /// Runs `objective` until the last step, reporting each event to
-    /// `on_event`.
+    /// `on_event`. Each group of `grad_accum` micro-batches is prepared by
+    /// the objective (GRPO samples here) and trained on for its
+    /// `iterations()` steps; checkpoints fall between groups, so a resume
+    /// prepares the next group as the run would have.
     pub fn run<O: Objective>(
         &mut self,
         objective: &O,
         on_event: &mut dyn FnMut(&Event),
     ) -> Result<()> {
         let total = self.total_steps(objective);
+        let iterations = objective.iterations().max(1);
         let mut batches = epoch_batches(objective, &self.settings, self.state.epoch);
         while self.state.step < total {
             if self.state.micro as usize >= batches.len() {
@@ -263,49 +272,81 @@ impl Trainer<'_> {
             let start = Instant::now();
             let from = self.state.micro as usize;
             let group = &batches[from..(from + self.settings.grad_accum).min(batches.len())];
-            let stats = self.step(objective, group)?;
-            self.state.micro += group.len() as u64;
-            self.state.tokens += stats.tokens as u64;
-            let event = Event::Train {
-                step: self.state.step,
-                total_steps: total,
-                epoch: self.state.epoch as f64 + self.state.micro as f64 / batches.len() as f64,
-                loss: stats.loss,
-                lr: stats.lr,
-                grad_norm: stats.grad_norm,
-                tokens: stats.tokens,
-                tokens_per_s: stats.tokens as f64 / start.elapsed().as_secs_f64(),
-                metrics: stats.metrics,
+            let prepared =
+                objective.prepare(self.model, self.trainable.adapter(), group, self.state.step)?;
+            let (ready, extra) = match &prepared {
+                Some((g, m)) => (g.as_slice(), m.clone()),
+                None => (group, Metrics::new()),
             };
-            self.log(&event)?;
-            on_event(&event);
-            let due = |every: Option<u64>| {
-                every.is_some_and(|e| e > 0 && self.state.step.is_multiple_of(e))
-            };
-            if objective.has_validation()
-                && (due(self.settings.eval_every) || self.state.step == total)
-            {
-                let event = Event::Eval {
+            for iteration in 0..iterations {
+                let started = if iteration == 0 {
+                    start
+                } else {
+                    Instant::now()
+                };
+                let stats = self.step(objective, ready)?;
+                let last = iteration + 1 == iterations || self.state.step == total;
+                if last {
+                    self.state.micro += group.len() as u64;
+                }
+                self.state.tokens += stats.tokens as u64;
+                let mut metrics = stats.metrics;
+                metrics.extend(extra.iter().map(|(k, v)| (k.clone(), *v)));
+                let event = Event::Train {
                     step: self.state.step,
-                    stats: self.validate(objective)?,
+                    total_steps: total,
+                    epoch: self.state.epoch as f64 + self.state.micro as f64 / batches.len() as f64,
+                    loss: stats.loss,
+                    lr: stats.lr,
+                    grad_norm: stats.grad_norm,
+                    tokens: stats.tokens,
+                    tokens_per_s: stats.tokens as f64 / started.elapsed().as_secs_f64(),
+                    metrics,
                 };
                 self.log(&event)?;
                 on_event(&event);
+                self.after_step(objective, total, last, on_event)?;
+                if last {
+                    break;
+                }
             }
-            if due(self.settings.save_every) || self.state.step == total {
-                let path = save_checkpoint(
-                    &self.out,
-                    &self.state,
-                    self.trainable,
-                    &self.opt,
-                    self.base_model.clone(),
-                )?;
-                let event = Event::Checkpoint {
-                    step: self.state.step,
-                    path,
-                };
-                on_event(&event);
-            }
+        }
+        Ok(())
+    }
+
+    /// Evaluation and checkpoint on their cadence after a step; a
+    /// checkpoint only where a prepared group is finished (`group_done`).
+    fn after_step<O: Objective>(
+        &mut self,
+        objective: &O,
+        total: u64,
+        group_done: bool,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<()> {
+        let due =
+            |every: Option<u64>| every.is_some_and(|e| e > 0 && self.state.step.is_multiple_of(e));
+        if objective.has_validation() && (due(self.settings.eval_every) || self.state.step == total)
+        {
+            let event = Event::Eval {
+                step: self.state.step,
+                stats: self.validate(objective)?,
+            };
+            self.log(&event)?;
+            on_event(&event);
+        }
+        if group_done && (due(self.settings.save_every) || self.state.step == total) {
+            let path = save_checkpoint(
+                &self.out,
+                &self.state,
+                self.trainable,
+                &self.opt,
+                self.base_model.clone(),
+            )?;
+            let event = Event::Checkpoint {
+                step: self.state.step,
+                path,
+            };
+            on_event(&event);
         }
         Ok(())
     }
