@@ -1,6 +1,6 @@
 //! Training: one loop and one `step()` for every objective (SFT's
 //! causal-LM loss over labelled tokens, DPO's preference loss, a reward
-//! model's Bradley–Terry loss), padded or
+//! model's Bradley–Terry loss, GRPO's clipped policy gradient), padded or
 //! packed batches, AdamW with PyTorch's semantics, learning-rate schedules
 //! and gradient clipping.
 #![warn(missing_docs)]
@@ -12,6 +12,7 @@ mod config;
 mod dpo;
 mod error;
 mod eval;
+mod grpo;
 mod logps;
 mod loss;
 mod objective;
@@ -36,6 +37,10 @@ pub use dpo::{
 };
 pub use error::TrainError;
 pub use eval::{EvalStats, evaluate};
+pub use grpo::{
+    Grpo, GrpoBatch, GrpoLoss, GrpoSettings, RolloutBatch, RolloutSource, Sampled, ScaleRewards,
+    advantages, grpo_loss, grpo_token_loss, rollout_rows,
+};
 pub use logps::{sequence_logps, token_logps};
 pub use loss::{LossParts, backward, causal_lm_loss, causal_lm_loss_value, causal_lm_loss_with};
 pub use objective::{Metrics, MicroLoss, Objective};
