@@ -138,6 +138,29 @@ impl Encoder<'_> {
         ))
     }
 
+    /// A prompt as the policy continues it: a conversation rendered with
+    /// the chat template and its generation prompt, or text as it is.
+    pub fn encode_prompt(&self, prompt: &PairPrompt) -> Result<Vec<u32>, DataError> {
+        match prompt {
+            PairPrompt::Text(text) => Ok(self.tokenizer.encode(text, false)?),
+            PairPrompt::Chat(turns) => {
+                let template = self.template.ok_or_else(|| {
+                    DataError::Template(
+                        "conversational prompts need a chat template, and the model has none"
+                            .into(),
+                    )
+                })?;
+                let messages: Vec<Message> = turns
+                    .iter()
+                    .map(|t| Message::new(t.role.clone(), t.content.clone()))
+                    .collect();
+                Ok(self
+                    .tokenizer
+                    .encode(&template.render(&messages, true)?, false)?)
+            }
+        }
+    }
+
     /// One prompt and completion as a reward model scores them: the
     /// tokens of one side of a pair (prompt, then the completion through
     /// its end-of-turn token), cut as pairs are.

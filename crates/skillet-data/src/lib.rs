@@ -13,6 +13,7 @@ mod format;
 mod lines;
 mod pack;
 mod preference;
+mod prompts;
 mod split;
 
 pub use encode::{EncodeOptions, Encoder, TokenizedExample, mark_trained};
@@ -21,4 +22,5 @@ pub use error::{DataError, DataIssue, IssueCode};
 pub use format::{DataFormat, Example, Turn, read_jsonl};
 pub use pack::{PackedSequence, pack};
 pub use preference::{PairFormat, PairPrompt, PreferencePair, looks_like_pairs, read_pairs};
+pub use prompts::{RlPrompt, read_prompts};
 pub use split::split_fraction;
