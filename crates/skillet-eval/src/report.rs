@@ -90,6 +90,39 @@ pub fn write_report(
         .iter()
         .map(|&(name, key, d)| (name, base.stat(key), tuned.stat(key), d))
         .collect()
+    } else if facts.method == "grpo" {
+        // Held-out prompts, one greedy completion each.
+        let mut rows = vec![(
+            "mean reward (weighted sum)".to_string(),
+            base.stat("reward"),
+            tuned.stat("reward"),
+            4,
+        )];
+        let names: Vec<String> = [base, tuned]
+            .iter()
+            .filter_map(|s| s.heldout.as_ref()?.as_object().cloned())
+            .flat_map(|o| o.keys().cloned().collect::<Vec<_>>())
+            .filter(|k| k.starts_with("rewards/") && k.ends_with("/mean"))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for k in names {
+            let name = k.trim_start_matches("rewards/").trim_end_matches("/mean");
+            rows.push((format!("reward: {name}"), base.stat(&k), tuned.stat(&k), 4));
+        }
+        rows.push((
+            "completion length (tokens)".into(),
+            base.stat("completions/mean_length"),
+            tuned.stat("completions/mean_length"),
+            1,
+        ));
+        rows.push((
+            "general-text perplexity".into(),
+            base.general_perplexity,
+            tuned.general_perplexity,
+            4,
+        ));
+        return finish(out, facts, base, tuned, metrics, rows);
     } else {
         let rows = [
             ("held-out loss", base.stat("loss"), tuned.stat("loss"), 4),
@@ -131,6 +164,22 @@ pub fn write_report(
             }))
             .collect()
     };
+    let rows = rows
+        .into_iter()
+        .map(|(n, b, t, d)| (n.to_string(), b, t, d))
+        .collect();
+    finish(out, facts, base, tuned, metrics, rows)
+}
+
+/// Writes the report files with `rows` (name, base, tuned, digits).
+fn finish(
+    out: &Path,
+    facts: &RunFacts,
+    base: &Snapshot,
+    tuned: &Snapshot,
+    metrics: &[serde_json::Value],
+    rows: Vec<(String, Option<f64>, Option<f64>, usize)>,
+) -> std::io::Result<String> {
     let mut md = String::from("# Skillet fine-tuning report\n\n");
     md += &format!(
         "- model: `{}`\n- method: {}\n- data: `{}` ({} train, {} held-out {}; {} truncated)\n- trainable parameters: {}\n- {} steps, {} trained tokens, {:.0} s ({:.1} tokens/s), {} products\n\n",
@@ -139,10 +188,10 @@ pub fn write_report(
         facts.train_file,
         facts.train_examples,
         facts.valid_examples,
-        if facts.method == "sft" {
-            "examples"
-        } else {
-            "pairs"
+        match facts.method.as_str() {
+            "sft" => "examples",
+            "grpo" => "prompts",
+            _ => "pairs",
         },
         facts.truncated,
         facts.trainable_parameters,

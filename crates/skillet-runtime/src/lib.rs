@@ -12,6 +12,8 @@ mod export;
 mod pairs;
 mod random_model;
 mod reward;
+mod rewards;
+mod rl;
 mod sampling;
 mod train;
 
@@ -22,5 +24,7 @@ pub use export::{is_quantized, write_hf_folder};
 pub use pairs::{PairData, ReferenceLogps};
 pub use random_model::write_random_model;
 pub use reward::{PairReward, PairScores, RewardModel, RewardStats, score_pairs, scored_tokens};
+pub use rewards::{RewardFn, ToScore};
+pub use rl::{PromptSet, PromptSource};
 pub use sampling::SamplingOptions;
 pub use train::{TrainOutcome, TrainProgress, TrainSummary, run_training};

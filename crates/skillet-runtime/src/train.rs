@@ -6,20 +6,22 @@
 //! [`TrainProgress`].
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use skillet_adapters::{LoraAdapter, LoraSettings, PeftFile, RewardAdapter, load_peft, read_peft};
 use skillet_data::{EncodeOptions, Example, split_fraction};
 use skillet_eval::{RunFacts, Snapshot, exact_match, general_perplexity, write_report};
-use skillet_models::{Adapted, CausalLm, Llama};
+use skillet_models::{Adapted, Adapter, CausalLm, Llama};
 use skillet_train::{
-    AdamW, AdamWConfig, Dpo, Event, LoopSettings, MethodConfig, Objective, PairSet, Reward,
+    AdamW, AdamWConfig, Dpo, Event, Grpo, LoopSettings, MethodConfig, Objective, PairSet, Reward,
     RunConfig, Schedule, Sft, TrainState, Trainable, Trainer, latest_checkpoint,
     load_checkpoint_state, pair_logps, read_metrics,
 };
 
 use crate::pairs::{PairData, ReferenceLogps};
 use crate::{Bundle, Dataset, Result, RuntimeError};
+use crate::{PromptSet, PromptSource, RewardFn};
 
 /// What a front end is told while a run goes on.
 pub trait TrainProgress {
@@ -70,6 +72,7 @@ const GENERAL_WINDOW: usize = 1024;
 enum RunData {
     Sft { train: Dataset, valid: Dataset },
     Pairs { train: PairData, valid: PairData },
+    Prompts { train: PromptSet, valid: PromptSet },
 }
 
 impl RunData {
@@ -99,6 +102,16 @@ impl RunData {
                 )?;
                 RunData::Pairs { train, valid }
             }
+            MethodConfig::Grpo(g) => {
+                let room = cfg.data.max_seq_len - g.max_completion_length;
+                let (train, valid) = train_and_valid(
+                    cfg,
+                    |p| PromptSet::load(p, bundle, room),
+                    |d| d.ids.len(),
+                    PromptSet::subset,
+                )?;
+                RunData::Prompts { train, valid }
+            }
         })
     }
 
@@ -107,6 +120,7 @@ impl RunData {
         match self {
             RunData::Sft { train, valid } => (train.tokenized.len(), valid.tokenized.len()),
             RunData::Pairs { train, valid } => (train.tokenized.len(), valid.tokenized.len()),
+            RunData::Prompts { train, valid } => (train.ids.len(), valid.ids.len()),
         }
     }
 
@@ -115,6 +129,7 @@ impl RunData {
         match self {
             RunData::Sft { train, valid } => (train.truncated(), valid.truncated()),
             RunData::Pairs { train, valid } => (train.truncated(), valid.truncated()),
+            RunData::Prompts { .. } => (0, 0),
         }
     }
 
@@ -122,7 +137,7 @@ impl RunData {
     /// for a reward model, which does not generate).
     fn answers(&self, method: &MethodConfig) -> Vec<(usize, Example)> {
         match (self, method) {
-            (_, MethodConfig::Reward(_)) => Vec::new(),
+            (_, MethodConfig::Reward(_)) | (RunData::Prompts { .. }, _) => Vec::new(),
             (RunData::Sft { valid, .. }, _) => valid.examples.clone(),
             (RunData::Pairs { valid, .. }, _) => valid.chosen_examples(),
         }
@@ -342,6 +357,48 @@ pub fn run_training(
             )?;
             (facts, base, tuned, Box::new(adapter) as Box<dyn Trainable>)
         }
+        RunData::Prompts { train, valid } => {
+            let MethodConfig::Grpo(g) = &cfg.method else {
+                unreachable!("prompts are loaded for GRPO")
+            };
+            model.set_precision(precision);
+            let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial_lora)?;
+            // The reference: the starting adapter frozen, or the base; only
+            // computed when the KL term is on.
+            let reference = match (&cfg.lora.init_adapter, g.beta != 0.0) {
+                (Some(dir), true) => {
+                    Some(Arc::new(LoraAdapter::load(&model, dir)?) as Arc<dyn Adapter>)
+                }
+                _ => None,
+            };
+            let rewards = RewardFn::build_all(&g.rewards, &model)?;
+            let source = PromptSource {
+                train,
+                valid,
+                tokenizer: &bundle.tokenizer,
+                rewards: &rewards,
+                settings: g.settings(),
+                top_p: g.top_p,
+                seed: cfg.seed,
+                pad_id: bundle.pad_id(),
+            };
+            let objective = Grpo {
+                settings: g.settings(),
+                source: &source,
+                reference,
+                pad_id: bundle.pad_id(),
+            };
+            let base = run.base_snapshot(&objective, &model, &data, progress)?;
+            let (facts, tuned) = run.train(
+                &objective,
+                &mut model,
+                &adapter,
+                checkpoint.as_deref(),
+                &data,
+                progress,
+            )?;
+            (facts, base, tuned, Box::new(adapter) as Box<dyn Trainable>)
+        }
         RunData::Pairs { train, valid } if reward => {
             let MethodConfig::Reward(r) = &cfg.method else {
                 unreachable!("a reward run")
@@ -544,6 +601,7 @@ impl Run<'_> {
             items: match data {
                 RunData::Sft { .. } => "examples",
                 RunData::Pairs { .. } => "pairs",
+                RunData::Prompts { .. } => "prompts",
             },
             train_examples: n_train,
             valid_examples: n_valid,

@@ -68,6 +68,8 @@ pub enum MethodConfig {
     Dpo(DpoConfig),
     /// A reward model (LoRA plus a scalar head) from preference pairs.
     Reward(RewardConfig),
+    /// RL from rewards (GRPO) on prompts.
+    Grpo(GrpoConfig),
 }
 
 impl MethodConfig {
@@ -77,15 +79,198 @@ impl MethodConfig {
             MethodConfig::Sft => "sft",
             MethodConfig::Dpo(_) => "dpo",
             MethodConfig::Reward(_) => "reward",
+            MethodConfig::Grpo(_) => "grpo",
         }
     }
 
     /// `(format, max_prompt_length)` where the method trains on pairs.
     pub fn pairs(&self) -> Option<(skillet_data::PairFormat, Option<usize>)> {
         match self {
-            MethodConfig::Sft => None,
+            MethodConfig::Sft | MethodConfig::Grpo(_) => None,
             MethodConfig::Dpo(d) => Some((d.format, d.max_prompt_length)),
             MethodConfig::Reward(r) => Some((r.format, r.max_prompt_length)),
+        }
+    }
+}
+
+/// `[method] type = "grpo"`, with TRL's names and defaults (except
+/// `max_completion_length`, 256 rather than 512, for CPUs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoConfig {
+    /// Completions sampled per prompt (G).
+    #[serde(default = "default_generations")]
+    pub num_generations: usize,
+    /// Longest completion in tokens.
+    #[serde(default = "default_completion_length")]
+    pub max_completion_length: usize,
+    /// Sampling temperature.
+    #[serde(default = "one")]
+    pub temperature: f64,
+    /// Nucleus sampling (1: off).
+    #[serde(default = "one")]
+    pub top_p: f64,
+    /// Weight of the KL to the reference (0: no reference pass).
+    #[serde(default)]
+    pub beta: f64,
+    /// Lower clipping bound `1 − epsilon`.
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
+    /// Upper clipping bound `1 + epsilon_high` (default: `epsilon`).
+    #[serde(default)]
+    pub epsilon_high: Option<f64>,
+    /// Optimizer steps on each set of samples.
+    #[serde(default = "one_u64")]
+    pub num_iterations: u64,
+    /// `dapo`, `grpo` or `dr_grpo`.
+    #[serde(default)]
+    pub loss_type: crate::GrpoLoss,
+    /// `group`, `batch` or `none`.
+    #[serde(default)]
+    pub scale_rewards: crate::ScaleRewards,
+    /// Multiply the KL term by the probability ratio (TRL's default).
+    #[serde(default = "yes")]
+    pub use_bias_correction_kl: bool,
+    /// The reward functions, summed with their weights.
+    #[serde(default)]
+    pub rewards: Vec<RewardSpec>,
+}
+
+fn default_generations() -> usize {
+    8
+}
+fn default_completion_length() -> usize {
+    256
+}
+fn one() -> f64 {
+    1.0
+}
+fn one_u64() -> u64 {
+    1
+}
+fn default_epsilon() -> f64 {
+    0.2
+}
+fn default_answer_field() -> String {
+    "answer".into()
+}
+fn default_timeout() -> f64 {
+    60.0
+}
+
+impl GrpoConfig {
+    /// The loss settings.
+    pub fn settings(&self) -> crate::GrpoSettings {
+        crate::GrpoSettings {
+            loss: self.loss_type,
+            beta: self.beta,
+            epsilon: self.epsilon,
+            epsilon_high: self.epsilon_high.unwrap_or(self.epsilon),
+            num_generations: self.num_generations,
+            max_completion_length: self.max_completion_length,
+            temperature: self.temperature,
+            scale_rewards: self.scale_rewards,
+            num_iterations: self.num_iterations,
+            bias_correction_kl: self.use_bias_correction_kl,
+        }
+    }
+}
+
+/// One reward function of `[[method.rewards]]` (GRPO), with its weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RewardSpec {
+    /// 1 when the completion, trimmed, equals the line's `field`, trimmed.
+    ExactMatch {
+        /// The field of the prompt's line holding the answer.
+        #[serde(default = "default_answer_field")]
+        field: String,
+        /// Weight in the sum.
+        #[serde(default = "one")]
+        weight: f64,
+    },
+    /// 1 when the regular expression matches somewhere in the completion
+    /// (anchor it with `^…$` to require the whole).
+    Regex {
+        /// The expression (Rust `regex` syntax).
+        pattern: String,
+        /// Weight in the sum.
+        #[serde(default = "one")]
+        weight: f64,
+    },
+    /// 1 when the completion, trimmed, parses as JSON.
+    JsonValid {
+        /// Weight in the sum.
+        #[serde(default = "one")]
+        weight: f64,
+    },
+    /// 1 when the completion contains `text`, or the line's `field`.
+    Contains {
+        /// Fixed text.
+        #[serde(default)]
+        text: Option<String>,
+        /// Or a field of the prompt's line.
+        #[serde(default)]
+        field: Option<String>,
+        /// Weight in the sum.
+        #[serde(default = "one")]
+        weight: f64,
+    },
+    /// 0 up to `max_tokens` completion tokens, then −(length − max)/max.
+    LengthPenalty {
+        /// Tokens allowed without penalty.
+        max_tokens: usize,
+        /// Weight in the sum.
+        #[serde(default = "one")]
+        weight: f64,
+    },
+    /// A Skillet (or TRL) reward adapter on the same base model.
+    RewardModel {
+        /// Its folder.
+        adapter: PathBuf,
+        /// Weight in the sum.
+        #[serde(default = "one")]
+        weight: f64,
+    },
+    /// A long-running program: reads one JSON line per completion
+    /// (`prompt`, `completion` and the line's other fields) on stdin and
+    /// writes one number per line on stdout.
+    Program {
+        /// The command and its arguments.
+        command: Vec<String>,
+        /// Seconds to wait for each answer.
+        #[serde(default = "default_timeout")]
+        timeout_s: f64,
+        /// Weight in the sum.
+        #[serde(default = "one")]
+        weight: f64,
+    },
+}
+
+impl RewardSpec {
+    /// The weight in the sum.
+    pub fn weight(&self) -> f64 {
+        match self {
+            Self::ExactMatch { weight, .. }
+            | Self::Regex { weight, .. }
+            | Self::JsonValid { weight }
+            | Self::Contains { weight, .. }
+            | Self::LengthPenalty { weight, .. }
+            | Self::RewardModel { weight, .. }
+            | Self::Program { weight, .. } => *weight,
+        }
+    }
+
+    /// The kind's name (`exact_match`, `program`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ExactMatch { .. } => "exact_match",
+            Self::Regex { .. } => "regex",
+            Self::JsonValid { .. } => "json_valid",
+            Self::Contains { .. } => "contains",
+            Self::LengthPenalty { .. } => "length_penalty",
+            Self::RewardModel { .. } => "reward_model",
+            Self::Program { .. } => "program",
         }
     }
 }
@@ -499,12 +684,98 @@ impl RunConfig {
                 "method.center_rewards_coefficient must be at least 0, got {c}"
             ));
         }
+        if let MethodConfig::Grpo(g) = &self.method {
+            self.check_grpo(g)?;
+        }
         if let Some((_, max_prompt)) = self.method.pairs() {
             if self.data.packing {
                 return bad("data.packing applies to SFT only".into());
             }
             if max_prompt == Some(0) {
                 return bad("method.max_prompt_length must be at least 1".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn check_grpo(&self, g: &GrpoConfig) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Invalid(m));
+        if g.num_generations < 2 {
+            return bad(format!(
+                "method.num_generations must be at least 2 (advantages compare completions of one prompt), got {}",
+                g.num_generations
+            ));
+        }
+        if !self.train.batch_size.is_multiple_of(g.num_generations) {
+            return bad(format!(
+                "train.batch_size counts completions for GRPO and must be a multiple of method.num_generations ({}), got {}",
+                g.num_generations, self.train.batch_size
+            ));
+        }
+        if g.max_completion_length == 0 || g.max_completion_length >= self.data.max_seq_len {
+            return bad(format!(
+                "method.max_completion_length must be at least 1 and below data.max_seq_len ({}), got {}",
+                self.data.max_seq_len, g.max_completion_length
+            ));
+        }
+        if !(g.temperature.is_finite() && g.temperature > 0.0) {
+            return bad(format!(
+                "method.temperature must be positive, got {}",
+                g.temperature
+            ));
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return bad(format!("method.top_p must be in (0, 1], got {}", g.top_p));
+        }
+        if !(g.beta.is_finite() && g.beta >= 0.0) {
+            return bad(format!("method.beta must be at least 0, got {}", g.beta));
+        }
+        for (name, e) in [
+            ("epsilon", Some(g.epsilon)),
+            ("epsilon_high", g.epsilon_high),
+        ] {
+            if let Some(e) = e
+                && !(e.is_finite() && e > 0.0)
+            {
+                return bad(format!("method.{name} must be positive, got {e}"));
+            }
+        }
+        if g.epsilon >= 1.0 {
+            return bad(format!("method.epsilon must be below 1, got {}", g.epsilon));
+        }
+        let k = g.num_iterations;
+        if k == 0 {
+            return bad("method.num_iterations must be at least 1".into());
+        }
+        if self.eval.save_every % k != 0 || self.train.max_steps % k != 0 {
+            return bad(format!(
+                "eval.save_every and train.max_steps must be multiples of method.num_iterations ({k}): \
+                 checkpoints fall between sets of samples"
+            ));
+        }
+        if self.data.packing {
+            return bad("data.packing applies to SFT only".into());
+        }
+        if g.rewards.is_empty() {
+            return bad("GRPO needs at least one [[method.rewards]]".into());
+        }
+        for r in &g.rewards {
+            if !r.weight().is_finite() {
+                return bad(format!("a {} reward has weight {}", r.kind(), r.weight()));
+            }
+            match r {
+                RewardSpec::Contains { text, field, .. } if text.is_some() == field.is_some() => {
+                    return bad("a contains reward needs exactly one of text and field".into());
+                }
+                RewardSpec::Program {
+                    command, timeout_s, ..
+                } if command.is_empty() || !(*timeout_s > 0.0) => {
+                    return bad("a program reward needs a command and a positive timeout_s".into());
+                }
+                RewardSpec::LengthPenalty { max_tokens: 0, .. } => {
+                    return bad("a length_penalty reward needs max_tokens of at least 1".into());
+                }
+                _ => {}
             }
         }
         Ok(())
