@@ -747,7 +747,7 @@ impl RunConfig {
         if k == 0 {
             return bad("method.num_iterations must be at least 1".into());
         }
-        if self.eval.save_every % k != 0 || self.train.max_steps % k != 0 {
+        if !self.eval.save_every.is_multiple_of(k) || !self.train.max_steps.is_multiple_of(k) {
             return bad(format!(
                 "eval.save_every and train.max_steps must be multiples of method.num_iterations ({k}): \
                  checkpoints fall between sets of samples"
@@ -769,7 +769,7 @@ impl RunConfig {
                 }
                 RewardSpec::Program {
                     command, timeout_s, ..
-                } if command.is_empty() || !(*timeout_s > 0.0) => {
+                } if command.is_empty() || timeout_s.is_nan() || *timeout_s <= 0.0 => {
                     return bad("a program reward needs a command and a positive timeout_s".into());
                 }
                 RewardSpec::LengthPenalty { max_tokens: 0, .. } => {

@@ -220,7 +220,7 @@ pub enum GrpoBatch {
     /// Indices of prompts, before sampling.
     Prompts(Vec<usize>),
     /// Completions ready to train on.
-    Rollouts(RolloutBatch),
+    Rollouts(Box<RolloutBatch>),
 }
 
 /// Completions with what the loss needs of them.
@@ -435,13 +435,13 @@ impl Objective for Grpo<'_> {
             } else {
                 None
             };
-            out.push(GrpoBatch::Rollouts(RolloutBatch {
+            out.push(GrpoBatch::Rollouts(Box::new(RolloutBatch {
                 advantages: adv[rows_of.clone()].to_vec(),
                 lens: pairs.iter().map(|(_, c)| c.len()).collect(),
                 rows,
                 old,
                 reference,
-            }));
+            })));
         }
         let mut metrics = sampled.metrics;
         let (mean, std) = mean_std(&sampled.rewards);
