@@ -5,9 +5,10 @@
 //! step), gradient norm, TRL's logged metrics, every LoRA gradient and the
 //! updated adapter, within 1e-4 relative.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
+use common::{close, fixtures, ids, rel_diff};
 use skillet_adapters::{LoraAdapter, load_peft, peft_tensor_name};
 use skillet_data::{EncodeOptions, Encoder, PairFormat, TokenizedPair, read_pairs};
 use skillet_models::{Adapted, LoadOptions, ModelSource};
@@ -16,37 +17,6 @@ use skillet_train::{
     AdamW, AdamWConfig, Dpo, DpoLoss, DpoSettings, LoopSettings, Objective, PairSet, Schedule,
     ScheduleKind, TrainState, Trainable, Trainer, backward, collect_grads, pair_batch, pair_logps,
 };
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-/// `‖a − b‖ / ‖b‖`, or `‖a‖` where `b` is zero.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let num: f32 = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f32>()
-        .sqrt();
-    let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
-    if den == 0.0 { num } else { num / den }
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn close(got: f64, want: f64, what: &str) {
-    let tol = 1e-4 * want.abs().max(1e-3);
-    assert!((got - want).abs() <= tol, "{what}: {got} vs TRL {want}");
-}
 
 #[test]
 fn two_dpo_steps_match_trl_for_every_loss() {

@@ -6,43 +6,16 @@
 //! both sides, the loss, TRL's KL and clip-ratio metrics and every LoRA
 //! gradient, within 1e-4 relative.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::{fixtures, flat, ids, rel_diff_values};
 use skillet_adapters::{LoraAdapter, load_peft, peft_tensor_name};
 use skillet_models::{Adapted, LoadOptions, ModelSource};
 use skillet_train::{
     GrpoLoss, GrpoSettings, RolloutBatch, ScaleRewards, Trainable, advantages, backward,
     collect_grads, grpo_loss, rollout_rows, token_logps,
 };
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-/// `‖a − b‖ / ‖b‖`, or `‖a‖` where `b` is zero.
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let num: f32 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f32>()
-        .sqrt();
-    let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
-    if den == 0.0 { num } else { num / den }
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 fn close(got: f64, want: f64, what: &str) {
     assert!(
@@ -97,10 +70,10 @@ fn grpo_losses_and_gradients_match_trl() {
             .collect()
     };
     let current = flat(&token_logps(&policy, &rows, temperature).unwrap());
-    let d = rel_diff(&current, &at_completions(&reference["current_logps"]));
+    let d = rel_diff_values(&current, &at_completions(&reference["current_logps"]));
     assert!(d < 1e-5, "policy log-probabilities: {d}");
     let ref_logps = flat(&token_logps(&base, &rows, temperature).unwrap());
-    let d = rel_diff(&ref_logps, &at_completions(&reference["ref_logps"]));
+    let d = rel_diff_values(&ref_logps, &at_completions(&reference["ref_logps"]));
     assert!(d < 1e-5, "reference log-probabilities: {d}");
 
     let weights: Vec<f64> = record["reward_weights"]
@@ -196,7 +169,7 @@ fn grpo_losses_and_gradients_match_trl() {
         for (p, gs) in adapter.params.iter().zip(grads.chunks(2)) {
             for (part, g) in [("lora_A", &gs[0]), ("lora_B", &gs[1])] {
                 let key = format!("{name}.grad.{}", peft_tensor_name(&p.module, part));
-                let d = rel_diff(&flat(g), &flat(&reference[&key]));
+                let d = rel_diff_values(&flat(g), &flat(&reference[&key]));
                 assert!(d < 1e-4, "{key}: relative difference {d}");
                 worst = worst.max(d);
             }

@@ -7,9 +7,10 @@
 //! parameters, within 1e-4 relative. The trained adapter is saved in
 //! PEFT's sequence-classification form and reads back as it was.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::{close, fixtures, ids, rel_diff};
 use skillet_adapters::{RewardAdapter, peft_tensor_name, read_peft};
 use skillet_data::{EncodeOptions, Encoder, PairFormat, TokenizedPair, read_pairs};
 use skillet_models::{Adapted, LoadOptions, ModelSource};
@@ -18,37 +19,6 @@ use skillet_train::{
     AdamW, AdamWConfig, LoopSettings, Objective, Reward, RewardSettings, Schedule, ScheduleKind,
     TrainState, Trainable, Trainer, backward, collect_grads, pair_batch, score_sequences,
 };
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-/// `‖a − b‖ / ‖b‖`, or `‖a‖` where `b` is zero.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let num: f32 = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f32>()
-        .sqrt();
-    let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
-    if den == 0.0 { num } else { num / den }
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn close(got: f64, want: f64, what: &str) {
-    let tol = 1e-4 * want.abs().max(1e-3);
-    assert!((got - want).abs() <= tol, "{what}: {got} vs TRL {want}");
-}
 
 #[test]
 fn reward_model_matches_trl() {
