@@ -1,6 +1,7 @@
 """Skillet vs PyTorch + PEFT, side by side, on one machine in one go.
 
     python3 bench/compare.py [--rounds 3] [--workloads lora,lora-ckpt,full,sft,score,decode] [--steps 5]
+    python3 bench/compare.py --workloads dpo,dpo-precomputed,dpo-ckpt,grpo --no-llamacpp   # TRL's trainers
                              [--precisions f32,bf16] [--shapes 1x2048,1x4096] [--random-model llama-3.2-1b]
 
 Builds nothing: run `cargo build --release` first. The reference side runs
@@ -17,6 +18,9 @@ sequence shapes (long context: --shapes 1x2048,1x4096). --random-model
 runs on a model of that published shape with random weights, which
 `skillet bench --write-random` writes once beside the default model.
 `qlora` runs on Skillet's side only (PyTorch has no GGUF-block QLoRA).
+dpo and grpo run TRL's DPOTrainer and GRPOTrainer on the reference side
+(dpo-precomputed: TRL with precompute_ref_log_probs; -ckpt: Skillet with
+activation checkpointing).
 """
 
 import argparse
@@ -26,7 +30,8 @@ import statistics
 import subprocess
 import sys
 
-SHAPES = {"lora": [(4, 256), (1, 512)], "qlora": [(4, 256), (1, 512)], "lora-ckpt": [(4, 256), (1, 512)], "full": [(4, 256)], "sft": [(4, 0)], "score": [(4, 256), (1, 512)], "decode": [(1, 1)]}
+SHAPES = {"lora": [(4, 256), (1, 512)], "qlora": [(4, 256), (1, 512)], "lora-ckpt": [(4, 256), (1, 512)], "full": [(4, 256)], "sft": [(4, 0)], "score": [(4, 256), (1, 512)], "decode": [(1, 1)],
+          "dpo": [(4, 0)], "dpo-ckpt": [(4, 0)], "dpo-precomputed": [(4, 0)], "grpo": [(16, 64)]}
 
 
 def run(cmd):
@@ -72,14 +77,17 @@ def main():
     for _ in range(args.rounds):
         for w in args.workloads.split(","):
             for b, t in SHAPES[w]:
-                # lora-ckpt: Skillet with activation checkpointing against
-                # PyTorch+PEFT's plain LoRA step.
-                base = "lora" if w == "lora-ckpt" else w
+                # lora-ckpt, dpo-ckpt: Skillet with activation checkpointing
+                # against PyTorch's plain step. dpo-precomputed: TRL with
+                # precompute_ref_log_probs (Skillet always precomputes).
+                base = w.removesuffix("-ckpt").removesuffix("-precomputed")
                 common = ["--workload", base, "--batch", str(b), "--steps", str(args.steps), "--json", "--model", model]
                 if t:
                     common += ["--seq", str(t)]
-                extra = ["--checkpointing"] if w == "lora-ckpt" else []
-                sides = {"skillet": ["target/release/skillet", "bench"] + common + extra, "pytorch": [python, "bench/reference/bench.py"] + common}
+                extra = ["--checkpointing"] if w.endswith("-ckpt") else []
+                ref_extra = ["--precompute-ref"] if w == "dpo-precomputed" else []
+                sides = {"skillet": ["target/release/skillet", "bench"] + common + extra,
+                         "pytorch": [python, "bench/reference/bench.py"] + common + ref_extra}
                 if llamacpp and (w == "decode" or (w == "score" and b == 1)):
                     sides["llama.cpp"] = [llamacpp, "bench/reference/llamacpp.py"] + common
                 for side, cmd in sides.items():

@@ -9,7 +9,8 @@ does. Workloads: lora (r=8, alpha=16 on q,k,v,o; AdamW; `model(ids,
 labels=ids)`), full (every weight trained), sft (LoRA on a chat JSONL with
 the usual recipe: chat template, loss on assistant tokens only, padding to
 the batch's longest, full logits; real tokens counted), score (forward),
-decode (batch-1 greedy, 128 new tokens, KV cache). `--precision bf16` runs
+decode (batch-1 greedy, 128 new tokens, KV cache); dpo and grpo run TRL's
+DPOTrainer and GRPOTrainer (trl_workloads.py). `--precision bf16` runs
 the training and scoring workloads under `torch.autocast("cpu",
 dtype=torch.bfloat16)`, the mixed precision TRL and the HF Trainer turn on
 where the CPU has bf16 (weights and optimizer state stay f32).
@@ -76,13 +77,18 @@ def sft_batches(tok, path, batch):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--workload", required=True, choices=["lora", "full", "sft", "score", "decode"])
+    ap.add_argument("--workload", required=True, choices=["lora", "full", "sft", "dpo", "grpo", "score", "decode"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--data", default="examples/contacts/train.jsonl")
+    ap.add_argument("--pairs", default="examples/contacts/pairs_train.jsonl")
+    ap.add_argument("--prompts", default="examples/contacts/prompts_train.jsonl")
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--precompute-ref", action="store_true",
+                    help="dpo: reference log-probabilities computed before training (TRL's precompute_ref_log_probs)")
     ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -100,7 +106,14 @@ def main():
     g = torch.Generator().manual_seed(1234)
     batch, seq = args.batch, args.seq
 
-    if args.workload in ("lora", "full", "sft"):
+    if args.workload in ("dpo", "grpo"):
+        import trl_workloads
+        run = trl_workloads.run_dpo if args.workload == "dpo" else trl_workloads.run_grpo
+        times, tokens, seq = run(args, model, tok)
+        step = statistics.median(times)
+        tps = statistics.median(tokens) / step
+        flops = (4 if args.workload == "dpo" else 6) * params
+    elif args.workload in ("lora", "full", "sft"):
         if args.workload in ("lora", "sft"):
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
@@ -155,6 +168,8 @@ def main():
            "mfu": tps * flops / (gemm * 1e9), "step_seconds": step, "gemm_gflops": gemm, "threads": args.threads,
            "precision": args.precision if args.workload != "decode" else "f32",
            "attention": model.config._attn_implementation}
+    if args.workload == "dpo":
+        row["precompute_ref"] = args.precompute_ref
     print(json.dumps(row))
 
 

@@ -142,20 +142,27 @@ struct Held {
 impl Held {
     /// Positions of `prompt` (under `adapter`) already in this slot.
     fn common(&self, prompt: &[u32], adapter: &Option<Arc<dyn Adapter>>) -> usize {
-        let same = match (&self.adapter, adapter) {
-            (None, None) => true,
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            _ => false,
-        };
-        if !same {
-            return 0;
-        }
-        self.tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
+        shared_prefix(&self.tokens, &self.adapter, prompt, adapter)
     }
+}
+
+/// Leading tokens two sequences share, where both run under the same
+/// adapter (0 otherwise).
+fn shared_prefix(
+    a: &[u32],
+    a_adapter: &Option<Arc<dyn Adapter>>,
+    b: &[u32],
+    b_adapter: &Option<Arc<dyn Adapter>>,
+) -> usize {
+    let same = match (a_adapter, b_adapter) {
+        (None, None) => true,
+        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    };
+    if !same {
+        return 0;
+    }
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The batching engine over one model.
@@ -362,29 +369,52 @@ impl<'a> Engine<'a> {
     /// Moves waiting sequences into free slots, each into the one whose
     /// cache shares the longest prefix with its prompt; that prefix is not
     /// computed again (the last prompt token always is, for its logits).
+    /// Where a running sequence's cache holds more of the prompt, that
+    /// prefix is copied from it instead. A request whose prompt is mostly
+    /// one a running sequence is still prefilling (the completions of one
+    /// prompt sampled together, users sharing a long system prompt) waits
+    /// until those positions exist, and is then copied, not computed again.
     fn admit(&mut self) {
-        while !self.waiting.is_empty() {
-            let seq = &self.waiting[0];
-            let Some((slot, common)) = (0..self.slots.len())
-                .filter(|&s| self.slots[s].is_none())
-                .map(|s| {
-                    (
-                        s,
-                        self.held[s].common(&seq.request.prompt, &seq.request.adapter),
-                    )
-                })
-                .max_by_key(|&(s, c)| (c, std::cmp::Reverse(s)))
+        while let Some(seq) = self.waiting.front() {
+            let (prompt, adapter) = (&seq.request.prompt, &seq.request.adapter);
+            let usable = prompt.len() - 1;
+            let best = |slots: &mut dyn Iterator<Item = usize>| {
+                slots
+                    .map(|s| (s, self.held[s].common(prompt, adapter).min(usable)))
+                    .max_by_key(|&(s, c)| (c, std::cmp::Reverse(s)))
+            };
+            let running = || (0..self.slots.len()).filter(|&s| self.slots[s].is_some());
+            let Some((slot, common)) =
+                best(&mut (0..self.slots.len()).filter(|&s| self.slots[s].is_none()))
             else {
                 return;
             };
+            let copied = best(&mut running()).filter(|&(_, c)| c > common);
+            let have = copied.map_or(common, |(_, c)| c);
+            let pending = self.slots.iter().flatten().any(|r| {
+                let shared = shared_prefix(&r.request.prompt, &r.request.adapter, prompt, adapter)
+                    .min(usable);
+                r.prefilled < shared && shared > have && 2 * shared >= prompt.len()
+            });
+            if pending {
+                return;
+            }
             let Some(mut seq) = self.waiting.pop_front() else {
                 return;
             };
-            let keep = common.min(seq.prompt_len() - 1);
-            self.cache.truncate(slot, keep);
+            let keep = match copied {
+                Some((from, c)) => {
+                    self.cache.copy_prefix(from, slot, c);
+                    c
+                }
+                None => {
+                    self.cache.truncate(slot, common);
+                    common
+                }
+            };
             self.cache.reserve_room(slot, seq.prompt_len() + seq.budget);
             let held = &mut self.held[slot];
-            held.tokens.truncate(keep);
+            held.tokens = seq.request.prompt[..keep].to_vec();
             held.adapter = seq.request.adapter.clone();
             seq.prefilled = keep;
             self.reused += keep as u64;

@@ -104,44 +104,85 @@ impl Sampler {
         let t = self.params.temperature;
         scores.iter_mut().for_each(|s| *s /= t);
 
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-        let mut keep = order.len();
-        if let Some(k) = self.params.top_k.filter(|&k| k > 0 && k < keep) {
-            // Ties with the k-th score survive, as in transformers.
-            let kth = scores[order[k - 1]];
-            keep = order.iter().take_while(|&&i| scores[i] >= kth).count();
-        }
-        let max = scores[order[0]];
-        let mut probs: Vec<f64> = order[..keep]
-            .iter()
-            .map(|&i| ((scores[i] - max) as f64).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
+        let mut ranked = Ranked::new(&scores);
+        let max = scores[ranked.at(0)];
+        let weight = |i: usize| f64::from(scores[i] - max).exp();
+        // Top-k: the k best, and every token tied with the k-th (as in
+        // transformers); the kept tokens are the first `keep` ranks.
+        let kth = self
+            .params
+            .top_k
+            .filter(|&k| k > 0 && k < scores.len())
+            .map(|k| scores[ranked.at(k - 1)]);
+        let kept = |s: f32| kth.is_none_or(|kth| s >= kth);
+        let keep = scores.iter().filter(|&&s| kept(s)).count();
+        let total: f64 = (0..scores.len())
+            .filter(|&i| kept(scores[i]))
+            .map(weight)
+            .sum();
+        // Top-p: the fewest best tokens whose probability reaches p.
+        let (mut limit, mut mass) = (keep, total);
         if let Some(p) = self.params.top_p.filter(|&p| p > 0.0 && p < 1.0) {
-            let mut cum = 0.0;
-            let mut n = 0;
-            for &q in &probs {
-                cum += q;
+            let (mut cum, mut sum, mut n) = (0.0, 0.0, 0);
+            while n < keep {
+                let w = weight(ranked.at(n));
+                cum += w / total;
+                sum += w;
                 n += 1;
-                if cum >= p as f64 {
+                if cum >= f64::from(p) {
                     break;
                 }
             }
-            probs.truncate(n.max(1));
-            let total: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|q| *q /= total);
+            (limit, mass) = (n.max(1), sum);
         }
         let u = self.rng.next_f64();
         let mut cum = 0.0;
-        for (rank, q) in probs.iter().enumerate() {
-            cum += q;
+        for rank in 0..limit {
+            let i = ranked.at(rank);
+            cum += weight(i) / mass;
             if u < cum {
-                return order[rank] as u32;
+                return i as u32;
             }
         }
-        order[probs.len() - 1] as u32
+        ranked.at(limit - 1) as u32
+    }
+}
+
+/// Token indices by descending score (ties: lower index first), ranked
+/// only as far as asked: sampling walks from the most likely token and
+/// nearly always stops within the first few dozen, so sorting the whole
+/// vocabulary for every token would be most of the sampler's time. Each
+/// extension selects the best `m` in one pass and sorts those (`m`
+/// doubling); the order is total, so every prefix is the full sort's.
+struct Ranked<'a> {
+    scores: &'a [f32],
+    order: Vec<usize>,
+}
+
+impl<'a> Ranked<'a> {
+    fn new(scores: &'a [f32]) -> Self {
+        Self {
+            scores,
+            order: Vec::new(),
+        }
+    }
+
+    /// The index of the token at `rank` (< the number of scores).
+    fn at(&mut self, rank: usize) -> usize {
+        if rank >= self.order.len() {
+            let n = self.scores.len();
+            let m = (rank + 1).max(2 * self.order.len()).max(64).min(n);
+            let scores = self.scores;
+            let cmp = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]).then(a.cmp(b));
+            let mut idx: Vec<usize> = (0..n).collect();
+            if m < n {
+                idx.select_nth_unstable_by(m - 1, cmp);
+                idx.truncate(m);
+            }
+            idx.sort_unstable_by(cmp);
+            self.order = idx;
+        }
+        self.order[rank]
     }
 }
 
@@ -215,6 +256,84 @@ mod tests {
         let seen: std::collections::BTreeSet<u32> =
             (0..200).map(|_| s.sample(&logits, &[], 0)).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    /// The sort of the whole vocabulary the ranked walk replaces.
+    fn sample_fully_sorted(params: &SamplingParams, logits: &[f32], u: f64) -> u32 {
+        let scores: Vec<f32> = logits.iter().map(|s| s / params.temperature).collect();
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let mut keep = order.len();
+        if let Some(k) = params.top_k.filter(|&k| k > 0 && k < keep) {
+            let kth = scores[order[k - 1]];
+            keep = order.iter().take_while(|&&i| scores[i] >= kth).count();
+        }
+        let max = scores[order[0]];
+        let mut probs: Vec<f64> = order[..keep]
+            .iter()
+            .map(|&i| f64::from(scores[i] - max).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if let Some(p) = params.top_p.filter(|&p| p > 0.0 && p < 1.0) {
+            let mut cum = 0.0;
+            let n = probs
+                .iter()
+                .position(|q| {
+                    cum += q;
+                    cum >= f64::from(p)
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(n.max(1));
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= total);
+        }
+        let mut cum = 0.0;
+        for (rank, q) in probs.iter().enumerate() {
+            cum += q;
+            if u < cum {
+                return order[rank] as u32;
+            }
+        }
+        order[probs.len() - 1] as u32
+    }
+
+    /// Ranking only as far as the walk goes picks what sorting the whole
+    /// vocabulary picks, with top-k (ties included) and top-p, on a
+    /// vocabulary with ties and a flat tail (so walks go past the first
+    /// extensions).
+    #[test]
+    fn ranked_walk_picks_what_a_full_sort_picks() {
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| {
+                ((i * 7919 % 104_729) as f32 * 1e-4).sin() * 4.0
+                    + if i % 97 == 0 { 6.0 } else { 0.0 }
+            })
+            .map(|x| (x * 8.0).round() / 8.0)
+            .collect();
+        let settings = [
+            (1.0, None, None),
+            (0.7, Some(40), None),
+            (1.3, None, Some(0.9)),
+            (1.0, Some(500), Some(0.95)),
+            (2.0, None, Some(0.999)),
+        ];
+        for (temperature, top_k, top_p) in settings {
+            let p = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed: 5,
+                ..Default::default()
+            };
+            let mut s = Sampler::new(p.clone());
+            let mut rng = Rng::new(5);
+            for _ in 0..300 {
+                let got = s.sample(&logits, &[], 0);
+                let want = sample_fully_sorted(&p, &logits, rng.next_f64());
+                assert_eq!(got, want, "{p:?}");
+            }
+        }
     }
 
     #[test]

@@ -268,3 +268,66 @@ fn a_freed_slot_lends_its_prompt_prefix_to_the_next_request() {
     assert_eq!(with_adapter, fresh(request(prompt, 10, Some(a1))));
     assert_eq!(engine.reused_prompt_tokens(), 29 + 20);
 }
+
+/// Requests sharing a prompt that arrive together (the completions of one
+/// prompt sampled for RL, several users with one long system prompt): the
+/// prompt is prefilled once, in chunks, and copied into the other slots;
+/// each sampled sequence equals its own run alone, and a prompt sharing
+/// less than half waits for nobody.
+#[test]
+fn requests_arriving_together_prefill_a_shared_prompt_once() {
+    let (m, tok) = (model(), tokenizer());
+    let a1 = adapter(&m, &["q_proj", "v_proj"], 1);
+    let config = EngineConfig {
+        max_batch: 6,
+        capacity: 128,
+        prefill_chunk: 8,
+        ..EngineConfig::default()
+    };
+    let prompt: Vec<u32> = (0..30).map(|k| (k * 11 % 280 + 5) as u32).collect();
+    let other: Vec<u32> = (0..12).map(|k| (k * 5 % 250 + 9) as u32).collect();
+    let sampled = |seed: u64, prompt: &[u32], adapter: Option<Arc<dyn Adapter>>| Request {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed,
+            ..SamplingParams::default()
+        },
+        ..request(prompt.to_vec(), 6, adapter)
+    };
+    let requests = vec![
+        sampled(1, &prompt, Some(a1.clone())),
+        sampled(2, &prompt, Some(a1.clone())),
+        sampled(3, &prompt, Some(a1.clone())),
+        sampled(4, &other, None),
+        sampled(5, &prompt, None),
+        sampled(6, &prompt, Some(a1.clone())),
+    ];
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| {
+            generate_all(&m, &tok, config, vec![r.clone()]).unwrap()[0]
+                .ids
+                .clone()
+        })
+        .collect();
+    assert_ne!(alone[0], alone[1], "different seeds sample differently");
+    let mut engine = Engine::new(&m, &tok, config);
+    let got = Arc::new(Mutex::new(vec![Vec::new(); requests.len()]));
+    for (i, r) in requests.into_iter().enumerate() {
+        let got = got.clone();
+        engine.add(
+            r,
+            Box::new(move |e| {
+                if let Event::Finished(g) = e {
+                    got.lock().unwrap()[i] = g.ids;
+                }
+                true
+            }),
+        );
+    }
+    engine.run_to_end().unwrap();
+    assert_eq!(*got.lock().unwrap(), alone);
+    // Three copies of 29 positions under the adapter; the base-model
+    // request of the same prompt and the other prompt computed their own.
+    assert_eq!(engine.reused_prompt_tokens(), 3 * 29);
+}

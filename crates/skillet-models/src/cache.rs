@@ -81,6 +81,34 @@ impl KvCache {
         }
     }
 
+    /// Makes `to` hold the first `len` positions of `from` (at most what
+    /// `from` holds): a prompt's start computed once for several sequences.
+    pub fn copy_prefix(&mut self, from: usize, to: usize, len: usize) {
+        let n = self.slots.len();
+        if from == to || from >= n || to >= n {
+            return;
+        }
+        let len = len.min(self.slots[from].len);
+        if len == 0 {
+            self.slots[to].len = 0;
+            return;
+        }
+        self.grow(to, len);
+        let (nk, nv) = (key_cache_len(len, self.width), len * self.width);
+        let (src, dst) = if from < to {
+            let (a, b) = self.slots.split_at_mut(to);
+            (&a[from], &mut b[0])
+        } else {
+            let (a, b) = self.slots.split_at_mut(from);
+            (&b[0], &mut a[to])
+        };
+        for ((sk, sv), (dk, dv)) in src.layers.iter().zip(dst.layers.iter_mut()) {
+            dk[..nk].copy_from_slice(&sk[..nk]);
+            dv[..nv].copy_from_slice(&sv[..nv]);
+        }
+        dst.len = len;
+    }
+
     fn check_slot(&self, slot: usize) -> Result<()> {
         if slot >= self.slots.len() {
             return Err(ModelError::Input(format!(

@@ -25,6 +25,6 @@ pub use pairs::{PairData, ReferenceLogps};
 pub use random_model::write_random_model;
 pub use reward::{PairReward, PairScores, RewardModel, RewardStats, score_pairs, scored_tokens};
 pub use rewards::{RewardFn, ToScore};
-pub use rl::{PromptSet, PromptSource};
+pub use rl::{PromptSet, PromptSource, quantized_sampler};
 pub use sampling::SamplingOptions;
 pub use train::{TrainOutcome, TrainProgress, TrainSummary, run_training};

@@ -372,6 +372,7 @@ pub fn run_training(
                 _ => None,
             };
             let rewards = RewardFn::build_all(&g.rewards, &model)?;
+            let sampler = crate::quantized_sampler(&bundle, cfg.lora.keep_base_quantized)?;
             let source = PromptSource {
                 train,
                 valid,
@@ -381,6 +382,8 @@ pub fn run_training(
                 top_p: g.top_p,
                 seed: cfg.seed,
                 pad_id: bundle.pad_id(),
+                sampler: sampler.as_ref().map(|m| m as &dyn CausalLm),
+                ignore_eos: false,
             };
             let objective = Grpo {
                 settings: g.settings(),

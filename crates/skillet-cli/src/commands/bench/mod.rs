@@ -32,11 +32,15 @@ use skillet_train::{
 use skillet_runtime::Bundle;
 use skillet_runtime::Dataset;
 
-const WORKLOADS: [&str; 8] = [
+mod rl;
+
+const WORKLOADS: [&str; 10] = [
     "lora",
     "qlora",
     "full",
     "sft",
+    "dpo",
+    "grpo",
     "score",
     "decode",
     "prefill",
@@ -48,10 +52,12 @@ pub struct Args {
     /// Model (default: the fetched default model, see scripts/fetch-model.sh).
     #[arg(long, env = "SKILLET_MODEL")]
     model: Option<PathBuf>,
-    /// lora, qlora, full, sft, score, decode, prefill (batch-1 prompt of
-    /// `--seq` tokens over the quantized base, as generation runs it) or
-    /// prefill-lora (the same with an unmerged LoRA adapter); all but the
-    /// prefills (at 4x256 and 1x512) when absent.
+    /// lora, qlora, full, sft, dpo (`--batch` pairs of `--pairs` per
+    /// step), grpo (`--batch` completions of `--seq` tokens per step,
+    /// `--generations` per prompt of `--prompts`), score, decode, prefill
+    /// (batch-1 prompt of `--seq` tokens over the quantized base, as
+    /// generation runs it) or prefill-lora (the same with an unmerged LoRA
+    /// adapter); all but the prefills when absent.
     #[arg(long)]
     workload: Option<String>,
     /// Sequences per step.
@@ -69,6 +75,15 @@ pub struct Args {
     /// JSONL data for the sft workload (default: the bundled example).
     #[arg(long, default_value = "examples/contacts/train.jsonl")]
     data: PathBuf,
+    /// Preference pairs for the dpo workload.
+    #[arg(long, default_value = "examples/contacts/pairs_train.jsonl")]
+    pairs: PathBuf,
+    /// Prompts for the grpo workload.
+    #[arg(long, default_value = "examples/contacts/prompts_train.jsonl")]
+    prompts: PathBuf,
+    /// grpo: completions sampled per prompt (G).
+    #[arg(long, default_value_t = 8)]
+    generations: usize,
     /// Recompute each layer's activations in backward (training
     /// workloads): less memory, more compute.
     #[arg(long)]
@@ -218,27 +233,11 @@ fn lora_settings() -> anyhow::Result<LoraSettings> {
     Ok(LoraSettings::new(8, 16.0, 0.0, false, targets)?)
 }
 
-/// Times `steps` training steps of `trainable` over `batches` (cycled),
-/// through the trainer's own `step()`.
-fn time_training(
-    model: &mut Llama,
-    trainable: &dyn Trainable,
-    batches: &[TrainBatch],
-    args: &Args,
-) -> anyhow::Result<(f64, f64)> {
-    if args.checkpointing {
-        model.set_activation_checkpointing(Some(trainable.vars()));
-    }
-    model.set_precision(args.precision.resolve());
-    let objective = Sft {
-        train: &[],
-        valid: &[],
-        packing: None,
-        pad_id: 0,
-        eval_batch: 1,
-    };
-    let mut trainer = Trainer {
-        model: &*model,
+/// The benchmarks' trainer for `trainable`: AdamW at a constant 1e-4,
+/// clipping at 1.0, one micro-batch per step.
+fn bench_trainer<'a>(model: &'a Llama, trainable: &'a dyn Trainable) -> Trainer<'a> {
+    Trainer {
+        model,
         trainable,
         opt: AdamW::new(
             trainable.vars(),
@@ -266,21 +265,61 @@ fn time_training(
         out: std::env::temp_dir(),
         base_model: None,
         state: TrainState::default(),
-    };
+    }
+}
+
+/// Runs `args.warmup` untimed, then `args.steps` timed calls of `step`
+/// (given the call's index, returning the tokens it processed): tokens/s
+/// of the median step (for variable-length data, of the median tokens per
+/// step) and the median step time.
+fn time_steps(
+    args: &Args,
+    mut step: impl FnMut(usize) -> anyhow::Result<usize>,
+) -> anyhow::Result<(f64, f64)> {
     let mut times = Vec::new();
     let mut tokens = Vec::new();
     for i in 0..args.warmup + args.steps {
-        let batch = &batches[i % batches.len()];
         let t = Instant::now();
-        trainer.step(&objective, std::slice::from_ref(batch))?;
+        let n = step(i)?;
         if i >= args.warmup {
             times.push(t.elapsed().as_secs_f64());
-            tokens.push(batch.key_mask.iter().filter(|&&m| m != 0).count() as f64);
+            tokens.push(n as f64);
         }
     }
-    // tokens/s from the median step; for variable-length data, of the
-    // median tokens per step as well.
     Ok((median(tokens) / median(times.clone()), median(times)))
+}
+
+/// Sets activation checkpointing and the precision of the frozen weights'
+/// products as `args` asks, for training `trainable`.
+fn prepare_training(model: &mut Llama, trainable: &dyn Trainable, args: &Args) {
+    if args.checkpointing {
+        model.set_activation_checkpointing(Some(trainable.vars()));
+    }
+    model.set_precision(args.precision.resolve());
+}
+
+/// Times SFT steps of `trainable` over `batches` (cycled), through the
+/// trainer's own `step()`.
+fn time_training(
+    model: &mut Llama,
+    trainable: &dyn Trainable,
+    batches: &[TrainBatch],
+    args: &Args,
+) -> anyhow::Result<(f64, f64)> {
+    prepare_training(model, trainable, args);
+    let objective = Sft {
+        train: &[],
+        valid: &[],
+        packing: None,
+        pad_id: 0,
+        eval_batch: 1,
+    };
+    let mut trainer = bench_trainer(&*model, trainable);
+    time_steps(args, |i| {
+        let batch = &batches[i % batches.len()];
+        trainer.step(&objective, std::slice::from_ref(batch))?;
+        Ok(batch.key_mask.iter().filter(|&&m| m != 0).count())
+    })
 }
 
 fn run_one(
@@ -294,7 +333,10 @@ fn run_one(
     let keep_quantized = matches!(workload, "qlora" | "decode" | "prefill" | "prefill-lora");
     // A frozen base multiplied in bf16 is held in bf16, as `skillet train`
     // holds it.
-    let frozen = matches!(workload, "lora" | "qlora" | "sft" | "score");
+    let frozen = matches!(
+        workload,
+        "lora" | "qlora" | "sft" | "dpo" | "grpo" | "score"
+    );
     let mut model = bundle.load_model(LoadOptions {
         keep_quantized,
         trainable: workload == "full",
@@ -337,6 +379,17 @@ fn run_one(
                 / data.tokenized.len().max(1);
             let (tps, step) = time_training(&mut model, &adapter, &batches, args)?;
             (tps, step, 4.0 * params, mean_len)
+        }
+        "dpo" | "grpo" => {
+            let t = if workload == "dpo" {
+                rl::dpo(args, &bundle, &mut model)?
+            } else {
+                rl::grpo(args, &bundle, &mut model)?
+            };
+            // GRPO's tokens are completion tokens: sampled (2 per
+            // parameter), then trained on (4; the prompts' are not counted).
+            let flops = if workload == "dpo" { 4.0 } else { 6.0 };
+            (t.tokens_per_s, t.step_seconds, flops * params, t.seq)
         }
         "score" => {
             model.set_precision(args.precision.resolve());
@@ -475,7 +528,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for w in WORKLOADS.into_iter().filter(|w| !w.starts_with("prefill")) {
         let shapes: &[(usize, usize)] = match w {
             "decode" => &[(1, 1)],
-            "sft" => &[(4, 0)],
+            "sft" | "dpo" => &[(4, 0)],
+            "grpo" => &[(16, 64)],
             _ => &[(4, 256), (1, 512)],
         };
         for &(b, t) in shapes {
@@ -494,7 +548,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cmd.args(["--warmup", &args.warmup.to_string(), "--model"])
                 .arg(&model)
                 .arg("--data")
-                .arg(&args.data);
+                .arg(&args.data)
+                .arg("--pairs")
+                .arg(&args.pairs)
+                .arg("--prompts")
+                .arg(&args.prompts)
+                .args(["--generations", &args.generations.to_string()]);
             if t > 0 {
                 cmd.args(["--seq", &t.to_string()]);
             }
