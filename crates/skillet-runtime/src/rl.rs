@@ -11,7 +11,7 @@ use skillet_data::{
     DataError, DataIssue, EncodeOptions, Encoder, IssueCode, RlPrompt, read_prompts,
 };
 use skillet_generate::{EngineConfig, Request, SamplingParams, generate_all};
-use skillet_models::{Adapter, CausalLm, Llama, LoadOptions};
+use skillet_models::{Activations, Adapter, CausalLm, Llama, LoadOptions};
 use skillet_tokenizer::Tokenizer;
 use skillet_train::{GrpoSettings, Metrics, RolloutSource, Sampled};
 
@@ -117,6 +117,8 @@ pub struct PromptSource<'a> {
     /// dequantized copy training multiplies, and reads a fraction of the
     /// bytes per decoded token. The adapter applies to it alike.
     pub sampler: Option<&'a dyn CausalLm>,
+    /// How quantized weights take their inputs while sampling.
+    pub activations: Activations,
     /// Sample every training completion to `max_completion_length`,
     /// ignoring end-of-turn tokens (as `min_new_tokens` does in
     /// transformers): benchmarks use it to fix the lengths.
@@ -175,14 +177,16 @@ impl PromptSource<'_> {
         let config = EngineConfig {
             max_batch: ENGINE_BATCH.min(asked.len().max(1)),
             capacity: longest + max_tokens,
+            activations: self.activations,
             ..EngineConfig::default()
         };
-        let generations = generate_all(
-            self.sampler.unwrap_or(model),
-            self.tokenizer,
-            config,
-            requests,
-        )?;
+        // Held-out generation gets the model with its adapter inside
+        // (`adapter` is None): only training samples go to the sampler.
+        let sampler = match (&adapter, self.sampler) {
+            (Some(_), Some(s)) => s,
+            _ => model,
+        };
+        let generations = generate_all(sampler, self.tokenizer, config, requests)?;
         let items: Vec<ToScore<'_>> = asked
             .iter()
             .zip(&generations)

@@ -12,11 +12,11 @@ use std::time::Instant;
 use skillet_adapters::{LoraAdapter, LoraSettings, PeftFile, RewardAdapter, load_peft, read_peft};
 use skillet_data::{EncodeOptions, Example, split_fraction};
 use skillet_eval::{RunFacts, Snapshot, exact_match, general_perplexity, write_report};
-use skillet_models::{Adapted, Adapter, CausalLm, Llama};
+use skillet_models::{Activations, Adapted, Adapter, CausalLm, Llama};
 use skillet_train::{
     AdamW, AdamWConfig, Dpo, Event, Grpo, LoopSettings, MethodConfig, Objective, PairSet, Reward,
-    RunConfig, Schedule, Sft, TrainState, Trainable, Trainer, latest_checkpoint,
-    load_checkpoint_state, pair_logps, read_metrics,
+    RunConfig, SamplingActivations, Schedule, Sft, TrainState, Trainable, Trainer,
+    latest_checkpoint, load_checkpoint_state, pair_logps, read_metrics,
 };
 
 use crate::pairs::{PairData, ReferenceLogps};
@@ -383,6 +383,10 @@ pub fn run_training(
                 seed: cfg.seed,
                 pad_id: bundle.pad_id(),
                 sampler: sampler.as_ref().map(|m| m as &dyn CausalLm),
+                activations: match g.sampling_activations {
+                    SamplingActivations::F32 => Activations::F32,
+                    SamplingActivations::Int8 => Activations::Int8,
+                },
                 ignore_eos: false,
             };
             let objective = Grpo {

@@ -92,7 +92,7 @@ pub struct Args {
     /// instead of packing its examples into one row.
     #[arg(long)]
     pad: bool,
-    /// decode and the prefills: how quantized weights take their inputs
+    /// decode, the prefills and grpo's sampling: how quantized weights take their inputs
     /// (f32: the dequantized model's numbers; int8: rounded per block of
     /// 32, as llama.cpp does).
     #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]

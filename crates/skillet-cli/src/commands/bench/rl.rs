@@ -86,7 +86,8 @@ pub(super) fn dpo(args: &Args, bundle: &Bundle, model: &mut Llama) -> anyhow::Re
 /// comparison generate the same lengths), scores them with `json_valid`,
 /// and updates (DAPO loss, β 0: no reference pass, one iteration, TRL's
 /// defaults). Sampling reads the base in its quantized blocks where it
-/// has them, as `skillet train` does. Tokens are the completion tokens
+/// has them, as `skillet train` does, its inputs in f32 or int8
+/// (`--activations`). Tokens are the completion tokens
 /// sampled per step.
 pub(super) fn grpo(args: &Args, bundle: &Bundle, model: &mut Llama) -> anyhow::Result<Timed> {
     let g = args.generations.max(1);
@@ -124,6 +125,7 @@ pub(super) fn grpo(args: &Args, bundle: &Bundle, model: &mut Llama) -> anyhow::R
         seed: 0,
         pad_id: bundle.pad_id(),
         sampler: sampler.as_ref().map(|m| m as &dyn CausalLm),
+        activations: args.activations.resolve(),
         ignore_eos: true,
     };
     let objective = Grpo {
