@@ -143,14 +143,16 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 impl PromptSource<'_> {
     /// Generates for `asked` (prompt index, sampling) in `set`, scores
     /// every completion, and returns the tokens, the weighted totals and
-    /// the metrics.
+    /// the metrics. Training samples (`training`) are drawn by the sampler
+    /// where there is one, to the full length where `ignore_eos`; held-out
+    /// ones by `model` itself, which then carries its adapter inside.
     fn roll(
         &self,
         model: &dyn CausalLm,
         adapter: Option<Arc<dyn Adapter>>,
         set: &PromptSet,
         asked: &[(usize, SamplingParams)],
-        ignore_eos: bool,
+        training: bool,
     ) -> Result<(Vec<Vec<u32>>, Vec<f64>, Metrics)> {
         let max_tokens = self.settings.max_completion_length;
         let longest = asked
@@ -165,7 +167,7 @@ impl PromptSource<'_> {
                 max_tokens,
                 sampling: sampling.clone(),
                 stop: vec![],
-                eos_ids: if ignore_eos {
+                eos_ids: if training && self.ignore_eos {
                     vec![]
                 } else {
                     self.tokenizer.eos_ids().to_vec()
@@ -266,9 +268,9 @@ impl RolloutSource for PromptSource<'_> {
                 })
             })
             .collect();
-        let (completions, rewards, metrics) = self
-            .roll(model, adapter, self.train, &asked, self.ignore_eos)
-            .map_err(|e| skillet_train::TrainError::Invalid(e.to_string()))?;
+        let (completions, rewards, metrics) =
+            self.roll(model, adapter, self.train, &asked, true)
+                .map_err(|e| skillet_train::TrainError::Invalid(e.to_string()))?;
         Ok(Sampled {
             prompts: items.iter().map(|&i| self.train.ids[i].clone()).collect(),
             completions,

@@ -67,6 +67,11 @@ impl TrainBatch {
         self.target_iter().collect()
     }
 
+    /// Number of real (unpadded) positions.
+    pub fn real_tokens(&self) -> usize {
+        self.key_mask.iter().filter(|&&m| m != 0).count()
+    }
+
     /// Number of labelled tokens (what the loss is normalized by).
     pub fn target_count(&self) -> usize {
         self.target_iter().count()

@@ -200,7 +200,7 @@ impl Objective for Reward<'_> {
     }
 
     fn tokens(&self, batch: &PairBatch) -> usize {
-        batch.rows.key_mask.iter().filter(|&&m| m != 0).count()
+        batch.rows.real_tokens()
     }
 
     fn loss(&self, model: &dyn CausalLm, batch: &PairBatch) -> Result<MicroLoss> {

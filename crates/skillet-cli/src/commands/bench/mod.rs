@@ -318,7 +318,7 @@ fn time_training(
     time_steps(args, |i| {
         let batch = &batches[i % batches.len()];
         trainer.step(&objective, std::slice::from_ref(batch))?;
-        Ok(batch.key_mask.iter().filter(|&&m| m != 0).count())
+        Ok(batch.real_tokens())
     })
 }
 

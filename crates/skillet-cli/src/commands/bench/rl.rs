@@ -65,7 +65,7 @@ pub(super) fn dpo(args: &Args, bundle: &Bundle, model: &mut Llama) -> anyhow::Re
     let (tokens_per_s, step_seconds) = time_steps(args, |i| {
         let batch = &batches[i % batches.len()];
         trainer.step(&objective, std::slice::from_ref(batch))?;
-        Ok(batch.rows.key_mask.iter().filter(|&&m| m != 0).count())
+        Ok(batch.rows.real_tokens())
     })?;
     let sides = 2 * data.tokenized.len().max(1);
     let tokens: usize = data
