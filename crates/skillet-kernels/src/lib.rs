@@ -43,7 +43,8 @@ pub use cached_attention::{CachedSeq, KEY_BLOCK, cached_attention, key_cache_len
 pub use frozen::{FrozenWeight, frozen_product};
 pub use linear::{frozen_matmul, linear};
 pub use linear_cross_entropy::{
-    CrossEntropyStats, FrozenHead, linear_cross_entropy, linear_cross_entropy_frozen,
+    CrossEntropyStats, FrozenHead, LmHead, linear_cross_entropy, linear_cross_entropy_frozen,
+    linear_token_nll,
 };
 pub use lora_linear::{FrozenLinear, lora_linear};
 pub use lora_rows::{LoraFactors, lora_rows};

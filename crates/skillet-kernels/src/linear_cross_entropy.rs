@@ -1,17 +1,19 @@
 //! LM head + cross-entropy in one op, in chunks of rows: the `[N, V]`
 //! logits (200 MB at 4×256 tokens and a 49k vocabulary) are never stored.
-//! Forward sums `logsumexp(h Wᵀ) − (h Wᵀ)[label]` chunk by chunk; backward
-//! recomputes each chunk's logits, turns them into
-//! `P = (softmax − onehot(label)) · dloss` in place, and returns
-//! `dh = P W` and, for a trainable head, `dW = Pᵀ h`. Over a frozen head,
-//! forward makes `dh` from its own logits instead (for `dloss = 1`) and
-//! backward only scales it. This is the fused
-//! linear cross-entropy of Liger-Kernel (Hsu et al. 2024,
+//! Forward gives each row's `logsumexp(h Wᵀ / T) − (h Wᵀ / T)[label]`
+//! (the negative log-probability of its label at temperature `T`), chunk
+//! by chunk; backward takes a gradient per row, recomputes each chunk's
+//! logits, turns them into `P = (softmax − onehot(label)) · g / T` in
+//! place, and returns `dh = P W` and, for a trainable head, `dW = Pᵀ h`.
+//! Over a frozen head, forward makes `dh` from its own logits instead (for
+//! `g = 1`) and backward only scales its rows. The summed loss of SFT and
+//! the per-token log-probabilities of DPO and GRPO are both this op. This
+//! is the fused linear cross-entropy of Liger-Kernel (Hsu et al. 2024,
 //! arXiv 2410.10989), here on the CPU.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::bf16::{Bf16Weight, matmul_bf16};
@@ -30,16 +32,39 @@ pub struct CrossEntropyStats {
     pub correct: usize,
 }
 
-struct LinearCrossEntropy {
+/// What both forms of the op share: the labels, `1 / T`, and what
+/// forward leaves for the caller and for backward.
+struct Rows {
     labels: Arc<Vec<u32>>,
+    inv_t: f32,
     stats: Arc<Mutex<CrossEntropyStats>>,
-    /// `h`'s gradient made by forward, where the head is frozen.
     kept: KeptGrad,
 }
 
-/// `h`'s gradient for a loss gradient of 1, made by forward from its own
-/// logits when `h` takes a gradient and the head does not (backward then
-/// scales it), so each chunk's logits are made once per step, not twice.
+impl Rows {
+    /// Forward over `h` (`n × c`) through `head`: each row's negative
+    /// log-probability, and `h`'s gradient kept where one is wanted.
+    fn forward(&self, h: &[f32], head: Head, (n, c): (usize, usize), v: usize) -> Result<Vec<f32>> {
+        if self.labels.len() != n {
+            bail!(
+                "linear cross-entropy: {n} rows, {} labels",
+                self.labels.len()
+            );
+        }
+        let mut dh = self.kept.buffer(n * c);
+        let (nll, correct) = row_nll(h, head, (c, v), &self.labels, self.inv_t, dh.as_deref_mut())?;
+        if let Ok(mut s) = self.stats.lock() {
+            s.correct = correct;
+        }
+        self.kept.keep(dh);
+        Ok(nll)
+    }
+}
+
+/// `h`'s gradient for a gradient of 1 on every row, made by forward from
+/// its own logits when `h` takes a gradient and the head does not
+/// (backward then scales each row by its own), so each chunk's logits are
+/// made once per step, not twice.
 struct KeptGrad(Option<Mutex<Option<Vec<f32>>>>);
 
 impl KeptGrad {
@@ -60,12 +85,13 @@ impl KeptGrad {
         }
     }
 
-    /// The kept gradient scaled by `dloss` (once: a second backward of the
-    /// same graph makes it again).
-    fn take(&self, dloss: f32, c: usize) -> Option<Vec<f32>> {
+    /// The kept gradient, row `i` scaled by `g[i]` (once: a second
+    /// backward of the same graph makes it again).
+    fn take(&self, g: &[f32], c: usize) -> Option<Vec<f32>> {
         let mut dh = self.0.as_ref()?.lock().ok()?.take()?;
         dh.par_chunks_mut(c.max(1))
-            .for_each(|row| scale(row, dloss));
+            .zip(g.par_iter())
+            .for_each(|(row, &g)| scale(row, g));
         Some(dh)
     }
 }
@@ -147,63 +173,75 @@ impl Head<'_> {
     }
 }
 
-/// The summed loss of `h` (`n × c`) against `labels`, and how many rows
-/// the argmax got right, a chunk of logits at a time; with `dh` (`n × c`),
-/// also the gradient of the summed loss with respect to `h` (for a loss
-/// gradient of 1), from the same logits, so backward need not make them
-/// again.
-fn loss_sum(
+/// Turns a row of logits (already divided by `T`) into
+/// `(softmax − onehot(label)) · g` in place, given its maximum `m` and
+/// `Σ exp(x − m)` already written over it.
+fn into_grad(row: &mut [f32], label: usize, sum: f32, g: f32) {
+    scale(row, g / sum);
+    row[label] -= g;
+}
+
+/// Each row's negative log-probability of its label in `h` (`n × c`)
+/// through `head` at temperature `1 / inv_t`, and how many rows the
+/// argmax got right, a chunk of logits at a time; with `dh` (`n × c`),
+/// also each row's gradient with respect to `h` (for a gradient of 1 on
+/// every row), from the same logits, so backward need not make them again.
+fn row_nll(
     h: &[f32],
     head: Head,
-    c: usize,
-    v: usize,
+    (c, v): (usize, usize),
     labels: &[u32],
+    inv_t: f32,
     mut dh: Option<&mut [f32]>,
-) -> Result<(f64, usize)> {
+) -> Result<(Vec<f32>, usize)> {
     let n = labels.len();
     let mut buf = vec![0f32; CHUNK.min(n) * v];
-    let (mut total, mut correct) = (0f64, 0usize);
+    let mut nll = vec![0f32; n];
+    let mut correct = 0usize;
     let grad = dh.is_some();
     for from in (0..n).step_by(CHUNK) {
         let to = (from + CHUNK).min(n);
         let buf = &mut buf[..(to - from) * v];
         head.logits(&h[from * c..to * c], c, v, buf)?;
-        let (loss, hits) = buf
+        correct += buf
             .par_chunks_mut(v)
             .zip(labels[from..to].par_iter())
-            .map(|(row, &label)| {
+            .zip(nll[from..to].par_iter_mut())
+            .map(|((row, &label), out)| {
                 let label = label as usize;
+                if inv_t != 1.0 {
+                    scale(row, inv_t);
+                }
                 let picked = row[label];
                 let m = max(row);
                 let hit =
                     usize::from(picked >= m && row.iter().position(|&x| x == m) == Some(label));
                 let sum = exp_shifted_sum(row, m);
+                *out = (m as f64 + (sum as f64).ln() - picked as f64) as f32;
                 if grad {
-                    // softmax − onehot(label), as `hidden_grad` makes it.
-                    scale(row, 1.0 / sum);
-                    row[label] -= 1.0;
+                    into_grad(row, label, sum, inv_t);
                 }
-                (m as f64 + (sum as f64).ln() - picked as f64, hit)
+                hit
             })
-            .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            .sum::<usize>();
         if let Some(dh) = dh.as_deref_mut() {
             head.input_grad(buf, c, v, &mut dh[from * c..to * c])?;
         }
-        total += loss;
-        correct += hits;
     }
-    Ok((total, correct))
+    Ok((nll, correct))
 }
 
-/// `dh` (`n × c`) of the summed loss scaled by `dloss`, chunk by chunk
-/// (logits recomputed, turned into `P` in place); `each_chunk` also gets
-/// every chunk's `P` and hidden rows (for a trainable head's gradient).
+/// `dh` (`n × c`) of the rows' negative log-probabilities, row `i` taking
+/// the gradient `g[i]`, chunk by chunk (logits recomputed, turned into
+/// `P` in place); `each_chunk` also gets every chunk's `P` and hidden rows
+/// (for a trainable head's gradient).
 fn hidden_grad(
     h: &[f32],
     head: Head,
     (c, v): (usize, usize),
     labels: &[u32],
-    dloss: f32,
+    inv_t: f32,
+    g: &[f32],
     mut each_chunk: impl FnMut(&[f32], &[f32]),
 ) -> Result<Vec<f32>> {
     let n = labels.len();
@@ -216,11 +254,14 @@ fn hidden_grad(
         head.logits(hc, c, v, buf)?;
         buf.par_chunks_mut(v)
             .zip(labels[from..to].par_iter())
-            .for_each(|(row, &label)| {
+            .zip(g[from..to].par_iter())
+            .for_each(|((row, &label), &g)| {
+                if inv_t != 1.0 {
+                    scale(row, inv_t);
+                }
                 let m = max(row);
                 let sum = exp_shifted_sum(row, m);
-                scale(row, dloss / sum);
-                row[label as usize] -= dloss;
+                into_grad(row, label as usize, sum, g * inv_t);
             });
         head.input_grad(buf, c, v, &mut dh[from * c..to * c])?;
         each_chunk(buf, hc);
@@ -228,7 +269,15 @@ fn hidden_grad(
     Ok(dh)
 }
 
-impl CustomOp2 for LinearCrossEntropy {
+/// The rows' gradients as host values.
+fn row_grads(grad: &Tensor) -> Result<Vec<f32>> {
+    grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// The op over a head that may be trainable (a second argument).
+struct LinearNll(Rows);
+
+impl CustomOp2 for LinearNll {
     fn name(&self) -> &'static str {
         "linear-cross-entropy"
     }
@@ -244,19 +293,11 @@ impl CustomOp2 for LinearCrossEntropy {
         let w = slice(ws, wl, self.name())?;
         let (n, c) = hl.shape().dims2()?;
         let (v, wc) = wl.shape().dims2()?;
-        if wc != c || self.labels.len() != n {
-            bail!(
-                "linear cross-entropy: hidden {n}×{c}, head {v}×{wc}, {} labels",
-                self.labels.len()
-            );
+        if wc != c {
+            bail!("linear cross-entropy: hidden {n}×{c}, head {v}×{wc}");
         }
-        let mut dh = self.kept.buffer(n * c);
-        let (total, correct) = loss_sum(h, Head::F32(w), c, v, &self.labels, dh.as_deref_mut())?;
-        if let Ok(mut s) = self.stats.lock() {
-            s.correct = correct;
-        }
-        self.kept.keep(dh);
-        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+        let nll = self.0.forward(h, Head::F32(w), (n, c), v)?;
+        Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
     fn bwd(
@@ -266,28 +307,37 @@ impl CustomOp2 for LinearCrossEntropy {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dloss = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let g = row_grads(grad)?;
         let (n, c) = h.dims2()?;
         let v = w.dim(0)?;
         let want_dw = w.track_op();
-        if !want_dw && let Some(dh) = self.kept.take(dloss, c) {
+        if !want_dw && let Some(dh) = self.0.kept.take(&g, c) {
             return Ok((Some(tensor(dh, (n, c))?), None));
         }
+        let rows = &self.0;
         let (dh, dw) = with_f32([h, w], self.name(), |[h, w]| {
             let mut dw = vec![0f32; if want_dw { v * c } else { 0 }];
-            let dh = hidden_grad(h, Head::F32(w), (c, v), &self.labels, dloss, |p, hc| {
-                if want_dw {
-                    matmul(
-                        v,
-                        c,
-                        hc.len() / c,
-                        View::rows(p, v).t(),
-                        View::rows(hc, c),
-                        Out::new(&mut dw, c).accumulate(),
-                        true,
-                    );
-                }
-            })?;
+            let dh = hidden_grad(
+                h,
+                Head::F32(w),
+                (c, v),
+                &rows.labels,
+                rows.inv_t,
+                &g,
+                |p, hc| {
+                    if want_dw {
+                        matmul(
+                            v,
+                            c,
+                            hc.len() / c,
+                            View::rows(p, v).t(),
+                            View::rows(hc, c),
+                            Out::new(&mut dw, c).accumulate(),
+                            true,
+                        );
+                    }
+                },
+            )?;
             Ok((dh, want_dw.then_some(dw)))
         })?;
         Ok((
@@ -297,16 +347,13 @@ impl CustomOp2 for LinearCrossEntropy {
     }
 }
 
-/// [`LinearCrossEntropy`] over a frozen head.
-struct LinearCrossEntropyFrozen {
+/// The op over a frozen head.
+struct LinearNllFrozen {
     head: FrozenHead,
-    labels: Arc<Vec<u32>>,
-    stats: Arc<Mutex<CrossEntropyStats>>,
-    /// `h`'s gradient made by forward.
-    kept: KeptGrad,
+    rows: Rows,
 }
 
-impl CustomOp1 for LinearCrossEntropyFrozen {
+impl CustomOp1 for LinearNllFrozen {
     fn name(&self) -> &'static str {
         "linear-cross-entropy-frozen"
     }
@@ -315,34 +362,92 @@ impl CustomOp1 for LinearCrossEntropyFrozen {
         let h = slice(hs, hl, self.name())?;
         let (n, c) = hl.shape().dims2()?;
         let (v, wc) = self.head.dims()?;
-        if wc != c || self.labels.len() != n {
-            bail!(
-                "linear cross-entropy: hidden {n}×{c}, head {v}×{wc}, {} labels",
-                self.labels.len()
-            );
+        if wc != c {
+            bail!("linear cross-entropy: hidden {n}×{c}, head {v}×{wc}");
         }
-        let mut dh = self.kept.buffer(n * c);
-        let (total, correct) =
-            loss_sum(h, self.head.head(), c, v, &self.labels, dh.as_deref_mut())?;
-        if let Ok(mut s) = self.stats.lock() {
-            s.correct = correct;
-        }
-        self.kept.keep(dh);
-        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+        let nll = self.rows.forward(h, self.head.head(), (n, c), v)?;
+        Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dloss = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let g = row_grads(grad)?;
         let (n, c) = h.dims2()?;
         let (v, _) = self.head.dims()?;
-        let dh = match self.kept.take(dloss, c) {
+        let rows = &self.rows;
+        let dh = match rows.kept.take(&g, c) {
             Some(dh) => dh,
             None => with_f32([h], self.name(), |[h]| {
-                hidden_grad(h, self.head.head(), (c, v), &self.labels, dloss, |_, _| {})
+                hidden_grad(
+                    h,
+                    self.head.head(),
+                    (c, v),
+                    &rows.labels,
+                    rows.inv_t,
+                    &g,
+                    |_, _| {},
+                )
             })?,
         };
         Ok(Some(tensor(dh, (n, c))?))
     }
+}
+
+/// An LM head as the fused op takes it.
+#[derive(Clone, Copy)]
+pub enum LmHead<'a> {
+    /// A dense `[V, C]` head, trainable or not (it gets a gradient when
+    /// it is a variable).
+    Weight(&'a Tensor),
+    /// A frozen head: only `h` gets a gradient.
+    Frozen(&'a FrozenHead),
+}
+
+/// Each row's negative log-probability of its label under
+/// `softmax(h Wᵀ / temperature)` (`[N]`, f32), without storing the
+/// logits; also how many rows the argmax got right. `h` gets a gradient,
+/// and so does a trainable head; each row may take its own gradient
+/// (a per-token weight, as DPO's and GRPO's losses give). With a bf16 head
+/// (packed, or a frozen weight in bf16) the logits and `h`'s gradient are
+/// bf16 products with f32 accumulation; the softmax stays in f32. Over a
+/// frozen head, when `h` takes a gradient, forward makes it too from the
+/// same logits (two products of the head per step instead of three), and
+/// backward scales its rows.
+pub fn linear_token_nll(
+    h: &Tensor,
+    head: LmHead,
+    labels: &[u32],
+    temperature: f64,
+) -> Result<(Tensor, usize)> {
+    if !(temperature.is_finite() && temperature > 0.0) {
+        bail!("temperature {temperature} is not a positive number");
+    }
+    let v = match head {
+        LmHead::Weight(w) => w.dim(0)?,
+        LmHead::Frozen(f) => f.dims()?.0,
+    };
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
+        bail!("label {bad} is outside the vocabulary ({v})");
+    }
+    let stats = Arc::new(Mutex::new(CrossEntropyStats::default()));
+    let rows = |kept| Rows {
+        labels: Arc::new(labels.to_vec()),
+        inv_t: (1.0 / temperature) as f32,
+        stats: stats.clone(),
+        kept: KeptGrad::new(kept),
+    };
+    let h = h.contiguous()?;
+    let nll = match head {
+        LmHead::Weight(w) => {
+            let op = LinearNll(rows(h.track_op() && !w.track_op()));
+            h.apply_op2(&w.contiguous()?, op)?
+        }
+        LmHead::Frozen(f) => h.apply_op1(LinearNllFrozen {
+            head: f.clone(),
+            rows: rows(h.track_op()),
+        })?,
+    };
+    let correct = stats.lock().map(|s| s.correct).unwrap_or(0);
+    Ok((nll, correct))
 }
 
 /// Sum over rows of `h` (`[N, C]`) of the cross-entropy of `h Wᵀ` (`W`:
@@ -350,46 +455,18 @@ impl CustomOp1 for LinearCrossEntropyFrozen {
 /// rows the argmax got right. `h` gets a gradient, and so does `W` when it
 /// is trainable.
 pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, labels: &[u32]) -> Result<(Tensor, usize)> {
-    let v = w.dim(0)?;
-    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
-        bail!("label {bad} is outside the vocabulary ({v})");
-    }
-    let stats = Arc::new(Mutex::new(CrossEntropyStats::default()));
-    let op = LinearCrossEntropy {
-        labels: Arc::new(labels.to_vec()),
-        stats: stats.clone(),
-        kept: KeptGrad::new(h.track_op() && !w.track_op()),
-    };
-    let sum = h.contiguous()?.apply_op2(&w.contiguous()?, op)?;
-    let correct = stats.lock().map(|s| s.correct).unwrap_or(0);
-    Ok((sum, correct))
+    let (nll, correct) = linear_token_nll(h, LmHead::Weight(w), labels, 1.0)?;
+    Ok((nll.sum_all()?, correct))
 }
 
-/// [`linear_cross_entropy`] for a frozen head: `h` gets a gradient, the
-/// head none. With a bf16 head (packed, or a frozen weight in bf16) the
-/// logits and `h`'s gradient are bf16 products with f32 accumulation; the
-/// softmax and the loss stay in f32. When `h` takes a gradient, forward
-/// makes it too from the same logits (two products of the head per step
-/// instead of three), and backward scales it by the loss's gradient.
+/// [`linear_cross_entropy`] for a frozen head (see [`linear_token_nll`]).
 pub fn linear_cross_entropy_frozen(
     h: &Tensor,
     head: &FrozenHead,
     labels: &[u32],
 ) -> Result<(Tensor, usize)> {
-    let (v, _) = head.dims()?;
-    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
-        bail!("label {bad} is outside the vocabulary ({v})");
-    }
-    let stats = Arc::new(Mutex::new(CrossEntropyStats::default()));
-    let op = LinearCrossEntropyFrozen {
-        head: head.clone(),
-        labels: Arc::new(labels.to_vec()),
-        stats: stats.clone(),
-        kept: KeptGrad::new(h.track_op()),
-    };
-    let sum = h.contiguous()?.apply_op1(op)?;
-    let correct = stats.lock().map(|s| s.correct).unwrap_or(0);
-    Ok((sum, correct))
+    let (nll, correct) = linear_token_nll(h, LmHead::Frozen(head), labels, 1.0)?;
+    Ok((nll.sum_all()?, correct))
 }
 
 #[cfg(test)]
@@ -546,6 +623,56 @@ mod tests {
         let want = want.get(hw.as_tensor()).unwrap();
         assert_close(&first, want, 1e-5, "kept from forward");
         assert_close(&again, want, 1e-5, "made in backward");
+    }
+
+    /// Each row's `−log softmax(h Wᵀ / t)[label]`, composed.
+    fn composed_rows(h: &Tensor, w: &Tensor, labels: &[u32], t: f64) -> Tensor {
+        let logits = (h.matmul(&w.t().unwrap()).unwrap() / t).unwrap();
+        let lse = logits
+            .exp()
+            .unwrap()
+            .sum_keepdim(D::Minus1)
+            .unwrap()
+            .log()
+            .unwrap();
+        let l = Tensor::new(labels, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        let picked = logits.gather(&l, D::Minus1).unwrap();
+        (lse - picked).unwrap().squeeze(1).unwrap()
+    }
+
+    #[test]
+    fn per_row_values_and_gradients_at_a_temperature_match_composed() {
+        // Two chunks; every row takes its own gradient (the weighted sum in
+        // `grads`), with the head trainable and frozen, at T = 0.7 and 1.
+        let (n, c, v) = (CHUNK + 20, 16, 41);
+        let h = random(&[n, c], 11, 1.0);
+        let w = random(&[v, c], 12, 1.0);
+        let labels: Vec<u32> = (0..n).map(|i| ((i * 13) % v) as u32).collect();
+        for t in [0.7, 1.0] {
+            let (rows, _) = linear_token_nll(&h, LmHead::Weight(&w), &labels, t).unwrap();
+            assert_close(&rows, &composed_rows(&h, &w, &labels, t), 1e-5, "rows");
+            let f =
+                |a: &[Tensor]| Ok(linear_token_nll(&a[0], LmHead::Weight(&a[1]), &labels, t)?.0);
+            let r = |a: &[Tensor]| Ok(composed_rows(&a[0], &a[1], &labels, t));
+            let gf = grads(&[h.clone(), w.clone()], &f);
+            let gr = grads(&[h.clone(), w.clone()], &r);
+            assert_close(&gf[0], &gr[0], 1e-4, "dh");
+            assert_close(&gf[1], &gr[1], 1e-4, "dW");
+            // Frozen: the gradient forward keeps, scaled row by row, and
+            // a dense head taken as a frozen weight.
+            let frozen = FrozenHead::Weight(FrozenWeight::Dense(w.clone()));
+            let f =
+                |a: &[Tensor]| Ok(linear_token_nll(&a[0], LmHead::Frozen(&frozen), &labels, t)?.0);
+            let g = grads(&[h.clone()], &f);
+            assert_close(&g[0], &gr[0], 1e-4, "frozen dh");
+            let f = |a: &[Tensor]| Ok(linear_token_nll(&a[0], LmHead::Weight(&w), &labels, t)?.0);
+            let g = grads(&[h.clone()], &f);
+            assert_close(&g[0], &gr[0], 1e-4, "kept dh");
+        }
+        assert!(linear_token_nll(&h, LmHead::Weight(&w), &labels, 0.0).is_err());
     }
 
     #[test]

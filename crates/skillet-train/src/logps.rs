@@ -2,11 +2,14 @@
 //! `log p(token | prefix)` over its labelled tokens, from one batched
 //! forward, and how many tokens each sum has. DPO compares these sums
 //! between policy and reference, as TRL's `concatenated_forward` does.
-//! The LM head runs on labelled positions only; log-softmax is computed
+//! The LM head runs on labelled positions only, through the fused op that
+//! never stores the `[N, vocabulary]` logits where the head is a plain
+//! weight (composed candle ops where an adapter wraps it); log-softmax is
 //! in f32 and the row sums are a product with a 0/1 row-membership matrix,
 //! so the whole stays differentiable.
 
 use candle_core::{D, DType, Device, Tensor};
+use skillet_kernels::{LmHead, linear_token_nll};
 use skillet_models::CausalLm;
 
 use crate::{Result, TrainBatch};
@@ -55,13 +58,28 @@ pub fn token_logps(model: &dyn CausalLm, batch: &TrainBatch, temperature: f64) -
     let picked = hidden
         .reshape((batch.batch * batch.seq, c))?
         .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?; // [N,C]
-    let mut logits = model.head(&picked, &adapters)?.to_dtype(DType::F32)?; // [N,V]
+    if let Some(head) = model.head_frozen(&adapters)? {
+        let (nll, _) = linear_token_nll(&picked, LmHead::Frozen(&head), &labels, temperature)?;
+        return Ok(nll.neg()?);
+    }
+    if let Some(weight) = model.head_weight(&adapters) {
+        let (nll, _) = linear_token_nll(&picked, LmHead::Weight(&weight), &labels, temperature)?;
+        return Ok(nll.neg()?);
+    }
+    composed_logps(model.head(&picked, &adapters)?, &labels, temperature)
+}
+
+/// `log softmax(logits / temperature)[label]` of each row, through
+/// candle's own ops (an LM head wrapped by an adapter).
+fn composed_logps(logits: Tensor, labels: &[u32], temperature: f64) -> Result<Tensor> {
+    let n = labels.len();
+    let mut logits = logits.to_dtype(DType::F32)?; // [N,V]
     if temperature != 1.0 {
         logits = (logits / temperature)?;
     }
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // [N,1]
-    let label_t = Tensor::new(labels.as_slice(), &Device::Cpu)?.reshape((n, 1))?;
+    let label_t = Tensor::new(labels, &Device::Cpu)?.reshape((n, 1))?;
     Ok((shifted.gather(&label_t, D::Minus1)? - lse)?.squeeze(1)?)
 }
