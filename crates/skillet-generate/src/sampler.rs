@@ -104,16 +104,31 @@ impl Sampler {
         let t = self.params.temperature;
         scores.iter_mut().for_each(|s| *s /= t);
 
+        let top_k = self.params.top_k.filter(|&k| k > 0 && k < scores.len());
+        let top_p = self.params.top_p.filter(|&p| p > 0.0 && p < 1.0);
+        if top_k.is_none() && top_p.is_none() {
+            // Nothing cut: the whole distribution, walked in vocabulary
+            // order (no ranking needed).
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f64> = scores.iter().map(|&s| f64::from(s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let u = self.rng.next_f64();
+            let mut cum = 0.0;
+            for (i, w) in weights.iter().enumerate() {
+                cum += w / total;
+                if u < cum {
+                    return i as u32;
+                }
+            }
+            // Sums short of `u` by rounding: the last token with weight.
+            return weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32;
+        }
         let mut ranked = Ranked::new(&scores);
         let max = scores[ranked.at(0)];
         let weight = |i: usize| f64::from(scores[i] - max).exp();
         // Top-k: the k best, and every token tied with the k-th (as in
         // transformers); the kept tokens are the first `keep` ranks.
-        let kth = self
-            .params
-            .top_k
-            .filter(|&k| k > 0 && k < scores.len())
-            .map(|k| scores[ranked.at(k - 1)]);
+        let kth = top_k.map(|k| scores[ranked.at(k - 1)]);
         let kept = |s: f32| kth.is_none_or(|kth| s >= kth);
         let keep = scores.iter().filter(|&&s| kept(s)).count();
         let total: f64 = (0..scores.len())
@@ -122,7 +137,7 @@ impl Sampler {
             .sum();
         // Top-p: the fewest best tokens whose probability reaches p.
         let (mut limit, mut mass) = (keep, total);
-        if let Some(p) = self.params.top_p.filter(|&p| p > 0.0 && p < 1.0) {
+        if let Some(p) = top_p {
             let (mut cum, mut sum, mut n) = (0.0, 0.0, 0);
             while n < keep {
                 let w = weight(ranked.at(n));
@@ -258,17 +273,22 @@ mod tests {
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     }
 
-    /// The sort of the whole vocabulary the ranked walk replaces.
+    /// The sort of the whole vocabulary the ranked walk replaces (and,
+    /// where nothing is cut, the walk in vocabulary order).
     fn sample_fully_sorted(params: &SamplingParams, logits: &[f32], u: f64) -> u32 {
         let scores: Vec<f32> = logits.iter().map(|s| s / params.temperature).collect();
         let mut order: Vec<usize> = (0..scores.len()).collect();
-        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let cut = params.top_k.is_some_and(|k| k > 0 && k < scores.len())
+            || params.top_p.is_some_and(|p| p > 0.0 && p < 1.0);
+        if cut {
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut keep = order.len();
         if let Some(k) = params.top_k.filter(|&k| k > 0 && k < keep) {
             let kth = scores[order[k - 1]];
             keep = order.iter().take_while(|&&i| scores[i] >= kth).count();
         }
-        let max = scores[order[0]];
         let mut probs: Vec<f64> = order[..keep]
             .iter()
             .map(|&i| f64::from(scores[i] - max).exp())

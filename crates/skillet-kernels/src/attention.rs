@@ -26,7 +26,7 @@ use crate::bf16::bf16_accelerated;
 use crate::rope::{RopeLayout, RopeTable, rotate};
 use crate::storage::{slice, tensor, with_f32};
 use flash::Dims;
-pub use mask::AttentionMask;
+pub use mask::{AttentionMask, SHARED_SEGMENT};
 
 pub(crate) struct Attention {
     pub(crate) mask: AttentionMask,
@@ -378,6 +378,27 @@ mod tests {
             .with_segments(seg)
             .unwrap();
         check(2, 10, 10, 4, 2, 8, m, 7);
+        // A shared prefix of 3 keys continued by two segments: each sees
+        // the prefix and itself, not the other.
+        let mut seg = vec![SHARED_SEGMENT; 3];
+        seg.extend([1, 1, 1, 2, 2, 2, 2]);
+        let m = AttentionMask::causal(1, 10, 10)
+            .unwrap()
+            .with_segments(seg)
+            .unwrap();
+        let bias = m
+            .bias()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let sees =
+            |i: usize| -> Vec<usize> { (0..10).filter(|&j| bias[i * 10 + j] == 0.0).collect() };
+        assert_eq!(sees(2), vec![0, 1, 2]);
+        assert_eq!(sees(5), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(sees(7), vec![0, 1, 2, 6, 7]);
+        check(1, 10, 10, 4, 2, 8, m, 8);
     }
 
     #[test]

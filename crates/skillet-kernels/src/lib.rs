@@ -35,7 +35,7 @@ mod vec;
 mod testing;
 
 pub use adamw::{AdamWStep, adamw_step};
-pub use attention::{AttentionMask, attention, attention_composed, attention_rope};
+pub use attention::{AttentionMask, SHARED_SEGMENT, attention, attention_composed, attention_rope};
 pub use bf16::{
     Bf16Matrix, Bf16Rows, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16,
 };

@@ -666,10 +666,10 @@ mod tests {
             let frozen = FrozenHead::Weight(FrozenWeight::Dense(w.clone()));
             let f =
                 |a: &[Tensor]| Ok(linear_token_nll(&a[0], LmHead::Frozen(&frozen), &labels, t)?.0);
-            let g = grads(&[h.clone()], &f);
+            let g = grads(std::slice::from_ref(&h), &f);
             assert_close(&g[0], &gr[0], 1e-4, "frozen dh");
             let f = |a: &[Tensor]| Ok(linear_token_nll(&a[0], LmHead::Weight(&w), &labels, t)?.0);
-            let g = grads(&[h.clone()], &f);
+            let g = grads(std::slice::from_ref(&h), &f);
             assert_close(&g[0], &gr[0], 1e-4, "kept dh");
         }
         assert!(linear_token_nll(&h, LmHead::Weight(&w), &labels, 0.0).is_err());

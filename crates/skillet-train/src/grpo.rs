@@ -27,6 +27,8 @@ use skillet_models::{Adapted, Adapter, CausalLm};
 
 use crate::logps::token_logps;
 use crate::objective::{Metrics, MicroLoss, Objective};
+use skillet_kernels::SHARED_SEGMENT;
+
 use crate::{IGNORE, Result, TrainBatch, TrainError};
 
 /// `method.loss_type` for GRPO.
@@ -226,11 +228,14 @@ pub enum GrpoBatch {
 /// Completions with what the loss needs of them.
 #[derive(Debug, Clone)]
 pub struct RolloutBatch {
-    /// Prompt + completion per row, labels on the completion.
+    /// Prompts and completions, labels on the completions.
     pub rows: TrainBatch,
-    /// Each row's advantage.
+    /// Each labelled token's completion (an index into `advantages` and
+    /// `lens`), in [`TrainBatch::targets`] order.
+    pub owner: Vec<usize>,
+    /// Each completion's advantage.
     pub advantages: Vec<f64>,
-    /// Each row's completion length.
+    /// Each completion's length.
     pub lens: Vec<usize>,
     /// Sampling policy's log-probability per completion token (in
     /// [`TrainBatch::targets`] order), where it differs from the current
@@ -240,38 +245,132 @@ pub struct RolloutBatch {
     pub reference: Option<Vec<f32>>,
 }
 
-/// Rows of prompt + completion, right-padded, labelled on the completion.
-pub fn rollout_rows(pairs: &[(&[u32], &[u32])], pad_id: u32) -> TrainBatch {
-    let seq = pairs
+/// Rows of prompt + completion, one per completion, right-padded,
+/// labelled on the completion; and each labelled token's completion.
+pub fn rollout_rows(pairs: &[(&[u32], &[u32])], pad_id: u32) -> (TrainBatch, Vec<usize>) {
+    let rows: Vec<Vec<Piece>> = pairs
         .iter()
-        .map(|(p, c)| p.len() + c.len())
-        .max()
-        .unwrap_or(0);
-    let n = pairs.len() * seq;
-    let (mut ids, mut key_mask, mut labels) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (p, c) in pairs {
-        let len = p.len() + c.len();
-        ids.extend(p.iter().chain(c.iter()).copied());
-        ids.extend(std::iter::repeat_n(pad_id, seq - len));
-        key_mask.extend(std::iter::repeat_n(1u8, len));
-        key_mask.extend(std::iter::repeat_n(0u8, seq - len));
-        labels.extend(std::iter::repeat_n(IGNORE, p.len()));
-        labels.extend(c.iter().map(|&t| t as i64));
-        labels.extend(std::iter::repeat_n(IGNORE, seq - len));
+        .map(|&(p, c)| vec![Piece::context(p, 0), Piece::completion(c, 0, p.len())])
+        .collect();
+    let batch = pack_rows(&rows, pad_id, false);
+    let owner = owners(pairs.iter().map(|(_, c)| c.len()));
+    (batch, owner)
+}
+
+/// Each prompt once per row, followed by its completions: a row is the
+/// prompt but its last token as a shared prefix (seen by every segment
+/// after it), then per completion a segment of that last prompt token and
+/// the completion, with positions continuing the prompt's. Every
+/// completion token sees exactly what it sees in [`rollout_rows`] (the
+/// prompt and its own earlier tokens, at the same positions), so the
+/// log-probabilities and their gradients are the same, while the prompt
+/// runs through the model once per group instead of once per completion.
+/// Labelled tokens come completion by completion, as in [`rollout_rows`].
+pub fn shared_prompt_rows(groups: &[(&[u32], &[&[u32]])], pad_id: u32) -> (TrainBatch, Vec<usize>) {
+    let rows: Vec<Vec<Piece>> = groups
+        .iter()
+        .map(|&(p, completions)| {
+            let (prefix, last) = p.split_at(p.len().saturating_sub(1));
+            let mut pieces = vec![Piece::context(prefix, SHARED_SEGMENT)];
+            for (k, c) in completions.iter().enumerate() {
+                let segment = k as u32;
+                pieces.push(Piece {
+                    tokens: last.to_vec(),
+                    labelled: false,
+                    segment,
+                    start: prefix.len(),
+                });
+                pieces.push(Piece::completion(c, segment, p.len()));
+            }
+            pieces
+        })
+        .collect();
+    let batch = pack_rows(&rows, pad_id, true);
+    let owner = owners(groups.iter().flat_map(|(_, cs)| cs.iter().map(|c| c.len())));
+    (batch, owner)
+}
+
+/// A run of tokens in a row: its segment, its first position, and
+/// whether its tokens are labels.
+struct Piece {
+    tokens: Vec<u32>,
+    labelled: bool,
+    segment: u32,
+    start: usize,
+}
+
+impl Piece {
+    fn context(tokens: &[u32], segment: u32) -> Self {
+        Self {
+            tokens: tokens.to_vec(),
+            labelled: false,
+            segment,
+            start: 0,
+        }
     }
-    TrainBatch {
-        batch: pairs.len(),
+
+    fn completion(tokens: &[u32], segment: u32, start: usize) -> Self {
+        Self {
+            tokens: tokens.to_vec(),
+            labelled: true,
+            segment,
+            start,
+        }
+    }
+}
+
+/// Rows of pieces, right-padded; positions and segments only where
+/// `packed`.
+fn pack_rows(rows: &[Vec<Piece>], pad_id: u32, packed: bool) -> TrainBatch {
+    let len = |r: &Vec<Piece>| r.iter().map(|p| p.tokens.len()).sum::<usize>();
+    let seq = rows.iter().map(len).max().unwrap_or(0);
+    let n = rows.len() * seq;
+    let mut b = TrainBatch {
+        batch: rows.len(),
         seq,
-        ids,
-        key_mask,
-        positions: None,
-        segments: None,
-        labels,
+        ids: Vec::with_capacity(n),
+        key_mask: Vec::with_capacity(n),
+        positions: packed.then(|| Vec::with_capacity(n)),
+        segments: packed.then(|| Vec::with_capacity(n)),
+        labels: Vec::with_capacity(n),
+    };
+    for row in rows {
+        for p in row {
+            b.ids.extend(&p.tokens);
+            b.labels.extend(
+                p.tokens
+                    .iter()
+                    .map(|&t| if p.labelled { t as i64 } else { IGNORE }),
+            );
+            let k = p.tokens.len();
+            if let Some(pos) = &mut b.positions {
+                pos.extend((p.start..p.start + k).map(|i| i as u32));
+            }
+            if let Some(seg) = &mut b.segments {
+                seg.extend(std::iter::repeat_n(p.segment, k));
+            }
+        }
+        let pad = seq - len(row);
+        b.key_mask.extend(std::iter::repeat_n(1u8, seq - pad));
+        b.key_mask.extend(std::iter::repeat_n(0u8, pad));
+        b.ids.extend(std::iter::repeat_n(pad_id, pad));
+        b.labels.extend(std::iter::repeat_n(IGNORE, pad));
+        if let Some(pos) = &mut b.positions {
+            pos.extend(std::iter::repeat_n(0, pad));
+        }
+        if let Some(seg) = &mut b.segments {
+            seg.extend(std::iter::repeat_n(SHARED_SEGMENT - 1, pad));
+        }
     }
+    b
+}
+
+/// Each labelled token's completion, for completions of `lens` labelled
+/// in order.
+fn owners(lens: impl Iterator<Item = usize>) -> Vec<usize> {
+    lens.enumerate()
+        .flat_map(|(k, n)| std::iter::repeat_n(k, n))
+        .collect()
 }
 
 /// GRPO's loss of `batch` under `model`, summed over its units (tokens
@@ -287,8 +386,15 @@ pub fn grpo_loss(
     let mut grad = vec![0f32; v.len()];
     let mut value = 0f64;
     let (mut kl, mut low, mut high) = (0f64, 0f64, 0f64);
-    for (k, &(at, _)) in targets.iter().enumerate() {
-        let row = at / batch.rows.seq;
+    if batch.owner.len() != targets.len() {
+        return Err(TrainError::Invalid(format!(
+            "{} labelled tokens but {} owners",
+            targets.len(),
+            batch.owner.len()
+        )));
+    }
+    for k in 0..targets.len() {
+        let row = batch.owner[k];
         let lpk = v[k] as f64;
         let old = batch.old.as_ref().map_or(lpk, |o| o[k] as f64);
         let reference = batch.reference.as_ref().map(|r| r[k] as f64);
@@ -415,16 +521,16 @@ impl Objective for Grpo<'_> {
         for m in &micro {
             let rows_of = first * g..(first + m.len()) * g;
             first += m.len();
-            let pairs: Vec<(&[u32], &[u32])> = rows_of
+            let completions: Vec<&[u32]> = rows_of
                 .clone()
-                .map(|r| {
-                    (
-                        sampled.prompts[r / g].as_slice(),
-                        sampled.completions[r].as_slice(),
-                    )
-                })
+                .map(|r| sampled.completions[r].as_slice())
                 .collect();
-            let rows = rollout_rows(&pairs, self.pad_id);
+            let groups: Vec<(&[u32], &[&[u32]])> = completions
+                .chunks(g)
+                .zip(&sampled.prompts[first - m.len()..first])
+                .map(|(cs, p)| (p.as_slice(), cs))
+                .collect();
+            let (rows, owner) = shared_prompt_rows(&groups, self.pad_id);
             let old = if self.settings.num_iterations > 1 {
                 Some(self.frozen_logps(&policy, &rows)?)
             } else {
@@ -437,8 +543,9 @@ impl Objective for Grpo<'_> {
             };
             out.push(GrpoBatch::Rollouts(Box::new(RolloutBatch {
                 advantages: adv[rows_of.clone()].to_vec(),
-                lens: pairs.iter().map(|(_, c)| c.len()).collect(),
+                lens: completions.iter().map(|c| c.len()).collect(),
                 rows,
+                owner,
                 old,
                 reference,
             })));
@@ -460,7 +567,7 @@ impl Objective for Grpo<'_> {
             GrpoBatch::Prompts(_) => 0,
             GrpoBatch::Rollouts(b) => match self.settings.loss {
                 GrpoLoss::Dapo => b.rows.target_count(),
-                GrpoLoss::Grpo | GrpoLoss::DrGrpo => b.rows.batch,
+                GrpoLoss::Grpo | GrpoLoss::DrGrpo => b.lens.len(),
             },
         }
     }

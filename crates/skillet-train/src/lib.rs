@@ -39,7 +39,7 @@ pub use error::TrainError;
 pub use eval::{EvalStats, evaluate};
 pub use grpo::{
     Grpo, GrpoBatch, GrpoLoss, GrpoSettings, RolloutBatch, RolloutSource, Sampled, ScaleRewards,
-    advantages, grpo_loss, grpo_token_loss, rollout_rows,
+    advantages, grpo_loss, grpo_token_loss, rollout_rows, shared_prompt_rows,
 };
 pub use logps::{sequence_logps, token_logps};
 pub use loss::{LossParts, backward, causal_lm_loss, causal_lm_loss_value, causal_lm_loss_with};

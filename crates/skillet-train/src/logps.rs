@@ -51,7 +51,6 @@ pub fn token_logps(model: &dyn CausalLm, batch: &TrainBatch, temperature: f64) -
     let input = batch.input()?;
     let hidden = model.forward_hidden(&input)?; // [B,T,C]
     let c = hidden.dim(D::Minus1)?;
-    let n = targets.len();
     let rows: Vec<u32> = targets.iter().map(|&(i, _)| i as u32).collect();
     let labels: Vec<u32> = targets.iter().map(|&(_, t)| t).collect();
     let adapters = input.adapters.gather(&rows, batch.seq);

@@ -14,7 +14,7 @@ use skillet_adapters::{LoraAdapter, load_peft, peft_tensor_name};
 use skillet_models::{Adapted, LoadOptions, ModelSource};
 use skillet_train::{
     GrpoLoss, GrpoSettings, RolloutBatch, ScaleRewards, Trainable, advantages, backward,
-    collect_grads, grpo_loss, rollout_rows, token_logps,
+    collect_grads, grpo_loss, rollout_rows, shared_prompt_rows, token_logps,
 };
 
 fn close(got: f64, want: f64, what: &str) {
@@ -40,8 +40,6 @@ fn grpo_losses_and_gradients_match_trl() {
     let policy = Adapted::new(&base, Trainable::adapter(&adapter));
 
     let g = record["num_generations"].as_u64().unwrap() as usize;
-    let max_len = record["max_completion_length"].as_u64().unwrap() as usize;
-    let temperature = record["temperature"].as_f64().unwrap();
     let prompts: Vec<Vec<u32>> = record["prompts"]
         .as_array()
         .unwrap()
@@ -59,7 +57,50 @@ fn grpo_losses_and_gradients_match_trl() {
         .enumerate()
         .map(|(i, c)| (prompts[i / g].as_slice(), c.as_slice()))
         .collect();
-    let rows = rollout_rows(&pairs, 0);
+    let groups: Vec<Vec<&[u32]>> = completions
+        .chunks(g)
+        .map(|cs| cs.iter().map(Vec::as_slice).collect())
+        .collect();
+    let groups: Vec<(&[u32], &[&[u32]])> = prompts
+        .iter()
+        .zip(&groups)
+        .map(|(p, cs)| (p.as_slice(), cs.as_slice()))
+        .collect();
+    // One row per completion, and each prompt once with its completions
+    // after it: both against TRL.
+    for (layout, (rows, owner)) in [
+        ("separate", rollout_rows(&pairs, 0)),
+        ("shared", shared_prompt_rows(&groups, 0)),
+    ] {
+        check_layout(
+            layout,
+            &record,
+            &reference,
+            &adapter,
+            &policy,
+            &base,
+            &rows,
+            &owner,
+            &completions,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_layout(
+    layout: &str,
+    record: &serde_json::Value,
+    reference: &std::collections::HashMap<String, Tensor>,
+    adapter: &LoraAdapter,
+    policy: &dyn skillet_models::CausalLm,
+    base: &dyn skillet_models::CausalLm,
+    rows: &skillet_train::TrainBatch,
+    owner: &[usize],
+    completions: &[Vec<u32>],
+) {
+    let g = record["num_generations"].as_u64().unwrap() as usize;
+    let max_len = record["max_completion_length"].as_u64().unwrap() as usize;
+    let temperature = record["temperature"].as_f64().unwrap();
     // TRL's [rows, max_completion_length] tensors, at the completion tokens.
     let at_completions = |t: &Tensor| -> Vec<f32> {
         let m = t.to_vec2::<f32>().unwrap();
@@ -69,12 +110,12 @@ fn grpo_losses_and_gradients_match_trl() {
             .flat_map(|(i, c)| m[i][..c.len()].to_vec())
             .collect()
     };
-    let current = flat(&token_logps(&policy, &rows, temperature).unwrap());
+    let current = flat(&token_logps(policy, rows, temperature).unwrap());
     let d = rel_diff_values(&current, &at_completions(&reference["current_logps"]));
-    assert!(d < 1e-5, "policy log-probabilities: {d}");
-    let ref_logps = flat(&token_logps(&base, &rows, temperature).unwrap());
+    assert!(d < 1e-5, "{layout}: policy log-probabilities: {d}");
+    let ref_logps = flat(&token_logps(base, rows, temperature).unwrap());
     let d = rel_diff_values(&ref_logps, &at_completions(&reference["ref_logps"]));
-    assert!(d < 1e-5, "reference log-probabilities: {d}");
+    assert!(d < 1e-5, "{layout}: reference log-probabilities: {d}");
 
     let weights: Vec<f64> = record["reward_weights"]
         .as_array()
@@ -132,6 +173,7 @@ fn grpo_losses_and_gradients_match_trl() {
         };
         let batch = RolloutBatch {
             rows: rows.clone(),
+            owner: owner.to_vec(),
             advantages: adv,
             lens: completions.iter().map(Vec::len).collect(),
             old: case["old"]
@@ -140,12 +182,12 @@ fn grpo_losses_and_gradients_match_trl() {
                 .then(|| at_completions(&reference[&format!("{name}.old_logps")])),
             reference: (s.beta != 0.0).then(|| ref_logps.clone()),
         };
-        let part = grpo_loss(&s, &policy, &batch).unwrap();
+        let part = grpo_loss(&s, policy, &batch).unwrap();
 
         let tokens = rows.target_count();
         let units = match s.loss {
             GrpoLoss::Dapo => tokens,
-            _ => rows.batch,
+            _ => completions.len(),
         };
         close(
             part.value / units as f64,
@@ -162,7 +204,7 @@ fn grpo_losses_and_gradients_match_trl() {
         }
         assert_eq!(part.token_metrics.contains_key("kl"), s.beta != 0.0);
         let grads = collect_grads(
-            &backward(&policy, &(part.graph / units as f64).unwrap()).unwrap(),
+            &backward(policy, &(part.graph / units as f64).unwrap()).unwrap(),
             &vars,
         )
         .unwrap();
@@ -170,10 +212,10 @@ fn grpo_losses_and_gradients_match_trl() {
             for (part, g) in [("lora_A", &gs[0]), ("lora_B", &gs[1])] {
                 let key = format!("{name}.grad.{}", peft_tensor_name(&p.module, part));
                 let d = rel_diff_values(&flat(g), &flat(&reference[&key]));
-                assert!(d < 1e-4, "{key}: relative difference {d}");
+                assert!(d < 1e-4, "{layout} {key}: relative difference {d}");
                 worst = worst.max(d);
             }
         }
     }
-    eprintln!("GRPO: worst relative gradient difference {worst:e}");
+    eprintln!("GRPO ({layout}): worst relative gradient difference {worst:e}");
 }

@@ -289,12 +289,8 @@ impl Attention {
             let (a, z) = (a.clamp(j0, j0 + nb), z.clamp(j0, j0 + nb));
             row[..a - j0].fill(f32::NEG_INFINITY);
             row[z - j0..].fill(f32::NEG_INFINITY);
-            if exact {
-                for j in a..z {
-                    if !self.mask.allowed(tile.b, i, j) {
-                        row[j - j0] = f32::NEG_INFINITY;
-                    }
-                }
+            if exact && a < z {
+                self.mask.hide(tile.b, i, a, &mut row[a - j0..z - j0]);
             }
         }
     }

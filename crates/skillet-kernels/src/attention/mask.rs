@@ -1,9 +1,15 @@
 //! Which keys each query of a fused attention may see: causal order,
-//! key padding, a sliding window and packing segments.
+//! key padding, a sliding window and packing segments (one of which may be
+//! a prefix that every segment after it continues).
 
 use std::sync::Arc;
 
 use candle_core::{Device, Result, Tensor, bail};
+
+/// The segment id of a shared prefix: its keys are seen by every later
+/// query of their row, whatever that query's segment (several completions
+/// of one prompt packed after a single copy of it).
+pub const SHARED_SEGMENT: u32 = u32::MAX;
 
 /// Which keys each query may attend to.
 #[derive(Debug, Clone)]
@@ -47,7 +53,8 @@ impl AttentionMask {
     }
 
     /// Packing: `[batch, keys]` row-major segment ids; a query sees only
-    /// keys whose segment equals its own position's.
+    /// keys whose segment equals its own position's, and keys of
+    /// [`SHARED_SEGMENT`].
     pub fn with_segments(mut self, segments: Vec<u32>) -> Result<Self> {
         if segments.len() != self.batch * self.keys {
             bail!(
@@ -86,10 +93,33 @@ impl AttentionMask {
         j >= lo
             && j < hi
             && self.key_mask.as_ref().is_none_or(|m| m[row + j] != 0)
-            && self
-                .segments
-                .as_ref()
-                .is_none_or(|s| s[row + j] == s[row + self.offset() + i])
+            && self.segments.as_ref().is_none_or(|s| {
+                s[row + j] == SHARED_SEGMENT || s[row + j] == s[row + self.offset() + i]
+            })
+    }
+
+    /// Sets to −∞ the scores in `row` (keys `j0..j0 + row.len()`, all
+    /// inside query `i`'s causal range) of keys that padding or segments
+    /// hide from query `i` of sequence `b`: [`Self::allowed`] for a run of
+    /// keys, with the query's segment looked up once.
+    pub(super) fn hide(&self, b: usize, i: usize, j0: usize, row: &mut [f32]) {
+        let at = b * self.keys + j0;
+        let keys = at..at + row.len();
+        if let Some(m) = &self.key_mask {
+            for (v, &m) in row.iter_mut().zip(&m[keys.clone()]) {
+                if m == 0 {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if let Some(s) = &self.segments {
+            let own = s[b * self.keys + self.offset() + i];
+            for (v, &k) in row.iter_mut().zip(&s[keys]) {
+                if k != own && k != SHARED_SEGMENT {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
     }
 
     /// The mask as an additive bias `[batch, 1, 1, queries, keys]` (0 or
