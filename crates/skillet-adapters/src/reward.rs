@@ -49,13 +49,7 @@ impl RewardAdapter {
             Some(f) if !f.modules.is_empty() => {
                 head_of(f, hidden, Path::new("the starting adapter"))?
             }
-            _ => {
-                let mut rng = Rng::new(seed ^ 0x5C0E_5C0E_5C0E_5C0E);
-                let w: Vec<f32> = (0..hidden)
-                    .map(|_| (normal(&mut rng) * INIT_STD) as f32)
-                    .collect();
-                Tensor::from_vec(w, (1, hidden), &Device::Cpu)?
-            }
+            _ => fresh_score_head(hidden, seed)?,
         };
         let var = Var::from_tensor(&score)?;
         Ok(Self {
@@ -100,6 +94,16 @@ impl RewardAdapter {
         config.modules_to_save = Some(serde_json::json!(["score"]));
         write_peft(dir, &config, &self.lora, &[(SCORE_WEIGHT, &self.score)])
     }
+}
+
+/// A new `score` head (`[1, hidden]`) drawn from N(0, 0.02²), as
+/// transformers initializes one, seeded by `seed`.
+pub fn fresh_score_head(hidden: usize, seed: u64) -> Result<Tensor> {
+    let mut rng = Rng::new(seed ^ 0x5C0E_5C0E_5C0E_5C0E);
+    let w: Vec<f32> = (0..hidden)
+        .map(|_| (normal(&mut rng) * INIT_STD) as f32)
+        .collect();
+    Ok(Tensor::from_vec(w, (1, hidden), &Device::Cpu)?)
 }
 
 /// The `score` head of a read reward adapter, checked: `[1, hidden]`,

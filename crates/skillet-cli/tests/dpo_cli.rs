@@ -97,6 +97,48 @@ fn dpo_trains_logs_trl_metrics_and_resumes_exactly() {
     );
 }
 
+/// DPO in full fine-tuning: the reference is the starting model (its
+/// log-probabilities computed before training), the model folder is
+/// written, and a resume ends at the same weights.
+#[test]
+fn dpo_full_fine_tuning_starts_at_ln_2_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let set = ["--set", "train.tuning=\"full\"", "--set", "train.lr=1e-4"];
+    let r = skillet(&[
+        "train",
+        config.to_str().unwrap(),
+        set[0],
+        set[1],
+        set[2],
+        set[3],
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = dir.path().join("out");
+    let train: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m["kind"] == "train")
+        .collect();
+    let first = train[0]["loss"].as_f64().unwrap();
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "{first}");
+    assert!(
+        train[3]["loss"].as_f64().unwrap() < first,
+        "DPO did not lower its loss"
+    );
+    let model = out.join("model/model.safetensors");
+    let final_model = std::fs::read(&model).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
+    std::fs::remove_dir_all(out.join("model")).unwrap();
+    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        std::fs::read(&model).unwrap() == final_model,
+        "resume changed the model"
+    );
+}
+
 #[test]
 fn bad_pairs_are_reported_with_lines_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();

@@ -131,6 +131,41 @@ fn grpo_trains_logs_trl_metrics_and_resumes_exactly() {
     );
 }
 
+/// GRPO in full fine-tuning: the KL term's reference is a frozen copy of
+/// the starting weights (no KL at the first step, some after), the model
+/// folder is written, and a resume ends at the same weights.
+#[test]
+fn grpo_full_fine_tuning_keeps_a_frozen_reference_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path(), GOOD, 30.0);
+    let r = skillet(&[
+        "train",
+        config.to_str().unwrap(),
+        "--set",
+        "train.tuning=\"full\"",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = dir.path().join("out");
+    let train: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m["kind"] == "train")
+        .collect();
+    assert!(train[0]["metrics"]["kl"].as_f64().unwrap().abs() < 1e-6);
+    assert!(train[1]["metrics"]["kl"].as_f64().unwrap() > 0.0);
+    let model = out.join("model/model.safetensors");
+    let final_model = std::fs::read(&model).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
+    std::fs::remove_dir_all(out.join("model")).unwrap();
+    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        std::fs::read(&model).unwrap() == final_model,
+        "resume changed the model"
+    );
+}
+
 #[test]
 fn bad_reward_programs_and_prompts_stop_the_run_clearly() {
     for (program, timeout, want) in [

@@ -56,6 +56,104 @@ fn json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// A reward model in full fine-tuning: every weight and the head trained,
+/// saved as one sequence-classification model folder that `skillet
+/// reward --model` scores alone (matching the report), and that a GRPO
+/// run takes as `model = ...`; a resume ends at the same weights.
+#[test]
+fn full_reward_model_is_a_model_folder_that_scores_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let r = skillet(&[
+        "train",
+        config.to_str().unwrap(),
+        "--set",
+        "train.tuning=\"full\"",
+        "--set",
+        "train.lr=1e-3",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = dir.path().join("out");
+    let folder = out.join("model");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(config["num_labels"], 1);
+    assert!(config["pad_token_id"].as_u64().is_some());
+    let tensors =
+        candle_core::safetensors::load(folder.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(tensors["score.weight"].dims(), &[1, 64]);
+    let valid = dir.path().join("valid.jsonl");
+    let r = skillet(&[
+        "reward",
+        "--model",
+        folder.to_str().unwrap(),
+        "--data",
+        valid.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let pairs = json(&r.stdout);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let held = &report["tuned"]["heldout"];
+    for (cli, key) in [("accuracy", "accuracy"), ("mean_margin", "margin")] {
+        let (x, y) = (pairs[cli].as_f64().unwrap(), held[key].as_f64().unwrap());
+        assert!((x - y).abs() < 1e-5, "{cli}: {x} vs report {y}");
+    }
+    // Without an adapter, a plain model is refused clearly.
+    let r = skillet(&[
+        "reward",
+        "--model",
+        dir.path().join("tiny.gguf").to_str().unwrap(),
+        "--text",
+        "hi",
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("score.weight"), "{}", r.stderr);
+
+    // GRPO rewarded by the whole reward model.
+    let prompts: Vec<serde_json::Value> = (0..4)
+        .map(|i| serde_json::json!({"messages": [{"role": "user", "content": format!("say {i}")}]}))
+        .collect();
+    let prompts = write_lines(dir.path(), "prompts.jsonl", &prompts);
+    let grpo = dir.path().join("grpo.toml");
+    std::fs::write(
+        &grpo,
+        format!(
+            "model = {:?}\noutput_dir = {:?}\n[data]\ntrain = {prompts:?}\nmax_seq_len = 64\n\
+             [train]\nmax_steps = 1\nbatch_size = 4\n[eval]\ngenerate = false\n\
+             [method]\ntype = \"grpo\"\nnum_generations = 2\nmax_completion_length = 4\n\
+             [[method.rewards]]\ntype = \"reward_model\"\nmodel = {folder:?}\n",
+            dir.path().join("tiny.gguf"),
+            dir.path().join("grpo-out"),
+        ),
+    )
+    .unwrap();
+    let r = skillet(&["train", grpo.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let metrics = std::fs::read_to_string(dir.path().join("grpo-out/metrics.jsonl")).unwrap();
+    let step: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(
+        step["metrics"]["rewards/reward_model/mean"]
+            .as_f64()
+            .is_some(),
+        "{step}"
+    );
+
+    let final_model = std::fs::read(folder.join("model.safetensors")).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
+    std::fs::remove_dir_all(&folder).unwrap();
+    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        std::fs::read(folder.join("model.safetensors")).unwrap() == final_model,
+        "resume changed the model"
+    );
+}
+
 #[test]
 fn reward_model_trains_scores_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();

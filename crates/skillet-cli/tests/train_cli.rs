@@ -130,6 +130,99 @@ fn trains_writes_a_peft_adapter_and_a_report_and_resumes_exactly() {
     assert!(r.stderr.contains("--resume"), "{}", r.stderr);
 }
 
+/// `train.tuning = "full"`: every weight trained and saved as a Hugging
+/// Face folder that Skillet loads as a model (its held-out loss is the
+/// report's), checkpoints as model folders, an exact resume.
+#[test]
+fn full_fine_tuning_saves_a_model_folder_and_resumes_exactly() {
+    let s = setup("");
+    let full = ["--set", "train.tuning=\"full\"", "--set", "train.lr=1e-3"];
+    let r = train(&s, &full);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = s.dir.path().join("out");
+    for f in [
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "checkpoints/step-000002/model.safetensors",
+        "checkpoints/step-000002/optimizer.safetensors",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    assert!(!out.join("adapter").exists());
+    let weights = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (mid, last) = (
+        weights(&out.join("checkpoints/step-000002")),
+        weights(&out.join("model")),
+    );
+    // Embeddings, norms and projections all move between steps 2 and 4.
+    for name in [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    ] {
+        let d = (&mid[name] - &last[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d > 0.0, "{name} did not change");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let tuned = report["tuned"]["heldout"]["loss"].as_f64().unwrap();
+    assert!(tuned < report["base"]["heldout"]["loss"].as_f64().unwrap());
+    // Every saved weight is trained (a tied head counted once, with its
+    // embedding).
+    let saved: usize = last.values().map(|t| t.elem_count()).sum();
+    assert_eq!(report["run"]["trainable_parameters"], saved);
+    assert!(!last.contains_key("lm_head.weight") || saved > 0);
+    // The saved folder is the trained model.
+    let e = skillet_json(&[
+        "eval",
+        "--model",
+        out.join("model").to_str().unwrap(),
+        "--data",
+        s.dir.path().join("valid.jsonl").to_str().unwrap(),
+        "--json",
+    ]);
+    let loss = e["heldout"]["loss"].as_f64().unwrap();
+    assert!((loss - tuned).abs() <= 1e-4 * tuned, "{loss} vs {tuned}");
+
+    // Killed after step 2: resumed from the checkpoint's model folder.
+    let final_model = std::fs::read(out.join("model/model.safetensors")).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
+    std::fs::remove_dir_all(out.join("model")).unwrap();
+    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        std::fs::read(out.join("model/model.safetensors")).unwrap() == final_model,
+        "resume changed the model"
+    );
+
+    // What full fine-tuning cannot take says so.
+    let r = train(
+        &s,
+        &[
+            full[0],
+            full[1],
+            "--set",
+            "lora.keep_base_quantized=true",
+            "--overwrite",
+        ],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("keep_base_quantized"), "{}", r.stderr);
+}
+
 #[test]
 fn adapter_works_in_score_generate_eval_and_merge() {
     let s = setup("");
@@ -259,6 +352,18 @@ fn init_adapter_starts_from_a_trained_adapter() {
         first_step_loss(&second) < first_step_loss(&first),
         "training did not start from the adapter"
     );
+    // The report's start column is the first run's result, measured again.
+    let report = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+    };
+    let (a, b) = (report(&first), report(&second));
+    assert!(a.get("start").is_none());
+    let loss = |v: &serde_json::Value| v["heldout"]["loss"].as_f64().unwrap();
+    let (tuned, start) = (loss(&a["tuned"]), loss(&b["start"]));
+    assert!((tuned - start).abs() <= 1e-4 * tuned, "{start} vs {tuned}");
+    assert_eq!(loss(&a["base"]), loss(&b["base"]));
+    let md = std::fs::read_to_string(second.join("report.md")).unwrap();
+    assert!(md.contains("| metric | base | start | tuned |"), "{md}");
     let never = s.dir.path().join("never");
     let never_set = format!("output_dir={:?}", never.display().to_string());
     let r = train(

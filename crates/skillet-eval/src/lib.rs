@@ -6,7 +6,7 @@
 
 mod report;
 
-pub use report::{RunFacts, Snapshot, loss_svg, write_report};
+pub use report::{Columns, RunFacts, Snapshot, loss_svg, write_report};
 
 use serde::Serialize;
 use skillet_data::{Example, Turn};

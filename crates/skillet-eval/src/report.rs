@@ -69,15 +69,53 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".to_string(), |x| format!("{x:.digits$}"))
 }
 
+/// The model states a report compares: the base model, the starting
+/// adapter where training continued one (`init_adapter`), and the tuned
+/// result.
+#[derive(Debug, Clone, Copy)]
+pub struct Columns<'a> {
+    /// The base model, no adapter.
+    pub base: &'a Snapshot,
+    /// The starting adapter, where there was one.
+    pub start: Option<&'a Snapshot>,
+    /// After training.
+    pub tuned: &'a Snapshot,
+}
+
+impl<'a> Columns<'a> {
+    /// `(heading, snapshot)` in the report's order.
+    fn list(&self) -> Vec<(&'static str, &'a Snapshot)> {
+        let mut v = vec![("base", self.base)];
+        v.extend(self.start.map(|s| ("start", s)));
+        v.push(("tuned", self.tuned));
+        v
+    }
+
+    /// One value per column.
+    fn each(&self, f: impl Fn(&Snapshot) -> Option<f64>) -> Vec<Option<f64>> {
+        self.list().into_iter().map(|(_, s)| f(s)).collect()
+    }
+
+    fn stat(&self, key: &str) -> Vec<Option<f64>> {
+        self.each(|s| s.stat(key))
+    }
+}
+
+/// A report row: name, one value per column, digits shown.
+type Row = (String, Vec<Option<f64>>, usize);
+
 /// Writes `report.md`, `report.json` and `loss.svg` into `out`.
 pub fn write_report(
     out: &Path,
     facts: &RunFacts,
-    base: &Snapshot,
-    tuned: &Snapshot,
+    columns: Columns,
     metrics: &[serde_json::Value],
 ) -> std::io::Result<String> {
-    let rows: Vec<(&str, Option<f64>, Option<f64>, usize)> = if facts.method == "reward" {
+    let c = &columns;
+    let row = |name: &str, values: Vec<Option<f64>>, digits: usize| -> Row {
+        (name.to_string(), values, digits)
+    };
+    let rows: Vec<Row> = if facts.method == "reward" {
         // A reward model's held-out pairs, with TRL's metrics.
         [
             ("held-out loss", "loss", 4),
@@ -88,61 +126,42 @@ pub fn write_report(
             ("highest reward", "max_reward", 4),
         ]
         .iter()
-        .map(|&(name, key, d)| (name, base.stat(key), tuned.stat(key), d))
+        .map(|&(name, key, d)| row(name, c.stat(key), d))
         .collect()
     } else if facts.method == "grpo" {
         // Held-out prompts, one greedy completion each.
-        let mut rows = vec![(
-            "mean reward (weighted sum)".to_string(),
-            base.stat("reward"),
-            tuned.stat("reward"),
-            4,
-        )];
-        let names: Vec<String> = [base, tuned]
+        let mut rows = vec![row("mean reward (weighted sum)", c.stat("reward"), 4)];
+        let names: std::collections::BTreeSet<String> = c
+            .list()
             .iter()
-            .filter_map(|s| s.heldout.as_ref()?.as_object().cloned())
+            .filter_map(|(_, s)| s.heldout.as_ref()?.as_object().cloned())
             .flat_map(|o| o.keys().cloned().collect::<Vec<_>>())
             .filter(|k| k.starts_with("rewards/") && k.ends_with("/mean"))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
             .collect();
         for k in names {
             let name = k.trim_start_matches("rewards/").trim_end_matches("/mean");
-            rows.push((format!("reward: {name}"), base.stat(&k), tuned.stat(&k), 4));
+            rows.push(row(&format!("reward: {name}"), c.stat(&k), 4));
         }
-        rows.push((
-            "completion length (tokens)".into(),
-            base.stat("completions/mean_length"),
-            tuned.stat("completions/mean_length"),
+        rows.push(row(
+            "completion length (tokens)",
+            c.stat("completions/mean_length"),
             1,
         ));
-        rows.push((
-            "general-text perplexity".into(),
-            base.general_perplexity,
-            tuned.general_perplexity,
+        rows.push(row(
+            "general-text perplexity",
+            c.each(|s| s.general_perplexity),
             4,
         ));
-        return finish(out, facts, base, tuned, metrics, rows);
+        rows
     } else {
-        let rows = [
-            ("held-out loss", base.stat("loss"), tuned.stat("loss"), 4),
-            (
-                "held-out perplexity",
-                base.stat("perplexity"),
-                tuned.stat("perplexity"),
-                3,
-            ),
-            (
-                "token accuracy",
-                base.stat("accuracy"),
-                tuned.stat("accuracy"),
-                3,
-            ),
-            ("exact match", base.exact_match, tuned.exact_match, 3),
-            (
+        let mut rows = vec![
+            row("held-out loss", c.stat("loss"), 4),
+            row("held-out perplexity", c.stat("perplexity"), 3),
+            row("token accuracy", c.stat("accuracy"), 3),
+            row("exact match", c.each(|s| s.exact_match), 3),
+            row(
                 "general-text perplexity",
-                base.general_perplexity,
-                tuned.general_perplexity,
+                c.each(|s| s.general_perplexity),
                 4,
             ),
         ];
@@ -157,28 +176,25 @@ pub fn write_report(
             ("log-probability of chosen", "logps/chosen", 3),
             ("log-probability of rejected", "logps/rejected", 3),
         ];
-        rows.into_iter()
-            .chain(pairs.iter().filter_map(|&(name, key, d)| {
-                let (b, t) = (base.stat(key), tuned.stat(key));
-                (b.is_some() || t.is_some()).then_some((name, b, t, d))
-            }))
-            .collect()
+        rows.extend(pairs.iter().filter_map(|&(name, key, d)| {
+            let values = c.stat(key);
+            values
+                .iter()
+                .any(Option::is_some)
+                .then(|| row(name, values, d))
+        }));
+        rows
     };
-    let rows = rows
-        .into_iter()
-        .map(|(n, b, t, d)| (n.to_string(), b, t, d))
-        .collect();
-    finish(out, facts, base, tuned, metrics, rows)
+    finish(out, facts, columns, metrics, rows)
 }
 
-/// Writes the report files with `rows` (name, base, tuned, digits).
+/// Writes the report files with `rows`.
 fn finish(
     out: &Path,
     facts: &RunFacts,
-    base: &Snapshot,
-    tuned: &Snapshot,
+    columns: Columns,
     metrics: &[serde_json::Value],
-    rows: Vec<(String, Option<f64>, Option<f64>, usize)>,
+    rows: Vec<Row>,
 ) -> std::io::Result<String> {
     let mut md = String::from("# Skillet fine-tuning report\n\n");
     md += &format!(
@@ -201,13 +217,30 @@ fn finish(
         facts.trained_tokens as f64 / facts.train_seconds.max(1e-9),
         facts.precision
     );
-    md += "| metric | base | tuned |\n|---|---|---|\n";
-    for (name, b, t, d) in rows {
-        md += &format!("| {name} | {} | {} |\n", fmt(b, d), fmt(t, d));
+    let list = columns.list();
+    md += "| metric |";
+    for (heading, _) in &list {
+        md += &format!(" {heading} |");
+    }
+    md += "\n|---|";
+    md += &"---|".repeat(list.len());
+    md += "\n";
+    for (name, values, d) in rows {
+        md += &format!("| {name} |");
+        for v in values {
+            md += &format!(" {} |", fmt(v, d));
+        }
+        md += "\n";
+    }
+    if columns.start.is_some() {
+        md += "\nbase: the model without an adapter; start: the adapter training began from (`init_adapter`).\n";
     }
     md += "\n![training and validation loss](loss.svg)\n";
     std::fs::write(out.join("report.md"), &md)?;
-    let json = serde_json::json!({"run": facts, "base": base, "tuned": tuned});
+    let mut json = serde_json::json!({"run": facts});
+    for (heading, snapshot) in &list {
+        json[*heading] = serde_json::to_value(snapshot).expect("snapshots serialize");
+    }
     std::fs::write(
         out.join("report.json"),
         serde_json::to_string_pretty(&json).expect("json") + "\n",

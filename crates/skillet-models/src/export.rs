@@ -20,8 +20,15 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
     }
 }
 
+/// The weight of a sequence-classification head with one label (a reward
+/// model's `score`, hidden → 1).
+pub const SCORE_HEAD: &str = "score.weight";
+
 /// Writes `config.json`, `generation_config.json` and `model.safetensors`
-/// (f32) into `dir`, creating it.
+/// (f32) into `dir`, creating it. Where `weights` holds a [`SCORE_HEAD`],
+/// it is written too and the config names the architecture's
+/// `…ForSequenceClassification` with one label (a reward model, as
+/// transformers' `AutoModelForSequenceClassification` loads it).
 pub fn write_hf_weights(
     cfg: &LlamaConfig,
     weights: &MemoryWeights,
@@ -30,7 +37,17 @@ pub fn write_hf_weights(
     eos: Option<u32>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let config = serde_json::to_string_pretty(&cfg.to_hf_json(eos, bos)).expect("json");
+    let head = weights.tensors.get(SCORE_HEAD);
+    let mut json = cfg.to_hf_json(eos, bos);
+    if head.is_some() {
+        let class = cfg
+            .architecture
+            .hf_class()
+            .replace("ForCausalLM", "ForSequenceClassification");
+        json["architectures"] = serde_json::json!([class]);
+        json["num_labels"] = serde_json::json!(1);
+    }
+    let config = serde_json::to_string_pretty(&json).expect("json");
     std::fs::write(dir.join("config.json"), config + "\n").map_err(io(dir))?;
     let gen_cfg = serde_json::json!({"bos_token_id": bos, "eos_token_id": eos});
     std::fs::write(
@@ -51,6 +68,10 @@ pub fn write_hf_weights(
             Ok((name, t.to_dtype(DType::F32)?.contiguous()?))
         })
         .collect::<Result<_>>()?;
+    let mut tensors = tensors;
+    if let Some(h) = head {
+        tensors.insert(SCORE_HEAD.into(), h.to_dtype(DType::F32)?.contiguous()?);
+    }
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &path).map_err(|e| ModelError::Config {
         path: path.clone(),

@@ -24,6 +24,14 @@ pub fn write_hf_folder(b: &Bundle, weights: &MemoryWeights, out: &Path) -> Resul
         let p = out.join(name);
         std::fs::write(&p, text).map_err(RuntimeError::io(p))
     };
+    // The id batches are padded with (the pad token, else end of text, as
+    // Skillet and TRL pad): what a sequence-classification model reads to
+    // find each row's last token.
+    let path = out.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).map_err(RuntimeError::io(&path))?)?;
+    config["pad_token_id"] = serde_json::json!(b.pad_id());
+    write("config.json", serde_json::to_string_pretty(&config)? + "\n")?;
     write("tokenizer.json", b.tokenizer.to_json()?)?;
     let text = |t: &Option<skillet_tokenizer::SpecialToken>| t.as_ref().map(|t| t.text.clone());
     let tok_cfg = serde_json::json!({

@@ -5,31 +5,57 @@
 //! a policy.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use candle_core::Tensor;
 use serde::Serialize;
 use skillet_adapters::RewardAdapter;
 use skillet_data::{EncodeOptions, Encoder, Example, PairPrompt, Turn};
-use skillet_models::{Adapted, CausalLm};
+use skillet_models::export::SCORE_HEAD;
+use skillet_models::{Adapted, Adapter, CausalLm, Llama, LoadOptions};
 use skillet_train::{Trainable, score_sequences};
 
 use crate::{Bundle, PairData, Result, RuntimeError};
 
-/// A reward adapter (LoRA and `score` head) for one base model.
+/// A reward model: a reward adapter (LoRA and `score` head) on the base
+/// model it is used with, or a whole model of its own (full fine-tuning:
+/// a folder whose weights include `score.weight`).
 pub struct RewardModel {
-    /// The adapter, frozen.
-    pub adapter: RewardAdapter,
+    /// Its own body, where it is a whole model (else the base it is used
+    /// with runs it).
+    pub body: Option<Llama>,
+    /// The LoRA on the body, where it is an adapter.
+    pub adapter: Option<Arc<dyn Adapter>>,
+    /// `[1, hidden]`.
+    pub score: Tensor,
 }
 
 impl RewardModel {
     /// Reads the reward adapter folder `dir` (Skillet's or TRL's) for
     /// `model`.
     pub fn load(model: &dyn CausalLm, dir: &Path) -> Result<Self> {
+        let a = RewardAdapter::load(model, dir)?;
         Ok(Self {
-            adapter: RewardAdapter::load(model, dir)?,
+            body: None,
+            adapter: Trainable::adapter(&a),
+            score: a.score,
         })
     }
 
-    /// The reward of each sequence, `batch` sequences per forward.
+    /// Reads a whole reward model: a model folder (what full fine-tuning
+    /// of a reward model writes) whose weights include `score.weight`.
+    pub fn load_model(dir: &Path) -> Result<Self> {
+        let score = read_score_head(dir)?;
+        let body = Bundle::open(dir)?.load_model(LoadOptions::default())?;
+        Ok(Self {
+            body: Some(body),
+            adapter: None,
+            score,
+        })
+    }
+
+    /// The reward of each sequence, `batch` sequences per forward; `model`
+    /// is the base a reward adapter runs on (unused by a whole model).
     pub fn score(
         &self,
         model: &dyn CausalLm,
@@ -37,15 +63,41 @@ impl RewardModel {
         batch: usize,
         pad_id: u32,
     ) -> Result<Vec<f32>> {
-        let adapted = Adapted::new(model, Trainable::adapter(&self.adapter));
+        let body = self.body.as_ref().map_or(model, |b| b as &dyn CausalLm);
+        let adapted = Adapted::new(body, self.adapter.clone());
         Ok(score_sequences(
             &adapted,
-            &self.adapter.score,
+            &self.score,
             sequences,
             batch,
             pad_id,
         )?)
     }
+}
+
+/// The `score.weight` (`[1, hidden]`, f32) of the model folder `dir`.
+pub(crate) fn read_score_head(dir: &Path) -> Result<Tensor> {
+    let bundle = Bundle::open(dir)?;
+    let weights = bundle.source.weights(&bundle.config)?;
+    if !weights.contains(SCORE_HEAD) {
+        return Err(RuntimeError::Invalid(format!(
+            "{}: no {SCORE_HEAD}: not a reward model (give its adapter with the base model instead)",
+            dir.display()
+        )));
+    }
+    let score = weights
+        .load(SCORE_HEAD, false)?
+        .to_dense(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)?;
+    let hidden = bundle.config.hidden_size;
+    if score.dims() != [1, hidden] {
+        return Err(RuntimeError::Invalid(format!(
+            "{}: {SCORE_HEAD} is {:?}; a reward head of this model is [1, {hidden}]",
+            dir.display(),
+            score.dims()
+        )));
+    }
+    Ok(score)
 }
 
 /// Least, greatest, mean and standard deviation (population) of rewards.

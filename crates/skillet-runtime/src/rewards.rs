@@ -51,7 +51,7 @@ enum Kind {
         field: Option<String>,
     },
     LengthPenalty(usize),
-    Model(RewardModel),
+    Model(Box<RewardModel>),
     Program(Mutex<Program>),
 }
 
@@ -83,10 +83,23 @@ impl RewardFn {
                     field: field.clone(),
                 },
                 RewardSpec::LengthPenalty { max_tokens, .. } => Kind::LengthPenalty(*max_tokens),
-                RewardSpec::RewardModel { adapter, .. } => {
-                    Kind::Model(RewardModel::load(model, adapter).map_err(|e| {
-                        RuntimeError::Invalid(format!("reward model {}: {e}", adapter.display()))
-                    })?)
+                RewardSpec::RewardModel {
+                    adapter,
+                    model: whole,
+                    ..
+                } => {
+                    let (path, rm) = match (adapter, whole) {
+                        (Some(dir), _) => (dir, RewardModel::load(model, dir)),
+                        (None, Some(dir)) => (dir, RewardModel::load_model(dir)),
+                        (None, None) => {
+                            return Err(RuntimeError::Invalid(
+                                "a reward_model reward needs adapter or model".into(),
+                            ));
+                        }
+                    };
+                    Kind::Model(Box::new(rm.map_err(|e| {
+                        RuntimeError::Invalid(format!("reward model {}: {e}", path.display()))
+                    })?))
                 }
                 RewardSpec::Program {
                     command, timeout_s, ..

@@ -9,14 +9,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::Tensor;
 use skillet_adapters::{LoraAdapter, LoraSettings, PeftFile, RewardAdapter, load_peft, read_peft};
 use skillet_data::{EncodeOptions, Example, split_fraction};
-use skillet_eval::{RunFacts, Snapshot, exact_match, general_perplexity, write_report};
-use skillet_models::{Activations, Adapted, Adapter, CausalLm, Llama};
+use skillet_eval::{Columns, RunFacts, Snapshot, exact_match, general_perplexity, write_report};
+use skillet_models::export::SCORE_HEAD;
+use skillet_models::{Activations, Adapted, Adapter, CausalLm, Llama, MemoryWeights};
 use skillet_train::{
-    AdamW, AdamWConfig, Dpo, Event, Grpo, LoopSettings, MethodConfig, Objective, PairSet, Reward,
-    RunConfig, SamplingActivations, Schedule, Sft, TrainState, Trainable, Trainer,
-    latest_checkpoint, load_checkpoint_state, pair_logps, read_metrics,
+    AdamW, AdamWConfig, Dpo, Event, FullWeights, Grpo, LoopSettings, MethodConfig, Objective,
+    PairSet, Reward, RunConfig, SamplingActivations, Schedule, Sft, TrainState, Trainable, Trainer,
+    Tuning, latest_checkpoint, load_checkpoint_state, pair_logps, read_metrics,
 };
 
 use crate::pairs::{PairData, ReferenceLogps};
@@ -59,7 +61,8 @@ pub struct TrainSummary {
 pub struct TrainOutcome {
     /// The report as Markdown.
     pub report: String,
-    /// The trained adapter (PEFT format).
+    /// The trained adapter (PEFT format), or the trained model (a Hugging
+    /// Face folder) in full fine-tuning.
     pub adapter_dir: PathBuf,
     /// report.md.
     pub report_path: PathBuf,
@@ -317,13 +320,22 @@ pub fn run_training(
     };
 
     let precision = cfg.train.precision.resolve();
-    let mut model = bundle.load_model(skillet_models::LoadOptions {
-        keep_quantized: cfg.lora.keep_base_quantized,
-        // Products in bf16 round the frozen base anyway: hold it in bf16.
-        frozen_bf16: precision.holds_base_in_bf16(),
-        ..Default::default()
-    })?;
+    let full = cfg.train.tuning == Tuning::Full;
+    let mut model = match (&checkpoint, full) {
+        // Full fine-tuning: every weight a variable; a resumed run starts
+        // from the checkpoint's model folder.
+        (Some(dir), true) => Bundle::open(dir)?.load_model(FULL)?,
+        (None, true) => bundle.load_model(FULL)?,
+        _ => bundle.load_model(skillet_models::LoadOptions {
+            keep_quantized: cfg.lora.keep_base_quantized,
+            // Products in bf16 round the frozen base anyway: hold it in bf16.
+            frozen_bf16: precision.holds_base_in_bf16(),
+            ..Default::default()
+        })?,
+    };
     let initial = match &checkpoint {
+        // A full fine-tuning checkpoint is the model itself, loaded above.
+        Some(_) if full => None,
         Some(dir) => Some(read_start(dir, reward)?),
         None => init_weights,
     };
@@ -335,7 +347,7 @@ pub fn run_training(
         resuming,
         out: &out,
     };
-    let (facts, base, tuned, adapter) = match &data {
+    let (facts, base, start, tuned, adapter) = match &data {
         RunData::Sft { train, valid } => {
             let objective = Sft {
                 train: &train.tokenized,
@@ -346,23 +358,29 @@ pub fn run_training(
             };
             // The base is measured in f32, before the adapter exists.
             let base = run.base_snapshot(&objective, &model, &data, progress)?;
-            let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial_lora)?;
+            let adapter = run.trainable(&model, &settings, initial_lora)?;
+            let start = run.start_snapshot(
+                &objective,
+                &Adapted::new(&model, Trainable::adapter(&*adapter)),
+                &data,
+                progress,
+            )?;
             let (facts, tuned) = run.train(
                 &objective,
                 &mut model,
-                &adapter,
+                &*adapter,
                 checkpoint.as_deref(),
                 &data,
                 progress,
             )?;
-            (facts, base, tuned, Box::new(adapter) as Box<dyn Trainable>)
+            (facts, base, start, tuned, adapter)
         }
         RunData::Prompts { train, valid } => {
             let MethodConfig::Grpo(g) = &cfg.method else {
                 unreachable!("prompts are loaded for GRPO")
             };
             model.set_precision(precision);
-            let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial_lora)?;
+            let adapter = run.trainable(&model, &settings, initial_lora)?;
             // The reference: the starting adapter frozen, or the base; only
             // computed when the KL term is on.
             let reference = match (&cfg.lora.init_adapter, g.beta != 0.0) {
@@ -371,8 +389,18 @@ pub fn run_training(
                 }
                 _ => None,
             };
+            // Full fine-tuning changes the weights themselves: the
+            // reference is a frozen copy of the starting ones.
+            let reference_model = match (full, g.beta != 0.0) {
+                // Multiplied in f32, as the trained weights are, so that
+                // the first step sees policy and reference equal.
+                (true, true) => Some(bundle.load_model(Default::default())?),
+                _ => None,
+            };
             let rewards = RewardFn::build_all(&g.rewards, &model)?;
-            let sampler = crate::quantized_sampler(&bundle, cfg.lora.keep_base_quantized)?;
+            // A copy in quantized blocks holds the base, which full
+            // fine-tuning does not keep.
+            let sampler = crate::quantized_sampler(&bundle, cfg.lora.keep_base_quantized || full)?;
             let source = PromptSource {
                 train,
                 valid,
@@ -393,28 +421,56 @@ pub fn run_training(
                 settings: g.settings(),
                 source: &source,
                 reference,
+                reference_model: reference_model.as_ref().map(|m| m as &dyn CausalLm),
                 pad_id: bundle.pad_id(),
             };
             let base = run.base_snapshot(&objective, &model, &data, progress)?;
+            let start = run.start_snapshot(
+                &objective,
+                &Adapted::new(&model, Trainable::adapter(&*adapter)),
+                &data,
+                progress,
+            )?;
             let (facts, tuned) = run.train(
                 &objective,
                 &mut model,
-                &adapter,
+                &*adapter,
                 checkpoint.as_deref(),
                 &data,
                 progress,
             )?;
-            (facts, base, tuned, Box::new(adapter) as Box<dyn Trainable>)
+            (facts, base, start, tuned, adapter)
         }
         RunData::Pairs { train, valid } if reward => {
             let MethodConfig::Reward(r) = &cfg.method else {
                 unreachable!("a reward run")
             };
             model.set_precision(precision);
-            let adapter = RewardAdapter::new(&model, &settings, cfg.seed, initial.as_ref())?;
+            let (score, adapter): (Tensor, Box<dyn Trainable + '_>) = if full {
+                // Every weight and the head; a resumed run's head is in
+                // its checkpoint's model folder.
+                let head = match &checkpoint {
+                    Some(dir) => crate::reward::read_score_head(dir)?,
+                    None => {
+                        skillet_adapters::fresh_score_head(model.config().hidden_size, cfg.seed)?
+                    }
+                };
+                let var = candle_core::Var::from_tensor(&head)?;
+                let trainable = FullModel {
+                    weights: FullWeights {
+                        named: model.parameters().to_vec(),
+                    },
+                    score: Some(var.clone()),
+                    bundle: &bundle,
+                };
+                (var.as_tensor().clone(), Box::new(trainable))
+            } else {
+                let a = RewardAdapter::new(&model, &settings, cfg.seed, initial.as_ref())?;
+                (a.score.clone(), Box::new(a))
+            };
             let objective = Reward {
                 settings: r.settings(),
-                score: adapter.score.clone(),
+                score,
                 train: &train.tokenized,
                 valid: &valid.tokenized,
                 pad_id: bundle.pad_id(),
@@ -423,15 +479,21 @@ pub fn run_training(
             // The base column: the body without the adapter, under the
             // starting head.
             let base = run.base_snapshot(&objective, &model, &data, progress)?;
+            let start = run.start_snapshot(
+                &objective,
+                &Adapted::new(&model, Trainable::adapter(&*adapter)),
+                &data,
+                progress,
+            )?;
             let (facts, tuned) = run.train(
                 &objective,
                 &mut model,
-                &adapter,
+                &*adapter,
                 checkpoint.as_deref(),
                 &data,
                 progress,
             )?;
-            (facts, base, tuned, Box::new(adapter) as Box<dyn Trainable>)
+            (facts, base, start, tuned, adapter)
         }
         RunData::Pairs { train, valid } => {
             let MethodConfig::Dpo(d) = &cfg.method else {
@@ -440,8 +502,8 @@ pub fn run_training(
             // The reference and the policy multiply alike, so that the
             // first step sees them equal.
             model.set_precision(precision);
-            let adapter = LoraAdapter::new(&model, &settings, cfg.seed, initial_lora)?;
-            let reference = run.reference(&model, &adapter, train, valid, progress)?;
+            let adapter = run.trainable(&model, &settings, initial_lora)?;
+            let reference = run.reference(&model, &*adapter, train, valid, progress)?;
             let objective = Dpo {
                 settings: d.settings(),
                 train: PairSet {
@@ -456,26 +518,84 @@ pub fn run_training(
                 eval_batch: cfg.eval.batch_size,
             };
             let base = run.base_snapshot(&objective, &model, &data, progress)?;
+            let start = run.start_snapshot(
+                &objective,
+                &Adapted::new(&model, Trainable::adapter(&*adapter)),
+                &data,
+                progress,
+            )?;
             let (facts, tuned) = run.train(
                 &objective,
                 &mut model,
-                &adapter,
+                &*adapter,
                 checkpoint.as_deref(),
                 &data,
                 progress,
             )?;
-            (facts, base, tuned, Box::new(adapter) as Box<dyn Trainable>)
+            (facts, base, start, tuned, adapter)
         }
     };
-    let adapter_dir = out.join("adapter");
+    let adapter_dir = out.join(if full { "model" } else { "adapter" });
     adapter.save(&adapter_dir, Some(cfg.model.display().to_string()))?;
-    let report = write_report(&out, &facts, &base, &tuned, &read_metrics(&out))
+    let columns = Columns {
+        base: &base,
+        start: start.as_ref(),
+        tuned: &tuned,
+    };
+    let report = write_report(&out, &facts, columns, &read_metrics(&out))
         .map_err(RuntimeError::io(out.join("report.md")))?;
     Ok(TrainOutcome {
         report,
         adapter_dir,
         report_path: out.join("report.md"),
     })
+}
+
+/// How full fine-tuning loads a model: every weight a variable.
+const FULL: skillet_models::LoadOptions = skillet_models::LoadOptions {
+    keep_quantized: false,
+    composed_ops: false,
+    trainable: true,
+    frozen_bf16: false,
+};
+
+/// Full fine-tuning's parameters: every weight of the model, saved (and
+/// checkpointed) as a Hugging Face folder with the run's tokenizer and
+/// chat template, which transformers and `skillet` load as a model.
+struct FullModel<'b> {
+    weights: FullWeights,
+    /// A reward model's `score` head, trained with the body and saved as
+    /// `score.weight` (the folder is then a sequence classifier).
+    score: Option<candle_core::Var>,
+    bundle: &'b Bundle,
+}
+
+impl Trainable for FullModel<'_> {
+    fn vars(&self) -> Vec<candle_core::Var> {
+        let mut v = self.weights.vars();
+        v.extend(self.score.clone());
+        v
+    }
+
+    fn adapter(&self) -> Option<Arc<dyn Adapter>> {
+        None
+    }
+
+    fn save(&self, dir: &Path, _base_model: Option<String>) -> skillet_train::Result<()> {
+        let mut tensors: std::collections::HashMap<String, Tensor> = self
+            .weights
+            .named
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        if let Some(score) = &self.score {
+            tensors.insert(SCORE_HEAD.into(), score.as_tensor().clone());
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| skillet_train::TrainError::Invalid(format!("{}: {e}", dir.display())))?;
+        crate::write_hf_folder(self.bundle, &MemoryWeights { tensors }, dir)
+            .map_err(|e| skillet_train::TrainError::Invalid(format!("{}: {e}", dir.display())))
+    }
 }
 
 /// What every phase of one run shares.
@@ -487,7 +607,27 @@ struct Run<'r> {
     out: &'r Path,
 }
 
-impl Run<'_> {
+impl<'r> Run<'r> {
+    /// What the run trains: a LoRA adapter (from `initial` where given),
+    /// or, in full fine-tuning, `model`'s own weights.
+    fn trainable(
+        &self,
+        model: &Llama,
+        settings: &LoraSettings,
+        initial: Option<&skillet_adapters::LoraWeights>,
+    ) -> Result<Box<dyn Trainable + 'r>> {
+        Ok(match self.cfg.train.tuning {
+            Tuning::Full => Box::new(FullModel {
+                weights: FullWeights {
+                    named: model.parameters().to_vec(),
+                },
+                score: None,
+                bundle: self.bundle,
+            }),
+            Tuning::Lora => Box::new(LoraAdapter::new(model, settings, self.cfg.seed, initial)?),
+        })
+    }
+
     /// The base model's evaluation: measured on a new run and saved, read
     /// back on a resumed one.
     fn base_snapshot<O: Objective>(
@@ -497,11 +637,41 @@ impl Run<'_> {
         data: &RunData,
         progress: &mut dyn TrainProgress,
     ) -> Result<Snapshot> {
-        let path = self.out.join("base_eval.json");
+        self.saved_snapshot("base", objective, model, data, progress)
+    }
+
+    /// The starting adapter's evaluation, where training continues one
+    /// (`init_adapter`): `model` is the base with it.
+    fn start_snapshot<O: Objective>(
+        &self,
+        objective: &O,
+        model: &dyn CausalLm,
+        data: &RunData,
+        progress: &mut dyn TrainProgress,
+    ) -> Result<Option<Snapshot>> {
+        if self.cfg.lora.init_adapter.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.saved_snapshot(
+            "start", objective, model, data, progress,
+        )?))
+    }
+
+    /// `model` evaluated as `what` (`base`, `start`): measured on a new
+    /// run and saved as `{what}_eval.json`, read back on a resumed one.
+    fn saved_snapshot<O: Objective>(
+        &self,
+        what: &str,
+        objective: &O,
+        model: &dyn CausalLm,
+        data: &RunData,
+        progress: &mut dyn TrainProgress,
+    ) -> Result<Snapshot> {
+        let path = self.out.join(format!("{what}_eval.json"));
         if self.resuming {
             return Ok(serde_json::from_str(&read_text(&path)?)?);
         }
-        let metrics = heldout(objective, model, "base", progress)?;
+        let metrics = heldout(objective, model, what, progress)?;
         let s = snapshot(
             model,
             metrics,
@@ -509,7 +679,7 @@ impl Run<'_> {
             self.cfg,
             &data.answers(&self.cfg.method),
             self.general,
-            "base",
+            what,
             progress,
         )?;
         write_text(&path, &serde_json::to_string_pretty(&s)?)?;
@@ -522,7 +692,7 @@ impl Run<'_> {
     fn reference(
         &self,
         model: &Llama,
-        adapter: &LoraAdapter,
+        adapter: &dyn Trainable,
         train: &PairData,
         valid: &PairData,
         progress: &mut dyn TrainProgress,
@@ -546,11 +716,11 @@ impl Run<'_> {
 
     /// Trains `adapter` on `objective` from `checkpoint` (or the start),
     /// then evaluates the tuned model.
-    fn train<O: Objective, T: Trainable>(
+    fn train<O: Objective>(
         &self,
         objective: &O,
         model: &mut Llama,
-        adapter: &T,
+        adapter: &dyn Trainable,
         checkpoint: Option<&Path>,
         data: &RunData,
         progress: &mut dyn TrainProgress,

@@ -242,10 +242,16 @@ pub enum RewardSpec {
         #[serde(default = "one")]
         weight: f64,
     },
-    /// A Skillet (or TRL) reward adapter on the same base model.
+    /// A reward model: a Skillet (or TRL) reward adapter on the same base
+    /// model (`adapter`), or a whole reward model folder from full
+    /// fine-tuning (`model`); one of the two.
     RewardModel {
-        /// Its folder.
-        adapter: PathBuf,
+        /// The adapter's folder.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        adapter: Option<PathBuf>,
+        /// The whole model's folder.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<PathBuf>,
         /// Weight in the sum.
         #[serde(default = "one")]
         weight: f64,
@@ -472,6 +478,22 @@ pub struct TrainConfig {
     /// multiplies it in bf16 too.
     #[serde(default)]
     pub precision: PrecisionSetting,
+    /// `lora` (an adapter over the frozen base, `[lora]`) or `full` (every
+    /// weight of the model trained, saved as a Hugging Face folder).
+    #[serde(default)]
+    pub tuning: Tuning,
+}
+
+/// `train.tuning`: what a run trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tuning {
+    /// A LoRA adapter over the frozen base.
+    #[default]
+    Lora,
+    /// Every weight (embeddings, norms, projections; a tied head with its
+    /// embedding).
+    Full,
 }
 
 /// `train.precision`.
@@ -705,6 +727,14 @@ impl RunConfig {
         if let MethodConfig::Grpo(g) = &self.method {
             self.check_grpo(g)?;
         }
+        if self.train.tuning == Tuning::Full {
+            if self.lora.keep_base_quantized {
+                return bad("lora.keep_base_quantized applies to LoRA; full fine-tuning trains dequantized weights".into());
+            }
+            if self.lora.init_adapter.is_some() {
+                return bad("lora.init_adapter applies to LoRA; for full fine-tuning start from a merged model (skillet merge) as `model`".into());
+            }
+        }
         if let Some((_, max_prompt)) = self.method.pairs() {
             if self.data.packing {
                 return bad("data.packing applies to SFT only".into());
@@ -792,6 +822,11 @@ impl RunConfig {
                 }
                 RewardSpec::LengthPenalty { max_tokens: 0, .. } => {
                     return bad("a length_penalty reward needs max_tokens of at least 1".into());
+                }
+                RewardSpec::RewardModel { adapter, model, .. }
+                    if adapter.is_some() == model.is_some() =>
+                {
+                    return bad("a reward_model reward needs exactly one of adapter (on the same base) and model (a whole reward model folder)".into());
                 }
                 _ => {}
             }
@@ -910,5 +945,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bta"), "{e}");
+    }
+
+    #[test]
+    fn full_tuning_and_whole_reward_models_are_checked() {
+        let text = "model = \"m.gguf\"\n[data]\ntrain = \"t.jsonl\"\n";
+        let full = || "train.tuning=\"full\"".to_string();
+        let c = RunConfig::from_toml(text, &[full()]).unwrap();
+        assert_eq!(c.train.tuning, Tuning::Full);
+        assert_eq!(
+            RunConfig::from_toml(&c.to_toml(), &[])
+                .unwrap()
+                .train
+                .tuning,
+            Tuning::Full
+        );
+        for (set, word) in [
+            ("lora.keep_base_quantized=true", "keep_base_quantized"),
+            ("lora.init_adapter=\"a\"", "init_adapter"),
+        ] {
+            let e = RunConfig::from_toml(text, &[full(), set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(word), "{e}");
+        }
+        let grpo = format!(
+            "{text}[train]\nbatch_size = 8\n[method]\ntype = \"grpo\"\n[[method.rewards]]\ntype = \"reward_model\"\n"
+        );
+        for (extra, ok) in [
+            ("adapter = \"a\"\n", true),
+            ("model = \"m\"\n", true),
+            ("", false),
+            ("adapter = \"a\"\nmodel = \"m\"\n", false),
+        ] {
+            let r = RunConfig::from_toml(&format!("{grpo}{extra}"), &[]);
+            assert_eq!(r.is_ok(), ok, "{extra}: {r:?}");
+        }
     }
 }

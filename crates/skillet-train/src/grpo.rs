@@ -450,6 +450,9 @@ pub struct Grpo<'a> {
     pub source: &'a dyn RolloutSource,
     /// The reference policy's adapter (`None`: the base model).
     pub reference: Option<Arc<dyn Adapter>>,
+    /// The model the reference runs on where it is not the trained one (a
+    /// frozen copy of the starting weights, in full fine-tuning).
+    pub reference_model: Option<&'a dyn CausalLm>,
     /// Padding token id.
     pub pad_id: u32,
 }
@@ -515,7 +518,10 @@ impl Objective for Grpo<'_> {
         }
         let (adv, zero_std) = advantages(&sampled.rewards, g, self.settings.scale_rewards);
         let policy = Adapted::new(model, adapter);
-        let reference = Adapted::new(model, self.reference.clone());
+        let reference = Adapted::new(
+            self.reference_model.unwrap_or(model),
+            self.reference.clone(),
+        );
         let mut out = Vec::with_capacity(micro.len());
         let mut first = 0usize; // first prompt of the micro-batch, in `items`
         for m in &micro {

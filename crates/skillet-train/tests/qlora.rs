@@ -245,3 +245,52 @@ fn a_base_held_in_bf16_trains_as_the_f32_base_does_in_bf16() {
     assert_ne!(held_loss, f32_loss);
     assert!((held_loss - f32_loss).abs() < 1e-2 * f32_loss.abs());
 }
+
+/// The cached forward that sampling runs (GRPO samples with a copy of the
+/// base in its blocks and the trained adapter, while training multiplies
+/// the dequantized copy): two prompts prefilled, then decoded a token at
+/// a time, give the dequantized model's logits with the same adapter, and
+/// the int8 inputs only approximately.
+#[test]
+fn sampling_from_the_blocks_with_an_adapter_gives_the_dequantized_logits() {
+    use skillet_models::{Activations, CachedBatch, CachedChunk};
+    for storage in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        let (dense, quantized) = models(storage);
+        let adapter = trained_adapter(&dense, &["q_proj", "v_proj", "up_proj"], 3);
+        let adapter: Arc<dyn skillet_models::Adapter> = Arc::new(adapter);
+        let prompts: [Vec<u32>; 2] = [vec![5, 9, 13, 2, 77, 41], vec![8, 60, 3]];
+        let run = |m: &Llama, activations: Activations| -> Vec<f32> {
+            let model = Adapted::new(m, Some(adapter.clone()));
+            let mut cache = model.new_cache(2, 16);
+            let mut out = Vec::new();
+            let mut chunks: Vec<Vec<u32>> = prompts.to_vec();
+            for step in 0..4 {
+                let batch = CachedBatch {
+                    chunks: chunks
+                        .iter()
+                        .enumerate()
+                        .map(|(slot, tokens)| CachedChunk {
+                            slot,
+                            tokens: tokens.clone(),
+                            adapter: None,
+                        })
+                        .collect(),
+                    adapters: vec![],
+                    activations,
+                };
+                let logits = model.forward_cached(&batch, &mut cache).unwrap();
+                out.extend(logits.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                // The next tokens, fixed, so both models decode alike.
+                chunks = vec![vec![(step * 7 + 1) % 97], vec![(step * 11 + 4) % 97]];
+            }
+            out
+        };
+        let want = run(&dense, Activations::F32);
+        let got = run(&quantized, Activations::F32);
+        let d = rel_diff(&[got], std::slice::from_ref(&want));
+        assert!(d < 1e-5, "{storage:?}: blocks vs dequantized {d}");
+        let int8 = run(&quantized, Activations::Int8);
+        let d = rel_diff(&[int8], &[want]);
+        assert!(d > 0.0 && d < 5e-2, "{storage:?}: int8 inputs {d}");
+    }
+}

@@ -1,5 +1,6 @@
 //! `skillet reward`: scores under a reward model (LoRA plus `score` head,
-//! from `skillet train` with `type = "reward"` or from TRL). A file of
+//! from `skillet train` with `type = "reward"` or from TRL; or a whole
+//! model folder with its `score.weight`, from full fine-tuning). A file of
 //! preference pairs gives accuracy, mean margin and reward statistics; a
 //! file of examples (chat, prompt/completion, text) or `--text` gives one
 //! score each.
@@ -8,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use skillet_data::{DataFormat, EncodeOptions, Example, PairFormat, looks_like_pairs, read_jsonl};
-use skillet_models::LoadOptions;
+use skillet_models::{CausalLm, Llama, LoadOptions};
 use skillet_runtime::{
     Bundle, PairData, PairScores, RewardModel, RewardStats, score_pairs, scored_tokens,
 };
@@ -20,9 +21,11 @@ use crate::output::print_json;
 pub struct Args {
     #[command(flatten)]
     model: ModelArg,
-    /// The reward adapter folder (PEFT, with score.weight).
+    /// The reward adapter folder (PEFT, with score.weight) on `--model`;
+    /// without it, `--model` must be a whole reward model (a folder whose
+    /// weights include score.weight).
     #[arg(long)]
-    adapter: PathBuf,
+    adapter: Option<PathBuf>,
     /// A JSONL file: preference pairs (any shape `skillet train` reads),
     /// or examples (a conversation's last assistant turn is scored after
     /// the turns before it; prompt/completion; text).
@@ -58,6 +61,27 @@ struct Scores {
     each: Vec<Scored>,
 }
 
+/// The reward model: an adapter on `--model` (loaded here), or `--model`
+/// itself (which carries its own body).
+fn load(b: &Bundle, args: &Args) -> anyhow::Result<(Option<Llama>, RewardModel)> {
+    Ok(match &args.adapter {
+        Some(dir) => {
+            let model = b.load_model(LoadOptions::default())?;
+            let rm = RewardModel::load(&model, dir)?;
+            (Some(model), rm)
+        }
+        None => (None, RewardModel::load_model(&args.model.model)?),
+    })
+}
+
+/// The model a reward model runs on.
+fn base<'a>(model: &'a Option<Llama>, rm: &'a RewardModel) -> anyhow::Result<&'a dyn CausalLm> {
+    match (model, &rm.body) {
+        (Some(m), _) | (None, Some(m)) => Ok(m),
+        (None, None) => anyhow::bail!("a reward adapter needs its base model"),
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let b = Bundle::open(&args.model.model)?;
     let opts = EncodeOptions {
@@ -68,9 +92,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = args.data.as_ref().filter(|p| looks_like_pairs(p)) {
         // Every line is checked before the model is loaded.
         let data = PairData::load(path, PairFormat::Auto, &b, opts, None)?;
-        let model = b.load_model(LoadOptions::default())?;
-        let rm = RewardModel::load(&model, &args.adapter)?;
-        let s = score_pairs(&rm, &model, &data, args.batch_size, b.pad_id())?;
+        let (model, rm) = load(&b, &args)?;
+        let s = score_pairs(&rm, base(&model, &rm)?, &data, args.batch_size, b.pad_id())?;
         return print_pairs(&s, args.json);
     }
     let items: Vec<(Option<usize>, Example)> = match &args.data {
@@ -93,9 +116,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             })?,
         );
     }
-    let model = b.load_model(LoadOptions::default())?;
-    let rm = RewardModel::load(&model, &args.adapter)?;
-    let r = rm.score(&model, &sequences, args.batch_size, b.pad_id())?;
+    let (model, rm) = load(&b, &args)?;
+    let r = rm.score(base(&model, &rm)?, &sequences, args.batch_size, b.pad_id())?;
     let out = Scores {
         sequences: r.len(),
         rewards: RewardStats::of(r.iter().map(|&x| x as f64))

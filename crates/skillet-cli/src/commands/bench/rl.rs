@@ -132,6 +132,7 @@ pub(super) fn grpo(args: &Args, bundle: &Bundle, model: &mut Llama) -> anyhow::R
         settings,
         source: &source,
         reference: None,
+        reference_model: None,
         pad_id: bundle.pad_id(),
     };
     let order: Vec<usize> = (0..prompts.ids.len()).collect();
