@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{skillet, tiny_gguf};
+use common::{assert_resumes_exactly, skillet, tiny_gguf};
 use skillet_gguf::GgmlType;
 
 fn pair_line(i: usize) -> String {
@@ -80,17 +80,8 @@ fn dpo_trains_logs_trl_metrics_and_resumes_exactly() {
 
     // Killed after step 2: the resume reads the saved reference back and
     // ends at the same adapter.
-    let final_adapter = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
-    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
-    std::fs::remove_dir_all(out.join("adapter")).unwrap();
     let saved = std::fs::read(out.join("reference_logps.json")).unwrap();
-    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(
-        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
-        final_adapter,
-        "resume changed the adapter"
-    );
+    assert_resumes_exactly(&out, "adapter", "adapter_model.safetensors");
     assert_eq!(
         std::fs::read(out.join("reference_logps.json")).unwrap(),
         saved
@@ -127,16 +118,7 @@ fn dpo_full_fine_tuning_starts_at_ln_2_and_resumes_exactly() {
         train[3]["loss"].as_f64().unwrap() < first,
         "DPO did not lower its loss"
     );
-    let model = out.join("model/model.safetensors");
-    let final_model = std::fs::read(&model).unwrap();
-    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
-    std::fs::remove_dir_all(out.join("model")).unwrap();
-    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(
-        std::fs::read(&model).unwrap() == final_model,
-        "resume changed the model"
-    );
+    assert_resumes_exactly(&out, "model", "model.safetensors");
 }
 
 #[test]

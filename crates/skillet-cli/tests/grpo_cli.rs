@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{skillet, tiny_gguf};
+use common::{assert_resumes_exactly, skillet, tiny_gguf};
 use skillet_gguf::GgmlType;
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -119,16 +119,7 @@ fn grpo_trains_logs_trl_metrics_and_resumes_exactly() {
 
     // Killed after step 2: the resume samples what the first run sampled
     // and ends at the same adapter.
-    let final_adapter = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
-    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
-    std::fs::remove_dir_all(out.join("adapter")).unwrap();
-    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(
-        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
-        final_adapter,
-        "resume changed the adapter"
-    );
+    assert_resumes_exactly(&out, "adapter", "adapter_model.safetensors");
 }
 
 /// GRPO in full fine-tuning: the KL term's reference is a frozen copy of
@@ -154,16 +145,7 @@ fn grpo_full_fine_tuning_keeps_a_frozen_reference_and_resumes_exactly() {
         .collect();
     assert!(train[0]["metrics"]["kl"].as_f64().unwrap().abs() < 1e-6);
     assert!(train[1]["metrics"]["kl"].as_f64().unwrap() > 0.0);
-    let model = out.join("model/model.safetensors");
-    let final_model = std::fs::read(&model).unwrap();
-    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
-    std::fs::remove_dir_all(out.join("model")).unwrap();
-    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(
-        std::fs::read(&model).unwrap() == final_model,
-        "resume changed the model"
-    );
+    assert_resumes_exactly(&out, "model", "model.safetensors");
 }
 
 #[test]

@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{skillet, tiny_gguf};
+use common::{assert_resumes_exactly, skillet, tiny_gguf};
 use skillet_gguf::GgmlType;
 
 fn pair_line(i: usize) -> serde_json::Value {
@@ -143,15 +143,7 @@ fn full_reward_model_is_a_model_folder_that_scores_and_resumes_exactly() {
         "{step}"
     );
 
-    let final_model = std::fs::read(folder.join("model.safetensors")).unwrap();
-    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
-    std::fs::remove_dir_all(&folder).unwrap();
-    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(
-        std::fs::read(folder.join("model.safetensors")).unwrap() == final_model,
-        "resume changed the model"
-    );
+    assert_resumes_exactly(&out, "model", "model.safetensors");
 }
 
 #[test]
@@ -311,14 +303,5 @@ fn reward_model_trains_scores_and_resumes_exactly() {
 
     // Killed after step 2: the resume reads the head back from the
     // checkpoint and ends at the same adapter.
-    let final_adapter = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
-    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
-    std::fs::remove_dir_all(out.join("adapter")).unwrap();
-    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(
-        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
-        final_adapter,
-        "resume changed the adapter"
-    );
+    assert_resumes_exactly(&out, "adapter", "adapter_model.safetensors");
 }

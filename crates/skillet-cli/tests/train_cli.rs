@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{skillet, skillet_json, tiny_gguf};
+use common::{assert_resumes_exactly, skillet, skillet_json, tiny_gguf};
 use skillet_gguf::GgmlType;
 
 fn chat_line(q: &str, a: &str) -> String {
@@ -113,16 +113,7 @@ fn trains_writes_a_peft_adapter_and_a_report_and_resumes_exactly() {
     );
 
     // A run killed after step 2: drop everything written after it, resume.
-    let final_adapter = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
-    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
-    std::fs::remove_dir_all(out.join("adapter")).unwrap();
-    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(
-        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
-        final_adapter,
-        "resume changed the adapter"
-    );
+    assert_resumes_exactly(&out, "adapter", "adapter_model.safetensors");
 
     // A non-empty output folder is not silently reused.
     let r = train(&s, &[]);
@@ -198,15 +189,7 @@ fn full_fine_tuning_saves_a_model_folder_and_resumes_exactly() {
     assert!((loss - tuned).abs() <= 1e-4 * tuned, "{loss} vs {tuned}");
 
     // Killed after step 2: resumed from the checkpoint's model folder.
-    let final_model = std::fs::read(out.join("model/model.safetensors")).unwrap();
-    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
-    std::fs::remove_dir_all(out.join("model")).unwrap();
-    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(
-        std::fs::read(out.join("model/model.safetensors")).unwrap() == final_model,
-        "resume changed the model"
-    );
+    assert_resumes_exactly(&out, "model", "model.safetensors");
 
     // What full fine-tuning cannot take says so.
     let r = train(

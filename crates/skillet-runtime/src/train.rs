@@ -347,7 +347,15 @@ pub fn run_training(
         resuming,
         out: &out,
     };
-    let (facts, base, start, tuned, adapter) = match &data {
+    let (
+        Measured {
+            facts,
+            base,
+            start,
+            tuned,
+        },
+        adapter,
+    ) = match &data {
         RunData::Sft { train, valid } => {
             let objective = Sft {
                 train: &train.tokenized,
@@ -356,16 +364,9 @@ pub fn run_training(
                 pad_id: bundle.pad_id(),
                 eval_batch: cfg.eval.batch_size,
             };
-            // The base is measured in f32, before the adapter exists.
-            let base = run.base_snapshot(&objective, &model, &data, progress)?;
+            // Measured in f32 (training sets its precision later).
             let adapter = run.trainable(&model, &settings, initial_lora)?;
-            let start = run.start_snapshot(
-                &objective,
-                &Adapted::new(&model, Trainable::adapter(&*adapter)),
-                &data,
-                progress,
-            )?;
-            let (facts, tuned) = run.train(
+            let r = run.evaluate_and_train(
                 &objective,
                 &mut model,
                 &*adapter,
@@ -373,7 +374,7 @@ pub fn run_training(
                 &data,
                 progress,
             )?;
-            (facts, base, start, tuned, adapter)
+            (r, adapter)
         }
         RunData::Prompts { train, valid } => {
             let MethodConfig::Grpo(g) = &cfg.method else {
@@ -424,14 +425,7 @@ pub fn run_training(
                 reference_model: reference_model.as_ref().map(|m| m as &dyn CausalLm),
                 pad_id: bundle.pad_id(),
             };
-            let base = run.base_snapshot(&objective, &model, &data, progress)?;
-            let start = run.start_snapshot(
-                &objective,
-                &Adapted::new(&model, Trainable::adapter(&*adapter)),
-                &data,
-                progress,
-            )?;
-            let (facts, tuned) = run.train(
+            let r = run.evaluate_and_train(
                 &objective,
                 &mut model,
                 &*adapter,
@@ -439,7 +433,7 @@ pub fn run_training(
                 &data,
                 progress,
             )?;
-            (facts, base, start, tuned, adapter)
+            (r, adapter)
         }
         RunData::Pairs { train, valid } if reward => {
             let MethodConfig::Reward(r) = &cfg.method else {
@@ -476,16 +470,9 @@ pub fn run_training(
                 pad_id: bundle.pad_id(),
                 eval_batch: cfg.eval.batch_size,
             };
-            // The base column: the body without the adapter, under the
+            // The base column is the body without the adapter, under the
             // starting head.
-            let base = run.base_snapshot(&objective, &model, &data, progress)?;
-            let start = run.start_snapshot(
-                &objective,
-                &Adapted::new(&model, Trainable::adapter(&*adapter)),
-                &data,
-                progress,
-            )?;
-            let (facts, tuned) = run.train(
+            let r = run.evaluate_and_train(
                 &objective,
                 &mut model,
                 &*adapter,
@@ -493,7 +480,7 @@ pub fn run_training(
                 &data,
                 progress,
             )?;
-            (facts, base, start, tuned, adapter)
+            (r, adapter)
         }
         RunData::Pairs { train, valid } => {
             let MethodConfig::Dpo(d) = &cfg.method else {
@@ -517,14 +504,7 @@ pub fn run_training(
                 pad_id: bundle.pad_id(),
                 eval_batch: cfg.eval.batch_size,
             };
-            let base = run.base_snapshot(&objective, &model, &data, progress)?;
-            let start = run.start_snapshot(
-                &objective,
-                &Adapted::new(&model, Trainable::adapter(&*adapter)),
-                &data,
-                progress,
-            )?;
-            let (facts, tuned) = run.train(
+            let r = run.evaluate_and_train(
                 &objective,
                 &mut model,
                 &*adapter,
@@ -532,7 +512,7 @@ pub fn run_training(
                 &data,
                 progress,
             )?;
-            (facts, base, start, tuned, adapter)
+            (r, adapter)
         }
     };
     let adapter_dir = out.join(if full { "model" } else { "adapter" });
@@ -598,6 +578,14 @@ impl Trainable for FullModel<'_> {
     }
 }
 
+/// A trained run's facts and the evaluations its report compares.
+struct Measured {
+    facts: RunFacts,
+    base: Snapshot,
+    start: Option<Snapshot>,
+    tuned: Snapshot,
+}
+
 /// What every phase of one run shares.
 struct Run<'r> {
     cfg: &'r RunConfig,
@@ -625,6 +613,34 @@ impl<'r> Run<'r> {
                 bundle: self.bundle,
             }),
             Tuning::Lora => Box::new(LoraAdapter::new(model, settings, self.cfg.seed, initial)?),
+        })
+    }
+
+    /// The base model (and the starting adapter, where there is one)
+    /// evaluated, then `adapter` trained on `objective` from `checkpoint`
+    /// (or the start) and the tuned model evaluated.
+    fn evaluate_and_train<O: Objective>(
+        &self,
+        objective: &O,
+        model: &mut Llama,
+        adapter: &dyn Trainable,
+        checkpoint: Option<&Path>,
+        data: &RunData,
+        progress: &mut dyn TrainProgress,
+    ) -> Result<Measured> {
+        let base = self.base_snapshot(objective, model, data, progress)?;
+        let start = self.start_snapshot(
+            objective,
+            &Adapted::new(&*model, adapter.adapter()),
+            data,
+            progress,
+        )?;
+        let (facts, tuned) = self.train(objective, model, adapter, checkpoint, data, progress)?;
+        Ok(Measured {
+            facts,
+            base,
+            start,
+            tuned,
         })
     }
 

@@ -46,6 +46,24 @@ pub fn skillet_json(args: &[&str]) -> serde_json::Value {
 
 /// Asserts the command failed with exactly one `error:` line and no panic;
 /// returns that line.
+/// A 4-step run with checkpoints every 2 steps, killed after step 2:
+/// drops the step-4 checkpoint and the saved `result` folder (`adapter`,
+/// `model`), resumes, and checks that `result/file` comes back byte for
+/// byte.
+pub fn assert_resumes_exactly(out: &Path, result: &str, file: &str) {
+    let path = out.join(result).join(file);
+    let want = std::fs::read(&path).unwrap();
+    std::fs::remove_dir_all(out.join("checkpoints/step-000004")).unwrap();
+    std::fs::remove_dir_all(out.join(result)).unwrap();
+    let r = skillet(&["train", "--resume", out.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        std::fs::read(&path).unwrap() == want,
+        "resume changed {}",
+        path.display()
+    );
+}
+
 pub fn expect_error(args: &[&str]) -> String {
     let r = skillet(args);
     assert_ne!(r.code, 0, "skillet {args:?} should fail");
