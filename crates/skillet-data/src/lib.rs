@@ -6,6 +6,7 @@
 //! pairs (DPO, reward models) are read and encoded the same way.
 #![warn(missing_docs)]
 
+mod check;
 mod encode;
 mod encode_pair;
 mod error;
@@ -16,6 +17,7 @@ mod preference;
 mod prompts;
 mod split;
 
+pub use check::{FileSummary, check_training_file};
 pub use encode::{EncodeOptions, Encoder, TokenizedExample, mark_trained};
 pub use encode_pair::TokenizedPair;
 pub use error::{DataError, DataIssue, IssueCode};

@@ -21,10 +21,17 @@ pub struct ServerConfig {
     pub allow_any_adapter_path: bool,
     /// Where to listen.
     pub addr: SocketAddr,
-    /// Keys any request may use (empty: no authentication).
-    pub api_keys: Vec<String>,
-    /// The key for loading and unloading adapters (else any API key).
-    pub admin_key: Option<String>,
+    /// Keys any request may use, each with its owner (empty: no
+    /// authentication).
+    pub api_keys: Vec<ApiKey>,
+    /// The key for loading and unloading adapters (else any API key), which
+    /// also sees every owner's files and jobs.
+    pub admin_key: Option<ApiKey>,
+    /// The fine-tuning service's data directory (database, uploaded
+    /// files); `None`: the files and jobs endpoints are off.
+    pub data_dir: Option<PathBuf>,
+    /// Largest uploaded file in bytes.
+    pub max_file_bytes: usize,
     /// Sequences decoded together.
     pub max_batch: usize,
     /// Requests waiting beyond the running ones before 429.
@@ -66,6 +73,8 @@ impl ServerConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_keys: Vec::new(),
             admin_key: None,
+            data_dir: None,
+            max_file_bytes: 512 << 20,
             max_batch: 8,
             max_queue: 64,
             ctx: 2048,
@@ -78,5 +87,76 @@ impl ServerConfig {
             header_timeout_secs: 30,
             max_connections: 1024,
         }
+    }
+}
+
+/// An API key, kept only as its SHA-256 digest, and the owner it stands
+/// for (whose files, jobs and models it sees).
+#[derive(Clone)]
+pub struct ApiKey {
+    digest: [u8; 32],
+    /// The owner's name.
+    pub owner: String,
+}
+
+impl ApiKey {
+    /// `key` for `owner`.
+    pub fn new(key: &str, owner: &str) -> Self {
+        Self {
+            digest: digest(key),
+            owner: owner.to_string(),
+        }
+    }
+
+    /// Whether a presented key's digest is this key's, in time that does
+    /// not depend on where they differ.
+    pub fn matches(&self, presented: &[u8; 32]) -> bool {
+        self.digest
+            .iter()
+            .zip(presented)
+            .fold(0u8, |d, (a, b)| d | (a ^ b))
+            == 0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKey({}, <redacted>)", self.owner)
+    }
+}
+
+/// A key's SHA-256 digest.
+pub fn digest(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
+}
+
+/// Reads a keys file: one key per line, optionally followed by
+/// whitespace and its owner's name (`default` where absent); blank lines
+/// and `#` comments skipped.
+pub fn parse_keys(text: &str) -> Vec<ApiKey> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            let key = parts.next().unwrap_or_default();
+            ApiKey::new(key, parts.next().unwrap_or("default"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_kept_as_digests_with_their_owners() {
+        let keys = parse_keys("# team keys\nsk-a ann\n\nsk-b\n  sk-c   carl  \n");
+        let owners: Vec<&str> = keys.iter().map(|k| k.owner.as_str()).collect();
+        assert_eq!(owners, ["ann", "default", "carl"]);
+        assert!(keys[0].matches(&digest("sk-a")));
+        assert!(!keys[0].matches(&digest("sk-b")));
+        assert!(!format!("{keys:?}").contains("sk-a"));
     }
 }

@@ -45,6 +45,14 @@ impl ApiError {
         }
     }
 
+    /// The same error, about the request field `param`.
+    pub fn with_param(self, param: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.into()),
+            ..self
+        }
+    }
+
     /// 401: no key or a wrong one.
     pub fn unauthorized() -> Self {
         Self {

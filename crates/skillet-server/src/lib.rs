@@ -8,6 +8,7 @@
 
 mod config;
 mod error;
+mod files;
 mod generation;
 mod listen;
 mod metrics;
@@ -27,7 +28,7 @@ use skillet_generate::EngineConfig;
 use skillet_models::{CausalLm, LoadOptions};
 use skillet_runtime::Bundle;
 
-pub use config::ServerConfig;
+pub use config::{ApiKey, ServerConfig, digest, parse_keys};
 pub use error::ApiError;
 
 use crate::metrics::Metrics;
@@ -50,6 +51,9 @@ pub enum ServeError {
     /// Sockets or threads.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The fine-tuning service's database.
+    #[error("{0}")]
+    Store(#[from] skillet_store::StoreError),
 }
 
 /// The router over `state`.
@@ -63,6 +67,16 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(routes::completions))
         .route("/v1/load_lora_adapter", post(routes::load_adapter))
         .route("/v1/unload_lora_adapter", post(routes::unload_adapter))
+        .route(
+            "/v1/files",
+            post(files::upload)
+                .layer(DefaultBodyLimit::max(
+                    state.config.max_file_bytes + (1 << 20),
+                ))
+                .get(files::list),
+        )
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
         .fallback(routes::fallback)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -105,12 +119,17 @@ pub fn serve(config: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<
     let header_timeout = Duration::from_secs(config.header_timeout_secs.max(1));
     let max_connections = config.max_connections;
     let addr = config.addr;
+    let store = match &config.data_dir {
+        Some(dir) => Some(skillet_store::Store::open(&dir.join("skillet.db"))?),
+        None => None,
+    };
     let state = Arc::new(AppState::new(
         config,
         bundle,
         model.clone(),
         tx,
         metrics.clone(),
+        store,
     ));
     for (name, dir) in &adapters {
         state.load(name, dir).map_err(|e| ServeError::Adapter {

@@ -278,46 +278,82 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Equality that takes the same time wherever the first difference is.
-fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut diff = (a.len() != b.len()) as u8;
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+/// Who is calling: the owner of the key presented, and whether it is the
+/// admin key (which sees every owner's records). Without keys configured,
+/// every caller is the admin `local`.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The owner's name.
+    pub owner: String,
+    /// Whether the caller sees all owners' records.
+    pub admin: bool,
+}
+
+impl Caller {
+    /// The store scope of this caller.
+    pub fn scope(&self) -> skillet_store::Scope<'_> {
+        if self.admin {
+            skillet_store::Scope::Admin
+        } else {
+            skillet_store::Scope::Owner(&self.owner)
+        }
     }
-    diff == 0
+}
+
+/// The caller a bearer key stands for (`None`: no key matches).
+fn caller(state: &AppState, headers: &HeaderMap) -> Option<Caller> {
+    let config = &state.config;
+    if config.api_keys.is_empty() && config.admin_key.is_none() {
+        return Some(Caller {
+            owner: "local".into(),
+            admin: true,
+        });
+    }
+    let presented = crate::config::digest(bearer(headers)?);
+    if let Some(k) = &config.admin_key
+        && k.matches(&presented)
+    {
+        return Some(Caller {
+            owner: k.owner.clone(),
+            admin: true,
+        });
+    }
+    config
+        .api_keys
+        .iter()
+        .find(|k| k.matches(&presented))
+        .map(|k| Caller {
+            owner: k.owner.clone(),
+            admin: false,
+        })
 }
 
 /// Adapter loading needs the admin key when one is set.
 fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     match &state.config.admin_key {
-        Some(key) if !bearer(headers).is_some_and(|k| same(k, key)) => Err(ApiError::forbidden(
-            "loading and unloading adapters needs the admin key",
-        )),
+        Some(key) if !bearer(headers).is_some_and(|k| key.matches(&crate::config::digest(k))) => {
+            Err(ApiError::forbidden(
+                "loading and unloading adapters needs the admin key",
+            ))
+        }
         _ => Ok(()),
     }
 }
 
 /// Every route but `/health` needs one of the API keys (or the admin key),
-/// when keys are configured. Also counts requests for `/metrics`.
-pub async fn guard(State(state): Shared, request: Request, next: Next) -> Response {
+/// when keys are configured; the caller it stands for goes with the
+/// request. Also counts requests for `/metrics`.
+pub async fn guard(State(state): Shared, mut request: Request, next: Next) -> Response {
     let route = request.uri().path().to_string();
-    let keys = &state.config.api_keys;
-    let needs_key = route != "/health" && (!keys.is_empty() || state.config.admin_key.is_some());
-    if needs_key {
-        let given = bearer(request.headers());
-        let ok = given.is_some_and(|g| {
-            keys.iter().any(|k| same(g, k))
-                || state
-                    .config
-                    .admin_key
-                    .as_deref()
-                    .is_some_and(|k| same(g, k))
-        });
-        if !ok {
+    match caller(&state, request.headers()) {
+        Some(c) => {
+            request.extensions_mut().insert(c);
+        }
+        None if route != "/health" => {
             state.metrics.request(&route, 401);
             return ApiError::unauthorized().into_response();
         }
+        None => {}
     }
     let response = next.run(request).await;
     let known = [
@@ -328,6 +364,7 @@ pub async fn guard(State(state): Shared, request: Request, next: Next) -> Respon
         "/v1/completions",
         "/v1/load_lora_adapter",
         "/v1/unload_lora_adapter",
+        "/v1/files",
     ];
     let label = if known.contains(&route.as_str()) {
         route.as_str()

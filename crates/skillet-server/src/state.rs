@@ -49,6 +49,8 @@ pub struct AppState {
     pub started: u64,
     /// Set on SIGTERM: new generation requests get 503.
     pub stopping: AtomicBool,
+    /// The fine-tuning service's database (where `data_dir` is set).
+    pub store: Option<skillet_store::Store>,
 }
 
 /// Seconds since the Unix epoch.
@@ -66,6 +68,7 @@ impl AppState {
         model: Arc<Llama>,
         worker: Sender<Command>,
         metrics: Arc<Metrics>,
+        store: Option<skillet_store::Store>,
     ) -> Self {
         Self {
             config,
@@ -78,6 +81,7 @@ impl AppState {
             next_ticket: AtomicU64::new(1),
             started: now(),
             stopping: AtomicBool::new(false),
+            store,
         }
     }
 

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use skillet_server::ServerConfig;
+use skillet_server::{ApiKey, ServerConfig, parse_keys};
 
 use crate::args::{ActivationsArg, ModelArg};
 
@@ -40,9 +40,19 @@ pub struct Args {
         conflicts_with = "api_key_file"
     )]
     api_key: Option<String>,
-    /// A file with one API key per line.
+    /// A file with one API key per line, each optionally followed by its
+    /// owner's name (an owner sees only their own files, jobs and models;
+    /// `default` where no name is given). Keys are kept as SHA-256 digests.
     #[arg(long)]
     api_key_file: Option<PathBuf>,
+    /// The fine-tuning service's data directory (its SQLite database and
+    /// uploaded files). Default: `skillet` under the user's data directory
+    /// ($XDG_DATA_HOME, else ~/.local/share).
+    #[arg(long, env = "SKILLET_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Largest uploaded file in bytes.
+    #[arg(long, default_value_t = 512 << 20)]
+    max_file_bytes: usize,
     /// The key that may load and unload adapters (else any API key may).
     #[arg(long, env = "SKILLET_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
@@ -102,17 +112,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.allow_any_adapter_path = args.allow_any_adapter_path;
     cfg.addr = SocketAddr::new(args.host, args.port);
     cfg.api_keys = match (args.api_key, args.api_key_file) {
-        (Some(k), _) => vec![k],
-        (None, Some(f)) => std::fs::read_to_string(&f)
-            .with_context(|| f.display().to_string())?
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_string)
-            .collect(),
+        (Some(k), _) => vec![ApiKey::new(&k, "default")],
+        (None, Some(f)) => {
+            parse_keys(&std::fs::read_to_string(&f).with_context(|| f.display().to_string())?)
+        }
         (None, None) => Vec::new(),
     };
-    cfg.admin_key = args.admin_key;
+    cfg.admin_key = args.admin_key.map(|k| ApiKey::new(&k, "admin"));
+    cfg.data_dir = Some(match args.data_dir {
+        Some(d) => d,
+        None => user_data_dir()?,
+    });
+    cfg.max_file_bytes = args.max_file_bytes;
     cfg.max_batch = args.max_batch;
     cfg.max_queue = args.max_queue;
     cfg.ctx = args.ctx;
@@ -136,4 +147,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
     eprintln!("stopped");
     Ok(())
+}
+
+/// `skillet` under the user's data directory: $XDG_DATA_HOME, else
+/// ~/.local/share.
+fn user_data_dir() -> anyhow::Result<PathBuf> {
+    let base = match std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(
+            std::env::var_os("HOME").ok_or_else(|| anyhow::anyhow!("no HOME: give --data-dir"))?,
+        )
+        .join(".local/share"),
+    };
+    Ok(base.join("skillet"))
 }

@@ -17,15 +17,30 @@ pub struct Server {
     child: Option<Child>,
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// The service's data directory (a fresh one unless given).
+    pub data: std::path::PathBuf,
+    _owned: Option<tempfile::TempDir>,
 }
 
 impl Server {
     /// Starts `skillet serve ARGS --port 0` and waits until it listens.
     pub fn start(args: &[&str]) -> Server {
+        let owned = tempfile::tempdir().expect("a data directory");
+        let data = owned.path().to_path_buf();
+        let mut server = Self::start_in(args, &data);
+        server._owned = Some(owned);
+        server
+    }
+
+    /// Starts `skillet serve ARGS --port 0` with the data directory
+    /// `data` (kept by the caller, e.g. across a restart).
+    pub fn start_in(args: &[&str], data: &Path) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_skillet"))
             .arg("serve")
             .args(args)
             .args(["--port", "0"])
+            .arg("--data-dir")
+            .arg(data)
             .env_remove("SKILLET_API_KEY")
             .env_remove("SKILLET_ADMIN_KEY")
             .stderr(Stdio::piped())
@@ -48,6 +63,8 @@ impl Server {
         Server {
             child: Some(child),
             addr,
+            data: data.to_path_buf(),
+            _owned: None,
         }
     }
 
@@ -113,11 +130,28 @@ impl Reply {
 }
 
 fn send(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> TcpStream {
+    send_bytes(
+        addr,
+        method,
+        path,
+        key,
+        "application/json",
+        body.unwrap_or("").as_bytes(),
+    )
+}
+
+fn send_bytes(
+    addr: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    let body = body.unwrap_or("");
     let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
         body.len()
     );
     if let Some(k) = key {
@@ -125,7 +159,8 @@ fn send(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&s
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body.as_bytes()).unwrap();
+    // A server may answer (e.g. 413) before reading the whole body.
+    let _ = s.write_all(body);
     s
 }
 
@@ -137,10 +172,46 @@ pub fn request(
     key: Option<&str>,
     body: Option<&str>,
 ) -> Reply {
+    read_reply(send(addr, method, path, key, body))
+}
+
+/// Sends a multipart form (`fields` as text parts, then `file` as the
+/// file part named `filename`) and reads the answer.
+pub fn upload(
+    addr: &str,
+    path: &str,
+    key: Option<&str>,
+    fields: &[(&str, &str)],
+    file: Option<(&str, &[u8])>,
+) -> Reply {
+    let boundary = "skillet-test-boundary-7MA4YWxk";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    if let Some((filename, bytes)) = file {
+        body.extend(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend(bytes);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    read_reply(send_bytes(addr, "POST", path, key, &content_type, &body))
+}
+
+fn read_reply(mut stream: TcpStream) -> Reply {
     let mut raw = Vec::new();
-    send(addr, method, path, key, body)
-        .read_to_end(&mut raw)
-        .expect("read the answer");
+    let _ = stream.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").expect("an HTTP answer");
     let status = head
