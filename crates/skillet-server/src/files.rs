@@ -144,10 +144,7 @@ pub async fn upload(
         store
             .set_file_status(&record.id, status, details.as_deref())
             .map_err(internal)?;
-        store
-            .file(caller.scope(), &record.id)
-            .map_err(internal)?
-            .ok_or_else(|| not_found(&record.id))?
+        visible(&state, &caller, &record.id)?
     } else {
         store
             .set_file_status(&record.id, FileStatus::Processed, None)
@@ -192,18 +189,22 @@ pub async fn list(
     Ok(axum::Json(json!({"object": "list", "data": data, "has_more": false})).into_response())
 }
 
+/// The file `id` if the caller may see it, else a 404.
+fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<FileRecord, ApiError> {
+    let (store, _) = service(state)?;
+    store
+        .file(caller.scope(), id)
+        .map_err(internal)?
+        .ok_or_else(|| not_found(id))
+}
+
 /// `GET /v1/files/{id}`.
 pub async fn retrieve(
     State(state): Shared,
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let (store, _) = service(&state)?;
-    let f = store
-        .file(caller.scope(), &id)
-        .map_err(internal)?
-        .ok_or_else(|| not_found(&id))?;
-    Ok(axum::Json(file_object(&f)).into_response())
+    Ok(axum::Json(file_object(&visible(&state, &caller, &id)?)).into_response())
 }
 
 /// `GET /v1/files/{id}/content`: the bytes as uploaded.
@@ -212,11 +213,7 @@ pub async fn content(
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let (store, _) = service(&state)?;
-    let f = store
-        .file(caller.scope(), &id)
-        .map_err(internal)?
-        .ok_or_else(|| not_found(&id))?;
+    let f = visible(&state, &caller, &id)?;
     let file = tokio::fs::File::open(&f.path).await.map_err(internal)?;
     let body = axum::body::Body::from_stream(chunks(file));
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
