@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_resumes_exactly, skillet, tiny_gguf};
+use common::{assert_resumes_exactly, run_metrics, skillet, tiny_gguf};
 use skillet_gguf::GgmlType;
 
 fn pair_line(i: usize) -> String {
@@ -50,12 +50,7 @@ fn dpo_trains_logs_trl_metrics_and_resumes_exactly() {
     let r = skillet(&["train", config.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let out = dir.path().join("out");
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let train: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["kind"] == "train").collect();
+    let train = run_metrics(&out, "train");
     assert_eq!(train.len(), 4);
     // The policy starts as the reference (B = 0, no dropout): ln 2 exactly.
     let first = train[0]["loss"].as_f64().unwrap();
@@ -66,7 +61,7 @@ fn dpo_trains_logs_trl_metrics_and_resumes_exactly() {
         train[3]["loss"].as_f64().unwrap() < first,
         "DPO did not lower its loss"
     );
-    let evals: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["kind"] == "eval").collect();
+    let evals = run_metrics(&out, "eval");
     assert_eq!(evals.len(), 2);
     assert!(evals[1]["stats"]["rewards/margins"].as_f64().unwrap() != 0.0);
     assert!(out.join("reference_logps.json").exists());
@@ -106,12 +101,7 @@ fn dpo_full_fine_tuning_starts_at_ln_2_and_resumes_exactly() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let out = dir.path().join("out");
-    let train: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|m| m["kind"] == "train")
-        .collect();
+    let train = run_metrics(&out, "train");
     let first = train[0]["loss"].as_f64().unwrap();
     assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "{first}");
     assert!(

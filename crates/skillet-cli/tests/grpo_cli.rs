@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_resumes_exactly, skillet, tiny_gguf};
+use common::{assert_resumes_exactly, run_metrics, skillet, tiny_gguf};
 use skillet_gguf::GgmlType;
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -70,12 +70,7 @@ fn grpo_trains_logs_trl_metrics_and_resumes_exactly() {
     let r = skillet(&["train", config.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let out = dir.path().join("out");
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let train: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["kind"] == "train").collect();
+    let train = run_metrics(&out, "train");
     assert_eq!(train.len(), 4);
     for name in [
         "reward",
@@ -105,7 +100,7 @@ fn grpo_trains_logs_trl_metrics_and_resumes_exactly() {
     );
     assert_eq!(train[0]["metrics"]["reward"], train[1]["metrics"]["reward"]);
     assert!(train[1]["metrics"]["kl"].as_f64().unwrap() > 0.0);
-    let evals: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["kind"] == "eval").collect();
+    let evals = run_metrics(&out, "eval");
     assert_eq!(evals.len(), 2);
     assert!(evals[1]["stats"]["reward"].as_f64().is_some());
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
@@ -137,12 +132,7 @@ fn grpo_full_fine_tuning_keeps_a_frozen_reference_and_resumes_exactly() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let out = dir.path().join("out");
-    let train: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|m| m["kind"] == "train")
-        .collect();
+    let train = run_metrics(&out, "train");
     assert!(train[0]["metrics"]["kl"].as_f64().unwrap().abs() < 1e-6);
     assert!(train[1]["metrics"]["kl"].as_f64().unwrap() > 0.0);
     assert_resumes_exactly(&out, "model", "model.safetensors");

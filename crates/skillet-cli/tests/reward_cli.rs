@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_resumes_exactly, skillet, tiny_gguf};
+use common::{assert_resumes_exactly, run_metrics, skillet, tiny_gguf};
 use skillet_gguf::GgmlType;
 
 fn pair_line(i: usize) -> serde_json::Value {
@@ -153,17 +153,12 @@ fn reward_model_trains_scores_and_resumes_exactly() {
     let r = skillet(&["train", config.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let out = dir.path().join("out");
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let train: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["kind"] == "train").collect();
+    let train = run_metrics(&out, "train");
     assert_eq!(train.len(), 4);
     for name in ["accuracy", "margin", "mean_reward"] {
         assert!(train[0]["metrics"][name].as_f64().is_some(), "{name}");
     }
-    let evals: Vec<&serde_json::Value> = metrics.iter().filter(|m| m["kind"] == "eval").collect();
+    let evals = run_metrics(&out, "eval");
     assert_eq!(evals.len(), 2);
     assert!(evals[1]["stats"]["min_reward"].as_f64().is_some());
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();

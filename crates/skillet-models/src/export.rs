@@ -24,6 +24,18 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
 /// model's `score`, hidden → 1).
 pub const SCORE_HEAD: &str = "score.weight";
 
+/// The special token ids a written config names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokenIds {
+    /// Beginning of text.
+    pub bos: Option<u32>,
+    /// End of text.
+    pub eos: Option<u32>,
+    /// What batches are padded with (a sequence classifier reads it to
+    /// find each row's last token).
+    pub pad: Option<u32>,
+}
+
 /// Writes `config.json`, `generation_config.json` and `model.safetensors`
 /// (f32) into `dir`, creating it. Where `weights` holds a [`SCORE_HEAD`],
 /// it is written too and the config names the architecture's
@@ -33,12 +45,15 @@ pub fn write_hf_weights(
     cfg: &LlamaConfig,
     weights: &MemoryWeights,
     dir: &Path,
-    bos: Option<u32>,
-    eos: Option<u32>,
+    ids: TokenIds,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let (bos, eos) = (ids.bos, ids.eos);
     let head = weights.tensors.get(SCORE_HEAD);
     let mut json = cfg.to_hf_json(eos, bos);
+    if let Some(pad) = ids.pad {
+        json["pad_token_id"] = serde_json::json!(pad);
+    }
     if head.is_some() {
         let class = cfg
             .architecture

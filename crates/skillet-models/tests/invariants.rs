@@ -6,7 +6,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use skillet_gguf::{GgmlType, GgufFile, Value};
-use skillet_models::export::{write_gguf, write_hf_weights};
+use skillet_models::export::{TokenIds, write_gguf, write_hf_weights};
 use skillet_models::{
     Activations, Adapters, BaseLinear, CachedBatch, CachedChunk, CausalLm, ForwardInput, KvCache,
     Linear, Llama, LlamaConfig, LoadOptions, MemoryWeights, ModelError, ModelSource, Weight,
@@ -221,7 +221,17 @@ fn ragged_cached_batch_equals_single_sequences() {
 fn hf_folder_round_trip_is_exact() {
     let (cfg, w) = tiny();
     let dir = tempfile::tempdir().unwrap();
-    write_hf_weights(&cfg, &w, dir.path(), Some(1), Some(2)).unwrap();
+    write_hf_weights(
+        &cfg,
+        &w,
+        dir.path(),
+        TokenIds {
+            bos: Some(1),
+            eos: Some(2),
+            pad: None,
+        },
+    )
+    .unwrap();
     let src = ModelSource::open(dir.path()).unwrap();
     assert_eq!(src.config().unwrap(), cfg);
     let loaded = src.load_model(LoadOptions::default()).unwrap();
@@ -415,7 +425,7 @@ fn load_errors_name_the_file_and_tensor() {
         .to_string();
     assert!(err.contains("unsupported architecture 'gptneox'"), "{err}");
     let hf = dir.path().join("hf");
-    write_hf_weights(&cfg, &w, &hf, None, None).unwrap();
+    write_hf_weights(&cfg, &w, &hf, TokenIds::default()).unwrap();
     let text = std::fs::read_to_string(hf.join("config.json"))
         .unwrap()
         .replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");

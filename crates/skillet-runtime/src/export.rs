@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use skillet_models::{MemoryWeights, WeightSource, export::write_hf_weights};
+use skillet_models::export::{TokenIds, write_hf_weights};
+use skillet_models::{MemoryWeights, WeightSource};
 
 use crate::{Bundle, Result, RuntimeError};
 
@@ -17,21 +18,17 @@ pub fn write_hf_folder(b: &Bundle, weights: &MemoryWeights, out: &Path) -> Resul
         &b.config,
         weights,
         out,
-        specials.bos.as_ref().map(|t| t.id),
-        specials.eos.as_ref().map(|t| t.id),
+        TokenIds {
+            bos: specials.bos.as_ref().map(|t| t.id),
+            eos: specials.eos.as_ref().map(|t| t.id),
+            // The pad token, else end of text, as Skillet and TRL pad.
+            pad: Some(b.pad_id()),
+        },
     )?;
     let write = |name: &str, text: String| -> Result<()> {
         let p = out.join(name);
         std::fs::write(&p, text).map_err(RuntimeError::io(p))
     };
-    // The id batches are padded with (the pad token, else end of text, as
-    // Skillet and TRL pad): what a sequence-classification model reads to
-    // find each row's last token.
-    let path = out.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).map_err(RuntimeError::io(&path))?)?;
-    config["pad_token_id"] = serde_json::json!(b.pad_id());
-    write("config.json", serde_json::to_string_pretty(&config)? + "\n")?;
     write("tokenizer.json", b.tokenizer.to_json()?)?;
     let text = |t: &Option<skillet_tokenizer::SpecialToken>| t.as_ref().map(|t| t.text.clone());
     let tok_cfg = serde_json::json!({

@@ -45,8 +45,9 @@ impl RewardModel {
     /// Reads a whole reward model: a model folder (what full fine-tuning
     /// of a reward model writes) whose weights include `score.weight`.
     pub fn load_model(dir: &Path) -> Result<Self> {
-        let score = read_score_head(dir)?;
-        let body = Bundle::open(dir)?.load_model(LoadOptions::default())?;
+        let bundle = Bundle::open(dir)?;
+        let score = read_score_head(&bundle)?;
+        let body = bundle.load_model(LoadOptions::default())?;
         Ok(Self {
             body: Some(body),
             adapter: None,
@@ -75,9 +76,9 @@ impl RewardModel {
     }
 }
 
-/// The `score.weight` (`[1, hidden]`, f32) of the model folder `dir`.
-pub(crate) fn read_score_head(dir: &Path) -> Result<Tensor> {
-    let bundle = Bundle::open(dir)?;
+/// The `score.weight` (`[1, hidden]`, f32) of a model folder.
+pub(crate) fn read_score_head(bundle: &Bundle) -> Result<Tensor> {
+    let dir = bundle.source.path();
     let weights = bundle.source.weights(&bundle.config)?;
     if !weights.contains(SCORE_HEAD) {
         return Err(RuntimeError::Invalid(format!(

@@ -444,7 +444,7 @@ pub fn run_training(
                 // Every weight and the head; a resumed run's head is in
                 // its checkpoint's model folder.
                 let head = match &checkpoint {
-                    Some(dir) => crate::reward::read_score_head(dir)?,
+                    Some(dir) => crate::reward::read_score_head(&Bundle::open(dir)?)?,
                     None => {
                         skillet_adapters::fresh_score_head(model.config().hidden_size, cfg.seed)?
                     }
@@ -571,8 +571,6 @@ impl Trainable for FullModel<'_> {
         if let Some(score) = &self.score {
             tensors.insert(SCORE_HEAD.into(), score.as_tensor().clone());
         }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| skillet_train::TrainError::Invalid(format!("{}: {e}", dir.display())))?;
         crate::write_hf_folder(self.bundle, &MemoryWeights { tensors }, dir)
             .map_err(|e| skillet_train::TrainError::Invalid(format!("{}: {e}", dir.display())))
     }

@@ -133,26 +133,25 @@ pub async fn upload(
             Some(&id),
         )
         .map_err(internal)?;
-    let record = if purpose == "fine-tune" {
-        let checked = tokio::task::spawn_blocking(move || validate(&path, &filename))
+    // Only fine-tune files have lines to check.
+    let checked = if purpose == "fine-tune" {
+        tokio::task::spawn_blocking(move || validate(&path, &filename))
             .await
-            .map_err(internal)?;
-        let (status, details) = match checked {
-            Ok(()) => (FileStatus::Processed, None),
-            Err(d) => (FileStatus::Error, Some(d)),
-        };
-        store
-            .set_file_status(&record.id, status, details.as_deref())
-            .map_err(internal)?;
-        visible(&state, &caller, &record.id)?
+            .map_err(internal)?
     } else {
-        store
-            .set_file_status(&record.id, FileStatus::Processed, None)
-            .map_err(internal)?;
-        FileRecord {
-            status: FileStatus::Processed,
-            ..record
-        }
+        Ok(())
+    };
+    let (status, status_details) = match checked {
+        Ok(()) => (FileStatus::Processed, None),
+        Err(d) => (FileStatus::Error, Some(d)),
+    };
+    store
+        .set_file_status(&record.id, status, status_details.as_deref())
+        .map_err(internal)?;
+    let record = FileRecord {
+        status,
+        status_details,
+        ..record
     };
     Ok(axum::Json(file_object(&record)).into_response())
 }

@@ -46,6 +46,16 @@ pub fn skillet_json(args: &[&str]) -> serde_json::Value {
 
 /// Asserts the command failed with exactly one `error:` line and no panic;
 /// returns that line.
+/// The lines of a run's `metrics.jsonl` of `kind` (`train`, `eval`).
+pub fn run_metrics(out: &Path, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m["kind"] == kind)
+        .collect()
+}
+
 /// A 4-step run with checkpoints every 2 steps, killed after step 2:
 /// drops the step-4 checkpoint and the saved `result` folder (`adapter`,
 /// `model`), resumes, and checks that `result/file` comes back byte for
