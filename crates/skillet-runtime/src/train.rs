@@ -18,7 +18,7 @@ use skillet_models::{Activations, Adapted, Adapter, CausalLm, Llama, MemoryWeigh
 use skillet_train::{
     AdamW, AdamWConfig, Dpo, Event, FullWeights, Grpo, LoopSettings, MethodConfig, Objective,
     PairSet, Reward, RunConfig, SamplingActivations, Schedule, Sft, TrainState, Trainable, Trainer,
-    Tuning, latest_checkpoint, load_checkpoint_state, pair_logps, read_metrics,
+    Tuning, latest_checkpoint, load_checkpoint_state, pair_logps, read_metrics, steps_per_epoch,
 };
 
 use crate::pairs::{PairData, ReferenceLogps};
@@ -784,6 +784,10 @@ impl<'r> Run<'r> {
             base_model: Some(cfg.model.display().to_string()),
             state,
         };
+        if cfg.eval.save_each_epoch {
+            trainer.settings.save_every =
+                Some(steps_per_epoch(objective, &trainer.settings) * objective.iterations());
+        }
         let total = trainer.total_steps(objective);
         trainer.schedule.total = total;
         let (n_train, n_valid) = data.sizes();

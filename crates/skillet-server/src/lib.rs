@@ -10,6 +10,7 @@ mod config;
 mod error;
 mod files;
 mod generation;
+mod job_spec;
 mod listen;
 mod metrics;
 mod openai;

@@ -93,6 +93,10 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// When it ended (Unix seconds).
     pub finished_at: Option<i64>,
+    /// When the worker expects it to end (Unix seconds), while it runs.
+    pub estimated_finish: Option<i64>,
+    /// Ids of the files it produced (its report).
+    pub result_files: Vec<String>,
 }
 
 /// What creating a job records.
@@ -149,6 +153,9 @@ fn job(r: &Row) -> rusqlite::Result<JobRecord> {
         trained_tokens: r.get("trained_tokens")?,
         error: r.get("error")?,
         finished_at: r.get("finished_at")?,
+        estimated_finish: r.get("estimated_finish")?,
+        result_files: serde_json::from_str(&r.get::<_, String>("result_files")?)
+            .unwrap_or_default(),
     })
 }
 
@@ -268,6 +275,44 @@ impl Store {
             )
             .map_err(sql("ending a job"))?;
         Ok(n == 1)
+    }
+
+    /// Records when the worker expects the job to end.
+    pub fn set_estimated_finish(&self, id: &str, at: Option<i64>) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE jobs SET estimated_finish = ?2 WHERE id = ?1",
+                params![id, at],
+            )
+            .map_err(sql("updating a job's estimate"))?;
+        Ok(())
+    }
+
+    /// Records the files a job produced.
+    pub fn set_result_files(&self, id: &str, files: &[String]) -> Result<()> {
+        let json = serde_json::to_string(files).expect("strings serialize");
+        self.conn()
+            .execute(
+                "UPDATE jobs SET result_files = ?2 WHERE id = ?1",
+                params![id, json],
+            )
+            .map_err(sql("recording a job's result files"))?;
+        Ok(())
+    }
+
+    /// The highest `step` among a job's metrics events whose data has
+    /// `field` (`train_loss`, `valid_loss`): where a restarted worker
+    /// takes up reading the run's metrics again.
+    pub fn last_metrics_step(&self, job_id: &str, field: &str) -> Result<Option<u64>> {
+        self.conn()
+            .query_row(
+                "SELECT MAX(json_extract(data, '$.step')) FROM job_events
+                 WHERE job_id = ?1 AND kind = 'metrics' AND json_extract(data, ?2) IS NOT NULL",
+                params![job_id, format!("$.{field}")],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|v| v.map(|s| s as u64))
+            .map_err(sql("reading a job's progress"))
     }
 
     /// Appends an event to a job.
@@ -406,6 +451,21 @@ mod tests {
             })
             .collect();
         assert_eq!(events[1].kind, "metrics");
+        assert_eq!(
+            store.last_metrics_step(&job.id, "train_loss").unwrap(),
+            Some(3)
+        );
+        assert_eq!(
+            store.last_metrics_step(&job.id, "valid_loss").unwrap(),
+            None
+        );
+        store.set_estimated_finish(&job.id, Some(99)).unwrap();
+        store.set_result_files(&job.id, &["file-r".into()]).unwrap();
+        let j = store.job(Scope::Admin, &job.id).unwrap().unwrap();
+        assert_eq!(
+            (j.estimated_finish, j.result_files),
+            (Some(99), vec!["file-r".to_string()])
+        );
         assert_eq!(events[0].kind, "message");
         let page = store
             .events(Scope::Owner("ann"), &job.id, None, 3)

@@ -11,6 +11,7 @@ mod error;
 mod files;
 mod ids;
 mod jobs;
+mod models;
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -21,6 +22,7 @@ pub use error::{Result, StoreError};
 pub use files::{FileRecord, FileStatus, NewFile};
 pub use ids::new_id;
 pub use jobs::{EventRecord, JobRecord, JobStatus, NewJob};
+pub use models::{CheckpointRecord, ModelRecord};
 
 use error::sql;
 
@@ -88,6 +90,27 @@ pub const MIGRATIONS: &[&str] = &[
         data TEXT
     );
     CREATE INDEX events_by_job ON job_events(job_id, seq);",
+    // 2: the worker's estimate and result files on jobs; checkpoints; the
+    // fine-tuned models being served (final ones and checkpoints).
+    "ALTER TABLE jobs ADD COLUMN estimated_finish INTEGER;
+    ALTER TABLE jobs ADD COLUMN result_files TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE checkpoints (
+        id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        step INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        metrics TEXT NOT NULL,
+        model TEXT NOT NULL,
+        UNIQUE (job_id, step)
+    );
+    CREATE TABLE models (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX models_by_owner ON models(owner);",
 ];
 
 /// The database, shared by the server's handlers and the job worker.

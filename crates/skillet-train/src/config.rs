@@ -530,6 +530,9 @@ pub struct EvalConfig {
     /// Checkpoint every N steps (0 = only at the end).
     #[serde(default)]
     pub save_every: u64,
+    /// Checkpoint at the end of every epoch instead (as OpenAI's jobs do).
+    #[serde(default)]
+    pub save_each_epoch: bool,
     /// Batch size for evaluation.
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
@@ -701,6 +704,9 @@ impl RunConfig {
         }
         if self.data.max_seq_len < 2 {
             return bad("data.max_seq_len must be at least 2".into());
+        }
+        if self.eval.save_each_epoch && self.eval.save_every > 0 {
+            return bad("set eval.save_every or eval.save_each_epoch, not both".into());
         }
         if let MethodConfig::Dpo(d) = &self.method {
             if !(d.beta.is_finite() && d.beta > 0.0) {
@@ -879,6 +885,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("train.lr"), "{e}");
+        let e = RunConfig::from_toml(
+            text,
+            &[
+                "eval.save_each_epoch=true".into(),
+                "eval.save_every=5".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("save_each_epoch"), "{e}");
         let e = RunConfig::from_toml(&format!("{text}typo = 1\n"), &[])
             .unwrap_err()
             .to_string();
