@@ -32,6 +32,17 @@ pub struct ServerConfig {
     pub data_dir: Option<PathBuf>,
     /// Largest uploaded file in bytes.
     pub max_file_bytes: usize,
+    /// The command that trains a job: program and leading arguments (the
+    /// run's config, or `--resume DIR`, is added); empty: jobs are
+    /// accepted but none runs.
+    pub trainer: Vec<String>,
+    /// Fine-tuning jobs that run at once.
+    pub max_jobs: usize,
+    /// Threads of each training process (`None`: all cores).
+    pub train_threads: Option<usize>,
+    /// Niceness of the training processes (so serving gets the cores
+    /// first).
+    pub train_nice: i32,
     /// Sequences decoded together.
     pub max_batch: usize,
     /// Requests waiting beyond the running ones before 429.
@@ -75,6 +86,10 @@ impl ServerConfig {
             admin_key: None,
             data_dir: None,
             max_file_bytes: 512 << 20,
+            trainer: Vec::new(),
+            max_jobs: 1,
+            train_threads: None,
+            train_nice: 10,
             max_batch: 8,
             max_queue: 64,
             ctx: 2048,

@@ -30,7 +30,7 @@ const MAX_DETAILS: usize = 20;
 /// The service's store and data directory, or a 404 where it is off.
 fn service(state: &AppState) -> Result<(&Store, &Path), ApiError> {
     match (&state.store, &state.config.data_dir) {
-        (Some(s), Some(d)) => Ok((s, d)),
+        (Some(s), Some(d)) => Ok((s.as_ref(), d)),
         _ => Err(ApiError::not_found(
             "the files and fine-tuning endpoints are off (start the server with --data-dir)",
         )),
@@ -135,7 +135,7 @@ pub async fn upload(
         .map_err(internal)?;
     // Only fine-tune files have lines to check.
     let checked = if purpose == "fine-tune" {
-        tokio::task::spawn_blocking(move || validate(&path, &filename))
+        tokio::task::spawn_blocking(move || validate(&path, &filename).map(|_| ()))
             .await
             .map_err(internal)?
     } else {
@@ -156,10 +156,11 @@ pub async fn upload(
     Ok(axum::Json(file_object(&record)).into_response())
 }
 
-/// The file's problems, named by the uploaded name and line.
-fn validate(path: &Path, filename: &str) -> Result<(), String> {
+/// What the file holds, or its problems, named by the uploaded name and
+/// line.
+pub(crate) fn validate(path: &Path, filename: &str) -> Result<skillet_data::FileSummary, String> {
     match skillet_data::check_training_file(path) {
-        Ok(_) => Ok(()),
+        Ok(s) => Ok(s),
         Err(skillet_data::DataError::Invalid(issues)) => {
             let shown: Vec<String> = issues
                 .iter()

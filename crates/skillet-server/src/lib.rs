@@ -10,7 +10,9 @@ mod config;
 mod error;
 mod files;
 mod generation;
+mod job_runner;
 mod job_spec;
+mod jobs_api;
 mod listen;
 mod metrics;
 mod openai;
@@ -64,6 +66,10 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .route("/v1/models", get(routes::models))
+        .route(
+            "/v1/models/{model}",
+            get(routes::model).delete(routes::delete_model),
+        )
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/load_lora_adapter", post(routes::load_adapter))
@@ -78,6 +84,17 @@ fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(jobs_api::create).get(jobs_api::list),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(jobs_api::retrieve))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(jobs_api::cancel))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(jobs_api::events))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(jobs_api::checkpoints),
+        )
         .fallback(routes::fallback)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -121,8 +138,25 @@ pub fn serve(config: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<
     let max_connections = config.max_connections;
     let addr = config.addr;
     let store = match &config.data_dir {
-        Some(dir) => Some(skillet_store::Store::open(&dir.join("skillet.db"))?),
+        Some(dir) => Some(Arc::new(skillet_store::Store::open(
+            &dir.join("skillet.db"),
+        )?)),
         None => None,
+    };
+    let runner = match (&store, &config.data_dir) {
+        (Some(store), Some(dir)) => Some(job_runner::Runner::start(
+            store.clone(),
+            job_runner::RunnerConfig {
+                model: config.model.clone(),
+                model_id: config.model_id.clone(),
+                data_dir: dir.clone(),
+                trainer: config.trainer.clone(),
+                max_jobs: config.max_jobs,
+                train_threads: config.train_threads,
+                train_nice: config.train_nice,
+            },
+        )?),
+        _ => None,
     };
     let state = Arc::new(AppState::new(
         config,
@@ -131,6 +165,7 @@ pub fn serve(config: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<
         tx,
         metrics.clone(),
         store,
+        runner,
     ));
     for (name, dir) in &adapters {
         state.load(name, dir).map_err(|e| ServeError::Adapter {
@@ -172,6 +207,9 @@ pub fn serve(config: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<
     on_ready(bound);
     let tokenizer = &state.bundle.tokenizer;
     worker::run(model.as_ref(), tokenizer, engine, rx, metrics);
+    if let Some(r) = &state.runner {
+        r.stop();
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }

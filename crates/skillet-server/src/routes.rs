@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Request, State};
+use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -35,8 +36,9 @@ pub async fn metrics(State(state): Shared) -> Response {
         .into_response()
 }
 
-/// `GET /v1/models`: the base model and every adapter (`parent` = base).
-pub async fn models(State(state): Shared) -> Result<Response, ApiError> {
+/// Every model `caller` may use: the base model, the adapters, and the
+/// caller's fine-tuned models (`parent` = base).
+fn model_objects(state: &AppState, caller: &Caller) -> Result<Vec<Value>, ApiError> {
     let base = &state.config.model_id;
     let mut data = vec![json!({
         "id": base, "object": "model", "created": state.started, "owned_by": "skillet",
@@ -48,7 +50,59 @@ pub async fn models(State(state): Shared) -> Result<Response, ApiError> {
             "root": e.path.display().to_string(), "parent": base,
         }));
     }
+    if let Some(store) = &state.store {
+        for m in store
+            .models(caller.scope())
+            .map_err(|e| ApiError::internal(e.to_string()))?
+        {
+            data.push(json!({
+                "id": m.name, "object": "model", "created": m.created_at, "owned_by": m.owner,
+                "root": m.name, "parent": base,
+            }));
+        }
+    }
+    Ok(data)
+}
+
+/// `GET /v1/models`.
+pub async fn models(
+    State(state): Shared,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let data = model_objects(&state, &caller)?;
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// `GET /v1/models/{model}`.
+pub async fn model(
+    State(state): Shared,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    model_objects(&state, &caller)?
+        .into_iter()
+        .find(|m| m["id"] == id.as_str())
+        .map(|m| axum::Json(m).into_response())
+        .ok_or_else(|| ApiError::model_not_found(&id))
+}
+
+/// `DELETE /v1/models/{model}`: a fine-tuned model of the caller's stops
+/// being served (its job and checkpoints stay).
+pub async fn delete_model(
+    State(state): Shared,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, ApiError> {
+    let store = state
+        .store
+        .as_ref()
+        .ok_or_else(|| ApiError::model_not_found(&id))?;
+    store
+        .delete_model(caller.scope(), &id)
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .ok_or_else(|| ApiError::model_not_found(&id))?;
+    state.forget_tuned(&id);
+    Ok(axum::Json(json!({"id": id, "object": "model", "deleted": true})).into_response())
 }
 
 /// The body, with a too-large one answered as OpenAI does.
@@ -75,12 +129,13 @@ struct Head<T> {
 /// options, checked, with the model they name.
 fn request<T: serde::de::DeserializeOwned>(
     state: &AppState,
+    caller: &Caller,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Head<T>, ApiError> {
     let v = body(state, raw)?;
     let own: T = fields(&v)?;
     let common: Common = fields(&v)?;
-    let adapter = state.resolve(&common.model)?;
+    let adapter = state.resolve(&common.model, caller)?;
     let checked = common.check(state.config.max_n)?;
     Ok(Head {
         own,
@@ -119,6 +174,7 @@ fn job(
 /// `POST /v1/chat/completions`.
 pub async fn chat(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Head {
@@ -126,7 +182,7 @@ pub async fn chat(
         common,
         adapter,
         checked,
-    } = request::<ChatRequest>(&state, raw)?;
+    } = request::<ChatRequest>(&state, &caller, raw)?;
     if req.messages.is_empty() {
         return Err(ApiError::param("messages", "`messages` must not be empty"));
     }
@@ -173,6 +229,7 @@ pub async fn chat(
 /// (with the BOS the tokenizer adds).
 pub async fn completions(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Head {
@@ -180,7 +237,7 @@ pub async fn completions(
         common,
         adapter,
         checked,
-    } = request::<CompletionRequest>(&state, raw)?;
+    } = request::<CompletionRequest>(&state, &caller, raw)?;
     let text = match &req.prompt {
         Value::String(s) => s.clone(),
         Value::Array(items) if items.len() == 1 && items[0].is_string() => {
@@ -365,6 +422,7 @@ pub async fn guard(State(state): Shared, mut request: Request, next: Next) -> Re
         "/v1/load_lora_adapter",
         "/v1/unload_lora_adapter",
         "/v1/files",
+        "/v1/fine_tuning/jobs",
     ];
     let label = if known.contains(&route.as_str()) {
         route.as_str()

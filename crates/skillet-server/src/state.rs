@@ -15,6 +15,7 @@ use skillet_runtime::Bundle;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::routes::Caller;
 use crate::worker::Command;
 
 /// One adapter being served.
@@ -50,7 +51,12 @@ pub struct AppState {
     /// Set on SIGTERM: new generation requests get 503.
     pub stopping: AtomicBool,
     /// The fine-tuning service's database (where `data_dir` is set).
-    pub store: Option<skillet_store::Store>,
+    pub store: Option<Arc<skillet_store::Store>>,
+    /// The fine-tuning jobs' worker (where `data_dir` is set).
+    pub runner: Option<crate::job_runner::Runner>,
+    /// Fine-tuned models loaded so far, by name (who may use one is
+    /// asked of the store on every request).
+    tuned: RwLock<BTreeMap<String, AdapterEntry>>,
 }
 
 /// Seconds since the Unix epoch.
@@ -68,7 +74,8 @@ impl AppState {
         model: Arc<Llama>,
         worker: Sender<Command>,
         metrics: Arc<Metrics>,
-        store: Option<skillet_store::Store>,
+        store: Option<Arc<skillet_store::Store>>,
+        runner: Option<crate::job_runner::Runner>,
     ) -> Self {
         Self {
             config,
@@ -82,6 +89,8 @@ impl AppState {
             started: now(),
             stopping: AtomicBool::new(false),
             store,
+            runner,
+            tuned: RwLock::new(BTreeMap::new()),
         }
     }
 
@@ -114,10 +123,18 @@ impl AppState {
     }
 
     /// The adapter `model` names, or `None` for the base model. With an
-    /// adapters folder, an adapter there that is not loaded yet is loaded now.
-    pub fn resolve(&self, model: &str) -> Result<Option<Arc<dyn Adapter>>, ApiError> {
+    /// adapters folder, an adapter there that is not loaded yet is loaded
+    /// now; so is a fine-tuned model (`ft:…`) the caller may use.
+    pub fn resolve(
+        &self,
+        model: &str,
+        caller: &Caller,
+    ) -> Result<Option<Arc<dyn Adapter>>, ApiError> {
         if model == self.config.model_id {
             return Ok(None);
+        }
+        if model.starts_with("ft:") {
+            return self.tuned(model, caller).map(|e| Some(e.adapter));
         }
         if let Some(e) = self.read_adapters()?.get(model) {
             return Ok(Some(e.adapter.clone()));
@@ -130,6 +147,39 @@ impl AppState {
             return Ok(Some(entry.adapter));
         }
         Err(ApiError::model_not_found(model))
+    }
+
+    /// The fine-tuned model `name` if `caller` may use it, loaded on first
+    /// use.
+    pub fn tuned(&self, name: &str, caller: &Caller) -> Result<AdapterEntry, ApiError> {
+        let record = match &self.store {
+            Some(store) => store
+                .model(caller.scope(), name)
+                .map_err(|e| ApiError::internal(e.to_string()))?,
+            None => None,
+        }
+        .ok_or_else(|| ApiError::model_not_found(name))?;
+        let poisoned = || ApiError::internal("fine-tuned model cache poisoned");
+        if let Some(e) = self.tuned.read().map_err(|_| poisoned())?.get(name) {
+            return Ok(e.clone());
+        }
+        let path = PathBuf::from(&record.path);
+        let adapter = LoraAdapter::load(self.model.as_ref(), &path)
+            .map_err(|e| ApiError::internal(format!("loading {name}: {e}")))?;
+        let entry = AdapterEntry {
+            adapter: Arc::new(adapter),
+            path,
+            created: record.created_at.max(0) as u64,
+        };
+        let mut map = self.tuned.write().map_err(|_| poisoned())?;
+        Ok(map.entry(name.to_string()).or_insert(entry).clone())
+    }
+
+    /// Forgets a fine-tuned model loaded before (it was deleted).
+    pub fn forget_tuned(&self, name: &str) {
+        if let Ok(mut map) = self.tuned.write() {
+            map.remove(name);
+        }
     }
 
     fn read_adapters(

@@ -43,7 +43,7 @@ pub struct Args {
     /// A file with one API key per line, each optionally followed by its
     /// owner's name (an owner sees only their own files, jobs and models;
     /// `default` where no name is given). Keys are kept as SHA-256 digests.
-    #[arg(long)]
+    #[arg(long, alias = "api-keys")]
     api_key_file: Option<PathBuf>,
     /// The fine-tuning service's data directory (its SQLite database and
     /// uploaded files). Default: `skillet` under the user's data directory
@@ -53,6 +53,17 @@ pub struct Args {
     /// Largest uploaded file in bytes.
     #[arg(long, default_value_t = 512 << 20)]
     max_file_bytes: usize,
+    /// Fine-tuning jobs that train at once (each in its own process).
+    #[arg(long, default_value_t = 1)]
+    max_jobs: usize,
+    /// Threads of each training process (default: all cores). Serving
+    /// keeps its own threads; training runs niced (see --train-nice), so
+    /// requests get the cores first.
+    #[arg(long)]
+    train_threads: Option<usize>,
+    /// Niceness of training processes (0: the same priority as serving).
+    #[arg(long, default_value_t = 10)]
+    train_nice: i32,
     /// The key that may load and unload adapters (else any API key may).
     #[arg(long, env = "SKILLET_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
@@ -124,6 +135,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => user_data_dir()?,
     });
     cfg.max_file_bytes = args.max_file_bytes;
+    // Jobs train in a child process of this same binary.
+    cfg.trainer = vec![
+        std::env::current_exe()
+            .context("locating the skillet binary for training jobs")?
+            .display()
+            .to_string(),
+        "train".into(),
+    ];
+    cfg.max_jobs = args.max_jobs;
+    cfg.train_threads = args.train_threads;
+    cfg.train_nice = args.train_nice;
     cfg.max_batch = args.max_batch;
     cfg.max_queue = args.max_queue;
     cfg.ctx = args.ctx;

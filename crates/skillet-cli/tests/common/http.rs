@@ -87,6 +87,37 @@ impl Server {
         }
     }
 
+    /// The server's child processes (training jobs).
+    pub fn children(&self) -> Vec<u32> {
+        let pid = self.child.as_ref().expect("running").id();
+        let mut out = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+        {
+            let Ok(task) = task else { continue };
+            let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+        out
+    }
+
+    /// kill -9 of the server and of its children, as a crash would.
+    pub fn kill_hard(mut self) {
+        let children = self.children();
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        for pid in children {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        let _ = child.wait();
+    }
+
     /// A request; see [`request`].
     pub fn call(&self, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> Reply {
         request(&self.addr, method, path, key, body)
