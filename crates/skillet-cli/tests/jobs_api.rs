@@ -424,6 +424,47 @@ fn bad_files_options_and_cancels_end_with_openai_errors() {
     assert_eq!(r.status, 400, "a job that ended cannot be cancelled again");
 }
 
+#[test]
+fn the_openai_python_client_runs_the_whole_fine_tuning_flow() {
+    let f = fixture();
+    let server = start(&f, &f.data);
+    let dir = f.data.with_file_name("py");
+    std::fs::create_dir_all(&dir).unwrap();
+    let train = dir.join("sums.jsonl");
+    std::fs::write(&train, chat_lines(40)).unwrap();
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, format!("{}{{oops\n", chat_lines(3))).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("bash")
+        .arg(root.join("../../scripts/openai-env.sh"))
+        .output()
+        .expect("run scripts/openai-env.sh");
+    assert!(
+        out.status.success(),
+        "scripts/openai-env.sh failed (this test needs pip and the package index):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let run = std::process::Command::new(python)
+        .arg(root.join("tests/openai_jobs.py"))
+        .args(["--base-url", &format!("http://{}/v1", server.addr)])
+        .args(["--key", "sk-ann", "--other-key", "sk-bob", "--owner", "ann"])
+        .args(["--model", "tiny"])
+        .arg("--train")
+        .arg(&train)
+        .arg("--bad")
+        .arg(&bad)
+        .output()
+        .expect("run openai_jobs.py");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "{text}");
+    assert!(text.contains("all checks passed"), "{text}");
+}
+
 fn adapter_bytes(data: &Path, job: &str) -> Vec<u8> {
     std::fs::read(
         data.join("jobs")
