@@ -465,6 +465,50 @@ fn the_openai_python_client_runs_the_whole_fine_tuning_flow() {
     assert!(text.contains("all checks passed"), "{text}");
 }
 
+#[test]
+fn the_web_page_uploads_starts_watches_and_asks_the_tuned_model() {
+    let f = fixture();
+    let server = start(&f, &f.data);
+    let train = f.data.with_file_name("sums.jsonl");
+    std::fs::write(&train, chat_lines(40)).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("bash")
+        .arg(root.join("../../scripts/browser-env.sh"))
+        .output()
+        .expect("run scripts/browser-env.sh");
+    assert!(
+        out.status.success(),
+        "scripts/browser-env.sh failed (this test needs apt-get, pip and the package index):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-screenshots");
+    let run = std::process::Command::new(python)
+        .arg(root.join("tests/web_page.py"))
+        .args(["--url", &format!("http://{}/", server.addr)])
+        .args(["--key", "sk-ann"])
+        .arg("--train")
+        .arg(&train)
+        .arg("--shots")
+        .arg(&shots)
+        .output()
+        .expect("run web_page.py");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        run.status.success(),
+        "{text}\nscreenshots: {}",
+        shots.display()
+    );
+    assert!(text.contains("all checks passed"), "{text}");
+    for shot in ["job-finished.png", "playground.png", "files.png"] {
+        assert!(shots.join(shot).is_file(), "{shot}");
+    }
+}
+
 fn adapter_bytes(data: &Path, job: &str) -> Vec<u8> {
     std::fs::read(
         data.join("jobs")

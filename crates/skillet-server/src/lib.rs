@@ -18,6 +18,7 @@ mod metrics;
 mod openai;
 mod routes;
 mod state;
+mod web;
 mod worker;
 
 use std::net::SocketAddr;
@@ -63,6 +64,7 @@ pub enum ServeError {
 fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
+        .route("/", get(web::index))
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .route("/v1/models", get(routes::models))

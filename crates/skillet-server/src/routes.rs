@@ -406,7 +406,8 @@ pub async fn guard(State(state): Shared, mut request: Request, next: Next) -> Re
         Some(c) => {
             request.extensions_mut().insert(c);
         }
-        None if route != "/health" => {
+        // The page itself holds no data; it asks for a key to call the API.
+        None if route != "/health" && route != "/" => {
             state.metrics.request(&route, 401);
             return ApiError::unauthorized().into_response();
         }
@@ -414,6 +415,7 @@ pub async fn guard(State(state): Shared, mut request: Request, next: Next) -> Re
     }
     let response = next.run(request).await;
     let known = [
+        "/",
         "/health",
         "/metrics",
         "/v1/models",
