@@ -577,22 +577,29 @@ fn a_job_killed_with_its_server_resumes_and_ends_byte_identical() {
     }
     let job = get(&server.addr, ANN, &format!("/v1/fine_tuning/jobs/{id}"));
     assert_eq!(job["status"], "running", "killed before the end: {job}");
-    let children = server.children();
+    let children = server.kill_hard();
     assert_eq!(children.len(), 1);
-    server.kill_hard();
-    std::thread::sleep(Duration::from_millis(200));
-    // Gone, or a zombie no one has reaped yet.
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", children[0])).unwrap_or_default();
-    let state = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .next();
-    assert!(
-        matches!(state, None | Some("Z") | Some("X")),
-        "the training child outlived its server: {stat}"
-    );
+    // The child dies with its server (it is gone, or a zombie no one has
+    // reaped yet); a survivor is killed here too, as the test's kill -9.
+    let alive = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        !matches!(state, None | Some("Z") | Some("X"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while alive(children[0]) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let survived = alive(children[0]);
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &children[0].to_string()])
+        .status();
+    assert!(!survived, "the training child outlived its server");
 
     // Restarted: the running job resumes and finishes; the queued one
     // stays queued behind it, then runs; files and models are all there.

@@ -105,17 +105,14 @@ impl Server {
         out
     }
 
-    /// kill -9 of the server and of its children, as a crash would.
-    pub fn kill_hard(mut self) {
+    /// kill -9 of the server alone, as a crash would; its children's
+    /// process ids (they are the caller's to check and clean up).
+    pub fn kill_hard(mut self) -> Vec<u32> {
         let children = self.children();
         let mut child = self.child.take().expect("running");
         let _ = child.kill();
-        for pid in children {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
         let _ = child.wait();
+        children
     }
 
     /// A request; see [`request`].
