@@ -509,6 +509,83 @@ fn the_web_page_uploads_starts_watches_and_asks_the_tuned_model() {
     }
 }
 
+#[test]
+fn dpo_and_reinforcement_jobs_train_on_pairs_and_prompts() {
+    let f = fixture();
+    let server = start(&f, &f.data);
+    let addr = server.addr.clone();
+    let pairs: String = (0..12)
+        .map(|i| {
+            json!({"prompt": [{"role": "user", "content": format!("add {i} and 1")}],
+                   "chosen": [{"role": "assistant", "content": format!("{}", i + 1)}],
+                   "rejected": [{"role": "assistant", "content": "no idea"}]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let prompts: String = (0..8)
+        .map(|i| {
+            json!({"messages": [{"role": "user", "content": format!("add {i} and 2")}],
+                   "answer": format!("{}", i + 2)})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let pairs = upload_file(&addr, ANN, "pairs.jsonl", &pairs);
+    let prompts = upload_file(&addr, ANN, "prompts.jsonl", &prompts);
+    let quick = json!({"data": {"max_seq_len": 48}, "eval": {"generate": false}});
+    let dpo = post(
+        &addr,
+        ANN,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": "tiny", "training_file": pairs["id"], "skillet": quick,
+                "method": {"type": "dpo", "dpo": {"hyperparameters":
+                    {"n_epochs": 1, "batch_size": 2, "beta": 0.2}}}}),
+    );
+    assert_eq!(dpo.status, 200, "{}", dpo.body);
+    let mut rl_options = quick.clone();
+    rl_options["method"] = json!({"num_generations": 2, "max_completion_length": 4});
+    let rl = post(
+        &addr,
+        ANN,
+        "/v1/fine_tuning/jobs",
+        &json!({"model": "tiny", "training_file": prompts["id"], "skillet": rl_options,
+                "method": {"type": "reinforcement", "reinforcement": {
+                    "grader": {"type": "string_check", "name": "sum", "operation": "eq",
+                               "input": "{{sample.output_text}}", "reference": "{{item.answer}}"},
+                    "hyperparameters": {"n_epochs": 1, "batch_size": 2}}}}),
+    );
+    assert_eq!(rl.status, 200, "{}", rl.body);
+    for (job, method) in [(dpo.json(), "dpo"), (rl.json(), "reinforcement")] {
+        let id = job["id"].as_str().unwrap();
+        let done = wait(&addr, id, &["succeeded", "failed"], 120);
+        assert_eq!(done["status"], "succeeded", "{method}: {done}");
+        assert_eq!(done["method"]["type"], method);
+        let config =
+            std::fs::read_to_string(f.data.join("jobs").join(id).join("config.toml")).unwrap();
+        let events = get(
+            &addr,
+            ANN,
+            &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"),
+        );
+        let steps = events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"]["train_loss"].is_number())
+            .count();
+        assert!(steps > 0, "{method}: no steps");
+        if method == "dpo" {
+            assert!(config.contains("type = \"dpo\"") && config.contains("beta = 0.2"), "{config}");
+        } else {
+            assert!(config.contains("type = \"grpo\"") && config.contains("exact_match"), "{config}");
+            assert!(config.contains("batch_size = 4"), "2 prompts x 2 completions: {config}");
+        }
+        let model = done["fine_tuned_model"].as_str().unwrap();
+        assert_eq!(chat(&addr, ANN, model).status, 200);
+    }
+}
+
 fn adapter_bytes(data: &Path, job: &str) -> Vec<u8> {
     std::fs::read(
         data.join("jobs")
