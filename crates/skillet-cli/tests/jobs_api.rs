@@ -137,6 +137,18 @@ fn a_job_trains_reports_checkpoints_and_serves_its_model_to_its_owner() {
     let addr = server.addr.clone();
     let file = upload_file(&addr, ANN, "sums.jsonl", &chat_lines(40));
     let file_id = file["id"].as_str().unwrap();
+    // A second server on the same data directory is refused.
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_skillet"))
+        .arg("serve")
+        .arg("--model")
+        .arg(&f.model)
+        .args(["--port", "0", "--data-dir"])
+        .arg(&f.data)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another skillet serve"), "{err}");
 
     let r = post(&addr, ANN, "/v1/fine_tuning/jobs", &job_request(file_id, 2));
     assert_eq!(r.status, 200, "{}", r.body);
@@ -576,10 +588,19 @@ fn dpo_and_reinforcement_jobs_train_on_pairs_and_prompts() {
             .count();
         assert!(steps > 0, "{method}: no steps");
         if method == "dpo" {
-            assert!(config.contains("type = \"dpo\"") && config.contains("beta = 0.2"), "{config}");
+            assert!(
+                config.contains("type = \"dpo\"") && config.contains("beta = 0.2"),
+                "{config}"
+            );
         } else {
-            assert!(config.contains("type = \"grpo\"") && config.contains("exact_match"), "{config}");
-            assert!(config.contains("batch_size = 4"), "2 prompts x 2 completions: {config}");
+            assert!(
+                config.contains("type = \"grpo\"") && config.contains("exact_match"),
+                "{config}"
+            );
+            assert!(
+                config.contains("batch_size = 4"),
+                "2 prompts x 2 completions: {config}"
+            );
         }
         let model = done["fine_tuned_model"].as_str().unwrap();
         assert_eq!(chat(&addr, ANN, model).status, 200);

@@ -17,7 +17,7 @@ import time
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select, WebDriverWait
+from selenium.webdriver.support.ui import WebDriverWait
 
 
 def check(cond, what):
@@ -56,6 +56,13 @@ def run(driver, a):
         lambda d: cond(), message=what
     )
     shot = lambda name: driver.save_screenshot(os.path.join(a.shots, name))  # noqa: E731
+    # The page redraws its parts as it polls: read them by id each time.
+    options = lambda id: driver.execute_script(  # noqa: E731
+        "return Array.from(document.getElementById(arguments[0]).options).map(o => o.value)", id
+    )
+    text = lambda id: driver.execute_script(  # noqa: E731
+        "const e = document.getElementById(arguments[0]); return e ? e.textContent : ''", id
+    )
 
     driver.get(a.url)
     check(driver.title == "Skillet", "the page loads without a key")
@@ -66,9 +73,9 @@ def run(driver, a):
     find(By.CSS_SELECTOR, "nav button[data-tab=new]").click()
     find(By.ID, "upload-file").send_keys(os.path.abspath(a.train))
     find(By.ID, "upload").click()
-    wait(30, lambda: "processed" in find(By.ID, "upload-result").text, "the upload is processed")
-    check(True, f"upload: {find(By.ID, 'upload-result').text}")
-    wait(10, lambda: len(Select(find(By.ID, "new-model")).options) > 0, "models are listed")
+    wait(30, lambda: "processed" in text("upload-result"), "the upload is processed")
+    check(True, f"upload: {text('upload-result')}")
+    wait(10, lambda: len(options("new-model")) > 0, "models are listed")
     for field, value in (("new-epochs", "2"), ("new-lr", "10"), ("new-suffix", "web")):
         find(By.ID, field).clear()
         find(By.ID, field).send_keys(value)
@@ -79,42 +86,43 @@ def run(driver, a):
     find(By.ID, "create-job").click()
 
     # The job page: it finishes, with its curve, checkpoints and report.
-    wait(30, lambda: find(By.ID, "job-title").text.startswith("ftjob-"), "the job page opens")
+    wait(30, lambda: text("job-title").startswith("ftjob-"), "the job page opens")
     shot("job-started.png")
-    wait(180, lambda: find(By.ID, "job-status").text == "succeeded", "the job succeeds")
-    wait(20, lambda: find(By.ID, "report-text").text.strip() != "", "the report is shown")
+    wait(180, lambda: text("job-status") == "succeeded", "the job succeeds")
+    wait(20, lambda: text("report-text").strip() != "", "the report is shown")
     wait(20, lambda: len(driver.find_elements(By.CSS_SELECTOR, "#checkpoints tbody tr")) == 2, "two checkpoints")
     shot("job-finished.png")
-    model = find(By.ID, "job-model").text
-    check(model.startswith("ft:") and model.endswith(find(By.ID, "job-title").text), f"fine-tuned model {model}")
+    model = text("job-model")
+    check(model.startswith("ft:") and model.endswith(text("job-title")), f"fine-tuned model {model}")
     check(len(driver.find_elements(By.CSS_SELECTOR, "#loss-chart polyline.series-train")) == 1, "a training curve")
     check(len(driver.find_elements(By.CSS_SELECTOR, "#loss-chart .series-validation")) == 1, "a validation curve")
-    report = find(By.ID, "report-text").text
+    report = text("report-text")
     check("loss" in report.lower(), "the before/after report is shown")
     check(driver.execute_script("return document.getElementById('report-plot').naturalWidth") > 0, "its plot loads")
-    rows = driver.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")
-    check(any("succeeded" in r.text and model in r.text for r in rows), "the jobs list shows it succeeded")
+    wait(10, lambda: "succeeded" in text("jobs") and model in text("jobs"), "the jobs list shows it succeeded")
 
     # Files with their validation results.
     find(By.CSS_SELECTOR, "nav button[data-tab=files]").click()
-    wait(10, lambda: "processed" in find(By.ID, "files").text, "files are listed as processed")
+    wait(10, lambda: "processed" in text("files"), "files are listed as processed")
     shot("files.png")
 
     # The playground: base and tuned model side by side.
     find(By.CSS_SELECTOR, "nav button[data-tab=play]").click()
-    wait(10, lambda: model in [o.text for o in Select(find(By.ID, "play-right")).options], "the tuned model is offered")
-    Select(find(By.ID, "play-right")).select_by_visible_text(model)
+    wait(10, lambda: model in options("play-right"), "the tuned model is offered")
+    driver.execute_script(
+        "const s = document.getElementById('play-right'); s.value = arguments[0];"
+        " s.dispatchEvent(new Event('change'))",
+        model,
+    )
     find(By.ID, "play-prompt").send_keys("add 3 and 3")
     find(By.ID, "play-send").click()
-    content = lambda side: driver.execute_script(  # noqa: E731
-        "return document.getElementById(arguments[0]).textContent", side
-    )
+    content = text
     done = lambda side: content(side) not in ("", "…")  # noqa: E731
     wait(60, lambda: done("play-left-out") and done("play-right-out"), "both models answer")
     shot("playground.png")
     for side in ("play-left-out", "play-right-out"):
         check(not content(side).startswith("error"), f"{side}: {content(side)!r}")
-    check(find(By.ID, "msg").text == "", f"no error on the page: {find(By.ID, 'msg').text}")
+    check(text("msg") == "", f"no error on the page: {text('msg')}")
     print("all checks passed")
 
 

@@ -33,8 +33,8 @@ pub struct ServerConfig {
     /// Largest uploaded file in bytes.
     pub max_file_bytes: usize,
     /// The command that trains a job: program and leading arguments (the
-    /// run's config, or `--resume DIR`, is added); empty: jobs are
-    /// accepted but none runs.
+    /// run's config, or `--resume DIR`, is added); empty: jobs fail
+    /// with "no trainer command configured".
     pub trainer: Vec<String>,
     /// Fine-tuning jobs that run at once.
     pub max_jobs: usize,

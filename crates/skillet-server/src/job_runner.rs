@@ -6,7 +6,8 @@
 //! requests keep the cores they need.
 //!
 //! - **Validation.** A job in `validating_files` gets its files checked:
-//!   visible to its owner, processed, and of the kind its method reads.
+//!   visible to its owner, without problems, and of the kind its method
+//!   reads.
 //!   The files are copied into the run folder and the run config is
 //!   written. The job then moves to `queued`, or ends `failed` with an
 //!   OpenAI-style error.
@@ -389,7 +390,12 @@ impl Worker {
             None => "Fine-tuning job started".to_string(),
         };
         self.event(&job.id, "info", &message, None);
-        let reported = |field| self.store.last_metrics_step(&job.id, field).ok().flatten();
+        let reported = |training| {
+            self.store
+                .last_metrics_step(&job.id, training)
+                .ok()
+                .flatten()
+        };
         let checkpoints = self
             .store
             .checkpoints(Scope::Admin, &job.id, None, usize::MAX >> 1)
@@ -400,8 +406,8 @@ impl Worker {
             .map(|c| c.step)
             .collect();
         let active = Active {
-            reported_train: reported("train_loss"),
-            reported_eval: reported("valid_loss"),
+            reported_train: reported(true),
+            reported_eval: reported(false),
             job,
             child,
             out,
@@ -460,38 +466,54 @@ impl Worker {
     }
 
     /// Reads a running job's progress, and ends it if its child exited or
-    /// it was cancelled.
+    /// it was cancelled. A store error keeps the child watched (it is
+    /// tried again at the next look).
     fn watch(&mut self, id: &str) -> skillet_store::Result<()> {
         let Some(mut a) = self.active.remove(id) else {
             return Ok(());
         };
-        self.read_metrics(&mut a);
-        self.record_checkpoints(&mut a)?;
-        let status = self.store.job(Scope::Admin, id)?.map(|j| j.status);
+        match self.look(&mut a) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.active.insert(id.to_string(), a);
+                Ok(())
+            }
+            Err(e) => {
+                self.active.insert(id.to_string(), a);
+                Err(e)
+            }
+        }
+    }
+
+    /// One look at a running job; whether it has ended.
+    fn look(&self, a: &mut Active) -> skillet_store::Result<bool> {
+        self.read_metrics(a);
+        self.record_checkpoints(a)?;
+        let status = self.store.job(Scope::Admin, &a.job.id)?.map(|j| j.status);
         if status != Some(JobStatus::Running) {
             // Cancelled (or gone): stop the child.
             let _ = a.child.kill();
             let _ = a.child.wait();
-            return Ok(());
+            return Ok(true);
         }
         match a.child.try_wait() {
-            Ok(None) => {
-                self.active.insert(id.to_string(), a);
-            }
+            Ok(None) => Ok(false),
             Ok(Some(exit)) => {
-                self.read_metrics(&mut a);
-                self.record_checkpoints(&mut a)?;
+                self.read_metrics(a);
+                self.record_checkpoints(a)?;
                 if exit.success() {
-                    self.succeed(&a)?;
+                    self.succeed(a)?;
                 } else {
-                    let f = self.child_failure(&a, exit);
+                    let f = self.child_failure(a, exit);
                     self.fail(&a.job, &f);
                 }
-                self.store.set_estimated_finish(id, None)?;
+                Ok(true)
             }
-            Err(e) => tracing::error!("jobs: waiting for {id}: {e}"),
+            Err(e) => {
+                tracing::error!("jobs: waiting for {}: {e}", a.job.id);
+                Ok(false)
+            }
         }
-        Ok(())
     }
 
     /// New complete lines of `metrics.jsonl` into events.
@@ -625,8 +647,6 @@ impl Worker {
         let job = &a.job;
         let name = fine_tuned_name(&self.config.model_id, job);
         let adapter = a.out.join("adapter");
-        self.store
-            .add_model(&name, &job.owner, &job.id, &adapter.display().to_string())?;
         let mut results = Vec::new();
         for file in ["report.md", "report.json", "loss.svg"] {
             let path = a.out.join(file);
@@ -653,7 +673,8 @@ impl Worker {
             .values()
             .map(|d| d["tokens"].as_i64().unwrap_or(0))
             .sum();
-        if self.store.finish_job(&job.id, Ok((&name, tokens)))? {
+        let path = adapter.display().to_string();
+        if self.store.succeed_job(&job.id, &name, &path, tokens)? {
             self.event(
                 &job.id,
                 "info",

@@ -419,7 +419,15 @@ impl JobSpec {
                 let g: GrpoConfig = toml::Value::Table(method.clone())
                     .try_into()
                     .map_err(|e| ApiError::param("skillet.method", e.to_string()))?;
-                self.batch() * g.num_generations as u64
+                self.batch()
+                    .checked_mul(g.num_generations as u64)
+                    .filter(|n| *n <= i64::MAX as u64)
+                    .ok_or_else(|| {
+                        ApiError::param(
+                            "skillet.method.num_generations",
+                            "too many completions per step",
+                        )
+                    })?
             }
             _ => self.batch(),
         };

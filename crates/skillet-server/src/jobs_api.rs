@@ -143,12 +143,10 @@ pub async fn create(
     let model =
         text(&req, "model")?.ok_or_else(|| ApiError::param("model", "`model` is required"))?;
     let base = &state.config.model_id;
-    if model != base
-        && store
-            .model(caller.scope(), model)
-            .map_err(internal)?
-            .is_none()
-    {
+    // The job runs as its creator: files and models are theirs, admin or
+    // not.
+    let own = skillet_store::Scope::Owner(&caller.owner);
+    if model != base && store.model(own, model).map_err(internal)?.is_none() {
         return Err(ApiError::param(
             "model",
             format!(
@@ -164,7 +162,7 @@ pub async fn create(
         ("validation_file", validation_file),
     ] {
         let Some(id) = id else { continue };
-        let f = store.file(caller.scope(), id).map_err(internal)?;
+        let f = store.file(own, id).map_err(internal)?;
         match f {
             None => {
                 return Err(ApiError::param(param, format!("invalid {param}: {id}")));

@@ -139,6 +139,12 @@ pub fn serve(config: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<
     let header_timeout = Duration::from_secs(config.header_timeout_secs.max(1));
     let max_connections = config.max_connections;
     let addr = config.addr;
+    // One server per data directory: a second one would resume the same
+    // jobs into the same run folders. Held until this function returns.
+    let _lock = match &config.data_dir {
+        Some(dir) => Some(lock_data_dir(dir)?),
+        None => None,
+    };
     let store = match &config.data_dir {
         Some(dir) => Some(Arc::new(skillet_store::Store::open(
             &dir.join("skillet.db"),
@@ -214,6 +220,27 @@ pub fn serve(config: ServerConfig, on_ready: impl FnOnce(SocketAddr)) -> Result<
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// An exclusive lock on `dir/skillet.lock`, or an error naming the
+/// directory when another server holds it.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServeError> {
+    std::fs::create_dir_all(dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("skillet.lock"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(ServeError::Io(std::io::Error::other(format!(
+                "another skillet serve is using the data directory {}",
+                dir.display()
+            ))))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(ServeError::Io(e)),
+    }
 }
 
 async fn wait_for_signal() {

@@ -246,7 +246,8 @@ impl Store {
             .conn()
             .execute(
                 "UPDATE jobs SET status = ?2,
-                        finished_at = CASE WHEN ?3 THEN ?4 ELSE finished_at END
+                        finished_at = CASE WHEN ?3 THEN ?4 ELSE finished_at END,
+                        estimated_finish = CASE WHEN ?3 THEN NULL ELSE estimated_finish END
                  WHERE id = ?1 AND status NOT IN ('succeeded', 'failed', 'cancelled')",
                 params![id, status.as_str(), status.is_final(), now()],
             )
@@ -269,7 +270,7 @@ impl Store {
             .conn()
             .execute(
                 "UPDATE jobs SET status = ?2, fine_tuned_model = ?3, trained_tokens = ?4,
-                        error = ?5, finished_at = ?6
+                        error = ?5, finished_at = ?6, estimated_finish = NULL
                  WHERE id = ?1 AND status NOT IN ('succeeded', 'failed', 'cancelled')",
                 params![id, status.as_str(), model, tokens, error, now()],
             )
@@ -300,19 +301,47 @@ impl Store {
         Ok(())
     }
 
-    /// The highest `step` among a job's metrics events whose data has
-    /// `field` (`train_loss`, `valid_loss`): where a restarted worker
-    /// takes up reading the run's metrics again.
-    pub fn last_metrics_step(&self, job_id: &str, field: &str) -> Result<Option<u64>> {
+    /// The highest `step` among a job's training-step metrics events
+    /// (`training`: those whose data has `total_steps`) or its validation
+    /// ones (the rest): where a restarted worker takes up reading the
+    /// run's metrics again.
+    pub fn last_metrics_step(&self, job_id: &str, training: bool) -> Result<Option<u64>> {
         self.conn()
             .query_row(
                 "SELECT MAX(json_extract(data, '$.step')) FROM job_events
-                 WHERE job_id = ?1 AND kind = 'metrics' AND json_extract(data, ?2) IS NOT NULL",
-                params![job_id, format!("$.{field}")],
+                 WHERE job_id = ?1 AND kind = 'metrics'
+                   AND (json_extract(data, '$.total_steps') IS NOT NULL) = ?2",
+                params![job_id, training],
                 |r| r.get::<_, Option<i64>>(0),
             )
             .map(|v| v.map(|s| s as u64))
             .map_err(sql("reading a job's progress"))
+    }
+
+    /// Ends a job that has not ended as succeeded, and serves its model
+    /// (`name`, the adapter in `path`), in one transaction: a cancel that
+    /// lands first leaves no model behind. Whether it did.
+    pub fn succeed_job(&self, id: &str, name: &str, path: &str, tokens: i64) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(sql("starting a job's end"))?;
+        let n = tx
+            .execute(
+                "UPDATE jobs SET status = 'succeeded', fine_tuned_model = ?2, trained_tokens = ?3,
+                        finished_at = ?4, estimated_finish = NULL
+                 WHERE id = ?1 AND status NOT IN ('succeeded', 'failed', 'cancelled')",
+                params![id, name, tokens, now()],
+            )
+            .map_err(sql("ending a job"))?;
+        if n == 1 {
+            tx.execute(
+                "INSERT OR IGNORE INTO models (name, owner, job_id, path, created_at)
+                 SELECT ?2, owner, id, ?3, ?4 FROM jobs WHERE id = ?1",
+                params![id, name, path, now()],
+            )
+            .map_err(sql("recording a job's model"))?;
+        }
+        tx.commit().map_err(sql("committing a job's end"))?;
+        Ok(n == 1)
     }
 
     /// Appends an event to a job.
@@ -444,21 +473,16 @@ mod tests {
         let job = store.add_job(&new("ann")).unwrap();
         let events: Vec<EventRecord> = (0..4)
             .map(|i| {
-                let data = (i % 2 == 1).then(|| serde_json::json!({"step": i, "train_loss": 1.5}));
+                let data = (i % 2 == 1)
+                    .then(|| serde_json::json!({"step": i, "total_steps": 9, "train_loss": 1.5}));
                 store
                     .add_event(&job.id, "info", &format!("event {i}"), data.as_ref())
                     .unwrap()
             })
             .collect();
         assert_eq!(events[1].kind, "metrics");
-        assert_eq!(
-            store.last_metrics_step(&job.id, "train_loss").unwrap(),
-            Some(3)
-        );
-        assert_eq!(
-            store.last_metrics_step(&job.id, "valid_loss").unwrap(),
-            None
-        );
+        assert_eq!(store.last_metrics_step(&job.id, true).unwrap(), Some(3));
+        assert_eq!(store.last_metrics_step(&job.id, false).unwrap(), None);
         store.set_estimated_finish(&job.id, Some(99)).unwrap();
         store.set_result_files(&job.id, &["file-r".into()]).unwrap();
         let j = store.job(Scope::Admin, &job.id).unwrap().unwrap();
