@@ -446,28 +446,48 @@ fn the_openai_python_client_runs_the_whole_fine_tuning_flow() {
     std::fs::write(&train, chat_lines(40)).unwrap();
     let bad = dir.join("bad.jsonl");
     std::fs::write(&bad, format!("{}{{oops\n", chat_lines(3))).unwrap();
+    let addr = format!("http://{}/v1", server.addr);
+    run_python(
+        "openai-env.sh",
+        "openai_jobs.py",
+        &[
+            "--base-url".as_ref(),
+            addr.as_ref(),
+            "--key".as_ref(),
+            "sk-ann".as_ref(),
+            "--other-key".as_ref(),
+            "sk-bob".as_ref(),
+            "--owner".as_ref(),
+            "ann".as_ref(),
+            "--model".as_ref(),
+            "tiny".as_ref(),
+            "--train".as_ref(),
+            train.as_os_str(),
+            "--bad".as_ref(),
+            bad.as_os_str(),
+        ],
+    );
+}
+
+/// Runs `tests/SCRIPT` with the Python that `scripts/ENV` sets up, and
+/// asserts it passed every check.
+fn run_python(env: &str, script: &str, args: &[&std::ffi::OsStr]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new("bash")
-        .arg(root.join("../../scripts/openai-env.sh"))
+        .arg(root.join("../../scripts").join(env))
         .output()
-        .expect("run scripts/openai-env.sh");
+        .expect("run the environment script");
     assert!(
         out.status.success(),
-        "scripts/openai-env.sh failed (this test needs pip and the package index):\n{}",
+        "scripts/{env} failed (this test needs pip and the package index):\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let python = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let run = std::process::Command::new(python)
-        .arg(root.join("tests/openai_jobs.py"))
-        .args(["--base-url", &format!("http://{}/v1", server.addr)])
-        .args(["--key", "sk-ann", "--other-key", "sk-bob", "--owner", "ann"])
-        .args(["--model", "tiny"])
-        .arg("--train")
-        .arg(&train)
-        .arg("--bad")
-        .arg(&bad)
+        .arg(root.join("tests").join(script))
+        .args(args)
         .output()
-        .expect("run openai_jobs.py");
+        .expect("run the script");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&run.stdout),
@@ -483,39 +503,23 @@ fn the_web_page_uploads_starts_watches_and_asks_the_tuned_model() {
     let server = start(&f, &f.data);
     let train = f.data.with_file_name("sums.jsonl");
     std::fs::write(&train, chat_lines(40)).unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new("bash")
-        .arg(root.join("../../scripts/browser-env.sh"))
-        .output()
-        .expect("run scripts/browser-env.sh");
-    assert!(
-        out.status.success(),
-        "scripts/browser-env.sh failed (this test needs apt-get, pip and the package index):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let python = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-screenshots");
-    let run = std::process::Command::new(python)
-        .arg(root.join("tests/web_page.py"))
-        .args(["--url", &format!("http://{}/", server.addr)])
-        .args(["--key", "sk-ann"])
-        .arg("--train")
-        .arg(&train)
-        .arg("--shots")
-        .arg(&shots)
-        .output()
-        .expect("run web_page.py");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
+    let url = format!("http://{}/", server.addr);
+    // Screenshots land in target/tmp/web-screenshots.
+    run_python(
+        "browser-env.sh",
+        "web_page.py",
+        &[
+            "--url".as_ref(),
+            url.as_ref(),
+            "--key".as_ref(),
+            "sk-ann".as_ref(),
+            "--train".as_ref(),
+            train.as_os_str(),
+            "--shots".as_ref(),
+            shots.as_os_str(),
+        ],
     );
-    assert!(
-        run.status.success(),
-        "{text}\nscreenshots: {}",
-        shots.display()
-    );
-    assert!(text.contains("all checks passed"), "{text}");
     for shot in ["job-finished.png", "playground.png", "files.png"] {
         assert!(shots.join(shot).is_file(), "{shot}");
     }
