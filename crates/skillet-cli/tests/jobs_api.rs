@@ -109,6 +109,18 @@ fn wait(addr: &str, id: &str, until: &[&str], secs: u64) -> Value {
     }
 }
 
+/// Every event of job `id` (ann's), newest first.
+fn job_events(addr: &str, id: &str) -> Vec<Value> {
+    get(
+        addr,
+        ANN,
+        &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"),
+    )["data"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
 /// A supervised job on `file` (small and quick on the tiny model).
 fn job_request(file: &str, epochs: u64) -> Value {
     json!({
@@ -185,14 +197,7 @@ fn a_job_trains_reports_checkpoints_and_serves_its_model_to_its_owner() {
     assert!(job["finished_at"].as_i64().is_some());
 
     // Events: newest first, paged, with each step's metrics.
-    let events = get(
-        &addr,
-        ANN,
-        &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"),
-    )["data"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let events = job_events(&addr, &id);
     let messages: Vec<&str> = events
         .iter()
         .map(|e| e["message"].as_str().unwrap())
@@ -579,14 +584,7 @@ fn dpo_and_reinforcement_jobs_train_on_pairs_and_prompts() {
         assert_eq!(done["method"]["type"], method);
         let config =
             std::fs::read_to_string(f.data.join("jobs").join(id).join("config.toml")).unwrap();
-        let events = get(
-            &addr,
-            ANN,
-            &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"),
-        );
-        let steps = events["data"]
-            .as_array()
-            .unwrap()
+        let steps = job_events(&addr, id)
             .iter()
             .filter(|e| e["data"]["train_loss"].is_number())
             .count();
@@ -713,14 +711,7 @@ fn a_job_killed_with_its_server_resumes_and_ends_byte_identical() {
     );
     let job = wait(&addr, &id, &["succeeded", "failed"], 120);
     assert_eq!(job["status"], "succeeded", "{job}");
-    let events = get(
-        &addr,
-        ANN,
-        &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"),
-    )["data"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let events = job_events(&addr, &id);
     assert!(
         events.iter().any(|e| e["message"]
             .as_str()

@@ -223,7 +223,7 @@ impl Worker {
     }
 
     fn fail(&self, job: &JobRecord, f: &Failure) {
-        if let Ok(true) = self.store.finish_job(&job.id, Err(&f.json())) {
+        if let Ok(true) = self.store.fail_job(&job.id, &f.json()) {
             self.event(&job.id, "error", &f.message, None);
         }
     }

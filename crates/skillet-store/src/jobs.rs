@@ -255,24 +255,16 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Ends a job that has not ended: succeeded with its model and tokens,
-    /// or failed with its error (JSON); whether it did.
-    pub fn finish_job(
-        &self,
-        id: &str,
-        outcome: std::result::Result<(&str, i64), &str>,
-    ) -> Result<bool> {
-        let (status, model, tokens, error) = match outcome {
-            Ok((model, tokens)) => (JobStatus::Succeeded, Some(model), Some(tokens), None),
-            Err(e) => (JobStatus::Failed, None, None, Some(e)),
-        };
+    /// Ends a job that has not ended as failed, with its error (JSON);
+    /// whether it did. (Success is [`Store::succeed_job`].)
+    pub fn fail_job(&self, id: &str, error: &str) -> Result<bool> {
         let n = self
             .conn()
             .execute(
-                "UPDATE jobs SET status = ?2, fine_tuned_model = ?3, trained_tokens = ?4,
-                        error = ?5, finished_at = ?6, estimated_finish = NULL
+                "UPDATE jobs SET status = 'failed', error = ?2, finished_at = ?3,
+                        estimated_finish = NULL
                  WHERE id = ?1 AND status NOT IN ('succeeded', 'failed', 'cancelled')",
-                params![id, status.as_str(), model, tokens, error, now()],
+                params![id, error, now()],
             )
             .map_err(sql("ending a job"))?;
         Ok(n == 1)
@@ -445,12 +437,22 @@ mod tests {
         assert_eq!((running.len(), &running[0].id), (1, id));
         assert!(
             store
-                .finish_job(id, Ok(("ft:smollm2:ann:demo:x", 1234)))
+                .succeed_job(id, "ft:smollm2:ann:demo:x", "/adapter", 1234)
                 .unwrap()
         );
-        // Ended: a late cancel or a second finish changes nothing.
+        // Ended: a late cancel, a failure or a second success changes nothing.
         assert!(!store.set_job_status(id, JobStatus::Cancelled).unwrap());
-        assert!(!store.finish_job(id, Err("{}")).unwrap());
+        assert!(!store.fail_job(id, "{}").unwrap());
+        assert!(!store.succeed_job(id, "other", "/x", 1).unwrap());
+        let served = store
+            .model(Scope::Owner("ann"), "ft:smollm2:ann:demo:x")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (served.path.as_str(), served.job_id.as_str()),
+            ("/adapter", id.as_str())
+        );
+        assert!(store.model(Scope::Admin, "other").unwrap().is_none());
         let j = store.job(Scope::Admin, id).unwrap().unwrap();
         assert_eq!(j.status, JobStatus::Succeeded);
         assert_eq!(j.fine_tuned_model.as_deref(), Some("ft:smollm2:ann:demo:x"));
@@ -459,7 +461,7 @@ mod tests {
         let failed = &jobs[1].id;
         assert!(
             store
-                .finish_job(failed, Err("{\"code\":\"invalid_training_file\"}"))
+                .fail_job(failed, "{\"code\":\"invalid_training_file\"}")
                 .unwrap()
         );
         let j = store.job(Scope::Admin, failed).unwrap().unwrap();

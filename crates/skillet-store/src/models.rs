@@ -63,19 +63,6 @@ fn model(r: &Row) -> rusqlite::Result<ModelRecord> {
 }
 
 impl Store {
-    /// Serves the adapter in `path` as `name` for `owner` (a name already
-    /// recorded keeps its record: recording is idempotent).
-    pub fn add_model(&self, name: &str, owner: &str, job_id: &str, path: &str) -> Result<()> {
-        self.conn()
-            .execute(
-                "INSERT OR IGNORE INTO models (name, owner, job_id, path, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![name, owner, job_id, path, now()],
-            )
-            .map_err(sql("recording a model"))?;
-        Ok(())
-    }
-
     /// Records checkpoint `step` of `job_id` and serves its adapter (in
     /// `path`) as `name` for `owner`, in one transaction; a step already
     /// recorded is left as it is. The checkpoint's record.
@@ -238,7 +225,7 @@ mod tests {
         );
 
         let name = format!("ft:base:ann::{}", job.id);
-        store.add_model(&name, "ann", &job.id, "/adapter").unwrap();
+        assert!(store.succeed_job(&job.id, &name, "/adapter", 10).unwrap());
         assert_eq!(store.models(Scope::Owner("ann")).unwrap().len(), 3);
         assert!(store.models(Scope::Owner("bob")).unwrap().is_empty());
         assert!(store.model(Scope::Owner("bob"), &name).unwrap().is_none());
