@@ -8,13 +8,13 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use skillet_adapters::{LoraAdapter, LoraSettings, Targets, save_peft};
 use skillet_models::{
-    Adapted, Adapter, Adapters, CachedBatch, CachedChunk, CausalLm, ForwardInput, Llama,
-    LoadOptions, random_weights, tiny_config,
+    Adapted, Adapter, Adapters, CachedBatch, CachedChunk, CausalLm, ForwardInput, LoadOptions,
+    Model, random_weights, tiny_config,
 };
 
-fn model() -> Llama {
+fn model() -> Model {
     let cfg = tiny_config(97);
-    Llama::load(
+    Model::load(
         cfg.clone(),
         &random_weights(&cfg, 3).unwrap(),
         LoadOptions::default(),
@@ -23,7 +23,7 @@ fn model() -> Llama {
 }
 
 /// A LoRA adapter with every B set to a pattern (so it changes the output).
-fn adapter(m: &Llama, targets: &[&str], r: usize, seed: u64) -> LoraAdapter {
+fn adapter(m: &Model, targets: &[&str], r: usize, seed: u64) -> LoraAdapter {
     let settings = LoraSettings::new(
         r,
         2.0 * r as f64,
@@ -59,7 +59,7 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 }
 
 /// Logits of `ids` alone under `adapter`.
-fn alone(m: &Llama, adapter: Option<Arc<dyn Adapter>>, ids: &[u32]) -> Vec<Vec<f32>> {
+fn alone(m: &Model, adapter: Option<Arc<dyn Adapter>>, ids: &[u32]) -> Vec<Vec<f32>> {
     let input = ForwardInput::new(
         Tensor::new(ids, &Device::Cpu)
             .unwrap()

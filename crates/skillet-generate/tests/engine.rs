@@ -12,7 +12,7 @@ use skillet_adapters::{LoraAdapter, LoraSettings, Targets};
 use skillet_generate::{
     Engine, EngineConfig, Event, Request, SamplingParams, TextStream, generate_all,
 };
-use skillet_models::{Adapter, Llama, LoadOptions, random_weights, tiny_config};
+use skillet_models::{Adapter, LoadOptions, Model, random_weights, tiny_config};
 use skillet_tokenizer::Tokenizer;
 
 fn tokenizer() -> Tokenizer {
@@ -20,9 +20,9 @@ fn tokenizer() -> Tokenizer {
     Tokenizer::from_hf_dir(&dir).unwrap()
 }
 
-fn model() -> Llama {
+fn model() -> Model {
     let cfg = tiny_config(300);
-    Llama::load(
+    Model::load(
         cfg.clone(),
         &random_weights(&cfg, 11).unwrap(),
         LoadOptions::default(),
@@ -30,7 +30,7 @@ fn model() -> Llama {
     .unwrap()
 }
 
-fn adapter(m: &Llama, targets: &[&str], seed: u64) -> Arc<dyn Adapter> {
+fn adapter(m: &Model, targets: &[&str], seed: u64) -> Arc<dyn Adapter> {
     let settings = LoraSettings::new(
         4,
         8.0,

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use skillet_kernels::FrozenHead;
 
 use crate::adapter::{Adapter, Adapters, ModuleInfo};
-use crate::{CachedBatch, CausalLm, ForwardInput, KvCache, LlamaConfig, Result};
+use crate::{CachedBatch, CausalLm, ForwardInput, KvCache, ModelConfig, Result};
 
 /// `model` with `adapter` on every row (dropout seeded when training),
 /// or the model alone.
@@ -45,7 +45,7 @@ impl<'a> Adapted<'a> {
 }
 
 impl CausalLm for Adapted<'_> {
-    fn config(&self) -> &LlamaConfig {
+    fn config(&self) -> &ModelConfig {
         self.model.config()
     }
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor, Var};
 
 use crate::Result;
-use crate::llama::{DecoderLayer, Kv, LayerContext};
+use crate::layers::{Block, Kv, LayerContext};
 
 /// The trainable variables and the gradients set aside for them.
 #[derive(Debug)]
@@ -45,7 +45,7 @@ impl Checkpointing {
 }
 
 struct LayerOp {
-    layer: Arc<DecoderLayer>,
+    layer: Arc<dyn Block>,
     ctx: Arc<LayerContext>,
     state: Arc<Checkpointing>,
 }
@@ -110,7 +110,7 @@ impl CustomOp1 for LayerOp {
 
 /// Runs `layer` on `x` as a checkpointed op.
 pub(crate) fn forward(
-    layer: &Arc<DecoderLayer>,
+    layer: &Arc<dyn Block>,
     ctx: &Arc<LayerContext>,
     state: &Arc<Checkpointing>,
     x: &Tensor,

@@ -9,9 +9,8 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Tensor};
 use skillet_gguf::{GgmlType, GgufWriter, Value};
 
-use crate::memory::tensor_shapes;
-use crate::weights::gguf_name;
-use crate::{Architecture, LlamaConfig, MemoryWeights, ModelError, Result, RopeScaling};
+use crate::names::{gguf_name, is_norm, tensor_shapes};
+use crate::{LayerType, MemoryWeights, ModelConfig, ModelError, Result, RopeScaling};
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io {
@@ -42,7 +41,7 @@ pub struct TokenIds {
 /// `…ForSequenceClassification` with one label (a reward model, as
 /// transformers' `AutoModelForSequenceClassification` loads it).
 pub fn write_hf_weights(
-    cfg: &LlamaConfig,
+    cfg: &ModelConfig,
     weights: &MemoryWeights,
     dir: &Path,
     ids: TokenIds,
@@ -123,7 +122,7 @@ fn tensor_bytes(t: &Tensor, ty: GgmlType, name: &str, path: &Path) -> Result<Vec
 /// type by its HF name (norms and biases are always F32). `extra` metadata
 /// (tokenizer, template) is added as given.
 pub fn write_gguf(
-    cfg: &LlamaConfig,
+    cfg: &ModelConfig,
     weights: &MemoryWeights,
     path: &Path,
     storage: &dyn Fn(&str) -> GgmlType,
@@ -169,14 +168,29 @@ pub fn write_gguf(
     }
     if let Some(win) = cfg.sliding_window {
         w.metadata(&k("attention.sliding_window"), Value::U32(win as u32));
+        // Which layers slide, where not all do (Gemma 3).
+        if cfg.layer_types.contains(&LayerType::Full) {
+            let sliding = cfg
+                .layer_types
+                .iter()
+                .map(|t| Value::Bool(*t == LayerType::Sliding));
+            w.metadata(
+                &k("attention.sliding_window_pattern"),
+                Value::Array(sliding.collect()),
+            );
+        }
+    }
+    if let Some(local) = cfg.local_rope {
+        w.metadata(&k("rope.freq_base_swa"), Value::F32(local.theta as f32));
+    }
+    if let Some(cap) = cfg.final_logit_softcapping {
+        w.metadata(&k("final_logit_softcapping"), Value::F32(cap as f32));
     }
     for (key, value) in extra {
         w.metadata(&key, value);
     }
-    let permute = matches!(
-        cfg.architecture,
-        Architecture::Llama | Architecture::Mistral
-    );
+    let permute = cfg.architecture.gguf_permutes_qk();
+    let add_one = cfg.architecture.norm_adds_one();
     for (name, shape) in tensor_shapes(cfg) {
         let t = weights
             .tensors
@@ -192,6 +206,8 @@ pub fn write_gguf(
             _ if permute && name.contains("self_attn.k_proj.") => {
                 permute_rows(t, cfg.num_key_value_heads)?
             }
+            // Gemma's GGUF norms hold `1 + w`.
+            _ if add_one && is_norm(&name) => (t + 1.0)?,
             _ => t.clone(),
         };
         let ty = if shape.len() == 1 {
@@ -200,7 +216,7 @@ pub fn write_gguf(
             storage(&name)
         };
         let bytes = tensor_bytes(&t, ty, &name, path)?;
-        w.tensor(&gguf_name(&name), &shape, ty, bytes);
+        w.tensor(&gguf_name(cfg.architecture, &name), &shape, ty, bytes);
     }
     w.write(path)?;
     Ok(())

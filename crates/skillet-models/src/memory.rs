@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::{Architecture, LlamaConfig, ModelError, Result, RopeScaling, Weight, WeightSource};
+use crate::names::tensor_shapes;
+use crate::{
+    Activation, Architecture, LayerType, ModelConfig, ModelError, Result, RopeConfig, RopeScaling,
+    Weight, WeightSource,
+};
 
 /// Named dense tensors held in memory.
 #[derive(Debug, Clone, Default)]
@@ -44,41 +48,9 @@ impl WeightSource for MemoryWeights {
     }
 }
 
-/// Hugging Face names and shapes of every tensor of `cfg`'s model.
-pub fn tensor_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-    let (qd, kvd) = (
-        cfg.num_attention_heads * cfg.head_dim,
-        cfg.num_key_value_heads * cfg.head_dim,
-    );
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, c])];
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![c]));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![qd, c]));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kvd, c]));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kvd, c]));
-        if cfg.attention_bias {
-            out.push((format!("{p}.self_attn.q_proj.bias"), vec![qd]));
-            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kvd]));
-            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kvd]));
-        }
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![c, qd]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![c]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, c]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![f, c]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![c, f]));
-    }
-    out.push(("model.norm.weight".to_string(), vec![c]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![v, c]));
-    }
-    out
-}
-
 /// A small config for unit tests: 2 layers, GQA 4/2, width 64.
-pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
-    LlamaConfig {
+pub fn tiny_config(vocab_size: usize) -> ModelConfig {
+    ModelConfig {
         architecture: Architecture::Llama,
         vocab_size,
         hidden_size: 64,
@@ -93,7 +65,44 @@ pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
         max_position_embeddings: 256,
         tie_word_embeddings: true,
         attention_bias: false,
+        qk_norm: false,
+        hidden_act: Activation::Silu,
         sliding_window: None,
+        layer_types: vec![LayerType::Full; 2],
+        local_rope: None,
+        query_pre_attn_scalar: None,
+        final_logit_softcapping: None,
+    }
+}
+
+/// [`tiny_config`] in the shape of `arch`: Qwen3 with QK-norm; Gemma 3
+/// with its norms, GeGLU, a local layer (window 3, its own RoPE base) then
+/// a global one, and soft-capped logits.
+pub fn tiny_config_for(arch: Architecture, vocab_size: usize) -> ModelConfig {
+    let base = ModelConfig {
+        architecture: arch,
+        ..tiny_config(vocab_size)
+    };
+    match arch {
+        Architecture::Qwen3 => ModelConfig {
+            qk_norm: true,
+            ..base
+        },
+        Architecture::Gemma3 => ModelConfig {
+            qk_norm: true,
+            hidden_act: Activation::GeluTanh,
+            rope_theta: 1_000_000.0,
+            local_rope: Some(RopeConfig {
+                theta: 10_000.0,
+                scaling: RopeScaling::None,
+            }),
+            sliding_window: Some(3),
+            layer_types: vec![LayerType::Sliding, LayerType::Full],
+            query_pre_attn_scalar: Some(16.0),
+            final_logit_softcapping: Some(5.0),
+            ..base
+        },
+        _ => base,
     }
 }
 
@@ -105,14 +114,14 @@ pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
 pub const SHAPES: [&str; 3] = ["llama-3.2-1b", "llama-3.2-3b", "tiny"];
 
 /// The config of a shape in [`SHAPES`], or `None`.
-pub fn shape_config(name: &str) -> Option<LlamaConfig> {
+pub fn shape_config(name: &str) -> Option<ModelConfig> {
     let (hidden, layers, heads, head_dim) = match name {
         "llama-3.2-1b" => (2048, 16, 32, 64),
         "llama-3.2-3b" => (3072, 28, 24, 128),
         "tiny" => return Some(tiny_config(512)),
         _ => return None,
     };
-    Some(LlamaConfig {
+    Some(ModelConfig {
         architecture: Architecture::Llama,
         vocab_size: 128_256,
         hidden_size: hidden,
@@ -127,13 +136,19 @@ pub fn shape_config(name: &str) -> Option<LlamaConfig> {
         max_position_embeddings: 8192,
         tie_word_embeddings: true,
         attention_bias: false,
+        qk_norm: false,
+        hidden_act: Activation::Silu,
         sliding_window: None,
+        layer_types: vec![LayerType::Full; 2],
+        local_rope: None,
+        query_pre_attn_scalar: None,
+        final_logit_softcapping: None,
     })
 }
 
 /// Random weights for `cfg`, deterministic in `seed` (norm weights near 1,
 /// projections uniform with half-width 0.07).
-pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<MemoryWeights> {
+pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<MemoryWeights> {
     random_weights_with(cfg, seed, 0.14)
 }
 
@@ -141,7 +156,7 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Result<MemoryWeights> {
 /// (`width = 0.02 * 12f32.sqrt()` gives the standard deviation 0.02 that
 /// transformers initializes with, which keeps deep models' activations
 /// finite).
-pub fn random_weights_with(cfg: &LlamaConfig, seed: u64, width: f32) -> Result<MemoryWeights> {
+pub fn random_weights_with(cfg: &ModelConfig, seed: u64, width: f32) -> Result<MemoryWeights> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
         // xorshift64*: enough for test weights, stable across platforms.
@@ -170,7 +185,7 @@ pub fn random_weights_with(cfg: &LlamaConfig, seed: u64, width: f32) -> Result<M
 }
 
 /// Reads every tensor of `src` (as f32) into memory.
-pub fn collect_weights(cfg: &LlamaConfig, src: &dyn WeightSource) -> Result<MemoryWeights> {
+pub fn collect_weights(cfg: &ModelConfig, src: &dyn WeightSource) -> Result<MemoryWeights> {
     let mut tensors = HashMap::new();
     for (name, shape) in tensor_shapes(cfg) {
         let w = src

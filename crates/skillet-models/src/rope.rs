@@ -6,7 +6,8 @@
 
 use skillet_kernels::RopeTable;
 
-use crate::{LlamaConfig, Result, RopeScaling};
+use crate::config::RopeConfig;
+use crate::{Result, RopeScaling};
 
 /// Inverse frequencies of one model; cos/sin are computed per call for the
 /// positions at hand, so there is no table and no length limit.
@@ -16,14 +17,13 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Frequencies for `cfg` (base, head width, scaling).
-    pub fn new(cfg: &LlamaConfig) -> Self {
-        let dim = cfg.head_dim;
-        let base = cfg.rope_theta;
+    /// Frequencies of `rope` (base, scaling) for heads `dim` wide.
+    pub fn new(rope: &RopeConfig, dim: usize) -> Self {
+        let base = rope.theta;
         let mut inv: Vec<f64> = (0..dim / 2)
             .map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64))
             .collect();
-        match cfg.rope_scaling {
+        match rope.scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv.iter_mut().for_each(|f| *f /= factor),
             RopeScaling::Llama3 {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use skillet_gguf::GgufFile;
 
 use crate::{
-    GgufWeights, Llama, LlamaConfig, LoadOptions, ModelError, Result, SafetensorsWeights,
+    GgufWeights, LoadOptions, Model, ModelConfig, ModelError, Result, SafetensorsWeights,
     WeightSource,
 };
 
@@ -58,31 +58,25 @@ impl ModelSource {
     }
 
     /// The validated model config.
-    pub fn config(&self) -> Result<LlamaConfig> {
+    pub fn config(&self) -> Result<ModelConfig> {
         match self {
-            Self::Gguf(f) => LlamaConfig::from_gguf(f),
-            Self::HfFolder(d) => LlamaConfig::from_hf_file(&d.join("config.json")),
+            Self::Gguf(f) => ModelConfig::from_gguf(f),
+            Self::HfFolder(d) => ModelConfig::from_hf_file(&d.join("config.json")),
         }
     }
 
     /// The weights, addressed by Hugging Face names.
-    pub fn weights(&self, cfg: &LlamaConfig) -> Result<Box<dyn WeightSource>> {
+    pub fn weights(&self, cfg: &ModelConfig) -> Result<Box<dyn WeightSource>> {
         Ok(match self {
-            Self::Gguf(f) => Box::new(GgufWeights::new(
-                f.clone(),
-                cfg.architecture,
-                cfg.num_attention_heads,
-                cfg.num_key_value_heads,
-                cfg.head_dim,
-            )),
+            Self::Gguf(f) => Box::new(GgufWeights::new(f.clone(), cfg)),
             Self::HfFolder(d) => Box::new(SafetensorsWeights::open(d)?),
         })
     }
 
     /// Config and model in one go.
-    pub fn load_model(&self, opts: LoadOptions) -> Result<Llama> {
+    pub fn load_model(&self, opts: LoadOptions) -> Result<Model> {
         let cfg = self.config()?;
         let weights = self.weights(&cfg)?;
-        Llama::load(cfg, weights.as_ref(), opts)
+        Model::load(cfg, weights.as_ref(), opts)
     }
 }

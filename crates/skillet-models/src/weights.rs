@@ -11,7 +11,8 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use skillet_gguf::{GgmlType, GgufFile, TensorInfo};
 
-use crate::{Architecture, ModelError, Result};
+use crate::names::{gguf_name, is_norm};
+use crate::{Architecture, ModelConfig, ModelError, Result};
 
 /// A weight as stored: a dense f32 tensor, or frozen quantized blocks that
 /// are dequantized when a computation needs f32.
@@ -79,62 +80,30 @@ pub trait WeightSource {
     }
 }
 
-/// Maps a Hugging Face tensor name to llama.cpp's GGUF name.
-pub fn gguf_name(hf_name: &str) -> String {
-    let fixed = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf_name) {
-        return (*g).to_string();
-    }
-    let Some(rest) = hf_name.strip_prefix("model.layers.") else {
-        return hf_name.to_string();
-    };
-    let Some((layer, tail)) = rest.split_once('.') else {
-        return hf_name.to_string();
-    };
-    let parts = [
-        ("input_layernorm.", "attn_norm."),
-        ("post_attention_layernorm.", "ffn_norm."),
-        ("self_attn.q_proj.", "attn_q."),
-        ("self_attn.k_proj.", "attn_k."),
-        ("self_attn.v_proj.", "attn_v."),
-        ("self_attn.o_proj.", "attn_output."),
-        ("mlp.gate_proj.", "ffn_gate."),
-        ("mlp.up_proj.", "ffn_up."),
-        ("mlp.down_proj.", "ffn_down."),
-    ];
-    for (h, g) in parts {
-        if let Some(suffix) = tail.strip_prefix(h) {
-            return format!("blk.{layer}.{g}{suffix}");
-        }
-    }
-    hf_name.to_string()
-}
-
-/// Weights of a GGUF file.
+/// Weights of a GGUF file, presented as the Hugging Face checkpoint would
+/// hold them.
 pub struct GgufWeights {
     file: Arc<GgufFile>,
+    arch: Architecture,
     /// llama.cpp stores Q/K rows permuted for its interleaved RoPE; we undo
     /// it so the model matches the Hugging Face layout exactly.
     unpermute: Option<(usize, usize, usize)>,
 }
 
 impl GgufWeights {
-    /// Wraps an open file; `arch`, `heads`, `kv_heads`, `head_dim` decide
-    /// whether Q/K rows need unpermuting.
-    pub fn new(
-        file: Arc<GgufFile>,
-        arch: Architecture,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> Self {
-        let unpermute = matches!(arch, Architecture::Llama | Architecture::Mistral)
-            .then_some((heads, kv_heads, head_dim));
-        Self { file, unpermute }
+    /// Wraps an open file of the model `cfg` describes.
+    pub fn new(file: Arc<GgufFile>, cfg: &ModelConfig) -> Self {
+        let arch = cfg.architecture;
+        let unpermute = arch.gguf_permutes_qk().then_some((
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        ));
+        Self {
+            file,
+            arch,
+            unpermute,
+        }
     }
 
     fn heads_to_unpermute(&self, hf_name: &str) -> Option<(usize, usize)> {
@@ -155,15 +124,15 @@ impl WeightSource for GgufWeights {
     }
 
     fn file_name(&self, hf_name: &str) -> String {
-        gguf_name(hf_name)
+        gguf_name(self.arch, hf_name)
     }
 
     fn contains(&self, hf_name: &str) -> bool {
-        self.file.tensor(&gguf_name(hf_name)).is_some()
+        self.file.tensor(&self.file_name(hf_name)).is_some()
     }
 
     fn load(&self, hf_name: &str, keep_quantized: bool) -> Result<Weight> {
-        let name = gguf_name(hf_name);
+        let name = self.file_name(hf_name);
         let info = self
             .file
             .tensor(&name)
@@ -178,7 +147,13 @@ impl WeightSource for GgufWeights {
             }
             None => std::borrow::Cow::Borrowed(bytes),
         };
-        decode(&bytes, info, keep_quantized, self.path())
+        let w = decode(&bytes, info, keep_quantized, self.path())?;
+        // Gemma's GGUF norms hold `1 + w` (llama.cpp's converter adds the
+        // one); the checkpoint's `w` is what every other source gives.
+        if self.arch.norm_adds_one() && is_norm(hf_name) {
+            return Ok(Weight::Dense((w.to_dense(&Device::Cpu)? - 1.0)?));
+        }
+        Ok(w)
     }
 
     fn release_pages(&self) {
@@ -401,27 +376,6 @@ impl WeightSource for SafetensorsWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_map_to_llama_cpp() {
-        assert_eq!(
-            gguf_name("model.layers.12.self_attn.o_proj.weight"),
-            "blk.12.attn_output.weight"
-        );
-        assert_eq!(
-            gguf_name("model.layers.0.self_attn.q_proj.bias"),
-            "blk.0.attn_q.bias"
-        );
-        assert_eq!(
-            gguf_name("model.layers.3.mlp.down_proj.weight"),
-            "blk.3.ffn_down.weight"
-        );
-        assert_eq!(
-            gguf_name("model.layers.3.post_attention_layernorm.weight"),
-            "blk.3.ffn_norm.weight"
-        );
-        assert_eq!(gguf_name("lm_head.weight"), "output.weight");
-    }
 
     #[test]
     fn unpermute_inverts_llama_cpp_permutation() {

@@ -8,15 +8,15 @@ use candle_core::{Device, Tensor};
 use skillet_gguf::{GgmlType, GgufFile, Value};
 use skillet_models::export::{TokenIds, write_gguf, write_hf_weights};
 use skillet_models::{
-    Activations, Adapters, BaseLinear, CachedBatch, CachedChunk, CausalLm, ForwardInput, KvCache,
-    Linear, Llama, LlamaConfig, LoadOptions, MemoryWeights, ModelError, ModelSource, Weight,
-    random_weights, tiny_config,
+    Activations, Adapters, Architecture, BaseLinear, CachedBatch, CachedChunk, CausalLm,
+    ForwardInput, KvCache, Linear, LoadOptions, MemoryWeights, Model, ModelConfig, ModelError,
+    ModelSource, Weight, random_weights, tiny_config, tiny_config_for,
 };
 
 const TOL: f32 = 2e-5;
 
-fn model(cfg: &LlamaConfig, w: &MemoryWeights) -> Llama {
-    Llama::load(cfg.clone(), w, LoadOptions::default()).unwrap()
+fn model(cfg: &ModelConfig, w: &MemoryWeights) -> Model {
+    Model::load(cfg.clone(), w, LoadOptions::default()).unwrap()
 }
 
 fn logits(m: &dyn CausalLm, ids: &[u32]) -> Vec<Vec<f32>> {
@@ -53,86 +53,105 @@ fn batch(rows: &[Vec<u32>]) -> Tensor {
     Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).unwrap()
 }
 
-fn tiny() -> (LlamaConfig, MemoryWeights) {
+fn tiny() -> (ModelConfig, MemoryWeights) {
     let cfg = tiny_config(97);
     let w = random_weights(&cfg, 7).unwrap();
     (cfg, w)
 }
 
+/// Tiny models of each decoder implementation and its switches.
+fn tiny_models() -> Vec<(ModelConfig, MemoryWeights)> {
+    [
+        Architecture::Llama,
+        Architecture::Qwen3,
+        Architecture::Gemma3,
+    ]
+    .into_iter()
+    .map(|arch| {
+        let cfg = tiny_config_for(arch, 97);
+        let w = random_weights(&cfg, 7).unwrap();
+        (cfg, w)
+    })
+    .collect()
+}
+
 #[test]
 fn right_padded_batch_equals_one_at_a_time() {
-    let (cfg, w) = tiny();
-    let m = model(&cfg, &w);
-    let a = vec![3u32, 14, 15, 92, 65, 35, 89];
-    let b = vec![27u32, 18, 28, 18];
-    let padded_b = [b.clone(), vec![0; 3]].concat();
-    let mask = [vec![1u8; 7], vec![1, 1, 1, 1, 0, 0, 0]].concat();
-    let input = ForwardInput {
-        ids: batch(&[a.clone(), padded_b]),
-        key_mask: Some(mask),
-        positions: None,
-        segments: None,
-        adapters: Adapters::none(),
-    };
-    let out = m.forward(&input).unwrap().to_vec3::<f32>().unwrap();
-    assert!(max_diff(&out[0], &logits(&m, &a)) < TOL);
-    assert!(max_diff(&out[1][..4], &logits(&m, &b)) < TOL);
+    for (cfg, w) in tiny_models() {
+        let m = model(&cfg, &w);
+        let a = vec![3u32, 14, 15, 92, 65, 35, 89];
+        let b = vec![27u32, 18, 28, 18];
+        let padded_b = [b.clone(), vec![0; 3]].concat();
+        let mask = [vec![1u8; 7], vec![1, 1, 1, 1, 0, 0, 0]].concat();
+        let input = ForwardInput {
+            ids: batch(&[a.clone(), padded_b]),
+            key_mask: Some(mask),
+            positions: None,
+            segments: None,
+            adapters: Adapters::none(),
+        };
+        let out = m.forward(&input).unwrap().to_vec3::<f32>().unwrap();
+        assert!(max_diff(&out[0], &logits(&m, &a)) < TOL);
+        assert!(max_diff(&out[1][..4], &logits(&m, &b)) < TOL);
+    }
 }
 
 #[test]
 fn left_padded_batch_with_positions_equals_one_at_a_time() {
-    let (cfg, w) = tiny();
-    let m = model(&cfg, &w);
-    let a = vec![3u32, 14, 15, 92, 65, 35, 89];
-    let b = vec![27u32, 18, 28, 18];
-    let mask = [vec![1u8; 7], vec![0, 0, 0, 1, 1, 1, 1]].concat();
-    let positions = [(0..7).collect::<Vec<u32>>(), vec![0, 0, 0, 0, 1, 2, 3]].concat();
-    let input = ForwardInput {
-        ids: batch(&[a.clone(), [vec![0; 3], b.clone()].concat()]),
-        key_mask: Some(mask),
-        positions: Some(positions),
-        segments: None,
-        adapters: Adapters::none(),
-    };
-    let out = m.forward(&input).unwrap().to_vec3::<f32>().unwrap();
-    assert!(max_diff(&out[0], &logits(&m, &a)) < TOL);
-    assert!(max_diff(&out[1][3..], &logits(&m, &b)) < TOL);
+    for (cfg, w) in tiny_models() {
+        let m = model(&cfg, &w);
+        let a = vec![3u32, 14, 15, 92, 65, 35, 89];
+        let b = vec![27u32, 18, 28, 18];
+        let mask = [vec![1u8; 7], vec![0, 0, 0, 1, 1, 1, 1]].concat();
+        let positions = [(0..7).collect::<Vec<u32>>(), vec![0, 0, 0, 0, 1, 2, 3]].concat();
+        let input = ForwardInput {
+            ids: batch(&[a.clone(), [vec![0; 3], b.clone()].concat()]),
+            key_mask: Some(mask),
+            positions: Some(positions),
+            segments: None,
+            adapters: Adapters::none(),
+        };
+        let out = m.forward(&input).unwrap().to_vec3::<f32>().unwrap();
+        assert!(max_diff(&out[0], &logits(&m, &a)) < TOL);
+        assert!(max_diff(&out[1][3..], &logits(&m, &b)) < TOL);
+    }
 }
 
 #[test]
 fn packed_sequences_equal_separate_runs() {
-    let (cfg, w) = tiny();
-    let m = model(&cfg, &w);
-    let a = vec![3u32, 14, 15, 92, 65];
-    let b = vec![27u32, 18, 28];
-    let input = ForwardInput {
-        ids: batch(&[[a.clone(), b.clone()].concat()]),
-        key_mask: None,
-        positions: Some(vec![0, 1, 2, 3, 4, 0, 1, 2]),
-        segments: Some(vec![0, 0, 0, 0, 0, 1, 1, 1]),
-        adapters: Adapters::none(),
-    };
-    let out = single_row(&m, &input);
-    assert!(max_diff(&out[..5], &logits(&m, &a)) < TOL);
-    assert!(max_diff(&out[5..], &logits(&m, &b)) < TOL);
-    // Without segments the second example would see the first.
-    let leaky = ForwardInput {
-        segments: None,
-        ..input
-    };
-    let out = single_row(&m, &leaky);
-    assert!(max_diff(&out[5..], &logits(&m, &b)) > 1e-3);
+    for (cfg, w) in tiny_models() {
+        let m = model(&cfg, &w);
+        let a = vec![3u32, 14, 15, 92, 65];
+        let b = vec![27u32, 18, 28];
+        let input = ForwardInput {
+            ids: batch(&[[a.clone(), b.clone()].concat()]),
+            key_mask: None,
+            positions: Some(vec![0, 1, 2, 3, 4, 0, 1, 2]),
+            segments: Some(vec![0, 0, 0, 0, 0, 1, 1, 1]),
+            adapters: Adapters::none(),
+        };
+        let out = single_row(&m, &input);
+        assert!(max_diff(&out[..5], &logits(&m, &a)) < TOL);
+        assert!(max_diff(&out[5..], &logits(&m, &b)) < TOL);
+        // Without segments the second example would see the first.
+        let leaky = ForwardInput {
+            segments: None,
+            ..input
+        };
+        let out = single_row(&m, &leaky);
+        assert!(max_diff(&out[5..], &logits(&m, &b)) > 1e-3);
+    }
 }
 
 /// One cached call: `(slot, tokens)` per sequence, no adapters; the
 /// logits of each sequence's last token.
-fn cached(m: &Llama, cache: &mut KvCache, chunks: &[(usize, &[u32])]) -> Vec<Vec<f32>> {
+fn cached(m: &Model, cache: &mut KvCache, chunks: &[(usize, &[u32])]) -> Vec<Vec<f32>> {
     cached_with(m, cache, chunks, Activations::F32)
 }
 
 /// [`cached`] with quantized products taking their inputs as `activations`.
 fn cached_with(
-    m: &Llama,
+    m: &Model,
     cache: &mut KvCache,
     chunks: &[(usize, &[u32])],
     activations: Activations,
@@ -154,97 +173,100 @@ fn cached_with(
 
 #[test]
 fn kv_cache_decode_equals_full_forward() {
-    let (cfg, w) = tiny();
-    let m = model(&cfg, &w);
-    let ids = vec![5u32, 9, 13, 2, 77, 41, 8, 8, 60];
-    let full = logits(&m, &ids);
-    // Prefill 5, then one token at a time.
-    let mut cache = m.new_cache(1, 16);
-    let mut got = cached(&m, &mut cache, &[(0, &ids[..5])]);
-    for t in &ids[5..] {
-        got.extend(cached(&m, &mut cache, &[(0, std::slice::from_ref(t))]));
+    for (cfg, w) in tiny_models() {
+        let m = model(&cfg, &w);
+        let ids = vec![5u32, 9, 13, 2, 77, 41, 8, 8, 60];
+        let full = logits(&m, &ids);
+        // Prefill 5, then one token at a time.
+        let mut cache = m.new_cache(1, 16);
+        let mut got = cached(&m, &mut cache, &[(0, &ids[..5])]);
+        for t in &ids[5..] {
+            got.extend(cached(&m, &mut cache, &[(0, std::slice::from_ref(t))]));
+        }
+        assert_eq!(cache.len(0), ids.len());
+        assert!(
+            max_diff(&got, &full[4..]) < TOL,
+            "{}",
+            max_diff(&got, &full[4..])
+        );
+        // Chunked prefill (4 then 5) as well.
+        let mut cache = m.new_cache(1, 16);
+        let mut got = cached(&m, &mut cache, &[(0, &ids[..4])]);
+        got.extend(cached(&m, &mut cache, &[(0, &ids[4..])]));
+        assert!(max_diff(&got, &[full[3].clone(), full[8].clone()]) < TOL);
+        // A full slot refuses more.
+        assert!(
+            m.forward_cached(
+                &CachedBatch {
+                    chunks: vec![CachedChunk {
+                        slot: 0,
+                        tokens: vec![1; 8],
+                        adapter: None,
+                    }],
+                    ..CachedBatch::default()
+                },
+                &mut cache
+            )
+            .is_err()
+        );
     }
-    assert_eq!(cache.len(0), ids.len());
-    assert!(
-        max_diff(&got, &full[4..]) < TOL,
-        "{}",
-        max_diff(&got, &full[4..])
-    );
-    // Chunked prefill (4 then 5) as well.
-    let mut cache = m.new_cache(1, 16);
-    let mut got = cached(&m, &mut cache, &[(0, &ids[..4])]);
-    got.extend(cached(&m, &mut cache, &[(0, &ids[4..])]));
-    assert!(max_diff(&got, &[full[3].clone(), full[8].clone()]) < TOL);
-    // A full slot refuses more.
-    assert!(
-        m.forward_cached(
-            &CachedBatch {
-                chunks: vec![CachedChunk {
-                    slot: 0,
-                    tokens: vec![1; 8],
-                    adapter: None,
-                }],
-                ..CachedBatch::default()
-            },
-            &mut cache
-        )
-        .is_err()
-    );
 }
 
 #[test]
 fn ragged_cached_batch_equals_single_sequences() {
-    let (cfg, w) = tiny();
-    let m = model(&cfg, &w);
-    let a = vec![3u32, 14, 15, 92, 65];
-    let b = vec![27u32, 18];
-    let c = vec![40u32, 41, 42, 43, 44, 45, 46];
-    let mut cache = m.new_cache(3, 32);
-    // Two prompts of different lengths together, no padding.
-    let out = cached(&m, &mut cache, &[(0, &a), (2, &b)]);
-    assert!(max_diff(&out[..1], &logits(&m, &a)[4..]) < TOL);
-    assert!(max_diff(&out[1..], &logits(&m, &b)[1..]) < TOL);
-    // Decode steps of both, while a third sequence joins with its prompt.
-    let out = cached(&m, &mut cache, &[(0, &[50]), (1, &c), (2, &[51])]);
-    let full_a = logits(&m, &[a.clone(), vec![50]].concat());
-    let full_b = logits(&m, &[b.clone(), vec![51]].concat());
-    assert!(max_diff(&out[..1], &full_a[5..]) < TOL);
-    assert!(max_diff(&out[1..2], &logits(&m, &c)[6..]) < TOL);
-    assert!(max_diff(&out[2..], &full_b[2..]) < TOL);
-    // A freed slot starts over.
-    cache.clear(0);
-    let out = cached(&m, &mut cache, &[(0, &b)]);
-    assert!(max_diff(&out, &logits(&m, &b)[1..]) < TOL);
+    for (cfg, w) in tiny_models() {
+        let m = model(&cfg, &w);
+        let a = vec![3u32, 14, 15, 92, 65];
+        let b = vec![27u32, 18];
+        let c = vec![40u32, 41, 42, 43, 44, 45, 46];
+        let mut cache = m.new_cache(3, 32);
+        // Two prompts of different lengths together, no padding.
+        let out = cached(&m, &mut cache, &[(0, &a), (2, &b)]);
+        assert!(max_diff(&out[..1], &logits(&m, &a)[4..]) < TOL);
+        assert!(max_diff(&out[1..], &logits(&m, &b)[1..]) < TOL);
+        // Decode steps of both, while a third sequence joins with its prompt.
+        let out = cached(&m, &mut cache, &[(0, &[50]), (1, &c), (2, &[51])]);
+        let full_a = logits(&m, &[a.clone(), vec![50]].concat());
+        let full_b = logits(&m, &[b.clone(), vec![51]].concat());
+        assert!(max_diff(&out[..1], &full_a[5..]) < TOL);
+        assert!(max_diff(&out[1..2], &logits(&m, &c)[6..]) < TOL);
+        assert!(max_diff(&out[2..], &full_b[2..]) < TOL);
+        // A freed slot starts over.
+        cache.clear(0);
+        let out = cached(&m, &mut cache, &[(0, &b)]);
+        assert!(max_diff(&out, &logits(&m, &b)[1..]) < TOL);
+    }
 }
 
 #[test]
 fn hf_folder_round_trip_is_exact() {
-    let (cfg, w) = tiny();
-    let dir = tempfile::tempdir().unwrap();
-    write_hf_weights(
-        &cfg,
-        &w,
-        dir.path(),
-        TokenIds {
-            bos: Some(1),
-            eos: Some(2),
-            pad: None,
-        },
-    )
-    .unwrap();
-    let src = ModelSource::open(dir.path()).unwrap();
-    assert_eq!(src.config().unwrap(), cfg);
-    let loaded = src.load_model(LoadOptions::default()).unwrap();
-    let ids = [1u32, 2, 3, 50, 60];
-    assert_eq!(
-        max_diff(&logits(&loaded, &ids), &logits(&model(&cfg, &w), &ids)),
-        0.0
-    );
+    for (cfg, w) in tiny_models() {
+        let dir = tempfile::tempdir().unwrap();
+        write_hf_weights(
+            &cfg,
+            &w,
+            dir.path(),
+            TokenIds {
+                bos: Some(1),
+                eos: Some(2),
+                pad: None,
+            },
+        )
+        .unwrap();
+        let src = ModelSource::open(dir.path()).unwrap();
+        assert_eq!(src.config().unwrap(), cfg);
+        let loaded = src.load_model(LoadOptions::default()).unwrap();
+        let ids = [1u32, 2, 3, 50, 60];
+        assert_eq!(
+            max_diff(&logits(&loaded, &ids), &logits(&model(&cfg, &w), &ids)),
+            0.0
+        );
+    }
 }
 
 /// A config whose widths are multiples of 256, as K-quant blocks need.
-fn k_quant_config() -> LlamaConfig {
-    LlamaConfig {
+fn k_quant_config() -> ModelConfig {
+    ModelConfig {
         hidden_size: 256,
         intermediate_size: 512,
         num_attention_heads: 4,
@@ -326,6 +348,34 @@ fn gguf_in_every_storage_type_loads_the_same_model() {
     }
 }
 
+#[test]
+fn gguf_round_trip_of_every_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [1u32, 7, 50, 90, 4, 4, 33];
+    for (cfg, w) in tiny_models() {
+        let path = dir.path().join(format!("{:?}.gguf", cfg.architecture));
+        write_gguf(&cfg, &w, &path, &|_| GgmlType::F32, vec![]).unwrap();
+        let source = ModelSource::open(&path).unwrap();
+        let read = source.config().unwrap();
+        assert_eq!(
+            (read.architecture, &read.layer_types, read.qk_norm),
+            (cfg.architecture, &cfg.layer_types, cfg.qk_norm)
+        );
+        assert_eq!(
+            (
+                read.local_rope,
+                read.final_logit_softcapping,
+                read.hidden_act
+            ),
+            (cfg.local_rope, cfg.final_logit_softcapping, cfg.hidden_act)
+        );
+        let loaded = source.load_model(LoadOptions::default()).unwrap();
+        let d = max_diff(&logits(&loaded, &ids), &logits(&model(&cfg, &w), &ids));
+        // Gemma's norms go through `1 + w` in the file and back.
+        assert!(d < 1e-5, "{:?}: {d}", cfg.architecture);
+    }
+}
+
 #[derive(Debug)]
 struct Zero(usize, usize);
 
@@ -376,7 +426,7 @@ fn load_errors_name_the_file_and_tensor() {
 
     let mut missing = w.clone();
     missing.tensors.remove("model.layers.1.mlp.up_proj.weight");
-    let err = Llama::load(cfg.clone(), &missing, LoadOptions::default()).unwrap_err();
+    let err = Model::load(cfg.clone(), &missing, LoadOptions::default()).unwrap_err();
     assert!(matches!(err, ModelError::MissingTensor { .. }), "{err}");
     assert!(
         err.to_string()
@@ -450,7 +500,7 @@ fn load_errors_name_the_file_and_tensor() {
 }
 
 /// The tiny model written as Q8_0 GGUF and loaded in its quantized blocks.
-fn tiny_q8_kept_quantized() -> Llama {
+fn tiny_q8_kept_quantized() -> Model {
     let (cfg, w) = tiny();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q8.gguf");

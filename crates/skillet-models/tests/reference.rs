@@ -83,12 +83,46 @@ fn mistral_sliding_window_matches_transformers() {
 }
 
 #[test]
+fn qwen3_qk_norm_matches_transformers() {
+    check_folder("qwen3", Architecture::Qwen3);
+    let cfg = ModelSource::open(&fixtures().join("tiny-hf/qwen3"))
+        .unwrap()
+        .config()
+        .unwrap();
+    assert!(cfg.qk_norm && !cfg.attention_bias && cfg.sliding_window.is_none());
+}
+
+#[test]
+fn gemma3_matches_transformers() {
+    check_folder("gemma3", Architecture::Gemma3);
+    let cfg = ModelSource::open(&fixtures().join("tiny-hf/gemma3"))
+        .unwrap()
+        .config()
+        .unwrap();
+    use skillet_models::{Activation, LayerType, RopeScaling};
+    assert_eq!(
+        cfg.layer_types,
+        [LayerType::Sliding, LayerType::Sliding, LayerType::Full]
+    );
+    assert_eq!(cfg.hidden_act, Activation::GeluTanh);
+    assert_eq!(cfg.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    assert_eq!(cfg.local_rope.unwrap().theta, 10_000.0);
+    assert_eq!(
+        (cfg.query_pre_attn_scalar, cfg.final_logit_softcapping),
+        (Some(12.0), Some(2.0))
+    );
+}
+
+#[test]
 fn gguf_storage_types_dequantize_like_gguf_py() {
     let dir = fixtures().join("quant");
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("dequant.json")).unwrap()).unwrap();
     let file = std::sync::Arc::new(GgufFile::open(dir.join("quant.gguf")).unwrap());
-    let weights = GgufWeights::new(file.clone(), Architecture::Qwen2, 1, 1, 2);
+    // A Qwen2 config: no Q/K rows to unpermute.
+    let mut cfg = skillet_models::tiny_config(256);
+    cfg.architecture = Architecture::Qwen2;
+    let weights = GgufWeights::new(file.clone(), &cfg);
     let values = reference["values"].as_object().unwrap();
     let required = [
         "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use skillet_adapters::LoraAdapter;
-use skillet_models::{Adapter, Llama, LlamaConfig, LoadOptions, ModelSource};
+use skillet_models::{Adapter, LoadOptions, Model, ModelConfig, ModelSource};
 use skillet_tokenizer::{ChatTemplate, Message, Tokenizer};
 
 use crate::{Result, RuntimeError};
@@ -16,7 +16,7 @@ pub struct Bundle {
     /// Where the model comes from.
     pub source: ModelSource,
     /// Its validated config.
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// Its chat template, if it has one.
@@ -49,9 +49,9 @@ impl Bundle {
     }
 
     /// Loads the weights into a model.
-    pub fn load_model(&self, opts: LoadOptions) -> Result<Llama> {
+    pub fn load_model(&self, opts: LoadOptions) -> Result<Model> {
         let weights = self.source.weights(&self.config)?;
-        Ok(Llama::load(self.config.clone(), weights.as_ref(), opts)?)
+        Ok(Model::load(self.config.clone(), weights.as_ref(), opts)?)
     }
 
     /// Loads the weights, and the PEFT adapter folder `adapter` if given
@@ -60,7 +60,7 @@ impl Bundle {
         &self,
         opts: LoadOptions,
         adapter: Option<&Path>,
-    ) -> Result<(Llama, Option<Arc<dyn Adapter>>)> {
+    ) -> Result<(Model, Option<Arc<dyn Adapter>>)> {
         let model = self.load_model(opts)?;
         let adapter = match adapter {
             // Refused when it does not fit the model.

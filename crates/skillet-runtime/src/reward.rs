@@ -12,7 +12,7 @@ use serde::Serialize;
 use skillet_adapters::RewardAdapter;
 use skillet_data::{EncodeOptions, Encoder, Example, PairPrompt, Turn};
 use skillet_models::export::SCORE_HEAD;
-use skillet_models::{Adapted, Adapter, CausalLm, Llama, LoadOptions};
+use skillet_models::{Adapted, Adapter, CausalLm, LoadOptions, Model};
 use skillet_train::{Trainable, score_sequences};
 
 use crate::{Bundle, PairData, Result, RuntimeError};
@@ -23,7 +23,7 @@ use crate::{Bundle, PairData, Result, RuntimeError};
 pub struct RewardModel {
     /// Its own body, where it is a whole model (else the base it is used
     /// with runs it).
-    pub body: Option<Llama>,
+    pub body: Option<Model>,
     /// The LoRA on the body, where it is an adapter.
     pub adapter: Option<Arc<dyn Adapter>>,
     /// `[1, hidden]`.

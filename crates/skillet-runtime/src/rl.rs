@@ -11,7 +11,7 @@ use skillet_data::{
     DataError, DataIssue, EncodeOptions, Encoder, IssueCode, RlPrompt, read_prompts,
 };
 use skillet_generate::{EngineConfig, Request, SamplingParams, generate_all};
-use skillet_models::{Activations, Adapter, CausalLm, Llama, LoadOptions};
+use skillet_models::{Activations, Adapter, CausalLm, LoadOptions, Model};
 use skillet_tokenizer::Tokenizer;
 use skillet_train::{GrpoSettings, Metrics, RolloutSource, Sampled};
 
@@ -84,7 +84,7 @@ impl PromptSet {
 /// weights are quantized and training holds them dequantized (`None`
 /// otherwise): the same numbers, a fraction of the bytes read per decoded
 /// token, about 0.3 bytes per parameter more memory for a 4-bit base.
-pub fn quantized_sampler(bundle: &Bundle, training_quantized: bool) -> Result<Option<Llama>> {
+pub fn quantized_sampler(bundle: &Bundle, training_quantized: bool) -> Result<Option<Model>> {
     if training_quantized || !crate::is_quantized(bundle.source.weights(&bundle.config)?.as_ref()) {
         return Ok(None);
     }

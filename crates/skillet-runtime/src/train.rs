@@ -14,7 +14,7 @@ use skillet_adapters::{LoraAdapter, LoraSettings, PeftFile, RewardAdapter, load_
 use skillet_data::{EncodeOptions, Example, split_fraction};
 use skillet_eval::{Columns, RunFacts, Snapshot, exact_match, general_perplexity, write_report};
 use skillet_models::export::SCORE_HEAD;
-use skillet_models::{Activations, Adapted, Adapter, CausalLm, Llama, MemoryWeights};
+use skillet_models::{Activations, Adapted, Adapter, CausalLm, MemoryWeights, Model};
 use skillet_train::{
     AdamW, AdamWConfig, Dpo, Event, FullWeights, Grpo, LoopSettings, MethodConfig, Objective,
     PairSet, Reward, RunConfig, SamplingActivations, Schedule, Sft, TrainState, Trainable, Trainer,
@@ -598,7 +598,7 @@ impl<'r> Run<'r> {
     /// or, in full fine-tuning, `model`'s own weights.
     fn trainable(
         &self,
-        model: &Llama,
+        model: &Model,
         settings: &LoraSettings,
         initial: Option<&skillet_adapters::LoraWeights>,
     ) -> Result<Box<dyn Trainable + 'r>> {
@@ -620,7 +620,7 @@ impl<'r> Run<'r> {
     fn evaluate_and_train<O: Objective>(
         &self,
         objective: &O,
-        model: &mut Llama,
+        model: &mut Model,
         adapter: &dyn Trainable,
         checkpoint: Option<&Path>,
         data: &RunData,
@@ -647,7 +647,7 @@ impl<'r> Run<'r> {
     fn base_snapshot<O: Objective>(
         &self,
         objective: &O,
-        model: &Llama,
+        model: &Model,
         data: &RunData,
         progress: &mut dyn TrainProgress,
     ) -> Result<Snapshot> {
@@ -705,7 +705,7 @@ impl<'r> Run<'r> {
     /// frozen), computed once and saved; a resume reads them back.
     fn reference(
         &self,
-        model: &Llama,
+        model: &Model,
         adapter: &dyn Trainable,
         train: &PairData,
         valid: &PairData,
@@ -733,7 +733,7 @@ impl<'r> Run<'r> {
     fn train<O: Objective>(
         &self,
         objective: &O,
-        model: &mut Llama,
+        model: &mut Model,
         adapter: &dyn Trainable,
         checkpoint: Option<&Path>,
         data: &RunData,

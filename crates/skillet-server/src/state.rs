@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use skillet_adapters::LoraAdapter;
-use skillet_models::{Adapter, Llama};
+use skillet_models::{Adapter, Model};
 use skillet_runtime::Bundle;
 
 use crate::config::ServerConfig;
@@ -36,7 +36,7 @@ pub struct AppState {
     /// Tokenizer and chat template.
     pub bundle: Bundle,
     /// The base model (adapters are checked against it).
-    pub model: Arc<Llama>,
+    pub model: Arc<Model>,
     /// Adapters by name.
     pub adapters: RwLock<BTreeMap<String, AdapterEntry>>,
     /// To the model's thread (closed at shutdown).
@@ -71,7 +71,7 @@ impl AppState {
     pub fn new(
         config: ServerConfig,
         bundle: Bundle,
-        model: Arc<Llama>,
+        model: Arc<Model>,
         worker: Sender<Command>,
         metrics: Arc<Metrics>,
         store: Option<Arc<skillet_store::Store>>,

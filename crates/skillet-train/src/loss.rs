@@ -103,7 +103,7 @@ fn loss(
 }
 
 /// `loss.backward()`, plus the gradients that checkpointed layers of
-/// `model` set aside (see `Llama::set_activation_checkpointing`).
+/// `model` set aside (see `Model::set_activation_checkpointing`).
 pub fn backward(model: &dyn CausalLm, loss: &Tensor) -> Result<GradStore> {
     let mut store = loss.backward()?;
     for (var, grad) in model.take_checkpoint_grads() {

@@ -14,13 +14,13 @@ use skillet_adapters::{LoraAdapter, LoraSettings, Targets};
 use skillet_gguf::GgmlType;
 use skillet_models::export::write_gguf;
 use skillet_models::{
-    Adapted, Adapters, CausalLm, ForwardInput, Llama, LoadOptions, ModelSource, Precision,
+    Adapted, Adapters, CausalLm, ForwardInput, LoadOptions, Model, ModelSource, Precision,
     random_weights, tiny_config,
 };
 use skillet_train::{TrainBatch, causal_lm_loss};
 
 /// The tiny model stored in `storage`, loaded with each of `options`.
-fn loaded<const N: usize>(storage: GgmlType, options: [LoadOptions; N]) -> [Llama; N] {
+fn loaded<const N: usize>(storage: GgmlType, options: [LoadOptions; N]) -> [Model; N] {
     let cfg = tiny_config(97);
     let w = random_weights(&cfg, 5).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -31,7 +31,7 @@ fn loaded<const N: usize>(storage: GgmlType, options: [LoadOptions; N]) -> [Llam
 
 /// The tiny model stored in `storage`, loaded dequantized and kept in
 /// its blocks.
-fn models(storage: GgmlType) -> (Llama, Llama) {
+fn models(storage: GgmlType) -> (Model, Model) {
     let keep = |keep_quantized| LoadOptions {
         keep_quantized,
         ..Default::default()
@@ -42,7 +42,7 @@ fn models(storage: GgmlType) -> (Llama, Llama) {
 
 /// A LoRA adapter (r = 4) on `targets` with B away from zero, the same
 /// values for every model, so every factor gets a gradient.
-fn trained_adapter(m: &Llama, targets: &[&str], seed: u64) -> LoraAdapter {
+fn trained_adapter(m: &Model, targets: &[&str], seed: u64) -> LoraAdapter {
     let targets = Targets::Names(targets.iter().map(|t| t.to_string()).collect());
     let settings = LoraSettings::new(4, 8.0, 0.0, false, targets).unwrap();
     let adapter = LoraAdapter::new(m, &settings, seed, None).unwrap();
@@ -58,7 +58,7 @@ fn trained_adapter(m: &Llama, targets: &[&str], seed: u64) -> LoraAdapter {
 
 /// Gradients of every adapter variable for a fixed weighting of the
 /// logits of two sequences of 40 tokens, in `precision`.
-fn gradients(mut m: Llama, precision: Precision) -> Vec<Vec<f32>> {
+fn gradients(mut m: Model, precision: Precision) -> Vec<Vec<f32>> {
     m.set_precision(precision);
     let adapter = trained_adapter(&m, &["q_proj", "v_proj", "o_proj", "down_proj"], 11);
     let vars: Vec<Var> = adapter.vars();
@@ -124,7 +124,7 @@ fn qlora_gradients_equal_lora_over_the_dequantized_base() {
 /// Logits and one factor's gradient of a training forward with adapter
 /// dropout drawn from `seed`.
 fn with_dropout(
-    m: &Llama,
+    m: &Model,
     adapter: &std::sync::Arc<LoraAdapter>,
     seed: u64,
 ) -> (Vec<f32>, Vec<f32>) {
@@ -169,7 +169,7 @@ fn adapter_dropout_still_applies_where_layers_are_fused() {
 }
 
 /// The mean loss and every adapter gradient of one batch in `precision`.
-fn loss_and_grads(mut m: Llama, precision: Precision) -> (f32, Vec<Vec<f32>>) {
+fn loss_and_grads(mut m: Model, precision: Precision) -> (f32, Vec<Vec<f32>>) {
     m.set_precision(precision);
     let adapter = trained_adapter(&m, &["q_proj", "v_proj"], 3);
     let vars: Vec<Var> = adapter.vars();
@@ -259,7 +259,7 @@ fn sampling_from_the_blocks_with_an_adapter_gives_the_dequantized_logits() {
         let adapter = trained_adapter(&dense, &["q_proj", "v_proj", "up_proj"], 3);
         let adapter: Arc<dyn skillet_models::Adapter> = Arc::new(adapter);
         let prompts: [Vec<u32>; 2] = [vec![5, 9, 13, 2, 77, 41], vec![8, 60, 3]];
-        let run = |m: &Llama, activations: Activations| -> Vec<f32> {
+        let run = |m: &Model, activations: Activations| -> Vec<f32> {
             let model = Adapted::new(m, Some(adapter.clone()));
             let mut cache = model.new_cache(2, 16);
             let mut out = Vec::new();

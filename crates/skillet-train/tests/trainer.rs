@@ -9,18 +9,31 @@ use candle_core::{Device, Tensor, Var};
 use skillet_adapters::{LoraAdapter, LoraSettings, Targets, load_peft, merged_weight};
 use skillet_data::TokenizedExample;
 use skillet_models::{
-    Adapted, CausalLm, ForwardInput, Llama, LoadOptions, MemoryWeights, random_weights, tiny_config,
+    Adapted, Architecture, CausalLm, ForwardInput, LoadOptions, MemoryWeights, Model,
+    random_weights, tiny_config_for,
 };
 use skillet_train::{
     AdamW, AdamWConfig, Event, LoopSettings, Schedule, ScheduleKind, Sft, TrainState, Trainer,
     causal_lm_loss, checkpoint_dir, collate, collect_grads, load_checkpoint_state,
 };
 
-fn weights() -> (skillet_models::LlamaConfig, MemoryWeights) {
-    let cfg = tiny_config(61);
+fn weights() -> (skillet_models::ModelConfig, MemoryWeights) {
+    weights_for(Architecture::Llama)
+}
+
+/// A tiny random model in the shape of `arch`.
+fn weights_for(arch: Architecture) -> (skillet_models::ModelConfig, MemoryWeights) {
+    let cfg = tiny_config_for(arch, 61);
     let w = random_weights(&cfg, 5).unwrap();
     (cfg, w)
 }
+
+/// One of each decoder implementation and its switches.
+const ARCHS: [Architecture; 3] = [
+    Architecture::Llama,
+    Architecture::Qwen3,
+    Architecture::Gemma3,
+];
 
 fn examples(n: usize) -> Vec<TokenizedExample> {
     (0..n)
@@ -74,16 +87,16 @@ fn lora(r: usize, dropout: f32) -> LoraSettings {
     .unwrap()
 }
 
-fn model_with(adapter_from: Option<&Path>, lora_settings: &LoraSettings) -> (Llama, LoraAdapter) {
+fn model_with(adapter_from: Option<&Path>, lora_settings: &LoraSettings) -> (Model, LoraAdapter) {
     let (cfg, w) = weights();
-    let model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
+    let model = Model::load(cfg, &w, LoadOptions::default()).unwrap();
     let initial = adapter_from.map(|d| load_peft(d).unwrap().1);
     let adapter = LoraAdapter::new(&model, lora_settings, 99, initial.as_ref()).unwrap();
     (model, adapter)
 }
 
 /// `model` with `adapter` on every call.
-fn adapted<'a>(model: &'a Llama, adapter: &LoraAdapter) -> Adapted<'a> {
+fn adapted<'a>(model: &'a Model, adapter: &LoraAdapter) -> Adapted<'a> {
     Adapted::new(model, Some(std::sync::Arc::new(adapter.clone())))
 }
 
@@ -311,7 +324,7 @@ fn lora_gradients_agree_with_finite_differences() {
 #[test]
 fn zero_b_is_the_base_model_and_merging_changes_nothing() {
     let (cfg, w) = weights();
-    let base = Llama::load(cfg.clone(), &w, LoadOptions::default()).unwrap();
+    let base = Model::load(cfg.clone(), &w, LoadOptions::default()).unwrap();
     let ls = lora(4, 0.0);
     let (plain, adapter) = model_with(None, &ls);
     let model = adapted(&plain, &adapter);
@@ -350,7 +363,7 @@ fn zero_b_is_the_base_model_and_merging_changes_nothing() {
         let m = merged_weight(&merged.tensors[&key], &p.a, &p.b, ls.scale()).unwrap();
         merged.tensors.insert(key, m);
     }
-    let merged_model = Llama::load(cfg, &merged, LoadOptions::default()).unwrap();
+    let merged_model = Model::load(cfg, &merged, LoadOptions::default()).unwrap();
     let diff = logits(&merged_model)
         .iter()
         .zip(&adapted)
@@ -362,7 +375,7 @@ fn zero_b_is_the_base_model_and_merging_changes_nothing() {
 #[test]
 fn only_lora_parameters_receive_gradients() {
     let (cfg, w) = weights();
-    let base = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
+    let base = Model::load(cfg, &w, LoadOptions::default()).unwrap();
     let adapter = LoraAdapter::new(&base, &lora(2, 0.0), 1, None).unwrap();
     let model = adapted(&base, &adapter);
     fill_b(&adapter, 0.01);
@@ -421,7 +434,7 @@ fn only_lora_parameters_receive_gradients() {
 #[test]
 fn packed_batches_give_the_same_loss_as_padded_ones() {
     let (cfg, w) = weights();
-    let model = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
+    let model = Model::load(cfg, &w, LoadOptions::default()).unwrap();
     let data = examples(5);
     let refs: Vec<&TokenizedExample> = data.iter().collect();
     let padded = causal_lm_loss(&model, &collate(&refs, 0)).unwrap();
@@ -565,65 +578,68 @@ fn fused_kernels_train_like_the_composed_ops() {
     // The same model and adapter twice: once with every fused kernel (norms,
     // RoPE, attention, SwiGLU, LM head + cross-entropy), once with composed
     // candle ops throughout.
-    let build = |composed_ops: bool| {
-        let (cfg, w) = weights();
-        let opts = LoadOptions {
-            composed_ops,
-            ..Default::default()
+    for arch in ARCHS {
+        let build = |composed_ops: bool| {
+            let (cfg, w) = weights_for(arch);
+            let opts = LoadOptions {
+                composed_ops,
+                ..Default::default()
+            };
+            let model = Model::load(cfg, &w, opts).unwrap();
+            let adapter = LoraAdapter::new(&model, &lora(2, 0.0), 1, None).unwrap();
+            fill_b(&adapter, 0.03);
+            (model, adapter)
         };
-        let model = Llama::load(cfg, &w, opts).unwrap();
-        let adapter = LoraAdapter::new(&model, &lora(2, 0.0), 1, None).unwrap();
-        fill_b(&adapter, 0.03);
-        (model, adapter)
-    };
-    let (fused, fused_adapter) = build(false);
-    let (composed, composed_adapter) = build(true);
-    // A padded batch, a packed one, and one of 2 x 150 tokens (298
-    // targets: two chunks of the fused head, three query tiles).
-    let data = examples(5);
-    let refs: Vec<&TokenizedExample> = data.iter().collect();
-    let padded = collate(&refs, 0);
-    let packed = skillet_data::pack(&refs, 40);
-    let packed = skillet_train::collate_packed(&packed.iter().collect::<Vec<_>>(), 0);
-    assert!(packed.segments.is_some());
-    let ids: Vec<u32> = (0..300u32).map(|i| (i * 7 + i / 13) % 60 + 1).collect();
-    let big = skillet_train::TrainBatch {
-        batch: 2,
-        seq: 150,
-        labels: ids.iter().map(|&i| i as i64).collect(),
-        key_mask: vec![1; 300],
-        ids,
-        positions: None,
-        segments: None,
-    };
-    assert!(big.target_count() > 256);
-    for batch in [padded, packed, big] {
-        let run = |model: &Llama, adapter: &LoraAdapter, fused: bool| {
-            let model = adapted(model, adapter);
-            let parts = skillet_train::causal_lm_loss_with(&model, &batch, fused).unwrap();
-            let loss = (parts.sum.clone() / parts.tokens as f64).unwrap();
-            let grads = collect_grads(&loss.backward().unwrap(), &adapter.vars()).unwrap();
-            (loss.to_scalar::<f32>().unwrap(), parts.correct, grads)
+        let (fused, fused_adapter) = build(false);
+        let (composed, composed_adapter) = build(true);
+        // A padded batch, a packed one, and one of 2 x 150 tokens (298
+        // targets: two chunks of the fused head, three query tiles).
+        let data = examples(5);
+        let refs: Vec<&TokenizedExample> = data.iter().collect();
+        let padded = collate(&refs, 0);
+        let packed = skillet_data::pack(&refs, 40);
+        let packed = skillet_train::collate_packed(&packed.iter().collect::<Vec<_>>(), 0);
+        assert!(packed.segments.is_some());
+        let ids: Vec<u32> = (0..300u32).map(|i| (i * 7 + i / 13) % 60 + 1).collect();
+        let big = skillet_train::TrainBatch {
+            batch: 2,
+            seq: 150,
+            labels: ids.iter().map(|&i| i as i64).collect(),
+            key_mask: vec![1; 300],
+            ids,
+            positions: None,
+            segments: None,
         };
-        let (fused_loss, fused_correct, fused_grads) = run(&fused, &fused_adapter, true);
-        let (loss, correct, grads) = run(&composed, &composed_adapter, false);
-        // For evaluation: the same value, nothing to differentiate.
-        let value =
-            skillet_train::causal_lm_loss_value(&adapted(&fused, &fused_adapter), &batch).unwrap();
-        assert!(!value.sum.track_op());
-        let value = (value.sum / value.tokens as f64).unwrap();
-        assert_eq!(value.to_scalar::<f32>().unwrap(), fused_loss);
-        assert!(
-            (fused_loss - loss).abs() < 1e-5 * loss.abs(),
-            "{fused_loss} vs {loss}"
-        );
-        assert_eq!(fused_correct, correct);
-        for (a, b) in fused_grads.iter().zip(&grads) {
-            let (diff, norm) = (l2(&(a - b).unwrap()), l2(b));
+        assert!(big.target_count() > 256);
+        for batch in [padded, packed, big] {
+            let run = |model: &Model, adapter: &LoraAdapter, fused: bool| {
+                let model = adapted(model, adapter);
+                let parts = skillet_train::causal_lm_loss_with(&model, &batch, fused).unwrap();
+                let loss = (parts.sum.clone() / parts.tokens as f64).unwrap();
+                let grads = collect_grads(&loss.backward().unwrap(), &adapter.vars()).unwrap();
+                (loss.to_scalar::<f32>().unwrap(), parts.correct, grads)
+            };
+            let (fused_loss, fused_correct, fused_grads) = run(&fused, &fused_adapter, true);
+            let (loss, correct, grads) = run(&composed, &composed_adapter, false);
+            // For evaluation: the same value, nothing to differentiate.
+            let value =
+                skillet_train::causal_lm_loss_value(&adapted(&fused, &fused_adapter), &batch)
+                    .unwrap();
+            assert!(!value.sum.track_op());
+            let value = (value.sum / value.tokens as f64).unwrap();
+            assert_eq!(value.to_scalar::<f32>().unwrap(), fused_loss);
             assert!(
-                diff <= 1e-4 * norm + 1e-9,
-                "gradient differs: {diff} vs norm {norm}"
+                (fused_loss - loss).abs() < 1e-5 * loss.abs(),
+                "{fused_loss} vs {loss}"
             );
+            assert_eq!(fused_correct, correct);
+            for (a, b) in fused_grads.iter().zip(&grads) {
+                let (diff, norm) = (l2(&(a - b).unwrap()), l2(b));
+                assert!(
+                    diff <= 1e-4 * norm + 1e-9,
+                    "{arch:?}: gradient differs: {diff} vs norm {norm}"
+                );
+            }
         }
     }
 }
@@ -632,67 +648,80 @@ fn fused_kernels_train_like_the_composed_ops() {
 fn full_fine_tuning_gradients_match_composed_ops_and_finite_differences() {
     let data = examples(4);
     let batch = collate(&data.iter().collect::<Vec<_>>(), 0);
-    let load = |composed_ops: bool| {
-        let (cfg, w) = weights();
-        let opts = LoadOptions {
-            composed_ops,
-            trainable: true,
-            ..Default::default()
+    for arch in ARCHS {
+        let load = |composed_ops: bool| {
+            let (cfg, w) = weights_for(arch);
+            let opts = LoadOptions {
+                composed_ops,
+                trainable: true,
+                ..Default::default()
+            };
+            Model::load(cfg, &w, opts).unwrap()
         };
-        Llama::load(cfg, &w, opts).unwrap()
-    };
-    let (fused, composed) = (load(false), load(true));
-    let names: Vec<&str> = fused.parameters().iter().map(|(n, _)| n.as_str()).collect();
-    // Every weight is trainable; the tied head is the embedding, once.
-    assert!(names.contains(&"model.embed_tokens.weight"));
-    assert!(names.contains(&"model.layers.0.input_layernorm.weight"));
-    assert!(names.contains(&"model.layers.1.mlp.down_proj.weight"));
-    assert!(!names.contains(&"lm_head.weight"));
-    let loss_of = |model: &Llama, fused_ce: bool| {
-        let parts = skillet_train::causal_lm_loss_with(model, &batch, fused_ce).unwrap();
-        (parts.sum / parts.tokens as f64).unwrap()
-    };
-    let vars = |m: &Llama| {
-        m.parameters()
-            .iter()
-            .map(|(_, v)| v.clone())
-            .collect::<Vec<_>>()
-    };
-    let g_fused = collect_grads(&loss_of(&fused, true).backward().unwrap(), &vars(&fused)).unwrap();
-    let g_comp = collect_grads(
-        &loss_of(&composed, false).backward().unwrap(),
-        &vars(&composed),
-    )
-    .unwrap();
-    for ((name, _), (a, b)) in fused.parameters().iter().zip(g_fused.iter().zip(&g_comp)) {
-        let (diff, scale) = (max_abs(&(a - b).unwrap()), max_abs(b));
-        assert!(scale > 0.0, "{name} got a zero gradient");
-        assert!(diff <= 1e-4 * scale, "{name}: {diff} vs {scale}");
+        let (fused, composed) = (load(false), load(true));
+        let names: Vec<&str> = fused.parameters().iter().map(|(n, _)| n.as_str()).collect();
+        // Every weight is trainable; the tied head is the embedding, once.
+        assert!(names.contains(&"model.embed_tokens.weight"));
+        assert!(names.contains(&"model.layers.0.input_layernorm.weight"));
+        assert!(names.contains(&"model.layers.1.mlp.down_proj.weight"));
+        assert!(!names.contains(&"lm_head.weight"));
+        let loss_of = |model: &Model, fused_ce: bool| {
+            let parts = skillet_train::causal_lm_loss_with(model, &batch, fused_ce).unwrap();
+            (parts.sum / parts.tokens as f64).unwrap()
+        };
+        let vars = |m: &Model| {
+            m.parameters()
+                .iter()
+                .map(|(_, v)| v.clone())
+                .collect::<Vec<_>>()
+        };
+        let g_fused =
+            collect_grads(&loss_of(&fused, true).backward().unwrap(), &vars(&fused)).unwrap();
+        let g_comp = collect_grads(
+            &loss_of(&composed, false).backward().unwrap(),
+            &vars(&composed),
+        )
+        .unwrap();
+        for ((name, _), (a, b)) in fused.parameters().iter().zip(g_fused.iter().zip(&g_comp)) {
+            let (diff, scale) = (max_abs(&(a - b).unwrap()), max_abs(b));
+            assert!(scale > 0.0, "{arch:?} {name} got a zero gradient");
+            assert!(diff <= 1e-4 * scale, "{arch:?} {name}: {diff} vs {scale}");
+        }
+        // Central differences on the tied embedding (used twice), a norm and a
+        // projection (whose weight gradient both models compute the same way).
+        // With QK-norm, a key norm; in Gemma, a norm after the MLP too.
+        let mut checked = vec![
+            ("model.embed_tokens.weight", 64 * 7 + 3),
+            ("model.norm.weight", 5),
+            ("model.layers.0.mlp.up_proj.weight", 100),
+        ];
+        if arch != Architecture::Llama {
+            checked.push(("model.layers.1.self_attn.k_norm.weight", 3));
+        }
+        if arch == Architecture::Gemma3 {
+            checked.push(("model.layers.0.post_feedforward_layernorm.weight", 9));
+        }
+        for (which, k) in checked {
+            let i = names.iter().position(|n| *n == which).unwrap();
+            let var = &fused.parameters()[i].1;
+            let fd = central_difference(var, k, 1e-2, || {
+                loss_of(&fused, true).to_scalar::<f32>().unwrap()
+            }) as f64;
+            let g = g_fused[i].flatten_all().unwrap().to_vec1::<f32>().unwrap()[k] as f64;
+            // 5e-5: what f32 rounding of a loss near 4 leaves in a central
+            // difference over 2e-2.
+            assert!(
+                (fd - g).abs() <= 2e-2 * fd.abs() + 5e-5,
+                "{arch:?} {which}[{k}]: finite difference {fd} vs gradient {g}"
+            );
+        }
+        // One fused AdamW step on every weight lowers the loss.
+        let before = loss_of(&fused, true).to_scalar::<f32>().unwrap();
+        let mut opt = AdamW::new(vars(&fused), opt_config());
+        opt.step(&g_fused, 1e-2).unwrap();
+        let after = loss_of(&fused, true).to_scalar::<f32>().unwrap();
+        assert!(after < before, "{arch:?}: loss {before} -> {after}");
     }
-    // Central differences on the tied embedding (used twice), a norm and a
-    // projection (whose weight gradient both models compute the same way).
-    for (which, k) in [
-        ("model.embed_tokens.weight", 64 * 7 + 3),
-        ("model.norm.weight", 5),
-        ("model.layers.0.mlp.up_proj.weight", 100),
-    ] {
-        let i = names.iter().position(|n| *n == which).unwrap();
-        let var = &fused.parameters()[i].1;
-        let fd = central_difference(var, k, 1e-2, || {
-            loss_of(&fused, true).to_scalar::<f32>().unwrap()
-        }) as f64;
-        let g = g_fused[i].flatten_all().unwrap().to_vec1::<f32>().unwrap()[k] as f64;
-        assert!(
-            (fd - g).abs() <= 2e-2 * fd.abs().max(1e-3),
-            "{which}[{k}]: finite difference {fd} vs gradient {g}"
-        );
-    }
-    // One fused AdamW step on every weight lowers the loss.
-    let before = loss_of(&fused, true).to_scalar::<f32>().unwrap();
-    let mut opt = AdamW::new(vars(&fused), opt_config());
-    opt.step(&g_fused, 1e-2).unwrap();
-    let after = loss_of(&fused, true).to_scalar::<f32>().unwrap();
-    assert!(after < before, "loss {before} -> {after}");
 }
 
 #[test]
@@ -702,7 +731,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
     // LoRA with dropout on (the recomputed forward must draw the same masks).
     let run_lora = |checkpointing: bool| {
         let (cfg, w) = weights();
-        let mut base = Llama::load(cfg, &w, LoadOptions::default()).unwrap();
+        let mut base = Model::load(cfg, &w, LoadOptions::default()).unwrap();
         let adapter = LoraAdapter::new(&base, &lora(2, 0.3), 1, None).unwrap();
         fill_b(&adapter, 0.03);
         if checkpointing {
@@ -721,7 +750,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
             trainable: true,
             ..Default::default()
         };
-        let mut model = Llama::load(cfg, &w, opts).unwrap();
+        let mut model = Model::load(cfg, &w, opts).unwrap();
         let vars: Vec<_> = model.parameters().iter().map(|(_, v)| v.clone()).collect();
         if checkpointing {
             model.set_activation_checkpointing(Some(vars.clone()));

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 use skillet_data::{DataFormat, EncodeOptions, Example, PairFormat, looks_like_pairs, read_jsonl};
-use skillet_models::{CausalLm, Llama, LoadOptions};
+use skillet_models::{CausalLm, LoadOptions, Model};
 use skillet_runtime::{
     Bundle, PairData, PairScores, RewardModel, RewardStats, score_pairs, scored_tokens,
 };
@@ -63,7 +63,7 @@ struct Scores {
 
 /// The reward model: an adapter on `--model` (loaded here), or `--model`
 /// itself (which carries its own body).
-fn load(b: &Bundle, args: &Args) -> anyhow::Result<(Option<Llama>, RewardModel)> {
+fn load(b: &Bundle, args: &Args) -> anyhow::Result<(Option<Model>, RewardModel)> {
     Ok(match &args.adapter {
         Some(dir) => {
             let model = b.load_model(LoadOptions::default())?;
@@ -75,7 +75,7 @@ fn load(b: &Bundle, args: &Args) -> anyhow::Result<(Option<Llama>, RewardModel)>
 }
 
 /// The model a reward model runs on.
-fn base<'a>(model: &'a Option<Llama>, rm: &'a RewardModel) -> anyhow::Result<&'a dyn CausalLm> {
+fn base<'a>(model: &'a Option<Model>, rm: &'a RewardModel) -> anyhow::Result<&'a dyn CausalLm> {
     match (model, &rm.body) {
         (Some(m), _) | (None, Some(m)) => Ok(m),
         (None, None) => anyhow::bail!("a reward adapter needs its base model"),

@@ -20,7 +20,7 @@ use skillet_adapters::{LoraAdapter, LoraSettings, Targets};
 use skillet_data::{DataFormat, EncodeOptions};
 use skillet_generate::{GenerateOptions, SamplingParams, generate};
 use skillet_models::{
-    Adapted, Adapter, CausalLm, ForwardInput, Llama, LoadOptions, Precision, Rng,
+    Adapted, Adapter, CausalLm, ForwardInput, LoadOptions, Model, Precision, Rng,
 };
 
 use crate::args::{ActivationsArg, PrecisionArg};
@@ -235,7 +235,7 @@ fn lora_settings() -> anyhow::Result<LoraSettings> {
 
 /// The benchmarks' trainer for `trainable`: AdamW at a constant 1e-4,
 /// clipping at 1.0, one micro-batch per step.
-fn bench_trainer<'a>(model: &'a Llama, trainable: &'a dyn Trainable) -> Trainer<'a> {
+fn bench_trainer<'a>(model: &'a Model, trainable: &'a dyn Trainable) -> Trainer<'a> {
     Trainer {
         model,
         trainable,
@@ -291,7 +291,7 @@ fn time_steps(
 
 /// Sets activation checkpointing and the precision of the frozen weights'
 /// products as `args` asks, for training `trainable`.
-fn prepare_training(model: &mut Llama, trainable: &dyn Trainable, args: &Args) {
+fn prepare_training(model: &mut Model, trainable: &dyn Trainable, args: &Args) {
     if args.checkpointing {
         model.set_activation_checkpointing(Some(trainable.vars()));
     }
@@ -301,7 +301,7 @@ fn prepare_training(model: &mut Llama, trainable: &dyn Trainable, args: &Args) {
 /// Times SFT steps of `trainable` over `batches` (cycled), through the
 /// trainer's own `step()`.
 fn time_training(
-    model: &mut Llama,
+    model: &mut Model,
     trainable: &dyn Trainable,
     batches: &[TrainBatch],
     args: &Args,

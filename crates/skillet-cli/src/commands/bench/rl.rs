@@ -4,7 +4,7 @@
 
 use skillet_adapters::LoraAdapter;
 use skillet_data::{EncodeOptions, PairFormat};
-use skillet_models::{Adapted, CausalLm, Llama};
+use skillet_models::{Adapted, CausalLm, Model};
 use skillet_runtime::{Bundle, PairData, PromptSet, PromptSource, RewardFn, quantized_sampler};
 use skillet_train::{
     Dpo, DpoLoss, DpoSettings, Grpo, GrpoBatch, GrpoLoss, GrpoSettings, Objective, PairSet,
@@ -26,7 +26,7 @@ pub(super) struct Timed {
 /// log-probabilities are computed once before the timed steps (as
 /// `skillet train` does) and not timed. Tokens are both sides' prompt and
 /// completion tokens.
-pub(super) fn dpo(args: &Args, bundle: &Bundle, model: &mut Llama) -> anyhow::Result<Timed> {
+pub(super) fn dpo(args: &Args, bundle: &Bundle, model: &mut Model) -> anyhow::Result<Timed> {
     let options = EncodeOptions {
         max_seq_len: 1024,
         train_on_prompt: false,
@@ -89,7 +89,7 @@ pub(super) fn dpo(args: &Args, bundle: &Bundle, model: &mut Llama) -> anyhow::Re
 /// has them, as `skillet train` does, its inputs in f32 or int8
 /// (`--activations`). Tokens are the completion tokens
 /// sampled per step.
-pub(super) fn grpo(args: &Args, bundle: &Bundle, model: &mut Llama) -> anyhow::Result<Timed> {
+pub(super) fn grpo(args: &Args, bundle: &Bundle, model: &mut Model) -> anyhow::Result<Timed> {
     let g = args.generations.max(1);
     if !args.batch.is_multiple_of(g) {
         anyhow::bail!(

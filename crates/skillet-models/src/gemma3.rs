@@ -1,0 +1,150 @@
+//! Gemma 3's decoder layer (text model), following transformers'
+//! `modeling_gemma3.py`: a norm before and after each sublayer, all of
+//! them `x̂ · (1 + w)`; QK-norm; a GeGLU MLP (tanh GELU); attention scaled
+//! by `query_pre_attn_scalar^-1/2`; five local (sliding-window, local
+//! RoPE base) layers to each global one. The embedding's scaling by
+//! √hidden and the final soft-capping are the decoder's (`decoder.rs`).
+
+use candle_core::Tensor;
+
+use crate::layers::{self, Attention, AttentionKind, Block, Kv, LayerContext, Mlp, RmsNorm};
+use crate::linear::Linear;
+use crate::load::Loader;
+use crate::names::{Dim, LayerTensor, When};
+use crate::{LAYER_MODULES, Result};
+
+/// The tensors of one layer: Hugging Face name, llama.cpp's name, shape.
+pub(crate) const TENSORS: &[LayerTensor] = &[
+    LayerTensor::new("input_layernorm.weight", "attn_norm.weight", &[Dim::Hidden]),
+    LayerTensor::new(
+        "self_attn.q_proj.weight",
+        "attn_q.weight",
+        &[Dim::Q, Dim::Hidden],
+    ),
+    LayerTensor::new(
+        "self_attn.k_proj.weight",
+        "attn_k.weight",
+        &[Dim::Kv, Dim::Hidden],
+    ),
+    LayerTensor::new(
+        "self_attn.v_proj.weight",
+        "attn_v.weight",
+        &[Dim::Kv, Dim::Hidden],
+    ),
+    LayerTensor::new("self_attn.q_proj.bias", "attn_q.bias", &[Dim::Q]).when(When::AttentionBias),
+    LayerTensor::new("self_attn.k_proj.bias", "attn_k.bias", &[Dim::Kv]).when(When::AttentionBias),
+    LayerTensor::new("self_attn.v_proj.bias", "attn_v.bias", &[Dim::Kv]).when(When::AttentionBias),
+    LayerTensor::new(
+        "self_attn.q_norm.weight",
+        "attn_q_norm.weight",
+        &[Dim::Head],
+    )
+    .when(When::QkNorm),
+    LayerTensor::new(
+        "self_attn.k_norm.weight",
+        "attn_k_norm.weight",
+        &[Dim::Head],
+    )
+    .when(When::QkNorm),
+    LayerTensor::new(
+        "self_attn.o_proj.weight",
+        "attn_output.weight",
+        &[Dim::Hidden, Dim::Q],
+    ),
+    LayerTensor::new(
+        "post_attention_layernorm.weight",
+        "post_attention_norm.weight",
+        &[Dim::Hidden],
+    ),
+    LayerTensor::new(
+        "pre_feedforward_layernorm.weight",
+        "ffn_norm.weight",
+        &[Dim::Hidden],
+    ),
+    LayerTensor::new(
+        "mlp.gate_proj.weight",
+        "ffn_gate.weight",
+        &[Dim::Ffn, Dim::Hidden],
+    ),
+    LayerTensor::new(
+        "mlp.up_proj.weight",
+        "ffn_up.weight",
+        &[Dim::Ffn, Dim::Hidden],
+    ),
+    LayerTensor::new(
+        "mlp.down_proj.weight",
+        "ffn_down.weight",
+        &[Dim::Hidden, Dim::Ffn],
+    ),
+    LayerTensor::new(
+        "post_feedforward_layernorm.weight",
+        "post_ffw_norm.weight",
+        &[Dim::Hidden],
+    ),
+];
+
+#[derive(Debug)]
+pub(crate) struct Gemma3Layer {
+    /// Position in the stack (its modules are numbered from `7 · index`).
+    index: usize,
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    pre_feedforward_layernorm: RmsNorm,
+    mlp: Mlp,
+    post_feedforward_layernorm: RmsNorm,
+}
+
+impl Gemma3Layer {
+    pub(crate) fn load(l: &Loader, index: usize, kind: AttentionKind) -> Result<Self> {
+        let cfg = l.cfg;
+        let p = format!("model.layers.{index}");
+        let norm = |n: &str| l.norm(&format!("{p}.{n}.weight"));
+        Ok(Self {
+            index,
+            input_layernorm: norm("input_layernorm")?,
+            self_attn: Attention {
+                q_proj: l.linear(&format!("{p}.self_attn.q_proj"))?,
+                k_proj: l.linear(&format!("{p}.self_attn.k_proj"))?,
+                v_proj: l.linear(&format!("{p}.self_attn.v_proj"))?,
+                o_proj: l.linear(&format!("{p}.self_attn.o_proj"))?,
+                q_norm: Some(norm("self_attn.q_norm")?),
+                k_norm: Some(norm("self_attn.k_norm")?),
+                heads: cfg.num_attention_heads,
+                kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+                kind,
+            },
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
+            mlp: Mlp {
+                gate_proj: l.linear(&format!("{p}.mlp.gate_proj"))?,
+                up_proj: l.linear(&format!("{p}.mlp.up_proj"))?,
+                down_proj: l.linear(&format!("{p}.mlp.down_proj"))?,
+                act: cfg.hidden_act,
+            },
+            post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
+        })
+    }
+}
+
+impl Block for Gemma3Layer {
+    fn forward(&self, x: &Tensor, ctx: &LayerContext, kv: Kv) -> Result<Tensor> {
+        let base = self.index * LAYER_MODULES.len();
+        let c = ctx.composed;
+        let h = self.input_layernorm.forward(x, c)?;
+        let h = self.self_attn.forward(&h, ctx, base, kv)?;
+        let x = (x + self.post_attention_layernorm.forward(&h, c)?)?;
+        let h = self.pre_feedforward_layernorm.forward(&x, c)?;
+        let h = self.mlp.forward(&h, ctx, base)?;
+        Ok((x + self.post_feedforward_layernorm.forward(&h, c)?)?)
+    }
+
+    fn linears(&self) -> [&dyn Linear; 7] {
+        layers::linears(&self.self_attn, &self.mlp)
+    }
+
+    fn linears_mut(&mut self) -> [&mut Box<dyn Linear>; 7] {
+        layers::linears_mut(&mut self.self_attn, &mut self.mlp)
+    }
+}

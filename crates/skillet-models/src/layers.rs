@@ -1,0 +1,315 @@
+//! The parts decoder layers are built from, shared by every architecture:
+//! the per-call context, RMSNorm, grouped-query attention with RoPE (and
+//! optional QK-norm, window and scale), and the gated MLP; and the
+//! [`Block`] trait a decoder layer implements.
+//!
+//! Notation: B batch, T new tokens, H query heads, K key/value heads,
+//! D head width, C model width.
+
+use candle_core::Tensor;
+use skillet_kernels::{AttentionMask, CachedSeq, RopeLayout, RopeTable};
+
+use crate::adapter::Adapters;
+use crate::cache::KvCache;
+use crate::linear::{Activations, Linear, Precision};
+use crate::{Activation, ModelError, Result};
+
+/// Per-call inputs every layer shares.
+pub(crate) struct LayerContext {
+    /// One cos/sin table per RoPE of the model (see [`AttentionKind::rope`]).
+    pub ropes: Vec<RopeTable>,
+    /// The masks of a batch without cache, full then windowed (a cached
+    /// batch masks per sequence).
+    pub masks: Vec<AttentionMask>,
+    pub composed: bool,
+    pub adapters: Adapters,
+    /// An incremental call: every row is computed on its own (see
+    /// `Linear::forward_rowwise`), its quantized products with these inputs.
+    pub rowwise: Option<Activations>,
+    /// The precision of frozen weights' products otherwise.
+    pub precision: Precision,
+}
+
+impl LayerContext {
+    /// `lin` over `x`, plus each row's adapter update of `module`.
+    pub fn project(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
+        if self.rowwise.is_none()
+            && !self.composed
+            && let Some(y) = self.adapters.fused(lin, module, x, self.precision)?
+        {
+            return Ok(y);
+        }
+        let y = match self.rowwise {
+            Some(activations) => lin.forward_rowwise(x, activations)?,
+            None => lin.forward_in(x, self.precision)?,
+        };
+        self.adapters.add_delta(lin, module, x, y)
+    }
+}
+
+/// One sequence of a cached batch: its slot, the positions cached before
+/// this call, and its new tokens (consecutive in the batch).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    pub slot: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Where a layer's keys and values come from.
+pub(crate) enum Kv<'a> {
+    /// This call's tokens alone.
+    Fresh,
+    /// A ragged batch over cache slots.
+    Cached {
+        cache: &'a mut KvCache,
+        layer: usize,
+        spans: &'a [Span],
+    },
+}
+
+/// A decoder layer of some architecture.
+pub(crate) trait Block: Send + Sync + std::fmt::Debug {
+    /// The layer's output for input `x` (`[B, T, C]`).
+    fn forward(&self, x: &Tensor, ctx: &LayerContext, kv: Kv) -> Result<Tensor>;
+    /// Its adaptable linear layers, in `LAYER_MODULES` order.
+    fn linears(&self) -> [&dyn Linear; 7];
+    /// The same, as replaceable slots.
+    fn linears_mut(&mut self) -> [&mut Box<dyn Linear>; 7];
+}
+
+/// RMSNorm (`x / sqrt(mean(x²) + eps) · w`, in f32). Gemma's norms scale
+/// by `1 + w`: a frozen weight has the one added at load, a trainable one
+/// (whose variable holds the checkpoint's `w`) in every forward.
+#[derive(Debug, Clone)]
+pub(crate) struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+    pub add_one: bool,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor, composed: bool) -> Result<Tensor> {
+        let w = match self.add_one {
+            true => (&self.weight + 1.0)?,
+            false => self.weight.clone(),
+        };
+        Ok(if composed {
+            skillet_kernels::rms_norm_composed(x, &w, self.eps)?
+        } else {
+            skillet_kernels::rms_norm(x, &w, self.eps)?
+        })
+    }
+}
+
+/// Which RoPE, mask and window a layer's attention uses.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttentionKind {
+    /// Index into [`LayerContext::ropes`].
+    pub rope: usize,
+    /// The window; the windowed mask is `LayerContext::masks[1]`.
+    pub window: Option<usize>,
+    /// The scale of scores.
+    pub scale: f32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Attention {
+    pub q_proj: Box<dyn Linear>,
+    pub k_proj: Box<dyn Linear>,
+    pub v_proj: Box<dyn Linear>,
+    pub o_proj: Box<dyn Linear>,
+    /// Per-head norms of queries and keys, before RoPE (Qwen3, Gemma 3).
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub kind: AttentionKind,
+}
+
+impl Attention {
+    /// Modules `base .. base + 4` are q, k, v, o.
+    pub fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize, kv: Kv) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
+        let mut q = ctx
+            .project(self.q_proj.as_ref(), base, x)?
+            .reshape((b, t, h, d))?; // [B,T,H,D]
+        let mut kk = ctx
+            .project(self.k_proj.as_ref(), base + 1, x)?
+            .reshape((b, t, k, d))?; // [B,T,K,D]
+        let v = ctx
+            .project(self.v_proj.as_ref(), base + 2, x)?
+            .reshape((b, t, k, d))?; // [B,T,K,D]
+        if let Some(norm) = &self.q_norm {
+            q = norm.forward(&q, ctx.composed)?;
+        }
+        if let Some(norm) = &self.k_norm {
+            kk = norm.forward(&kk, ctx.composed)?;
+        }
+        let rope = &ctx.ropes[self.kind.rope];
+        let scale = self.kind.scale;
+        let mask = ctx.masks.get(usize::from(self.kind.window.is_some()));
+        // Fused, a fresh batch gets RoPE inside the attention op (no
+        // rotated copies kept); otherwise q and k are rotated first.
+        let rope_inside = !ctx.composed && matches!((&kv, mask), (Kv::Fresh, Some(_)));
+        let (q, kk) = match (rope_inside, ctx.composed) {
+            (true, _) => (q, kk),
+            (false, true) => (
+                skillet_kernels::rope_composed(&q, rope, RopeLayout::Half)?,
+                skillet_kernels::rope_composed(&kk, rope, RopeLayout::Half)?,
+            ),
+            (false, false) => (
+                skillet_kernels::rope(&q, rope, RopeLayout::Half)?,
+                skillet_kernels::rope(&kk, rope, RopeLayout::Half)?,
+            ),
+        };
+        let out = match (kv, mask) {
+            (Kv::Fresh, Some(mask)) if rope_inside => skillet_kernels::attention_rope(
+                &q,
+                &kk,
+                &v,
+                mask,
+                scale,
+                rope,
+                RopeLayout::Half,
+                ctx.precision == Precision::Bf16,
+            )?,
+            (Kv::Fresh, Some(mask)) => {
+                skillet_kernels::attention_composed(&q, &kk, &v, mask, scale)?
+            }
+            (
+                Kv::Cached {
+                    cache,
+                    layer,
+                    spans,
+                },
+                _,
+            ) => {
+                // One row of all sequences' new tokens: [1,N,·,D].
+                let kr = kk.flatten_all()?.to_vec1::<f32>()?;
+                let vr = v.flatten_all()?.to_vec1::<f32>()?;
+                let w = k * d;
+                let mut row = 0;
+                for s in spans {
+                    let r = row * w..(row + s.len) * w;
+                    cache.write(layer, s.slot, s.start, &kr[r.clone()], &vr[r]);
+                    row += s.len;
+                }
+                let seqs: Vec<CachedSeq> = spans
+                    .iter()
+                    .map(|s| {
+                        let (k, v) = cache.layer(layer, s.slot);
+                        CachedSeq {
+                            k,
+                            v,
+                            start: s.start,
+                            len: s.len,
+                        }
+                    })
+                    .collect();
+                skillet_kernels::cached_attention(
+                    &q.squeeze(0)?,
+                    k,
+                    &seqs,
+                    self.kind.window,
+                    scale,
+                )?
+            }
+            (Kv::Fresh, None) => {
+                return Err(ModelError::Input("attention without a mask".into()));
+            }
+        };
+        ctx.project(self.o_proj.as_ref(), base + 3, &out.reshape((b, t, h * d))?)
+    }
+}
+
+/// The gated MLP: `down(act(gate(x)) ∘ up(x))`.
+#[derive(Debug)]
+pub(crate) struct Mlp {
+    pub gate_proj: Box<dyn Linear>,
+    pub up_proj: Box<dyn Linear>,
+    pub down_proj: Box<dyn Linear>,
+    pub act: Activation,
+}
+
+impl Mlp {
+    /// `residual + mlp(x)`; modules `base + 4 .. base + 7` are gate, up,
+    /// down.
+    pub fn forward_add(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        ctx: &LayerContext,
+        base: usize,
+    ) -> Result<Tensor> {
+        let gate = ctx.project(self.gate_proj.as_ref(), base + 4, x)?;
+        let up = ctx.project(self.up_proj.as_ref(), base + 5, x)?;
+        let down = base + 6;
+        // A frozen, unadapted down projection after SwiGLU: gate, product
+        // and residual add in one op that keeps no gated product for
+        // backward.
+        if self.act == Activation::Silu
+            && !ctx.composed
+            && ctx.rowwise.is_none()
+            && !ctx.adapters.adapts(down)
+            && let Some(frozen) = self.down_proj.frozen(ctx.precision)?
+        {
+            return Ok(skillet_kernels::swiglu_down(&gate, &up, residual, &frozen)?);
+        }
+        Ok((residual + self.down(&gate, &up, ctx, down)?)?)
+    }
+
+    /// `mlp(x)` alone (a norm follows it in Gemma).
+    pub fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize) -> Result<Tensor> {
+        let gate = ctx.project(self.gate_proj.as_ref(), base + 4, x)?;
+        let up = ctx.project(self.up_proj.as_ref(), base + 5, x)?;
+        self.down(&gate, &up, ctx, base + 6)
+    }
+
+    fn down(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        ctx: &LayerContext,
+        module: usize,
+    ) -> Result<Tensor> {
+        let act = match (self.act, ctx.composed) {
+            (Activation::Silu, true) => skillet_kernels::swiglu_composed(gate, up)?,
+            (Activation::Silu, false) => skillet_kernels::swiglu(gate, up)?,
+            // candle's `gelu` is the tanh form, with its backward.
+            (Activation::GeluTanh, _) => (gate.gelu()? * up)?,
+        };
+        ctx.project(self.down_proj.as_ref(), module, &act)
+    }
+}
+
+/// The linear layers of an attention and an MLP, in `LAYER_MODULES` order.
+pub(crate) fn linears<'a>(a: &'a Attention, m: &'a Mlp) -> [&'a dyn Linear; 7] {
+    [
+        a.q_proj.as_ref(),
+        a.k_proj.as_ref(),
+        a.v_proj.as_ref(),
+        a.o_proj.as_ref(),
+        m.gate_proj.as_ref(),
+        m.up_proj.as_ref(),
+        m.down_proj.as_ref(),
+    ]
+}
+
+/// The same, as replaceable slots.
+pub(crate) fn linears_mut<'a>(
+    a: &'a mut Attention,
+    m: &'a mut Mlp,
+) -> [&'a mut Box<dyn Linear>; 7] {
+    [
+        &mut a.q_proj,
+        &mut a.k_proj,
+        &mut a.v_proj,
+        &mut a.o_proj,
+        &mut m.gate_proj,
+        &mut m.up_proj,
+        &mut m.down_proj,
+    ]
+}

@@ -1,0 +1,133 @@
+//! Loading a model's tensors by name: each is checked against the shape the
+//! architecture's name table gives it, made a trainable variable in full
+//! fine-tuning, and wrapped as a linear layer or norm.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor, Var};
+
+use crate::layers::RmsNorm;
+use crate::linear::{BaseLinear, Linear};
+use crate::names::tensor_shapes;
+use crate::{LoadOptions, ModelConfig, ModelError, Result, Weight, WeightSource};
+
+/// Reads tensors of one model from a weight source.
+pub(crate) struct Loader<'a> {
+    pub cfg: &'a ModelConfig,
+    pub src: &'a dyn WeightSource,
+    pub opts: LoadOptions,
+    shapes: HashMap<String, Vec<usize>>,
+    params: RefCell<Vec<(String, Var)>>,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(cfg: &'a ModelConfig, src: &'a dyn WeightSource, opts: LoadOptions) -> Self {
+        let mut shapes: HashMap<_, _> = tensor_shapes(cfg).into_iter().collect();
+        // A tied checkpoint may still carry its head (transformers writes
+        // it for some models).
+        if cfg.tie_word_embeddings {
+            shapes.insert(
+                "lm_head.weight".into(),
+                vec![cfg.vocab_size, cfg.hidden_size],
+            );
+        }
+        Self {
+            cfg,
+            src,
+            opts,
+            shapes,
+            params: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The table's shape of `name`.
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        self.shapes
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.src.path().to_path_buf(),
+                tensor: format!("{name} (not in the {:?} name table)", self.cfg.architecture),
+            })
+    }
+
+    /// Whether the model (by its table) has `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.shapes.contains_key(name)
+    }
+
+    /// `name` as stored, shape-checked; quantized blocks kept when asked
+    /// and not training every weight.
+    pub fn weight(&self, name: &str, keep_quantized: bool) -> Result<Weight> {
+        let keep = keep_quantized && !self.opts.trainable;
+        self.src.load_checked(name, self.shape(name)?, keep)
+    }
+
+    /// `t` as the variable `name` in full fine-tuning, else `t`.
+    pub fn var(&self, name: &str, t: Tensor) -> Result<Tensor> {
+        if !self.opts.trainable {
+            return Ok(t);
+        }
+        let var = Var::from_tensor(&t)?;
+        let t = var.as_tensor().clone();
+        self.params.borrow_mut().push((name.to_string(), var));
+        Ok(t)
+    }
+
+    /// A dense f32 tensor (a variable in full fine-tuning).
+    pub fn dense(&self, name: &str) -> Result<Tensor> {
+        let t = self.weight(name, false)?.to_dense(&Device::Cpu)?;
+        self.var(name, t)
+    }
+
+    /// The norm `name` (`….weight`), with Gemma's `1 + w` where the
+    /// architecture has it.
+    pub fn norm(&self, name: &str) -> Result<RmsNorm> {
+        let weight = self.dense(name)?;
+        let add_one = self.cfg.architecture.norm_adds_one();
+        Ok(match (add_one, self.opts.trainable) {
+            (true, false) => RmsNorm {
+                weight: (weight + 1.0)?,
+                eps: self.cfg.rms_norm_eps,
+                add_one: false,
+            },
+            _ => RmsNorm {
+                weight,
+                eps: self.cfg.rms_norm_eps,
+                add_one,
+            },
+        })
+    }
+
+    /// The linear layer `prefix` (`….weight`, and `….bias` where the table
+    /// has one).
+    pub fn linear(&self, prefix: &str) -> Result<Box<dyn Linear>> {
+        let name = format!("{prefix}.weight");
+        let mut w = self.weight(&name, self.opts.keep_quantized)?;
+        if self.opts.trainable {
+            w = Weight::Dense(self.var(&name, w.to_dense(&Device::Cpu)?)?);
+        }
+        let bias = format!("{prefix}.bias");
+        let b = match self.has(&bias) {
+            true => Some(self.dense(&bias)?),
+            false => None,
+        };
+        let layer = BaseLinear::new(w, b);
+        // An untied head stays f32 for its packed bf16 copy: the fused loss
+        // multiplies it three times per chunk of rows, where blocks made
+        // from bf16 rows would be made each time.
+        Ok(Box::new(
+            if self.opts.frozen_bf16 && !self.opts.trainable && prefix != "lm_head" {
+                layer.in_bf16()?
+            } else {
+                layer
+            },
+        ))
+    }
+
+    /// The variables made so far.
+    pub fn into_params(self) -> Vec<(String, Var)> {
+        self.params.into_inner()
+    }
+}
