@@ -9,7 +9,7 @@
 use serde_json::{Value, json};
 use skillet_gguf::GgufFile;
 
-use crate::{Result, TokenizerError};
+use crate::{Result, TokenizerError, spm};
 
 const TYPE_UNKNOWN: i64 = 2;
 const TYPE_CONTROL: i64 = 3;
@@ -64,19 +64,33 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
         message,
     };
     let model = file.get_str("tokenizer.ggml.model")?;
-    if model != "gpt2" {
-        return Err(unsupported(format!(
-            "GGUF tokenizer model '{model}' is not supported (supported: gpt2 byte-level BPE); \
-             use a Hugging Face folder with tokenizer.json for this model"
-        )));
-    }
+    let spm = match model {
+        "gpt2" => false,
+        "llama" => true,
+        _ => {
+            return Err(unsupported(format!(
+                "GGUF tokenizer model '{model}' is not supported (supported: gpt2 byte-level \
+                 BPE, llama SentencePiece BPE); use a Hugging Face folder with tokenizer.json \
+                 for this model"
+            )));
+        }
+    };
     let pre_name = match file.get("tokenizer.ggml.pre") {
         Some(v) => v.as_str().unwrap_or("default"),
         None => "default",
     };
-    let pre = pre_tokenizer(pre_name)
-        .ok_or_else(|| unsupported(format!("GGUF pre-tokenizer '{pre_name}' is not supported")))?;
-    let tokens = file.get_str_array("tokenizer.ggml.tokens")?;
+    let pre = match spm {
+        true => Value::Null,
+        false => pre_tokenizer(pre_name).ok_or_else(|| {
+            unsupported(format!("GGUF pre-tokenizer '{pre_name}' is not supported"))
+        })?,
+    };
+    let stored = file.get_str_array("tokenizer.ggml.tokens")?;
+    let tokens: Vec<String> = match spm {
+        true => stored.iter().map(|t| spm::respell(t)).collect(),
+        false => stored.iter().map(|t| t.to_string()).collect(),
+    };
+    let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
     let types = match file.get("tokenizer.ggml.token_type") {
         Some(_) => file.get_i64_array("tokenizer.ggml.token_type")?,
         None => vec![1; tokens.len()],
@@ -88,16 +102,23 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
             tokens.len()
         )));
     }
-    let merges: Vec<Value> = file
-        .get_str_array("tokenizer.ggml.merges")?
-        .iter()
-        .map(|m| match m.split_once(' ') {
-            Some((a, b)) => Ok(json!([a, b])),
-            None => Err(unsupported(format!(
-                "merge '{m}' is not two tokens separated by a space"
-            ))),
-        })
-        .collect::<Result<_>>()?;
+    let merges: Vec<Value> = match file.get("tokenizer.ggml.merges") {
+        // SentencePiece files carry none: they follow from the vocabulary.
+        None if spm => spm::merges(&tokens)
+            .into_iter()
+            .map(|(a, b)| json!([a, b]))
+            .collect(),
+        _ => file
+            .get_str_array("tokenizer.ggml.merges")?
+            .iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok(json!([a, b])),
+                None => Err(unsupported(format!(
+                    "merge '{m}' is not two tokens separated by a space"
+                ))),
+            })
+            .collect::<Result<_>>()?,
+    };
 
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
     let mut added = Vec::new();
@@ -159,23 +180,30 @@ pub fn gguf_tokenizer_json(file: &GgufFile) -> Result<Value> {
     let mut pair = single.clone();
     pair.push(json!({"Sequence": {"id": "B", "type_id": 1}}));
 
+    let (normalizer, decoder) = match spm {
+        true => spm::normalizer_and_decoder(flag("tokenizer.ggml.add_space_prefix") == Some(true)),
+        false => (
+            Value::Null,
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+        ),
+    };
     Ok(json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre,
         "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "decoder": decoder,
         "model": {
             "type": "BPE",
             "dropout": null,
             "unk_token": unk,
             "continuing_subword_prefix": null,
             "end_of_word_suffix": null,
-            "fuse_unk": false,
-            "byte_fallback": false,
+            "fuse_unk": spm,
+            "byte_fallback": spm,
             "ignore_merges": false,
             "vocab": vocab,
             "merges": merges,

@@ -6,6 +6,7 @@
 mod error;
 mod gguf;
 mod hf;
+mod spm;
 mod strftime;
 mod template;
 mod tokenizer;
@@ -13,7 +14,7 @@ mod tokenizer;
 pub use error::TokenizerError;
 pub use gguf::gguf_tokenizer_json;
 pub use hf::GenerationConfig;
-pub use template::{ChatTemplate, Message};
+pub use template::{ChatTemplate, GEMMA_TEMPLATE, Message};
 pub use tokenizer::{Offsets, SpecialToken, SpecialTokens, Tokenizer};
 
 /// Result alias for this crate.

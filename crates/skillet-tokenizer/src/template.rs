@@ -51,6 +51,9 @@ fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> 
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// Gemma's chat format, for GGUF files that carry no template.
+pub const GEMMA_TEMPLATE: &str = include_str!("../templates/gemma.jinja");
+
 impl ChatTemplate {
     /// Compiles `source`.
     pub fn new(source: &str, specials: &SpecialTokens) -> Result<Self> {
@@ -73,10 +76,16 @@ impl ChatTemplate {
         })
     }
 
-    /// The template of a GGUF file (`tokenizer.chat_template`), if any.
+    /// The template of a GGUF file (`tokenizer.chat_template`), if any;
+    /// a Gemma file without one gets Gemma's turn format
+    /// (`templates/gemma.jinja`), as llama.cpp falls back to it.
     pub fn from_gguf(file: &GgufFile, specials: &SpecialTokens) -> Result<Option<Self>> {
+        let arch = file.get("general.architecture").and_then(|v| v.as_str());
         match file.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
             Some(src) => Ok(Some(Self::new(src, specials)?)),
+            None if arch.is_some_and(|a| a.starts_with("gemma")) => {
+                Ok(Some(Self::new(GEMMA_TEMPLATE, specials)?))
+            }
             None => Ok(None),
         }
     }

