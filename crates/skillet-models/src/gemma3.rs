@@ -7,80 +7,43 @@
 
 use candle_core::Tensor;
 
-use crate::layers::{self, Attention, AttentionKind, Block, Kv, LayerContext, Mlp, RmsNorm};
+use crate::layers::{
+    self, ATTENTION_TENSORS, Attention, AttentionKind, Block, Kv, LayerContext, MLP_TENSORS, Mlp,
+    RmsNorm,
+};
 use crate::linear::Linear;
 use crate::load::Loader;
-use crate::names::{Dim, LayerTensor, When};
+use crate::names::{Dim, LayerTensor};
 use crate::{LAYER_MODULES, Result};
 
-/// The tensors of one layer: Hugging Face name, llama.cpp's name, shape.
-pub(crate) const TENSORS: &[LayerTensor] = &[
-    LayerTensor::new("input_layernorm.weight", "attn_norm.weight", &[Dim::Hidden]),
-    LayerTensor::new(
-        "self_attn.q_proj.weight",
-        "attn_q.weight",
-        &[Dim::Q, Dim::Hidden],
-    ),
-    LayerTensor::new(
-        "self_attn.k_proj.weight",
-        "attn_k.weight",
-        &[Dim::Kv, Dim::Hidden],
-    ),
-    LayerTensor::new(
-        "self_attn.v_proj.weight",
-        "attn_v.weight",
-        &[Dim::Kv, Dim::Hidden],
-    ),
-    LayerTensor::new("self_attn.q_proj.bias", "attn_q.bias", &[Dim::Q]).when(When::AttentionBias),
-    LayerTensor::new("self_attn.k_proj.bias", "attn_k.bias", &[Dim::Kv]).when(When::AttentionBias),
-    LayerTensor::new("self_attn.v_proj.bias", "attn_v.bias", &[Dim::Kv]).when(When::AttentionBias),
-    LayerTensor::new(
-        "self_attn.q_norm.weight",
-        "attn_q_norm.weight",
-        &[Dim::Head],
-    )
-    .when(When::QkNorm),
-    LayerTensor::new(
-        "self_attn.k_norm.weight",
-        "attn_k_norm.weight",
-        &[Dim::Head],
-    )
-    .when(When::QkNorm),
-    LayerTensor::new(
-        "self_attn.o_proj.weight",
-        "attn_output.weight",
-        &[Dim::Hidden, Dim::Q],
-    ),
-    LayerTensor::new(
-        "post_attention_layernorm.weight",
-        "post_attention_norm.weight",
+/// The tensors of one layer, in checkpoint order. The norm after
+/// attention has a name of its own in GGUF; the one before the MLP takes
+/// llama.cpp's `ffn_norm`.
+pub(crate) const TENSORS: &[&[LayerTensor]] = &[
+    &[LayerTensor::new(
+        "input_layernorm.weight",
+        "attn_norm.weight",
         &[Dim::Hidden],
-    ),
-    LayerTensor::new(
-        "pre_feedforward_layernorm.weight",
-        "ffn_norm.weight",
-        &[Dim::Hidden],
-    ),
-    LayerTensor::new(
-        "mlp.gate_proj.weight",
-        "ffn_gate.weight",
-        &[Dim::Ffn, Dim::Hidden],
-    ),
-    LayerTensor::new(
-        "mlp.up_proj.weight",
-        "ffn_up.weight",
-        &[Dim::Ffn, Dim::Hidden],
-    ),
-    LayerTensor::new(
-        "mlp.down_proj.weight",
-        "ffn_down.weight",
-        &[Dim::Hidden, Dim::Ffn],
-    ),
-    LayerTensor::new(
+    )],
+    ATTENTION_TENSORS,
+    &[
+        LayerTensor::new(
+            "post_attention_layernorm.weight",
+            "post_attention_norm.weight",
+            &[Dim::Hidden],
+        ),
+        LayerTensor::new(
+            "pre_feedforward_layernorm.weight",
+            "ffn_norm.weight",
+            &[Dim::Hidden],
+        ),
+    ],
+    MLP_TENSORS,
+    &[LayerTensor::new(
         "post_feedforward_layernorm.weight",
         "post_ffw_norm.weight",
         &[Dim::Hidden],
-    ),
+    )],
 ];
 
 #[derive(Debug)]
@@ -97,32 +60,15 @@ pub(crate) struct Gemma3Layer {
 
 impl Gemma3Layer {
     pub(crate) fn load(l: &Loader, index: usize, kind: AttentionKind) -> Result<Self> {
-        let cfg = l.cfg;
         let p = format!("model.layers.{index}");
         let norm = |n: &str| l.norm(&format!("{p}.{n}.weight"));
         Ok(Self {
             index,
             input_layernorm: norm("input_layernorm")?,
-            self_attn: Attention {
-                q_proj: l.linear(&format!("{p}.self_attn.q_proj"))?,
-                k_proj: l.linear(&format!("{p}.self_attn.k_proj"))?,
-                v_proj: l.linear(&format!("{p}.self_attn.v_proj"))?,
-                o_proj: l.linear(&format!("{p}.self_attn.o_proj"))?,
-                q_norm: Some(norm("self_attn.q_norm")?),
-                k_norm: Some(norm("self_attn.k_norm")?),
-                heads: cfg.num_attention_heads,
-                kv_heads: cfg.num_key_value_heads,
-                head_dim: cfg.head_dim,
-                kind,
-            },
+            self_attn: Attention::load(l, &p, kind)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
             pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
-            mlp: Mlp {
-                gate_proj: l.linear(&format!("{p}.mlp.gate_proj"))?,
-                up_proj: l.linear(&format!("{p}.mlp.up_proj"))?,
-                down_proj: l.linear(&format!("{p}.mlp.down_proj"))?,
-                act: cfg.hidden_act,
-            },
+            mlp: Mlp::load(l, &p)?,
             post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
         })
     }

@@ -12,7 +12,68 @@ use skillet_kernels::{AttentionMask, CachedSeq, RopeLayout, RopeTable};
 use crate::adapter::Adapters;
 use crate::cache::KvCache;
 use crate::linear::{Activations, Linear, Precision};
+use crate::load::Loader;
+use crate::names::{Dim, LayerTensor, When};
 use crate::{Activation, ModelError, Result};
+
+/// The attention's tensors in a layer's name table (after its input norm):
+/// Hugging Face name, llama.cpp's name, shape.
+pub(crate) const ATTENTION_TENSORS: &[LayerTensor] = &[
+    LayerTensor::new(
+        "self_attn.q_proj.weight",
+        "attn_q.weight",
+        &[Dim::Q, Dim::Hidden],
+    ),
+    LayerTensor::new(
+        "self_attn.k_proj.weight",
+        "attn_k.weight",
+        &[Dim::Kv, Dim::Hidden],
+    ),
+    LayerTensor::new(
+        "self_attn.v_proj.weight",
+        "attn_v.weight",
+        &[Dim::Kv, Dim::Hidden],
+    ),
+    LayerTensor::new("self_attn.q_proj.bias", "attn_q.bias", &[Dim::Q]).when(When::AttentionBias),
+    LayerTensor::new("self_attn.k_proj.bias", "attn_k.bias", &[Dim::Kv]).when(When::AttentionBias),
+    LayerTensor::new("self_attn.v_proj.bias", "attn_v.bias", &[Dim::Kv]).when(When::AttentionBias),
+    LayerTensor::new(
+        "self_attn.q_norm.weight",
+        "attn_q_norm.weight",
+        &[Dim::Head],
+    )
+    .when(When::QkNorm),
+    LayerTensor::new(
+        "self_attn.k_norm.weight",
+        "attn_k_norm.weight",
+        &[Dim::Head],
+    )
+    .when(When::QkNorm),
+    LayerTensor::new(
+        "self_attn.o_proj.weight",
+        "attn_output.weight",
+        &[Dim::Hidden, Dim::Q],
+    ),
+];
+
+/// The gated MLP's tensors in a layer's name table.
+pub(crate) const MLP_TENSORS: &[LayerTensor] = &[
+    LayerTensor::new(
+        "mlp.gate_proj.weight",
+        "ffn_gate.weight",
+        &[Dim::Ffn, Dim::Hidden],
+    ),
+    LayerTensor::new(
+        "mlp.up_proj.weight",
+        "ffn_up.weight",
+        &[Dim::Ffn, Dim::Hidden],
+    ),
+    LayerTensor::new(
+        "mlp.down_proj.weight",
+        "ffn_down.weight",
+        &[Dim::Hidden, Dim::Ffn],
+    ),
+];
 
 /// Per-call inputs every layer shares.
 pub(crate) struct LayerContext {
@@ -129,6 +190,30 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
+    /// The attention of layer `prefix` (`model.layers.N`), QK-norms where
+    /// the config has them.
+    pub fn load(l: &Loader, prefix: &str, kind: AttentionKind) -> Result<Self> {
+        let cfg = l.cfg;
+        let p = format!("{prefix}.self_attn");
+        let qk_norm = |n: &str| -> Result<Option<RmsNorm>> {
+            cfg.qk_norm
+                .then(|| l.norm(&format!("{p}.{n}.weight")))
+                .transpose()
+        };
+        Ok(Self {
+            q_proj: l.linear(&format!("{p}.q_proj"))?,
+            k_proj: l.linear(&format!("{p}.k_proj"))?,
+            v_proj: l.linear(&format!("{p}.v_proj"))?,
+            o_proj: l.linear(&format!("{p}.o_proj"))?,
+            q_norm: qk_norm("q_norm")?,
+            k_norm: qk_norm("k_norm")?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            kind,
+        })
+    }
+
     /// Modules `base .. base + 4` are q, k, v, o.
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize, kv: Kv) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -235,6 +320,16 @@ pub(crate) struct Mlp {
 }
 
 impl Mlp {
+    /// The MLP of layer `prefix` (`model.layers.N`).
+    pub fn load(l: &Loader, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            gate_proj: l.linear(&format!("{prefix}.mlp.gate_proj"))?,
+            up_proj: l.linear(&format!("{prefix}.mlp.up_proj"))?,
+            down_proj: l.linear(&format!("{prefix}.mlp.down_proj"))?,
+            act: l.cfg.hidden_act,
+        })
+    }
+
     /// `residual + mlp(x)`; modules `base + 4 .. base + 7` are gate, up,
     /// down.
     pub fn forward_add(

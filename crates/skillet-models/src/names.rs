@@ -77,14 +77,15 @@ const GLOBAL: [(&str, &str, &[Dim]); 3] = [
     ),
 ];
 
-/// The decoder layer table of `arch`.
-pub(crate) fn layer_table(arch: Architecture) -> &'static [LayerTensor] {
-    match arch {
+/// The decoder layer table of `arch`, in checkpoint order.
+pub(crate) fn layer_table(arch: Architecture) -> impl Iterator<Item = &'static LayerTensor> {
+    let parts: &[&[LayerTensor]] = match arch {
         Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
             crate::llama::TENSORS
         }
         Architecture::Gemma3 => crate::gemma3::TENSORS,
-    }
+    };
+    parts.iter().flat_map(|p| p.iter())
 }
 
 fn size(cfg: &ModelConfig, d: Dim) -> usize {
@@ -138,7 +139,7 @@ pub fn gguf_name(arch: Architecture, hf_name: &str) -> String {
     else {
         return hf_name.to_string();
     };
-    match layer_table(arch).iter().find(|t| t.hf == tail) {
+    match layer_table(arch).find(|t| t.hf == tail) {
         Some(t) => format!("blk.{layer}.{}", t.gguf),
         None => hf_name.to_string(),
     }
@@ -198,7 +199,7 @@ mod tests {
     #[test]
     fn every_table_name_is_unique() {
         for arch in [Architecture::Llama, Architecture::Gemma3] {
-            let t = layer_table(arch);
+            let t: Vec<_> = layer_table(arch).collect();
             for (i, a) in t.iter().enumerate() {
                 for b in &t[i + 1..] {
                     assert!(a.hf != b.hf && a.gguf != b.gguf, "{arch:?}: {}", a.hf);
