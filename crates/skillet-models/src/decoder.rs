@@ -80,7 +80,6 @@ impl Model {
     /// shape against the architecture's name table.
     pub fn load(cfg: ModelConfig, src: &dyn WeightSource, opts: LoadOptions) -> Result<Self> {
         let l = Loader::new(&cfg, src, opts);
-        let (v, c) = (cfg.vocab_size, cfg.hidden_size);
         let embed_name = "model.embed_tokens.weight";
         // A frozen embedding in Q4_1 / Q8_0 blocks stays in them (rows are
         // dequantized as they are looked up), and a tied head reads the
@@ -142,11 +141,10 @@ impl Model {
                 tensor: src.file_name("lm_head.weight"),
             });
         };
-        debug_assert_eq!(lm_head.out_features(), v);
         src.release_pages();
         let ropes = ropes.iter().map(|r| Rope::new(r, cfg.head_dim)).collect();
-        let embed_scale =
-            (cfg.architecture == Architecture::Gemma3).then(|| f64::from((c as f32).sqrt()));
+        let embed_scale = (cfg.architecture == Architecture::Gemma3)
+            .then(|| f64::from((cfg.hidden_size as f32).sqrt()));
         Ok(Self {
             ropes,
             embed_scale,
