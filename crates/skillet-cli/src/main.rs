@@ -41,6 +41,8 @@ enum Command {
     /// Check training data against a model: validation and a dry run of the loss mask.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
+    /// Write a model (an adapter merged in or not) as GGUF or a Hugging Face folder, or an adapter as llama.cpp LoRA GGUF.
+    Export(commands::export::Args),
     /// Fold a LoRA adapter into the base weights and write a Hugging Face folder.
     Merge(commands::merge::Args),
     /// Held-out loss, accuracy, exact match and forgetting check of a model (+ adapter).
@@ -140,6 +142,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Train(a) => commands::train::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Data(c) => commands::data::run(c),
+        Command::Export(a) => commands::export::run(a),
         Command::Merge(a) => commands::merge::run(a),
         Command::Reward(a) => commands::reward::run(a),
         Command::Bench(a) => commands::bench::run(a),

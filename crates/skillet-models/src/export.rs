@@ -221,3 +221,63 @@ pub fn write_gguf(
     w.write(path)?;
     Ok(())
 }
+
+/// The factors of one adapted module for [`write_gguf_lora`].
+#[derive(Debug, Clone)]
+pub struct LoraTensors {
+    /// Hugging Face module name without `.weight` (`model.layers.0.self_attn.q_proj`).
+    pub module: String,
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+}
+
+/// Writes a LoRA adapter in llama.cpp's adapter GGUF format (what its
+/// `convert_lora_to_gguf.py` writes and `--lora` loads): `general.type =
+/// adapter`, `adapter.type = lora`, and per module `<gguf name>.lora_a`
+/// (`[r, in]`) and `.lora_b` (`[out, r]`) in f32. llama.cpp scales by
+/// `alpha / r`, so `scale` (PEFT's alpha/r, or alpha/√r with rsLoRA) is
+/// written as `alpha = scale · r`. Where the architecture's GGUF permutes
+/// the rows of Q and K, `B`'s rows are permuted the same way, so `B·A`
+/// lines up with the permuted base weight.
+pub fn write_gguf_lora(
+    cfg: &ModelConfig,
+    modules: &[LoraTensors],
+    scale: f64,
+    path: &Path,
+) -> Result<()> {
+    let mut w = GgufWriter::new();
+    w.metadata(
+        "general.architecture",
+        Value::String(cfg.architecture.name().into()),
+    );
+    w.metadata("general.type", Value::String("adapter".into()));
+    w.metadata("adapter.type", Value::String("lora".into()));
+    let rank = modules.first().map_or(1, |m| m.a.dims()[0]);
+    w.metadata(
+        "adapter.lora.alpha",
+        Value::F32((scale * rank as f64) as f32),
+    );
+    let permute = cfg.architecture.gguf_permutes_qk();
+    for m in modules {
+        let name = gguf_name(cfg.architecture, &format!("{}.weight", m.module));
+        let b = match () {
+            _ if permute && m.module.ends_with("self_attn.q_proj") => {
+                permute_rows(&m.b, cfg.num_attention_heads)?
+            }
+            _ if permute && m.module.ends_with("self_attn.k_proj") => {
+                permute_rows(&m.b, cfg.num_key_value_heads)?
+            }
+            _ => m.b.clone(),
+        };
+        for (suffix, t) in [("lora_a", &m.a), ("lora_b", &b)] {
+            let t = t.to_dtype(DType::F32)?.contiguous()?;
+            let full = format!("{name}.{suffix}");
+            let bytes = tensor_bytes(&t, GgmlType::F32, &full, path)?;
+            w.tensor(&full, t.dims(), GgmlType::F32, bytes);
+        }
+    }
+    w.write(path)?;
+    Ok(())
+}

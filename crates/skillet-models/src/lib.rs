@@ -21,6 +21,7 @@ mod llama;
 mod load;
 mod memory;
 mod names;
+mod quant_plan;
 mod rng;
 mod rope;
 mod source;
@@ -40,6 +41,7 @@ pub use memory::{
     tiny_config, tiny_config_for,
 };
 pub use names::{gguf_name, is_norm, tensor_shapes};
+pub use quant_plan::FileType;
 pub use rng::Rng;
 pub use rope::Rope;
 pub use skillet_kernels::LoraFactors;

@@ -26,9 +26,14 @@ fn split(regex: &str) -> Value {
     json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
 }
 
+/// One name per distinct pre-tokenizer below (what an export writes).
+pub(crate) fn pre_tokenizer_names() -> &'static [&'static str] {
+    &["gpt2", "smollm", "llama-bpe", "qwen2"]
+}
+
 /// The pre-tokenizer for llama.cpp's pre-tokenizer name, or `None` when we
 /// do not know it.
-fn pre_tokenizer(pre: &str) -> Option<Value> {
+pub(crate) fn pre_tokenizer(pre: &str) -> Option<Value> {
     Some(match pre {
         "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" => byte_level(true),
         // "\p{N}" split first, then GPT-2's regex: digits one by one.

@@ -5,6 +5,7 @@
 
 mod error;
 mod gguf;
+mod gguf_out;
 mod hf;
 mod spm;
 mod strftime;
@@ -13,6 +14,7 @@ mod tokenizer;
 
 pub use error::TokenizerError;
 pub use gguf::gguf_tokenizer_json;
+pub use gguf_out::gguf_tokenizer_metadata;
 pub use hf::GenerationConfig;
 pub use template::{ChatTemplate, GEMMA_TEMPLATE, Message};
 pub use tokenizer::{Offsets, SpecialToken, SpecialTokens, Tokenizer};

@@ -1,0 +1,99 @@
+//! Writing GGUF files llama.cpp loads: a whole model (merged with an
+//! adapter or not) in a chosen file type, with its tokenizer and chat
+//! template; and an adapter alone in llama.cpp's LoRA adapter format.
+
+use std::path::Path;
+
+use skillet_adapters::load_peft;
+use skillet_gguf::Value;
+use skillet_models::export::{LoraTensors, write_gguf, write_gguf_lora};
+use skillet_models::{FileType, MemoryWeights, ModelSource, tensor_shapes};
+use skillet_tokenizer::gguf_tokenizer_metadata;
+
+use crate::{Bundle, Result, RuntimeError};
+
+/// The GGUF tokenizer entries of the bundle's model: copied as they are
+/// from a GGUF source (plus Skillet's chat template where the file has
+/// none), written from `tokenizer.json` for a Hugging Face folder.
+pub fn tokenizer_metadata(b: &Bundle) -> Result<Vec<(String, Value)>> {
+    let template = b.template.as_ref().map(|t| t.source());
+    Ok(match &b.source {
+        ModelSource::Gguf(file) => {
+            let mut out: Vec<(String, Value)> = file
+                .metadata()
+                .iter()
+                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if let Some(t) = template
+                && !out.iter().any(|(k, _)| k == "tokenizer.chat_template")
+            {
+                out.push(("tokenizer.chat_template".into(), Value::String(t.into())));
+            }
+            out
+        }
+        ModelSource::HfFolder(_) => gguf_tokenizer_metadata(&b.tokenizer, template)?,
+    })
+}
+
+/// Writes `weights` (the bundle's model, an adapter perhaps merged in) as
+/// one GGUF file of type `ty`, each tensor stored as llama.cpp's quantizer
+/// would store it ([`FileType::storage`]).
+pub fn write_gguf_model(
+    b: &Bundle,
+    weights: &MemoryWeights,
+    ty: FileType,
+    out: &Path,
+) -> Result<()> {
+    let cfg = &b.config;
+    let cols: std::collections::HashMap<String, usize> = tensor_shapes(cfg)
+        .into_iter()
+        .map(|(name, shape)| (name, shape.last().copied().unwrap_or(1)))
+        .collect();
+    let mut extra = tokenizer_metadata(b)?;
+    extra.push(("general.file_type".into(), Value::U32(ty.ftype())));
+    let storage = |name: &str| ty.storage(cfg, name, cols.get(name).copied().unwrap_or(1));
+    write_gguf(cfg, weights, out, &storage, extra)?;
+    Ok(())
+}
+
+/// Writes the PEFT adapter folder `adapter` as a llama.cpp LoRA GGUF for
+/// the bundle's model; returns how many modules it holds. DoRA adapters
+/// have no such form and are refused.
+pub fn write_gguf_adapter(b: &Bundle, adapter: &Path, out: &Path) -> Result<usize> {
+    let (config, lora) = load_peft(adapter)?;
+    let settings = config
+        .settings()
+        .map_err(|e| RuntimeError::Invalid(format!("{}: {e}", adapter.display())))?;
+    let shapes: std::collections::HashMap<String, Vec<usize>> =
+        tensor_shapes(&b.config).into_iter().collect();
+    let mut modules: Vec<LoraTensors> = Vec::with_capacity(lora.len());
+    for (module, (a, bm)) in lora {
+        let fits = shapes.get(&format!("{module}.weight")).is_some_and(|s| {
+            s.len() == 2 && a.dims() == [settings.r, s[1]] && bm.dims() == [s[0], settings.r]
+        });
+        if !fits {
+            return Err(RuntimeError::Invalid(format!(
+                "{}: the adapter's {module} (A {:?}, B {:?}) does not fit this model",
+                adapter.display(),
+                a.dims(),
+                bm.dims()
+            )));
+        }
+        modules.push(LoraTensors { module, a, b: bm });
+    }
+    // Layer order, as llama.cpp's converter writes them.
+    modules.sort_by_key(|m| module_order(&m.module));
+    write_gguf_lora(&b.config, &modules, settings.scale(), out)?;
+    Ok(modules.len())
+}
+
+/// Sort key: layer number, then the name.
+fn module_order(module: &str) -> (usize, String) {
+    let layer = module
+        .strip_prefix("model.layers.")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(i, _)| i.parse().ok())
+        .unwrap_or(usize::MAX);
+    (layer, module.to_string())
+}
