@@ -76,6 +76,10 @@ pub struct LoraSettings {
     pub dropout: f32,
     /// rsLoRA: scale by alpha/√r instead of alpha/r.
     pub use_rslora: bool,
+    /// DoRA (Liu et al. 2024, arXiv 2402.09353): a trained magnitude per
+    /// output row times the direction of `W + scale·B·A`. Off unless set
+    /// after [`LoraSettings::new`].
+    pub use_dora: bool,
     /// Which modules.
     pub targets: Targets,
 }
@@ -107,6 +111,7 @@ impl LoraSettings {
             alpha,
             dropout,
             use_rslora,
+            use_dora: false,
             targets,
         })
     }
@@ -151,7 +156,7 @@ pub struct PeftAdapterConfig {
     /// rsLoRA scaling.
     #[serde(default)]
     pub use_rslora: bool,
-    /// DoRA (not supported yet).
+    /// DoRA: a magnitude vector per module (`lora_magnitude_vector`).
     #[serde(default)]
     pub use_dora: bool,
     /// Whole modules trained and saved besides LoRA (a reward model's
@@ -200,7 +205,7 @@ impl PeftAdapterConfig {
             bias: "none".into(),
             fan_in_fan_out: false,
             use_rslora: s.use_rslora,
-            use_dora: false,
+            use_dora: s.use_dora,
             modules_to_save: None,
             init_lora_weights: init_true(),
             layers_to_transform: None,
@@ -222,9 +227,6 @@ impl PeftAdapterConfig {
         if self.peft_type != "LORA" {
             return unsupported(&format!("peft_type {:?}", self.peft_type));
         }
-        if self.use_dora {
-            return unsupported("use_dora");
-        }
         if self.bias != "none" {
             return unsupported(&format!("bias {:?}", self.bias));
         }
@@ -241,13 +243,15 @@ impl PeftAdapterConfig {
         if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
             return unsupported("rank_pattern/alpha_pattern");
         }
-        LoraSettings::new(
+        let mut s = LoraSettings::new(
             self.r,
             self.lora_alpha,
             self.lora_dropout,
             self.use_rslora,
             Targets::from_json(&self.target_modules)?,
-        )
+        )?;
+        s.use_dora = self.use_dora;
+        Ok(s)
     }
 }
 
@@ -280,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_peft_configs_with_unknown_keys_and_refuses_dora() {
+    fn reads_peft_configs_with_unknown_keys_and_dora() {
         let text = r#"{"peft_type":"LORA","task_type":"CAUSAL_LM","r":8,"lora_alpha":16,"lora_dropout":0.05,
             "target_modules":["q_proj","v_proj"],"bias":"none","use_rslora":false,"use_dora":false,
             "some_future_key":{"x":1},"modules_to_save":null,"layers_to_transform":null,
@@ -288,13 +292,11 @@ mod tests {
         let cfg: PeftAdapterConfig = serde_json::from_str(text).unwrap();
         let s = cfg.settings().unwrap();
         assert_eq!((s.r, s.alpha, s.dropout), (8, 16.0, 0.05));
+        assert!(!s.use_dora);
         let mut dora = cfg.clone();
         dora.use_dora = true;
-        assert!(
-            dora.settings()
-                .unwrap_err()
-                .to_string()
-                .contains("use_dora")
-        );
+        assert!(dora.settings().unwrap().use_dora);
+        let back = PeftAdapterConfig::from_settings(&dora.settings().unwrap(), None);
+        assert!(back.use_dora);
     }
 }

@@ -1,5 +1,5 @@
 //! LoRA adapters (Hu et al. 2021, arXiv 2106.09685; rsLoRA: Kalajdzievski
-//! 2023, arXiv 2312.03732) following Hugging Face PEFT's `LoraLayer`:
+//! 2023, arXiv 2312.03732; DoRA: Liu et al. 2024, arXiv 2402.09353) following Hugging Face PEFT's `LoraLayer`:
 //! layers that wrap any base [`skillet_models::Linear`], selection of target
 //! modules, the PEFT on-disk format both ways, merging into the base, and
 //! reward models (LoRA plus a scalar `score` head).
@@ -13,7 +13,7 @@ mod reward;
 
 pub use config::{LoraSettings, PeftAdapterConfig, Targets};
 pub use error::AdapterError;
-pub use lora::{LoraAdapter, LoraParams, merged_weight};
+pub use lora::{LoraAdapter, LoraParams, Magnitudes, merged_weight};
 pub use peft::{PeftFile, load_peft, peft_tensor_name, read_peft, save_peft, write_peft};
 pub use reward::{RewardAdapter, SCORE_WEIGHT, fresh_score_head};
 

@@ -50,6 +50,12 @@ pub fn write_peft(
                 t.to_dtype(DType::F32)?.contiguous()?,
             ));
         }
+        if let Some(m) = &p.magnitude {
+            tensors.push((
+                format!("base_model.model.{}.lora_magnitude_vector", p.module),
+                m.to_dtype(DType::F32)?.contiguous()?,
+            ));
+        }
     }
     for (name, t) in modules {
         tensors.push((
@@ -81,6 +87,8 @@ pub struct PeftFile {
     pub config: PeftAdapterConfig,
     /// `(A, B)` per module name.
     pub lora: LoraWeights,
+    /// DoRA's magnitude vector (`[out]`) per module name; empty for LoRA.
+    pub magnitudes: HashMap<String, Tensor>,
     /// Whole-module weights by name (`score.weight`).
     pub modules: HashMap<String, Tensor>,
 }
@@ -88,9 +96,16 @@ pub struct PeftFile {
 /// Reads a PEFT adapter folder of LoRA factors alone: its config and
 /// `(A, B)` per module name. An adapter that also saves whole modules
 /// (`modules_to_save`) is refused: using it without them would silently
-/// give another model.
+/// give another model; so is a DoRA adapter (its magnitudes are in
+/// [`read_peft`]'s answer, for the callers that apply them).
 pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, LoraWeights)> {
     let file = read_peft(dir)?;
+    if file.config.use_dora {
+        return Err(AdapterError::File {
+            path: dir.join("adapter_config.json"),
+            message: "a DoRA adapter (use_dora) is not supported here".into(),
+        });
+    }
     let mut saved: Vec<&str> = file.modules.keys().map(String::as_str).collect();
     saved.sort_unstable();
     if !saved.is_empty() {
@@ -137,6 +152,7 @@ pub fn read_peft(dir: &Path) -> Result<PeftFile> {
     let mut a_parts = HashMap::new();
     let mut b_parts = HashMap::new();
     let mut modules = HashMap::new();
+    let mut magnitudes = HashMap::new();
     for (name, t) in tensors {
         // PEFT files may carry the adapter name (".lora_A.default.weight",
         // ".modules_to_save.default.weight").
@@ -148,6 +164,11 @@ pub fn read_peft(dir: &Path) -> Result<PeftFile> {
             a_parts.insert(m.to_string(), t);
         } else if let Some(m) = module.strip_suffix(".lora_B.weight") {
             b_parts.insert(m.to_string(), t);
+        } else if let Some(m) = module
+            .strip_suffix(".lora_magnitude_vector")
+            .or_else(|| module.strip_suffix(".lora_magnitude_vector.weight"))
+        {
+            magnitudes.insert(m.to_string(), t);
         } else if module.contains("lora_") {
             return Err(AdapterError::File {
                 path,
@@ -173,9 +194,22 @@ pub fn read_peft(dir: &Path) -> Result<PeftFile> {
             message: format!("'{m}' has lora_B but no lora_A"),
         });
     }
+    // DoRA needs a magnitude for every module; LoRA has none.
+    let stray = match config.use_dora {
+        true => out.keys().find(|m| !magnitudes.contains_key(*m)),
+        false => magnitudes.keys().next(),
+    };
+    if let Some(m) = stray {
+        let message = match config.use_dora {
+            true => format!("use_dora is set but '{m}' has no lora_magnitude_vector"),
+            false => format!("'{m}' has a lora_magnitude_vector but use_dora is not set"),
+        };
+        return Err(AdapterError::File { path, message });
+    }
     Ok(PeftFile {
         config,
         lora: out,
+        magnitudes,
         modules,
     })
 }

@@ -44,7 +44,7 @@ impl RewardAdapter {
         initial: Option<&PeftFile>,
     ) -> Result<Self> {
         let hidden = model.config().hidden_size;
-        let lora = LoraAdapter::new(model, settings, seed, initial.map(|f| &f.lora))?;
+        let lora = LoraAdapter::start(model, settings, seed, initial)?;
         let score = match initial {
             Some(f) if !f.modules.is_empty() => {
                 head_of(f, hidden, Path::new("the starting adapter"))?
@@ -66,7 +66,7 @@ impl RewardAdapter {
         let file = read_peft(dir)?;
         let weights = dir.join("adapter_model.safetensors");
         let score = head_of(&file, model.config().hidden_size, &weights)?;
-        let lora = LoraAdapter::from_file(model, dir, file.config, file.lora)?;
+        let lora = LoraAdapter::from_file(model, dir, &file)?;
         Ok(Self {
             lora,
             score,

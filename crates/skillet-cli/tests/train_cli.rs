@@ -429,3 +429,99 @@ fn bad_data_is_reported_and_nothing_is_written() {
     assert!(r.stderr.contains("[empty_file]"), "{}", r.stderr);
     assert!(!s.dir.path().join("out").exists());
 }
+
+#[test]
+fn dora_trains_resumes_exactly_and_merges_into_the_model() {
+    let s = setup("");
+    let r = train(&s, &["--set", "lora.use_dora=true"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = s.dir.path().join("out");
+    let adapter = out.join("adapter");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["use_dora"], true);
+    let tensors = candle_core::safetensors::load(
+        adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let magnitudes = tensors
+        .keys()
+        .filter(|k| k.ends_with(".lora_magnitude_vector"))
+        .count();
+    assert_eq!(magnitudes, 14, "one magnitude per adapted module");
+    assert_resumes_exactly(&out, "adapter", "adapter_model.safetensors");
+
+    // Base + DoRA adapter equals the merged export.
+    let m = s.model.to_str().unwrap();
+    let text = s.dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "<|im_start|>user\nsay 5<|im_end|>\n<|im_start|>assistant\nok 2<|im_end|>\n",
+    )
+    .unwrap();
+    let score = |model: &str, adapter: Option<&Path>| {
+        let mut args = vec!["score", "--model", model, "--file", text.to_str().unwrap()];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        args.push("--json");
+        skillet_json(&args)["mean_loss"].as_f64().unwrap()
+    };
+    let adapted = score(m, Some(&adapter));
+    assert_ne!(adapted, score(m, None));
+    let merged = s.dir.path().join("merged.gguf");
+    skillet_json(&[
+        "export",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--type",
+        "f32",
+        "--out",
+        merged.to_str().unwrap(),
+        "--json",
+    ]);
+    let from_merged = score(merged.to_str().unwrap(), None);
+    assert!(
+        (from_merged - adapted).abs() < 1e-4 * adapted.abs().max(1.0),
+        "merged {from_merged} vs base+DoRA {adapted}"
+    );
+    // llama.cpp's LoRA format has no magnitudes.
+    let r = skillet(&[
+        "export",
+        "--model",
+        m,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--format",
+        "gguf-lora",
+        "--out",
+        s.dir.path().join("x.gguf").to_str().unwrap(),
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("DoRA"), "{}", r.stderr);
+
+    // DoRA on the quantized blocks themselves (QDoRA on a GGUF base).
+    let r = train(
+        &s,
+        &[
+            "--set",
+            "lora.use_dora=true",
+            "--set",
+            "lora.keep_base_quantized=true",
+            "--overwrite",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let (before, after) = (
+        report["base"]["heldout"]["loss"].as_f64().unwrap(),
+        report["tuned"]["heldout"]["loss"].as_f64().unwrap(),
+    );
+    assert!(after < before, "QDoRA held-out loss {before} -> {after}");
+}

@@ -87,6 +87,10 @@ impl CausalLm for Adapted<'_> {
         self.model.modules()
     }
 
+    fn module_weight(&self, module: usize) -> Result<Tensor> {
+        self.model.module_weight(module)
+    }
+
     fn take_checkpoint_grads(&self) -> Vec<(Tensor, Tensor)> {
         self.model.take_checkpoint_grads()
     }

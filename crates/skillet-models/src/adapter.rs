@@ -38,14 +38,42 @@ pub struct ModuleInfo {
     pub out_features: usize,
 }
 
+/// The base layer under an update, for updates that rescale its output
+/// (DoRA): the layer itself and its output for the update's rows.
+pub struct BaseOutput<'a> {
+    /// The base layer.
+    pub linear: &'a dyn Linear,
+    /// Its output (bias included) for every row of the call, `[N, out]`.
+    output: &'a Tensor,
+    /// The rows of `output` the update's input holds, where not all.
+    rows: Option<&'a Tensor>,
+}
+
+impl BaseOutput<'_> {
+    /// The base layer's output (bias included) for the update's rows,
+    /// `[n, out]`.
+    pub fn output(&self) -> Result<Tensor> {
+        Ok(match self.rows {
+            Some(idx) => self.output.index_select(idx, 0)?,
+            None => self.output.clone(),
+        })
+    }
+}
+
 /// A set of low-rank updates to a model's linear layers (LoRA and kin).
 pub trait Adapter: Send + Sync + fmt::Debug {
     /// The update of module `module` for input rows `x` (`[n, in]` →
     /// `[n, out]`), or `None` where the adapter leaves the module alone.
+    /// `base` is the layer under it and its output for these rows.
     /// `dropout_seed` is set in training: the adapter's input dropout then
     /// draws its mask from it.
-    fn delta(&self, module: usize, x: &Tensor, dropout_seed: Option<u64>)
-    -> Result<Option<Tensor>>;
+    fn delta(
+        &self,
+        module: usize,
+        x: &Tensor,
+        base: &BaseOutput<'_>,
+        dropout_seed: Option<u64>,
+    ) -> Result<Option<Tensor>>;
     /// Whether the adapter changes module `module`.
     fn adapts(&self, module: usize) -> bool;
     /// Plain LoRA factors of `module`, for the fused kernel that applies a
@@ -202,12 +230,21 @@ impl Adapters {
         }
         let n = x.elem_count() / lin.in_features().max(1);
         let flat = x.reshape((n, lin.in_features()))?;
+        let base = y.reshape((n, lin.out_features()))?;
         let delta = match &self.rows {
             Rows::None => None,
-            Rows::All => self.list[0].delta(module, &flat, self.dropout_seed)?,
+            Rows::All => {
+                let under = BaseOutput {
+                    linear: lin,
+                    output: &base,
+                    rows: None,
+                };
+                self.list[0].delta(module, &flat, &under, self.dropout_seed)?
+            }
             Rows::Each(each) => {
-                let base = y.reshape((n, lin.out_features()))?;
-                return Ok(self.mixed(module, &flat, each, &base)?.reshape(y.shape())?);
+                return Ok(self
+                    .mixed(lin, module, &flat, each, &base)?
+                    .reshape(y.shape())?);
             }
         };
         Ok(match delta {
@@ -224,6 +261,7 @@ impl Adapters {
     /// else each adapter on its own rows, gathered and scattered back.
     fn mixed(
         &self,
+        lin: &dyn Linear,
         module: usize,
         x: &Tensor,
         each: &[Option<u16>],
@@ -273,7 +311,13 @@ impl Adapters {
                 continue;
             }
             let idx = Tensor::new(rows.as_slice(), &Device::Cpu)?;
-            if let Some(d) = adapter.delta(module, &x.index_select(&idx, 0)?, self.dropout_seed)? {
+            let under = BaseOutput {
+                linear: lin,
+                output: base,
+                rows: Some(&idx),
+            };
+            let xs = x.index_select(&idx, 0)?;
+            if let Some(d) = adapter.delta(module, &xs, &under, self.dropout_seed)? {
                 total = total.index_add(&idx, &d, 0)?;
             }
         }

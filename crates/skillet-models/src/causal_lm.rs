@@ -132,6 +132,9 @@ pub trait CausalLm: Send + Sync {
     }
     /// Every adaptable linear layer, in module order (see [`Adapter`]).
     fn modules(&self) -> Vec<ModuleInfo>;
+    /// The `[out, in]` weight of module `module` in f32 (dequantized
+    /// where stored in blocks; detached from any variable).
+    fn module_weight(&self, module: usize) -> Result<Tensor>;
     /// Gradients that checkpointed layers computed during the last
     /// `backward`, as (variable, gradient) pairs, emptied by the call.
     fn take_checkpoint_grads(&self) -> Vec<(Tensor, Tensor)> {

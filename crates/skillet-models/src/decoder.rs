@@ -343,6 +343,22 @@ impl CausalLm for Model {
             .collect()
     }
 
+    fn module_weight(&self, module: usize) -> Result<Tensor> {
+        let mut found = None;
+        let mut i = 0;
+        self.visit_linears(|l| {
+            if i == module {
+                found = Some(l.weight_f32());
+            }
+            i += 1;
+        });
+        found.unwrap_or_else(|| {
+            Err(crate::ModelError::Input(format!(
+                "module {module} of {i} modules"
+            )))
+        })
+    }
+
     fn take_checkpoint_grads(&self) -> Vec<(Tensor, Tensor)> {
         self.checkpointing
             .as_ref()

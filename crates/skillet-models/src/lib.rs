@@ -28,7 +28,7 @@ mod source;
 mod weights;
 
 pub use adapted::Adapted;
-pub use adapter::{Adapter, Adapters, LAYER_MODULES, ModuleInfo, module_names};
+pub use adapter::{Adapter, Adapters, BaseOutput, LAYER_MODULES, ModuleInfo, module_names};
 pub use cache::KvCache;
 pub use causal_lm::{CachedBatch, CachedChunk, CausalLm, ForwardInput, LoadOptions};
 pub use config::{Activation, Architecture, LayerType, ModelConfig, RopeConfig, RopeScaling};

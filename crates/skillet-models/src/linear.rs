@@ -54,6 +54,14 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
     fn in_features(&self) -> usize;
     /// Output width.
     fn out_features(&self) -> usize;
+    /// The bias added after the product, if any.
+    fn bias(&self) -> Option<&Tensor> {
+        None
+    }
+    /// The `[out, in]` weight in f32, dequantized where it is stored in
+    /// blocks (a copy; for adapters that need the base weight itself,
+    /// e.g. DoRA's row norms).
+    fn weight_f32(&self) -> Result<Tensor>;
     /// The dense `[out, in]` weight when the layer is exactly `x Wᵀ` (no
     /// bias, no adapter), so callers may fuse it (LM head + cross-entropy).
     /// A trainable weight is returned as its variable and gets gradients.
@@ -221,11 +229,6 @@ impl BaseLinear {
         Ok(Self { weight, ..self })
     }
 
-    /// The bias, if any.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
     /// The dense f32 weight (dequantized when stored in blocks).
     fn to_dense(&self) -> Result<Tensor> {
         Ok(match &self.weight {
@@ -378,6 +381,14 @@ impl Linear for BaseLinear {
             Stored::Blocks(packed) => self.blocks(packed, x, activations),
             _ => self.dense(x),
         }
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    fn weight_f32(&self) -> Result<Tensor> {
+        Ok(self.to_dense()?.detach())
     }
 
     fn in_features(&self) -> usize {

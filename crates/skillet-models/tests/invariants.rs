@@ -4,7 +4,7 @@
 //! and bad files give clear errors.
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use skillet_gguf::{GgmlType, GgufFile, Value};
 use skillet_models::export::{TokenIds, write_gguf, write_hf_weights};
 use skillet_models::{
@@ -384,6 +384,9 @@ impl Linear for Zero {
         let mut dims = x.dims().to_vec();
         *dims.last_mut().unwrap() = self.1;
         Ok(Tensor::zeros(dims, x.dtype(), x.device())?)
+    }
+    fn weight_f32(&self) -> skillet_models::Result<Tensor> {
+        Ok(Tensor::zeros((self.1, self.0), DType::F32, &Device::Cpu)?)
     }
     fn in_features(&self) -> usize {
         self.0

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use skillet_adapters::{load_peft, merged_weight};
+use skillet_adapters::{merged_weight, read_peft};
 use skillet_models::export::{TokenIds, write_hf_weights};
 use skillet_models::{MemoryWeights, WeightSource, collect_weights};
 
@@ -39,12 +39,17 @@ pub fn merged_weights(b: &Bundle, adapter: Option<&Path>) -> Result<Merged> {
             dequantized_base,
         });
     };
-    let (config, lora) = load_peft(dir)?;
+    let file = read_peft(dir)?;
+    if !file.modules.is_empty() {
+        // Whole modules besides LoRA: refused with load_peft's reason.
+        skillet_adapters::load_peft(dir)?;
+    }
+    let (config, lora) = (&file.config, &file.lora);
     let settings = config
         .settings()
         .map_err(|e| RuntimeError::Invalid(format!("{}: {e}", dir.display())))?;
     let refuse = |message: String| RuntimeError::Invalid(format!("{}: {message}", dir.display()));
-    for (module, (a, bm)) in &lora {
+    for (module, (a, bm)) in lora {
         let key = format!("{module}.weight");
         let base = weights.tensors.get(&key).ok_or_else(|| {
             refuse(format!(
@@ -61,7 +66,8 @@ pub fn merged_weights(b: &Bundle, adapter: Option<&Path>) -> Result<Merged> {
                 settings.r
             )));
         }
-        let merged = merged_weight(base, a, bm, settings.scale())?;
+        let magnitude = file.magnitudes.get(module);
+        let merged = merged_weight(base, a, bm, settings.scale(), magnitude)?;
         weights.tensors.insert(key, merged);
     }
     Ok(Merged {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use skillet_adapters::load_peft;
+use skillet_adapters::{load_peft, read_peft};
 use skillet_gguf::Value;
 use skillet_models::export::{LoraTensors, write_gguf, write_gguf_lora};
 use skillet_models::{FileType, MemoryWeights, ModelSource, tensor_shapes};
@@ -61,6 +61,13 @@ pub fn write_gguf_model(
 /// the bundle's model; returns how many modules it holds. DoRA adapters
 /// have no such form and are refused.
 pub fn write_gguf_adapter(b: &Bundle, adapter: &Path, out: &Path) -> Result<usize> {
+    if read_peft(adapter)?.config.use_dora {
+        return Err(RuntimeError::Invalid(format!(
+            "{}: a DoRA adapter has no llama.cpp LoRA form (llama.cpp applies B·A alone); \
+             merge it into the model instead (--format gguf)",
+            adapter.display()
+        )));
+    }
     let (config, lora) = load_peft(adapter)?;
     let settings = config
         .settings()

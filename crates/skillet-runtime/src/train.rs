@@ -172,12 +172,12 @@ fn read_start(dir: &Path, reward: bool) -> Result<PeftFile> {
     Ok(if reward {
         read_peft(dir)?
     } else {
-        let (config, lora) = load_peft(dir)?;
-        PeftFile {
-            config,
-            lora,
-            modules: Default::default(),
+        let file = read_peft(dir)?;
+        if !file.modules.is_empty() {
+            // Whole modules besides LoRA: refused with load_peft's reason.
+            load_peft(dir)?;
         }
+        file
     })
 }
 
@@ -292,13 +292,14 @@ pub fn run_training(
         (_, MethodConfig::Reward(_)) | (None, _) => None,
         (Some(p), _) => Some(read_text(p)?),
     };
-    let settings = LoraSettings::new(
+    let mut settings = LoraSettings::new(
         cfg.lora.r,
         cfg.lora.alpha,
         cfg.lora.dropout,
         cfg.lora.use_rslora,
         cfg.targets()?,
     )?;
+    settings.use_dora = cfg.lora.use_dora;
     // Read a starting adapter before anything is written, so a bad path
     // leaves no output folder behind.
     let reward = matches!(cfg.method, MethodConfig::Reward(_));
@@ -309,6 +310,20 @@ pub fn run_training(
             })?),
             _ => None,
         };
+    if let Some(f) = &init_weights
+        && f.config.use_dora != settings.use_dora
+    {
+        return Err(RuntimeError::Invalid(format!(
+            "init_adapter {}: it was trained with use_dora = {}, the run sets lora.use_dora = {}",
+            cfg.lora
+                .init_adapter
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display(),
+            f.config.use_dora,
+            settings.use_dora
+        )));
+    }
     let checkpoint = if resuming {
         Some(latest_checkpoint(&out).ok_or_else(|| {
             RuntimeError::Invalid(format!("{}: no checkpoint to resume from", out.display()))
@@ -339,7 +354,6 @@ pub fn run_training(
         Some(dir) => Some(read_start(dir, reward)?),
         None => init_weights,
     };
-    let initial_lora = initial.as_ref().map(|f| &f.lora);
     let run = Run {
         cfg,
         bundle: &bundle,
@@ -365,7 +379,7 @@ pub fn run_training(
                 eval_batch: cfg.eval.batch_size,
             };
             // Measured in f32 (training sets its precision later).
-            let adapter = run.trainable(&model, &settings, initial_lora)?;
+            let adapter = run.trainable(&model, &settings, initial.as_ref())?;
             let r = run.evaluate_and_train(
                 &objective,
                 &mut model,
@@ -381,7 +395,7 @@ pub fn run_training(
                 unreachable!("prompts are loaded for GRPO")
             };
             model.set_precision(precision);
-            let adapter = run.trainable(&model, &settings, initial_lora)?;
+            let adapter = run.trainable(&model, &settings, initial.as_ref())?;
             // The reference: the starting adapter frozen, or the base; only
             // computed when the KL term is on.
             let reference = match (&cfg.lora.init_adapter, g.beta != 0.0) {
@@ -489,7 +503,7 @@ pub fn run_training(
             // The reference and the policy multiply alike, so that the
             // first step sees them equal.
             model.set_precision(precision);
-            let adapter = run.trainable(&model, &settings, initial_lora)?;
+            let adapter = run.trainable(&model, &settings, initial.as_ref())?;
             let reference = run.reference(&model, &*adapter, train, valid, progress)?;
             let objective = Dpo {
                 settings: d.settings(),
@@ -600,7 +614,7 @@ impl<'r> Run<'r> {
         &self,
         model: &Model,
         settings: &LoraSettings,
-        initial: Option<&skillet_adapters::LoraWeights>,
+        initial: Option<&PeftFile>,
     ) -> Result<Box<dyn Trainable + 'r>> {
         Ok(match self.cfg.train.tuning {
             Tuning::Full => Box::new(FullModel {
@@ -610,7 +624,7 @@ impl<'r> Run<'r> {
                 score: None,
                 bundle: self.bundle,
             }),
-            Tuning::Lora => Box::new(LoraAdapter::new(model, settings, self.cfg.seed, initial)?),
+            Tuning::Lora => Box::new(LoraAdapter::start(model, settings, self.cfg.seed, initial)?),
         })
     }
 

@@ -413,6 +413,10 @@ pub struct LoraConfig {
     /// rsLoRA scaling (alpha / sqrt(r)).
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row of each adapted module
+    /// (PEFT's `use_dora`).
+    #[serde(default)]
+    pub use_dora: bool,
     /// Module names (list), a regex (string) or "all-linear".
     #[serde(default = "default_targets")]
     pub targets: toml::Value,
@@ -736,6 +740,12 @@ impl RunConfig {
         if self.train.tuning == Tuning::Full {
             if self.lora.keep_base_quantized {
                 return bad("lora.keep_base_quantized applies to LoRA; full fine-tuning trains dequantized weights".into());
+            }
+            if self.lora.use_dora {
+                return bad(
+                    "lora.use_dora applies to LoRA; full fine-tuning trains the weights themselves"
+                        .into(),
+                );
             }
             if self.lora.init_adapter.is_some() {
                 return bad("lora.init_adapter applies to LoRA; for full fine-tuning start from a merged model (skillet merge) as `model`".into());

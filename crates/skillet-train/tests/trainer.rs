@@ -360,7 +360,7 @@ fn zero_b_is_the_base_model_and_merging_changes_nothing() {
     let mut merged = w.clone();
     for p in &adapter.params {
         let key = format!("{}.weight", p.module);
-        let m = merged_weight(&merged.tensors[&key], &p.a, &p.b, ls.scale()).unwrap();
+        let m = merged_weight(&merged.tensors[&key], &p.a, &p.b, ls.scale(), None).unwrap();
         merged.tensors.insert(key, m);
     }
     let merged_model = Model::load(cfg, &merged, LoadOptions::default()).unwrap();
