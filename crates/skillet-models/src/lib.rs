@@ -40,7 +40,7 @@ pub use memory::{
     MemoryWeights, SHAPES, collect_weights, random_weights, random_weights_with, shape_config,
     tiny_config, tiny_config_for,
 };
-pub use names::{gguf_name, is_norm, tensor_shapes};
+pub use names::{gguf_name, is_norm, layer_of, tensor_shapes};
 pub use quant_plan::FileType;
 pub use rng::Rng;
 pub use rope::Rope;

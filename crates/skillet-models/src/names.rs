@@ -145,6 +145,15 @@ pub fn gguf_name(arch: Architecture, hf_name: &str) -> String {
     }
 }
 
+/// The decoder layer a Hugging Face tensor or module name belongs to
+/// (`model.layers.3.mlp.up_proj.weight` → 3), if any.
+pub fn layer_of(hf_name: &str) -> Option<usize> {
+    hf_name
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(i, _)| i.parse().ok())
+}
+
 /// Whether `hf_name` is a norm weight (kept in f32 by every export; for
 /// Gemma, stored as `1 + w` in GGUF).
 pub fn is_norm(hf_name: &str) -> bool {

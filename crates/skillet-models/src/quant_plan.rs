@@ -89,10 +89,7 @@ impl FileType {
             Self::Q4_0 => GgmlType::Q4_0,
             Self::Q6K => GgmlType::Q6K,
             Self::Q4KM => {
-                let layer = hf_name
-                    .strip_prefix("model.layers.")
-                    .and_then(|r| r.split_once('.'))
-                    .and_then(|(i, _)| i.parse::<usize>().ok());
+                let layer = crate::layer_of(hf_name);
                 let more = (hf_name.ends_with("self_attn.v_proj.weight")
                     || hf_name.ends_with("mlp.down_proj.weight"))
                     && layer.is_some_and(|i| use_more_bits(i, cfg.num_hidden_layers));

@@ -7,7 +7,7 @@ use std::path::Path;
 use skillet_adapters::{load_peft, read_peft};
 use skillet_gguf::Value;
 use skillet_models::export::{LoraTensors, write_gguf, write_gguf_lora};
-use skillet_models::{FileType, MemoryWeights, ModelSource, tensor_shapes};
+use skillet_models::{FileType, MemoryWeights, ModelSource, layer_of, tensor_shapes};
 use skillet_tokenizer::gguf_tokenizer_metadata;
 
 use crate::{Bundle, Result, RuntimeError};
@@ -90,17 +90,7 @@ pub fn write_gguf_adapter(b: &Bundle, adapter: &Path, out: &Path) -> Result<usiz
         modules.push(LoraTensors { module, a, b: bm });
     }
     // Layer order, as llama.cpp's converter writes them.
-    modules.sort_by_key(|m| module_order(&m.module));
+    modules.sort_by_key(|m| (layer_of(&m.module).unwrap_or(usize::MAX), m.module.clone()));
     write_gguf_lora(&b.config, &modules, settings.scale(), out)?;
     Ok(modules.len())
-}
-
-/// Sort key: layer number, then the name.
-fn module_order(module: &str) -> (usize, String) {
-    let layer = module
-        .strip_prefix("model.layers.")
-        .and_then(|r| r.split_once('.'))
-        .and_then(|(i, _)| i.parse().ok())
-        .unwrap_or(usize::MAX);
-    (layer, module.to_string())
 }

@@ -74,23 +74,7 @@ fn two_steps_match(dir: &Path, dora: bool) {
     assert_eq!(adapter.vars().len(), 2 * 7 * if dora { 3 } else { 2 });
     let model = Adapted::new(&base, Some(adapter.clone()));
 
-    let flat = |key: &str| -> Vec<i64> {
-        record[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()))
-            .collect()
-    };
-    let batch = TrainBatch {
-        batch: 2,
-        seq: 10,
-        ids: flat("ids").iter().map(|&v| v as u32).collect(),
-        key_mask: flat("attention_mask").iter().map(|&v| v as u8).collect(),
-        positions: None,
-        segments: None,
-        labels: flat("labels"),
-    };
+    let batch = batch(&record);
     let hp = &record["hyper"];
     let f = |k: &str| hp[k].as_f64().unwrap();
     let cfg = AdamWConfig {
