@@ -14,7 +14,9 @@ mod reward;
 pub use config::{LoraSettings, PeftAdapterConfig, Targets};
 pub use error::AdapterError;
 pub use lora::{LoraAdapter, LoraParams, Magnitudes, merged_weight};
-pub use peft::{PeftFile, load_peft, peft_tensor_name, read_peft, save_peft, write_peft};
+pub use peft::{
+    PeftFile, load_peft, peft_tensor_name, read_lora_peft, read_peft, save_peft, write_peft,
+};
 pub use reward::{RewardAdapter, SCORE_WEIGHT, fresh_score_head};
 
 /// LoRA weights by module name: `(A [r, in], B [out, r])`.

@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor, Var};
 use skillet_models::{Adapter, BaseOutput, CausalLm, Linear, LoraFactors, Rng};
 
-use crate::{AdapterError, LoraSettings, LoraWeights, PeftFile, Result, read_peft};
+use crate::{AdapterError, LoraSettings, LoraWeights, PeftFile, Result, read_lora_peft};
 
 /// DoRA magnitudes (`[out]`) by module name.
 pub type Magnitudes = HashMap<String, Tensor>;
@@ -112,12 +112,7 @@ impl LoraAdapter {
     /// weight must name a target module, and all must be finite: an adapter
     /// that does not fit the model is refused, never served as the base.
     pub fn load(model: &dyn CausalLm, dir: &Path) -> Result<Self> {
-        let file = read_peft(dir)?;
-        if !file.modules.is_empty() {
-            // Whole modules (a reward head) the plain adapter would drop.
-            crate::load_peft(dir)?;
-        }
-        Self::from_file(model, dir, &file)
+        Self::from_file(model, dir, &read_lora_peft(dir)?)
     }
 
     /// A frozen adapter from the file read from `dir`, checked as

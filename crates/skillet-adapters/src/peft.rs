@@ -94,18 +94,25 @@ pub struct PeftFile {
 }
 
 /// Reads a PEFT adapter folder of LoRA factors alone: its config and
-/// `(A, B)` per module name. An adapter that also saves whole modules
-/// (`modules_to_save`) is refused: using it without them would silently
-/// give another model; so is a DoRA adapter (its magnitudes are in
-/// [`read_peft`]'s answer, for the callers that apply them).
+/// `(A, B)` per module name. A DoRA adapter is refused here (its
+/// magnitudes are in [`read_lora_peft`]'s answer, for the callers that
+/// apply them), and so is one that saves whole modules, as there.
 pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, LoraWeights)> {
-    let file = read_peft(dir)?;
+    let file = read_lora_peft(dir)?;
     if file.config.use_dora {
         return Err(AdapterError::File {
             path: dir.join("adapter_config.json"),
             message: "a DoRA adapter (use_dora) is not supported here".into(),
         });
     }
+    Ok((file.config, file.lora))
+}
+
+/// Reads a PEFT adapter folder of LoRA (or DoRA) weights alone. An adapter
+/// that also saves whole modules (`modules_to_save`) is refused: using it
+/// without them would silently give another model.
+pub fn read_lora_peft(dir: &Path) -> Result<PeftFile> {
+    let file = read_peft(dir)?;
     let mut saved: Vec<&str> = file.modules.keys().map(String::as_str).collect();
     saved.sort_unstable();
     if !saved.is_empty() {
@@ -122,7 +129,7 @@ pub fn load_peft(dir: &Path) -> Result<(PeftAdapterConfig, LoraWeights)> {
             ),
         });
     }
-    Ok((file.config, file.lora))
+    Ok(file)
 }
 
 /// Reads a PEFT adapter folder: config, LoRA factors and saved modules.

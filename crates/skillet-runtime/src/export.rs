@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-use skillet_adapters::{merged_weight, read_peft};
+use candle_core::Tensor;
+use skillet_adapters::{LoraSettings, PeftFile, merged_weight, read_lora_peft};
 use skillet_models::export::{TokenIds, write_hf_weights};
 use skillet_models::{MemoryWeights, WeightSource, collect_weights};
 
@@ -39,42 +40,59 @@ pub fn merged_weights(b: &Bundle, adapter: Option<&Path>) -> Result<Merged> {
             dequantized_base,
         });
     };
-    let file = read_peft(dir)?;
-    if !file.modules.is_empty() {
-        // Whole modules besides LoRA: refused with load_peft's reason.
-        skillet_adapters::load_peft(dir)?;
-    }
-    let (config, lora) = (&file.config, &file.lora);
-    let settings = config
-        .settings()
-        .map_err(|e| RuntimeError::Invalid(format!("{}: {e}", dir.display())))?;
-    let refuse = |message: String| RuntimeError::Invalid(format!("{}: {message}", dir.display()));
-    for (module, (a, bm)) in lora {
+    let (file, settings) = read_adapter(dir)?;
+    for (module, (a, bm)) in &file.lora {
         let key = format!("{module}.weight");
-        let base = weights.tensors.get(&key).ok_or_else(|| {
-            refuse(format!(
-                "the adapter targets '{module}', which this model does not have"
-            ))
-        })?;
-        let (out, inp) = base.dims2()?;
-        if a.dims() != [settings.r, inp] || bm.dims() != [out, settings.r] {
-            return Err(refuse(format!(
-                "the adapter's {module} (A {:?}, B {:?}) does not fit this model, whose \
-                 weight is [{out}, {inp}] (rank {}): it was made for another model",
-                a.dims(),
-                bm.dims(),
-                settings.r
-            )));
-        }
+        let base = weights.tensors.get(&key);
+        check_fits(dir, module, (a, bm), settings.r, base.map(|t| t.dims()))?;
+        let base = base.expect("checked");
         let magnitude = file.magnitudes.get(module);
         let merged = merged_weight(base, a, bm, settings.scale(), magnitude)?;
         weights.tensors.insert(key, merged);
     }
     Ok(Merged {
         weights,
-        merged_modules: lora.len(),
+        merged_modules: file.lora.len(),
         dequantized_base,
     })
+}
+
+/// The PEFT adapter folder `dir` (LoRA or DoRA factors alone, no whole
+/// modules) and its validated settings, for merging or converting.
+pub(crate) fn read_adapter(dir: &Path) -> Result<(PeftFile, LoraSettings)> {
+    let file = read_lora_peft(dir)?;
+    let settings = file
+        .config
+        .settings()
+        .map_err(|e| RuntimeError::Invalid(format!("{}: {e}", dir.display())))?;
+    Ok((file, settings))
+}
+
+/// Refuses the factors `(A, B)` of `module` (rank `r`) unless the model
+/// has the module and its weight `dims` are `[out, in]` with `A` `[r, in]`
+/// and `B` `[out, r]`: an adapter made for another model.
+pub(crate) fn check_fits(
+    dir: &Path,
+    module: &str,
+    (a, b): (&Tensor, &Tensor),
+    r: usize,
+    dims: Option<&[usize]>,
+) -> Result<()> {
+    let refuse = |message: String| RuntimeError::Invalid(format!("{}: {message}", dir.display()));
+    let Some(dims) = dims else {
+        return Err(refuse(format!(
+            "the adapter targets '{module}', which this model does not have"
+        )));
+    };
+    match dims {
+        [out, inp] if a.dims() == [r, *inp] && b.dims() == [*out, r] => Ok(()),
+        _ => Err(refuse(format!(
+            "the adapter's {module} (A {:?}, B {:?}) does not fit this model, whose weight \
+             is {dims:?} (rank {r}): it was made for another model",
+            a.dims(),
+            b.dims(),
+        ))),
+    }
 }
 
 /// Writes `weights` with the bundle's config, tokenizer and chat template

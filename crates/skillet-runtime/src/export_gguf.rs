@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
-use skillet_adapters::{load_peft, read_peft};
 use skillet_gguf::Value;
 use skillet_models::export::{LoraTensors, write_gguf, write_gguf_lora};
 use skillet_models::{FileType, MemoryWeights, ModelSource, layer_of, tensor_shapes};
 use skillet_tokenizer::gguf_tokenizer_metadata;
 
+use crate::export::{check_fits, read_adapter};
 use crate::{Bundle, Result, RuntimeError};
 
 /// The GGUF tokenizer entries of the bundle's model: copied as they are
@@ -61,32 +61,20 @@ pub fn write_gguf_model(
 /// the bundle's model; returns how many modules it holds. DoRA adapters
 /// have no such form and are refused.
 pub fn write_gguf_adapter(b: &Bundle, adapter: &Path, out: &Path) -> Result<usize> {
-    if read_peft(adapter)?.config.use_dora {
+    let (file, settings) = read_adapter(adapter)?;
+    if settings.use_dora {
         return Err(RuntimeError::Invalid(format!(
             "{}: a DoRA adapter has no llama.cpp LoRA form (llama.cpp applies B·A alone); \
              merge it into the model instead (--format gguf)",
             adapter.display()
         )));
     }
-    let (config, lora) = load_peft(adapter)?;
-    let settings = config
-        .settings()
-        .map_err(|e| RuntimeError::Invalid(format!("{}: {e}", adapter.display())))?;
     let shapes: std::collections::HashMap<String, Vec<usize>> =
         tensor_shapes(&b.config).into_iter().collect();
-    let mut modules: Vec<LoraTensors> = Vec::with_capacity(lora.len());
-    for (module, (a, bm)) in lora {
-        let fits = shapes.get(&format!("{module}.weight")).is_some_and(|s| {
-            s.len() == 2 && a.dims() == [settings.r, s[1]] && bm.dims() == [s[0], settings.r]
-        });
-        if !fits {
-            return Err(RuntimeError::Invalid(format!(
-                "{}: the adapter's {module} (A {:?}, B {:?}) does not fit this model",
-                adapter.display(),
-                a.dims(),
-                bm.dims()
-            )));
-        }
+    let mut modules: Vec<LoraTensors> = Vec::with_capacity(file.lora.len());
+    for (module, (a, bm)) in file.lora {
+        let dims = shapes.get(&format!("{module}.weight")).map(Vec::as_slice);
+        check_fits(adapter, &module, (&a, &bm), settings.r, dims)?;
         modules.push(LoraTensors { module, a, b: bm });
     }
     // Layer order, as llama.cpp's converter writes them.

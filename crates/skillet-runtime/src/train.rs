@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use skillet_adapters::{LoraAdapter, LoraSettings, PeftFile, RewardAdapter, load_peft, read_peft};
+use skillet_adapters::{
+    LoraAdapter, LoraSettings, PeftFile, RewardAdapter, read_lora_peft, read_peft,
+};
 use skillet_data::{EncodeOptions, Example, split_fraction};
 use skillet_eval::{Columns, RunFacts, Snapshot, exact_match, general_perplexity, write_report};
 use skillet_models::export::SCORE_HEAD;
@@ -172,12 +174,7 @@ fn read_start(dir: &Path, reward: bool) -> Result<PeftFile> {
     Ok(if reward {
         read_peft(dir)?
     } else {
-        let file = read_peft(dir)?;
-        if !file.modules.is_empty() {
-            // Whole modules besides LoRA: refused with load_peft's reason.
-            load_peft(dir)?;
-        }
-        file
+        read_lora_peft(dir)?
     })
 }
 
