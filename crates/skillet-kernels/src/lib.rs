@@ -48,7 +48,7 @@ pub use linear_cross_entropy::{
 };
 pub use lora_linear::{FrozenLinear, lora_linear};
 pub use lora_rows::{LoraFactors, lora_rows};
-pub use quantized::{QuantKind, QuantMatrix};
+pub use quantized::{NF4_BLOCK, NF4_LEVELS, QuantKind, QuantMatrix};
 pub use rms_norm::{rms_norm, rms_norm_composed};
 pub use rope::{RopeLayout, RopeTable, rope, rope_composed};
 pub use swiglu::{swiglu, swiglu_composed};

@@ -18,7 +18,11 @@ use crate::vec::multiversion;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod int8;
+mod nf4;
+pub use nf4::{NF4_BLOCK, NF4_LEVELS};
 #[cfg(target_arch = "x86_64")]
 mod panels;
 mod training;
@@ -35,6 +39,21 @@ pub enum QuantKind {
     Q4_1,
     /// 8-bit with a scale per 32 weights (34 bytes).
     Q8_0,
+    /// bitsandbytes' 4-bit NormalFloat: a code into 16 fixed levels per
+    /// weight and an f32 absmax per 64 weights (see `nf4.rs`). Made by
+    /// [`QuantMatrix::from_nf4`], never read from GGML blocks; its products
+    /// always take f32 activations.
+    Nf4,
+}
+
+impl QuantKind {
+    /// Blocks of 32 weights per scale.
+    fn scale_span(self) -> usize {
+        match self {
+            QuantKind::Q4_1 | QuantKind::Q8_0 => 1,
+            QuantKind::Nf4 => 2,
+        }
+    }
 }
 
 /// A `[rows, cols]` matrix kept in its quantized blocks, repacked.
@@ -43,6 +62,7 @@ pub struct QuantMatrix {
     kind: QuantKind,
     rows: usize,
     cols: usize,
+    /// One per 32 weights (NF4: one absmax per 64).
     scales: Vec<f32>,
     mins: Vec<f32>,
     quants: Vec<u8>,
@@ -58,6 +78,7 @@ impl QuantMatrix {
         let size = match kind {
             QuantKind::Q4_1 => 20,
             QuantKind::Q8_0 => 34,
+            QuantKind::Nf4 => bail!("NF4 is not a GGML block type (see `QuantMatrix::from_nf4`)"),
         };
         if bytes.len() != blocks * size {
             bail!(
@@ -82,6 +103,7 @@ impl QuantMatrix {
                     m.quants.extend_from_slice(&b[4..20]);
                 }
                 QuantKind::Q8_0 => m.quants.extend_from_slice(&b[2..34]),
+                QuantKind::Nf4 => unreachable!("refused above"),
             }
         }
         Ok(m)
@@ -90,6 +112,16 @@ impl QuantMatrix {
     /// Output width.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The block format.
+    pub fn kind(&self) -> QuantKind {
+        self.kind
+    }
+
+    /// Bytes held for the weights (codes, scales and minimums).
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + 4 * (self.scales.len() + self.mins.len())
     }
 
     /// `x Wᵀ` for `x` of shape `[..., cols]`; backward gives `x` its
@@ -107,10 +139,11 @@ impl QuantMatrix {
     /// (see [`QuantMatrix::int8_accelerated`]), at a relative error of
     /// about 1e-2 per product. A row's result still never depends on the
     /// other rows. Backward is that of the exact product.
+    /// (NF4 has no integer path: its product is [`QuantMatrix::matmul`]'s.)
     pub fn matmul_int8(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op1(QuantizedMatmul {
             w: self.clone(),
-            int8: true,
+            int8: self.kind != QuantKind::Nf4,
         })
     }
 
@@ -126,23 +159,11 @@ impl QuantMatrix {
 
     /// The dense `[rows, cols]` values.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.rows * self.cols);
-        for (b, &d) in self.scales.iter().enumerate() {
-            match self.kind {
-                QuantKind::Q4_1 => {
-                    let q = &self.quants[b * 16..b * 16 + 16];
-                    let m = self.mins[b];
-                    out.extend(q.iter().map(|v| d * (v & 15) as f32 + m));
-                    out.extend(q.iter().map(|v| d * (v >> 4) as f32 + m));
-                }
-                QuantKind::Q8_0 => {
-                    out.extend(
-                        self.quants[b * 32..b * 32 + 32]
-                            .iter()
-                            .map(|&v| d * v as i8 as f32),
-                    );
-                }
-            }
+        let mut out = vec![0f32; self.rows * self.cols];
+        let mut values = [0f32; BLOCK];
+        for (b, dst) in out.chunks_exact_mut(BLOCK).enumerate() {
+            self.block(b, &mut values);
+            dst.copy_from_slice(&values);
         }
         out
     }
@@ -153,6 +174,7 @@ impl QuantMatrix {
         let per_row = match self.kind {
             QuantKind::Q4_1 => 16,
             QuantKind::Q8_0 => 32,
+            QuantKind::Nf4 => unreachable!("NF4 products take f32 activations"),
         };
         int8::WeightRows {
             kind: self.kind,
@@ -173,7 +195,9 @@ impl QuantMatrix {
         // Once for every task.
         let rows = Rows::prepare(x, self.cols);
         self.by_tasks(t, false, |o0, o1, out| {
-            let s = &self.scales[o0 * nb..o1 * nb];
+            // Scales per 32 weights (NF4: per 64).
+            let s =
+                &self.scales[o0 * nb / self.kind.scale_span()..o1 * nb / self.kind.scale_span()];
             match self.kind {
                 QuantKind::Q4_1 => {
                     let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
@@ -183,6 +207,10 @@ impl QuantMatrix {
                 QuantKind::Q8_0 => {
                     let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
                     q8_0_rows(q, s, &rows, self.cols, out);
+                }
+                QuantKind::Nf4 => {
+                    let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
+                    nf4::nf4_rows(q, s, &rows, self.cols, out);
                 }
             }
         })
@@ -490,206 +518,6 @@ fn q8_0_rows(quants: &[u8], scales: &[f32], rows: &Rows, cols: usize, out: &mut 
     }
 }
 
-/// The same kernels written with AVX-512 intrinsics: a block's 32 weights
-/// are two registers, scaled once and multiplied into up to `GROUP` input
-/// rows with fused multiply-adds; each row keeps its own two accumulators
-/// and is reduced the same way whatever the group size.
-#[cfg(target_arch = "x86_64")]
-// Every function here is an intrinsics kernel whose safety is its callers'
-// CPU check plus the length checks at the two entry points.
-#[allow(unsafe_op_in_unsafe_fn)]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use super::{BLOCK, GROUP};
-
-    /// `$f::<g>(args)` for a group size `g` known only at run time (1 to
-    /// `GROUP`), as a slice of `g` results.
-    macro_rules! by_group {
-        ($g:expr, $f:ident($($arg:expr),*)) => {
-            match $g {
-                1 => &$f::<1>($($arg),*)[..],
-                2 => &$f::<2>($($arg),*)[..],
-                3 => &$f::<3>($($arg),*)[..],
-                4 => &$f::<4>($($arg),*)[..],
-                5 => &$f::<5>($($arg),*)[..],
-                6 => &$f::<6>($($arg),*)[..],
-                7 => &$f::<7>($($arg),*)[..],
-                _ => &$f::<GROUP>($($arg),*)[..],
-            }
-        };
-    }
-
-    /// Two registers of accumulators per row, then the row's total.
-    #[inline(always)]
-    unsafe fn finish<const G: usize>(lo: &[__m512; G], hi: &[__m512; G]) -> [f32; G] {
-        let mut out = [0f32; G];
-        for k in 0..G {
-            out[k] = _mm512_reduce_add_ps(_mm512_add_ps(lo[k], hi[k]));
-        }
-        out
-    }
-
-    /// `acc += w·x` for the `G` rows of one block; `x` points at the
-    /// block's rows laid side by side (`G × 32` floats, see `interleave`),
-    /// so every address is a constant offset.
-    #[inline(always)]
-    unsafe fn fma_rows<const G: usize>(
-        lo: &mut [__m512; G],
-        hi: &mut [__m512; G],
-        wl: __m512,
-        wh: __m512,
-        x: *const f32,
-    ) {
-        for k in 0..G {
-            let p = x.add(k * BLOCK);
-            lo[k] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(p), lo[k]);
-            hi[k] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(p.add(16)), hi[k]);
-        }
-    }
-
-    /// `x` (`t` rows of `cols`) regrouped as `[group][block][row][32]`, in
-    /// groups of `GROUP` rows (the last one shorter).
-    pub(super) fn interleave(x: &[f32], cols: usize) -> Vec<f32> {
-        let t = x.len() / cols;
-        let nb = cols / BLOCK;
-        let mut out = Vec::with_capacity(x.len());
-        for r0 in (0..t).step_by(GROUP) {
-            let g = GROUP.min(t - r0);
-            for b in 0..nb {
-                for k in 0..g {
-                    let at = (r0 + k) * cols + b * BLOCK;
-                    out.extend_from_slice(&x[at..at + BLOCK]);
-                }
-            }
-        }
-        out
-    }
-
-    /// The block's weights `d·q + m` are made once (two registers) and
-    /// multiplied into every row of the group.
-    #[inline(always)]
-    unsafe fn q4_1_group<const G: usize>(
-        row: &[u8],
-        d: &[f32],
-        m: &[f32],
-        x: &[f32],
-        cols: usize,
-    ) -> [f32; G] {
-        let nb = cols / BLOCK;
-        let mut lo = [_mm512_setzero_ps(); G];
-        let mut hi = [_mm512_setzero_ps(); G];
-        let mask = _mm512_set1_epi32(15);
-        for b in 0..nb {
-            let q =
-                _mm512_cvtepu8_epi32(_mm_loadu_si128(row.as_ptr().add(b * 16) as *const __m128i));
-            let scale = _mm512_set1_ps(*d.get_unchecked(b));
-            let min = _mm512_set1_ps(*m.get_unchecked(b));
-            let wl = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_and_si512(q, mask)), min);
-            let wh = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), min);
-            fma_rows(&mut lo, &mut hi, wl, wh, x.as_ptr().add(b * G * BLOCK));
-        }
-        finish(&lo, &hi)
-    }
-
-    #[inline(always)]
-    unsafe fn q8_0_group<const G: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize) -> [f32; G] {
-        debug_assert!(x.len() >= cols * G);
-        let nb = cols / BLOCK;
-        let mut lo = [_mm512_setzero_ps(); G];
-        let mut hi = [_mm512_setzero_ps(); G];
-        for b in 0..nb {
-            let p = q.as_ptr().add(b * 32) as *const __m128i;
-            let scale = _mm512_set1_ps(*d.get_unchecked(b));
-            let wl = _mm512_mul_ps(
-                scale,
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p))),
-            );
-            let wh = _mm512_mul_ps(
-                scale,
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(1)))),
-            );
-            fma_rows(&mut lo, &mut hi, wl, wh, x.as_ptr().add(b * G * BLOCK));
-        }
-        finish(&lo, &hi)
-    }
-
-    /// Runs `group` over every output row and group of input rows.
-    #[inline(always)]
-    unsafe fn each(
-        outs: usize,
-        t: usize,
-        out: &mut [f32],
-        mut group: impl FnMut(usize, usize, usize, &mut [f32]),
-    ) {
-        for o in 0..outs {
-            let mut r0 = 0;
-            let mut vals = [0f32; GROUP];
-            while r0 < t {
-                let g = GROUP.min(t - r0);
-                group(o, r0, g, &mut vals);
-                for k in 0..g {
-                    out[(r0 + k) * outs + o] = vals[k];
-                }
-                r0 += g;
-            }
-        }
-    }
-
-    /// See `q4_1_rows_portable`; `x` comes from `interleave`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn q4_1_rows(
-        quants: &[u8],
-        scales: &[f32],
-        mins: &[f32],
-        x: &[f32],
-        cols: usize,
-        out: &mut [f32],
-    ) {
-        let nb = cols / BLOCK;
-        let t = x.len() / cols;
-        let outs = out.len() / t;
-        assert!(
-            quants.len() >= outs * nb * 16 && scales.len() >= outs * nb && mins.len() >= outs * nb
-        );
-        assert!(cols.is_multiple_of(BLOCK));
-        each(outs, t, out, |o, r0, g, vals| {
-            let row = &quants[o * nb * 16..(o + 1) * nb * 16];
-            let d = &scales[o * nb..(o + 1) * nb];
-            let m = &mins[o * nb..(o + 1) * nb];
-            let xs = &x[r0 * cols..(r0 + g) * cols];
-            let sums: &[f32] = by_group!(g, q4_1_group(row, d, m, xs, cols));
-            vals[..g].copy_from_slice(&sums[..g]);
-        });
-    }
-
-    /// See `q8_0_rows_portable`; `x` comes from `interleave`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn q8_0_rows(
-        quants: &[u8],
-        scales: &[f32],
-        x: &[f32],
-        cols: usize,
-        out: &mut [f32],
-    ) {
-        let nb = cols / BLOCK;
-        let t = x.len() / cols;
-        let outs = out.len() / t;
-        assert!(
-            quants.len() >= outs * nb * 32
-                && scales.len() >= outs * nb
-                && cols.is_multiple_of(BLOCK)
-        );
-        each(outs, t, out, |o, r0, g, vals| {
-            let q = &quants[o * nb * 32..(o + 1) * nb * 32];
-            let d = &scales[o * nb..(o + 1) * nb];
-            let xs = &x[r0 * cols..(r0 + g) * cols];
-            let sums: &[f32] = by_group!(g, q8_0_group(q, d, xs, cols));
-            vals[..g].copy_from_slice(&sums[..g]);
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -717,6 +545,7 @@ mod tests {
                     bytes.extend_from_slice(&q);
                     dense.extend(q.iter().map(|&v| d.to_f32() * v as i8 as f32));
                 }
+                QuantKind::Nf4 => unreachable!("not a GGML type"),
             }
         }
         (bytes, dense)
@@ -752,11 +581,10 @@ mod tests {
         // Every group size of the kernel (1 to 8 rows, and beyond): each
         // row equals the matrix product within rounding and equals itself
         // computed alone, bit for bit.
-        for kind in [QuantKind::Q4_1, QuantKind::Q8_0] {
-            let (rows, cols) = (40, 64);
-            let (bytes, dense) = blocks(kind, rows, cols);
-            let m = Arc::new(QuantMatrix::from_ggml(kind, rows, cols, &bytes).unwrap());
-            let w = Tensor::from_vec(dense, (rows, cols), &candle_core::Device::Cpu).unwrap();
+        for m in crate::testing::quant_matrices(40, 64) {
+            let (rows, cols, kind) = (40, 64, m.kind);
+            let w =
+                Tensor::from_vec(m.dequantize(), (rows, cols), &candle_core::Device::Cpu).unwrap();
             let x = random(&[11, cols], 2, 1.0);
             let alone = each_row_alone(&x, |row| m.matmul(row));
             for t in 1..=11 {
@@ -824,5 +652,61 @@ mod tests {
             }
         }
         eprintln!("int8 products on AMX: {}", QuantMatrix::int8_accelerated());
+    }
+
+    #[test]
+    fn nf4_products_are_the_dequantized_ones_on_every_path() {
+        let m = crate::testing::quant_matrices(24, 128).pop().unwrap();
+        assert_eq!(m.kind(), QuantKind::Nf4);
+        // A code per weight, half a byte, and an f32 absmax per 64.
+        assert_eq!(m.bytes(), 24 * 128 / 2 + 4 * 24 * 128 / 64);
+        let dense = m.dequantize();
+        let x = random(&[9, 128], 5, 1.0);
+        let flat: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = m
+            .matmul(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Integer activations are not offered for NF4: the same product.
+        let y8: Vec<f32> = m
+            .matmul_int8(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(y, y8);
+        let mut portable = vec![0f32; 9 * 24];
+        nf4::nf4_rows_portable(&m.quants, &m.scales, &flat, 128, &mut portable);
+        for r in 0..9 {
+            for o in 0..24 {
+                let want: f32 = (0..128)
+                    .map(|c| flat[r * 128 + c] * dense[o * 128 + c])
+                    .sum();
+                let (a, b) = (y[r * 24 + o], portable[r * 24 + o]);
+                assert!(
+                    (a - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{a} vs {want}"
+                );
+                assert!(
+                    (b - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{b} vs {want}"
+                );
+            }
+        }
+        // Every weight is a level times its block's absmax, rounded once.
+        for (i, &v) in dense.iter().enumerate() {
+            let d = m.scales[i / 64];
+            assert!(
+                nf4::NF4_LEVELS.iter().any(|&l| l * d == v),
+                "weight {i}: {v}"
+            );
+        }
+        assert!(QuantMatrix::from_nf4(2, 96, &[0; 192], vec![1.0; 3]).is_err());
+        assert!(QuantMatrix::from_nf4(2, 64, &[16; 128], vec![1.0; 2]).is_err());
+        assert!(QuantMatrix::from_ggml(QuantKind::Nf4, 2, 64, &[0; 64]).is_err());
     }
 }

@@ -10,6 +10,7 @@
 
 use std::arch::x86_64::*;
 
+use super::nf4::NF4_LEVELS;
 use super::{BLOCK, QuantKind, QuantMatrix};
 use crate::bf16::{interleave_pairs, transpose16 as transpose};
 
@@ -29,8 +30,8 @@ pub(super) fn vectorized() -> bool {
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn half_block(w: &QuantMatrix, b: usize, half: usize) -> __m512 {
-    let d = _mm512_set1_ps(w.scales[b]);
-    // Block `b` has 16 (Q4_1) or 32 (Q8_0) bytes at these offsets.
+    let d = _mm512_set1_ps(w.scales[b / w.kind.scale_span()]);
+    // Block `b` has 16 (Q4_1, NF4) or 32 (Q8_0) bytes at these offsets.
     match w.kind {
         QuantKind::Q4_1 => {
             let q =
@@ -48,6 +49,18 @@ unsafe fn half_block(w: &QuantMatrix, b: usize, half: usize) -> __m512 {
                 d,
                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const _))),
             )
+        }
+        QuantKind::Nf4 => {
+            let q =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(w.quants.as_ptr().add(b * 16) as *const _));
+            let q = if half == 0 {
+                _mm512_and_si512(q, _mm512_set1_epi32(15))
+            } else {
+                _mm512_srli_epi32::<4>(q)
+            };
+            // The code picks its level out of one register.
+            let levels = _mm512_loadu_ps(NF4_LEVELS.as_ptr());
+            _mm512_mul_ps(_mm512_permutexvar_ps(q, levels), d)
         }
     }
 }

@@ -45,8 +45,8 @@ impl QuantMatrix {
 
     /// The 32 weights of block `b` (blocks in row-major order).
     #[inline(always)]
-    fn block(&self, b: usize, out: &mut [f32; BLOCK]) {
-        let d = self.scales[b];
+    pub(super) fn block(&self, b: usize, out: &mut [f32; BLOCK]) {
+        let d = self.scales[b / self.kind.scale_span()];
         match self.kind {
             QuantKind::Q4_1 => {
                 let m = self.mins[b];
@@ -65,6 +65,11 @@ impl QuantMatrix {
                 for i in 0..32 {
                     out[i] = d * q[i] as i8 as f32;
                 }
+            }
+            QuantKind::Nf4 => {
+                let (lo, hi) = super::nf4::nf4_scaled(&self.quants[b * 16..b * 16 + 16], d);
+                out[..16].copy_from_slice(&lo);
+                out[16..].copy_from_slice(&hi);
             }
         }
     }
@@ -260,7 +265,7 @@ mod tests {
     fn bf16_products_equal_the_dense_packed_ones() {
         // Rows off the tile sizes (and more rows than one task of the
         // stored kernel), outputs off 16 and an odd number of blocks.
-        for (t, rows, cols) in [(37, 40, 96), (300, 80, 64), (5, 16, 32)] {
+        for (t, rows, cols) in [(37, 40, 96), (300, 80, 64), (5, 16, 32), (9, 37, 128)] {
             for w in quant_matrices(rows, cols) {
                 let dense = tensor(w.dequantize(), (rows, cols)).unwrap();
                 let packed = Arc::new(Bf16Weight::new(&dense).unwrap());
@@ -281,7 +286,7 @@ mod tests {
 
     #[test]
     fn parallel_dequantizing_equals_the_serial_one() {
-        for w in quant_matrices(40, 96) {
+        for w in quant_matrices(40, 192) {
             assert_eq!(w.dequantize_parallel(), w.dequantize());
         }
     }
@@ -321,7 +326,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if super::super::panels::vectorized() {
             // Ragged rows (a partial last panel, an odd last pair).
-            for (rows, cols) in [(37, 96), (16, 32), (5, 64)] {
+            for (rows, cols) in [(37, 96), (16, 32), (5, 64), (37, 128)] {
                 for w in quant_matrices(rows, cols) {
                     for orient in [Orient::Transposed, Orient::AsStored] {
                         let p = QuantPanels { w: &w, orient };
