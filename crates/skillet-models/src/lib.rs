@@ -21,6 +21,7 @@ mod llama;
 mod load;
 mod memory;
 mod names;
+mod nf4;
 mod quant_plan;
 mod rng;
 mod rope;
@@ -40,6 +41,7 @@ pub use memory::{
     MemoryWeights, SHAPES, collect_weights, random_weights, random_weights_with, shape_config,
     tiny_config, tiny_config_for,
 };
+pub use nf4::{DOUBLE_QUANT_BLOCK, DoubleQuant, Nf4, double_quantize, dynamic_code};
 pub use names::{gguf_name, is_norm, layer_of, tensor_shapes};
 pub use quant_plan::FileType;
 pub use rng::Rng;
