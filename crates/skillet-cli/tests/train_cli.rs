@@ -525,3 +525,32 @@ fn dora_trains_resumes_exactly_and_merges_into_the_model() {
     );
     assert!(after < before, "QDoRA held-out loss {before} -> {after}");
 }
+
+#[test]
+fn qlora_on_a_dense_base_quantizes_it_to_nf4_trains_and_resumes_exactly() {
+    // A dense (f32) base, quantized at load.
+    let s = setup("");
+    tiny_gguf(&s.model, GgmlType::F32, vec![]);
+    let out = s.dir.path().join("out");
+    let base_loss = |out: &std::path::Path| {
+        let text = std::fs::read_to_string(out.join("base_eval.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["heldout"]["loss"].clone()
+    };
+    let r = train(&s, &["--set", "lora.r=2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let dense = base_loss(&out);
+    let r = train(&s, &["--set", "lora.quantize_base=\"nf4\"", "--overwrite"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The base the run evaluated (and trained over) is the NF4 one.
+    assert!(dense.is_number());
+    assert_ne!(base_loss(&out), dense);
+    let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(cfg.contains("quantize_base = \"nf4\""), "{cfg}");
+    assert_resumes_exactly(&out, "adapter", "adapter_model.safetensors");
+
+    // A base already in GGML blocks is not quantized twice.
+    tiny_gguf(&s.model, GgmlType::Q8_0, vec![]);
+    let r = train(&s, &["--set", "lora.quantize_base=\"nf4\"", "--overwrite"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("already quantized"), "{}", r.stderr);
+}

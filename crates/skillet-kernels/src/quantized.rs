@@ -705,7 +705,8 @@ mod tests {
                 "weight {i}: {v}"
             );
         }
-        assert!(QuantMatrix::from_nf4(2, 96, &[0; 192], vec![1.0; 3]).is_err());
+        assert!(QuantMatrix::from_nf4(1, 96, &[0; 96], vec![1.0; 2]).is_err());
+        assert!(QuantMatrix::from_nf4(2, 48, &[0; 96], vec![1.0; 2]).is_err());
         assert!(QuantMatrix::from_nf4(2, 64, &[16; 128], vec![1.0; 2]).is_err());
         assert!(QuantMatrix::from_ggml(QuantKind::Nf4, 2, 64, &[0; 64]).is_err());
     }

@@ -150,7 +150,8 @@ pub fn check_op(
 }
 
 /// A `[rows, cols]` matrix of each block kind (Q4_1, Q8_0, and NF4 where
-/// `cols` is a multiple of 64), from deterministic bytes.
+/// the matrix is a whole number of its blocks of 64), from deterministic
+/// bytes.
 pub fn quant_matrices(rows: usize, cols: usize) -> Vec<Arc<QuantMatrix>> {
     let blocks = rows * cols / 32;
     let byte = |i: usize| ((i * 2_654_435_761) >> 13) as u8;
@@ -169,7 +170,7 @@ pub fn quant_matrices(rows: usize, cols: usize) -> Vec<Arc<QuantMatrix>> {
         Arc::new(QuantMatrix::from_ggml(QuantKind::Q4_1, rows, cols, &q4).unwrap()),
         Arc::new(QuantMatrix::from_ggml(QuantKind::Q8_0, rows, cols, &q8).unwrap()),
     ];
-    if cols.is_multiple_of(64) {
+    if (rows * cols).is_multiple_of(64) {
         let codes: Vec<u8> = (0..rows * cols).map(|i| byte(i + 3) & 15).collect();
         let absmax = (0..rows * cols / 64)
             .map(|b| 0.02 + (b % 5) as f32 * 0.01)

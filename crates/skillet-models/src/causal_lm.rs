@@ -37,6 +37,22 @@ pub struct LoadOptions {
     /// blocks, embeddings, norms and the LM head are unaffected; ignored
     /// with `trainable`.
     pub frozen_bf16: bool,
+    /// Quantize the decoder layers' dense projection weights at load
+    /// (QLoRA on a dense base); the LM head, embeddings and norms stay as
+    /// they are. A weight already in GGML blocks is refused, as is a
+    /// quantized base with `trainable`.
+    pub quantize: Option<QuantizeBase>,
+}
+
+/// A format dense projection weights are quantized to at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizeBase {
+    /// NF4 as bitsandbytes makes it ([`crate::Nf4`]), with or without
+    /// double quantization of the absmax values.
+    Nf4 {
+        /// bitsandbytes' `bnb_4bit_use_double_quant`.
+        double_quant: bool,
+    },
 }
 
 /// One forward call's input.

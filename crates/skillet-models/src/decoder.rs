@@ -127,7 +127,7 @@ impl Model {
         } else if cfg.tie_word_embeddings
             && let Embedding::Blocks(blocks) = &embed_tokens
         {
-            Box::new(BaseLinear::from_blocks(blocks.clone()))
+            Box::new(BaseLinear::from_blocks(blocks.clone(), None))
         } else if cfg.tie_word_embeddings && opts.keep_quantized && !opts.trainable {
             // The head reads the embedding's own blocks (decode speed).
             Box::new(BaseLinear::new(l.weight(embed_name, true)?, None))

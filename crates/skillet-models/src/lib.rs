@@ -31,7 +31,7 @@ mod weights;
 pub use adapted::Adapted;
 pub use adapter::{Adapter, Adapters, BaseOutput, LAYER_MODULES, ModuleInfo, module_names};
 pub use cache::KvCache;
-pub use causal_lm::{CachedBatch, CachedChunk, CausalLm, ForwardInput, LoadOptions};
+pub use causal_lm::{CachedBatch, CachedChunk, CausalLm, ForwardInput, LoadOptions, QuantizeBase};
 pub use config::{Activation, Architecture, LayerType, ModelConfig, RopeConfig, RopeScaling};
 pub use config_read::HfConfig;
 pub use decoder::Model;
@@ -41,8 +41,8 @@ pub use memory::{
     MemoryWeights, SHAPES, collect_weights, random_weights, random_weights_with, shape_config,
     tiny_config, tiny_config_for,
 };
-pub use nf4::{DOUBLE_QUANT_BLOCK, DoubleQuant, Nf4, double_quantize, dynamic_code};
 pub use names::{gguf_name, is_norm, layer_of, tensor_shapes};
+pub use nf4::{DOUBLE_QUANT_BLOCK, DoubleQuant, Nf4, double_quantize, dynamic_code};
 pub use quant_plan::FileType;
 pub use rng::Rng;
 pub use rope::Rope;

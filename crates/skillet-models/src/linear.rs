@@ -167,7 +167,7 @@ enum Stored {
     /// Dense values rounded to bf16 (frozen; every product in bf16).
     Bf16(Arc<Bf16Rows>),
     /// Q4_1 / Q8_0 blocks repacked for Skillet's kernels (the GGML copy
-    /// is not kept).
+    /// is not kept), or NF4 codes.
     Blocks(Arc<QuantMatrix>),
     /// Other GGML block types, through candle's quantized tensor.
     Ggml(Arc<QTensor>),
@@ -205,15 +205,16 @@ impl BaseLinear {
         }
     }
 
-    /// A frozen layer over Q4_1 / Q8_0 blocks already repacked (shared
-    /// with another use of the same weight: a tied embedding).
-    pub fn from_blocks(blocks: Arc<QuantMatrix>) -> Self {
+    /// A frozen layer over a quantized matrix already made: Q4_1 / Q8_0
+    /// blocks shared with another use of the same weight (a tied
+    /// embedding), or a weight quantized to NF4 at load.
+    pub fn from_blocks(blocks: Arc<QuantMatrix>, bias: Option<Tensor>) -> Self {
         Self {
             out_features: blocks.rows(),
             in_features: blocks.cols(),
             weight: Stored::Blocks(blocks),
             bf16: Arc::default(),
-            bias: None,
+            bias,
         }
     }
 

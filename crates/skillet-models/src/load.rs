@@ -4,13 +4,16 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
 
 use crate::layers::RmsNorm;
 use crate::linear::{BaseLinear, Linear};
 use crate::names::tensor_shapes;
-use crate::{LoadOptions, ModelConfig, ModelError, Result, Weight, WeightSource};
+use crate::{
+    LoadOptions, ModelConfig, ModelError, Nf4, QuantizeBase, Result, Weight, WeightSource,
+};
 
 /// Reads tensors of one model from a weight source.
 pub(crate) struct Loader<'a> {
@@ -104,6 +107,11 @@ impl<'a> Loader<'a> {
     /// has one).
     pub fn linear(&self, prefix: &str) -> Result<Box<dyn Linear>> {
         let name = format!("{prefix}.weight");
+        if let Some(QuantizeBase::Nf4 { double_quant }) = self.opts.quantize
+            && prefix != "lm_head"
+        {
+            return self.nf4(&name, prefix, double_quant);
+        }
         let mut w = self.weight(&name, self.opts.keep_quantized)?;
         if self.opts.trainable {
             w = Weight::Dense(self.var(&name, w.to_dense(&Device::Cpu)?)?);
@@ -124,6 +132,41 @@ impl<'a> Loader<'a> {
                 layer
             },
         ))
+    }
+
+    /// The projection `name` quantized to NF4 from its dense weight.
+    fn nf4(&self, name: &str, prefix: &str, double_quant: bool) -> Result<Box<dyn Linear>> {
+        let bad = |message: String| ModelError::BadTensor {
+            path: self.src.path().to_path_buf(),
+            tensor: name.to_string(),
+            message,
+        };
+        if self.opts.trainable {
+            return Err(bad(
+                "a base quantized at load cannot be trained itself".into()
+            ));
+        }
+        let w = match self.weight(name, true)? {
+            Weight::Dense(t) => t,
+            Weight::Quantized(q) => {
+                return Err(bad(format!(
+                    "already quantized ({:?}); NF4 quantization needs dense weights \
+                     (a Hugging Face folder, or an f32/f16/bf16 GGUF)",
+                    q.dtype()
+                )));
+            }
+        };
+        let (rows, cols) = w.dims2()?;
+        let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        drop(w);
+        let nf4 = Nf4::quantize(&values, cols, double_quant).map_err(|e| bad(e.to_string()))?;
+        let blocks = Arc::new(nf4.into_matrix(rows, cols)?);
+        let bias = format!("{prefix}.bias");
+        let b = match self.has(&bias) {
+            true => Some(self.dense(&bias)?),
+            false => None,
+        };
+        Ok(Box::new(BaseLinear::from_blocks(blocks, b)))
     }
 
     /// The variables made so far.

@@ -40,13 +40,20 @@ pub struct Nf4 {
 }
 
 impl Nf4 {
-    /// Quantizes `values`, a row-major `[rows, cols]` weight; `cols` must
-    /// be a multiple of 64. With `double_quant`, the absmax values go
+    /// Quantizes `values`, a row-major `[rows, cols]` weight, in blocks of
+    /// 64 consecutive values (a block may span two rows, as in
+    /// bitsandbytes); `cols` must be a multiple of 32 and the matrix a
+    /// whole number of blocks. With `double_quant`, the absmax values go
     /// through bitsandbytes' 8-bit double quantization.
     pub fn quantize(values: &[f32], cols: usize, double_quant: bool) -> Result<Self> {
-        if cols == 0 || !cols.is_multiple_of(NF4_BLOCK) || !values.len().is_multiple_of(cols) {
+        if cols == 0
+            || !cols.is_multiple_of(32)
+            || !values.len().is_multiple_of(cols)
+            || !values.len().is_multiple_of(NF4_BLOCK)
+        {
             return Err(ModelError::Input(format!(
-                "NF4 needs rows whose width is a multiple of {NF4_BLOCK}; got {} values in rows of {cols}",
+                "NF4 needs rows of a multiple of 32 values and a multiple of {NF4_BLOCK} in all; \
+                 got {} values in rows of {cols}",
                 values.len()
             )));
         }
@@ -238,6 +245,8 @@ mod tests {
         let z = Nf4::quantize(&[0.0; 64], 64, true).unwrap();
         assert!(z.codes.iter().all(|&c| c == 7));
         assert!(Nf4::quantize(&[0.0; 96], 96, false).is_err());
+        assert!(Nf4::quantize(&[0.0; 96], 48, false).is_err());
+        assert!(Nf4::quantize(&[0.0; 192], 96, false).is_ok());
     }
 
     #[test]

@@ -601,3 +601,46 @@ fn a_prompt_gets_the_same_logits_however_it_is_split() {
         }
     }
 }
+
+#[test]
+fn an_nf4_base_is_the_model_of_its_dequantized_weights() {
+    // Quantized at load (QLoRA on a dense base): the layers' projections
+    // become NF4, whose products equal those of the dense model holding
+    // the same dequantized values; the head, embeddings and norms stay.
+    // Tiny's MLP is 96 wide: down_proj's blocks of 64 span two rows.
+    let (cfg, w) = tiny();
+    let ids = [5u32, 17, 3, 60, 2, 41, 41, 9];
+    for double_quant in [false, true] {
+        let opts = LoadOptions {
+            quantize: Some(skillet_models::QuantizeBase::Nf4 { double_quant }),
+            ..Default::default()
+        };
+        let nf4 = Model::load(cfg.clone(), &w, opts).unwrap();
+        let mut dense = MemoryWeights::default();
+        for (name, t) in &w.tensors {
+            let t = if name.contains(".self_attn.") || name.contains(".mlp.") {
+                let (rows, cols) = t.dims2().unwrap();
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                let q = skillet_models::Nf4::quantize(&v, cols, double_quant).unwrap();
+                let back = q.into_matrix(rows, cols).unwrap().dequantize();
+                Tensor::from_vec(back, (rows, cols), &Device::Cpu).unwrap()
+            } else {
+                t.clone()
+            };
+            dense.tensors.insert(name.clone(), t);
+        }
+        let want = logits(&model(&cfg, &dense), &ids);
+        let got = logits(&nf4, &ids);
+        assert!(max_diff(&got, &want) < TOL, "{}", max_diff(&got, &want));
+        // And it is not the original model (the quantization did happen).
+        assert!(max_diff(&got, &logits(&model(&cfg, &w), &ids)) > 1e-3);
+    }
+    // Full fine-tuning cannot train a base quantized at load.
+    let opts = LoadOptions {
+        trainable: true,
+        quantize: Some(skillet_models::QuantizeBase::Nf4 { double_quant: true }),
+        ..Default::default()
+    };
+    let e = Model::load(cfg, &w, opts).unwrap_err().to_string();
+    assert!(e.contains("cannot be trained"), "{e}");
+}

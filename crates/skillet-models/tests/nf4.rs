@@ -9,12 +9,19 @@ use candle_core::{DType, Device, Tensor};
 use skillet_models::{Nf4, double_quantize, dynamic_code};
 
 fn fixture() -> HashMap<String, Tensor> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/nf4/weights.safetensors");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/nf4/weights.safetensors");
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
 fn f32s(t: &HashMap<String, Tensor>, name: &str) -> Vec<f32> {
-    t[name].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t[name]
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn bytes(t: &HashMap<String, Tensor>, name: &str) -> Vec<u8> {
@@ -25,9 +32,16 @@ fn bytes(t: &HashMap<String, Tensor>, name: &str) -> Vec<u8> {
 /// they do in memory), naming the first difference.
 fn same_bits(what: &str, a: &[f32], b: &[f32]) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    let differ = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
     if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
-        panic!("{what}: {differ} values differ; first at {i}: {} vs {}", a[i], b[i]);
+        panic!(
+            "{what}: {differ} values differ; first at {i}: {} vs {}",
+            a[i], b[i]
+        );
     }
 }
 

@@ -342,6 +342,11 @@ pub fn run_training(
             keep_quantized: cfg.lora.keep_base_quantized,
             // Products in bf16 round the frozen base anyway: hold it in bf16.
             frozen_bf16: precision.holds_base_in_bf16(),
+            quantize: cfg.lora.quantize_base.map(|q| match q {
+                skillet_train::QuantizeBase::Nf4 => skillet_models::QuantizeBase::Nf4 {
+                    double_quant: cfg.lora.double_quant,
+                },
+            }),
             ..Default::default()
         })?,
     };
@@ -548,6 +553,7 @@ const FULL: skillet_models::LoadOptions = skillet_models::LoadOptions {
     composed_ops: false,
     trainable: true,
     frozen_bf16: false,
+    quantize: None,
 };
 
 /// Full fine-tuning's parameters: every weight of the model, saved (and

@@ -428,6 +428,24 @@ pub struct LoraConfig {
     /// gradient) instead of dequantizing the whole model once at load.
     #[serde(default)]
     pub keep_base_quantized: bool,
+    /// QLoRA on a dense base (a Hugging Face folder, or an f32/f16/bf16
+    /// GGUF): quantize the decoder layers' projections at load, as
+    /// bitsandbytes does for `BitsAndBytesConfig(load_in_4bit=True)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize_base: Option<QuantizeBase>,
+    /// With `quantize_base`: quantize the absmax values too (bitsandbytes'
+    /// `bnb_4bit_use_double_quant`; on by default, as in the QLoRA paper's
+    /// recipe and Axolotl's).
+    #[serde(default = "default_true")]
+    pub double_quant: bool,
+}
+
+/// `lora.quantize_base`: the format a dense base is quantized to at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantizeBase {
+    /// bitsandbytes' 4-bit NormalFloat, absmax per 64 weights.
+    Nf4,
 }
 
 /// `[train]`.
@@ -573,6 +591,9 @@ fn default_max_seq_len() -> usize {
     1024
 }
 fn yes() -> bool {
+    true
+}
+fn default_true() -> bool {
     true
 }
 fn default_r() -> usize {
@@ -737,6 +758,9 @@ impl RunConfig {
         if let MethodConfig::Grpo(g) = &self.method {
             self.check_grpo(g)?;
         }
+        if self.lora.quantize_base.is_some() && self.lora.keep_base_quantized {
+            return bad("lora.quantize_base quantizes a dense base; lora.keep_base_quantized keeps a GGUF base's own blocks: set one".into());
+        }
         if self.train.tuning == Tuning::Full {
             if self.lora.keep_base_quantized {
                 return bad("lora.keep_base_quantized applies to LoRA; full fine-tuning trains dequantized weights".into());
@@ -746,6 +770,9 @@ impl RunConfig {
                     "lora.use_dora applies to LoRA; full fine-tuning trains the weights themselves"
                         .into(),
                 );
+            }
+            if self.lora.quantize_base.is_some() {
+                return bad("lora.quantize_base applies to LoRA (QLoRA); full fine-tuning trains every weight in f32".into());
             }
             if self.lora.init_adapter.is_some() {
                 return bad("lora.init_adapter applies to LoRA; for full fine-tuning start from a merged model (skillet merge) as `model`".into());
@@ -989,6 +1016,7 @@ mod tests {
         for (set, word) in [
             ("lora.keep_base_quantized=true", "keep_base_quantized"),
             ("lora.init_adapter=\"a\"", "init_adapter"),
+            ("lora.quantize_base=\"nf4\"", "quantize_base"),
         ] {
             let e = RunConfig::from_toml(text, &[full(), set.into()])
                 .unwrap_err()

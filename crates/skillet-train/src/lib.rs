@@ -30,7 +30,7 @@ pub use checkpoint::{
 pub use collate::{collate, collate_packed};
 pub use config::{
     DataConfig, DpoConfig, EvalConfig, GrpoConfig, LoraConfig, MethodConfig, PrecisionSetting,
-    RewardConfig, RewardSpec, RunConfig, SamplingActivations, TrainConfig, Tuning,
+    QuantizeBase, RewardConfig, RewardSpec, RunConfig, SamplingActivations, TrainConfig, Tuning,
 };
 pub use dpo::{
     Dpo, DpoLoss, DpoSettings, PairBatch, PairSet, RefLogps, dpo_pair_loss, pair_batch, pair_logps,

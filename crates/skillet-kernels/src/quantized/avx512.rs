@@ -122,9 +122,17 @@ unsafe fn q8_0_group<const G: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize
 }
 
 /// NF4: each half-block's 16 codes pick their levels out of one register
-/// (`vpermps`), scaled by the absmax of the block's 64.
+/// (`vpermps`), scaled by the absmax of the block's 64 (`d` starts at the
+/// row's first block of 64; `shift` is 1 when the row starts in its second
+/// half).
 #[inline(always)]
-unsafe fn nf4_group<const G: usize>(row: &[u8], d: &[f32], x: &[f32], cols: usize) -> [f32; G] {
+unsafe fn nf4_group<const G: usize>(
+    row: &[u8],
+    d: &[f32],
+    shift: usize,
+    x: &[f32],
+    cols: usize,
+) -> [f32; G] {
     debug_assert!(x.len() >= cols * G);
     let nb = cols / BLOCK;
     let mut lo = [_mm512_setzero_ps(); G];
@@ -133,7 +141,7 @@ unsafe fn nf4_group<const G: usize>(row: &[u8], d: &[f32], x: &[f32], cols: usiz
     let mask = _mm512_set1_epi32(15);
     for b in 0..nb {
         let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(row.as_ptr().add(b * 16) as *const __m128i));
-        let scale = _mm512_set1_ps(*d.get_unchecked(b / 2));
+        let scale = _mm512_set1_ps(*d.get_unchecked((b + shift) / 2));
         let wl = _mm512_mul_ps(
             _mm512_permutexvar_ps(_mm512_and_si512(q, mask), levels),
             scale,
@@ -230,16 +238,13 @@ pub(super) unsafe fn nf4_rows(
     let nb = cols / BLOCK;
     let t = x.len() / cols;
     let outs = out.len() / t;
-    assert!(
-        quants.len() >= outs * nb * 16
-            && absmax.len() >= outs * nb / 2
-            && cols.is_multiple_of(2 * BLOCK)
-    );
+    assert!(quants.len() >= outs * nb * 16 && absmax.len() >= (outs * nb).div_ceil(2));
+    assert!(cols.is_multiple_of(BLOCK));
     each(outs, t, out, |o, r0, g, vals| {
         let q = &quants[o * nb * 16..(o + 1) * nb * 16];
-        let d = &absmax[o * nb / 2..(o + 1) * nb / 2];
+        let d = &absmax[o * nb / 2..((o + 1) * nb).div_ceil(2)];
         let xs = &x[r0 * cols..(r0 + g) * cols];
-        let sums: &[f32] = by_group!(g, nf4_group(q, d, xs, cols));
+        let sums: &[f32] = by_group!(g, nf4_group(q, d, o * nb % 2, xs, cols));
         vals[..g].copy_from_slice(&sums[..g]);
     });
 }

@@ -1,7 +1,8 @@
 //! NF4, bitsandbytes' 4-bit NormalFloat (QLoRA, arXiv 2305.14314, §3):
 //! each weight is one of 16 fixed levels (quantiles of a normal
 //! distribution, scaled to [-1, 1]) times the largest magnitude of its
-//! block of 64 consecutive weights. Skillet keeps a code per weight, two
+//! block of 64 consecutive weights (consecutive in the flattened matrix:
+//! a block may span two rows, as in bitsandbytes). Skillet keeps a code per weight, two
 //! to a byte, and the block's absmax in f32, so a weight is
 //! `level[q] · absmax` with one rounding, as bitsandbytes dequantizes it.
 //! (How the codes and absmax are chosen, double quantization included, is
@@ -41,11 +42,15 @@ pub const NF4_BLOCK: usize = 64;
 
 impl QuantMatrix {
     /// A `[rows, cols]` NF4 matrix from one code (`0..16`) per weight in
-    /// row-major order and the absmax of each 64 consecutive weights.
-    /// `cols` must be a multiple of 64 (a block never spans two rows).
+    /// row-major order and the absmax of each 64 consecutive weights of
+    /// the flattened matrix. `cols` must be a multiple of 32 and the
+    /// matrix a whole number of blocks of 64.
     pub fn from_nf4(rows: usize, cols: usize, codes: &[u8], absmax: Vec<f32>) -> Result<Self> {
-        if !cols.is_multiple_of(NF4_BLOCK) {
-            bail!("NF4 matrix: {cols} columns is not a multiple of {NF4_BLOCK}");
+        if !cols.is_multiple_of(BLOCK) || !(rows * cols).is_multiple_of(NF4_BLOCK) {
+            bail!(
+                "NF4 matrix: [{rows}, {cols}] needs rows of a multiple of {BLOCK} \
+                 and a multiple of {NF4_BLOCK} weights"
+            );
         }
         if codes.len() != rows * cols || absmax.len() != rows * cols / NF4_BLOCK {
             bail!(
@@ -94,11 +99,11 @@ multiversion! {
         let outs = out.len() / t;
         for o in 0..outs {
             let q = &quants[o * nb * 16..(o + 1) * nb * 16];
-            let d = &absmax[o * nb / 2..(o + 1) * nb / 2];
             for r in 0..t {
                 let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
                 for b in 0..nb {
-                    let (wl, wh) = nf4_scaled(&q[b * 16..b * 16 + 16], d[b / 2]);
+                    // Blocks of 64 run on across rows.
+                    let (wl, wh) = nf4_scaled(&q[b * 16..b * 16 + 16], absmax[(o * nb + b) / 2]);
                     let at = r * cols + b * BLOCK;
                     fma16(&mut lo, &wl, &x[at..at + 16]);
                     fma16(&mut hi, &wh, &x[at + 16..at + 32]);
