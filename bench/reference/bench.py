@@ -74,10 +74,31 @@ def sft_batches(tok, path, batch):
     return out
 
 
+def nf4_model(model, precision):
+    """The model reloaded with bitsandbytes' NF4 (double quantization, the
+    compute dtype of `precision`), as transformers' QLoRA recipe loads it."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from safetensors.torch import save_model
+    with tempfile.TemporaryDirectory() as d:
+        # A model read from GGUF will not save itself: write its config
+        # and weights as a plain folder.
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        cfg.save_pretrained(d)
+        save_model(model, os.path.join(d, "model.safetensors"))
+        del model
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        return AutoModelForCausalLM.from_pretrained(d, quantization_config=q, dtype=torch.float32, device_map="cpu")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--workload", required=True, choices=["lora", "full", "sft", "dpo", "grpo", "score", "decode"])
+    ap.add_argument("--workload", required=True, choices=["lora", "qlora-nf4", "full", "sft", "dpo", "grpo", "score", "decode"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
@@ -100,6 +121,8 @@ def main():
     folder, name = os.path.split(os.path.abspath(args.model))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    if args.workload == "qlora-nf4":
+        model = nf4_model(model, args.precision)
     gemm = gemm_gflops()
     params = matmul_params(model.config)
     vocab = model.config.vocab_size
@@ -113,8 +136,8 @@ def main():
         step = statistics.median(times)
         tps = statistics.median(tokens) / step
         flops = (4 if args.workload == "dpo" else 6) * params
-    elif args.workload in ("lora", "full", "sft"):
-        if args.workload in ("lora", "sft"):
+    elif args.workload in ("lora", "qlora-nf4", "full", "sft"):
+        if args.workload in ("lora", "qlora-nf4", "sft"):
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))

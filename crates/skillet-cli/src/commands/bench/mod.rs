@@ -34,9 +34,10 @@ use skillet_runtime::Dataset;
 
 mod rl;
 
-const WORKLOADS: [&str; 10] = [
+const WORKLOADS: [&str; 11] = [
     "lora",
     "qlora",
+    "qlora-nf4",
     "full",
     "sft",
     "dpo",
@@ -52,12 +53,15 @@ pub struct Args {
     /// Model (default: the fetched default model, see scripts/fetch-model.sh).
     #[arg(long, env = "SKILLET_MODEL")]
     model: Option<PathBuf>,
-    /// lora, qlora, full, sft, dpo (`--batch` pairs of `--pairs` per
+    /// lora, qlora (over a GGUF's own blocks), qlora-nf4 (a dense base
+    /// quantized to NF4 at load, double quantized; needs an f32/f16/bf16
+    /// model, e.g. from `skillet export --type f16`), full, sft, dpo
+    /// (`--batch` pairs of `--pairs` per
     /// step), grpo (`--batch` completions of `--seq` tokens per step,
     /// `--generations` per prompt of `--prompts`), score, decode, prefill
     /// (batch-1 prompt of `--seq` tokens over the quantized base, as
     /// generation runs it) or prefill-lora (the same with an unmerged LoRA
-    /// adapter); all but the prefills when absent.
+    /// adapter); all but the prefills and qlora-nf4 when absent.
     #[arg(long)]
     workload: Option<String>,
     /// Sequences per step.
@@ -337,16 +341,20 @@ fn run_one(
         workload,
         "lora" | "qlora" | "sft" | "dpo" | "grpo" | "score"
     );
+    let quantize = (workload == "qlora-nf4").then_some(skillet_models::QuantizeBase::Nf4 {
+        double_quant: true,
+    });
     let mut model = bundle.load_model(LoadOptions {
         keep_quantized,
         trainable: workload == "full",
         frozen_bf16: frozen && args.precision.resolve().holds_base_in_bf16(),
+        quantize,
         ..Default::default()
     })?;
     let params = matmul_params(&model);
     let vocab = model.config().vocab_size;
     let (tps, step, flops_per_token, seq) = match workload {
-        "lora" | "qlora" => {
+        "lora" | "qlora" | "qlora-nf4" => {
             let adapter = LoraAdapter::new(&model, &lora_settings()?, 0, None)?;
             let batches = [random_batch(vocab, args.batch, args.seq)];
             let (tps, step) = time_training(&mut model, &adapter, &batches, args)?;
@@ -525,7 +533,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // peak RSS is its own.
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
-    for w in WORKLOADS.into_iter().filter(|w| !w.starts_with("prefill")) {
+    for w in WORKLOADS
+        .into_iter()
+        .filter(|w| !w.starts_with("prefill") && *w != "qlora-nf4")
+    {
         let shapes: &[(usize, usize)] = match w {
             "decode" => &[(1, 1)],
             "sft" | "dpo" => &[(4, 0)],
