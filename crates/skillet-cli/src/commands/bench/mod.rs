@@ -341,9 +341,8 @@ fn run_one(
         workload,
         "lora" | "qlora" | "sft" | "dpo" | "grpo" | "score"
     );
-    let quantize = (workload == "qlora-nf4").then_some(skillet_models::QuantizeBase::Nf4 {
-        double_quant: true,
-    });
+    let quantize = (workload == "qlora-nf4")
+        .then_some(skillet_models::QuantizeBase::Nf4 { double_quant: true });
     let mut model = bundle.load_model(LoadOptions {
         keep_quantized,
         trainable: workload == "full",
