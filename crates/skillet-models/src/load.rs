@@ -116,12 +116,7 @@ impl<'a> Loader<'a> {
         if self.opts.trainable {
             w = Weight::Dense(self.var(&name, w.to_dense(&Device::Cpu)?)?);
         }
-        let bias = format!("{prefix}.bias");
-        let b = match self.has(&bias) {
-            true => Some(self.dense(&bias)?),
-            false => None,
-        };
-        let layer = BaseLinear::new(w, b);
+        let layer = BaseLinear::new(w, self.bias(prefix)?);
         // An untied head stays f32 for its packed bf16 copy: the fused loss
         // multiplies it three times per chunk of rows, where blocks made
         // from bf16 rows would be made each time.
@@ -161,12 +156,19 @@ impl<'a> Loader<'a> {
         drop(w);
         let nf4 = Nf4::quantize(&values, cols, double_quant).map_err(|e| bad(e.to_string()))?;
         let blocks = Arc::new(nf4.into_matrix(rows, cols)?);
-        let bias = format!("{prefix}.bias");
-        let b = match self.has(&bias) {
-            true => Some(self.dense(&bias)?),
-            false => None,
-        };
-        Ok(Box::new(BaseLinear::from_blocks(blocks, b)))
+        Ok(Box::new(BaseLinear::from_blocks(
+            blocks,
+            self.bias(prefix)?,
+        )))
+    }
+
+    /// `prefix.bias` where the table has one.
+    fn bias(&self, prefix: &str) -> Result<Option<Tensor>> {
+        let name = format!("{prefix}.bias");
+        match self.has(&name) {
+            true => Ok(Some(self.dense(&name)?)),
+            false => Ok(None),
+        }
     }
 
     /// The variables made so far.
