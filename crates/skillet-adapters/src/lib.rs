@@ -5,19 +5,25 @@
 //! reward models (LoRA plus a scalar `score` head).
 #![warn(missing_docs)]
 
+mod combine;
 mod config;
 mod error;
+mod linalg;
 mod lora;
 mod peft;
 mod reward;
+mod stack;
 
+pub use combine::{Combine, combine};
 pub use config::{LoraSettings, PeftAdapterConfig, Targets};
 pub use error::AdapterError;
 pub use lora::{LoraAdapter, LoraParams, Magnitudes, merged_weight};
 pub use peft::{
     PeftFile, load_peft, peft_tensor_name, read_lora_peft, read_peft, save_peft, write_peft,
+    write_peft_file,
 };
 pub use reward::{RewardAdapter, SCORE_WEIGHT, fresh_score_head};
+pub use stack::Stacked;
 
 /// LoRA weights by module name: `(A [r, in], B [out, r])`.
 pub type LoraWeights =

@@ -51,6 +51,9 @@ pub struct LoraAdapter {
     vars: Vec<Var>,
     /// Per model module, the index into `params`.
     by_module: Vec<Option<usize>>,
+    /// The factor on the settings' scale when used beside other adapters
+    /// (PEFT's `set_scale`); 1 alone.
+    weight: f64,
 }
 
 impl LoraAdapter {
@@ -259,7 +262,21 @@ impl LoraAdapter {
             params,
             vars,
             by_module,
+            weight: 1.0,
         })
+    }
+
+    /// The same adapter with its update scaled by `weight` (PEFT's
+    /// `set_scale`: the scale becomes `weight · alpha/r`, DoRA's norm
+    /// included), for use beside other adapters.
+    pub fn weighted(mut self, weight: f64) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// The factor applied to `B·A`: the settings' scale times the weight.
+    pub fn scale(&self) -> f64 {
+        self.settings.scale() * self.weight
     }
 
     /// Every trainable variable (A, B and, with DoRA, the magnitude of each
@@ -310,7 +327,7 @@ impl Adapter for LoraAdapter {
             AdapterError::Candle(c) => skillet_models::ModelError::Candle(c),
             other => skillet_models::ModelError::Input(other.to_string()),
         })?;
-        let scale = self.settings.scale();
+        let scale = self.scale();
         let lora = xin.matmul(&p.a.t()?)?.matmul(&p.b.t()?)?; // [n, out]
         let (Some(magnitude), Some(w_sq)) = (&p.magnitude, &p.w_sq) else {
             return Ok(Some((lora * scale)?));
@@ -352,7 +369,7 @@ impl Adapter for LoraAdapter {
             a: p.a.clone(),
             b: p.b.clone(),
             b_t: p.b_t.clone(),
-            scale: self.settings.scale() as f32,
+            scale: self.scale() as f32,
         })
     }
 }

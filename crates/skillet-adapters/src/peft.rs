@@ -39,30 +39,58 @@ pub fn write_peft(
     adapter: &LoraAdapter,
     modules: &[(&str, &Tensor)],
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let text = serde_json::to_string_pretty(&config).expect("config serializes") + "\n";
-    write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
     let mut tensors = Vec::new();
     for p in &adapter.params {
-        for (part, t) in [("lora_A", &p.a), ("lora_B", &p.b)] {
-            tensors.push((
-                peft_tensor_name(&p.module, part),
-                t.to_dtype(DType::F32)?.contiguous()?,
-            ));
-        }
+        tensors.push((peft_tensor_name(&p.module, "lora_A"), p.a.clone()));
+        tensors.push((peft_tensor_name(&p.module, "lora_B"), p.b.clone()));
         if let Some(m) = &p.magnitude {
-            tensors.push((
-                format!("base_model.model.{}.lora_magnitude_vector", p.module),
-                m.to_dtype(DType::F32)?.contiguous()?,
-            ));
+            tensors.push((magnitude_name(&p.module), m.clone()));
         }
     }
     for (name, t) in modules {
-        tensors.push((
-            format!("base_model.model.{name}"),
-            t.to_dtype(DType::F32)?.contiguous()?,
-        ));
+        tensors.push((format!("base_model.model.{name}"), (*t).clone()));
     }
+    write_tensors(dir, config, tensors)
+}
+
+/// Writes `file` (config, factors, magnitudes, whole modules) into `dir`
+/// (created), modules in name order.
+pub fn write_peft_file(dir: &Path, file: &PeftFile) -> Result<()> {
+    let mut names: Vec<&String> = file.lora.keys().collect();
+    names.sort_unstable();
+    let mut tensors = Vec::new();
+    for m in names {
+        let (a, b) = &file.lora[m];
+        tensors.push((peft_tensor_name(m, "lora_A"), a.clone()));
+        tensors.push((peft_tensor_name(m, "lora_B"), b.clone()));
+        if let Some(mag) = file.magnitudes.get(m) {
+            tensors.push((magnitude_name(m), mag.clone()));
+        }
+    }
+    for (name, t) in &file.modules {
+        tensors.push((format!("base_model.model.{name}"), t.clone()));
+    }
+    write_tensors(dir, &file.config, tensors)
+}
+
+fn magnitude_name(module: &str) -> String {
+    format!("base_model.model.{module}.lora_magnitude_vector")
+}
+
+/// `adapter_config.json` and `adapter_model.safetensors` (f32 tensors,
+/// metadata `{"format": "pt"}`) in `dir` (created).
+fn write_tensors(
+    dir: &Path,
+    config: &PeftAdapterConfig,
+    tensors: Vec<(String, Tensor)>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let text = serde_json::to_string_pretty(&config).expect("config serializes") + "\n";
+    write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
+    let tensors = tensors
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
     let path = dir.join("adapter_model.safetensors");
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata)

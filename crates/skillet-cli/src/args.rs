@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use skillet_runtime::AdapterSpec;
 use skillet_train::PrecisionSetting;
 
 /// The `--model` option shared by every command.
@@ -66,10 +67,13 @@ impl PrecisionArg {
     }
 }
 
-/// The `--adapter` option of commands that can run a model with an adapter.
+/// The `--adapter` option of commands that can run a model with adapters.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdapterArg {
-    /// A PEFT LoRA adapter folder to apply (adapter_config.json + adapter_model.safetensors).
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder to apply (adapter_config.json +
+    /// adapter_model.safetensors), optionally with a weight on its update
+    /// (`DIR:0.5`). Repeat to use several at once: their updates are summed,
+    /// each times its weight.
+    #[arg(long = "adapter", value_name = "DIR[:WEIGHT]")]
+    pub adapters: Vec<AdapterSpec>,
 }

@@ -5,11 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use skillet_adapters::LoraAdapter;
 use skillet_models::{Adapter, LoadOptions, Model, ModelConfig, ModelSource};
 use skillet_tokenizer::{ChatTemplate, Message, Tokenizer};
 
-use crate::{Result, RuntimeError};
+use crate::{AdapterSpec, Result, RuntimeError, load_adapters};
 
 /// A model's metadata, tokenizer and template (weights loaded on demand).
 pub struct Bundle {
@@ -54,19 +53,16 @@ impl Bundle {
         Ok(Model::load(self.config.clone(), weights.as_ref(), opts)?)
     }
 
-    /// Loads the weights, and the PEFT adapter folder `adapter` if given
-    /// (to pass with each call, e.g. through `skillet_models::Adapted`).
-    pub fn load_with_adapter(
+    /// Loads the weights, and the adapters of `adapters` as one (none, one,
+    /// or their weighted sum; see [`load_adapters`]), to pass with each
+    /// call, e.g. through `skillet_models::Adapted`.
+    pub fn load_with_adapters(
         &self,
         opts: LoadOptions,
-        adapter: Option<&Path>,
+        adapters: &[AdapterSpec],
     ) -> Result<(Model, Option<Arc<dyn Adapter>>)> {
         let model = self.load_model(opts)?;
-        let adapter = match adapter {
-            // Refused when it does not fit the model.
-            Some(dir) => Some(Arc::new(LoraAdapter::load(&model, dir)?) as Arc<dyn Adapter>),
-            None => None,
-        };
+        let adapter = load_adapters(&model, adapters)?;
         Ok((model, adapter))
     }
 

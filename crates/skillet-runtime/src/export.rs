@@ -4,6 +4,7 @@
 //! generation_config.json) that transformers loads. GGUF files are
 //! `export_gguf.rs`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Tensor;
@@ -11,7 +12,7 @@ use skillet_adapters::{LoraSettings, PeftFile, merged_weight, read_lora_peft};
 use skillet_models::export::{TokenIds, write_hf_weights};
 use skillet_models::{MemoryWeights, WeightSource, collect_weights};
 
-use crate::{Bundle, Result, RuntimeError};
+use crate::{AdapterSpec, Bundle, Result, RuntimeError};
 
 /// A model's weights with an adapter folded in.
 #[derive(Debug)]
@@ -25,34 +26,40 @@ pub struct Merged {
     pub dequantized_base: bool,
 }
 
-/// The bundle's weights in f32, with the PEFT adapter folder `adapter` (if
-/// any) folded in (`W + scale·B·A`). An adapter that names a module the
-/// model lacks, or whose factors do not fit the module's shape (an
-/// adapter trained for another model), is refused.
-pub fn merged_weights(b: &Bundle, adapter: Option<&Path>) -> Result<Merged> {
+/// The bundle's weights in f32, with the PEFT adapter folders of
+/// `adapters` (if any) folded in: one as `W + scale·B·A` (DoRA: PEFT's
+/// merge), several as `W` plus each one's update at its weight, each
+/// update taken on the base `W` (so the merged model equals the adapters
+/// run together). An adapter that names a module the model lacks, or whose
+/// factors do not fit the module's shape (an adapter trained for another
+/// model), is refused.
+pub fn merged_weights(b: &Bundle, adapters: &[AdapterSpec]) -> Result<Merged> {
     let src = b.source.weights(&b.config)?;
     let dequantized_base = is_quantized(src.as_ref());
     let mut weights = collect_weights(&b.config, src.as_ref())?;
-    let Some(dir) = adapter else {
-        return Ok(Merged {
-            weights,
-            merged_modules: 0,
-            dequantized_base,
-        });
-    };
-    let (file, settings) = read_adapter(dir)?;
-    for (module, (a, bm)) in &file.lora {
-        let key = format!("{module}.weight");
-        let base = weights.tensors.get(&key);
-        check_fits(dir, module, (a, bm), settings.r, base.map(|t| t.dims()))?;
-        let base = base.expect("checked");
-        let magnitude = file.magnitudes.get(module);
-        let merged = merged_weight(base, a, bm, settings.scale(), magnitude)?;
-        weights.tensors.insert(key, merged);
+    let mut bases: HashMap<String, Tensor> = HashMap::new();
+    for spec in adapters {
+        let dir = spec.dir.as_path();
+        let (file, settings) = read_adapter(dir)?;
+        let scale = settings.scale() * spec.weight;
+        for (module, (a, bm)) in &file.lora {
+            let key = format!("{module}.weight");
+            let current = weights.tensors.get(&key);
+            check_fits(dir, module, (a, bm), settings.r, current.map(|t| t.dims()))?;
+            let current = current.expect("checked").clone();
+            let base = bases.entry(key.clone()).or_insert_with(|| current.clone());
+            let magnitude = file.magnitudes.get(module);
+            let merged = merged_weight(base, a, bm, scale, magnitude)?;
+            let merged = match adapters.len() {
+                1 => merged,
+                _ => (&current + (merged - &*base)?)?,
+            };
+            weights.tensors.insert(key, merged);
+        }
     }
     Ok(Merged {
         weights,
-        merged_modules: file.lora.len(),
+        merged_modules: bases.len(),
         dequantized_base,
     })
 }

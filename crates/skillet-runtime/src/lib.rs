@@ -5,6 +5,7 @@
 //! binaries only parse arguments and print.
 #![warn(missing_docs)]
 
+mod adapters;
 mod bundle;
 mod dataset;
 mod error;
@@ -18,6 +19,7 @@ mod rl;
 mod sampling;
 mod train;
 
+pub use adapters::{AdapterSpec, load_adapters};
 pub use bundle::Bundle;
 pub use dataset::Dataset;
 pub use error::{Result, RuntimeError};

@@ -78,8 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let (base, adapter) =
-        b.load_with_adapter(LoadOptions::default(), args.adapter.adapter.as_deref())?;
+    let (base, adapter) = b.load_with_adapters(LoadOptions::default(), &args.adapter.adapters)?;
     let model = Adapted::new(&base, adapter);
     let heldout = evaluate(&model, &data.tokenized, args.batch_size, b.pad_id())?;
     let em = if args.generate {
@@ -97,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let general = match &general_text {
         Some(text) => {
             let adapted = general_perplexity(&model, &b.tokenizer, text, args.max_seq_len)?;
-            Some(if args.adapter.adapter.is_some() {
+            Some(if !args.adapter.adapters.is_empty() {
                 let base = general_perplexity(&base, &b.tokenizer, text, args.max_seq_len)?;
                 General {
                     base,

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use skillet_models::FileType;
 use skillet_runtime::{
-    Bundle, merged_weights, write_gguf_adapter, write_gguf_model, write_hf_folder,
+    AdapterSpec, Bundle, merged_weights, write_gguf_adapter, write_gguf_model, write_hf_folder,
 };
 
 use crate::args::ModelArg;
@@ -27,9 +27,11 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArg,
     /// A PEFT adapter folder: merged into the weights (hf, gguf), or the
-    /// adapter to convert (gguf-lora).
-    #[arg(long)]
-    adapter: Option<std::path::PathBuf>,
+    /// adapter to convert (gguf-lora). For hf and gguf, repeat it (with
+    /// `DIR:WEIGHT` where wanted) to merge several: each update at its
+    /// weight, as they run together.
+    #[arg(long, value_name = "DIR[:WEIGHT]")]
+    adapter: Vec<AdapterSpec>,
     /// Output format.
     #[arg(long, value_enum, default_value = "gguf")]
     format: Format,
@@ -70,10 +72,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let out = args.out.display().to_string();
     let o = match args.format {
         Format::GgufLora => {
-            let adapter = args
-                .adapter
-                .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("--format gguf-lora needs --adapter"))?;
+            let adapter = match args.adapter.as_slice() {
+                [one] if one.weight == 1.0 => &one.dir,
+                [] => anyhow::bail!("--format gguf-lora needs --adapter"),
+                [_] => anyhow::bail!(
+                    "--format gguf-lora writes the adapter as it is; give its weight to llama.cpp (--lora-scaled)"
+                ),
+                _ => anyhow::bail!(
+                    "--format gguf-lora converts one adapter; combine several first (skillet merge --combine)"
+                ),
+            };
             let n = write_gguf_adapter(&b, adapter, &args.out)?;
             Output {
                 out,
@@ -84,7 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         Format::Hf | Format::Gguf => {
-            let merged = merged_weights(&b, args.adapter.as_deref())?;
+            let merged = merged_weights(&b, &args.adapter)?;
             let (format, file_type) = match args.format {
                 Format::Hf => {
                     write_hf_folder(&b, &merged.weights, &args.out)?;

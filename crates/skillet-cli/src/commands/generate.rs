@@ -97,7 +97,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         keep_quantized: true,
         ..Default::default()
     };
-    let (model, adapter) = b.load_with_adapter(opts, args.adapter.adapter.as_deref())?;
+    let (model, adapter) = b.load_with_adapters(opts, &args.adapter.adapters)?;
     let model = Adapted::new(&model, adapter);
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,

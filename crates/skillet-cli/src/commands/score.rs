@@ -52,8 +52,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ids.len()
         );
     }
-    let (model, adapter) =
-        b.load_with_adapter(LoadOptions::default(), args.adapter.adapter.as_deref())?;
+    let (model, adapter) = b.load_with_adapters(LoadOptions::default(), &args.adapter.adapters)?;
     let model = Adapted::new(&model, adapter);
     let input = ForwardInput::new(Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?);
     let logits = model.forward(&input)?;
