@@ -206,6 +206,93 @@ fn full_fine_tuning_saves_a_model_folder_and_resumes_exactly() {
     assert!(r.stderr.contains("keep_base_quantized"), "{}", r.stderr);
 }
 
+/// `train.freeze_embeddings` and `train.freeze`: the frozen weights are
+/// saved exactly as the base holds them, the others trained; the report
+/// counts only the trained ones; resume stays exact; a pattern that
+/// matches nothing, or freezing in a LoRA run, is refused.
+#[test]
+fn full_fine_tuning_freezes_embeddings_and_named_layers() {
+    let s = setup("");
+    let full = [
+        "--set",
+        "train.tuning=\"full\"",
+        "--set",
+        "train.lr=1e-3",
+        "--set",
+        "train.freeze_embeddings=true",
+        "--set",
+        r"train.freeze=['^model\.layers\.0\.', 'post_attention_layernorm']",
+    ];
+    let r = train(&s, &full);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = s.dir.path().join("out");
+    let base_dir = s.dir.path().join("base");
+    let r = skillet(&[
+        "convert",
+        "--model",
+        s.model.to_str().unwrap(),
+        "--out",
+        base_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let weights = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (base, last) = (weights(&base_dir), weights(&out.join("model")));
+    let mut keys: Vec<&String> = base.keys().collect();
+    keys.sort();
+    assert_eq!(keys, {
+        let mut k: Vec<&String> = last.keys().collect();
+        k.sort();
+        k
+    });
+    let mut frozen = 0;
+    for name in keys {
+        let same = base[name].to_vec1_any() == last[name].to_vec1_any();
+        let want_frozen = name == "model.embed_tokens.weight"
+            || name.starts_with("model.layers.0.")
+            || name.contains("post_attention_layernorm");
+        assert_eq!(same, want_frozen, "{name}: frozen {same}");
+        if want_frozen {
+            frozen += base[name].elem_count();
+        }
+    }
+    let saved: usize = last.values().map(|t| t.elem_count()).sum();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["run"]["trainable_parameters"], saved - frozen);
+    assert_resumes_exactly(&out, "model", "model.safetensors");
+
+    let mut typo = full.to_vec();
+    typo[7] = "train.freeze=['k_prj']";
+    typo.push("--overwrite");
+    let r = train(&s, &typo);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("matches no weight"), "{}", r.stderr);
+    let r = train(
+        &s,
+        &["--set", "train.freeze_embeddings=true", "--overwrite"],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("full fine-tuning"), "{}", r.stderr);
+}
+
+trait Flat {
+    fn to_vec1_any(&self) -> Vec<f32>;
+}
+
+impl Flat for candle_core::Tensor {
+    fn to_vec1_any(&self) -> Vec<f32> {
+        self.to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+}
+
 #[test]
 fn adapter_works_in_score_generate_eval_and_merge() {
     let s = setup("");

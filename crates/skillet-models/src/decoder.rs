@@ -71,6 +71,7 @@ pub struct Model {
     ropes: Vec<Rope>,
     composed: bool,
     params: Vec<(String, Var)>,
+    frozen: Vec<(String, Tensor)>,
     checkpointing: Option<Arc<Checkpointing>>,
     precision: Precision,
 }
@@ -79,7 +80,20 @@ impl Model {
     /// Builds the model from `src`, checking every tensor's presence and
     /// shape against the architecture's name table.
     pub fn load(cfg: ModelConfig, src: &dyn WeightSource, opts: LoadOptions) -> Result<Self> {
-        let l = Loader::new(&cfg, src, opts);
+        Self::load_freezing(cfg, src, opts, &|_| false)
+    }
+
+    /// [`Model::load`], where with `opts.trainable` the weights whose names
+    /// `frozen` picks stay plain tensors: no gradient is taken for them
+    /// ([`Model::frozen_parameters`] lists them). A tied head shares its
+    /// embedding's fate.
+    pub fn load_freezing(
+        cfg: ModelConfig,
+        src: &dyn WeightSource,
+        opts: LoadOptions,
+        frozen: &dyn Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let l = Loader::new(&cfg, src, opts).freezing(frozen);
         let embed_name = "model.embed_tokens.weight";
         // A frozen embedding in Q4_1 / Q8_0 blocks stays in them (rows are
         // dequantized as they are looked up), and a tied head reads the
@@ -145,11 +159,13 @@ impl Model {
         let ropes = ropes.iter().map(|r| Rope::new(r, cfg.head_dim)).collect();
         let embed_scale = (cfg.architecture == Architecture::Gemma3)
             .then(|| f64::from((cfg.hidden_size as f32).sqrt()));
+        let (params, frozen) = l.into_params();
         Ok(Self {
             ropes,
             embed_scale,
             composed: opts.composed_ops,
-            params: l.into_params(),
+            params,
+            frozen,
             checkpointing: None,
             precision: Precision::F32,
             embed_tokens,
@@ -182,6 +198,12 @@ impl Model {
     /// as the embedding.
     pub fn parameters(&self) -> &[(String, Var)] {
         &self.params
+    }
+
+    /// The weights a trainable model left frozen ([`Model::load_freezing`]),
+    /// by checkpoint name.
+    pub fn frozen_parameters(&self) -> &[(String, Tensor)] {
+        &self.frozen
     }
 
     /// Activation checkpointing: with `Some(vars)` (the trainable

@@ -22,6 +22,9 @@ pub(crate) struct Loader<'a> {
     pub opts: LoadOptions,
     shapes: HashMap<String, Vec<usize>>,
     params: RefCell<Vec<(String, Var)>>,
+    /// In full fine-tuning, the weights left frozen (not variables).
+    frozen: Option<&'a dyn Fn(&str) -> bool>,
+    frozen_params: RefCell<Vec<(String, Tensor)>>,
 }
 
 impl<'a> Loader<'a> {
@@ -41,7 +44,16 @@ impl<'a> Loader<'a> {
             opts,
             shapes,
             params: RefCell::new(Vec::new()),
+            frozen: None,
+            frozen_params: RefCell::new(Vec::new()),
         }
+    }
+
+    /// In full fine-tuning, leaves the weights `frozen` names as plain
+    /// tensors instead of variables.
+    pub fn freezing(mut self, frozen: &'a dyn Fn(&str) -> bool) -> Self {
+        self.frozen = Some(frozen);
+        self
     }
 
     /// The table's shape of `name`.
@@ -67,9 +79,16 @@ impl<'a> Loader<'a> {
         self.src.load_checked(name, self.shape(name)?, keep)
     }
 
-    /// `t` as the variable `name` in full fine-tuning, else `t`.
+    /// `t` as the variable `name` in full fine-tuning (unless frozen),
+    /// else `t`.
     pub fn var(&self, name: &str, t: Tensor) -> Result<Tensor> {
         if !self.opts.trainable {
+            return Ok(t);
+        }
+        if self.frozen.is_some_and(|f| f(name)) {
+            self.frozen_params
+                .borrow_mut()
+                .push((name.to_string(), t.clone()));
             return Ok(t);
         }
         let var = Var::from_tensor(&t)?;
@@ -171,8 +190,8 @@ impl<'a> Loader<'a> {
         }
     }
 
-    /// The variables made so far.
-    pub fn into_params(self) -> Vec<(String, Var)> {
-        self.params.into_inner()
+    /// The variables made so far, and the weights left frozen.
+    pub fn into_params(self) -> (Vec<(String, Var)>, Vec<(String, Tensor)>) {
+        (self.params.into_inner(), self.frozen_params.into_inner())
     }
 }

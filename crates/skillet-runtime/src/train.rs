@@ -336,8 +336,8 @@ pub fn run_training(
     let mut model = match (&checkpoint, full) {
         // Full fine-tuning: every weight a variable; a resumed run starts
         // from the checkpoint's model folder.
-        (Some(dir), true) => Bundle::open(dir)?.load_model(FULL)?,
-        (None, true) => bundle.load_model(FULL)?,
+        (Some(dir), true) => load_full(&Bundle::open(dir)?, &cfg.train.frozen()?)?,
+        (None, true) => load_full(&bundle, &cfg.train.frozen()?)?,
         _ => bundle.load_model(skillet_models::LoadOptions {
             keep_quantized: cfg.lora.keep_base_quantized,
             // Products in bf16 round the frozen base anyway: hold it in bf16.
@@ -470,6 +470,7 @@ pub fn run_training(
                     weights: FullWeights {
                         named: model.parameters().to_vec(),
                     },
+                    frozen: model.frozen_parameters().to_vec(),
                     score: Some(var.clone()),
                     bundle: &bundle,
                 };
@@ -556,11 +557,30 @@ const FULL: skillet_models::LoadOptions = skillet_models::LoadOptions {
     quantize: None,
 };
 
+/// A model for full fine-tuning from `b`: every weight a variable but those
+/// `freeze` names, a freeze pattern that matches nothing refused.
+fn load_full(b: &Bundle, freeze: &skillet_train::Freeze) -> Result<Model> {
+    let weights = b.source.weights(&b.config)?;
+    let model = Model::load_freezing(b.config.clone(), weights.as_ref(), FULL, &|n| {
+        freeze.is_frozen(n)
+    })?;
+    let names: Vec<&str> = model
+        .parameters()
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .chain(model.frozen_parameters().iter().map(|(n, _)| n.as_str()))
+        .collect();
+    freeze.check(&names)?;
+    Ok(model)
+}
+
 /// Full fine-tuning's parameters: every weight of the model, saved (and
 /// checkpointed) as a Hugging Face folder with the run's tokenizer and
-/// chat template, which transformers and `skillet` load as a model.
+/// chat template, which transformers and `skillet` load as a model. The
+/// weights left frozen are saved with the trained ones.
 struct FullModel<'b> {
     weights: FullWeights,
+    frozen: Vec<(String, Tensor)>,
     /// A reward model's `score` head, trained with the body and saved as
     /// `score.weight` (the folder is then a sequence classifier).
     score: Option<candle_core::Var>,
@@ -584,6 +604,7 @@ impl Trainable for FullModel<'_> {
             .named
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .chain(self.frozen.iter().cloned())
             .collect();
         if let Some(score) = &self.score {
             tensors.insert(SCORE_HEAD.into(), score.as_tensor().clone());
@@ -624,6 +645,7 @@ impl<'r> Run<'r> {
                 weights: FullWeights {
                     named: model.parameters().to_vec(),
                 },
+                frozen: model.frozen_parameters().to_vec(),
                 score: None,
                 bundle: self.bundle,
             }),

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Result, ScheduleKind, TrainError};
+use crate::{Freeze, Result, ScheduleKind, TrainError};
 
 /// The whole run, as the user writes it (every field has a default but
 /// `model` and `data.train`).
@@ -504,6 +504,23 @@ pub struct TrainConfig {
     /// weight of the model trained, saved as a Hugging Face folder).
     #[serde(default)]
     pub tuning: Tuning,
+    /// Full fine-tuning: keep the input embeddings (`model.embed_tokens`,
+    /// and a head tied to them) frozen.
+    #[serde(default)]
+    pub freeze_embeddings: bool,
+    /// Full fine-tuning: the weights left frozen, as regular expressions
+    /// searched in their checkpoint names (`^model\.layers\.[0-9]\.` for
+    /// the first ten layers, `lm_head`, `self_attn`). Each must match some
+    /// weight.
+    #[serde(default)]
+    pub freeze: Vec<String>,
+}
+
+impl TrainConfig {
+    /// The weights full fine-tuning leaves frozen.
+    pub fn frozen(&self) -> Result<Freeze> {
+        Freeze::new(self.freeze_embeddings, &self.freeze)
+    }
 }
 
 /// `train.tuning`: what a run trains.
@@ -777,6 +794,9 @@ impl RunConfig {
             if self.lora.init_adapter.is_some() {
                 return bad("lora.init_adapter applies to LoRA; for full fine-tuning start from a merged model (skillet merge) as `model`".into());
             }
+            self.train.frozen()?;
+        } else if self.train.freeze_embeddings || !self.train.freeze.is_empty() {
+            return bad("train.freeze and train.freeze_embeddings apply to full fine-tuning (train.tuning = \"full\"); LoRA leaves the base frozen and trains lora.target_modules".into());
         }
         if let Some((_, max_prompt)) = self.method.pairs() {
             if self.data.packing {

@@ -12,6 +12,7 @@ mod config;
 mod dpo;
 mod error;
 mod eval;
+mod freeze;
 mod grpo;
 mod logps;
 mod loss;
@@ -37,6 +38,7 @@ pub use dpo::{
 };
 pub use error::TrainError;
 pub use eval::{EvalStats, evaluate};
+pub use freeze::Freeze;
 pub use grpo::{
     Grpo, GrpoBatch, GrpoLoss, GrpoSettings, RolloutBatch, RolloutSource, Sampled, ScaleRewards,
     advantages, grpo_loss, grpo_token_loss, rollout_rows, shared_prompt_rows,
