@@ -55,16 +55,19 @@ def prompts(n):
 
 
 def llama_greedy(llm, ids, n, stops):
+    """llama.cpp's greedy tokens, and its logits at each step."""
     llm.reset()
     llm.eval(ids)
-    out = []
+    out, scores = [], []
     for _ in range(n):
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        row = llm.scores[llm.n_tokens - 1].copy()
+        tok = int(row.argmax())
         out.append(tok)
+        scores.append(row)
         if tok in stops:
             break
         llm.eval([tok])
-    return out
+    return out, scores
 
 
 def compare(binary, model, texts, max_tokens, lora=None, adapter=None, activations="f32"):
@@ -89,10 +92,14 @@ def compare(binary, model, texts, max_tokens, lora=None, adapter=None, activatio
         # Skillet stops at any of the model's end ids; the one it met ends
         # llama.cpp's run too.
         ends = stops | set(ours[-1:]) if gen["finish_reason"] == "stop" else stops
-        theirs = llama_greedy(llm, got_prompt, max_tokens, ends)
+        theirs, scores = llama_greedy(llm, got_prompt, max_tokens, ends)
         same = got_prompt == want_prompt and theirs[: len(ours)] == ours
+        # Where they part: llama.cpp's own logit gap between its token and
+        # Skillet's (a near tie is a few hundredths).
+        part = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        gap = None if part is None else float(scores[part][theirs[part]] - scores[part][ours[part]])
         results.append({"prompt": text, "prompt_equal": got_prompt == want_prompt, "skillet": ours,
-                        "llama_cpp": theirs, "equal": same})
+                        "llama_cpp": theirs, "equal": same, "part": part, "gap": gap})
     return results
 
 
@@ -127,9 +134,9 @@ def main():
             skillet(args.skillet, "export", "--model", model, "--adapter", adapter, "--type", ty, "--out", path)
             summary[f"merged {ty}"] = compare(args.skillet, path, texts, args.max_tokens)
             if ty.startswith("q"):
-                # Skillet's activations rounded to 8 bits per block of 32, as
-                # llama.cpp rounds them for quantized weights (Skillet does
-                # this for Q8_0 / Q4_1 blocks; other types stay f32).
+                # Skillet's activations rounded to 8 bits as llama.cpp rounds
+                # them for each quantized weight type (per 32 values for
+                # Q4_0 / Q4_1 / Q5_x / Q8_0, per 256 for the K-quants).
                 summary[f"merged {ty} int8"] = compare(args.skillet, path, texts, args.max_tokens,
                                                        activations="int8")
         base = os.path.join(tmp, "base-f16.gguf")
@@ -147,6 +154,7 @@ def main():
         for r in res:
             if not r["equal"]:
                 print(f"    prompt    {r['prompt']!r} (tokens equal: {r['prompt_equal']})\n"
+                      f"    parts at token {r['part']}, llama.cpp's logit gap there {r['gap']}\n"
                       f"    skillet   {r['skillet']}\n    llama.cpp {r['llama_cpp']}")
     sys.exit(0 if ok else 1)
 

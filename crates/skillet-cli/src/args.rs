@@ -20,9 +20,10 @@ pub enum ActivationsArg {
     Auto,
     /// f32: the dequantized model's numbers.
     F32,
-    /// Rounded to 8 bits per block of 32, as llama.cpp does (slow without
-    /// AMX, except for a few sequences over Q4_1 weights where the CPU has
-    /// AVX512-VNNI).
+    /// Rounded as llama.cpp rounds them for each weight type: 8 bits per
+    /// block of 32 (Q4_0, Q4_1, Q5_x, Q8_0) or of 256 (K-quants) (slow
+    /// without AMX, except for a few sequences over Q4_1 weights where the
+    /// CPU has AVX512-VNNI).
     Int8,
 }
 

@@ -16,6 +16,7 @@ mod bf16;
 mod cached_attention;
 mod frozen;
 mod gemm;
+mod input_rounding;
 mod linear;
 mod linear_cross_entropy;
 mod lora_linear;
@@ -41,6 +42,7 @@ pub use bf16::{
 };
 pub use cached_attention::{CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys};
 pub use frozen::{FrozenWeight, frozen_product};
+pub use input_rounding::{InputRounding, round_inputs};
 pub use linear::{frozen_matmul, linear};
 pub use linear_cross_entropy::{
     CrossEntropyStats, FrozenHead, LmHead, linear_cross_entropy, linear_cross_entropy_frozen,

@@ -8,8 +8,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use skillet_kernels::{
-    Bf16Rows, Bf16Weight, FrozenHead, FrozenLinear, FrozenWeight, QuantKind, QuantMatrix,
-    frozen_product,
+    Bf16Rows, Bf16Weight, FrozenHead, FrozenLinear, FrozenWeight, InputRounding, QuantKind,
+    QuantMatrix, frozen_product, round_inputs,
 };
 
 use crate::{Result, Weight};
@@ -120,12 +120,16 @@ pub enum Activations {
     /// In f32, exactly as the dequantized weight would multiply them.
     #[default]
     F32,
-    /// Rounded to 8-bit integers per block of 32, as llama.cpp does
-    /// ([`QuantMatrix::matmul_int8`]): faster for batches where the CPU
-    /// has AMX (about 1.5× at 8 rows), within about 1% per product. Up to
-    /// 4 rows of a Q4_1 weight run on AVX512-VNNI where the CPU has it: a
-    /// single sequence then decodes as fast as in `F32` (the AMX path
-    /// alone was about 0.7× of it there).
+    /// Rounded as llama.cpp's CPU backend rounds them for the weight's
+    /// type: to 8-bit integers per block of 32 for Q4_1 and Q8_0 weights
+    /// ([`QuantMatrix::matmul_int8`]: integer products, faster for batches
+    /// where the CPU has AMX, about 1.5× at 8 rows, within about 1% per
+    /// product; up to 4 rows of a Q4_1 weight run on AVX512-VNNI where the
+    /// CPU has it, as fast as `F32` for a single sequence); for other GGML
+    /// types ([`InputRounding`]: per 32 for Q4_0 and Q5_x, per 256 for the
+    /// K-quants) the rounded inputs meet the dequantized weight in f32.
+    /// Dense weights (f32, and f16 / bf16, held in f32) take them as they
+    /// are.
     Int8,
 }
 
@@ -157,6 +161,21 @@ pub(crate) fn repack(q: &QTensor) -> Option<QuantMatrix> {
     let (rows, cols) = q.shape().dims2().ok()?;
     let bytes = q.data().ok()?;
     QuantMatrix::from_ggml(kind, rows, cols, &bytes).ok()
+}
+
+/// How llama.cpp's CPU backend rounds the inputs of a product with a
+/// weight stored as `dtype` (its `vec_dot_type`); `None` where it takes
+/// them in f32.
+fn input_rounding(dtype: GgmlDType) -> Option<InputRounding> {
+    Some(match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_0 => {
+            InputRounding::Q8_0
+        }
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
+            InputRounding::Q8K
+        }
+        _ => return None,
+    })
 }
 
 /// How a [`BaseLinear`] holds its weight.
@@ -380,6 +399,21 @@ impl Linear for BaseLinear {
         // dequantizing the whole matrix.
         match &self.weight {
             Stored::Blocks(packed) => self.blocks(packed, x, activations),
+            Stored::Ggml(q) if activations == Activations::Int8 => {
+                match input_rounding(q.dtype()) {
+                    Some(how) => {
+                        let cols = self.in_features;
+                        let flat = x.flatten_all()?.to_vec1::<f32>()?;
+                        let rounded = Tensor::from_vec(
+                            round_inputs(&flat, cols, how),
+                            x.shape(),
+                            x.device(),
+                        )?;
+                        self.dense(&rounded)
+                    }
+                    None => self.dense(x),
+                }
+            }
             _ => self.dense(x),
         }
     }

@@ -644,3 +644,44 @@ fn an_nf4_base_is_the_model_of_its_dequantized_weights() {
     let e = Model::load(cfg, &w, opts).unwrap_err().to_string();
     assert!(e.contains("cannot be trained"), "{e}");
 }
+
+/// A weight in GGML blocks without Skillet's own kernels (Q4_0, Q5_0, the
+/// K-quants) meets int8 activations as llama.cpp's CPU backend does: its
+/// inputs rounded per 32 (Q8_0) or per 256 (Q8_K), then multiplied by the
+/// dequantized weight; f32 activations leave them as they are.
+#[test]
+fn int8_activations_round_inputs_as_llama_cpp_for_every_block_type() {
+    use skillet_kernels::{InputRounding, round_inputs};
+    let (rows, cols) = (8, 512);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+        .collect();
+    let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+    let xs: Vec<f32> = (0..3 * cols)
+        .map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.173)
+        .collect();
+    let x = Tensor::from_vec(xs.clone(), (3, cols), &Device::Cpu).unwrap();
+    for (dtype, how) in [
+        (GgmlDType::Q4_0, InputRounding::Q8_0),
+        (GgmlDType::Q5_0, InputRounding::Q8_0),
+        (GgmlDType::Q4K, InputRounding::Q8K),
+        (GgmlDType::Q6K, InputRounding::Q8K),
+    ] {
+        let q = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
+        let dense = q.dequantize(&Device::Cpu).unwrap();
+        let lin = BaseLinear::new(Weight::Quantized(q), None);
+        let got = lin.forward_rowwise(&x, Activations::Int8).unwrap();
+        let rounded =
+            Tensor::from_vec(round_inputs(&xs, cols, how), (3, cols), &Device::Cpu).unwrap();
+        let want = rounded.matmul(&dense.t().unwrap()).unwrap();
+        let exact = x.matmul(&dense.t().unwrap()).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| max_diff(&a.to_vec2().unwrap(), &b.to_vec2().unwrap());
+        assert!(diff(&got, &want) < 1e-4, "{dtype:?}: {}", diff(&got, &want));
+        assert!(
+            diff(&got, &exact) > 1e-3,
+            "{dtype:?}: the inputs were rounded"
+        );
+        let f32s = lin.forward_rowwise(&x, Activations::F32).unwrap();
+        assert!(diff(&f32s, &exact) < 1e-4, "{dtype:?}");
+    }
+}

@@ -1,9 +1,10 @@
 //! Quantized products with the input rounded to 8-bit integers, as
 //! llama.cpp computes them on the CPU: each input row is cut into blocks
-//! of 32 values, rounded to `x ≈ d·q` with `d = max|x| / 127` and `q` a
-//! signed byte, and every block product is an exact integer dot product
-//! scaled by the two block scales. A Q4_1 block's minimum multiplies the
-//! sum of the unrounded inputs. The sum over blocks runs in a fixed order
+//! of 32 values, rounded to `x ≈ d·q` with `d = max|x| / 127` (held in
+//! f16, as llama.cpp holds it) and `q` a signed byte, and every block
+//! product is an exact integer dot product scaled by the two block scales.
+//! A Q4_1 block's minimum multiplies the block's `d·Σq` (in f16, as
+//! llama.cpp's Q8_1 blocks). The sum over blocks runs in a fixed order
 //! with fused multiply-adds, so the AMX kernel (`amx.rs`), the VNNI kernel
 //! for a few rows (`vnni.rs`) and the portable loop below give the same
 //! bits, and a row's result never depends on the rows beside it.
@@ -28,7 +29,7 @@ pub(super) struct Int8Rows {
     pub q: Vec<i8>,
     /// `[group][block][LANES]` block scales `d`.
     pub d: Vec<f32>,
-    /// `[group][block][LANES]` sums of the unrounded values.
+    /// `[group][block][LANES]` sums `d·Σq` (in f16).
     pub sums: Vec<f32>,
 }
 
@@ -77,32 +78,39 @@ impl Int8Rows {
     }
 }
 
-/// One block's scale `max|v| / 127`, sum, and values rounded to the
-/// nearest integer multiple of the scale (ties to even).
+/// One block's values rounded to `q = round(v · 127/max|v|)` (ties to
+/// even), its scale `max|v| / 127` held in f16, and the sum `d·Σq` held in
+/// f16 (`d` before its rounding), as llama.cpp's Q8_0 / Q8_1 blocks hold
+/// them.
 fn round_block(v: &[f32; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F.
-        return unsafe { round_block_avx512(v) };
+        let (amax, q) = unsafe { round_block_avx512(v) };
+        return scales(amax, q);
     }
-    let mut amax = 0f32;
-    let mut sum = 0f32;
-    for &a in v {
-        amax = amax.max(a.abs());
-        sum += a;
-    }
+    let amax = v.iter().fold(0f32, |m, a| m.max(a.abs()));
     let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
     let mut q = [0i8; BLOCK];
     for (q, &a) in q.iter_mut().zip(v) {
         *q = (a * inv).round_ties_even() as i8;
     }
-    (amax / 127.0, sum, q)
+    scales(amax, q)
 }
 
-/// [`round_block`] in two registers (the sum in another order).
+/// The block's f16 scale and sum (see [`round_block`]).
+fn scales(amax: f32, q: [i8; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
+    let d = amax / 127.0;
+    let total: i32 = q.iter().map(|&x| x as i32).sum();
+    let f16 = |x: f32| half::f16::from_f32(x).to_f32();
+    (f16(d), f16(d * total as f32), q)
+}
+
+/// [`round_block`]'s largest magnitude and rounded values, in two
+/// registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn round_block_avx512(v: &[f32; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
+unsafe fn round_block_avx512(v: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
     use std::arch::x86_64::*;
     // SAFETY: the CPU has AVX-512F (the caller's check); `v` and `q` hold
     // 32 values.
@@ -110,7 +118,6 @@ unsafe fn round_block_avx512(v: &[f32; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
         let lo = _mm512_loadu_ps(v.as_ptr());
         let hi = _mm512_loadu_ps(v.as_ptr().add(16));
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        let sum = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
         let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
         let mut q = [0i8; BLOCK];
         // Conversion rounds to nearest, ties to even (the default mode).
@@ -118,7 +125,7 @@ unsafe fn round_block_avx512(v: &[f32; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
         let qh = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv)));
         _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, ql);
         _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, qh);
-        (amax / 127.0, sum, q)
+        (amax, q)
     }
 }
 
