@@ -881,7 +881,14 @@ impl<'r> Run<'r> {
             steps,
             trained_tokens,
             train_seconds,
-            precision: format!("{precision:?}").to_lowercase(),
+            // Trained weights multiply in f32 whatever the setting: full
+            // fine-tuning with nothing frozen has only f32 products.
+            precision: match self.cfg.train.frozen()?.is_empty()
+                && self.cfg.train.tuning == Tuning::Full
+            {
+                true => "f32".to_string(),
+                false => format!("{precision:?}").to_lowercase(),
+            },
         };
         Ok((facts, tuned))
     }
