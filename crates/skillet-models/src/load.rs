@@ -15,6 +15,9 @@ use crate::{
     LoadOptions, ModelConfig, ModelError, Nf4, QuantizeBase, Result, Weight, WeightSource,
 };
 
+/// Tensors by checkpoint name.
+pub(crate) type Named = Vec<(String, Tensor)>;
+
 /// Reads tensors of one model from a weight source.
 pub(crate) struct Loader<'a> {
     pub cfg: &'a ModelConfig,
@@ -24,7 +27,7 @@ pub(crate) struct Loader<'a> {
     params: RefCell<Vec<(String, Var)>>,
     /// In full fine-tuning, the weights left frozen (not variables).
     frozen: Option<&'a dyn Fn(&str) -> bool>,
-    frozen_params: RefCell<Vec<(String, Tensor)>>,
+    frozen_params: RefCell<Named>,
 }
 
 impl<'a> Loader<'a> {
@@ -191,7 +194,7 @@ impl<'a> Loader<'a> {
     }
 
     /// The variables made so far, and the weights left frozen.
-    pub fn into_params(self) -> (Vec<(String, Var)>, Vec<(String, Tensor)>) {
+    pub fn into_params(self) -> (Vec<(String, Var)>, Named) {
         (self.params.into_inner(), self.frozen_params.into_inner())
     }
 }
