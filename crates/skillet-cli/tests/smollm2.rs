@@ -199,39 +199,40 @@ fn greedy_chat_generation_matches_transformers() {
 }
 
 #[test]
-fn greedy_generation_with_int8_inputs_stays_on_the_reference_answer() {
-    // Inputs of the quantized products rounded to 8 bits (AMX tiles where
-    // the CPU has them, else plain loops): the short factual answer is
-    // transformers' token for token, at least half the answers start with
-    // transformers' first token, and none is empty (rounding moves
-    // near-ties; llama.cpp diverges from transformers on these prompts too).
-    let reference = read_json(&fixtures().join("smollm2/generate.json"));
+fn greedy_generation_with_int8_inputs_follows_llama_cpp() {
+    // Inputs of the quantized products rounded to 8 bits as llama.cpp
+    // rounds them (AMX tiles where the CPU has them, else plain loops),
+    // against llama.cpp's own greedy answers on the same prompt ids
+    // (fixtures/smollm2/make_llamacpp.py). Both part from transformers'
+    // answers (generate.json) at the first token on three of the four
+    // prompts: the capital question gets "L'Étoile, la Cité, …" from
+    // llama.cpp. Every answer here starts as llama.cpp's does, for at
+    // least 4 tokens; sums in another order still move near-ties later.
+    let reference = read_json(&fixtures().join("smollm2/generate_llamacpp.json"));
     let model = real_model();
     let cases = reference["cases"].as_array().unwrap();
-    let mut agreeing = 0;
-    for (i, case) in cases.iter().enumerate() {
+    let mut whole = 0;
+    for case in cases {
         let prompt = case["prompt"].as_str().unwrap();
         let o = greedy_chat(&model, prompt, "int8");
         let (got, want) = (
             o["ids"].as_array().unwrap(),
             case["new_ids"].as_array().unwrap(),
         );
-        if i == 0 {
-            assert_eq!(got, want, "{prompt:?}: {:?}", o["text"]);
-        }
         let common = got.iter().zip(want).take_while(|(a, b)| a == b).count();
-        eprintln!(
-            "{prompt:?}: {common} of {} tokens as transformers",
-            want.len()
+        eprintln!("{prompt:?}: {common} of {} tokens as llama.cpp", want.len());
+        assert!(
+            common >= 4,
+            "{prompt:?}: {:?} vs {:?}",
+            o["text"],
+            case["text"]
         );
-        agreeing += usize::from(common > 0);
-        assert!(!o["text"].as_str().unwrap().trim().is_empty());
+        whole += usize::from(got == want);
     }
-    assert!(
-        agreeing * 2 >= cases.len(),
-        "{agreeing} of {} answers start right",
-        cases.len()
-    );
+    // Measured: 7, 13, 9 and 21 (all) tokens in common; before inputs were
+    // rounded with llama.cpp's f16 scales, the capital answer was
+    // transformers' and shared none.
+    assert!(whole >= 1, "no answer whole");
 }
 
 #[test]

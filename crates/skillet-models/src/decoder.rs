@@ -136,7 +136,10 @@ impl Model {
         let norm = l.norm("model.norm.weight")?;
         // A checkpoint may say "tied" yet still carry lm_head (transformers
         // writes it for some models); an untied one must carry it.
-        let lm_head: Box<dyn Linear> = if src.contains("lm_head.weight") {
+        // Trained, a tied head is the embedding itself (as transformers
+        // ties it on load), whatever copy the checkpoint carries.
+        let tie = cfg.tie_word_embeddings && opts.trainable;
+        let lm_head: Box<dyn Linear> = if src.contains("lm_head.weight") && !tie {
             l.linear("lm_head")?
         } else if cfg.tie_word_embeddings
             && let Embedding::Blocks(blocks) = &embed_tokens

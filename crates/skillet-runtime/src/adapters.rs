@@ -34,9 +34,13 @@ impl AdapterSpec {
 impl FromStr for AdapterSpec {
     type Err = RuntimeError;
 
-    /// `DIR` or `DIR:WEIGHT`; a suffix after the last `:` that is not a
-    /// number is part of the folder's name.
+    /// `DIR` or `DIR:WEIGHT`; an existing folder named with a colon, or a
+    /// suffix after the last `:` that is not a number, is the folder's
+    /// name.
     fn from_str(s: &str) -> Result<Self> {
+        if std::path::Path::new(s).is_dir() {
+            return Ok(Self::new(s));
+        }
         if let Some((dir, w)) = s.rsplit_once(':')
             && let Ok(weight) = w.trim().parse::<f64>()
         {
@@ -97,9 +101,15 @@ mod tests {
         let w = p("out/b:0.5").unwrap();
         assert_eq!((w.dir, w.weight), (PathBuf::from("out/b"), 0.5));
         assert_eq!(p("b:-1").unwrap().weight, -1.0);
-        // A colon in a folder's name stays in the name.
+        // A colon in a folder's name stays in the name: after it, a word,
+        // or a number where the whole is an existing folder.
         assert_eq!(p("runs/12:30").unwrap().weight, 30.0);
         assert_eq!(p("runs/a:b").unwrap(), AdapterSpec::new("runs/a:b"));
+        let dir = std::env::temp_dir().join(format!("skillet-spec-{}:30", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let whole = dir.display().to_string();
+        assert_eq!(p(&whole).unwrap(), AdapterSpec::new(&whole));
+        std::fs::remove_dir_all(&dir).unwrap();
         assert!(p(":0.5").is_err());
         assert!(p("a:inf").is_err());
         assert!(p("").is_err());

@@ -331,7 +331,7 @@ pub fn run_training(
         None
     };
 
-    let precision = cfg.train.precision.resolve();
+    let precision = products(cfg);
     let full = cfg.train.tuning == Tuning::Full;
     let mut model = match (&checkpoint, full) {
         // Full fine-tuning: every weight a variable; a resumed run starts
@@ -557,6 +557,18 @@ const FULL: skillet_models::LoadOptions = skillet_models::LoadOptions {
     quantize: None,
 };
 
+/// The precision of a run's products: `train.precision`, except in full
+/// fine-tuning, which multiplies in f32. Trained weights have no bf16 path,
+/// and frozen ones (`train.freeze`) stay in f32 too, so that a reference
+/// model loaded from the same weights (GRPO's) gives the policy's numbers
+/// at the start.
+fn products(cfg: &RunConfig) -> skillet_models::Precision {
+    match cfg.train.tuning {
+        Tuning::Full => skillet_models::Precision::F32,
+        Tuning::Lora => cfg.train.precision.resolve(),
+    }
+}
+
 /// A model for full fine-tuning from `b`: every weight a variable but those
 /// `freeze` names, a freeze pattern that matches nothing refused.
 fn load_full(b: &Bundle, freeze: &skillet_train::Freeze) -> Result<Model> {
@@ -780,7 +792,7 @@ impl<'r> Run<'r> {
     ) -> Result<(RunFacts, Snapshot)> {
         let cfg = self.cfg;
         let t = &cfg.train;
-        let precision = t.precision.resolve();
+        let precision = products(cfg);
         if t.activation_checkpointing {
             model.set_activation_checkpointing(Some(adapter.vars()));
         }
@@ -881,14 +893,7 @@ impl<'r> Run<'r> {
             steps,
             trained_tokens,
             train_seconds,
-            // Trained weights multiply in f32 whatever the setting: full
-            // fine-tuning with nothing frozen has only f32 products.
-            precision: match self.cfg.train.frozen()?.is_empty()
-                && self.cfg.train.tuning == Tuning::Full
-            {
-                true => "f32".to_string(),
-                false => format!("{precision:?}").to_lowercase(),
-            },
+            precision: format!("{precision:?}").to_lowercase(),
         };
         Ok((facts, tuned))
     }

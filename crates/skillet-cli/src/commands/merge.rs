@@ -116,6 +116,8 @@ fn combined(args: &Args, how: CombineArg) -> anyhow::Result<Output> {
         ),
     };
     let file = combine(&parts, method)?;
+    // One adapter is combined linearly whatever was asked (PEFT's rule).
+    let name = if parts.len() == 1 { "linear" } else { name };
     write_peft_file(&args.out, &file)?;
     Ok(Output {
         out: args.out.display().to_string(),
