@@ -8,7 +8,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{expect_error, fixtures, skillet_json};
+use common::{expect_error, fixtures, read_json, skillet_json};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -163,9 +163,7 @@ fn merge_combine_writes_one_adapter() {
     // svd below the sum's rank: a rank-2 adapter, near the sum, not on it.
     let o = s.merge(&list, &["--combine", "svd", "--svd-rank", "2"], "svd2");
     assert_eq!(o["rank"], 2);
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.out("svd2/adapter_config.json")).unwrap())
-            .unwrap();
+    let cfg = read_json(&s.out("svd2/adapter_config.json"));
     assert_eq!(
         (cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()),
         (Some(2), Some(2.0))

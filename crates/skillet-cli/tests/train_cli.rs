@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_resumes_exactly, skillet, skillet_json, tiny_gguf};
+use common::{assert_resumes_exactly, read_json, skillet, skillet_json, tiny_gguf};
 use skillet_gguf::GgmlType;
 
 fn chat_line(q: &str, a: &str) -> String {
@@ -141,13 +141,9 @@ fn full_fine_tuning_saves_a_model_folder_and_resumes_exactly() {
         assert!(out.join(f).exists(), "{f} missing");
     }
     assert!(!out.join("adapter").exists());
-    let weights = |dir: &Path| {
-        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap()
-    };
     let (mid, last) = (
-        weights(&out.join("checkpoints/step-000002")),
-        weights(&out.join("model")),
+        saved_weights(&out.join("checkpoints/step-000002")),
+        saved_weights(&out.join("model")),
     );
     // Embeddings, norms and projections all move between steps 2 and 4.
     for name in [
@@ -157,15 +153,10 @@ fn full_fine_tuning_saves_a_model_folder_and_resumes_exactly() {
         "model.layers.1.self_attn.q_proj.weight",
         "model.layers.0.mlp.down_proj.weight",
     ] {
-        let d = (&mid[name] - &last[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d > 0.0, "{name} did not change");
+        assert!(
+            max_abs_diff(&mid[name], &last[name]) > 0.0,
+            "{name} did not change"
+        );
     }
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
@@ -235,11 +226,7 @@ fn full_fine_tuning_freezes_embeddings_and_named_layers() {
         base_dir.to_str().unwrap(),
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let weights = |dir: &Path| {
-        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap()
-    };
-    let (base, last) = (weights(&base_dir), weights(&out.join("model")));
+    let (base, last) = (saved_weights(&base_dir), saved_weights(&out.join("model")));
     let mut keys: Vec<&String> = base.keys().collect();
     keys.sort();
     assert_eq!(keys, {
@@ -249,7 +236,7 @@ fn full_fine_tuning_freezes_embeddings_and_named_layers() {
     });
     let mut frozen = 0;
     for name in keys {
-        let same = base[name].to_vec1_any() == last[name].to_vec1_any();
+        let same = max_abs_diff(&base[name], &last[name]) == 0.0;
         let want_frozen = name == "model.embed_tokens.weight"
             || name.starts_with("model.layers.0.")
             || name.contains("post_attention_layernorm");
@@ -259,8 +246,7 @@ fn full_fine_tuning_freezes_embeddings_and_named_layers() {
         }
     }
     let saved: usize = last.values().map(|t| t.elem_count()).sum();
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report = read_json(&out.join("report.json"));
     assert_eq!(report["run"]["trainable_parameters"], saved - frozen);
     assert_resumes_exactly(&out, "model", "model.safetensors");
 
@@ -278,19 +264,22 @@ fn full_fine_tuning_freezes_embeddings_and_named_layers() {
     assert!(r.stderr.contains("full fine-tuning"), "{}", r.stderr);
 }
 
-trait Flat {
-    fn to_vec1_any(&self) -> Vec<f32>;
+/// The tensors of a model folder's `model.safetensors`.
+fn saved_weights(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+        .unwrap()
 }
 
-impl Flat for candle_core::Tensor {
-    fn to_vec1_any(&self) -> Vec<f32> {
-        self.to_dtype(candle_core::DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
+/// The largest absolute difference between two tensors of one shape.
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]

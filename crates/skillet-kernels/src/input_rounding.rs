@@ -6,7 +6,7 @@
 //! dequantized weight in f32, give llama.cpp's products up to the order of
 //! the float sums.
 
-use half::f16;
+use crate::quantized::round_block;
 
 /// Values per Q8_0 block.
 const Q8_0_BLOCK: usize = 32;
@@ -41,12 +41,12 @@ pub fn round_inputs(x: &[f32], cols: usize, how: InputRounding) -> Vec<f32> {
     out
 }
 
+/// The rounding of Skillet's own int8 products ([`round_block`]), its
+/// values multiplied back by the f16 scale.
 fn round_q8_0(block: &mut [f32]) {
-    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = f16::from_f32(amax / 127.0).to_f32();
-    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    for v in block {
-        *v = (*v * id).round_ties_even() * d;
+    let (d, _, q) = round_block(block[..].try_into().expect("a block of 32"));
+    for (v, q) in block.iter_mut().zip(q) {
+        *v = q as f32 * d;
     }
 }
 
@@ -72,6 +72,7 @@ fn round_q8_k(block: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     #[test]
     fn rounding_follows_each_scheme() {

@@ -21,6 +21,7 @@ mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod int8;
+pub(crate) use int8::round_block;
 mod nf4;
 pub use nf4::{NF4_BLOCK, NF4_LEVELS};
 #[cfg(target_arch = "x86_64")]

@@ -75,12 +75,7 @@ pub fn load_adapters(
 ) -> Result<Option<Arc<dyn Adapter>>> {
     let mut parts = Vec::with_capacity(specs.len());
     for s in specs {
-        let a = LoraAdapter::load(model, &s.dir)?;
-        let a = if s.weight == 1.0 {
-            a
-        } else {
-            a.weighted(s.weight)
-        };
+        let a = LoraAdapter::load(model, &s.dir)?.weighted(s.weight);
         parts.push(Arc::new(a) as Arc<dyn Adapter>);
     }
     Ok(match parts.len() {

@@ -82,7 +82,7 @@ impl Int8Rows {
 /// even), its scale `max|v| / 127` held in f16, and the sum `d·Σq` held in
 /// f16 (`d` before its rounding), as llama.cpp's Q8_0 / Q8_1 blocks hold
 /// them.
-fn round_block(v: &[f32; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
+pub(crate) fn round_block(v: &[f32; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F.
