@@ -64,6 +64,39 @@ fn json_outputs_have_the_documented_shape() {
     assert_eq!(g["prompt_tokens"].as_u64().unwrap() as usize, bytes + 5);
     assert!(g["completion_tokens"].as_u64().unwrap() <= 5);
 
+    // --logprobs: one entry per new token; greedy picks the best of the top.
+    let g = skillet_json(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "4",
+        "--json",
+        "--logprobs",
+        "3",
+    ]);
+    let lps = g["logprobs"].as_array().unwrap();
+    let ids = g["ids"].as_array().unwrap();
+    assert_eq!(lps.len(), ids.len());
+    for (lp, id) in lps.iter().zip(ids) {
+        assert_eq!(&lp["id"], id);
+        let top = lp["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(&top[0][0], id);
+        let v: Vec<f64> = top.iter().map(|t| t[1].as_f64().unwrap()).collect();
+        assert_eq!(v[0], lp["logprob"].as_f64().unwrap());
+        assert!(v[0] >= v[1] && v[1] >= v[2]);
+        // The best of 258 tokens has at least 1/258; a random model is
+        // near-uniform, so not much more.
+        let uniform = -(258f64.ln());
+        assert!(v[0] >= uniform && v[0] < uniform + 2.0, "{v:?}");
+        assert!(v.iter().map(|l| l.exp()).sum::<f64>() <= 1.0);
+    }
+    let r = skillet(&["generate", "--model", m, "--prompt", "hi", "--logprobs", "2"]);
+    assert_ne!(r.code, 0, "--logprobs needs --json");
+
     let i = skillet_json(&["inspect", m, "--json"]);
     assert_eq!(i["tensor_types"]["Q8_0"], 15);
     assert_eq!(i["format"], "gguf");

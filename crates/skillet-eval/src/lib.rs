@@ -115,6 +115,7 @@ pub fn exact_match(
         stop: vec![],
         eos_ids: tokenizer.eos_ids().to_vec(),
         activations: Activations::F32,
+        logprobs: None,
     };
     let mut asked = Vec::new();
     for (line, ex) in examples {

@@ -467,6 +467,7 @@ impl<'a> Engine<'a> {
             finish_reason: reason,
             prefill_seconds: (first - seq.arrived).as_secs_f64(),
             decode_seconds: first.elapsed().as_secs_f64(),
+            logprobs: Vec::new(),
         };
         if live {
             (seq.sink)(Event::Finished(generation));

@@ -4,7 +4,7 @@
 use skillet_models::{Activations, CausalLm, ModelError};
 use skillet_tokenizer::{Tokenizer, TokenizerError};
 
-use crate::{Engine, EngineConfig, Event, Request, SamplingParams};
+use crate::{Engine, EngineConfig, Event, Request, SamplingParams, TokenLogprob};
 
 /// Errors of a generation call.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,9 @@ pub struct GenerateOptions {
     pub eos_ids: Vec<u32>,
     /// How quantized weights take their inputs.
     pub activations: Activations,
+    /// Report each new token's log-probability and this many alternatives
+    /// (`Some(0)`: the chosen token's only) in `Generation::logprobs`.
+    pub logprobs: Option<usize>,
 }
 
 impl GenerateOptions {
@@ -51,7 +54,7 @@ impl GenerateOptions {
             stop: self.stop.clone(),
             eos_ids: self.eos_ids.clone(),
             adapter: None,
-            logprobs: None,
+            logprobs: self.logprobs,
         }
     }
 }
@@ -90,6 +93,10 @@ pub struct Generation {
     pub prefill_seconds: f64,
     /// Seconds spent producing tokens after the first.
     pub decode_seconds: f64,
+    /// Each new token's log-probability, where `GenerateOptions::logprobs`
+    /// asked for them (`generate` gathers them; the engine streams them in
+    /// `Event::Token` and leaves this empty).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 impl Generation {
@@ -130,14 +137,19 @@ pub fn generate(
         ..EngineConfig::default()
     };
     let mut result = None;
+    let mut logprobs = Vec::new();
     {
         let mut engine = Engine::new(model, tokenizer, config);
         engine.add(
             opts.request(prompt.to_vec()),
             Box::new(|e| {
                 match e {
-                    Event::Token { text, .. } if !text.is_empty() => on_text(&text),
-                    Event::Token { .. } => {}
+                    Event::Token { text, logprob, .. } => {
+                        logprobs.extend(logprob);
+                        if !text.is_empty() {
+                            on_text(&text);
+                        }
+                    }
                     Event::Finished(g) => result = Some(Ok(g)),
                     Event::Failed(m) => result = Some(Err(GenerateError::Invalid(m))),
                 }
@@ -146,5 +158,8 @@ pub fn generate(
         );
         engine.run_to_end()?;
     }
-    result.unwrap_or_else(|| Err(GenerateError::Invalid("generation did not finish".into())))
+    let mut g = result
+        .unwrap_or_else(|| Err(GenerateError::Invalid("generation did not finish".into())))?;
+    g.logprobs = logprobs;
+    Ok(g)
 }

@@ -58,6 +58,10 @@ pub struct Args {
     /// where the CPU has AMX tiles, to get the server's exact answers).
     #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
     activations: ActivationsArg,
+    /// With --json: each new token's log-probability and this many most
+    /// likely alternatives (0: the chosen token's only).
+    #[arg(long, requires = "json", value_parser = clap::value_parser!(u32).range(0..=20))]
+    logprobs: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -67,6 +71,17 @@ struct Output {
     prompt_tokens: usize,
     completion_tokens: usize,
     finish_reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<Vec<Logprob>>,
+}
+
+/// One new token's log-probability (log-softmax of the raw logits).
+#[derive(Serialize)]
+struct Logprob {
+    id: u32,
+    logprob: f32,
+    /// The most likely tokens, best first: `[id, logprob]`.
+    top: Vec<(u32, f32)>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -105,6 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop: args.stop.clone(),
         eos_ids: b.tokenizer.eos_ids().to_vec(),
         activations: args.activations.resolve(),
+        logprobs: args.logprobs.map(|k| k as usize),
     };
     let stream = !args.json;
     let mut stdout = std::io::stdout();
@@ -121,6 +137,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ids: g.ids,
             prompt_tokens: g.prompt_tokens,
             finish_reason: g.finish_reason.as_str(),
+            logprobs: args.logprobs.map(|_| {
+                g.logprobs
+                    .into_iter()
+                    .map(|l| Logprob {
+                        id: l.id,
+                        logprob: l.logprob,
+                        top: l.top,
+                    })
+                    .collect()
+            }),
         });
     }
     println!();

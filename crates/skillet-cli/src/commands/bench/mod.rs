@@ -224,6 +224,7 @@ fn greedy(max_tokens: usize, activations: ActivationsArg) -> GenerateOptions {
         stop: vec![],
         eos_ids: vec![],
         activations: activations.resolve(),
+        logprobs: None,
     }
 }
 
