@@ -1,7 +1,8 @@
 """Checks `skillet export` against llama.cpp (llama-cpp-python): each merged
 GGUF type, and the adapter alone as a llama.cpp LoRA GGUF on the base, must
-give llama.cpp Skillet's greedy answers on the same file, as often as
-llama.cpp gives its own.
+give in llama.cpp the numbers Skillet gives on the same file: greedy
+answers equal, or no further from llama.cpp's than llama.cpp's own are when
+it reads the prompt another way.
 
     python3 bench/reference/check_export_llamacpp.py     # uses .venv-llamacpp
 
@@ -18,12 +19,15 @@ The yardstick: llama.cpp run a second time with the prompt read one token at
 a time. In exact arithmetic nothing changes; in llama.cpp's kernels the 8-bit
 rounding of activations and the order of sums do, and a trained model's
 near ties (two tokens a few hundredths of a logit apart) then fall the other
-way on some prompts. A file passes when Skillet's answers equal llama.cpp's
-on at least as many prompts as that second run's do. The log-probability
-each run gives Skillet's tokens is printed too (mean and largest
-difference). Quantized types run twice: Skillet's activations in f32 (shown,
-not judged: other numbers than llama.cpp's by design) and rounded to 8 bits
-as llama.cpp rounds them (judged). Exits 1 when a judged file misses.
+way on some prompts. Each run scores Skillet's tokens (token by token after
+the prompt), and the mean |log-probability difference| to llama.cpp's first
+run is printed for Skillet and for the second run, with the largest, and
+how many prompts' greedy answers equal the first run's. A file passes when
+every answer is equal, or when Skillet's mean difference is at most
+TOLERANCE times the second run's. Quantized types run twice: Skillet's
+activations in f32 (shown, not judged: other numbers than llama.cpp's by
+design) and rounded to 8 bits as llama.cpp rounds them (judged). Exits 1
+when a judged file misses.
 """
 
 import argparse
@@ -36,6 +40,10 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 TYPES = ["f16", "bf16", "q8_0", "q6_k", "q4_k_m", "q4_0"]
+# How much further from llama.cpp than llama.cpp from itself Skillet may be,
+# in mean |log p difference| (Skillet's differences come from prompt and
+# generation alike, the yardstick's from the prompt alone).
+TOLERANCE = 1.25
 
 
 def reexec_in_venv():
@@ -198,10 +206,10 @@ def main():
         # Skillet's f32 inputs to quantized weights are other numbers than
         # llama.cpp's 8-bit ones: that row is shown, not judged.
         judged = not name.endswith(" f32")
-        passed = equal >= self_equal
-        ok &= passed or not judged
         delta = np.concatenate([r["delta"] for r in res])
         self_delta = np.concatenate([r["self_delta"] for r in res])
+        passed = equal == len(res) or delta.mean() <= TOLERANCE * self_delta.mean()
+        ok &= passed or not judged
         verdict = ("ok" if passed else "MISSED") if judged else "shown"
         print(f"{name:22} equal {equal}/{len(res)}, llama.cpp with itself {self_equal}/{len(res)}; "
               f"|log p difference| mean {delta.mean():.4f} (itself {self_delta.mean():.4f}), "

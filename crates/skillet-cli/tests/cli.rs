@@ -94,7 +94,15 @@ fn json_outputs_have_the_documented_shape() {
         assert!(v[0] >= uniform && v[0] < uniform + 2.0, "{v:?}");
         assert!(v.iter().map(|l| l.exp()).sum::<f64>() <= 1.0);
     }
-    let r = skillet(&["generate", "--model", m, "--prompt", "hi", "--logprobs", "2"]);
+    let r = skillet(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "hi",
+        "--logprobs",
+        "2",
+    ]);
     assert_ne!(r.code, 0, "--logprobs needs --json");
 
     let i = skillet_json(&["inspect", m, "--json"]);

@@ -341,14 +341,19 @@ fn streaming_prints_the_same_text_as_json() {
     assert!(streamed.stderr.contains("tok/s"), "{}", streamed.stderr);
 }
 
-/// The train losses of a run's metrics, step by step.
-fn train_losses(out: &Path) -> Vec<f64> {
+/// The train loss and gradient norm of a run's metrics, step by step.
+fn train_steps(out: &Path) -> Vec<(f64, f64)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|m| m["kind"] == "train")
-        .map(|m| m["loss"].as_f64().unwrap())
+        .map(|m| {
+            (
+                m["loss"].as_f64().unwrap(),
+                m["grad_norm"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -359,13 +364,57 @@ fn bf16_training_follows_the_f32_loss_curve_on_the_bundled_example() {
     // step's loss: once the loss is near zero, a step's own relative
     // difference can reach a few percent), the held-out loss after within
     // 1% of its own value.
+    let [(f32_losses, f32_report), (bf16_losses, bf16_report)] = in_both_precisions(12, &[]);
+    let scale = f32_losses[0].0;
+    for (step, (a, b)) in f32_losses.iter().zip(&bf16_losses).enumerate() {
+        assert!(
+            (a.0 - b.0).abs() < 0.01 * scale,
+            "step {}: f32 loss {}, bf16 {} (scale {scale})",
+            step + 1,
+            a.0,
+            b.0
+        );
+    }
+    // The bf16 run really took its own path.
+    assert_ne!(f32_losses, bf16_losses);
+    let heldout = |r: &serde_json::Value| r["tuned"]["heldout"]["loss"].as_f64().unwrap();
+    let (a, b) = (heldout(&f32_report), heldout(&bf16_report));
+    assert!(
+        ((a - b) / a).abs() < 0.01,
+        "held-out loss: f32 {a}, bf16 {b}"
+    );
+}
+
+#[test]
+fn bf16_full_fine_tuning_computes_the_f32_loss_and_gradient() {
+    // Full fine-tuning with every weight's products (the tied head's too)
+    // in bf16 from the f32 master copies. The example's first step has a
+    // learning rate of 0 (warmup), so both steps see the starting weights:
+    // loss and gradient norm agree within 1% (a wrong product or gradient
+    // would not), and differ (bf16 ran).
+    let [(f32_steps, _), (bf16_steps, _)] =
+        in_both_precisions(2, &["train.tuning=\"full\"", "train.lr=2e-5"]);
+    for (step, (a, b)) in f32_steps.iter().zip(&bf16_steps).enumerate() {
+        for (what, x, y) in [("loss", a.0, b.0), ("gradient norm", a.1, b.1)] {
+            assert!(
+                x != y && ((x - y) / x).abs() < 0.01,
+                "step {}: f32 {what} {x}, bf16 {y}",
+                step + 1
+            );
+        }
+    }
+}
+
+/// Each step's (loss, gradient norm) and the report of `steps` steps of the
+/// bundled example with `extra` settings, in f32 and in bf16.
+fn in_both_precisions(steps: usize, extra: &[&str]) -> [(Vec<(f64, f64)>, serde_json::Value); 2] {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let ex = root.join("examples/contacts");
     let dir = tempfile::tempdir().unwrap();
     let mut runs = Vec::new();
     for precision in ["f32", "bf16"] {
         let out = dir.path().join(precision);
-        let sets = [
+        let mut sets = vec![
             format!("model={:?}", real_model().display().to_string()),
             format!("output_dir={:?}", out.display().to_string()),
             format!(
@@ -376,7 +425,7 @@ fn bf16_training_follows_the_f32_loss_curve_on_the_bundled_example() {
                 "data.validation={:?}",
                 ex.join("valid.jsonl").display().to_string()
             ),
-            "train.max_steps=12".into(),
+            format!("train.max_steps={steps}"),
             format!("train.precision={precision:?}"),
             "eval.generate=false".into(),
             format!(
@@ -384,6 +433,7 @@ fn bf16_training_follows_the_f32_loss_curve_on_the_bundled_example() {
                 root.join("examples/general.txt").display().to_string()
             ),
         ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
         let config = ex.join("config.toml");
         let mut args = vec!["train", config.to_str().unwrap()];
         for s in &sets {
@@ -393,25 +443,9 @@ fn bf16_training_follows_the_f32_loss_curve_on_the_bundled_example() {
         assert_eq!(r.code, 0, "{precision}: {}", r.stderr);
         let report: serde_json::Value = read_json(&out.join("report.json"));
         assert_eq!(report["run"]["precision"], precision);
-        runs.push((train_losses(&out), report));
+        let steps_seen = train_steps(&out);
+        assert_eq!(steps_seen.len(), steps);
+        runs.push((steps_seen, report));
     }
-    let ((f32_losses, f32_report), (bf16_losses, bf16_report)) = (&runs[0], &runs[1]);
-    assert_eq!(f32_losses.len(), 12);
-    assert_eq!(bf16_losses.len(), 12);
-    let scale = f32_losses[0];
-    for (step, (a, b)) in f32_losses.iter().zip(bf16_losses).enumerate() {
-        assert!(
-            (a - b).abs() < 0.01 * scale,
-            "step {}: f32 loss {a}, bf16 {b} (scale {scale})",
-            step + 1
-        );
-    }
-    // The bf16 run really took its own path.
-    assert_ne!(f32_losses, bf16_losses);
-    let heldout = |r: &serde_json::Value| r["tuned"]["heldout"]["loss"].as_f64().unwrap();
-    let (a, b) = (heldout(f32_report), heldout(bf16_report));
-    assert!(
-        ((a - b) / a).abs() < 0.01,
-        "held-out loss: f32 {a}, bf16 {b}"
-    );
+    runs.try_into().unwrap()
 }

@@ -12,7 +12,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Layout as TensorLayout, Result, Shape, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, Layout as TensorLayout, Result, Shape, Tensor, bail,
+};
 use rayon::prelude::*;
 
 use crate::gemm::{Out, View, matmul};
@@ -537,6 +539,120 @@ pub fn frozen_matmul_bf16(x: &Tensor, w: &Arc<Bf16Weight>) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Bf16Linear(w.clone()))
 }
 
+/// `a · B` over bf16-rounded operands into `out` (`[m, n]`), `B` = `w`
+/// (`[rows, cols]` row-major) or, where `transposed`, `wᵀ`: on the tiles,
+/// each 16-column block of `B` rounded as the product reaches it (no copy
+/// kept); else through the f32 GEMM on a rounded copy.
+pub(crate) fn rounded_product_into(
+    a: &[f32],
+    m: usize,
+    w: &[f32],
+    (rows, cols): (usize, usize),
+    transposed: bool,
+    out: &mut [f32],
+) {
+    if bf16_accelerated() {
+        // `DensePanels`' forward orientation is `wᵀ`.
+        matmul_panels(a, m, &DensePanels::new(w, rows, cols, transposed), out);
+    } else {
+        let b = Bf16Matrix::pack_for(w, rows, cols, transposed, false);
+        matmul_bf16(a, m, &b, out);
+    }
+}
+
+/// [`rounded_product_into`] into a new vector (on the tiles written once,
+/// not zeroed first).
+pub(crate) fn rounded_product(
+    a: &[f32],
+    m: usize,
+    w: &[f32],
+    dims: (usize, usize),
+    transposed: bool,
+) -> Vec<f32> {
+    if bf16_accelerated() {
+        return matmul_panels_new(a, m, &DensePanels::new(w, dims.0, dims.1, transposed));
+    }
+    let n = if transposed { dims.0 } else { dims.1 };
+    let mut out = vec![0f32; m * n];
+    rounded_product_into(a, m, w, dims, transposed, &mut out);
+    out
+}
+
+/// `a` (`[rows, cols]` row-major) transposed, on the thread pool.
+pub(crate) fn transposed(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    t.par_chunks_mut(rows.max(1))
+        .enumerate()
+        .for_each(|(c, col)| {
+            for (r, v) in col.iter_mut().enumerate() {
+                *v = a[r * cols + c];
+            }
+        });
+    t
+}
+
+struct TrainedBf16Linear;
+
+impl CustomOp2 for TrainedBf16Linear {
+    fn name(&self) -> &'static str {
+        "trained bf16 linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &TensorLayout,
+        ws: &CpuStorage,
+        wl: &TensorLayout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, self.name())?;
+        let w = slice(ws, wl, self.name())?;
+        let (out, inp) = wl.shape().dims2()?;
+        let dims = xl.dims();
+        if dims.last() != Some(&inp) {
+            bail!("trained bf16 linear: input {dims:?} does not end in {inp}");
+        }
+        let y = rounded_product(x, x.len() / inp, w, (out, inp), true);
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked above") = out;
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (out, inp) = w.dims2()?;
+        let want_dw = w.track_op();
+        let (dx, dw) = with_f32([dy, w, x], self.name(), |[dy, w, x]| {
+            let rows = dy.len() / out;
+            let dx = rounded_product(dy, rows, w, (out, inp), false);
+            let dw = want_dw.then(|| {
+                // dyᵀ x: dy transposed as the left operand, x the right
+                // one (the shared dimension is the rows).
+                rounded_product(&transposed(dy, rows, out), out, x, (rows, inp), false)
+            });
+            Ok((dx, dw))
+        })?;
+        let dw = dw.map(|d| tensor(d, w.shape())).transpose()?;
+        Ok((Some(tensor(dx, x.shape())?), dw))
+    }
+}
+
+/// `x Wᵀ` for a trained `[out, in]` f32 weight (the master copy) with
+/// every product in bf16 and f32 accumulation, PyTorch autocast's
+/// semantics for a matmul: forward `x Wᵀ`, and backward `dy W` for `x` and,
+/// when `W` tracks gradients, `dyᵀ x` for `W`, each over bf16-rounded
+/// operands. Nothing is kept between calls (the weight changes every
+/// step): each product rounds its right operand as it goes.
+pub fn linear_bf16(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, TrainedBf16Linear)
+}
+
 #[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Each thread's buffer for the rounded left operand.
@@ -674,6 +790,49 @@ mod tests {
             let rel = (err / scale).unwrap().to_scalar::<f32>().unwrap();
             assert!(rel > 0.0 && rel < 1e-2, "relative error {rel}");
         }
+    }
+
+    #[test]
+    fn the_trained_op_multiplies_rounded_operands_both_ways() {
+        use crate::testing::random;
+        use candle_core::{DType, Var};
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        // Ragged against the tiles: 37 rows, 70 in, 40 out.
+        let w = Var::from_tensor(&random(&[40, 70], 1, 1.0)).unwrap();
+        let x = Var::from_tensor(&random(&[37, 70], 2, 1.0)).unwrap();
+        let dy = random(&[37, 40], 3, 1.0);
+        let y = linear_bf16(x.as_tensor(), w.as_tensor()).unwrap();
+        let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let (rx, rw, rdy) = (round(x.as_tensor()), round(w.as_tensor()), round(&dy));
+        let want = [
+            (y.clone(), rx.matmul(&rw.t().unwrap()).unwrap()),
+            (g.get(&x).unwrap().clone(), rdy.matmul(&rw).unwrap()),
+            (
+                g.get(&w).unwrap().clone(),
+                rdy.t().unwrap().matmul(&rx).unwrap(),
+            ),
+        ];
+        for (i, (got, want)) in want.iter().enumerate() {
+            // The same rounded operands: only the f32 sums' order differs.
+            let err = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            let err = err.to_scalar::<f32>().unwrap();
+            assert!(err < 2e-5, "product {i}: {err}");
+            // And bf16, not f32: the unrounded product is measurably off.
+            if i == 0 {
+                let exact = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+                let off = (got - exact).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(off.to_scalar::<f32>().unwrap() > 1e-3);
+            }
+        }
+        // A detached weight gets no gradient, its input still does.
+        let y = linear_bf16(x.as_tensor(), &w.as_tensor().detach()).unwrap();
+        let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&w).is_none() && g.get(&x).is_some());
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 
 use crate::bf16::{
-    Bf16Matrix, Bf16Rows, DensePanels, bf16_accelerated, matmul_bf16, matmul_panels,
-    matmul_panels_new,
+    Bf16Rows, DensePanels, bf16_accelerated, matmul_panels_new, rounded_product_into,
 };
 use crate::gemm::{Out, View, matmul};
 use crate::quantized::QuantMatrix;
@@ -97,14 +96,7 @@ impl FrozenWeight {
                 Ok(())
             })?,
             FrozenWeight::DenseBf16(w) => with_f32([w], "frozen weight", |[w]| {
-                if bf16_accelerated() {
-                    let panels = DensePanels::new(w, out, inp, forward);
-                    matmul_panels(a, rows, &panels, y);
-                } else {
-                    // The same rounded operands through the f32 GEMM.
-                    let b = Bf16Matrix::pack_for(w, out, inp, forward, false);
-                    matmul_bf16(a, rows, &b, y);
-                }
+                rounded_product_into(a, rows, w, (out, inp), forward, y);
                 Ok(())
             })?,
             FrozenWeight::Bf16(w) => w.product_into(a, forward, y),

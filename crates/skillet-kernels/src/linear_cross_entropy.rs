@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use crate::bf16::{Bf16Weight, matmul_bf16};
+use crate::bf16::{Bf16Weight, matmul_bf16, rounded_product_into, transposed};
 use crate::frozen::FrozenWeight;
 use crate::gemm::{Out, View, matmul};
 use crate::storage::{slice, tensor, with_f32};
@@ -124,11 +124,12 @@ impl FrozenHead {
     }
 }
 
-/// The head's products: f32 `[V, C]` rows, a frozen head packed for bf16,
-/// or any frozen weight.
+/// The head's products: f32 `[V, C]` rows, the same rows rounded to bf16
+/// in each product, a frozen head packed for bf16, or any frozen weight.
 #[derive(Clone, Copy)]
 enum Head<'a> {
     F32(&'a [f32]),
+    DenseBf16(&'a [f32]),
     Bf16(&'a Bf16Weight),
     Frozen(&'a FrozenWeight),
 }
@@ -147,6 +148,7 @@ impl Head<'_> {
                 Out::new(buf, v),
                 true,
             ),
+            Head::DenseBf16(w) => rounded_product_into(h, rows, w, (v, c), true, buf),
             Head::Bf16(w) => matmul_bf16(h, rows, w.forward(), buf),
             Head::Frozen(w) => w.product_into(h, true, buf)?,
         }
@@ -166,6 +168,7 @@ impl Head<'_> {
                 Out::new(dh, c),
                 true,
             ),
+            Head::DenseBf16(w) => rounded_product_into(p, rows, w, (v, c), false, dh),
             Head::Bf16(w) => matmul_bf16(p, rows, w.backward(), dh),
             Head::Frozen(w) => w.product_into(p, false, dh)?,
         }
@@ -274,8 +277,22 @@ fn row_grads(grad: &Tensor) -> Result<Vec<f32>> {
     grad.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
-/// The op over a head that may be trainable (a second argument).
-struct LinearNll(Rows);
+/// The op over a head that may be trainable (a second argument), its
+/// products in f32 or (`bf16`) over bf16-rounded operands.
+struct LinearNll {
+    rows: Rows,
+    bf16: bool,
+}
+
+impl LinearNll {
+    fn head<'a>(&self, w: &'a [f32]) -> Head<'a> {
+        if self.bf16 {
+            Head::DenseBf16(w)
+        } else {
+            Head::F32(w)
+        }
+    }
+}
 
 impl CustomOp2 for LinearNll {
     fn name(&self) -> &'static str {
@@ -296,7 +313,7 @@ impl CustomOp2 for LinearNll {
         if wc != c {
             bail!("linear cross-entropy: hidden {n}×{c}, head {v}×{wc}");
         }
-        let nll = self.0.forward(h, Head::F32(w), (n, c), v)?;
+        let nll = self.rows.forward(h, self.head(w), (n, c), v)?;
         Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
@@ -311,34 +328,61 @@ impl CustomOp2 for LinearNll {
         let (n, c) = h.dims2()?;
         let v = w.dim(0)?;
         let want_dw = w.track_op();
-        if !want_dw && let Some(dh) = self.0.kept.take(&g, c) {
+        if !want_dw && let Some(dh) = self.rows.kept.take(&g, c) {
             return Ok((Some(tensor(dh, (n, c))?), None));
         }
-        let rows = &self.0;
+        let rows = &self.rows;
         let (dh, dw) = with_f32([h, w], self.name(), |[h, w]| {
-            let mut dw = vec![0f32; if want_dw { v * c } else { 0 }];
+            // f32: dW accumulates `Pᵀ h` chunk by chunk. bf16: `hᵀ P`
+            // (`[C, V]`: the small operand transposed, not `P`) is summed
+            // over chunks and transposed once at the end.
+            let mut acc = vec![0f32; if want_dw { v * c } else { 0 }];
+            let (mut first, mut part) = (true, Vec::new());
             let dh = hidden_grad(
                 h,
-                Head::F32(w),
+                self.head(w),
                 (c, v),
                 &rows.labels,
                 rows.inv_t,
                 &g,
                 |p, hc| {
-                    if want_dw {
+                    if !want_dw {
+                        return;
+                    }
+                    let m = hc.len() / c;
+                    if self.bf16 {
+                        let ht = transposed(hc, m, c);
+                        if std::mem::take(&mut first) {
+                            rounded_product_into(&ht, c, p, (m, v), false, &mut acc);
+                        } else {
+                            // One buffer for every later chunk's share.
+                            part.resize(c * v, 0.0);
+                            rounded_product_into(&ht, c, p, (m, v), false, &mut part);
+                            acc.par_iter_mut()
+                                .zip(part.par_iter())
+                                .for_each(|(a, b)| *a += b);
+                        }
+                    } else {
                         matmul(
                             v,
                             c,
-                            hc.len() / c,
+                            m,
                             View::rows(p, v).t(),
                             View::rows(hc, c),
-                            Out::new(&mut dw, c).accumulate(),
+                            Out::new(&mut acc, c).accumulate(),
                             true,
                         );
                     }
                 },
             )?;
-            Ok((dh, want_dw.then_some(dw)))
+            let dw = want_dw.then(|| {
+                if self.bf16 {
+                    transposed(&acc, c, v)
+                } else {
+                    acc
+                }
+            });
+            Ok((dh, dw))
         })?;
         Ok((
             Some(tensor(dh, (n, c))?),
@@ -398,6 +442,11 @@ pub enum LmHead<'a> {
     /// A dense `[V, C]` head, trainable or not (it gets a gradient when
     /// it is a variable).
     Weight(&'a Tensor),
+    /// [`LmHead::Weight`] with every product (logits, `h`'s gradient and
+    /// the head's) over bf16-rounded operands with f32 accumulation, the
+    /// f32 rows rounded as each product reads them (a trained head in
+    /// mixed precision: its master copy stays f32).
+    WeightBf16(&'a Tensor),
     /// A frozen head: only `h` gets a gradient.
     Frozen(&'a FrozenHead),
 }
@@ -422,7 +471,7 @@ pub fn linear_token_nll(
         bail!("temperature {temperature} is not a positive number");
     }
     let v = match head {
-        LmHead::Weight(w) => w.dim(0)?,
+        LmHead::Weight(w) | LmHead::WeightBf16(w) => w.dim(0)?,
         LmHead::Frozen(f) => f.dims()?.0,
     };
     if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
@@ -437,8 +486,11 @@ pub fn linear_token_nll(
     };
     let h = h.contiguous()?;
     let nll = match head {
-        LmHead::Weight(w) => {
-            let op = LinearNll(rows(h.track_op() && !w.track_op()));
+        LmHead::Weight(w) | LmHead::WeightBf16(w) => {
+            let op = LinearNll {
+                rows: rows(h.track_op() && !w.track_op()),
+                bf16: matches!(head, LmHead::WeightBf16(_)),
+            };
             h.apply_op2(&w.contiguous()?, op)?
         }
         LmHead::Frozen(f) => h.apply_op1(LinearNllFrozen {
@@ -537,6 +589,64 @@ mod tests {
         let rel = (err / size).unwrap().to_scalar::<f32>().unwrap();
         assert!(rel < 2e-2, "dh relative error {rel}");
         assert!(linear_cross_entropy_frozen(&h, &packed, &[v as u32]).is_err());
+    }
+
+    #[test]
+    fn a_trained_bf16_head_multiplies_rounded_operands() {
+        use candle_core::{DType, Var};
+        // Two chunks, the second partial; both the head and `h` trained.
+        let (n, c, v) = (CHUNK + 44, 40, 70);
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let h = Var::from_tensor(&random(&[n, c], 6, 1.0)).unwrap();
+        let w = Var::from_tensor(&random(&[v, c], 7, 1.0)).unwrap();
+        let labels: Vec<u32> = (0..n).map(|i| ((i * 13) % v) as u32).collect();
+        let (loss, correct) = linear_token_nll(
+            h.as_tensor(),
+            LmHead::WeightBf16(w.as_tensor()),
+            &labels,
+            1.0,
+        )
+        .unwrap();
+        let loss = loss.sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        // The reference over the rounded operands: logits, then
+        // `P = softmax − onehot` rounded in turn for both gradients.
+        let (rh, rw) = (round(h.as_tensor()), round(w.as_tensor()));
+        let want = composed(&rh, &rw, &labels);
+        let logits = rh.matmul(&rw.t().unwrap()).unwrap();
+        let max = logits.max_keepdim(D::Minus1).unwrap();
+        let e = logits.broadcast_sub(&max).unwrap().exp().unwrap();
+        let soft = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        let p = round(&(soft - one_hot(&labels, v)).unwrap());
+        let want_dh = p.matmul(&rw).unwrap();
+        let want_dw = p.t().unwrap().matmul(&rh).unwrap();
+        assert_close(&loss, &want, 1e-5, "loss");
+        // `P` from softmaxes a few ulps apart may round to neighbouring
+        // bf16 values (2^-8 apart) here and there.
+        assert_close(g.get(h.as_tensor()).unwrap(), &want_dh, 1e-4, "dh");
+        assert_close(g.get(w.as_tensor()).unwrap(), &want_dw, 1e-4, "dW");
+        let argmax = logits.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(
+            correct,
+            argmax.iter().zip(&labels).filter(|(a, b)| a == b).count()
+        );
+        // And the f32 head gives other numbers (bf16 is in force).
+        let (f32_loss, _) = linear_cross_entropy(h.as_tensor(), w.as_tensor(), &labels).unwrap();
+        assert!(max_abs_diff(&f32_loss, &loss) > 1e-4);
+    }
+
+    /// `[N, V]` rows with a 1 at each label.
+    fn one_hot(labels: &[u32], v: usize) -> Tensor {
+        let mut data = vec![0f32; labels.len() * v];
+        for (i, &l) in labels.iter().enumerate() {
+            data[i * v + l as usize] = 1.0;
+        }
+        Tensor::from_vec(data, (labels.len(), v), &Device::Cpu).unwrap()
     }
 
     /// The loss and `h`'s gradient through `head`.

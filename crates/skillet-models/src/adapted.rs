@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use skillet_kernels::FrozenHead;
 
 use crate::adapter::{Adapter, Adapters, ModuleInfo};
-use crate::{CachedBatch, CausalLm, ForwardInput, KvCache, ModelConfig, Result};
+use crate::{CachedBatch, CausalLm, DenseHead, ForwardInput, KvCache, ModelConfig, Result};
 
 /// `model` with `adapter` on every row (dropout seeded when training),
 /// or the model alone.
@@ -62,7 +62,7 @@ impl CausalLm for Adapted<'_> {
         self.model.head(hidden, self.or_mine(adapters))
     }
 
-    fn head_weight(&self, adapters: &Adapters) -> Option<Tensor> {
+    fn head_weight(&self, adapters: &Adapters) -> Option<DenseHead> {
         self.model.head_weight(self.or_mine(adapters))
     }
 

@@ -9,7 +9,7 @@ use skillet_kernels::FrozenHead;
 
 use crate::adapter::{Adapter, Adapters, ModuleInfo};
 use crate::cache::KvCache;
-use crate::linear::Activations;
+use crate::linear::{Activations, Precision};
 use crate::{ModelConfig, Result};
 
 /// Options for building a model from a weight source.
@@ -108,6 +108,27 @@ pub struct CachedBatch {
     pub activations: Activations,
 }
 
+/// A dense LM head as the fused loss takes it: the weight (a trained one
+/// as its variable) and the precision of its products.
+#[derive(Debug, Clone)]
+pub struct DenseHead {
+    /// `[V, C]`.
+    pub weight: Tensor,
+    /// f32, or bf16 operands with f32 accumulation (a trained head in
+    /// mixed precision; its master copy stays f32).
+    pub precision: Precision,
+}
+
+impl DenseHead {
+    /// The head as [`skillet_kernels::linear_token_nll`] takes it.
+    pub fn lm_head(&self) -> skillet_kernels::LmHead<'_> {
+        match self.precision {
+            Precision::F32 => skillet_kernels::LmHead::Weight(&self.weight),
+            Precision::Bf16 => skillet_kernels::LmHead::WeightBf16(&self.weight),
+        }
+    }
+}
+
 /// A causal language model: token ids in, logits for every position out.
 pub trait CausalLm: Send + Sync {
     /// The validated hyper-parameters.
@@ -119,8 +140,8 @@ pub trait CausalLm: Send + Sync {
     fn head(&self, hidden: &Tensor, adapters: &Adapters) -> Result<Tensor>;
     /// The dense `[V, C]` head weight where the head is exactly `x Wᵀ`
     /// under `adapters` (so the loss may fuse it); a trainable weight is
-    /// returned as its variable.
-    fn head_weight(&self, adapters: &Adapters) -> Option<Tensor>;
+    /// returned as its variable, with the precision of its products.
+    fn head_weight(&self, adapters: &Adapters) -> Option<DenseHead>;
     /// The LM head as a frozen weight for the fused loss, its products in
     /// the precision of training forwards ([`Model::set_precision`]), when
     /// the head is frozen and not adapted under `adapters` and is not a

@@ -26,8 +26,8 @@ use crate::llama::LlamaLayer;
 use crate::load::Loader;
 use crate::rope::Rope;
 use crate::{
-    Architecture, CachedBatch, CausalLm, ForwardInput, LoadOptions, ModelConfig, ModelError,
-    Result, Weight, WeightSource,
+    Architecture, CachedBatch, CausalLm, DenseHead, ForwardInput, LoadOptions, ModelConfig,
+    ModelError, Result, Weight, WeightSource,
 };
 
 /// The token embedding: dense (a variable in full fine-tuning), or frozen
@@ -340,11 +340,19 @@ impl CausalLm for Model {
         self.cap(adapters.apply(self.lm_head.as_ref(), self.lm_head_module(), hidden)?)
     }
 
-    fn head_weight(&self, adapters: &Adapters) -> Option<Tensor> {
+    fn head_weight(&self, adapters: &Adapters) -> Option<DenseHead> {
         if adapters.adapts(self.lm_head_module()) || self.cfg.final_logit_softcapping.is_some() {
             return None;
         }
-        self.lm_head.dense_weight()
+        let weight = self.lm_head.dense_weight()?;
+        // A frozen head in bf16 is `head_frozen`'s (packed once); a trained
+        // one is rounded in each product.
+        let precision = if weight.track_op() {
+            self.precision
+        } else {
+            Precision::F32
+        };
+        Some(DenseHead { weight, precision })
     }
 
     fn head_frozen(&self, adapters: &Adapters) -> Result<Option<FrozenHead>> {

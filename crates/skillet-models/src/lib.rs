@@ -31,7 +31,9 @@ mod weights;
 pub use adapted::Adapted;
 pub use adapter::{Adapter, Adapters, BaseOutput, LAYER_MODULES, ModuleInfo, module_names};
 pub use cache::KvCache;
-pub use causal_lm::{CachedBatch, CachedChunk, CausalLm, ForwardInput, LoadOptions, QuantizeBase};
+pub use causal_lm::{
+    CachedBatch, CachedChunk, CausalLm, DenseHead, ForwardInput, LoadOptions, QuantizeBase,
+};
 pub use config::{Activation, Architecture, LayerType, ModelConfig, RopeConfig, RopeScaling};
 pub use config_read::HfConfig;
 pub use decoder::Model;

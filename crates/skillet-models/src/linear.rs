@@ -26,9 +26,8 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
         let _ = activations;
         self.forward(x)
     }
-    /// [`Linear::forward`] with the products of a frozen weight taken in
-    /// `precision` (a trainable weight, and layers without a bf16 path,
-    /// stay in f32).
+    /// [`Linear::forward`] with the products taken in `precision` (layers
+    /// without a bf16 path stay in f32).
     fn forward_in(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
         let _ = precision;
         self.forward(x)
@@ -70,9 +69,9 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// The precision of the frozen weights' products in a training forward
-/// (PyTorch autocast's split: matrix products in bf16 with f32
-/// accumulation; norms, softmax, the loss and every trained parameter in
+/// The precision of the weights' products in a training forward (PyTorch
+/// autocast's split: matrix products in bf16 with f32 accumulation; norms,
+/// softmax, the loss and the master copy of every trained parameter in
 /// f32).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Precision {
@@ -81,7 +80,10 @@ pub enum Precision {
     F32,
     /// Frozen weights' products in the decoder layers (forward and the
     /// input gradient) and in the fused LM-head loss, in bf16 with f32
-    /// accumulation: on AMX tiles where the CPU has them. Dense f32
+    /// accumulation: on AMX tiles where the CPU has them. A trained dense
+    /// weight of a decoder layer (full fine-tuning) is rounded from its f32
+    /// master copy in each product, its gradient `dyᵀ x` taken in bf16
+    /// too; a trained LM head stays f32. Dense f32
     /// weights are rounded and Q4_1 / Q8_0 blocks (QLoRA) dequantized
     /// inside each product, with no copy kept (the fused head alone keeps
     /// a packed copy of a dense f32 head); weights held in bf16 are read
@@ -375,10 +377,17 @@ impl Linear for BaseLinear {
     }
 
     fn forward_in(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
-        if precision == Precision::Bf16
-            && let Some(y) = self.bf16(x)?
-        {
-            return Ok(y);
+        if precision == Precision::Bf16 {
+            if let Some(y) = self.bf16(x)? {
+                return Ok(y);
+            }
+            // A trained dense weight (full fine-tuning): its f32 master
+            // copy rounded on each call, every product in bf16.
+            if let Stored::Dense(w) = &self.weight
+                && w.track_op()
+            {
+                return self.with_bias(skillet_kernels::linear_bf16(x, w)?);
+            }
         }
         self.forward(x)
     }

@@ -409,9 +409,13 @@ pub fn run_training(
             // Full fine-tuning changes the weights themselves: the
             // reference is a frozen copy of the starting ones.
             let reference_model = match (full, g.beta != 0.0) {
-                // Multiplied in f32, as the trained weights are, so that
-                // the first step sees policy and reference equal.
-                (true, true) => Some(bundle.load_model(Default::default())?),
+                // Multiplied in the policy's precision, so that the first
+                // step sees policy and reference equal.
+                (true, true) => {
+                    let mut m = bundle.load_model(Default::default())?;
+                    m.set_precision(precision);
+                    Some(m)
+                }
                 _ => None,
             };
             let rewards = RewardFn::build_all(&g.rewards, &model)?;
@@ -557,15 +561,19 @@ const FULL: skillet_models::LoadOptions = skillet_models::LoadOptions {
     quantize: None,
 };
 
-/// The precision of a run's products: `train.precision`, except in full
-/// fine-tuning, which multiplies in f32. Trained weights have no bf16 path,
-/// and frozen ones (`train.freeze`) stay in f32 too, so that a reference
-/// model loaded from the same weights (GRPO's) gives the policy's numbers
-/// at the start.
+/// The precision of a run's products: `train.precision`, where `auto`
+/// keeps full fine-tuning in f32 (bf16 there is asked for by name: its
+/// loss and gradients are f32's to bf16 precision, but once trained, the
+/// weights' small updates reach the rounded products unevenly, and on the
+/// bundled example the loss curve leaves f32's after the first update).
+/// In bf16 a trained weight's products round its f32 master copy on each
+/// call, and frozen ones (`train.freeze`, a reference model) round the
+/// same values, so a reference loaded from the starting weights (GRPO's)
+/// gives the policy's numbers at the start up to the order of f32 sums.
 fn products(cfg: &RunConfig) -> skillet_models::Precision {
-    match cfg.train.tuning {
-        Tuning::Full => skillet_models::Precision::F32,
-        Tuning::Lora => cfg.train.precision.resolve(),
+    match (cfg.train.tuning, cfg.train.precision) {
+        (Tuning::Full, skillet_train::PrecisionSetting::Auto) => skillet_models::Precision::F32,
+        (_, setting) => setting.resolve(),
     }
 }
 

@@ -492,12 +492,13 @@ pub struct TrainConfig {
     /// them: less memory, about a third more compute.
     #[serde(default)]
     pub activation_checkpointing: bool,
-    /// `auto`, `f32` or `bf16`: the precision of the frozen base weights'
-    /// products (bf16 with f32 accumulation, as PyTorch's autocast; the
-    /// trained parameters, optimizer state, norms and loss stay f32).
-    /// `auto` picks bf16 where the CPU has AMX tiles. In bf16 a dense
-    /// frozen base is held in bf16 (half the bytes), and evaluation
-    /// multiplies it in bf16 too.
+    /// `auto`, `f32` or `bf16`: the precision of the weights' products
+    /// (bf16 with f32 accumulation, as PyTorch's autocast; the master copy
+    /// of every trained parameter, optimizer state, norms and loss stay
+    /// f32). `auto` picks bf16 where the CPU has AMX tiles, for LoRA; full
+    /// fine-tuning takes bf16 only by name. In bf16 a dense frozen base is
+    /// held in bf16 (half the bytes), and evaluation multiplies it in bf16
+    /// too.
     #[serde(default)]
     pub precision: PrecisionSetting,
     /// `lora` (an adapter over the frozen base, `[lora]`) or `full` (every

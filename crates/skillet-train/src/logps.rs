@@ -61,8 +61,8 @@ pub fn token_logps(model: &dyn CausalLm, batch: &TrainBatch, temperature: f64) -
         let (nll, _) = linear_token_nll(&picked, LmHead::Frozen(&head), &labels, temperature)?;
         return Ok(nll.neg()?);
     }
-    if let Some(weight) = model.head_weight(&adapters) {
-        let (nll, _) = linear_token_nll(&picked, LmHead::Weight(&weight), &labels, temperature)?;
+    if let Some(head) = model.head_weight(&adapters) {
+        let (nll, _) = linear_token_nll(&picked, head.lm_head(), &labels, temperature)?;
         return Ok(nll.neg()?);
     }
     composed_logps(model.head(&picked, &adapters)?, &labels, temperature)

@@ -78,10 +78,11 @@ fn loss(
             correct,
         });
     }
-    if allow_fused && let Some(weight) = model.head_weight(&adapters) {
-        let (sum, correct) = skillet_kernels::linear_cross_entropy(&picked, &weight, &labels)?;
+    if allow_fused && let Some(head) = model.head_weight(&adapters) {
+        let (nll, correct) =
+            skillet_kernels::linear_token_nll(&picked, head.lm_head(), &labels, 1.0)?;
         return Ok(LossParts {
-            sum,
+            sum: nll.sum_all()?,
             tokens: n,
             correct,
         });

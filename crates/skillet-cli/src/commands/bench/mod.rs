@@ -491,10 +491,9 @@ fn run_one(
         "decode" | "prefill" | "prefill-lora" => 1,
         _ => args.batch,
     };
-    // Generation reads the quantized blocks in f32, and full fine-tuning
-    // trains the weights themselves: those stay in f32.
+    // Generation reads the quantized blocks in f32.
     let precision = match workload {
-        "decode" | "full" | "prefill" | "prefill-lora" => Precision::F32,
+        "decode" | "prefill" | "prefill-lora" => Precision::F32,
         _ => args.precision.resolve(),
     };
     Ok(Row {
