@@ -12,9 +12,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, Layout as TensorLayout, Result, Shape, Tensor, bail,
-};
+use candle_core::{CpuStorage, CustomOp1, Layout as TensorLayout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::gemm::{Out, View, matmul};
@@ -591,68 +589,6 @@ pub(crate) fn transposed(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-struct TrainedBf16Linear;
-
-impl CustomOp2 for TrainedBf16Linear {
-    fn name(&self) -> &'static str {
-        "trained bf16 linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &TensorLayout,
-        ws: &CpuStorage,
-        wl: &TensorLayout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(xs, xl, self.name())?;
-        let w = slice(ws, wl, self.name())?;
-        let (out, inp) = wl.shape().dims2()?;
-        let dims = xl.dims();
-        if dims.last() != Some(&inp) {
-            bail!("trained bf16 linear: input {dims:?} does not end in {inp}");
-        }
-        let y = rounded_product(x, x.len() / inp, w, (out, inp), true);
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked above") = out;
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (out, inp) = w.dims2()?;
-        let want_dw = w.track_op();
-        let (dx, dw) = with_f32([dy, w, x], self.name(), |[dy, w, x]| {
-            let rows = dy.len() / out;
-            let dx = rounded_product(dy, rows, w, (out, inp), false);
-            let dw = want_dw.then(|| {
-                // dyᵀ x: dy transposed as the left operand, x the right
-                // one (the shared dimension is the rows).
-                rounded_product(&transposed(dy, rows, out), out, x, (rows, inp), false)
-            });
-            Ok((dx, dw))
-        })?;
-        let dw = dw.map(|d| tensor(d, w.shape())).transpose()?;
-        Ok((Some(tensor(dx, x.shape())?), dw))
-    }
-}
-
-/// `x Wᵀ` for a trained `[out, in]` f32 weight (the master copy) with
-/// every product in bf16 and f32 accumulation, PyTorch autocast's
-/// semantics for a matmul: forward `x Wᵀ`, and backward `dy W` for `x` and,
-/// when `W` tracks gradients, `dyᵀ x` for `W`, each over bf16-rounded
-/// operands. Nothing is kept between calls (the weight changes every
-/// step): each product rounds its right operand as it goes.
-pub fn linear_bf16(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, TrainedBf16Linear)
-}
-
 #[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Each thread's buffer for the rounded left operand.
@@ -794,6 +730,7 @@ mod tests {
 
     #[test]
     fn the_trained_op_multiplies_rounded_operands_both_ways() {
+        use crate::linear_bf16;
         use crate::testing::random;
         use candle_core::{DType, Var};
         let round = |t: &Tensor| {

@@ -38,13 +38,12 @@ mod testing;
 pub use adamw::{AdamWStep, adamw_step};
 pub use attention::{AttentionMask, SHARED_SEGMENT, attention, attention_composed, attention_rope};
 pub use bf16::{
-    Bf16Matrix, Bf16Rows, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, linear_bf16,
-    matmul_bf16,
+    Bf16Matrix, Bf16Rows, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16,
 };
 pub use cached_attention::{CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys};
 pub use frozen::{FrozenWeight, frozen_product};
 pub use input_rounding::{InputRounding, round_inputs};
-pub use linear::{frozen_matmul, linear};
+pub use linear::{frozen_matmul, linear, linear_bf16};
 pub use linear_cross_entropy::{
     CrossEntropyStats, FrozenHead, LmHead, linear_cross_entropy, linear_cross_entropy_frozen,
     linear_token_nll,

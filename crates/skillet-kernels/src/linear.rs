@@ -9,10 +9,49 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 
+use crate::bf16::{rounded_product, transposed};
 use crate::gemm::{Out, View, matmul};
 use crate::storage::{slice, tensor, with_f32};
 
-struct LinearOp;
+/// The op, its products in f32 or (`bf16`) over bf16-rounded operands with
+/// f32 accumulation.
+struct LinearOp {
+    bf16: bool,
+}
+
+impl LinearOp {
+    /// `a · B` (`[m, k] · [k, n]`) with `B` = `w` (`[rows, cols]`) or, where
+    /// `transposed`, `wᵀ`.
+    fn product(
+        &self,
+        a: &[f32],
+        m: usize,
+        w: &[f32],
+        (rows, cols): (usize, usize),
+        transposed: bool,
+    ) -> Vec<f32> {
+        if self.bf16 {
+            return rounded_product(a, m, w, (rows, cols), transposed);
+        }
+        let (k, n) = if transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let b = View::rows(w, cols);
+        let mut y = vec![0f32; m * n];
+        matmul(
+            m,
+            n,
+            k,
+            View::rows(a, k),
+            if transposed { b.t() } else { b },
+            Out::new(&mut y, n),
+            true,
+        );
+        y
+    }
+}
 
 impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
@@ -33,17 +72,7 @@ impl CustomOp2 for LinearOp {
         if dims.last() != Some(&inp) {
             bail!("linear: input {dims:?} does not end in {inp}");
         }
-        let rows = x.len() / inp;
-        let mut y = vec![0f32; rows * out];
-        matmul(
-            rows,
-            out,
-            inp,
-            View::rows(x, inp),
-            View::rows(w, inp).t(),
-            Out::new(&mut y, out),
-            true,
-        );
+        let y = self.product(x, x.len() / inp, w, (out, inp), true);
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("checked above") = out;
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
@@ -60,28 +89,26 @@ impl CustomOp2 for LinearOp {
         let want_dw = w.track_op();
         let (dx, dw) = with_f32([dy, w, x], self.name(), |[dy, w, x]| {
             let rows = dy.len() / out;
-            let mut dx = vec![0f32; rows * inp];
-            matmul(
-                rows,
-                inp,
-                out,
-                View::rows(dy, out),
-                View::rows(w, inp),
-                Out::new(&mut dx, inp),
-                true,
-            );
+            let dx = self.product(dy, rows, w, (out, inp), false);
+            // dyᵀ x: in f32 the GEMM reads dy transposed in place; the bf16
+            // kernel takes a transposed copy (the shared dimension is the
+            // rows).
             let dw = want_dw.then(|| {
-                let mut dw = vec![0f32; out * inp];
-                matmul(
-                    out,
-                    inp,
-                    rows,
-                    View::rows(dy, out).t(),
-                    View::rows(x, inp),
-                    Out::new(&mut dw, inp),
-                    true,
-                );
-                dw
+                if self.bf16 {
+                    self.product(&transposed(dy, rows, out), out, x, (rows, inp), false)
+                } else {
+                    let mut dw = vec![0f32; out * inp];
+                    matmul(
+                        out,
+                        inp,
+                        rows,
+                        View::rows(dy, out).t(),
+                        View::rows(x, inp),
+                        Out::new(&mut dw, inp),
+                        true,
+                    );
+                    dw
+                }
             });
             Ok((dx, dw))
         })?;
@@ -94,7 +121,19 @@ impl CustomOp2 for LinearOp {
 /// that may be trainable: backward gives `x` its gradient and, when `W`
 /// tracks gradients, `W` its own.
 pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&weight.contiguous()?, LinearOp)
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, LinearOp { bf16: false })
+}
+
+/// [`linear`] for a trained `[out, in]` f32 weight (the master copy) with
+/// every product in bf16 and f32 accumulation, PyTorch autocast's
+/// semantics for a matmul: forward `x Wᵀ`, and backward `dy W` for `x` and,
+/// when `W` tracks gradients, `dyᵀ x` for `W`, each over bf16-rounded
+/// operands. Nothing is kept between calls (the weight changes every
+/// step): each product rounds its right operand as it goes.
+pub fn linear_bf16(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, LinearOp { bf16: true })
 }
 
 /// `x Wᵀ` for a frozen weight: the backward pass gives `x` its gradient
