@@ -83,7 +83,7 @@ pub enum Precision {
     /// accumulation: on AMX tiles where the CPU has them. A trained dense
     /// weight of a decoder layer (full fine-tuning) is rounded from its f32
     /// master copy in each product, its gradient `dyᵀ x` taken in bf16
-    /// too; a trained LM head stays f32. Dense f32
+    /// too; so is a trained LM head in the fused loss. Dense f32
     /// weights are rounded and Q4_1 / Q8_0 blocks (QLoRA) dequantized
     /// inside each product, with no copy kept (the fused head alone keeps
     /// a packed copy of a dense f32 head); weights held in bf16 are read
