@@ -41,7 +41,7 @@ impl ActivationsArg {
 /// The precision of the frozen weights' products in training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PrecisionArg {
-    /// bf16 where the CPU has AMX tiles (about 3× the f32 products there), else f32.
+    /// bf16 where the CPU multiplies it natively (AMX tiles, or AVX512-BF16), else f32.
     Auto,
     /// Everything in f32.
     F32,

@@ -20,6 +20,12 @@ fn main() {
         ("gate/up x·Wᵀ 1024×576×1536", 1024, 576, 1536, true),
         ("down x·Wᵀ 1024×1536×576", 1024, 1536, 576, true),
         ("gate/up dy·W 1024×1536×576", 1024, 1536, 576, false),
+        // Llama 3.2 1B's shapes for 512 tokens: wider rows of the left
+        // operand (4 and 16 KiB in bf16).
+        ("1B q/o x·Wᵀ 512×2048×2048", 512, 2048, 2048, true),
+        ("1B gate/up x·Wᵀ 512×2048×8192", 512, 2048, 8192, true),
+        ("1B down x·Wᵀ 512×8192×2048", 512, 8192, 2048, true),
+        ("1B gate/up dy·W 512×8192×2048", 512, 8192, 2048, false),
     ];
     for (name, m, k, n, transposed) in shapes {
         let a = values(m * k, 1);

@@ -20,6 +20,8 @@ use crate::storage::{slice, tensor, with_f32};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod dots;
 mod rows;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use amx::{interleave_pairs, transpose16};
@@ -56,16 +58,41 @@ pub(crate) fn from_bf16(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// Whether products run on AMX tiles here.
+/// Whether bf16 products run natively here: on AMX tiles, or with
+/// AVX512-BF16's dot products where the CPU has those and no tiles.
 pub fn bf16_accelerated() -> bool {
+    kernel().is_some()
+}
+
+/// How bf16 products run natively here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// AMX tiles (Intel Sapphire Rapids and later).
+    Tiles,
+    /// AVX512-BF16's `vdpbf16ps` (AMD Zen 4 and 5; Intel Cooper Lake).
+    Dots,
+}
+
+/// The native bf16 kernel, if any; `SKILLET_BF16_KERNEL=dots` picks the
+/// dot products where the tiles exist too (to compare the two).
+fn kernel() -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static READY: OnceLock<bool> = OnceLock::new();
-        *READY.get_or_init(|| crate::tiles::available(crate::tiles::TileType::Bf16))
+        static KERNEL: OnceLock<Option<Kernel>> = OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            let dots_asked = std::env::var("SKILLET_BF16_KERNEL").is_ok_and(|v| v == "dots");
+            if !dots_asked && crate::tiles::available(crate::tiles::TileType::Bf16) {
+                Some(Kernel::Tiles)
+            } else if dots::available() {
+                Some(Kernel::Dots)
+            } else {
+                None
+            }
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    None
 }
 
 /// The right operand `B` (`[k, n]`) of bf16 products, rounded and packed
@@ -442,14 +469,17 @@ unsafe fn tiles(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(bf16_accelerated(), "bf16 tiles without AMX");
+        let tiles = match kernel() {
+            Some(k) => k == Kernel::Tiles,
+            None => panic!("bf16 products without AMX or AVX512-BF16"),
+        };
         let kp = padded(b.k());
         let mut ar = ROUNDED.take();
         round_rows(a, m, b.k(), kp, &mut ar, parallel);
-        // SAFETY: the CPU has the tiles (asserted above), the operands have
-        // the shapes the kernel reads (the callers' checks, and `ar` by
-        // construction), and `out` is the caller's promise.
-        unsafe { amx::matmul(&ar, m, kp, b, out, out_len, parallel) };
+        // SAFETY: the CPU has the kernel's features (`kernel()`), the
+        // operands have the shapes the kernel reads (the callers' checks,
+        // and `ar` by construction), and `out` is the caller's promise.
+        unsafe { amx::matmul(&ar, m, kp, b, out, out_len, parallel, tiles) };
         crate::reused::hand_back(&ROUNDED, ar);
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -698,6 +728,58 @@ mod tests {
                     assert!(
                         (g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
                         "{m}×{k}×{n}, tiles {tiles}, at {i}: {g} vs {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_dot_kernel_equals_the_rounded_operands_product() {
+        // AVX512-BF16's dot products on the tile kernel's operands, even
+        // where the tiles are the kernel chosen: ragged shapes (rows off
+        // the 8-row blocks, columns off the 3 × 16 blocks, the shared
+        // dimension off 32), stored and computed column blocks, serial
+        // and parallel.
+        if !dots::available() {
+            eprintln!("skipped: no AVX512-BF16 here");
+            return;
+        }
+        for (m, rows, cols, t) in [(37, 50, 70, true), (5, 33, 17, false), (300, 150, 64, true)] {
+            let (k, n) = if t { (cols, rows) } else { (rows, cols) };
+            let a = values(m * k, 3);
+            let w = values(rows * cols, 4);
+            let want = reference(&a, m, &w, rows, cols, t);
+            let packed = Bf16Matrix::pack_for(&w, rows, cols, t, true);
+            let Layout::Tiles { kp, data } = &packed.layout else {
+                panic!("packed for the tiles")
+            };
+            let stored = Stored {
+                k,
+                n,
+                kp: *kp,
+                data,
+            };
+            let computed = DensePanels::new(&w, rows, cols, t);
+            let mut ar = Vec::new();
+            round_rows(&a, m, k, *kp, &mut ar, true);
+            for (b, parallel) in [
+                (&stored as &dyn Panels, true),
+                (&computed, true),
+                (&stored, false),
+            ] {
+                let mut out = vec![f32::NAN; m * n];
+                // SAFETY: the CPU has AVX512-BF16 (checked above); `out`
+                // holds m · n values.
+                unsafe {
+                    amx::matmul(&ar, m, *kp, b, out.as_mut_ptr(), out.len(), parallel, false)
+                };
+                for (i, (&g, &r)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g as f64 - r).abs() <= 1e-5 * (1.0 + r.abs()) * (k as f64).sqrt(),
+                        "{m}×{k}×{n}, computed {}, at {i}: {g} vs {r}",
+                        b.computed()
                     );
                 }
             }

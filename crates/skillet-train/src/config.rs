@@ -495,7 +495,8 @@ pub struct TrainConfig {
     /// `auto`, `f32` or `bf16`: the precision of the weights' products
     /// (bf16 with f32 accumulation, as PyTorch's autocast; the master copy
     /// of every trained parameter, optimizer state, norms and loss stay
-    /// f32). `auto` picks bf16 where the CPU has AMX tiles, for LoRA; full
+    /// f32). `auto` picks bf16 where the CPU multiplies bf16 natively (AMX
+    /// tiles, or AVX512-BF16's dot products), for LoRA; full
     /// fine-tuning takes bf16 only by name. In bf16 a dense frozen base is
     /// held in bf16 (half the bytes), and evaluation multiplies it in bf16
     /// too.

@@ -31,7 +31,7 @@ thread_local! {
 
 /// The destination, shared by tasks that write disjoint blocks of it.
 #[derive(Clone, Copy)]
-struct Dest(*mut f32);
+pub(super) struct Dest(pub(super) *mut f32);
 // SAFETY: tasks write disjoint blocks (see `matmul`).
 unsafe impl Send for Dest {}
 // SAFETY: as above.
@@ -39,23 +39,26 @@ unsafe impl Sync for Dest {}
 
 /// The shapes every task reads.
 #[derive(Clone, Copy)]
-struct Shapes {
+pub(super) struct Shapes {
     /// Valid rows and columns of the result.
-    m: usize,
-    n: usize,
+    pub(super) m: usize,
+    pub(super) n: usize,
     /// Padded shared dimension.
-    kp: usize,
+    pub(super) kp: usize,
 }
 
 /// `out` (`[m, n]`, `out_len` values from `out`) = `a` (`[⌈m/16⌉·16, kp]`
-/// bf16, zero-padded) times the right operand `b`, by column blocks. Every
-/// one of the `m · n` results is written (through the pointer, so `out`
-/// may be memory not yet initialized) and none is read. On the thread
-/// pool where `parallel`, else on this thread.
+/// bf16, zero-padded) times the right operand `b`, by column blocks, on
+/// the tiles (`tiles`) or with AVX512-BF16's dot products (`dots.rs`; the
+/// tasks and operands are the same). Every one of the `m · n` results is
+/// written (through the pointer, so `out` may be memory not yet
+/// initialized) and none is read. On the thread pool where `parallel`,
+/// else on this thread.
 ///
 /// # Safety
-/// `bf16_accelerated()` must be true, and `out` valid for `out_len` f32
-/// writes.
+/// The CPU must have the chosen kernel's features (`bf16::kernel()`), and
+/// `out` be valid for `out_len` f32 writes.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn matmul(
     a: &[u16],
     m: usize,
@@ -64,6 +67,7 @@ pub(super) unsafe fn matmul(
     out: *mut f32,
     out_len: usize,
     parallel: bool,
+    tiles: bool,
 ) {
     let n = b.n();
     let mp = m.next_multiple_of(TILE);
@@ -91,7 +95,7 @@ pub(super) unsafe fn matmul(
         let cols = j0..(j0 + task_blocks).min(blocks);
         // SAFETY: the caller's promise; each task writes only its rows and
         // column blocks of `out`.
-        unsafe { task(a, b, shapes, dest, rows, cols) };
+        unsafe { task(a, b, shapes, dest, rows, cols, tiles) };
     };
     if parallel {
         tasks.par_iter().for_each(run);
@@ -108,6 +112,7 @@ unsafe fn task(
     dest: Dest,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
+    tiles: bool,
 ) {
     // Computed blocks are made once, before any product, into this
     // thread's buffer, reused from product to product: only the padding of
@@ -128,6 +133,24 @@ unsafe fn task(
     } else {
         cols.clone().map(|j| b.panel(j, &mut []).as_ptr()).collect()
     };
+    if tiles {
+        tile_blocks(a, &panels, s, dest, rows, cols);
+    } else {
+        super::dots::blocks(a, &panels, s, dest, rows, cols);
+    }
+    crate::reused::hand_back(&MADE, made);
+}
+
+/// Rows `rows` (whole tiles) by column blocks `cols` (`panels[j -
+/// cols.start]` is block `j`) of the result on the tiles.
+unsafe fn tile_blocks(
+    a: &[u16],
+    panels: &[*const u16],
+    s: Shapes,
+    dest: Dest,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) {
     asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
     let steps = s.kp / KSTEP;
     let lda = s.kp * 2; // bytes per left row
@@ -220,7 +243,6 @@ unsafe fn task(
             j += if two_cols { 2 } else { 1 };
         }
     }
-    crate::reused::hand_back(&MADE, made);
     asm!("tilerelease", options(nostack, nomem));
 }
 

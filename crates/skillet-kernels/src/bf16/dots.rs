@@ -1,0 +1,104 @@
+//! bf16 products on AVX512-BF16's dot instruction, for CPUs that have it
+//! without AMX tiles (AMD Zen 4 and 5): `vdpbf16ps` adds to each of 16 f32
+//! sums the products of one pair of bf16 values. The operands are the tile
+//! kernel's as they are: a packed column block's line of pairs is one
+//! register (16 columns × a pair of the shared dimension), and a left
+//! row's pair, broadcast, multiplies it. A block of 8 rows × 3 column
+//! blocks (24 registers of sums) stays in registers for the whole shared
+//! dimension.
+
+// Every function here is a kernel whose safety is the caller's check of
+// the CPU's features plus the length checks in `amx::matmul`.
+#![allow(unsafe_op_in_unsafe_fn)]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::TILE;
+use super::amx::{Dest, Shapes};
+
+/// Left rows per register block (a tile's 16 rows are two of them).
+const ROWS: usize = 8;
+/// Column blocks (of 16) per register block.
+const BLOCKS: usize = 3;
+
+/// Whether the dot kernel runs here.
+pub(super) fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
+/// Rows `rows` (whole tiles of `a`, zero rows past `m`) by column blocks
+/// `cols` (`panels[j - cols.start]` is block `j`) of the result, as
+/// `amx::task`'s tile loop computes them.
+///
+/// # Safety
+/// [`available`] must be true; `a` holds `rows.end` rows of `s.kp`
+/// values, every panel `s.kp · 16` values, and `dest` the result's
+/// `s.m · s.n` values.
+pub(super) unsafe fn blocks(
+    a: &[u16],
+    panels: &[*const u16],
+    s: Shapes,
+    dest: Dest,
+    rows: Range<usize>,
+    cols: Range<usize>,
+) {
+    let mut j = cols.start;
+    while j < cols.end {
+        let take = BLOCKS.min(cols.end - j);
+        let b = &panels[j - cols.start..][..take];
+        let mut i = rows.start;
+        while i < rows.end.min(s.m) {
+            let at = a.as_ptr().add(i * s.kp);
+            match take {
+                3 => block::<3>(at, b, s, dest, i, j),
+                2 => block::<2>(at, b, s, dest, i, j),
+                _ => block::<1>(at, b, s, dest, i, j),
+            }
+            i += ROWS;
+        }
+        j += take;
+    }
+}
+
+/// Rows `i..i + 8` by column blocks `j..j + C` of the result: the sums in
+/// registers over every pair of the shared dimension, then stored where
+/// they fall inside the result.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn block<const C: usize>(
+    a: *const u16,
+    b: &[*const u16],
+    s: Shapes,
+    dest: Dest,
+    i: usize,
+    j: usize,
+) {
+    let mut sums = [[_mm512_setzero_ps(); C]; ROWS];
+    for p in 0..s.kp / 2 {
+        let mut lines = [_mm512_setzero_si512(); C];
+        for (line, panel) in lines.iter_mut().zip(b) {
+            *line = _mm512_loadu_si512(panel.add(p * 2 * TILE) as *const __m512i);
+        }
+        for (r, row) in sums.iter_mut().enumerate() {
+            let pair = (a.add(r * s.kp + 2 * p) as *const i32).read_unaligned();
+            let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+            for (sum, line) in row.iter_mut().zip(&lines) {
+                *sum =
+                    _mm512_dpbf16_ps(*sum, pair, std::mem::transmute::<__m512i, __m512bh>(*line));
+            }
+        }
+    }
+    for (r, row) in sums.iter().enumerate().take(s.m - i) {
+        for (c, sum) in row.iter().enumerate() {
+            let col = (j + c) * TILE;
+            if col >= s.n {
+                break;
+            }
+            let mask = (u32::MAX >> (32 - TILE.min(s.n - col))) as u16;
+            _mm512_mask_storeu_ps(dest.0.add((i + r) * s.n + col), mask, *sum);
+        }
+    }
+}
