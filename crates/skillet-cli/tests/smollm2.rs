@@ -360,15 +360,18 @@ fn train_steps(out: &Path) -> Vec<(f64, f64)> {
 #[test]
 fn bf16_training_follows_the_f32_loss_curve_on_the_bundled_example() {
     // Twelve steps of the bundled example's LoRA run in each precision:
-    // every step's loss agrees within 1% of the curve's scale (its first
+    // every step's loss agrees within 1.5% of the curve's scale (its first
     // step's loss: once the loss is near zero, a step's own relative
     // difference can reach a few percent), the held-out loss after within
-    // 1% of its own value.
+    // 1% of its own value. (On AMX tiles every step was within 1%; with
+    // AVX512-BF16's dot products, step 7, a spike of the loss, parts by
+    // 1.2%. PyTorch's autocast parts from its f32 curve by 2.3% there:
+    // bench/reference/precision_curve.py.)
     let [(f32_losses, f32_report), (bf16_losses, bf16_report)] = in_both_precisions(12, &[]);
     let scale = f32_losses[0].0;
     for (step, (a, b)) in f32_losses.iter().zip(&bf16_losses).enumerate() {
         assert!(
-            (a.0 - b.0).abs() < 0.01 * scale,
+            (a.0 - b.0).abs() < 0.015 * scale,
             "step {}: f32 loss {}, bf16 {} (scale {scale})",
             step + 1,
             a.0,
