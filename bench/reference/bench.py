@@ -51,27 +51,38 @@ def matmul_params(cfg):
     return cfg.num_hidden_layers * (2 * h * q + 2 * h * kv + 3 * h * cfg.intermediate_size) + cfg.vocab_size * h
 
 
-def sft_batches(tok, path, batch):
-    rows = [json.loads(l) for l in open(path, encoding="utf-8") if l.strip()]
+def chat_examples(tok, path):
+    """Each chat line of a JSONL file as (ids, labels): the chat template
+    applied, labels -100 on the prompt (loss on the assistant's reply)."""
     examples = []
-    for r in rows:
-        msgs = r["messages"]
+    for line in open(path, encoding="utf-8"):
+        if not line.strip():
+            continue
+        msgs = json.loads(line)["messages"]
         prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
         full = tok.apply_chat_template(msgs, tokenize=False)
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         ids = tok(full, add_special_tokens=False)["input_ids"]
-        labels = [-100] * len(p_ids) + ids[len(p_ids):]
-        examples.append((ids, labels))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = []
-    for i in range(0, len(examples), batch):
-        chunk = examples[i:i + batch]
-        longest = max(len(e[0]) for e in chunk)
-        ids = torch.tensor([e[0] + [pad] * (longest - len(e[0])) for e in chunk])
-        labels = torch.tensor([e[1] + [-100] * (longest - len(e[1])) for e in chunk])
-        mask = torch.tensor([[1] * len(e[0]) + [0] * (longest - len(e[0])) for e in chunk])
-        out.append((ids, mask, labels))
-    return out
+        examples.append((ids, [-100] * len(p_ids) + ids[len(p_ids):]))
+    return examples
+
+
+def padded_batch(chunk, pad):
+    """(ids, attention mask, labels) of examples padded to the longest."""
+    longest = max(len(e[0]) for e in chunk)
+    ids = torch.tensor([e[0] + [pad] * (longest - len(e[0])) for e in chunk])
+    labels = torch.tensor([e[1] + [-100] * (longest - len(e[1])) for e in chunk])
+    mask = torch.tensor([[1] * len(e[0]) + [0] * (longest - len(e[0])) for e in chunk])
+    return ids, mask, labels
+
+
+def pad_id(tok):
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def sft_batches(tok, path, batch):
+    examples = chat_examples(tok, path)
+    return [padded_batch(examples[i:i + batch], pad_id(tok)) for i in range(0, len(examples), batch)]
 
 
 def nf4_model(model, precision):

@@ -26,6 +26,8 @@ import tempfile
 
 import torch
 
+from bench import chat_examples, pad_id, padded_batch
+
 MASK = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
 
@@ -47,28 +49,6 @@ def epoch_order(items, seed, epoch):
         j = r % (i + 1)
         order[i], order[j] = order[j], order[i]
     return order
-
-
-def examples(tok, path):
-    out = []
-    for line in open(path, encoding="utf-8"):
-        if not line.strip():
-            continue
-        msgs = json.loads(line)["messages"]
-        prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
-        full = tok.apply_chat_template(msgs, tokenize=False)
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        ids = tok(full, add_special_tokens=False)["input_ids"]
-        out.append((ids, [-100] * len(p_ids) + ids[len(p_ids):]))
-    return out
-
-
-def batch(chunk, pad):
-    longest = max(len(e[0]) for e in chunk)
-    ids = torch.tensor([e[0] + [pad] * (longest - len(e[0])) for e in chunk])
-    labels = torch.tensor([e[1] + [-100] * (longest - len(e[1])) for e in chunk])
-    mask = torch.tensor([[1] * len(e[0]) + [0] * (longest - len(e[0])) for e in chunk])
-    return ids, mask, labels
 
 
 def run(args, precision, data, pad):
@@ -94,7 +74,7 @@ def run(args, precision, data, pad):
     order = epoch_order(len(data), args.seed, 0)
     for step in range(args.steps):
         chunk = [data[i] for i in order[step * args.batch:(step + 1) * args.batch]]
-        ids, mask, labels = batch(chunk, pad)
+        ids, mask, labels = padded_batch(chunk, pad)
         lr = sched.get_last_lr()[0]
         if precision == "bf16":
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -153,8 +133,8 @@ def main():
     from transformers import AutoTokenizer
     folder, name = os.path.split(os.path.abspath(args.model))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    data = examples(tok, args.data)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    data = chat_examples(tok, args.data)
+    pad = pad_id(tok)
     rows = []
     for precision in ("f32", "bf16"):
         rows += run(args, precision, data, pad)
