@@ -22,12 +22,10 @@ const ROWS: usize = 8;
 /// Column blocks (of 16) per register block.
 const BLOCKS: usize = 3;
 
-/// Whether the dot kernel runs here.
+/// Whether the dot kernel runs here: the features the vectorized panels
+/// need (AVX512-BF16, BW, VL) are the ones it needs.
 pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
+    super::amx::panels_vectorized()
 }
 
 /// Rows `rows` (whole tiles of `a`, zero rows past `m`) by column blocks
