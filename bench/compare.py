@@ -13,7 +13,9 @@ so drift on the machine hits both; the table shows medians over rounds and
 Skillet/PyTorch ratios of tokens/s and peak RSS. With --precisions f32,bf16
 each side also runs in bf16 (Skillet `--precision bf16`, PyTorch under
 autocast) and the table compares each side's best setting per row, naming
-it; the default is f32 only. --shapes replaces each workload's batch ×
+it; the default is f32 only. Skillet's decode always runs twice, with
+f32 and with int8 inputs (`--activations`, llama.cpp's rounding), and the
+faster counts, named. --shapes replaces each workload's batch ×
 sequence shapes (long context: --shapes 1x2048,1x4096). --random-model
 runs on a model of that published shape with random weights, which
 `skillet bench --write-random` writes once beside the default model.
@@ -93,9 +95,20 @@ def main():
                 for side, cmd in sides.items():
                     if side == "pytorch" and w == "qlora":
                         continue
-                    # decode has one setting; the others run in each precision.
-                    for p in (precisions if side != "llama.cpp" and w != "decode" else ["f32"]):
-                        r = run(cmd + (["--precision", p] if side != "llama.cpp" else []))
+                    # Training workloads run in each precision; Skillet's decode
+                    # with f32 and with int8 inputs (llama.cpp's rounding); the
+                    # other decodes have one setting.
+                    if side == "llama.cpp":
+                        settings = [[]]
+                    elif w != "decode":
+                        settings = [["--precision", p] for p in precisions]
+                    elif side == "skillet":
+                        settings = [["--activations", a] for a in ("f32", "int8")]
+                    else:
+                        settings = [["--precision", "f32"]]
+                    for flags in settings:
+                        r = run(cmd + flags)
+                        p = flags[-1] if flags else "f32"
                         if r:
                             # What actually ran (Skillet keeps f32 where it has no bf16 path).
                             ran = r.get("precision") or p
@@ -112,13 +125,13 @@ def main():
             return p, runs[p]
         picked = {side: best(side) for side in ("skillet", "pytorch", "llama.cpp")}
         med = lambda side, key: statistics.median(r[key] for r in picked[side][1]) if picked[side][1] else float("nan")
-        name = lambda side: f" ({picked[side][0]})" if len(precisions) > 1 and picked[side][0] else ""
+        name = lambda side: f" ({picked[side][0]})" if len(sides.get(side, {})) > 1 else ""
         s_tps, p_tps, l_tps = med("skillet", "tokens_per_s"), med("pytorch", "tokens_per_s"), med("llama.cpp", "tokens_per_s")
         s_rss, p_rss = med("skillet", "peak_rss_mib"), med("pytorch", "peak_rss_mib")
         seq = next(r for _, runs in picked.values() for r in runs)["seq"]
         llama = f"{l_tps:.1f} | {s_tps / l_tps:.2f}×" if picked["llama.cpp"][1] else "– | –"
         print(f"| {w} | {b} × {seq} | {s_tps:.1f}{name('skillet')} | {p_tps:.1f}{name('pytorch')} | {s_tps / p_tps:.2f}× | {llama} | {s_rss:.0f} | {p_rss:.0f} | {s_rss / p_rss:.2f}× | {100 * med('skillet', 'mfu'):.1f}% |")
-    if len(precisions) > 1:
+    if any(len(runs) > 1 for sides in results.values() for runs in sides.values()):
         # Every setting each side ran, so the best-of choice above can be checked.
         print("\n| workload | batch × seq | side | precision | tok/s | peak RSS (MiB) |")
         print("|---|---|---|---|---|---|")

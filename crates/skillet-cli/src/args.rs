@@ -16,14 +16,13 @@ pub struct ModelArg {
 /// How quantized weights take their inputs in batched decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ActivationsArg {
-    /// int8 where the CPU has AMX (faster there for batches), else f32.
+    /// int8 where the CPU has AMX or AVX512-VNNI (faster there), else f32.
     Auto,
     /// f32: the dequantized model's numbers.
     F32,
     /// Rounded as llama.cpp rounds them for each weight type: 8 bits per
     /// block of 32 (Q4_0, Q4_1, Q5_x, Q8_0) or of 256 (K-quants) (slow
-    /// without AMX, except for a few sequences over Q4_1 weights where the
-    /// CPU has AVX512-VNNI).
+    /// without AMX or AVX512-VNNI).
     Int8,
 }
 

@@ -26,9 +26,18 @@ mod nf4;
 pub use nf4::{NF4_BLOCK, NF4_LEVELS};
 #[cfg(target_arch = "x86_64")]
 mod panels;
+#[cfg(target_arch = "x86_64")]
+mod striped;
 mod training;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
+
+/// The copy of a Q4_1 / Q8_0 weight for VNNI's int8 products, made on
+/// first use (see `striped.rs`).
+#[cfg(target_arch = "x86_64")]
+type StripedCopy = std::sync::OnceLock<striped::Striped>;
+#[cfg(not(target_arch = "x86_64"))]
+type StripedCopy = ();
 
 /// Weights per block.
 const BLOCK: usize = 32;
@@ -67,6 +76,9 @@ pub struct QuantMatrix {
     scales: Vec<f32>,
     mins: Vec<f32>,
     quants: Vec<u8>,
+    /// Made by the first int8 product where the CPU has AVX512-VNNI but
+    /// no AMX tiles.
+    striped: StripedCopy,
 }
 
 impl QuantMatrix {
@@ -95,6 +107,7 @@ impl QuantMatrix {
             scales: Vec::with_capacity(blocks),
             mins: Vec::new(),
             quants: Vec::with_capacity(blocks * (size - 4)),
+            striped: Default::default(),
         };
         for b in bytes.chunks_exact(size) {
             m.scales.push(half(&b[0..2]));
@@ -120,9 +133,26 @@ impl QuantMatrix {
         self.kind
     }
 
-    /// Bytes held for the weights (codes, scales and minimums).
+    /// Bytes held for the weights (codes, scales and minimums, and the
+    /// int8 kernel's copy once made).
     pub fn bytes(&self) -> usize {
-        self.quants.len() + 4 * (self.scales.len() + self.mins.len())
+        #[cfg(target_arch = "x86_64")]
+        let copy = self.striped.get().map_or(0, striped::Striped::bytes);
+        #[cfg(not(target_arch = "x86_64"))]
+        let copy = 0;
+        self.quants.len() + 4 * (self.scales.len() + self.mins.len()) + copy
+    }
+
+    /// The copy for int8 products on AVX512-VNNI, made on first use, where
+    /// the CPU has VNNI but no AMX tiles (which run them otherwise): about
+    /// the bytes of the weight again.
+    #[cfg(target_arch = "x86_64")]
+    fn striped(&self) -> Option<&striped::Striped> {
+        let kinds = matches!(self.kind, QuantKind::Q4_1 | QuantKind::Q8_0);
+        if !kinds || amx::available() || !striped::available() {
+            return None;
+        }
+        Some(self.striped.get_or_init(|| striped::Striped::new(self)))
     }
 
     /// `x Wᵀ` for `x` of shape `[..., cols]`; backward gives `x` its
@@ -136,7 +166,7 @@ impl QuantMatrix {
 
     /// [`QuantMatrix::matmul`] with `x` rounded to 8-bit integers per
     /// block of 32 and integer block products, as llama.cpp computes
-    /// quantized products: faster for several rows where the CPU has AMX
+    /// quantized products: faster where the CPU has AMX or AVX512-VNNI
     /// (see [`QuantMatrix::int8_accelerated`]), at a relative error of
     /// about 1e-2 per product. A row's result still never depends on the
     /// other rows. Backward is that of the exact product.
@@ -148,12 +178,13 @@ impl QuantMatrix {
         })
     }
 
-    /// Whether [`QuantMatrix::matmul_int8`] runs on AMX tiles here (else it
-    /// runs plain loops, far slower than [`QuantMatrix::matmul`], except
-    /// for up to 4 rows of a Q4_1 weight where the CPU has AVX512-VNNI).
+    /// Whether [`QuantMatrix::matmul_int8`] runs on AMX tiles or on
+    /// AVX512-VNNI here (else it runs plain loops, far slower than
+    /// [`QuantMatrix::matmul`]). With VNNI and no AMX, a weight's first
+    /// int8 product makes a copy of it laid out for the instruction.
     pub fn int8_accelerated() -> bool {
         #[cfg(target_arch = "x86_64")]
-        return amx::available();
+        return amx::available() || striped::available();
         #[cfg(not(target_arch = "x86_64"))]
         false
     }
@@ -225,7 +256,15 @@ impl QuantMatrix {
             let w = self.weight_rows(o0);
             let mut done = 0;
             #[cfg(target_arch = "x86_64")]
-            if self.kind == QuantKind::Q4_1 && rows.t <= vnni::MAX_ROWS && vnni::available() {
+            if let Some(st) = self.striped() {
+                // Tasks start on whole stripes; the last may end in a
+                // partial one, left to the loops below.
+                let stripes = o0 / striped::STRIPE..(o1 / striped::STRIPE).min(st.stripes());
+                // SAFETY: the CPU has the instructions (`striped()`).
+                unsafe { striped::rows(st, &rows, stripes.clone(), out) };
+                done = stripes.len() * striped::STRIPE;
+            } else if self.kind == QuantKind::Q4_1 && rows.t <= vnni::MAX_ROWS && vnni::available()
+            {
                 let stripes = (o1 - o0) / vnni::STRIPE;
                 // SAFETY: the CPU has the instructions.
                 unsafe { vnni::q4_1_rows(&w, &rows, stripes, out) };
@@ -269,7 +308,8 @@ impl QuantMatrix {
         let mut y = vec![0f32; t * self.rows];
         for (task, part) in parts.iter().enumerate() {
             let (o0, o1) = range(task);
-            if transposed {
+            // One input row: `[1, n]` and `[n, 1]` are the same layout.
+            if transposed && t > 1 {
                 for (o, column) in part.chunks_exact(t).enumerate() {
                     for (r, &v) in column.iter().enumerate() {
                         y[r * self.rows + o0 + o] = v;

@@ -126,21 +126,22 @@ pub enum Activations {
     F32,
     /// Rounded as llama.cpp's CPU backend rounds them for the weight's
     /// type: to 8-bit integers per block of 32 for Q4_1 and Q8_0 weights
-    /// ([`QuantMatrix::matmul_int8`]: integer products, faster for batches
-    /// where the CPU has AMX, about 1.5× at 8 rows, within about 1% per
-    /// product; up to 4 rows of a Q4_1 weight run on AVX512-VNNI where the
-    /// CPU has it, as fast as `F32` for a single sequence); for other GGML
-    /// types ([`InputRounding`]: per 32 for Q4_0 and Q5_x, per 256 for the
-    /// K-quants) the rounded inputs meet the dequantized weight in f32.
-    /// Dense weights (f32, and f16 / bf16, held in f32) take them as they
-    /// are.
+    /// ([`QuantMatrix::matmul_int8`]: integer products on AMX tiles where
+    /// the CPU has them, about 1.5× `F32`'s throughput at 8 rows on a Xeon,
+    /// else on AVX512-VNNI from a copy of the weight made for it, faster
+    /// than `F32` from one row on an AMD Zen 4; within about 1% per
+    /// product); for other GGML types ([`InputRounding`]: per 32 for Q4_0
+    /// and Q5_x, per 256 for the K-quants) the rounded inputs meet the
+    /// dequantized weight in f32. Dense weights (f32, and f16 / bf16, held
+    /// in f32) take them as they are.
     Int8,
 }
 
 impl Activations {
     /// The faster for batched decoding: `Int8` where the CPU runs it on AMX
-    /// tiles, else `F32`. (For a single sequence the two are about as fast
-    /// there when the CPU also has AVX512-VNNI, as Sapphire Rapids does.)
+    /// tiles or AVX512-VNNI, else `F32`. (For a single sequence the two are
+    /// about as fast on a Sapphire Rapids Xeon; on a Zen 4, int8 is faster
+    /// from one row.)
     pub fn for_batches() -> Self {
         if QuantMatrix::int8_accelerated() {
             Activations::Int8

@@ -31,6 +31,8 @@ pub(super) struct Int8Rows {
     pub d: Vec<f32>,
     /// `[group][block][LANES]` sums `d·Σq` (in f16).
     pub sums: Vec<f32>,
+    /// `[group][block][LANES]` integer sums `Σq`.
+    pub qsum: Vec<i32>,
 }
 
 impl Int8Rows {
@@ -45,6 +47,7 @@ impl Int8Rows {
             q: vec![0; groups * nb * GROUP_BLOCK],
             d: vec![0.0; groups * nb * LANES],
             sums: vec![0.0; groups * nb * LANES],
+            qsum: vec![0; groups * nb * LANES],
         };
         for r in 0..t {
             for b in 0..nb {
@@ -55,6 +58,7 @@ impl Int8Rows {
                 let (d, sum, q) = round_block(v);
                 rows.d[at] = d;
                 rows.sums[at] = sum;
+                rows.qsum[at] = q.iter().map(|&v| v as i32).sum();
                 let tile = &mut rows.q[(at - at % LANES) * BLOCK..][..GROUP_BLOCK];
                 let n = r % LANES;
                 for (kk, four) in q.chunks_exact(4).enumerate() {
@@ -72,8 +76,8 @@ impl Int8Rows {
         std::array::from_fn(|k| tile[(k / 4) * LANES * 4 + n * 4 + k % 4])
     }
 
-    /// Index of row `r`'s scale and sum of block `b`.
-    fn at(&self, r: usize, b: usize) -> usize {
+    /// Index of row `r`'s scale and sums of block `b`.
+    pub fn at(&self, r: usize, b: usize) -> usize {
         ((r / LANES) * self.nb + b) * LANES + r % LANES
     }
 }

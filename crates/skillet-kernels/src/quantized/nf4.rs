@@ -73,6 +73,7 @@ impl QuantMatrix {
             scales: absmax,
             mins: Vec::new(),
             quants,
+            striped: Default::default(),
         })
     }
 }

@@ -20,7 +20,7 @@ use skillet_adapters::{LoraAdapter, LoraSettings, Targets};
 use skillet_data::{DataFormat, EncodeOptions};
 use skillet_generate::{GenerateOptions, SamplingParams, generate};
 use skillet_models::{
-    Adapted, Adapter, CausalLm, ForwardInput, LoadOptions, Model, Precision, Rng,
+    Activations, Adapted, Adapter, CausalLm, ForwardInput, LoadOptions, Model, Rng,
 };
 
 use crate::args::{ActivationsArg, PrecisionArg};
@@ -123,7 +123,8 @@ struct Row {
     workload: String,
     batch: usize,
     seq: usize,
-    /// The precision the workload ran in.
+    /// The precision the workload ran in (generation workloads: how the
+    /// quantized products took their inputs, f32 or int8).
     #[serde(default)]
     precision: String,
     tokens_per_s: f64,
@@ -491,16 +492,19 @@ fn run_one(
         "decode" | "prefill" | "prefill-lora" => 1,
         _ => args.batch,
     };
-    // Generation reads the quantized blocks in f32.
+    // Generation reads the quantized blocks with f32 or int8 inputs.
     let precision = match workload {
-        "decode" | "prefill" | "prefill-lora" => Precision::F32,
-        _ => args.precision.resolve(),
+        "decode" | "prefill" | "prefill-lora" => match args.activations.resolve() {
+            Activations::F32 => "f32".to_string(),
+            Activations::Int8 => "int8".to_string(),
+        },
+        _ => format!("{:?}", args.precision.resolve()).to_lowercase(),
     };
     Ok(Row {
         workload: workload.to_string(),
         batch,
         seq,
-        precision: format!("{precision:?}").to_lowercase(),
+        precision,
         tokens_per_s: tps,
         peak_rss_mib: peak_rss_mib(),
         mfu: tps * flops_per_token / (gemm * 1e9),

@@ -1,0 +1,293 @@
+//! The int8 products of `int8.rs` on AVX512-VNNI for any number of input
+//! rows, from a copy of the weight made for the instruction: output rows
+//! in stripes of 16, and for each stripe and block one record holding the
+//! block's bytes already in the order `vpdpbusd` reads them (lane `o` of
+//! every line is output row `o`), then the 16 rows' scales (Q4_1: and
+//! minimums, both in f16 as the file holds them, one line for the two).
+//! A stripe's blocks are one stream read front to back: no transposes, no
+//! gathers. Q8_0 bytes are stored plus 128 (the
+//! instruction's left operand is unsigned), and `128·Σq` of the input's
+//! block is taken back off each integer sum, which is then exact again.
+//! Block sums are scaled and added in block order with fused multiply-adds,
+//! as `int8::rows_portable` does, so the bits are the same.
+//!
+//! Made where the CPU has VNNI but no AMX tiles (AMD Zen 4 and 5), where
+//! without it every int8 product but a few rows of Q4_1 ran plain loops.
+
+// Every function here is a kernel whose safety is the caller's check of
+// `available()` plus the length checks in `rows`.
+#![allow(unsafe_op_in_unsafe_fn)]
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::int8::{GROUP_BLOCK, Int8Rows, LANES};
+use super::{BLOCK, QuantKind, QuantMatrix};
+
+/// Output rows per stripe (one register's lanes).
+pub(super) const STRIPE: usize = 16;
+
+/// Input rows whose sums one pass over a stripe's record keeps in
+/// registers.
+const GROUP: usize = 4;
+
+/// One 64-byte line (records are whole lines, so every load is aligned).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A Q4_1 or Q8_0 matrix's full stripes of 16 output rows, repacked (see
+/// the module's comment); rows past the last full stripe are not here.
+#[derive(Clone)]
+pub(super) struct Striped {
+    kind: QuantKind,
+    /// Full stripes.
+    stripes: usize,
+    /// Blocks per row.
+    nb: usize,
+    /// `[stripe][block]` records of [`Striped::record`] lines.
+    lines: Vec<Line>,
+}
+
+impl std::fmt::Debug for Striped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Striped({:?}, {} stripes)", self.kind, self.stripes)
+    }
+}
+
+/// Whether the CPU has the instructions.
+pub(super) fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
+impl Striped {
+    /// Lines of a record: the quantized bytes (4 lines for Q4_1's 16 bytes
+    /// per row, 8 for Q8_0's 32), then the scales (Q8_0: in f32; Q4_1: in
+    /// f16, then the minimums in f16, on one line).
+    fn record(kind: QuantKind) -> usize {
+        match kind {
+            QuantKind::Q4_1 => 4 + 1,
+            _ => 8 + 1,
+        }
+    }
+
+    /// Bytes of quantized values per row and block.
+    fn per_row(kind: QuantKind) -> usize {
+        match kind {
+            QuantKind::Q4_1 => 16,
+            _ => 32,
+        }
+    }
+
+    /// The stripes of `m` (Q4_1 or Q8_0).
+    pub(super) fn new(m: &QuantMatrix) -> Self {
+        assert!(matches!(m.kind, QuantKind::Q4_1 | QuantKind::Q8_0));
+        let (kind, nb) = (m.kind, m.cols / BLOCK);
+        let (stripes, per_row, record) = (m.rows / STRIPE, Self::per_row(kind), Self::record(kind));
+        let mut lines = vec![Line([0; 64]); stripes * nb * record];
+        for s in 0..stripes {
+            for b in 0..nb {
+                let rec = &mut lines[(s * nb + b) * record..][..record];
+                for l in 0..STRIPE {
+                    let at = (s * STRIPE + l) * nb + b;
+                    let q = &m.quants[at * per_row..][..per_row];
+                    // Line j, lane l: bytes 4j..4j + 4 of row l's block.
+                    for (j, four) in q.chunks_exact(4).enumerate() {
+                        let dst = &mut rec[j].0[4 * l..4 * l + 4];
+                        dst.copy_from_slice(four);
+                        if kind == QuantKind::Q8_0 {
+                            dst.iter_mut().for_each(|v| *v ^= 0x80);
+                        }
+                    }
+                    let last = &mut rec[per_row / 4].0;
+                    if kind == QuantKind::Q4_1 {
+                        // The file's f16 values, held in f32 by the matrix.
+                        let (d, min) = (f16::from_f32(m.scales[at]), f16::from_f32(m.mins[at]));
+                        debug_assert_eq!((d.to_f32(), min.to_f32()), (m.scales[at], m.mins[at]));
+                        last[2 * l..2 * l + 2].copy_from_slice(&d.to_le_bytes());
+                        last[32 + 2 * l..32 + 2 * l + 2].copy_from_slice(&min.to_le_bytes());
+                    } else {
+                        last[4 * l..4 * l + 4].copy_from_slice(&m.scales[at].to_le_bytes());
+                    }
+                }
+            }
+        }
+        Self {
+            kind,
+            stripes,
+            nb,
+            lines,
+        }
+    }
+
+    /// Full stripes held.
+    pub(super) fn stripes(&self) -> usize {
+        self.stripes
+    }
+
+    /// Bytes held.
+    pub(super) fn bytes(&self) -> usize {
+        self.lines.len() * 64
+    }
+}
+
+/// `out[(o - 16·stripes.start)·t + r]` for the output rows of `stripes`
+/// and every input row `r` of `x` (equal, bit for bit, to
+/// `int8::rows_portable`).
+///
+/// # Safety
+/// `available()` must be true.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn rows(
+    w: &Striped,
+    x: &Int8Rows,
+    stripes: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let t = x.t;
+    assert!(stripes.end <= w.stripes && x.nb == w.nb);
+    assert!(out.len() >= stripes.len() * STRIPE * t);
+    assert!(x.q.len() >= t.div_ceil(LANES) * w.nb * GROUP_BLOCK);
+    for (i, s) in stripes.enumerate() {
+        let out = &mut out[i * STRIPE * t..];
+        let mut r0 = 0;
+        while r0 < t {
+            let g = GROUP.min(t - r0);
+            match (w.kind, g) {
+                (QuantKind::Q4_1, 4) => group::<4, true>(w, x, s, r0, out),
+                (QuantKind::Q4_1, 3) => group::<3, true>(w, x, s, r0, out),
+                (QuantKind::Q4_1, 2) => group::<2, true>(w, x, s, r0, out),
+                (QuantKind::Q4_1, _) => group::<1, true>(w, x, s, r0, out),
+                (_, 4) => group::<4, false>(w, x, s, r0, out),
+                (_, 3) => group::<3, false>(w, x, s, r0, out),
+                (_, 2) => group::<2, false>(w, x, s, r0, out),
+                (_, _) => group::<1, false>(w, x, s, r0, out),
+            }
+            r0 += g;
+        }
+    }
+}
+
+/// Stripe `s` against input rows `r0..r0 + G`: `Q4` for Q4_1 records,
+/// else Q8_0's.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn group<const G: usize, const Q4: bool>(
+    w: &Striped,
+    x: &Int8Rows,
+    s: usize,
+    r0: usize,
+    out: &mut [f32],
+) {
+    let (nb, t) = (w.nb, x.t);
+    let record = Striped::record(w.kind);
+    let nibble = _mm512_set1_epi8(15);
+    let mut acc = [_mm512_setzero_ps(); G];
+    // Each row's rounded values of block 0 (see `Int8Rows::q`); block b's
+    // are GROUP_BLOCK bytes further on.
+    let xq: [*const i8; G] = std::array::from_fn(|i| {
+        let r = r0 + i;
+        x.q.as_ptr()
+            .add((r / LANES) * nb * GROUP_BLOCK + (r % LANES) * 4)
+    });
+    for b in 0..nb {
+        let rec = w.lines.as_ptr().add((s * nb + b) * record) as *const __m512i;
+        let mut weights = [_mm512_setzero_si512(); 8];
+        if Q4 {
+            // Values 4j.. are the low nibbles of bytes 4j.., values
+            // 16 + 4j.. their high nibbles.
+            for j in 0..4 {
+                let v = _mm512_load_si512(rec.add(j));
+                weights[j] = _mm512_and_si512(v, nibble);
+                weights[4 + j] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+            }
+        } else {
+            for (j, wj) in weights.iter_mut().enumerate() {
+                *wj = _mm512_load_si512(rec.add(j));
+            }
+        }
+        let last = rec.add(if Q4 { 4 } else { 8 });
+        let (scale, min) = if Q4 {
+            let both = _mm512_load_si512(last);
+            (
+                _mm512_cvtph_ps(_mm512_castsi512_si256(both)),
+                _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(both)),
+            )
+        } else {
+            (_mm512_load_ps(last as *const f32), _mm512_setzero_ps())
+        };
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let xb = xq[i].add(b * GROUP_BLOCK);
+            // Four partial sums, so the additions do not wait on each
+            // other (integer sums: the order does not change them).
+            let mut part = [_mm512_setzero_si512(); 4];
+            for (kk, wk) in weights.iter().enumerate() {
+                let four = (xb.add(kk * LANES * 4) as *const i32).read_unaligned();
+                part[kk % 4] = _mm512_dpbusd_epi32(part[kk % 4], *wk, _mm512_set1_epi32(four));
+            }
+            let mut sum = _mm512_add_epi32(
+                _mm512_add_epi32(part[0], part[1]),
+                _mm512_add_epi32(part[2], part[3]),
+            );
+            let at = x.at(r0 + i, b);
+            if !Q4 {
+                sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * x.qsum[at]));
+            }
+            let sc = _mm512_mul_ps(_mm512_set1_ps(x.d[at]), scale);
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sc, *acc);
+            if Q4 {
+                *acc = _mm512_fmadd_ps(min, _mm512_set1_ps(x.sums[at]), *acc);
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        let mut v = [0f32; STRIPE];
+        _mm512_storeu_ps(v.as_mut_ptr(), *acc);
+        for (l, &y) in v.iter().enumerate() {
+            out[l * t + r0 + i] = y;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::int8::rows_portable;
+    use super::*;
+
+    #[test]
+    fn stripes_give_the_plain_loops_bits() {
+        if !available() {
+            eprintln!("no AVX512-VNNI here: nothing to check");
+            return;
+        }
+        // 3 stripes of 16 and a partial one (not in the copy); 7 blocks.
+        let (rows, cols) = (56, 224);
+        for m in crate::testing::quant_matrices(rows, cols)
+            .into_iter()
+            .take(2)
+        {
+            let st = Striped::new(&m);
+            assert_eq!(st.stripes(), 3);
+            for t in [1, 2, 3, 4, 5, 9, 17] {
+                let x: Vec<f32> = (0..t * cols)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+                    .collect();
+                let x = Int8Rows::prepare(&x, cols);
+                let mut want = vec![0f32; 48 * t];
+                rows_portable(&m.weight_rows(0), &x, 0..48, &mut want);
+                let mut got = vec![f32::NAN; 48 * t];
+                // SAFETY: the CPU has the instructions (checked above).
+                unsafe { super::rows(&st, &x, 0..3, &mut got) };
+                assert_eq!(got, want, "{:?}, {t} rows", m.kind);
+                // Stripes from the second on: the output starts there.
+                let mut tail = vec![f32::NAN; 32 * t];
+                // SAFETY: as above.
+                unsafe { super::rows(&st, &x, 1..3, &mut tail) };
+                assert_eq!(tail, want[16 * t..], "{:?}, {t} rows", m.kind);
+            }
+        }
+    }
+}
