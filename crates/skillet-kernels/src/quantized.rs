@@ -222,107 +222,167 @@ impl QuantMatrix {
 
     /// `x Wᵀ` over row-major rows of width `cols`.
     fn products(&self, x: &[f32]) -> Vec<f32> {
-        let nb = self.cols / BLOCK;
         let t = x.len() / self.cols;
         // Once for every task.
         let rows = Rows::prepare(x, self.cols);
-        self.by_tasks(t, false, |o0, o1, out| {
-            // Scales per 32 weights (NF4: per 64).
-            let s =
-                &self.scales[o0 * nb / self.kind.scale_span()..o1 * nb / self.kind.scale_span()];
-            match self.kind {
-                QuantKind::Q4_1 => {
-                    let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
-                    let m = &self.mins[o0 * nb..o1 * nb];
-                    q4_1_rows(q, s, m, &rows, self.cols, out);
-                }
-                QuantKind::Q8_0 => {
-                    let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
-                    q8_0_rows(q, s, &rows, self.cols, out);
-                }
-                QuantKind::Nf4 => {
-                    let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
-                    nf4::nf4_rows(q, s, &rows, self.cols, out);
-                }
+        let mut y = by_tasks(&[self], t, false, |_, o0, o1, out| {
+            self.f32_task(&rows, o0, o1, out)
+        });
+        y.pop().expect("one matrix")
+    }
+
+    /// Output rows `o0..o1` of `x Wᵀ` into `out` (`[t, o1 - o0]`).
+    fn f32_task(&self, rows: &Rows, o0: usize, o1: usize, out: &mut [f32]) {
+        let nb = self.cols / BLOCK;
+        // Scales per 32 weights (NF4: per 64).
+        let s = &self.scales[o0 * nb / self.kind.scale_span()..o1 * nb / self.kind.scale_span()];
+        match self.kind {
+            QuantKind::Q4_1 => {
+                let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
+                let m = &self.mins[o0 * nb..o1 * nb];
+                q4_1_rows(q, s, m, rows, self.cols, out);
             }
-        })
+            QuantKind::Q8_0 => {
+                let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
+                q8_0_rows(q, s, rows, self.cols, out);
+            }
+            QuantKind::Nf4 => {
+                let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
+                nf4::nf4_rows(q, s, rows, self.cols, out);
+            }
+        }
     }
 
     /// `x Wᵀ` with `x` rounded to integers (see `int8.rs`).
     fn products_int8(&self, x: &[f32]) -> Vec<f32> {
         let t = x.len() / self.cols;
         let rows = int8::Int8Rows::prepare(x, self.cols);
-        self.by_tasks(t, true, |o0, o1, out| {
-            let w = self.weight_rows(o0);
-            let mut done = 0;
-            #[cfg(target_arch = "x86_64")]
-            if let Some(st) = self.striped() {
-                // Tasks start on whole stripes; the last may end in a
-                // partial one, left to the loops below.
-                let stripes = o0 / striped::STRIPE..(o1 / striped::STRIPE).min(st.stripes());
-                // SAFETY: the CPU has the instructions (`striped()`).
-                unsafe { striped::rows(st, &rows, stripes.clone(), out) };
-                done = stripes.len() * striped::STRIPE;
-            } else if self.kind == QuantKind::Q4_1 && rows.t <= vnni::MAX_ROWS && vnni::available()
-            {
-                let stripes = (o1 - o0) / vnni::STRIPE;
-                // SAFETY: the CPU has the instructions.
-                unsafe { vnni::q4_1_rows(&w, &rows, stripes, out) };
-                done = stripes * vnni::STRIPE;
-            } else if amx::available() {
-                let stripes = (o1 - o0) / amx::STRIPE;
-                // SAFETY: the CPU has AMX and the tile state is granted.
-                unsafe { amx::rows(&w, &rows, stripes, out) };
-                done = stripes * amx::STRIPE;
-            }
-            int8::rows_portable(&w, &rows, done..o1 - o0, out);
-        })
+        let mut y = by_tasks(&[self], t, true, |_, o0, o1, out| {
+            self.int8_task(&rows, o0, o1, out)
+        });
+        y.pop().expect("one matrix")
     }
 
-    /// `[t, rows]` products computed by `task(o0, o1, out)`, each filling
-    /// `out` (`[t, o1 - o0]`, or `[o1 - o0, t]` if `transposed`) for output
-    /// rows `o0..o1`, spread over threads.
-    fn by_tasks(
-        &self,
-        t: usize,
-        transposed: bool,
-        task: impl Fn(usize, usize, &mut [f32]) + Sync,
-    ) -> Vec<f32> {
-        // Two tasks per thread: enough to balance, few enough that
-        // scheduling stays small next to the work. Ranges are whole AMX
-        // stripes.
-        let per_task = self
-            .rows
-            .div_ceil(2 * rayon::current_num_threads())
-            .next_multiple_of(16);
-        let range = |task: usize| (task * per_task, ((task + 1) * per_task).min(self.rows));
-        let parts: Vec<Vec<f32>> = (0..self.rows.div_ceil(per_task))
-            .into_par_iter()
-            .map(|i| {
-                let (o0, o1) = range(i);
-                let mut out = vec![0f32; t * (o1 - o0)];
-                task(o0, o1, &mut out);
-                out
+    /// Output rows `o0..o1` of the int8 product into `out` (`[o1 - o0, t]`).
+    fn int8_task(&self, rows: &int8::Int8Rows, o0: usize, o1: usize, out: &mut [f32]) {
+        let w = self.weight_rows(o0);
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(st) = self.striped() {
+            // Tasks start on whole stripes; the last may end in a partial
+            // one, left to the loops below.
+            let stripes = o0 / striped::STRIPE..(o1 / striped::STRIPE).min(st.stripes());
+            // SAFETY: the CPU has the instructions (`striped()`).
+            unsafe { striped::rows(st, rows, stripes.clone(), out) };
+            done = stripes.len() * striped::STRIPE;
+        } else if self.kind == QuantKind::Q4_1 && rows.t <= vnni::MAX_ROWS && vnni::available() {
+            let stripes = (o1 - o0) / vnni::STRIPE;
+            // SAFETY: the CPU has the instructions.
+            unsafe { vnni::q4_1_rows(&w, rows, stripes, out) };
+            done = stripes * vnni::STRIPE;
+        } else if amx::available() {
+            let stripes = (o1 - o0) / amx::STRIPE;
+            // SAFETY: the CPU has AMX and the tile state is granted.
+            unsafe { amx::rows(&w, rows, stripes, out) };
+            done = stripes * amx::STRIPE;
+        }
+        int8::rows_portable(&w, rows, done..o1 - o0, out);
+    }
+
+    /// `x Wᵢᵀ` for each `Wᵢ` of `ws` (all as wide as `x`'s last
+    /// dimension), with `x` rounded to integers where `int8` (as
+    /// [`QuantMatrix::matmul_int8`]), in one parallel pass: `x` is prepared
+    /// once and every weight's tasks share the threads, where one call per
+    /// weight would hand work to the threads and wait for it once per
+    /// weight. The same bits as one call each. No gradient (for inference).
+    pub fn matmul_each(ws: &[Arc<QuantMatrix>], x: &Tensor, int8: bool) -> Result<Vec<Tensor>> {
+        let dims = x.dims();
+        let cols = *dims.last().unwrap_or(&0);
+        if let Some(w) = ws.iter().find(|w| w.cols != cols) {
+            bail!(
+                "quantized matmul: input {dims:?} does not end in {}",
+                w.cols
+            );
+        }
+        // NF4 has no integer path: each weight takes its own.
+        if int8 && ws.iter().any(|w| w.kind == QuantKind::Nf4) {
+            return ws.iter().map(|w| w.matmul_int8(x)).collect();
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let t = xs.len() / cols.max(1);
+        let ms: Vec<&QuantMatrix> = ws.iter().map(|w| w.as_ref()).collect();
+        let ys = if int8 {
+            let rows = int8::Int8Rows::prepare(&xs, cols);
+            by_tasks(&ms, t, true, |i, o0, o1, out| {
+                ms[i].int8_task(&rows, o0, o1, out)
             })
-            .collect();
-        let mut y = vec![0f32; t * self.rows];
-        for (task, part) in parts.iter().enumerate() {
-            let (o0, o1) = range(task);
-            // One input row: `[1, n]` and `[n, 1]` are the same layout.
-            if transposed && t > 1 {
-                for (o, column) in part.chunks_exact(t).enumerate() {
-                    for (r, &v) in column.iter().enumerate() {
-                        y[r * self.rows + o0 + o] = v;
-                    }
-                }
-            } else {
-                for (r, chunk) in part.chunks_exact(o1 - o0).enumerate() {
-                    y[r * self.rows + o0..r * self.rows + o1].copy_from_slice(chunk);
+        } else {
+            let rows = Rows::prepare(&xs, cols);
+            by_tasks(&ms, t, false, |i, o0, o1, out| {
+                ms[i].f32_task(&rows, o0, o1, out)
+            })
+        };
+        ys.into_iter()
+            .zip(ws)
+            .map(|(y, w)| {
+                let mut out = dims.to_vec();
+                *out.last_mut().expect("checked above") = w.rows;
+                Tensor::from_vec(y, out, x.device())
+            })
+            .collect()
+    }
+}
+
+/// Each of `ws`'s `[t, rows]` products, computed by `task(i, o0, o1, out)`
+/// for weight `i`, each filling `out` (`[t, o1 - o0]`, or `[o1 - o0, t]`
+/// if `transposed`) for output rows `o0..o1`, all spread over the threads
+/// at once.
+fn by_tasks(
+    ws: &[&QuantMatrix],
+    t: usize,
+    transposed: bool,
+    task: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+) -> Vec<Vec<f32>> {
+    // Two tasks per thread and weight: enough to balance, few enough that
+    // scheduling stays small next to the work. Ranges are whole AMX
+    // stripes.
+    let threads = rayon::current_num_threads();
+    let per_task: Vec<usize> = ws
+        .iter()
+        .map(|w| w.rows.div_ceil(2 * threads).next_multiple_of(16).max(16))
+        .collect();
+    let range = |i: usize, k: usize| (k * per_task[i], ((k + 1) * per_task[i]).min(ws[i].rows));
+    let tasks: Vec<(usize, usize)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| (0..w.rows.div_ceil(per_task[i])).map(move |k| (i, k)))
+        .collect();
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(i, k)| {
+            let (o0, o1) = range(i, k);
+            let mut out = vec![0f32; t * (o1 - o0)];
+            task(i, o0, o1, &mut out);
+            out
+        })
+        .collect();
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; t * w.rows]).collect();
+    for (&(i, k), part) in tasks.iter().zip(&parts) {
+        let ((o0, o1), n, y) = (range(i, k), ws[i].rows, &mut ys[i]);
+        // One input row: `[1, n]` and `[n, 1]` are the same layout.
+        if transposed && t > 1 {
+            for (o, column) in part.chunks_exact(t).enumerate() {
+                for (r, &v) in column.iter().enumerate() {
+                    y[r * n + o0 + o] = v;
                 }
             }
+        } else {
+            for (r, chunk) in part.chunks_exact(o1 - o0).enumerate() {
+                y[r * n + o0..r * n + o1].copy_from_slice(chunk);
+            }
         }
-        y
     }
+    ys
 }
 
 struct QuantizedMatmul {
@@ -693,6 +753,42 @@ mod tests {
             }
         }
         eprintln!("int8 products on AMX: {}", QuantMatrix::int8_accelerated());
+    }
+
+    #[test]
+    fn products_of_several_weights_at_once_equal_one_call_each() {
+        // Weights of 40 and 24 rows (AMX stripes and tails), Q4_1, Q8_0 and
+        // NF4, over 1, 3 and 17 input rows, shaped `[b, t, cols]`.
+        let mut ws = crate::testing::quant_matrices(40, 128);
+        ws.extend(crate::testing::quant_matrices(24, 128));
+        let quantized: Vec<_> = ws
+            .iter()
+            .filter(|w| w.kind != QuantKind::Nf4)
+            .cloned()
+            .collect();
+        for t in [1, 3, 17] {
+            let x = random(&[1, t, 128], 5, 1.0);
+            for (set, int8) in [(&ws, false), (&quantized, true), (&ws, true)] {
+                let got = QuantMatrix::matmul_each(set, &x, int8).unwrap();
+                assert_eq!(got.len(), set.len());
+                for (w, y) in set.iter().zip(&got) {
+                    let alone = if int8 {
+                        w.matmul_int8(&x)
+                    } else {
+                        w.matmul(&x)
+                    }
+                    .unwrap();
+                    assert_eq!(y.dims(), alone.dims());
+                    let (y, alone): (Vec<f32>, Vec<f32>) = (
+                        y.flatten_all().unwrap().to_vec1().unwrap(),
+                        alone.flatten_all().unwrap().to_vec1().unwrap(),
+                    );
+                    assert_eq!(y, alone, "{:?}, {t} rows, int8 {int8}", w.kind);
+                }
+            }
+        }
+        let narrow = random(&[2, 96], 6, 1.0);
+        assert!(QuantMatrix::matmul_each(&ws, &narrow, false).is_err());
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! Notation: B batch, T new tokens, H query heads, K key/value heads,
 //! D head width, C model width.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
-use skillet_kernels::{AttentionMask, CachedSeq, RopeLayout, RopeTable};
+use skillet_kernels::{AttentionMask, CachedSeq, QuantMatrix, RopeLayout, RopeTable};
 
 use crate::adapter::Adapters;
 use crate::cache::KvCache;
@@ -105,6 +107,38 @@ impl LayerContext {
             None => lin.forward_in(x, self.precision)?,
         };
         self.adapters.add_delta(lin, module, x, y)
+    }
+}
+
+impl LayerContext {
+    /// [`LayerContext::project`] of each of `lins` (modules `modules`) over
+    /// the same `x`. In an incremental call over quantized blocks the
+    /// products are taken in one pass ([`QuantMatrix::matmul_each`]): one
+    /// hand-off to the threads instead of one per layer, the same numbers.
+    pub fn project_each<const N: usize>(
+        &self,
+        lins: [&dyn Linear; N],
+        modules: [usize; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        let blocks: Option<Vec<Arc<QuantMatrix>>> =
+            lins.iter().map(|l| l.quant_blocks().cloned()).collect();
+        let ys: Vec<Tensor> = match (self.rowwise, blocks) {
+            (Some(activations), Some(ws)) => {
+                let int8 = activations == Activations::Int8;
+                let ys = QuantMatrix::matmul_each(&ws, x, int8)?;
+                ys.into_iter()
+                    .zip(lins.iter().zip(modules))
+                    .map(|(y, (lin, m))| self.adapters.add_delta(*lin, m, x, y))
+                    .collect::<Result<_>>()?
+            }
+            _ => lins
+                .iter()
+                .zip(modules)
+                .map(|(lin, m)| self.project(*lin, m, x))
+                .collect::<Result<_>>()?,
+        };
+        Ok(ys.try_into().expect("one result per layer"))
     }
 }
 
@@ -218,15 +252,15 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize, kv: Kv) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
-        let mut q = ctx
-            .project(self.q_proj.as_ref(), base, x)?
-            .reshape((b, t, h, d))?; // [B,T,H,D]
-        let mut kk = ctx
-            .project(self.k_proj.as_ref(), base + 1, x)?
-            .reshape((b, t, k, d))?; // [B,T,K,D]
-        let v = ctx
-            .project(self.v_proj.as_ref(), base + 2, x)?
-            .reshape((b, t, k, d))?; // [B,T,K,D]
+        let lins = [
+            self.q_proj.as_ref(),
+            self.k_proj.as_ref(),
+            self.v_proj.as_ref(),
+        ];
+        let [q, kk, v] = ctx.project_each(lins, [base, base + 1, base + 2], x)?;
+        let mut q = q.reshape((b, t, h, d))?; // [B,T,H,D]
+        let mut kk = kk.reshape((b, t, k, d))?; // [B,T,K,D]
+        let v = v.reshape((b, t, k, d))?; // [B,T,K,D]
         if let Some(norm) = &self.q_norm {
             q = norm.forward(&q, ctx.composed)?;
         }
@@ -339,8 +373,7 @@ impl Mlp {
         ctx: &LayerContext,
         base: usize,
     ) -> Result<Tensor> {
-        let gate = ctx.project(self.gate_proj.as_ref(), base + 4, x)?;
-        let up = ctx.project(self.up_proj.as_ref(), base + 5, x)?;
+        let [gate, up] = self.gate_up(x, ctx, base)?;
         let down = base + 6;
         // A frozen, unadapted down projection after SwiGLU: gate, product
         // and residual add in one op that keeps no gated product for
@@ -356,10 +389,15 @@ impl Mlp {
         Ok((residual + self.down(&gate, &up, ctx, down)?)?)
     }
 
+    /// The gate and up projections (modules `base + 4`, `base + 5`).
+    fn gate_up(&self, x: &Tensor, ctx: &LayerContext, base: usize) -> Result<[Tensor; 2]> {
+        let lins = [self.gate_proj.as_ref(), self.up_proj.as_ref()];
+        ctx.project_each(lins, [base + 4, base + 5], x)
+    }
+
     /// `mlp(x)` alone (a norm follows it in Gemma).
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize) -> Result<Tensor> {
-        let gate = ctx.project(self.gate_proj.as_ref(), base + 4, x)?;
-        let up = ctx.project(self.up_proj.as_ref(), base + 5, x)?;
+        let [gate, up] = self.gate_up(x, ctx, base)?;
         self.down(&gate, &up, ctx, base + 6)
     }
 

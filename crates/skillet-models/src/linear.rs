@@ -49,6 +49,14 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
         let _ = precision;
         Ok(None)
     }
+    /// The quantized blocks the layer multiplies by, when it is exactly
+    /// `x Wᵀ` over them (no bias, nothing added), so that a caller may take
+    /// several layers' incremental products in one pass
+    /// ([`QuantMatrix::matmul_each`], the same numbers as
+    /// [`Linear::forward_rowwise`]).
+    fn quant_blocks(&self) -> Option<&Arc<QuantMatrix>> {
+        None
+    }
     /// Input width.
     fn in_features(&self) -> usize;
     /// Output width.
@@ -335,6 +343,13 @@ impl BaseLinear {
 }
 
 impl Linear for BaseLinear {
+    fn quant_blocks(&self) -> Option<&Arc<QuantMatrix>> {
+        match &self.weight {
+            Stored::Blocks(packed) if self.bias.is_none() => Some(packed),
+            _ => None,
+        }
+    }
+
     fn frozen_head(&self, precision: Precision) -> Result<Option<FrozenHead>> {
         if self.bias.is_some() {
             return Ok(None);
