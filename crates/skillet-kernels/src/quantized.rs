@@ -257,6 +257,10 @@ impl QuantMatrix {
     fn products_int8(&self, x: &[f32]) -> Vec<f32> {
         let t = x.len() / self.cols;
         let rows = int8::Int8Rows::prepare(x, self.cols);
+        // The first product makes the copy here, not inside one task while
+        // the others wait on it.
+        #[cfg(target_arch = "x86_64")]
+        self.striped();
         let mut y = by_tasks(&[self], t, true, |_, o0, o1, out| {
             self.int8_task(&rows, o0, o1, out)
         });
@@ -313,6 +317,8 @@ impl QuantMatrix {
         let ms: Vec<&QuantMatrix> = ws.iter().map(|w| w.as_ref()).collect();
         let ys = if int8 {
             let rows = int8::Int8Rows::prepare(&xs, cols);
+            #[cfg(target_arch = "x86_64")]
+            ms.iter().for_each(|w| _ = w.striped());
             by_tasks(&ms, t, true, |i, o0, o1, out| {
                 ms[i].int8_task(&rows, o0, o1, out)
             })
