@@ -758,7 +758,10 @@ mod tests {
                 }
             }
         }
-        eprintln!("int8 products on AMX: {}", QuantMatrix::int8_accelerated());
+        eprintln!(
+            "int8 products on AMX or VNNI: {}",
+            QuantMatrix::int8_accelerated()
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! product is an exact integer dot product scaled by the two block scales.
 //! A Q4_1 block's minimum multiplies the block's `d·Σq` (in f16, as
 //! llama.cpp's Q8_1 blocks). The sum over blocks runs in a fixed order
-//! with fused multiply-adds, so the AMX kernel (`amx.rs`), the VNNI kernel
-//! for a few rows (`vnni.rs`) and the portable loop below give the same
+//! with fused multiply-adds, so the AMX kernel (`amx.rs`), the VNNI
+//! kernels (`vnni.rs` for a few rows on AMX machines, `striped.rs` for any
+//! number where there is no AMX) and the portable loop below give the same
 //! bits, and a row's result never depends on the rows beside it.
 
 use super::{BLOCK, QuantKind};
@@ -166,8 +167,9 @@ impl WeightRows<'_> {
 }
 
 /// `out[o·t + r] = Σ_b i·(d_x·d_w) + m·Σx` over output rows `o_range`
-/// (relative to `w`), with plain loops: the definition the AMX kernel
-/// matches bit for bit, and the path where there is no AMX.
+/// (relative to `w`), with plain loops: the definition the AMX and VNNI
+/// kernels match bit for bit, and the path for rows they leave (and where
+/// the CPU has neither).
 pub(super) fn rows_portable(
     w: &WeightRows,
     x: &Int8Rows,

@@ -11,8 +11,9 @@
 //! Block sums are scaled and added in block order with fused multiply-adds,
 //! as `int8::rows_portable` does, so the bits are the same.
 //!
-//! Made where the CPU has VNNI but no AMX tiles (AMD Zen 4 and 5), where
-//! without it every int8 product but a few rows of Q4_1 ran plain loops.
+//! Made where the CPU has VNNI but no AMX tiles this process may use (AMD
+//! Zen 4 and 5; Intel Cascade Lake to Ice Lake servers), where without it
+//! every int8 product but a few rows of Q4_1 ran plain loops.
 
 // Every function here is a kernel whose safety is the caller's check of
 // `available()` plus the length checks in `rows`.
@@ -106,7 +107,10 @@ impl Striped {
                     if kind == QuantKind::Q4_1 {
                         // The file's f16 values, held in f32 by the matrix.
                         let (d, min) = (f16::from_f32(m.scales[at]), f16::from_f32(m.mins[at]));
-                        debug_assert_eq!((d.to_f32(), min.to_f32()), (m.scales[at], m.mins[at]));
+                        debug_assert_eq!(
+                            (d.to_f32().to_bits(), min.to_f32().to_bits()),
+                            (m.scales[at].to_bits(), m.mins[at].to_bits())
+                        );
                         last[2 * l..2 * l + 2].copy_from_slice(&d.to_le_bytes());
                         last[32 + 2 * l..32 + 2 * l + 2].copy_from_slice(&min.to_le_bytes());
                     } else {
