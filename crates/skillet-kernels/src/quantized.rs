@@ -149,7 +149,7 @@ impl QuantMatrix {
     #[cfg(target_arch = "x86_64")]
     fn striped(&self) -> Option<&striped::Striped> {
         let kinds = matches!(self.kind, QuantKind::Q4_1 | QuantKind::Q8_0);
-        if !kinds || amx::available() || !striped::available() {
+        if !kinds || amx::available() || !vnni::available() {
             return None;
         }
         Some(self.striped.get_or_init(|| striped::Striped::new(self)))
@@ -184,7 +184,7 @@ impl QuantMatrix {
     /// int8 product makes a copy of it laid out for the instruction.
     pub fn int8_accelerated() -> bool {
         #[cfg(target_arch = "x86_64")]
-        return amx::available() || striped::available();
+        return amx::available() || vnni::available();
         #[cfg(not(target_arch = "x86_64"))]
         false
     }

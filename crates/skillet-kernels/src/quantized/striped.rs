@@ -16,7 +16,8 @@
 //! every int8 product but a few rows of Q4_1 ran plain loops.
 
 // Every function here is a kernel whose safety is the caller's check of
-// `available()` plus the length checks in `rows`.
+// `vnni::available()` (the same instructions) plus the length checks in
+// `rows`.
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use std::arch::x86_64::*;
@@ -55,13 +56,6 @@ impl std::fmt::Debug for Striped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Striped({:?}, {} stripes)", self.kind, self.stripes)
     }
-}
-
-/// Whether the CPU has the instructions.
-pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
 impl Striped {
@@ -143,7 +137,7 @@ impl Striped {
 /// `int8::rows_portable`).
 ///
 /// # Safety
-/// `available()` must be true.
+/// `vnni::available()` must be true.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn rows(
     w: &Striped,
@@ -263,7 +257,7 @@ mod tests {
 
     #[test]
     fn stripes_give_the_plain_loops_bits() {
-        if !available() {
+        if !super::super::vnni::available() {
             eprintln!("no AVX512-VNNI here: nothing to check");
             return;
         }
