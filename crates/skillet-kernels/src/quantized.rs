@@ -222,12 +222,7 @@ impl QuantMatrix {
 
     /// `x Wᵀ` over row-major rows of width `cols`.
     fn products(&self, x: &[f32]) -> Vec<f32> {
-        let t = x.len() / self.cols;
-        // Once for every task.
-        let rows = Rows::prepare(x, self.cols);
-        let mut y = by_tasks(&[self], t, false, |_, o0, o1, out| {
-            self.f32_task(&rows, o0, o1, out)
-        });
+        let mut y = products_of(&[self], x, self.cols, false);
         y.pop().expect("one matrix")
     }
 
@@ -255,15 +250,7 @@ impl QuantMatrix {
 
     /// `x Wᵀ` with `x` rounded to integers (see `int8.rs`).
     fn products_int8(&self, x: &[f32]) -> Vec<f32> {
-        let t = x.len() / self.cols;
-        let rows = int8::Int8Rows::prepare(x, self.cols);
-        // The first product makes the copy here, not inside one task while
-        // the others wait on it.
-        #[cfg(target_arch = "x86_64")]
-        self.striped();
-        let mut y = by_tasks(&[self], t, true, |_, o0, o1, out| {
-            self.int8_task(&rows, o0, o1, out)
-        });
+        let mut y = products_of(&[self], x, self.cols, true);
         y.pop().expect("one matrix")
     }
 
@@ -313,22 +300,9 @@ impl QuantMatrix {
             return ws.iter().map(|w| w.matmul_int8(x)).collect();
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let t = xs.len() / cols.max(1);
         let ms: Vec<&QuantMatrix> = ws.iter().map(|w| w.as_ref()).collect();
-        let ys = if int8 {
-            let rows = int8::Int8Rows::prepare(&xs, cols);
-            #[cfg(target_arch = "x86_64")]
-            ms.iter().for_each(|w| _ = w.striped());
-            by_tasks(&ms, t, true, |i, o0, o1, out| {
-                ms[i].int8_task(&rows, o0, o1, out)
-            })
-        } else {
-            let rows = Rows::prepare(&xs, cols);
-            by_tasks(&ms, t, false, |i, o0, o1, out| {
-                ms[i].f32_task(&rows, o0, o1, out)
-            })
-        };
-        ys.into_iter()
+        products_of(&ms, &xs, cols, int8)
+            .into_iter()
             .zip(ws)
             .map(|(y, w)| {
                 let mut out = dims.to_vec();
@@ -336,6 +310,28 @@ impl QuantMatrix {
                 Tensor::from_vec(y, out, x.device())
             })
             .collect()
+    }
+}
+
+/// Each of `ms`'s products `x Wᵀ` (`[t, rows]`) for rows `x` of width
+/// `cols`, with `x` rounded to integers where `int8` (then no weight is
+/// NF4), prepared once for all of them, in one parallel pass.
+fn products_of(ms: &[&QuantMatrix], x: &[f32], cols: usize, int8: bool) -> Vec<Vec<f32>> {
+    let t = x.len() / cols.max(1);
+    if int8 {
+        let rows = int8::Int8Rows::prepare(x, cols);
+        // A weight's first product makes its copy here, not inside one
+        // task while the others wait on it.
+        #[cfg(target_arch = "x86_64")]
+        ms.iter().for_each(|w| _ = w.striped());
+        by_tasks(ms, t, true, |i, o0, o1, out| {
+            ms[i].int8_task(&rows, o0, o1, out)
+        })
+    } else {
+        let rows = Rows::prepare(x, cols);
+        by_tasks(ms, t, false, |i, o0, o1, out| {
+            ms[i].f32_task(&rows, o0, o1, out)
+        })
     }
 }
 
