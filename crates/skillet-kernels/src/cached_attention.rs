@@ -122,62 +122,122 @@ fn attention_over_caches(
     wide: bool,
 ) -> Result<Tensor> {
     let (n, h, d) = q.dims3()?;
-    if kv_heads == 0 || h == 0 || d == 0 || h % kv_heads != 0 {
-        bail!("cached attention: {h} query heads of width {d} over {kv_heads} key/value heads");
-    }
-    if seqs.iter().map(|s| s.len).sum::<usize>() != n {
-        bail!("cached attention: the sequences' tokens do not add up to {n} queries");
-    }
-    let heads = Heads {
-        h,
-        k: kv_heads,
-        d,
-        window,
-        scale,
-        wide,
-    };
-    let mut tasks = Vec::new();
-    let mut row = 0;
-    for (seq, s) in seqs.iter().enumerate() {
-        let keys = s.start + s.len;
-        if s.k.len() < key_cache_len(keys, kv_heads * d) || s.v.len() < keys * kv_heads * d {
-            bail!("cached attention: a cache holds fewer than {keys} positions");
-        }
-        for kh in 0..kv_heads {
-            for i0 in (0..s.len).step_by(QUERIES) {
-                tasks.push(Task {
-                    seq,
-                    row,
-                    kh,
-                    i0,
-                    n: QUERIES.min(s.len - i0),
-                });
-            }
-        }
-        row += s.len;
-    }
-    let g = heads.group();
+    let plan = CachedAttention::plan(n, h, d, kv_heads, seqs, window, scale, wide)?;
     let out = with_f32([q], "cached attention", |[q]| {
-        let parts: Vec<Vec<f32>> = tasks
-            .par_iter()
-            .map(|t| {
-                let s = &seqs[t.seq];
-                let qs = &q[(t.row + t.i0) * h * d..(t.row + t.i0 + t.n) * h * d];
-                let mut o = vec![0f32; t.n * g * d];
-                attend(qs, s.k, s.v, &heads, s.start + t.i0, t.kh, &mut o);
-                o
-            })
+        let parts: Vec<Vec<f32>> = (0..plan.tasks())
+            .into_par_iter()
+            .map(|t| plan.run(t, q))
             .collect();
         let mut out = vec![0f32; n * h * d];
-        for (t, o) in tasks.iter().zip(&parts) {
-            for (qi, rows) in o.chunks_exact(g * d).enumerate() {
-                let at = ((t.row + t.i0 + qi) * h + t.kh * g) * d;
-                out[at..at + g * d].copy_from_slice(rows);
-            }
+        for (t, part) in parts.iter().enumerate() {
+            plan.place(t, part, &mut out);
         }
         Ok(out)
     })?;
     tensor(out, (n, h, d))
+}
+
+/// A ragged batch's cached attention (as [`cached_attention`]) split into
+/// independent tasks, for callers that spread them over threads of their
+/// own: run every task (in any order, on any thread), then place each
+/// result; the same bits as [`cached_attention`].
+#[derive(Debug)]
+pub struct CachedAttention<'a> {
+    heads: Heads,
+    seqs: &'a [CachedSeq<'a>],
+    tasks: Vec<Task>,
+}
+
+impl<'a> CachedAttention<'a> {
+    /// The tasks of `n` queries of `h` heads of width `d` (the sequences'
+    /// new tokens in order) over `kv_heads` key/value heads of `seqs`.
+    pub fn new(
+        (n, h, d): (usize, usize, usize),
+        kv_heads: usize,
+        seqs: &'a [CachedSeq<'a>],
+        window: Option<usize>,
+        scale: f32,
+    ) -> Result<Self> {
+        Self::plan(n, h, d, kv_heads, seqs, window, scale, avx512f())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plan(
+        n: usize,
+        h: usize,
+        d: usize,
+        kv_heads: usize,
+        seqs: &'a [CachedSeq<'a>],
+        window: Option<usize>,
+        scale: f32,
+        wide: bool,
+    ) -> Result<Self> {
+        if kv_heads == 0 || h == 0 || d == 0 || !h.is_multiple_of(kv_heads) {
+            bail!("cached attention: {h} query heads of width {d} over {kv_heads} key/value heads");
+        }
+        if seqs.iter().map(|s| s.len).sum::<usize>() != n {
+            bail!("cached attention: the sequences' tokens do not add up to {n} queries");
+        }
+        let heads = Heads {
+            h,
+            k: kv_heads,
+            d,
+            window,
+            scale,
+            wide,
+        };
+        let mut tasks = Vec::new();
+        let mut row = 0;
+        for (seq, s) in seqs.iter().enumerate() {
+            let keys = s.start + s.len;
+            if s.k.len() < key_cache_len(keys, kv_heads * d) || s.v.len() < keys * kv_heads * d {
+                bail!("cached attention: a cache holds fewer than {keys} positions");
+            }
+            for kh in 0..kv_heads {
+                for i0 in (0..s.len).step_by(QUERIES) {
+                    tasks.push(Task {
+                        seq,
+                        row,
+                        kh,
+                        i0,
+                        n: QUERIES.min(s.len - i0),
+                    });
+                }
+            }
+            row += s.len;
+        }
+        Ok(Self { heads, seqs, tasks })
+    }
+
+    /// Independent tasks.
+    pub fn tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// The length of task `t`'s outputs.
+    pub fn task_len(&self, t: usize) -> usize {
+        self.tasks[t].n * self.heads.group() * self.heads.d
+    }
+
+    /// Task `t`'s outputs for the queries `q` (`[N, H, D]`).
+    pub fn run(&self, t: usize, q: &[f32]) -> Vec<f32> {
+        let (t, Heads { h, d, .. }) = (self.tasks[t], self.heads);
+        let s = &self.seqs[t.seq];
+        let qs = &q[(t.row + t.i0) * h * d..(t.row + t.i0 + t.n) * h * d];
+        let mut o = vec![0f32; t.n * self.heads.group() * d];
+        attend(qs, s.k, s.v, &self.heads, s.start + t.i0, t.kh, &mut o);
+        o
+    }
+
+    /// Puts task `t`'s outputs into `out` (`[N, H, D]`).
+    pub fn place(&self, t: usize, part: &[f32], out: &mut [f32]) {
+        let (t, Heads { h, d, .. }) = (self.tasks[t], self.heads);
+        let g = self.heads.group();
+        for (qi, rows) in part.chunks_exact(g * d).enumerate() {
+            let at = ((t.row + t.i0 + qi) * h + t.kh * g) * d;
+            out[at..at + g * d].copy_from_slice(rows);
+        }
+    }
 }
 
 /// Whether the CPU has AVX-512F.

@@ -28,6 +28,7 @@ mod rope;
 mod storage;
 mod swiglu;
 mod swiglu_down;
+pub mod team;
 #[cfg(target_arch = "x86_64")]
 mod tiles;
 mod vec;
@@ -40,7 +41,9 @@ pub use attention::{AttentionMask, SHARED_SEGMENT, attention, attention_composed
 pub use bf16::{
     Bf16Matrix, Bf16Rows, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16,
 };
-pub use cached_attention::{CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys};
+pub use cached_attention::{
+    CachedAttention, CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys,
+};
 pub use frozen::{FrozenWeight, frozen_product};
 pub use input_rounding::{InputRounding, round_inputs};
 pub use linear::{frozen_matmul, linear, linear_bf16};
@@ -50,8 +53,8 @@ pub use linear_cross_entropy::{
 };
 pub use lora_linear::{FrozenLinear, lora_linear};
 pub use lora_rows::{LoraFactors, lora_rows};
-pub use quantized::{NF4_BLOCK, NF4_LEVELS, QuantKind, QuantMatrix};
-pub use rms_norm::{rms_norm, rms_norm_composed};
-pub use rope::{RopeLayout, RopeTable, rope, rope_composed};
-pub use swiglu::{swiglu, swiglu_composed};
+pub use quantized::{NF4_BLOCK, NF4_LEVELS, PreparedInput, QuantKind, QuantMatrix};
+pub use rms_norm::{rms_norm, rms_norm_composed, rms_norm_rows};
+pub use rope::{RopeLayout, RopeTable, rope, rope_composed, rope_rows};
+pub use swiglu::{swiglu, swiglu_composed, swiglu_rows};
 pub use swiglu_down::swiglu_down;

@@ -313,78 +313,179 @@ impl QuantMatrix {
     }
 }
 
+/// An input of quantized products prepared once (rounded to integers,
+/// or regrouped for the f32 kernels) for every weight of a pass and every
+/// member of a team that shares the pass (see [`QuantMatrix::share`]).
+pub struct PreparedInput {
+    /// Input rows.
+    t: usize,
+    cols: usize,
+    rows: Prepared,
+}
+
+enum Prepared {
+    F32(Rows),
+    Int8(int8::Int8Rows),
+}
+
+impl PreparedInput {
+    /// `x` (rows of `cols`) for f32 products, or rounded to integers
+    /// where `int8` (as [`QuantMatrix::matmul_int8`]; then no weight of
+    /// the pass may be NF4).
+    pub fn new(x: &[f32], cols: usize, int8: bool) -> Self {
+        let rows = match int8 {
+            true => Prepared::Int8(int8::Int8Rows::prepare(x, cols)),
+            false => Prepared::F32(Rows::prepare(x, cols)),
+        };
+        Self {
+            t: x.len() / cols.max(1),
+            cols,
+            rows,
+        }
+    }
+
+    /// Output rows `o0..o1` of `w`'s product into `out`: `[t, o1 - o0]`,
+    /// or `[o1 - o0, t]` for int8 inputs (see [`PreparedInput::transposed`]).
+    fn task(&self, w: &QuantMatrix, o0: usize, o1: usize, out: &mut [f32]) {
+        match &self.rows {
+            Prepared::F32(rows) => w.f32_task(rows, o0, o1, out),
+            Prepared::Int8(rows) => w.int8_task(rows, o0, o1, out),
+        }
+    }
+
+    /// Whether tasks write output-row-major parts.
+    fn transposed(&self) -> bool {
+        matches!(self.rows, Prepared::Int8(_))
+    }
+}
+
 /// Each of `ms`'s products `x Wᵀ` (`[t, rows]`) for rows `x` of width
 /// `cols`, with `x` rounded to integers where `int8` (then no weight is
 /// NF4), prepared once for all of them, in one parallel pass.
 fn products_of(ms: &[&QuantMatrix], x: &[f32], cols: usize, int8: bool) -> Vec<Vec<f32>> {
-    let t = x.len() / cols.max(1);
-    if int8 {
-        let rows = int8::Int8Rows::prepare(x, cols);
-        // A weight's first product makes its copy here, not inside one
-        // task while the others wait on it.
-        #[cfg(target_arch = "x86_64")]
-        ms.iter().for_each(|w| _ = w.striped());
-        by_tasks(ms, t, true, |i, o0, o1, out| {
-            ms[i].int8_task(&rows, o0, o1, out)
-        })
-    } else {
-        let rows = Rows::prepare(x, cols);
-        by_tasks(ms, t, false, |i, o0, o1, out| {
-            ms[i].f32_task(&rows, o0, o1, out)
-        })
-    }
-}
-
-/// Each of `ws`'s `[t, rows]` products, computed by `task(i, o0, o1, out)`
-/// for weight `i`, each filling `out` (`[t, o1 - o0]`, or `[o1 - o0, t]`
-/// if `transposed`) for output rows `o0..o1`, all spread over the threads
-/// at once.
-fn by_tasks(
-    ws: &[&QuantMatrix],
-    t: usize,
-    transposed: bool,
-    task: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
-) -> Vec<Vec<f32>> {
+    let input = PreparedInput::new(x, cols, int8);
+    // A weight's first product makes its copy here, not inside one task
+    // while the others wait on it.
+    ms.iter().for_each(|w| w.ready(int8));
     // Two tasks per thread and weight: enough to balance, few enough that
-    // scheduling stays small next to the work. Ranges are whole AMX
-    // stripes.
+    // scheduling stays small next to the work.
     let threads = rayon::current_num_threads();
-    let per_task: Vec<usize> = ws
-        .iter()
-        .map(|w| w.rows.div_ceil(2 * threads).next_multiple_of(16).max(16))
-        .collect();
-    let range = |i: usize, k: usize| (k * per_task[i], ((k + 1) * per_task[i]).min(ws[i].rows));
-    let tasks: Vec<(usize, usize)> = ws
+    let tasks: Vec<(usize, usize, usize)> = ms
         .iter()
         .enumerate()
-        .flat_map(|(i, w)| (0..w.rows.div_ceil(per_task[i])).map(move |k| (i, k)))
+        .flat_map(|(i, w)| {
+            let parts = 2 * threads;
+            (0..parts).filter_map(move |k| {
+                let (o0, o1) = share_of(w.rows, parts, k);
+                (o0 < o1).then_some((i, o0, o1))
+            })
+        })
         .collect();
     let parts: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(i, k)| {
-            let (o0, o1) = range(i, k);
-            let mut out = vec![0f32; t * (o1 - o0)];
-            task(i, o0, o1, &mut out);
+        .map(|&(i, o0, o1)| {
+            let mut out = vec![0f32; input.t * (o1 - o0)];
+            input.task(ms[i], o0, o1, &mut out);
             out
         })
         .collect();
-    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; t * w.rows]).collect();
-    for (&(i, k), part) in tasks.iter().zip(&parts) {
-        let ((o0, o1), n, y) = (range(i, k), ws[i].rows, &mut ys[i]);
-        // One input row: `[1, n]` and `[n, 1]` are the same layout.
-        if transposed && t > 1 {
-            for (o, column) in part.chunks_exact(t).enumerate() {
-                for (r, &v) in column.iter().enumerate() {
-                    y[r * n + o0 + o] = v;
-                }
-            }
-        } else {
-            for (r, chunk) in part.chunks_exact(o1 - o0).enumerate() {
-                y[r * n + o0..r * n + o1].copy_from_slice(chunk);
-            }
-        }
+    let mut ys: Vec<Vec<f32>> = ms.iter().map(|w| vec![0f32; input.t * w.rows]).collect();
+    for (&(i, o0, o1), part) in tasks.iter().zip(&parts) {
+        place(&mut ys[i], ms[i].rows, &input, o0, o1, part);
     }
     ys
+}
+
+/// Output rows `k` of `parts` shares of `rows`: whole AMX / VNNI stripes
+/// of 16 (possibly empty at the end).
+fn share_of(rows: usize, parts: usize, k: usize) -> (usize, usize) {
+    let per = rows.div_ceil(parts).next_multiple_of(16).max(16);
+    ((k * per).min(rows), ((k + 1) * per).min(rows))
+}
+
+/// Puts a task's part (output rows `o0..o1`) into `y` (`[t, n]`).
+fn place(y: &mut [f32], n: usize, input: &PreparedInput, o0: usize, o1: usize, part: &[f32]) {
+    let t = input.t;
+    if o0 == o1 || t == 0 {
+        return;
+    }
+    // One input row: `[1, n]` and `[n, 1]` are the same layout.
+    if input.transposed() && t > 1 {
+        for (o, column) in part.chunks_exact(t).enumerate() {
+            for (r, &v) in column.iter().enumerate() {
+                y[r * n + o0 + o] = v;
+            }
+        }
+    } else {
+        for (r, chunk) in part.chunks_exact(o1 - o0).enumerate() {
+            y[r * n + o0..r * n + o1].copy_from_slice(chunk);
+        }
+    }
+}
+
+impl QuantMatrix {
+    /// Makes what a product with these inputs would make on first use
+    /// (the int8 kernel's copy), so that it is not made inside one
+    /// thread's share while the others wait.
+    pub fn ready(&self, int8: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if int8 {
+            _ = self.striped();
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = int8;
+    }
+
+    /// Member `member` of `members`' share of each of `ws`'s products over
+    /// `x`, one after the other; [`QuantMatrix::gather`] puts every
+    /// member's share together. The same bits as
+    /// [`QuantMatrix::matmul_each`].
+    pub fn share(
+        ws: &[&QuantMatrix],
+        x: &PreparedInput,
+        member: usize,
+        members: usize,
+    ) -> Result<Vec<f32>> {
+        Self::check_pass(ws, x)?;
+        let mut out = Vec::new();
+        for w in ws {
+            let (o0, o1) = share_of(w.rows, members, member);
+            let at = out.len();
+            out.resize(at + x.t * (o1 - o0), 0.0);
+            x.task(w, o0, o1, &mut out[at..]);
+        }
+        Ok(out)
+    }
+
+    /// Each of `ws`'s products (`[t, rows]`) from every member's
+    /// [`QuantMatrix::share`], in member order.
+    pub fn gather(ws: &[&QuantMatrix], x: &PreparedInput, shares: &[&[f32]]) -> Vec<Vec<f32>> {
+        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; x.t * w.rows]).collect();
+        for (member, share) in shares.iter().enumerate() {
+            let mut at = 0;
+            for (w, y) in ws.iter().zip(&mut ys) {
+                let (o0, o1) = share_of(w.rows, shares.len(), member);
+                let len = x.t * (o1 - o0);
+                place(y, w.rows, x, o0, o1, &share[at..at + len]);
+                at += len;
+            }
+        }
+        ys
+    }
+
+    fn check_pass(ws: &[&QuantMatrix], x: &PreparedInput) -> Result<()> {
+        if let Some(w) = ws.iter().find(|w| w.cols != x.cols) {
+            bail!(
+                "quantized matmul: input of width {} for a weight of {} columns",
+                x.cols,
+                w.cols
+            );
+        }
+        if x.transposed() && ws.iter().any(|w| w.kind == QuantKind::Nf4) {
+            bail!("quantized matmul: NF4 weights take f32 inputs");
+        }
+        Ok(())
+    }
 }
 
 struct QuantizedMatmul {
@@ -566,16 +667,16 @@ multiversion! {
 }
 
 /// The input rows as the kernel for this CPU reads them.
-enum Rows<'a> {
+enum Rows {
     /// Regrouped block by block for the AVX-512 kernels (built only where
     /// the CPU has AVX-512F).
     Grouped(Vec<f32>),
     /// Row-major, with each row's block sums for Q4_1's minimums.
-    Plain { x: &'a [f32], sums: Vec<f32> },
+    Plain { x: Vec<f32>, sums: Vec<f32> },
 }
 
-impl<'a> Rows<'a> {
-    fn prepare(x: &'a [f32], cols: usize) -> Self {
+impl Rows {
+    fn prepare(x: &[f32], cols: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             return Rows::Grouped(avx512::interleave(x, cols));
@@ -583,7 +684,7 @@ impl<'a> Rows<'a> {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = cols;
         Rows::Plain {
-            x,
+            x: x.to_vec(),
             sums: x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect(),
         }
     }
@@ -789,6 +890,27 @@ mod tests {
                         alone.flatten_all().unwrap().to_vec1().unwrap(),
                     );
                     assert_eq!(y, alone, "{:?}, {t} rows, int8 {int8}", w.kind);
+                }
+                // Shared by a team of 1 to 3 members: the same bits again.
+                let refs: Vec<&QuantMatrix> = set.iter().map(|w| w.as_ref()).collect();
+                let flat: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let input = PreparedInput::new(&flat, 128, int8);
+                let nf4 = set.iter().any(|w| w.kind == QuantKind::Nf4);
+                for members in 1..=3 {
+                    let shares: Result<Vec<Vec<f32>>> = (0..members)
+                        .map(|m| QuantMatrix::share(&refs, &input, m, members))
+                        .collect();
+                    if int8 && nf4 {
+                        assert!(shares.is_err());
+                        continue;
+                    }
+                    let shares = shares.unwrap();
+                    let views: Vec<&[f32]> = shares.iter().map(|v| v.as_slice()).collect();
+                    let ys = QuantMatrix::gather(&refs, &input, &views);
+                    for (y, want) in ys.iter().zip(&got) {
+                        let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                        assert_eq!(y, &want, "{members} members, {t} rows, int8 {int8}");
+                    }
                 }
             }
         }

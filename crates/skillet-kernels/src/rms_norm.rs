@@ -124,6 +124,14 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
 }
 
+/// [`rms_norm`]'s values for plain rows (`x` rows of `w.len()`), on the
+/// calling thread: the same bits.
+pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    forward_rows(x, w, &mut y, eps as f32);
+    y
+}
+
 /// The same from composed candle ops (the reference the fused op is tested
 /// against).
 pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

@@ -159,6 +159,21 @@ pub fn rope(x: &Tensor, table: &RopeTable, layout: RopeLayout) -> Result<Tensor>
     })
 }
 
+/// [`rope`]'s values for plain rows: `x` is `[rows, heads, head_dim]`
+/// row-major, one row per row of `table`.
+pub fn rope_rows(
+    x: &[f32],
+    heads: usize,
+    table: &RopeTable,
+    layout: RopeLayout,
+) -> Result<Vec<f32>> {
+    let dims = [1, table.rows, heads, 2 * table.half];
+    if x.len() != dims.iter().product::<usize>() {
+        bail!("rope: {} values are not {dims:?}", x.len());
+    }
+    rotate(x, &dims, table, layout, false)
+}
+
 /// The same from composed candle ops (the reference the fused op is tested
 /// against).
 pub fn rope_composed(x: &Tensor, table: &RopeTable, layout: RopeLayout) -> Result<Tensor> {

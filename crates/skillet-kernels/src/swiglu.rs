@@ -92,6 +92,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+/// [`swiglu`]'s values for plain slices of equal length.
+pub fn swiglu_rows(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gated(gate, up)
+}
+
 /// The same from composed candle ops (the reference the fused op is tested
 /// against).
 pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {

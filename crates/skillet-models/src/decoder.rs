@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use skillet_kernels::{AttentionMask, FrozenHead, QuantMatrix};
+use skillet_kernels::{AttentionMask, FrozenHead, QuantKind, QuantMatrix};
 
 use crate::adapter::{Adapters, LAYER_MODULES, ModuleInfo, module_names};
 use crate::cache::KvCache;
@@ -21,10 +21,11 @@ use crate::checkpoint::{self, Checkpointing};
 use crate::config::RopeConfig;
 use crate::gemma3::Gemma3Layer;
 use crate::layers::{AttentionKind, Block, Kv, LayerContext, RmsNorm, Span};
-use crate::linear::{BaseLinear, Linear, Precision, repack};
+use crate::linear::{Activations, BaseLinear, Linear, Precision, repack};
 use crate::llama::LlamaLayer;
 use crate::load::Loader;
 use crate::rope::Rope;
+use crate::team_decode::{self, DecodeInput, TEAM_ROWS};
 use crate::{
     Architecture, CachedBatch, CausalLm, DenseHead, ForwardInput, LoadOptions, ModelConfig,
     ModelError, Result, Weight, WeightSource,
@@ -74,6 +75,9 @@ pub struct Model {
     frozen: Vec<(String, Tensor)>,
     checkpointing: Option<Arc<Checkpointing>>,
     precision: Precision,
+    /// Whether incremental calls may run in one team of threads
+    /// (`team_decode.rs`).
+    team_decode: bool,
 }
 
 impl Model {
@@ -171,6 +175,7 @@ impl Model {
             frozen,
             checkpointing: None,
             precision: Precision::F32,
+            team_decode: true,
             embed_tokens,
             layers,
             norm,
@@ -224,6 +229,84 @@ impl Model {
     /// is PyTorch autocast's mixed precision. F32 unless set.
     pub fn set_precision(&mut self, precision: Precision) {
         self.precision = precision;
+    }
+
+    /// Whether incremental calls that can run in one team of threads from
+    /// the first layer to the logits do (the default), or always layer by
+    /// layer (each op handing its work to the thread pool). The numbers
+    /// are the same; only the speed differs.
+    pub fn set_team_decode(&mut self, on: bool) {
+        self.team_decode = on;
+    }
+
+    /// An incremental call run by one team of threads, where the model and
+    /// the call are made of what that path runs (see `team_decode.rs`):
+    /// the logits of the `last` rows, or `None` to go layer by layer.
+    pub(crate) fn team_call(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        spans: &[Span],
+        last: &[u32],
+        cache: &mut KvCache,
+        activations: Activations,
+    ) -> Result<Option<Tensor>> {
+        let int8 = activations == Activations::Int8;
+        if !self.team_decode || self.composed || ids.len() > TEAM_ROWS {
+            return Ok(None);
+        }
+        let Some(layers) = self
+            .layers
+            .iter()
+            .map(|l| l.decode_layer())
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        // NF4 products take f32 inputs: such a model runs layer by layer
+        // when asked for integer inputs.
+        let nf4 = |w: &QuantMatrix| w.kind() == QuantKind::Nf4;
+        let any_nf4 = layers
+            .iter()
+            .any(|l| l.qkv.iter().chain(&l.gate_up).any(|w| nf4(w)) || nf4(l.o) || nf4(l.down));
+        if int8 && any_nf4 {
+            return Ok(None);
+        }
+        let head = self
+            .lm_head
+            .quant_blocks()
+            .map(|w| w.as_ref())
+            .filter(|w| !(int8 && nf4(w)));
+        let n = ids.len();
+        let mut x = self.embed_tokens.lookup(&Tensor::new(ids, &Device::Cpu)?)?; // [N,C]
+        if let Some(scale) = self.embed_scale {
+            x = (x * scale)?;
+        }
+        let ropes = self.rope_tables(positions)?;
+        let input = DecodeInput {
+            layers,
+            x: x.flatten_all()?.to_vec1::<f32>()?,
+            ropes: &ropes,
+            spans,
+            last,
+            norm: &self.norm,
+            head,
+            int8,
+        };
+        let out = team_decode::decode(&input, cache, skillet_kernels::team::threads())?;
+        debug_assert_eq!(input.x.len(), n * self.cfg.hidden_size);
+        for s in spans {
+            cache.advance(s.slot, s.len);
+        }
+        let logits = match out.logits {
+            Some(l) => Tensor::from_vec(l, (last.len(), self.cfg.vocab_size), &Device::Cpu)?,
+            None => {
+                let picked =
+                    Tensor::from_vec(out.hidden, (last.len(), self.cfg.hidden_size), &Device::Cpu)?;
+                self.lm_head.forward_rowwise(&picked, activations)?
+            }
+        };
+        Ok(Some(self.cap(logits)?))
     }
 
     fn check_input(&self, input: &ForwardInput) -> Result<(usize, usize)> {
@@ -460,6 +543,12 @@ impl CausalLm for Model {
             last.push(ids.len() as u32 - 1);
         }
         self.check_ids(&ids)?;
+        if rows.iter().all(Option::is_none)
+            && let Some(logits) =
+                self.team_call(&ids, &positions, &spans, &last, cache, batch.activations)?
+        {
+            return Ok(logits);
+        }
         let adapters = if rows.iter().all(Option::is_none) {
             Adapters::none()
         } else {

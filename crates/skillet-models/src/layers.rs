@@ -16,6 +16,7 @@ use crate::cache::KvCache;
 use crate::linear::{Activations, Linear, Precision};
 use crate::load::Loader;
 use crate::names::{Dim, LayerTensor, When};
+use crate::team_decode::DecodeLayer;
 use crate::{Activation, ModelError, Result};
 
 /// The attention's tensors in a layer's name table (after its input norm):
@@ -171,6 +172,11 @@ pub(crate) trait Block: Send + Sync + std::fmt::Debug {
     fn linears(&self) -> [&dyn Linear; 7];
     /// The same, as replaceable slots.
     fn linears_mut(&mut self) -> [&mut Box<dyn Linear>; 7];
+    /// The layer's parts for a decode step run by a team of threads
+    /// (`team_decode.rs`), where it is made of what that path runs.
+    fn decode_layer(&self) -> Option<DecodeLayer<'_>> {
+        None
+    }
 }
 
 /// RMSNorm (`x / sqrt(mean(x²) + eps) · w`, in f32). Gemma's norms scale
@@ -184,6 +190,16 @@ pub(crate) struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// The weight as the norm multiplies by it (Gemma's with its one
+    /// added).
+    pub fn values(&self) -> Result<Vec<f32>> {
+        let w = match self.add_one {
+            true => (&self.weight + 1.0)?,
+            false => self.weight.clone(),
+        };
+        Ok(w.to_vec1::<f32>()?)
+    }
+
     pub fn forward(&self, x: &Tensor, composed: bool) -> Result<Tensor> {
         let w = match self.add_one {
             true => (&self.weight + 1.0)?,
@@ -246,6 +262,19 @@ impl Attention {
             head_dim: cfg.head_dim,
             kind,
         })
+    }
+
+    /// The q, k, v and o blocks, where all four are quantized blocks
+    /// without bias and there are no QK-norms.
+    pub fn blocks(&self) -> Option<([&QuantMatrix; 3], &QuantMatrix)> {
+        if self.q_norm.is_some() || self.k_norm.is_some() {
+            return None;
+        }
+        let b = blocks_of;
+        Some((
+            [b(&*self.q_proj)?, b(&*self.k_proj)?, b(&*self.v_proj)?],
+            b(&*self.o_proj)?,
+        ))
     }
 
     /// Modules `base .. base + 4` are q, k, v, o.
@@ -364,6 +393,19 @@ impl Mlp {
         })
     }
 
+    /// The gate, up and down blocks, where the gate is SiLU and all three
+    /// are quantized blocks without bias.
+    pub fn blocks(&self) -> Option<([&QuantMatrix; 2], &QuantMatrix)> {
+        if self.act != Activation::Silu {
+            return None;
+        }
+        let b = blocks_of;
+        Some((
+            [b(&*self.gate_proj)?, b(&*self.up_proj)?],
+            b(&*self.down_proj)?,
+        ))
+    }
+
     /// `residual + mlp(x)`; modules `base + 4 .. base + 7` are gate, up,
     /// down.
     pub fn forward_add(
@@ -416,6 +458,11 @@ impl Mlp {
         };
         ctx.project(self.down_proj.as_ref(), module, &act)
     }
+}
+
+/// A layer's quantized blocks, where it is one without bias.
+fn blocks_of(l: &dyn Linear) -> Option<&QuantMatrix> {
+    l.quant_blocks().map(|w| w.as_ref())
 }
 
 /// The linear layers of an attention and an MLP, in `LAYER_MODULES` order.

@@ -26,6 +26,7 @@ mod quant_plan;
 mod rng;
 mod rope;
 mod source;
+mod team_decode;
 mod weights;
 
 pub use adapted::Adapted;

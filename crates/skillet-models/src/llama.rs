@@ -13,6 +13,7 @@ use crate::layers::{
 use crate::linear::Linear;
 use crate::load::Loader;
 use crate::names::{Dim, LayerTensor};
+use crate::team_decode::DecodeLayer;
 use crate::{LAYER_MODULES, Result};
 
 /// The tensors of one layer, in checkpoint order.
@@ -69,5 +70,19 @@ impl Block for LlamaLayer {
 
     fn linears_mut(&mut self) -> [&mut Box<dyn Linear>; 7] {
         layers::linears_mut(&mut self.self_attn, &mut self.mlp)
+    }
+
+    fn decode_layer(&self) -> Option<DecodeLayer<'_>> {
+        let (qkv, o) = self.self_attn.blocks()?;
+        let (gate_up, down) = self.mlp.blocks()?;
+        Some(DecodeLayer {
+            input_norm: &self.input_layernorm,
+            post_norm: &self.post_attention_layernorm,
+            attn: &self.self_attn,
+            qkv,
+            o,
+            gate_up,
+            down,
+        })
     }
 }

@@ -568,6 +568,75 @@ fn a_sequence_gets_the_same_numbers_alone_or_batched_on_a_quantized_base() {
 }
 
 #[test]
+fn decode_teams_of_any_size_give_the_layer_by_layer_bits() {
+    // Incremental calls of few rows run from the first layer to the
+    // logits in one team of threads; the numbers must be the layer-by-layer
+    // path's exactly, for every block type and input rounding, for ragged
+    // batches of several sequences, within a sliding window, and however
+    // many threads the team has.
+    let dir = tempfile::tempdir().unwrap();
+    let window = ModelConfig {
+        architecture: Architecture::Mistral,
+        sliding_window: Some(4),
+        ..tiny_config(97)
+    };
+    for (cfg, ty) in [
+        (tiny_config(97), GgmlType::Q8_0),
+        (tiny_config(97), GgmlType::Q4_1),
+        (window, GgmlType::Q4_1),
+    ] {
+        let w = random_weights(&cfg, 11).unwrap();
+        let path = dir.path().join("m.gguf");
+        write_gguf(&cfg, &w, &path, &|_| ty, vec![]).unwrap();
+        let load = || {
+            ModelSource::open(&path)
+                .unwrap()
+                .load_model(LoadOptions {
+                    keep_quantized: true,
+                    ..Default::default()
+                })
+                .unwrap()
+        };
+        let team = load();
+        let mut layered = load();
+        layered.set_team_decode(false);
+        let a = [3u32, 14, 15, 92, 65, 35];
+        let b = [27u32, 18, 28];
+        let long: Vec<u32> = (0..20).map(|i| (i * 5 + 2) % 96 + 1).collect();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                for activations in [Activations::F32, Activations::Int8] {
+                    let mut caches = [team.new_cache(3, 48), layered.new_cache(3, 48)];
+                    let mut step = |chunks: &[(usize, &[u32])]| {
+                        let [tc, lc] = &mut caches;
+                        let got = cached_with(&team, tc, chunks, activations);
+                        let want = cached_with(&layered, lc, chunks, activations);
+                        assert!(
+                            got == want,
+                            "{ty:?} {:?}, {threads} threads, {activations:?}, {chunks:?}",
+                            cfg.sliding_window
+                        );
+                    };
+                    // Two prompts together, then decode steps of both
+                    // (past the window), then a prompt longer than a
+                    // team takes beside a decode step.
+                    step(&[(0, &a), (1, &b)]);
+                    for t in 0..6u32 {
+                        step(&[(0, &[40 + t]), (1, &[60 + t])]);
+                    }
+                    step(&[(2, &long), (0, &[7])]);
+                    step(&[(2, &[8]), (1, &[9]), (0, &[10])]);
+                }
+            });
+        }
+    }
+}
+
+#[test]
 fn a_prompt_gets_the_same_logits_however_it_is_split() {
     // A server may prefill a prompt whole, in chunks, or after a reused
     // prefix, next to other sequences: the last token's logits must not
