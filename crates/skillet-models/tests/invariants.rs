@@ -506,8 +506,17 @@ fn load_errors_name_the_file_and_tensor() {
 fn tiny_q8_kept_quantized() -> Model {
     let (cfg, w) = tiny();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("q8.gguf");
-    write_gguf(&cfg, &w, &path, &|_| GgmlType::Q8_0, vec![]).unwrap();
+    kept_quantized(&cfg, &w, dir.path().join("q8.gguf"), GgmlType::Q8_0)
+}
+
+/// `w` written as GGUF in `ty` blocks at `path` and loaded in them.
+fn kept_quantized(
+    cfg: &ModelConfig,
+    w: &MemoryWeights,
+    path: std::path::PathBuf,
+    ty: GgmlType,
+) -> Model {
+    write_gguf(cfg, w, &path, &|_| ty, vec![]).unwrap();
     ModelSource::open(&path)
         .unwrap()
         .load_model(LoadOptions {
@@ -586,19 +595,8 @@ fn decode_teams_of_any_size_give_the_layer_by_layer_bits() {
         (window, GgmlType::Q4_1),
     ] {
         let w = random_weights(&cfg, 11).unwrap();
-        let path = dir.path().join("m.gguf");
-        write_gguf(&cfg, &w, &path, &|_| ty, vec![]).unwrap();
-        let load = || {
-            ModelSource::open(&path)
-                .unwrap()
-                .load_model(LoadOptions {
-                    keep_quantized: true,
-                    ..Default::default()
-                })
-                .unwrap()
-        };
-        let team = load();
-        let mut layered = load();
+        let team = kept_quantized(&cfg, &w, dir.path().join("team.gguf"), ty);
+        let mut layered = kept_quantized(&cfg, &w, dir.path().join("layered.gguf"), ty);
         layered.set_team_decode(false);
         let a = [3u32, 14, 15, 92, 65, 35];
         let b = [27u32, 18, 28];
