@@ -277,7 +277,6 @@ impl Model {
             .quant_blocks()
             .map(|w| w.as_ref())
             .filter(|w| !(int8 && nf4(w)));
-        let n = ids.len();
         let mut x = self.embed_tokens.lookup(&Tensor::new(ids, &Device::Cpu)?)?; // [N,C]
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
@@ -294,7 +293,6 @@ impl Model {
             int8,
         };
         let out = team_decode::decode(&input, cache, skillet_kernels::team::threads())?;
-        debug_assert_eq!(input.x.len(), n * self.cfg.hidden_size);
         for s in spans {
             cache.advance(s.slot, s.len);
         }
@@ -543,13 +541,14 @@ impl CausalLm for Model {
             last.push(ids.len() as u32 - 1);
         }
         self.check_ids(&ids)?;
-        if rows.iter().all(Option::is_none)
+        let unadapted = rows.iter().all(Option::is_none);
+        if unadapted
             && let Some(logits) =
                 self.team_call(&ids, &positions, &spans, &last, cache, batch.activations)?
         {
             return Ok(logits);
         }
-        let adapters = if rows.iter().all(Option::is_none) {
+        let adapters = if unadapted {
             Adapters::none()
         } else {
             Adapters::per_row(batch.adapters.clone(), rows)?
