@@ -50,24 +50,56 @@ impl Int8Rows {
             sums: vec![0.0; groups * nb * LANES],
             qsum: vec![0; groups * nb * LANES],
         };
-        for r in 0..t {
-            for b in 0..nb {
-                let v: &[f32; BLOCK] = x[r * cols + b * BLOCK..][..BLOCK]
+        #[cfg(target_arch = "x86_64")]
+        if wide_rounding() {
+            // SAFETY: the CPU has the instructions (just checked).
+            unsafe { rows.fill_avx512(x, cols) };
+            return rows;
+        }
+        rows.fill_portable(x, cols);
+        rows
+    }
+
+    /// [`Int8Rows::prepare`]'s rounding with plain loops.
+    fn fill_portable(&mut self, x: &[f32], cols: usize) {
+        for r in 0..self.t {
+            for b in 0..self.nb {
+                let v = x[r * cols + b * BLOCK..][..BLOCK]
                     .try_into()
                     .expect("a block");
-                let at = rows.at(r, b);
-                let (d, sum, q) = round_block(v);
-                rows.d[at] = d;
-                rows.sums[at] = sum;
-                rows.qsum[at] = q.iter().map(|&v| v as i32).sum();
-                let tile = &mut rows.q[(at - at % LANES) * BLOCK..][..GROUP_BLOCK];
-                let n = r % LANES;
-                for (kk, four) in q.chunks_exact(4).enumerate() {
-                    tile[kk * LANES * 4 + n * 4..][..4].copy_from_slice(four);
-                }
+                self.put(r, b, round_portable(v));
             }
         }
-        rows
+    }
+
+    /// [`Int8Rows::prepare`]'s rounding on AVX-512 and F16C: the same bits
+    /// as [`Int8Rows::fill_portable`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,f16c")]
+    unsafe fn fill_avx512(&mut self, x: &[f32], cols: usize) {
+        for r in 0..self.t {
+            for b in 0..self.nb {
+                let v = x[r * cols + b * BLOCK..][..BLOCK]
+                    .try_into()
+                    .expect("a block");
+                // SAFETY: this function's instructions.
+                self.put(r, b, unsafe { round_avx512(v) });
+            }
+        }
+    }
+
+    /// Stores row `r`'s rounded block `b`.
+    #[inline(always)]
+    fn put(&mut self, r: usize, b: usize, block: Rounded) {
+        let at = self.at(r, b);
+        self.d[at] = block.d;
+        self.sums[at] = block.sum;
+        self.qsum[at] = block.qsum;
+        let tile = &mut self.q[(at - at % LANES) * BLOCK..][..GROUP_BLOCK];
+        let n = r % LANES;
+        for kk in 0..BLOCK / 4 {
+            tile[kk * LANES * 4 + n * 4..][..4].copy_from_slice(&block.q[4 * kk..4 * kk + 4]);
+        }
     }
 
     /// Row `r`'s rounded values of block `b`.
@@ -83,54 +115,98 @@ impl Int8Rows {
     }
 }
 
+/// One block rounded (see [`round_block`]).
+struct Rounded {
+    /// The scale `max|v| / 127`, held in f16.
+    d: f32,
+    /// `d·Σq` held in f16 (`d` before its rounding).
+    sum: f32,
+    /// `Σq`.
+    qsum: i32,
+    q: [i8; BLOCK],
+}
+
 /// One block's values rounded to `q = round(v · 127/max|v|)` (ties to
 /// even), its scale `max|v| / 127` held in f16, and the sum `d·Σq` held in
 /// f16 (`d` before its rounding), as llama.cpp's Q8_0 / Q8_1 blocks hold
 /// them.
 pub(crate) fn round_block(v: &[f32; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F.
-        let (amax, q) = unsafe { round_block_avx512(v) };
-        return scales(amax, q);
-    }
+    let block = if wide_rounding() {
+        // SAFETY: the CPU has the instructions (just checked).
+        unsafe { round_avx512(v) }
+    } else {
+        round_portable(v)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let block = round_portable(v);
+    (block.d, block.sum, block.q)
+}
+
+/// [`round_block`] with plain loops.
+fn round_portable(v: &[f32; BLOCK]) -> Rounded {
     let amax = v.iter().fold(0f32, |m, a| m.max(a.abs()));
     let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
     let mut q = [0i8; BLOCK];
     for (q, &a) in q.iter_mut().zip(v) {
         *q = (a * inv).round_ties_even() as i8;
     }
-    scales(amax, q)
-}
-
-/// The block's f16 scale and sum (see [`round_block`]).
-fn scales(amax: f32, q: [i8; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
     let d = amax / 127.0;
-    let total: i32 = q.iter().map(|&x| x as i32).sum();
+    let qsum: i32 = q.iter().map(|&x| x as i32).sum();
     let f16 = |x: f32| half::f16::from_f32(x).to_f32();
-    (f16(d), f16(d * total as f32), q)
+    Rounded {
+        d: f16(d),
+        sum: f16(d * qsum as f32),
+        qsum,
+        q,
+    }
 }
 
-/// [`round_block`]'s largest magnitude and rounded values, in two
-/// registers.
+/// Whether the CPU has what [`round_avx512`] runs.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn round_block_avx512(v: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
+fn wide_rounding() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// [`round_portable`] in registers: the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+#[inline]
+unsafe fn round_avx512(v: &[f32; BLOCK]) -> Rounded {
     use std::arch::x86_64::*;
-    // SAFETY: the CPU has AVX-512F (the caller's check); `v` and `q` hold
-    // 32 values.
+    // Through f16 and back, rounding to nearest, ties to even (as
+    // `half::f16::from_f32`).
+    #[target_feature(enable = "f16c")]
+    #[inline]
+    fn f16(x: f32) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+            _mm_set_ss(x),
+        )))
+    }
+    // SAFETY: the CPU has AVX-512F and F16C (the caller's check); `v` and
+    // `q` hold 32 values.
     unsafe {
         let lo = _mm512_loadu_ps(v.as_ptr());
         let hi = _mm512_loadu_ps(v.as_ptr().add(16));
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
         let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
-        let mut q = [0i8; BLOCK];
         // Conversion rounds to nearest, ties to even (the default mode).
-        let ql = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)));
-        let qh = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv)));
-        _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, ql);
-        _mm_storeu_si128(q.as_mut_ptr().add(16) as *mut __m128i, qh);
-        (amax, q)
+        let il = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));
+        let ih = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+        let qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(il, ih));
+        let mut q = [0i8; BLOCK];
+        _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(il));
+        _mm_storeu_si128(
+            q.as_mut_ptr().add(16) as *mut __m128i,
+            _mm512_cvtepi32_epi8(ih),
+        );
+        let d = amax / 127.0;
+        Rounded {
+            d: f16(d),
+            sum: f16(d * qsum as f32),
+            qsum,
+            q,
+        }
     }
 }
 
@@ -191,5 +267,82 @@ pub(super) fn rows_portable(
             }
             out[o * x.t + r] = acc;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Blocks that test the rounding's edges: random ones of many sizes,
+    /// zeros, exact ties, one large value among small ones, and values
+    /// whose scale is an f16 subnormal or flushes to zero.
+    fn edge_blocks() -> Vec<[f32; BLOCK]> {
+        let x = crate::testing::random(&[64, BLOCK], 5, 1.0)
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut blocks: Vec<[f32; BLOCK]> = x
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let scale = 10f32.powi(i as i32 % 13 - 8);
+                std::array::from_fn(|k| row[k] * scale)
+            })
+            .collect();
+        blocks.push([0.0; BLOCK]);
+        // max 127: every value `k + 0.5` is a tie.
+        blocks.push(std::array::from_fn(|k| match k {
+            0 => 127.0,
+            _ => k as f32 - 15.5,
+        }));
+        blocks.push(std::array::from_fn(|k| if k == 7 { -3e4 } else { 1e-3 }));
+        blocks.push(std::array::from_fn(|k| (k as f32 - 16.0) * 1e-7));
+        blocks.push(std::array::from_fn(|k| (k as f32 - 16.0) * 1e-12));
+        blocks
+    }
+
+    #[test]
+    fn rounding_in_registers_gives_the_plain_loops_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if wide_rounding() {
+            for v in edge_blocks() {
+                let (a, b) = (round_portable(&v), unsafe { round_avx512(&v) });
+                assert_eq!(
+                    (a.d.to_bits(), a.sum.to_bits(), a.qsum, a.q),
+                    (b.d.to_bits(), b.sum.to_bits(), b.qsum, b.q),
+                    "{v:?}"
+                );
+            }
+            // Whole rows: 19 rows of 4 blocks (a full group of 16 and a
+            // partial one).
+            let x: Vec<f32> = edge_blocks().into_iter().take(76).flatten().collect();
+            let wide = Int8Rows::prepare(&x, 4 * BLOCK);
+            let mut plain = Int8Rows::prepare(&x, 4 * BLOCK);
+            plain.q.fill(0);
+            plain.fill_portable(&x, 4 * BLOCK);
+            assert_eq!(wide.q, plain.q);
+            assert_eq!(wide.qsum, plain.qsum);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&wide.d), bits(&plain.d));
+            assert_eq!(bits(&wide.sums), bits(&plain.sums));
+            return;
+        }
+        eprintln!("no AVX-512 and F16C here: only the plain loops run");
+    }
+
+    #[test]
+    fn a_block_rounds_to_llama_cpp_q8_values() {
+        let v: [f32; BLOCK] = std::array::from_fn(|k| match k {
+            0 => 127.0,
+            _ => k as f32 - 15.5,
+        });
+        let (d, sum, q) = round_block(&v);
+        assert_eq!(d, 1.0);
+        // Ties to even: -15.5 → -16, -14.5 → -14, 0.5 → 0, 1.5 → 2.
+        assert_eq!(&q[..4], &[127, -14, -14, -12]);
+        assert_eq!(q[16], 0);
+        assert_eq!(q[17], 2);
+        let total: i32 = q.iter().map(|&x| x as i32).sum();
+        assert_eq!(sum, total as f32);
     }
 }
