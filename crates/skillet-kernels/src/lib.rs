@@ -53,7 +53,9 @@ pub use linear_cross_entropy::{
 };
 pub use lora_linear::{FrozenLinear, lora_linear};
 pub use lora_rows::{LoraFactors, lora_rows};
-pub use quantized::{NF4_BLOCK, NF4_LEVELS, PreparedInput, QuantKind, QuantMatrix};
+pub use quantized::{
+    MIN_PIECE_BYTES, NF4_BLOCK, NF4_LEVELS, Pieces, PreparedInput, QuantKind, QuantMatrix,
+};
 pub use rms_norm::{rms_norm, rms_norm_composed, rms_norm_rows};
 pub use rope::{RopeLayout, RopeTable, rope, rope_composed, rope_rows};
 pub use swiglu::{swiglu, swiglu_composed, swiglu_rows};

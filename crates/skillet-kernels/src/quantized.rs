@@ -8,6 +8,7 @@
 //! with `q` a signed byte. No gradient: training dequantizes instead.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 use half::f16;
@@ -359,6 +360,20 @@ impl PreparedInput {
     }
 }
 
+/// The least weight bytes a member takes at once in
+/// [`QuantMatrix::claim`]: enough that taking a piece (one atomic update
+/// another core may be reading) costs little next to computing it.
+pub const MIN_PIECE_BYTES: usize = 24 << 10;
+
+/// What one member computed of a pass (see [`QuantMatrix::claim`]).
+#[derive(Debug, Default)]
+pub struct Pieces {
+    /// `(weight, o0, o1)`: output rows `o0..o1` of `ws[weight]`.
+    ranges: Vec<(usize, usize, usize)>,
+    /// Their products, one piece after another, each as a task writes it.
+    values: Vec<f32>,
+}
+
 /// Each of `ms`'s products `x Wᵀ` (`[t, rows]`) for rows `x` of width
 /// `cols`, with `x` rounded to integers where `int8` (then no weight is
 /// NF4), prepared once for all of them, in one parallel pass.
@@ -436,37 +451,92 @@ impl QuantMatrix {
         let _ = int8;
     }
 
-    /// Member `member` of `members`' share of each of `ws`'s products over
-    /// `x`, one after the other; [`QuantMatrix::gather`] puts every
-    /// member's share together. The same bits as
-    /// [`QuantMatrix::matmul_each`].
-    pub fn share(
+    /// A team member's part of one pass over each of `ws`'s products with
+    /// `x`: it takes pieces of output rows from `next` (shared by the
+    /// members, 0 before the pass) until none are left, so a member
+    /// slowed by the other tenants of the memory bus takes fewer, and
+    /// returns what it computed. [`QuantMatrix::gather`] puts every
+    /// member's pieces together: the same bits as
+    /// [`QuantMatrix::matmul_each`], whoever computes which piece.
+    ///
+    /// Pieces shrink as the pass runs out (a quarter of what is left for
+    /// two members, down to [`MIN_PIECE_BYTES`] of weights), so the last
+    /// ones end close together.
+    pub fn claim(
         ws: &[&QuantMatrix],
         x: &PreparedInput,
-        member: usize,
+        next: &AtomicUsize,
         members: usize,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Pieces> {
+        Self::claim_least(ws, x, next, members, MIN_PIECE_BYTES)
+    }
+
+    /// [`QuantMatrix::claim`] with pieces of at least `least_bytes`.
+    fn claim_least(
+        ws: &[&QuantMatrix],
+        x: &PreparedInput,
+        next: &AtomicUsize,
+        members: usize,
+        least_bytes: usize,
+    ) -> Result<Pieces> {
         Self::check_pass(ws, x)?;
-        let mut out = Vec::new();
-        for w in ws {
-            let (o0, o1) = share_of(w.rows, members, member);
-            let at = out.len();
-            out.resize(at + x.t * (o1 - o0), 0.0);
-            x.task(w, o0, o1, &mut out[at..]);
+        // Units of 16 output rows (whole AMX / VNNI stripes), weight after
+        // weight; a weight's last unit may be partial.
+        let units: Vec<usize> = ws.iter().map(|w| w.rows.div_ceil(16)).collect();
+        let total: usize = units.iter().sum();
+        let unit_bytes = ws.first().map_or(1, |w| {
+            let bytes = w.quants.len() + 4 * (w.scales.len() + w.mins.len());
+            (16 * bytes / w.rows.max(1)).max(1)
+        });
+        let least = least_bytes.div_ceil(unit_bytes).max(1);
+        let mut pieces = Pieces::default();
+        loop {
+            let at = next.load(Ordering::Relaxed);
+            if at >= total {
+                break;
+            }
+            let take = ((total - at) / (2 * members.max(1)))
+                .max(least)
+                .min(total - at);
+            if next
+                .compare_exchange_weak(at, at + take, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            // Units `at..at + take`, cut where one weight ends.
+            let mut first = 0;
+            for (i, (w, &n)) in ws.iter().zip(&units).enumerate() {
+                let (a, b) = (at.max(first), (at + take).min(first + n));
+                if a < b {
+                    let (o0, o1) = ((a - first) * 16, ((b - first) * 16).min(w.rows));
+                    let from = pieces.values.len();
+                    pieces.values.resize(from + x.t * (o1 - o0), 0.0);
+                    x.task(w, o0, o1, &mut pieces.values[from..]);
+                    pieces.ranges.push((i, o0, o1));
+                }
+                first += n;
+            }
         }
-        Ok(out)
+        Ok(pieces)
     }
 
     /// Each of `ws`'s products (`[t, rows]`) from every member's
-    /// [`QuantMatrix::share`], in member order.
-    pub fn gather(ws: &[&QuantMatrix], x: &PreparedInput, shares: &[&[f32]]) -> Vec<Vec<f32>> {
+    /// [`QuantMatrix::claim`] of one pass.
+    pub fn gather(ws: &[&QuantMatrix], x: &PreparedInput, parts: &[&Pieces]) -> Vec<Vec<f32>> {
         let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; x.t * w.rows]).collect();
-        for (member, share) in shares.iter().enumerate() {
+        for part in parts {
             let mut at = 0;
-            for (w, y) in ws.iter().zip(&mut ys) {
-                let (o0, o1) = share_of(w.rows, shares.len(), member);
+            for &(i, o0, o1) in &part.ranges {
                 let len = x.t * (o1 - o0);
-                place(y, w.rows, x, o0, o1, &share[at..at + len]);
+                place(
+                    &mut ys[i],
+                    ws[i].rows,
+                    x,
+                    o0,
+                    o1,
+                    &part.values[at..at + len],
+                );
                 at += len;
             }
         }
@@ -896,16 +966,26 @@ mod tests {
                 let flat: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let input = PreparedInput::new(&flat, 128, int8);
                 let nf4 = set.iter().any(|w| w.kind == QuantKind::Nf4);
-                for members in 1..=3 {
-                    let shares: Result<Vec<Vec<f32>>> = (0..members)
-                        .map(|m| QuantMatrix::share(&refs, &input, m, members))
-                        .collect();
+                // Pieces of the default size, and of one unit of 16 rows
+                // at least (cut inside the weights).
+                for (members, least) in [(1, MIN_PIECE_BYTES), (2, MIN_PIECE_BYTES), (2, 1), (3, 1)]
+                {
+                    // Each member on a thread of its own, taking pieces
+                    // as they come.
+                    let next = AtomicUsize::new(0);
+                    let parts: Result<Vec<Pieces>> = crate::team::run(members, |_| {
+                        QuantMatrix::claim_least(&refs, &input, &next, members, least)
+                    })
+                    .into_iter()
+                    .collect();
                     if int8 && nf4 {
-                        assert!(shares.is_err());
+                        assert!(parts.is_err());
                         continue;
                     }
-                    let shares = shares.unwrap();
-                    let views: Vec<&[f32]> = shares.iter().map(|v| v.as_slice()).collect();
+                    let parts = parts.unwrap();
+                    let pieces: usize = parts.iter().map(|p| p.ranges.len()).sum();
+                    assert!(least > 1 || pieces > set.len(), "{pieces} pieces");
+                    let views: Vec<&Pieces> = parts.iter().collect();
                     let ys = QuantMatrix::gather(&refs, &input, &views);
                     for (y, want) in ys.iter().zip(&got) {
                         let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();

@@ -15,12 +15,13 @@
 //! Notation: N new tokens, C model width, H query heads, K key/value
 //! heads, D head width.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use skillet_kernels::team::{self, Aborted, Member};
 use skillet_kernels::{
-    CachedAttention, CachedSeq, PreparedInput, QuantMatrix, RopeLayout, RopeTable, rms_norm_rows,
-    rope_rows, swiglu_rows,
+    CachedAttention, CachedSeq, Pieces, PreparedInput, QuantMatrix, RopeLayout, RopeTable,
+    rms_norm_rows, rope_rows, swiglu_rows,
 };
 
 use crate::cache::KvCache;
@@ -104,11 +105,16 @@ fn take<const K: usize>(ys: Option<Vec<Vec<f32>>>) -> Option<[Vec<f32>; K]> {
 struct Shared<'c> {
     /// The input of the current product pass.
     input: RwLock<Option<PreparedInput>>,
+    /// Where the current pass's next piece starts (see
+    /// [`QuantMatrix::claim`]).
+    next: AtomicUsize,
     /// The current layer's rotated queries, `[N, H, D]`.
     q: RwLock<Vec<f32>>,
     cache: RwLock<&'c mut KvCache>,
-    /// Each member's results of the current phase.
+    /// Each member's attention results.
     shares: Vec<Mutex<Vec<f32>>>,
+    /// Each member's pieces of the current product pass.
+    pieces: Vec<Mutex<Pieces>>,
 }
 
 /// Runs the call on `threads` members (the caller among them).
@@ -135,10 +141,14 @@ pub(crate) fn decode(d: &DecodeInput, cache: &mut KvCache, threads: usize) -> Re
     let final_norm = d.norm.values()?;
     let shared = Shared {
         input: RwLock::new(None),
+        next: AtomicUsize::new(0),
         q: RwLock::new(Vec::new()),
         cache: RwLock::new(cache),
         shares: (0..threads.max(1))
             .map(|_| Mutex::new(Vec::new()))
+            .collect(),
+        pieces: (0..threads.max(1))
+            .map(|_| Mutex::new(Pieces::default()))
             .collect(),
     };
     let results = team::run(threads, |m| member(m, &shared, d, &norms, &final_norm));
@@ -259,14 +269,16 @@ fn member(
 }
 
 impl Shared<'_> {
-    /// Sets the next pass's input (the lead, between barriers).
+    /// Sets the next pass's input (the lead, between barriers, after
+    /// every member has finished the pass before).
     fn set_input(&self, x: &[f32], cols: usize, int8: bool) {
         *self.input.write().expect("no member panicked holding it") =
             Some(PreparedInput::new(x, cols, int8));
+        self.next.store(0, Ordering::Relaxed);
     }
 
     /// One pass of products over the input the lead set: every member
-    /// computes its share, and the lead gets the products.
+    /// takes pieces until none are left, and the lead gets the products.
     fn pass(
         &self,
         m: &Member,
@@ -276,10 +288,10 @@ impl Shared<'_> {
         {
             let input = self.input.read().expect("no member panicked holding it");
             let input = input.as_ref().expect("the lead set the input");
-            let share = QuantMatrix::share(ws, input, m.index(), m.members())?;
-            *self.shares[m.index()]
+            let pieces = QuantMatrix::claim(ws, input, &self.next, m.members())?;
+            *self.pieces[m.index()]
                 .lock()
-                .expect("no member panicked holding it") = share;
+                .expect("no member panicked holding it") = pieces;
         }
         m.sync()?;
         if !m.is_lead() {
@@ -287,12 +299,12 @@ impl Shared<'_> {
         }
         let input = self.input.read().expect("no member panicked holding it");
         let input = input.as_ref().expect("the lead set the input");
-        let shares: Vec<_> = self
-            .shares
+        let pieces: Vec<_> = self
+            .pieces
             .iter()
             .map(|s| s.lock().expect("no member panicked holding it"))
             .collect();
-        let views: Vec<&[f32]> = shares.iter().map(|g| g.as_slice()).collect();
+        let views: Vec<&Pieces> = pieces.iter().map(|g| &**g).collect();
         Ok(Some(QuantMatrix::gather(ws, input, &views)))
     }
 }
