@@ -58,7 +58,7 @@ pub(super) unsafe fn rows(w: &WeightRows, x: &Int8Rows, stripes: usize, out: &mu
     let rows = stripes * STRIPE;
     assert!(w.quants.len() >= rows * nb * per_row && w.scales.len() >= rows * nb);
     assert!(w.kind != QuantKind::Q4_1 || w.mins.len() >= rows * nb);
-    assert!(x.q.len() >= x.t.div_ceil(LANES) * nb * GROUP_BLOCK);
+    assert!(x.lanes == LANES && x.q.len() >= x.t.div_ceil(LANES) * nb * GROUP_BLOCK);
     assert!(out.len() >= rows * x.t);
     let groups = x.t.div_ceil(LANES);
     // Two sets of tiles and buffers, so that block `b + 1`'s tile

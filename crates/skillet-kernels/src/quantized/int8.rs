@@ -20,19 +20,24 @@ pub(super) const LANES: usize = 16;
 pub(super) const GROUP_BLOCK: usize = BLOCK * LANES;
 
 /// Input rows rounded block by block, in groups of `LANES` rows (the last
-/// padded with zero rows).
+/// padded with zero rows), each group `lanes` wide: `LANES` where the AMX
+/// kernels read them (tiles of 16 columns), else the rows there are when
+/// fewer, so a decode step's single row takes one byte per value, not 16.
 pub(super) struct Int8Rows {
     /// Rows.
     pub t: usize,
     /// Blocks per row.
     pub nb: usize,
-    /// `[group][block][8][LANES][4]` rounded values.
+    /// Rows a group holds room for: `LANES`, or `t` when smaller and no
+    /// AMX kernel runs.
+    pub lanes: usize,
+    /// `[group][block][8][lanes][4]` rounded values.
     pub q: Vec<i8>,
-    /// `[group][block][LANES]` block scales `d`.
+    /// `[group][block][lanes]` block scales `d`.
     pub d: Vec<f32>,
-    /// `[group][block][LANES]` sums `d·Σq` (in f16).
+    /// `[group][block][lanes]` sums `d·Σq` (in f16).
     pub sums: Vec<f32>,
-    /// `[group][block][LANES]` integer sums `Σq`.
+    /// `[group][block][lanes]` integer sums `Σq`.
     pub qsum: Vec<i32>,
 }
 
@@ -42,13 +47,19 @@ impl Int8Rows {
         let t = x.len() / cols;
         let nb = cols / BLOCK;
         let groups = t.div_ceil(LANES);
+        #[cfg(target_arch = "x86_64")]
+        let tiles = super::amx::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let tiles = false;
+        let lanes = if tiles { LANES } else { t.clamp(1, LANES) };
         let mut rows = Self {
             t,
             nb,
-            q: vec![0; groups * nb * GROUP_BLOCK],
-            d: vec![0.0; groups * nb * LANES],
-            sums: vec![0.0; groups * nb * LANES],
-            qsum: vec![0; groups * nb * LANES],
+            lanes,
+            q: vec![0; groups * nb * BLOCK * lanes],
+            d: vec![0.0; groups * nb * lanes],
+            sums: vec![0.0; groups * nb * lanes],
+            qsum: vec![0; groups * nb * lanes],
         };
         #[cfg(target_arch = "x86_64")]
         if wide_rounding() {
@@ -95,23 +106,29 @@ impl Int8Rows {
         self.d[at] = block.d;
         self.sums[at] = block.sum;
         self.qsum[at] = block.qsum;
-        let tile = &mut self.q[(at - at % LANES) * BLOCK..][..GROUP_BLOCK];
-        let n = r % LANES;
+        let first = self.value(r, b);
         for kk in 0..BLOCK / 4 {
-            tile[kk * LANES * 4 + n * 4..][..4].copy_from_slice(&block.q[4 * kk..4 * kk + 4]);
+            self.q[first + kk * self.lanes * 4..][..4]
+                .copy_from_slice(&block.q[4 * kk..4 * kk + 4]);
         }
     }
 
     /// Row `r`'s rounded values of block `b`.
     fn block(&self, r: usize, b: usize) -> [i8; BLOCK] {
-        let (g, n) = (r / LANES, r % LANES);
-        let tile = &self.q[(g * self.nb + b) * GROUP_BLOCK..];
-        std::array::from_fn(|k| tile[(k / 4) * LANES * 4 + n * 4 + k % 4])
+        let first = self.value(r, b);
+        std::array::from_fn(|k| self.q[first + (k / 4) * self.lanes * 4 + k % 4])
     }
 
     /// Index of row `r`'s scale and sums of block `b`.
     pub fn at(&self, r: usize, b: usize) -> usize {
-        ((r / LANES) * self.nb + b) * LANES + r % LANES
+        ((r / LANES) * self.nb + b) * self.lanes + r % LANES
+    }
+
+    /// Index in `q` of row `r`'s first rounded value of block `b`; values
+    /// `4kk..4kk + 4` are `4·lanes·kk` further on.
+    pub fn value(&self, r: usize, b: usize) -> usize {
+        let n = r % LANES;
+        (self.at(r, b) - n) * BLOCK + 4 * n
     }
 }
 

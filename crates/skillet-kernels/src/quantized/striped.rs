@@ -24,7 +24,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::int8::{GROUP_BLOCK, Int8Rows, LANES};
+use super::int8::Int8Rows;
 use super::{BLOCK, QuantKind, QuantMatrix};
 
 /// Output rows per stripe (one register's lanes).
@@ -148,7 +148,7 @@ pub(super) unsafe fn rows(
     let t = x.t;
     assert!(stripes.end <= w.stripes && x.nb == w.nb);
     assert!(out.len() >= stripes.len() * STRIPE * t);
-    assert!(x.q.len() >= t.div_ceil(LANES) * w.nb * GROUP_BLOCK);
+    assert!(t == 0 || w.nb == 0 || x.q.len() >= x.value(t - 1, w.nb - 1) + 28 * x.lanes + 4);
     for (i, s) in stripes.enumerate() {
         let out = &mut out[i * STRIPE * t..];
         let mut r0 = 0;
@@ -185,12 +185,9 @@ unsafe fn group<const G: usize, const Q4: bool>(
     let nibble = _mm512_set1_epi8(15);
     let mut acc = [_mm512_setzero_ps(); G];
     // Each row's rounded values of block 0 (see `Int8Rows::q`); block b's
-    // are GROUP_BLOCK bytes further on.
-    let xq: [*const i8; G] = std::array::from_fn(|i| {
-        let r = r0 + i;
-        x.q.as_ptr()
-            .add((r / LANES) * nb * GROUP_BLOCK + (r % LANES) * 4)
-    });
+    // are `32·lanes` bytes further on, values 4kk.. `4·lanes·kk`.
+    let lanes = x.lanes;
+    let xq: [*const i8; G] = std::array::from_fn(|i| x.q.as_ptr().add(x.value(r0 + i, 0)));
     for b in 0..nb {
         let rec = w.lines.as_ptr().add((s * nb + b) * record) as *const __m512i;
         let mut weights = [_mm512_setzero_si512(); 8];
@@ -218,12 +215,12 @@ unsafe fn group<const G: usize, const Q4: bool>(
             (_mm512_load_ps(last as *const f32), _mm512_setzero_ps())
         };
         for (i, acc) in acc.iter_mut().enumerate() {
-            let xb = xq[i].add(b * GROUP_BLOCK);
+            let xb = xq[i].add(b * BLOCK * lanes);
             // Four partial sums, so the additions do not wait on each
             // other (integer sums: the order does not change them).
             let mut part = [_mm512_setzero_si512(); 4];
             for (kk, wk) in weights.iter().enumerate() {
-                let four = (xb.add(kk * LANES * 4) as *const i32).read_unaligned();
+                let four = (xb.add(kk * lanes * 4) as *const i32).read_unaligned();
                 part[kk % 4] = _mm512_dpbusd_epi32(part[kk % 4], *wk, _mm512_set1_epi32(four));
             }
             let mut sum = _mm512_add_epi32(

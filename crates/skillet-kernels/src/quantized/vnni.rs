@@ -45,7 +45,7 @@ pub(super) unsafe fn q4_1_rows(w: &WeightRows, x: &Int8Rows, stripes: usize, out
     assert!(w.kind == QuantKind::Q4_1 && t <= MAX_ROWS);
     assert!(w.quants.len() >= rows * nb * 16 && w.scales.len() >= rows * nb);
     assert!(w.mins.len() >= rows * nb && out.len() >= rows * t);
-    assert!(x.q.len() >= nb * GROUP_BLOCK && x.d.len() >= nb * LANES);
+    assert!(x.lanes == LANES && x.q.len() >= nb * GROUP_BLOCK && x.d.len() >= nb * LANES);
     // Row o's scale of block b is at `o · nb + b`.
     let lanes = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
