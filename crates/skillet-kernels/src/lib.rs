@@ -56,7 +56,7 @@ pub use lora_rows::{LoraFactors, lora_rows};
 pub use quantized::{
     MIN_PIECE_BYTES, NF4_BLOCK, NF4_LEVELS, Pieces, PreparedInput, QuantKind, QuantMatrix,
 };
-pub use rms_norm::{rms_norm, rms_norm_composed, rms_norm_rows};
+pub use rms_norm::{rms_norm, rms_norm_composed, rms_norm_rows, rms_norm_rows_into};
 pub use rope::{RopeLayout, RopeTable, rope, rope_composed, rope_rows};
 pub use swiglu::{swiglu, swiglu_composed, swiglu_rows};
 pub use swiglu_down::swiglu_down;

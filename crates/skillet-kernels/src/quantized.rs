@@ -345,6 +345,17 @@ impl PreparedInput {
         }
     }
 
+    /// [`PreparedInput::new`] in this input's room (for int8 inputs; f32
+    /// ones are made anew).
+    pub fn refill(&mut self, x: &[f32], cols: usize, int8: bool) {
+        match (&mut self.rows, int8) {
+            (Prepared::Int8(rows), true) => rows.refill(x, cols),
+            _ => *self = Self::new(x, cols, int8),
+        }
+        self.t = x.len() / cols.max(1);
+        self.cols = cols;
+    }
+
     /// Output rows `o0..o1` of `w`'s product into `out`: `[t, o1 - o0]`,
     /// or `[o1 - o0, t]` for int8 inputs (see [`PreparedInput::transposed`]).
     fn task(&self, w: &QuantMatrix, o0: usize, o1: usize, out: &mut [f32]) {
@@ -455,7 +466,8 @@ impl QuantMatrix {
     /// `x`: it takes pieces of output rows from `next` (shared by the
     /// members, 0 before the pass) until none are left, so a member
     /// slowed by the other tenants of the memory bus takes fewer, and
-    /// returns what it computed. [`QuantMatrix::gather`] puts every
+    /// puts what it computed in `pieces` (emptied first, its room kept).
+    /// [`QuantMatrix::gather`] puts every
     /// member's pieces together: the same bits as
     /// [`QuantMatrix::matmul_each`], whoever computes which piece.
     ///
@@ -467,8 +479,9 @@ impl QuantMatrix {
         x: &PreparedInput,
         next: &AtomicUsize,
         members: usize,
-    ) -> Result<Pieces> {
-        Self::claim_least(ws, x, next, members, MIN_PIECE_BYTES)
+        pieces: &mut Pieces,
+    ) -> Result<()> {
+        Self::claim_least(ws, x, next, members, MIN_PIECE_BYTES, pieces)
     }
 
     /// [`QuantMatrix::claim`] with pieces of at least `least_bytes`.
@@ -478,7 +491,10 @@ impl QuantMatrix {
         next: &AtomicUsize,
         members: usize,
         least_bytes: usize,
-    ) -> Result<Pieces> {
+        pieces: &mut Pieces,
+    ) -> Result<()> {
+        pieces.ranges.clear();
+        pieces.values.clear();
         Self::check_pass(ws, x)?;
         // Units of 16 output rows (whole AMX / VNNI stripes), weight after
         // weight; a weight's last unit may be partial.
@@ -489,7 +505,6 @@ impl QuantMatrix {
             (16 * bytes / w.rows.max(1)).max(1)
         });
         let least = least_bytes.div_ceil(unit_bytes).max(1);
-        let mut pieces = Pieces::default();
         loop {
             let at = next.load(Ordering::Relaxed);
             if at >= total {
@@ -518,13 +533,23 @@ impl QuantMatrix {
                 first += n;
             }
         }
-        Ok(pieces)
+        Ok(())
     }
 
     /// Each of `ws`'s products (`[t, rows]`) from every member's
-    /// [`QuantMatrix::claim`] of one pass.
-    pub fn gather(ws: &[&QuantMatrix], x: &PreparedInput, parts: &[&Pieces]) -> Vec<Vec<f32>> {
-        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; x.t * w.rows]).collect();
+    /// [`QuantMatrix::claim`] of one pass, into `ys` (one per weight, their
+    /// room kept).
+    pub fn gather(
+        ws: &[&QuantMatrix],
+        x: &PreparedInput,
+        parts: &[&Pieces],
+        ys: &mut Vec<Vec<f32>>,
+    ) {
+        ys.resize_with(ws.len(), Vec::new);
+        for (y, w) in ys.iter_mut().zip(ws) {
+            y.clear();
+            y.resize(x.t * w.rows, 0.0);
+        }
         for part in parts {
             let mut at = 0;
             for &(i, o0, o1) in &part.ranges {
@@ -540,7 +565,6 @@ impl QuantMatrix {
                 at += len;
             }
         }
-        ys
     }
 
     fn check_pass(ws: &[&QuantMatrix], x: &PreparedInput) -> Result<()> {
@@ -974,7 +998,9 @@ mod tests {
                     // as they come.
                     let next = AtomicUsize::new(0);
                     let parts: Result<Vec<Pieces>> = crate::team::run(members, |_| {
-                        QuantMatrix::claim_least(&refs, &input, &next, members, least)
+                        let mut pieces = Pieces::default();
+                        QuantMatrix::claim_least(&refs, &input, &next, members, least, &mut pieces)
+                            .map(|_| pieces)
                     })
                     .into_iter()
                     .collect();
@@ -986,7 +1012,9 @@ mod tests {
                     let pieces: usize = parts.iter().map(|p| p.ranges.len()).sum();
                     assert!(least > 1 || pieces > set.len(), "{pieces} pieces");
                     let views: Vec<&Pieces> = parts.iter().collect();
-                    let ys = QuantMatrix::gather(&refs, &input, &views);
+                    let mut ys = vec![vec![f32::NAN; 3]; 9];
+                    QuantMatrix::gather(&refs, &input, &views, &mut ys);
+                    assert_eq!(ys.len(), refs.len());
                     for (y, want) in ys.iter().zip(&got) {
                         let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
                         assert_eq!(y, &want, "{members} members, {t} rows, int8 {int8}");

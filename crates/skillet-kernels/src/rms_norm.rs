@@ -127,9 +127,16 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// [`rms_norm`]'s values for plain rows (`x` rows of `w.len()`), on the
 /// calling thread: the same bits.
 pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    forward_rows(x, w, &mut y, eps as f32);
+    let mut y = Vec::new();
+    rms_norm_rows_into(x, w, eps, &mut y);
     y
+}
+
+/// [`rms_norm_rows`] into `y`, in the room it has.
+pub fn rms_norm_rows_into(x: &[f32], w: &[f32], eps: f64, y: &mut Vec<f32>) {
+    y.clear();
+    y.resize(x.len(), 0.0);
+    forward_rows(x, w, y, eps as f32);
 }
 
 /// The same from composed candle ops (the reference the fused op is tested

@@ -21,7 +21,7 @@ use std::sync::{Mutex, RwLock};
 use skillet_kernels::team::{self, Aborted, Member};
 use skillet_kernels::{
     CachedAttention, CachedSeq, Pieces, PreparedInput, QuantMatrix, RopeLayout, RopeTable,
-    rms_norm_rows, rope_rows, swiglu_rows,
+    rms_norm_rows, rms_norm_rows_into, rope_rows, swiglu_rows,
 };
 
 use crate::cache::KvCache;
@@ -93,11 +93,6 @@ impl From<candle_core::Error> for Stop {
     fn from(e: candle_core::Error) -> Self {
         Stop::Failed(e.into())
     }
-}
-
-/// The lead's products of a pass, as an array of `K`.
-fn take<const K: usize>(ys: Option<Vec<Vec<f32>>>) -> Option<[Vec<f32>; K]> {
-    ys.and_then(|ys| ys.try_into().ok())
 }
 
 /// What the members share. A lock is only ever held between two barriers,
@@ -182,17 +177,22 @@ fn member(
     let c = d.norm_width();
     let n = d.x.len() / c;
     let mut x = if lead { d.x.clone() } else { Vec::new() }; // [N,C]
+    // The lead's buffers, kept from pass to pass: a pass's products, and a
+    // norm's or the attention's output.
+    let mut ys: Vec<Vec<f32>> = Vec::new();
+    let mut out = Vec::new();
     for (li, (l, (w_in, w_post))) in d.layers.iter().zip(norms).enumerate() {
         let a = l.attn;
         let (h, k, hd) = (a.heads, a.kv_heads, a.head_dim);
         if lead {
-            s.set_input(&rms_norm_rows(&x, w_in, l.input_norm.eps), c, d.int8);
+            rms_norm_rows_into(&x, w_in, l.input_norm.eps, &mut out);
+            s.set_input(&out, c, d.int8);
         }
-        let qkv = s.pass(m, &l.qkv)?;
-        if let Some([q, kk, v]) = take(qkv) {
+        if s.pass(m, &l.qkv, &mut ys)? {
+            let (q, kk, v) = (&ys[0], &ys[1], &ys[2]);
             let rope = &d.ropes[a.kind.rope];
-            let q = rope_rows(&q, h, rope, RopeLayout::Half)?; // [N,H,D]
-            let kk = rope_rows(&kk, k, rope, RopeLayout::Half)?; // [N,K,D]
+            let q = rope_rows(q, h, rope, RopeLayout::Half)?; // [N,H,D]
+            let kk = rope_rows(kk, k, rope, RopeLayout::Half)?; // [N,K,D]
             let mut cache = s.cache.write().expect("no member panicked holding it");
             let mut row = 0;
             for sp in d.spans {
@@ -209,20 +209,21 @@ fn member(
             let seqs = cached_seqs(&cache, li, d.spans);
             let plan = CachedAttention::new((n, h, hd), k, &seqs, a.kind.window, a.kind.scale)?;
             let q = s.q.read().expect("no member panicked holding it");
-            let mut part = Vec::new();
+            let mut part = s.shares[m.index()]
+                .lock()
+                .expect("no member panicked holding it");
+            part.clear();
             for t in (m.index()..plan.tasks()).step_by(m.members()) {
                 part.extend(plan.run(t, &q));
             }
-            *s.shares[m.index()]
-                .lock()
-                .expect("no member panicked holding it") = part;
         }
         m.sync()?;
         if lead {
             let cache = s.cache.read().expect("no member panicked holding it");
             let seqs = cached_seqs(&cache, li, d.spans);
             let plan = CachedAttention::new((n, h, hd), k, &seqs, a.kind.window, a.kind.scale)?;
-            let mut out = vec![0f32; n * h * hd]; // [N,H,D]
+            out.clear();
+            out.resize(n * h * hd, 0.0); // [N,H,D]
             for (i, share) in s.shares.iter().enumerate() {
                 let share = share.lock().expect("no member panicked holding it");
                 let mut at = 0;
@@ -234,16 +235,17 @@ fn member(
             }
             s.set_input(&out, h * hd, d.int8);
         }
-        if let Some([o]) = take(s.pass(m, &[l.o])?) {
-            add_in(&mut x, &o);
-            s.set_input(&rms_norm_rows(&x, w_post, l.post_norm.eps), c, d.int8);
+        if s.pass(m, &[l.o], &mut ys)? {
+            add_in(&mut x, &ys[0]);
+            rms_norm_rows_into(&x, w_post, l.post_norm.eps, &mut out);
+            s.set_input(&out, c, d.int8);
         }
-        if let Some([gate, up]) = take(s.pass(m, &l.gate_up)?) {
-            let act = swiglu_rows(&gate, &up);
+        if s.pass(m, &l.gate_up, &mut ys)? {
+            let act = swiglu_rows(&ys[0], &ys[1]);
             s.set_input(&act, act.len() / n, d.int8);
         }
-        if let Some([down]) = take(s.pass(m, &[l.down])?) {
-            add_in(&mut x, &down);
+        if s.pass(m, &[l.down], &mut ys)? {
+            add_in(&mut x, &ys[0]);
         }
     }
     // The final norm of the rows whose logits are wanted, then the head.
@@ -262,7 +264,10 @@ fn member(
         Vec::new()
     };
     let logits = match d.head {
-        Some(head) => s.pass(m, &[head])?.and_then(|mut ys| ys.pop()),
+        Some(head) => match s.pass(m, &[head], &mut ys)? {
+            true => ys.pop(),
+            false => None,
+        },
         None => None,
     };
     Ok(lead.then_some(DecodeOutput { hidden, logits }))
@@ -270,32 +275,37 @@ fn member(
 
 impl Shared<'_> {
     /// Sets the next pass's input (the lead, between barriers, after
-    /// every member has finished the pass before).
+    /// every member has finished the pass before), in the last one's room.
     fn set_input(&self, x: &[f32], cols: usize, int8: bool) {
-        *self.input.write().expect("no member panicked holding it") =
-            Some(PreparedInput::new(x, cols, int8));
+        let mut input = self.input.write().expect("no member panicked holding it");
+        match input.as_mut() {
+            Some(input) => input.refill(x, cols, int8),
+            None => *input = Some(PreparedInput::new(x, cols, int8)),
+        }
         self.next.store(0, Ordering::Relaxed);
     }
 
     /// One pass of products over the input the lead set: every member
-    /// takes pieces until none are left, and the lead gets the products.
+    /// takes pieces until none are left, and the lead gets the products
+    /// in `ys` (one per weight) and `true`.
     fn pass(
         &self,
         m: &Member,
         ws: &[&QuantMatrix],
-    ) -> std::result::Result<Option<Vec<Vec<f32>>>, Stop> {
+        ys: &mut Vec<Vec<f32>>,
+    ) -> std::result::Result<bool, Stop> {
         m.sync()?;
         {
             let input = self.input.read().expect("no member panicked holding it");
             let input = input.as_ref().expect("the lead set the input");
-            let pieces = QuantMatrix::claim(ws, input, &self.next, m.members())?;
-            *self.pieces[m.index()]
+            let mut pieces = self.pieces[m.index()]
                 .lock()
-                .expect("no member panicked holding it") = pieces;
+                .expect("no member panicked holding it");
+            QuantMatrix::claim(ws, input, &self.next, m.members(), &mut pieces)?;
         }
         m.sync()?;
         if !m.is_lead() {
-            return Ok(None);
+            return Ok(false);
         }
         let input = self.input.read().expect("no member panicked holding it");
         let input = input.as_ref().expect("the lead set the input");
@@ -305,7 +315,8 @@ impl Shared<'_> {
             .map(|s| s.lock().expect("no member panicked holding it"))
             .collect();
         let views: Vec<&Pieces> = pieces.iter().map(|g| &**g).collect();
-        Ok(Some(QuantMatrix::gather(ws, input, &views)))
+        QuantMatrix::gather(ws, input, &views, ys);
+        Ok(true)
     }
 }
 

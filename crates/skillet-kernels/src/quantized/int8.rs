@@ -44,6 +44,21 @@ pub(super) struct Int8Rows {
 impl Int8Rows {
     /// Rounds `x` (rows of `cols`).
     pub fn prepare(x: &[f32], cols: usize) -> Self {
+        let mut rows = Self {
+            t: 0,
+            nb: 0,
+            lanes: 0,
+            q: Vec::new(),
+            d: Vec::new(),
+            sums: Vec::new(),
+            qsum: Vec::new(),
+        };
+        rows.refill(x, cols);
+        rows
+    }
+
+    /// [`Int8Rows::prepare`] into these buffers, reusing their room.
+    pub fn refill(&mut self, x: &[f32], cols: usize) {
         let t = x.len() / cols;
         let nb = cols / BLOCK;
         let groups = t.div_ceil(LANES);
@@ -52,23 +67,19 @@ impl Int8Rows {
         #[cfg(not(target_arch = "x86_64"))]
         let tiles = false;
         let lanes = if tiles { LANES } else { t.clamp(1, LANES) };
-        let mut rows = Self {
-            t,
-            nb,
-            lanes,
-            q: vec![0; groups * nb * BLOCK * lanes],
-            d: vec![0.0; groups * nb * lanes],
-            sums: vec![0.0; groups * nb * lanes],
-            qsum: vec![0; groups * nb * lanes],
-        };
+        (self.t, self.nb, self.lanes) = (t, nb, lanes);
+        // Zeros where a partial group has no row.
+        zeroed(&mut self.q, groups * nb * BLOCK * lanes);
+        zeroed(&mut self.d, groups * nb * lanes);
+        zeroed(&mut self.sums, groups * nb * lanes);
+        zeroed(&mut self.qsum, groups * nb * lanes);
         #[cfg(target_arch = "x86_64")]
         if wide_rounding() {
             // SAFETY: the CPU has the instructions (just checked).
-            unsafe { rows.fill_avx512(x, cols) };
-            return rows;
+            unsafe { self.fill_avx512(x, cols) };
+            return;
         }
-        rows.fill_portable(x, cols);
-        rows
+        self.fill_portable(x, cols);
     }
 
     /// [`Int8Rows::prepare`]'s rounding with plain loops.
@@ -130,6 +141,12 @@ impl Int8Rows {
         let n = r % LANES;
         (self.at(r, b) - n) * BLOCK + 4 * n
     }
+}
+
+/// `v` as `n` zeros, in the room it has.
+fn zeroed<T: Default + Copy>(v: &mut Vec<T>, n: usize) {
+    v.clear();
+    v.resize(n, T::default());
 }
 
 /// One block rounded (see [`round_block`]).
