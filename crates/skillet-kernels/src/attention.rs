@@ -469,13 +469,26 @@ mod tests {
     fn bf16_products_stay_within_bf16_rounding_of_f32() {
         // 300 positions: five query tiles, two key blocks; GQA 6/2; a
         // second packed example from 290; width 40 (padded to 64 on the
-        // tiles).
+        // tiles). Then a window of 70, so the queries' first keys are not
+        // where the packed keys' blocks start.
         let (b, t, h, k, d) = (1, 300, 6, 2, 40);
         let segments: Vec<u32> = (0..t).map(|i| u32::from(i >= 290)).collect();
-        let mask = AttentionMask::causal(b, t, t)
+        let packed = AttentionMask::causal(b, t, t)
             .unwrap()
             .with_segments(segments)
             .unwrap();
+        let window = AttentionMask::causal(b, t, t)
+            .unwrap()
+            .with_window(Some(70));
+        for mask in [packed, window] {
+            bf16_within_rounding(&mask, (b, t, h, k, d));
+        }
+    }
+
+    fn bf16_within_rounding(
+        mask: &AttentionMask,
+        (b, t, h, k, d): (usize, usize, usize, usize, usize),
+    ) {
         let rope = table(t, 290, d);
         let inputs = [
             random(&[b, t, h, d], 21, 1.0),
@@ -489,7 +502,7 @@ mod tests {
                     &a[0],
                     &a[1],
                     &a[2],
-                    &mask,
+                    mask,
                     scale,
                     &rope,
                     RopeLayout::Half,

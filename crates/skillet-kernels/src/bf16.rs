@@ -354,6 +354,118 @@ impl Panels for DensePanels<'_> {
     }
 }
 
+/// Runs of a matrix's rows start at a multiple of this to be read from a
+/// [`BothWays`] packing (whole column blocks of 16 rows, whole pairs).
+pub(crate) const ROW_ALIGN: usize = KSTEP;
+
+/// A dense f32 `W` (`[rows, cols]`, rows `stride` values apart: a key or
+/// value head of a `[S, heads, D]` tensor) packed once in the tile layout
+/// both ways, so that the products of many tiles over runs of its rows
+/// (attention's key blocks) read stored column blocks instead of packing
+/// the same rows again for each tile. The values are [`DensePanels`]'.
+pub(crate) struct BothWays {
+    rows: usize,
+    cols: usize,
+    /// `Wᵀ` (`[cols, rows]`): column block `j` is rows `16j..16j + 16` of
+    /// `W`, `padded(cols)` pair positions each.
+    t: Vec<u16>,
+    /// `W`: column block `j` is columns `16j..16j + 16`, `kp` pair
+    /// positions each (zeros from `rows` on).
+    w: Vec<u16>,
+    /// `padded(rows)` and one more step, so a run ending at the last row
+    /// still has its padding inside the block.
+    kp: usize,
+}
+
+impl BothWays {
+    pub(crate) fn new(w: &[f32], rows: usize, cols: usize, stride: usize) -> Self {
+        let (cp, kp) = (padded(cols), padded(rows) + KSTEP);
+        let mut scratch = vec![0u16; kp * TILE];
+        let by_rows = DensePanels::strided(w, rows, cols, stride, true);
+        let mut t = vec![0u16; rows.div_ceil(TILE) * cp * TILE];
+        for (j, block) in t.chunks_exact_mut(cp * TILE).enumerate() {
+            scratch.fill(0);
+            block.copy_from_slice(&by_rows.panel(j, &mut scratch[..cp * TILE])[..cp * TILE]);
+        }
+        let by_cols = DensePanels::strided(w, rows, cols, stride, false);
+        let len = padded(rows) * TILE;
+        let mut wb = vec![0u16; cols.div_ceil(TILE) * kp * TILE];
+        for (j, block) in wb.chunks_exact_mut(kp * TILE).enumerate() {
+            scratch.fill(0);
+            block[..len].copy_from_slice(&by_cols.panel(j, &mut scratch[..len])[..len]);
+        }
+        Self {
+            rows,
+            cols,
+            t,
+            w: wb,
+            kp,
+        }
+    }
+
+    /// `B` = rows `j0..j0 + n` of `W` transposed (`[cols, n]`).
+    pub(crate) fn rows_t(&self, j0: usize, n: usize) -> StoredRows<'_> {
+        self.view(j0, n, true)
+    }
+
+    /// `B` = rows `j0..j0 + n` of `W` (`[n, cols]`).
+    pub(crate) fn rows(&self, j0: usize, n: usize) -> StoredRows<'_> {
+        self.view(j0, n, false)
+    }
+
+    fn view(&self, j0: usize, n: usize, transposed: bool) -> StoredRows<'_> {
+        assert!(
+            j0.is_multiple_of(ROW_ALIGN) && j0 + n <= self.rows,
+            "packed rows {j0}..{} of {}",
+            j0 + n,
+            self.rows
+        );
+        StoredRows {
+            m: self,
+            j0,
+            n,
+            transposed,
+        }
+    }
+}
+
+/// Rows of a [`BothWays`] as the right operand of a tile product.
+pub(crate) struct StoredRows<'a> {
+    m: &'a BothWays,
+    j0: usize,
+    n: usize,
+    transposed: bool,
+}
+
+impl Panels for StoredRows<'_> {
+    fn k(&self) -> usize {
+        if self.transposed { self.m.cols } else { self.n }
+    }
+
+    fn n(&self) -> usize {
+        if self.transposed { self.n } else { self.m.cols }
+    }
+
+    fn panel<'a>(&'a self, j: usize, _: &'a mut [u16]) -> &'a [u16] {
+        if self.transposed {
+            // Rows from j0 are whole column blocks from j0 / 16; columns
+            // past `n` are the next rows, which the product ignores.
+            let len = padded(self.m.cols) * TILE;
+            &self.m.t[(self.j0 / TILE + j) * len..][..len]
+        } else {
+            // Pair positions from j0 / 2 of column block j; positions past
+            // `n` hold the next rows (or zeros), against the left operand's
+            // zero padding.
+            let len = padded(self.n) * TILE;
+            &self.m.w[(j * self.m.kp + self.j0) * TILE..][..len]
+        }
+    }
+
+    fn computed(&self) -> bool {
+        false
+    }
+}
+
 /// `out = a · B` for `a` (`[m, k]` f32 row-major, rounded to bf16 here)
 /// into `out` (`[m, n]` row-major), on the global thread pool.
 pub fn matmul_bf16(a: &[f32], m: usize, b: &Bf16Matrix, out: &mut [f32]) {

@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::Attention;
-use crate::bf16::{DensePanels, matmul_panels_serial};
+use crate::bf16::{BothWays, DensePanels, Panels, ROW_ALIGN, StoredRows, matmul_panels_serial};
 use crate::gemm::{Out, View, matmul};
 use crate::reused::hand_back;
 use crate::vec::{dot, exp_shifted_sum, max, scale};
@@ -66,13 +66,34 @@ impl Dims {
         ((b * self.t + i) * self.h + head) * self.d
     }
 
-    /// Key/value head `kh` of sequence `b` from key `lo` (`[S', D]`) as
-    /// a product's right operand, or its transpose.
-    fn kv<'a>(&self, data: &'a [f32], b: usize, kh: usize, lo: usize, transposed: bool) -> Rhs<'a> {
+    /// Keys `lo..lo + n` of key/value head `kh` of sequence `b`
+    /// (`[n, D]`) as a product's right operand, or its transpose: from
+    /// `packed` (that head's packing of `data`) where given and `lo` is
+    /// aligned.
+    #[allow(clippy::too_many_arguments)]
+    fn kv<'a>(
+        &self,
+        data: &'a [f32],
+        packed: Option<&'a [BothWays]>,
+        b: usize,
+        kh: usize,
+        (lo, n): (usize, usize),
+        transposed: bool,
+    ) -> Rhs<'a> {
+        let stored = packed
+            .filter(|_| lo.is_multiple_of(ROW_ALIGN))
+            .map(|heads| {
+                let head = &heads[b * self.k + kh];
+                match transposed {
+                    true => head.rows_t(lo, n),
+                    false => head.rows(lo, n),
+                }
+            });
         Rhs {
             w: &data[((b * self.s + lo) * self.k + kh) * self.d..],
             stride: self.k * self.d,
             transposed,
+            stored,
         }
     }
 
@@ -149,11 +170,41 @@ struct KeyGrads<'a> {
 
 /// The right operand of a tile product: `W` (`[k, n]`) or, `transposed`,
 /// `Wᵀ` (`W` `[n, k]`), its rows `stride` values apart in `w`.
-#[derive(Clone, Copy)]
 struct Rhs<'a> {
     w: &'a [f32],
     stride: usize,
     transposed: bool,
+    /// The same rows already packed for the bf16 products.
+    stored: Option<StoredRows<'a>>,
+}
+
+/// A call's key and value heads packed once for the bf16 products (see
+/// [`BothWays`]), `b · K + kh`: each head's keys are read by every tile of
+/// its queries, which would otherwise pack them again, block by block.
+struct Packed {
+    k: Vec<BothWays>,
+    v: Vec<BothWays>,
+}
+
+impl Packed {
+    fn new(dims: &Dims, k: &[f32], v: &[f32]) -> Self {
+        let heads: Vec<(usize, usize)> = (0..dims.b)
+            .flat_map(|b| (0..dims.k).map(move |kh| (b, kh)))
+            .collect();
+        let pack = |data: &[f32]| -> Vec<BothWays> {
+            heads
+                .par_iter()
+                .map(|&(b, kh)| {
+                    let at = (b * dims.s * dims.k + kh) * dims.d;
+                    BothWays::new(&data[at..], dims.s, dims.d, dims.k * dims.d)
+                })
+                .collect()
+        };
+        Self {
+            k: pack(k),
+            v: pack(v),
+        }
+    }
 }
 
 impl Attention {
@@ -161,9 +212,10 @@ impl Attention {
     /// scores (`[B, H, T]`), tile by tile in parallel.
     pub(super) fn forward(&self, dims: &Dims, [q, k, v]: [&[f32]; 3]) -> (Vec<f32>, Vec<f32>) {
         let tiles = dims.tiles();
+        let packed = self.bf16.then(|| Packed::new(dims, k, v));
         let results: Vec<(Vec<f32>, Vec<f32>)> = tiles
             .par_iter()
-            .map(|&tile| self.tile_forward(dims, tile, [q, k, v]))
+            .map(|&tile| self.tile_forward(dims, tile, [q, k, v], packed.as_ref()))
             .collect();
         let mut out = vec![0f32; q.len()];
         let mut lse = vec![0f32; dims.b * dims.h * dims.t];
@@ -188,12 +240,13 @@ impl Attention {
         lse: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let tiles = dims.tiles();
+        let packed = self.bf16.then(|| Packed::new(dims, inputs[1], inputs[2]));
         let runs: Vec<Run> = self
             .runs(dims, &tiles)
             .into_par_iter()
             .map(|run| {
                 let tiles = &tiles[run];
-                let first = self.mask.range(tiles[0].i0).0;
+                let first = self.first_key(tiles[0]);
                 let last = tiles[tiles.len() - 1];
                 let len = (self.mask.range(last.i0 + last.n - 1).1 - first) * dims.d;
                 let (mut dk, mut dv) = (vec![0f32; len], vec![0f32; len]);
@@ -204,7 +257,11 @@ impl Attention {
                 };
                 let dq = tiles
                     .iter()
-                    .map(|&t| (t, self.tile_backward(dims, t, inputs, lse, &mut sums)))
+                    .map(|&t| {
+                        let dq =
+                            self.tile_backward(dims, t, inputs, lse, &mut sums, packed.as_ref());
+                        (t, dq)
+                    })
                     .collect();
                 Run { dq, first, dk, dv }
             })
@@ -234,13 +291,20 @@ impl Attention {
         let (a, out) = (&a[..m * k], &mut out[..m * n]);
         if self.bf16 {
             let (rows, cols) = if b.transposed { (n, k) } else { (k, n) };
-            let panels = DensePanels::strided(b.w, rows, cols, b.stride, b.transposed);
+            let dense;
+            let panels: &dyn Panels = match &b.stored {
+                Some(stored) => stored,
+                None => {
+                    dense = DensePanels::strided(b.w, rows, cols, b.stride, b.transposed);
+                    &dense
+                }
+            };
             if add {
                 let mut part = vec![0f32; m * n];
-                matmul_panels_serial(a, m, &panels, &mut part);
+                matmul_panels_serial(a, m, panels, &mut part);
                 out.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
             } else {
-                matmul_panels_serial(a, m, &panels, out);
+                matmul_panels_serial(a, m, panels, out);
             }
             return;
         }
@@ -258,10 +322,18 @@ impl Attention {
         qt
     }
 
+    /// The first key of a tile's first block: the first its queries may
+    /// see, down to a multiple of [`ROW_ALIGN`] (keys before it are
+    /// masked like any other the queries may not see), so that every block
+    /// starts where the packed keys can be read.
+    fn first_key(&self, tile: Tile) -> usize {
+        self.mask.range(tile.i0).0 / ROW_ALIGN * ROW_ALIGN
+    }
+
     /// The blocks of keys a tile's queries may see: the first key of each,
     /// and how many.
     fn key_blocks(&self, tile: Tile) -> impl Iterator<Item = (usize, usize)> {
-        let lo = self.mask.range(tile.i0).0;
+        let lo = self.first_key(tile);
         let hi = self.mask.range(tile.i0 + tile.n - 1).1;
         (lo..hi)
             .step_by(KEYS)
@@ -270,17 +342,19 @@ impl Attention {
 
     /// Masked scores `s` (`G·n × nb`) of a tile's scaled queries `qt`
     /// (`G·n × D`) against keys `j0..j0 + nb`.
+    #[allow(clippy::too_many_arguments)]
     fn scores(
         &self,
         dims: &Dims,
         tile: Tile,
         qt: &[f32],
         k: &[f32],
+        packed: Option<&Packed>,
         (j0, nb): (usize, usize),
         s: &mut [f32],
     ) {
         let rows = dims.g * tile.n;
-        let keys = dims.kv(k, tile.b, tile.kh, j0, true);
+        let keys = dims.kv(k, packed.map(|p| &p.k[..]), tile.b, tile.kh, (j0, nb), true);
         self.product(qt, [rows, dims.d, nb], keys, s, false);
         let exact = self.mask.key_mask.is_some() || self.mask.segments.is_some();
         for (r, row) in s[..rows * nb].chunks_exact_mut(nb).enumerate() {
@@ -305,6 +379,7 @@ impl Attention {
         dims: &Dims,
         tile: Tile,
         [q, k, v]: [&[f32]; 3],
+        packed: Option<&Packed>,
     ) -> (Vec<f32>, Vec<f32>) {
         let (rows, d) = (dims.g * tile.n, dims.d);
         let qt = self.queries(dims, tile, q);
@@ -313,7 +388,7 @@ impl Attention {
         let mut p = scratch(rows * KEYS);
         for (j0, nb) in self.key_blocks(tile) {
             let p = &mut p[..rows * nb];
-            self.scores(dims, tile, &qt, k, (j0, nb), p);
+            self.scores(dims, tile, &qt, k, packed, (j0, nb), p);
             for (r, row) in p.chunks_exact_mut(nb).enumerate() {
                 let top = m[r].max(max(row));
                 if top == f32::NEG_INFINITY {
@@ -327,7 +402,14 @@ impl Attention {
                 }
                 m[r] = top;
             }
-            let values = dims.kv(v, tile.b, tile.kh, j0, false);
+            let values = dims.kv(
+                v,
+                packed.map(|p| &p.v[..]),
+                tile.b,
+                tile.kh,
+                (j0, nb),
+                false,
+            );
             self.product(p, [rows, nb, d], values, &mut o, true);
         }
         hand_back(&SCRATCH, p);
@@ -359,6 +441,7 @@ impl Attention {
         inputs: [&[f32]; 5],
         lse: &[f32],
         sums: &mut KeyGrads,
+        packed: Option<&Packed>,
     ) -> Vec<f32> {
         let [q, k, v, o, dout] = inputs;
         let (d, rows) = (dims.d, dims.g * tile.n);
@@ -384,7 +467,7 @@ impl Attention {
             let (p, ds) = buf.split_at_mut(rows * nb);
             let ds = &mut ds[..rows * nb];
             // P again, from the saved log-sum-exp.
-            self.scores(dims, tile, &qt, k, (j0, nb), p);
+            self.scores(dims, tile, &qt, k, packed, (j0, nb), p);
             for (row, &l) in p.chunks_exact_mut(nb).zip(&lse) {
                 if l == f32::NEG_INFINITY {
                     row.fill(0.0);
@@ -393,14 +476,21 @@ impl Attention {
                 }
             }
             // dP = dO Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)).
-            let values = dims.kv(v, tile.b, tile.kh, j0, true);
+            let values = dims.kv(v, packed.map(|p| &p.v[..]), tile.b, tile.kh, (j0, nb), true);
             self.product(&dot_t, [rows, d, nb], values, ds, false);
             for ((dsr, pr), &di) in ds.chunks_exact_mut(nb).zip(p.chunks_exact(nb)).zip(&di) {
                 for (x, &pv) in dsr.iter_mut().zip(pr) {
                     *x = pv * (*x - di);
                 }
             }
-            let keys = dims.kv(k, tile.b, tile.kh, j0, false);
+            let keys = dims.kv(
+                k,
+                packed.map(|p| &p.k[..]),
+                tile.b,
+                tile.kh,
+                (j0, nb),
+                false,
+            );
             self.product(ds, [rows, nb, d], keys, &mut dq, true);
             // dK = dSᵀ (scale·Q) and dV = Pᵀ dO, added at the block's keys.
             let at = (j0 - sums.first) * d;
@@ -434,6 +524,7 @@ impl Attention {
             w,
             stride: nb,
             transposed: false,
+            stored: None,
         };
         let mut t = vec![0f32; d * nb];
         self.product(xt, [d, rows, nb], by_rows, &mut t, false);
