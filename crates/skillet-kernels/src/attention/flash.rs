@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::Attention;
 use crate::bf16::{BothWays, DensePanels, Panels, ROW_ALIGN, StoredRows, matmul_panels_serial};
 use crate::gemm::{Out, View, matmul};
-use crate::reused::hand_back;
+use crate::reused::{Reused, hand_back};
 use crate::vec::{dot, exp_shifted_sum, max, scale};
 
 /// Queries per tile (per head).
@@ -141,10 +141,20 @@ thread_local! {
     static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// Each thread's room for a product that is then added to its sums.
+    static PART: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// This thread's scratch, at least `len` values holding anything (another
 /// tile started on this thread while one waits gets a new one).
 fn scratch(len: usize) -> Vec<f32> {
-    let mut v = SCRATCH.take();
+    taken(&SCRATCH, len)
+}
+
+/// `buffer`'s vector, at least `len` values holding anything.
+fn taken(buffer: &'static Reused<f32>, len: usize) -> Vec<f32> {
+    let mut v = buffer.take();
     if v.len() < len {
         v.resize(len, 0.0);
     }
@@ -300,9 +310,11 @@ impl Attention {
                 }
             };
             if add {
-                let mut part = vec![0f32; m * n];
-                matmul_panels_serial(a, m, panels, &mut part);
+                // The product writes every value of its room.
+                let mut part = taken(&PART, m * n);
+                matmul_panels_serial(a, m, panels, &mut part[..m * n]);
                 out.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
+                hand_back(&PART, part);
             } else {
                 matmul_panels_serial(a, m, panels, out);
             }
@@ -526,9 +538,12 @@ impl Attention {
             transposed: false,
             stored: None,
         };
-        let mut t = vec![0f32; d * nb];
-        self.product(xt, [d, rows, nb], by_rows, &mut t, false);
+        // The product writes every value of its room (and, not adding,
+        // leaves `PART` to this function).
+        let mut t = taken(&PART, d * nb);
+        self.product(xt, [d, rows, nb], by_rows, &mut t[..d * nb], false);
         add_transposed(&t, d, nb, acc);
+        hand_back(&PART, t);
     }
 
     /// Backward's runs (see [`RUNS`]): ranges of `tiles`, each within one
