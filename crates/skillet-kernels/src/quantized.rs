@@ -144,13 +144,16 @@ impl QuantMatrix {
         self.quants.len() + 4 * (self.scales.len() + self.mins.len()) + copy
     }
 
-    /// The copy for int8 products on AVX512-VNNI, made on first use, where
-    /// the CPU has VNNI but no AMX tiles (which run them otherwise): about
-    /// the bytes of the weight again.
+    /// The copy for int8 products on AVX512-VNNI, made on first use by
+    /// products of `rows` input rows that run on it: every product where
+    /// the CPU has VNNI but no AMX tiles, and on AMX machines those of at
+    /// most 16 rows (a decode step), where a tile would hold one useful
+    /// column of 16. About the bytes of the weight again.
     #[cfg(target_arch = "x86_64")]
-    fn striped(&self) -> Option<&striped::Striped> {
+    fn striped(&self, rows: usize) -> Option<&striped::Striped> {
         let kinds = matches!(self.kind, QuantKind::Q4_1 | QuantKind::Q8_0);
-        if !kinds || amx::available() || !vnni::available() {
+        let few = rows <= int8::LANES || !amx::available();
+        if !kinds || !few || !vnni::available() {
             return None;
         }
         Some(self.striped.get_or_init(|| striped::Striped::new(self)))
@@ -181,8 +184,9 @@ impl QuantMatrix {
 
     /// Whether [`QuantMatrix::matmul_int8`] runs on AMX tiles or on
     /// AVX512-VNNI here (else it runs plain loops, far slower than
-    /// [`QuantMatrix::matmul`]). With VNNI and no AMX, a weight's first
-    /// int8 product makes a copy of it laid out for the instruction.
+    /// [`QuantMatrix::matmul`]). On VNNI, a weight's first int8 product
+    /// that runs there (any, without AMX; of at most 16 rows, with it)
+    /// makes a copy of it laid out for the instruction.
     pub fn int8_accelerated() -> bool {
         #[cfg(target_arch = "x86_64")]
         return amx::available() || vnni::available();
@@ -260,19 +264,16 @@ impl QuantMatrix {
         let w = self.weight_rows(o0);
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if let Some(st) = self.striped() {
+        if let Some(st) = self.striped(rows.t) {
             // Tasks start on whole stripes; the last may end in a partial
             // one, left to the loops below.
             let stripes = o0 / striped::STRIPE..(o1 / striped::STRIPE).min(st.stripes());
             // SAFETY: the CPU has the instructions (`striped()`).
             unsafe { striped::rows(st, rows, stripes.clone(), out) };
             done = stripes.len() * striped::STRIPE;
-        } else if self.kind == QuantKind::Q4_1 && rows.t <= vnni::MAX_ROWS && vnni::available() {
-            let stripes = (o1 - o0) / vnni::STRIPE;
-            // SAFETY: the CPU has the instructions.
-            unsafe { vnni::q4_1_rows(&w, rows, stripes, out) };
-            done = stripes * vnni::STRIPE;
-        } else if amx::available() {
+        } else if rows.lanes == int8::LANES && amx::available() {
+            // (The tiles read groups of 16 rows side by side: inputs of
+            // fewer rows are narrower, see `Int8Rows::lanes`.)
             let stripes = (o1 - o0) / amx::STRIPE;
             // SAFETY: the CPU has AMX and the tile state is granted.
             unsafe { amx::rows(&w, rows, stripes, out) };
@@ -392,7 +393,7 @@ fn products_of(ms: &[&QuantMatrix], x: &[f32], cols: usize, int8: bool) -> Vec<V
     let input = PreparedInput::new(x, cols, int8);
     // A weight's first product makes its copy here, not inside one task
     // while the others wait on it.
-    ms.iter().for_each(|w| w.ready(int8));
+    ms.iter().for_each(|w| w.ready(int8, input.t));
     // Two tasks per thread and weight: enough to balance, few enough that
     // scheduling stays small next to the work.
     let threads = rayon::current_num_threads();
@@ -450,16 +451,16 @@ fn place(y: &mut [f32], n: usize, input: &PreparedInput, o0: usize, o1: usize, p
 }
 
 impl QuantMatrix {
-    /// Makes what a product with these inputs would make on first use
+    /// Makes what a product of `rows` input rows would make on first use
     /// (the int8 kernel's copy), so that it is not made inside one
     /// thread's share while the others wait.
-    pub fn ready(&self, int8: bool) {
+    pub fn ready(&self, int8: bool, rows: usize) {
         #[cfg(target_arch = "x86_64")]
         if int8 {
-            _ = self.striped();
+            _ = self.striped(rows);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = int8;
+        let _ = (int8, rows);
     }
 
     /// A team member's part of one pass over each of `ws`'s products with

@@ -122,11 +122,11 @@ pub(crate) fn decode(d: &DecodeInput, cache: &mut KvCache, threads: usize) -> Re
             .chain(&l.gate_up)
             .chain([&l.down])
         {
-            w.ready(d.int8);
+            w.ready(d.int8, d.x.len() / d.norm_width());
         }
     }
     if let Some(head) = d.head {
-        head.ready(d.int8);
+        head.ready(d.int8, d.last.len());
     }
     let norms = d
         .layers

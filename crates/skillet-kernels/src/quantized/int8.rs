@@ -5,10 +5,10 @@
 //! product is an exact integer dot product scaled by the two block scales.
 //! A Q4_1 block's minimum multiplies the block's `d·Σq` (in f16, as
 //! llama.cpp's Q8_1 blocks). The sum over blocks runs in a fixed order
-//! with fused multiply-adds, so the AMX kernel (`amx.rs`), the VNNI
-//! kernels (`vnni.rs` for a few rows on AMX machines, `striped.rs` for any
-//! number where there is no AMX) and the portable loop below give the same
-//! bits, and a row's result never depends on the rows beside it.
+//! with fused multiply-adds, so the AMX kernel (`amx.rs`), the VNNI kernel
+//! (`striped.rs`: up to 16 rows on AMX machines, any number where there is
+//! no AMX) and the portable loop below give the same bits, and a row's
+//! result never depends on the rows beside it.
 
 use super::{BLOCK, QuantKind};
 
@@ -20,16 +20,16 @@ pub(super) const LANES: usize = 16;
 pub(super) const GROUP_BLOCK: usize = BLOCK * LANES;
 
 /// Input rows rounded block by block, in groups of `LANES` rows (the last
-/// padded with zero rows), each group `lanes` wide: `LANES` where the AMX
-/// kernels read them (tiles of 16 columns), else the rows there are when
-/// fewer, so a decode step's single row takes one byte per value, not 16.
+/// padded with zero rows), each group `lanes` wide: the rows there are
+/// when fewer than `LANES`, so a decode step's single row takes one byte
+/// per value, not 16. (The AMX kernels, which read groups of 16 as a
+/// tile's columns, run only products of more rows.)
 pub(super) struct Int8Rows {
     /// Rows.
     pub t: usize,
     /// Blocks per row.
     pub nb: usize,
-    /// Rows a group holds room for: `LANES`, or `t` when smaller and no
-    /// AMX kernel runs.
+    /// Rows a group holds room for: `LANES`, or `t` when smaller.
     pub lanes: usize,
     /// `[group][block][8][lanes][4]` rounded values.
     pub q: Vec<i8>,
@@ -62,11 +62,7 @@ impl Int8Rows {
         let t = x.len() / cols;
         let nb = cols / BLOCK;
         let groups = t.div_ceil(LANES);
-        #[cfg(target_arch = "x86_64")]
-        let tiles = super::amx::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        let tiles = false;
-        let lanes = if tiles { LANES } else { t.clamp(1, LANES) };
+        let lanes = t.clamp(1, LANES);
         (self.t, self.nb, self.lanes) = (t, nb, lanes);
         // Zeros where a partial group has no row.
         zeroed(&mut self.q, groups * nb * BLOCK * lanes);

@@ -11,9 +11,10 @@
 //! Block sums are scaled and added in block order with fused multiply-adds,
 //! as `int8::rows_portable` does, so the bits are the same.
 //!
-//! Made where the CPU has VNNI but no AMX tiles this process may use (AMD
-//! Zen 4 and 5; Intel Cascade Lake to Ice Lake servers), where without it
-//! every int8 product but a few rows of Q4_1 ran plain loops.
+//! Made where the CPU has VNNI: for every int8 product where it has no AMX
+//! tiles this process may use (AMD Zen 4 and 5; Intel Cascade Lake to Ice
+//! Lake servers), and on AMX machines for products of at most 16 input
+//! rows (decode steps), where a tile would hold one useful column of 16.
 
 // Every function here is a kernel whose safety is the caller's check of
 // `vnni::available()` (the same instructions) plus the length checks in
