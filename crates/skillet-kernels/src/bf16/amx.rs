@@ -20,6 +20,10 @@ const TASK_ROWS: usize = 256;
 /// Column blocks (of 16) per parallel task.
 const TASK_BLOCKS: usize = 8;
 
+/// Computed column blocks made at a time (see `task`): whole pairs for the
+/// tiles and whole groups of three for the dot kernel.
+const MADE_BLOCKS: usize = 6;
+
 /// All eight tiles 16 rows × 64 bytes (16 f32 results, or 32 bf16 of a
 /// left row, or 16 bf16 pairs).
 const CONFIG: TileConfig = TileConfig::new(&[(TILE as u8, 64); 8]);
@@ -114,29 +118,43 @@ unsafe fn task(
     cols: std::ops::Range<usize>,
     tiles: bool,
 ) {
-    // Computed blocks are made once, before any product, into this
-    // thread's buffer, reused from product to product: only the padding of
-    // the shared dimension is zeroed (it must read as zero), since a block
-    // writes every position below `k`.
+    let run = |panels: &[*const u16], cols: std::ops::Range<usize>| {
+        if tiles {
+            tile_blocks(a, panels, s, dest, rows.clone(), cols);
+        } else {
+            super::dots::blocks(a, panels, s, dest, rows.clone(), cols);
+        }
+    };
+    if !b.computed() {
+        let panels: Vec<*const u16> = cols
+            .clone()
+            .map(|j| b.panel(j, &mut []))
+            .map(<[u16]>::as_ptr)
+            .collect();
+        run(&panels, cols);
+        return;
+    }
+    // Computed blocks are made a few at a time into this thread's buffer
+    // (reused from product to product) and every row passes over them
+    // while they are in cache, where making all of a task's blocks first
+    // (megabytes for a large weight) sent them out to memory and back.
+    // Only the padding of the shared dimension is zeroed (it must read as
+    // zero), since a block writes every position below `k`.
     let size = s.kp * TILE;
+    let pad = (b.k() / 2) * TILE * 2;
     let mut made = MADE.take();
-    let panels: Vec<*const u16> = if b.computed() {
-        made.resize(cols.len() * size, 0);
-        let pad = (b.k() / 2) * TILE * 2;
-        made.chunks_mut(size)
-            .zip(cols.clone())
+    made.resize(MADE_BLOCKS.min(cols.len()) * size, 0);
+    for c0 in cols.clone().step_by(MADE_BLOCKS) {
+        let chunk = c0..(c0 + MADE_BLOCKS).min(cols.end);
+        let panels: Vec<*const u16> = made
+            .chunks_mut(size)
+            .zip(chunk.clone())
             .map(|(buf, j)| {
                 buf[pad..].fill(0);
                 b.panel(j, buf).as_ptr()
             })
-            .collect()
-    } else {
-        cols.clone().map(|j| b.panel(j, &mut []).as_ptr()).collect()
-    };
-    if tiles {
-        tile_blocks(a, &panels, s, dest, rows, cols);
-    } else {
-        super::dots::blocks(a, &panels, s, dest, rows, cols);
+            .collect();
+        run(&panels, chunk);
     }
     crate::reused::hand_back(&MADE, made);
 }
