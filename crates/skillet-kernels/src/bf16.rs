@@ -380,7 +380,7 @@ pub(crate) struct BothWays {
 impl BothWays {
     pub(crate) fn new(w: &[f32], rows: usize, cols: usize, stride: usize) -> Self {
         let (cp, kp) = (padded(cols), padded(rows) + KSTEP);
-        let mut scratch = vec![0u16; kp * TILE];
+        let mut scratch = vec![0u16; kp.max(cp) * TILE];
         let by_rows = DensePanels::strided(w, rows, cols, stride, true);
         let mut t = vec![0u16; rows.div_ceil(TILE) * cp * TILE];
         for (j, block) in t.chunks_exact_mut(cp * TILE).enumerate() {
@@ -767,6 +767,55 @@ fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>, paral
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_packed_both_ways_read_as_the_dense_panels() {
+        // A short run of wide rows (a head of 200 over 20 positions) and a
+        // long run of narrow ones, rows 3 heads apart.
+        for (rows, cols) in [(20usize, 200usize), (300, 40)] {
+            let stride = 3 * cols;
+            let w = values((rows - 1) * stride + cols, 7);
+            let both = BothWays::new(&w, rows, cols, stride);
+            for j0 in (0..rows).step_by(ROW_ALIGN) {
+                for n in [1, 17, rows - j0] {
+                    let n = n.min(rows - j0);
+                    let at = &w[j0 * stride..];
+                    for transposed in [true, false] {
+                        let dense = DensePanels::strided(at, n, cols, stride, transposed);
+                        let stored = match transposed {
+                            true => both.rows_t(j0, n),
+                            false => both.rows(j0, n),
+                        };
+                        assert_eq!((stored.k(), stored.n()), (dense.k(), dense.n()));
+                        let kp = padded(dense.k());
+                        for j in 0..dense.n().div_ceil(TILE) {
+                            let mut scratch = vec![0u16; kp * TILE];
+                            let want = dense.panel(j, &mut scratch).to_vec();
+                            let got = stored.panel(j, &mut []);
+                            // Every pair position below k of every column
+                            // that exists; the stored block holds the next
+                            // rows past them.
+                            for p in 0..dense.k().div_ceil(2) {
+                                for c in 0..TILE.min(dense.n() - TILE * j) {
+                                    for t in 0..2 {
+                                        if 2 * p + t >= dense.k() {
+                                            continue;
+                                        }
+                                        let i = (p * TILE + c) * 2 + t;
+                                        assert_eq!(
+                                            got[i], want[i],
+                                            "{rows}x{cols} from {j0}, {n} rows, transposed {transposed}, block {j}"
+                                        );
+                                    }
+                                }
+                            }
+                            assert_eq!(got.len(), want.len().min(kp * TILE));
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
