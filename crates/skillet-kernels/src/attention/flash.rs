@@ -66,20 +66,18 @@ impl Dims {
         ((b * self.t + i) * self.h + head) * self.d
     }
 
-    /// Keys `lo..lo + n` of key/value head `kh` of sequence `b`
-    /// (`[n, D]`) as a product's right operand, or its transpose: from
-    /// `packed` (that head's packing of `data`) where given and `lo` is
-    /// aligned.
-    #[allow(clippy::too_many_arguments)]
+    /// Keys `lo..lo + n` of the tile's key/value head (`[n, D]`) as a
+    /// product's right operand, or its transpose: from `packed` (the call's
+    /// packing of `data`, see [`Packed`]) where given and `lo` is aligned.
     fn kv<'a>(
         &self,
         data: &'a [f32],
         packed: Option<&'a [BothWays]>,
-        b: usize,
-        kh: usize,
+        tile: Tile,
         (lo, n): (usize, usize),
         transposed: bool,
     ) -> Rhs<'a> {
+        let Tile { b, kh, .. } = tile;
         let stored = packed
             .filter(|_| lo.is_multiple_of(ROW_ALIGN))
             .map(|heads| {
@@ -197,6 +195,14 @@ struct Packed {
 }
 
 impl Packed {
+    fn keys(&self) -> &[BothWays] {
+        &self.k
+    }
+
+    fn values(&self) -> &[BothWays] {
+        &self.v
+    }
+
     fn new(dims: &Dims, k: &[f32], v: &[f32]) -> Self {
         let heads: Vec<(usize, usize)> = (0..dims.b)
             .flat_map(|b| (0..dims.k).map(move |kh| (b, kh)))
@@ -366,7 +372,7 @@ impl Attention {
         s: &mut [f32],
     ) {
         let rows = dims.g * tile.n;
-        let keys = dims.kv(k, packed.map(|p| &p.k[..]), tile.b, tile.kh, (j0, nb), true);
+        let keys = dims.kv(k, packed.map(Packed::keys), tile, (j0, nb), true);
         self.product(qt, [rows, dims.d, nb], keys, s, false);
         let exact = self.mask.key_mask.is_some() || self.mask.segments.is_some();
         for (r, row) in s[..rows * nb].chunks_exact_mut(nb).enumerate() {
@@ -414,14 +420,7 @@ impl Attention {
                 }
                 m[r] = top;
             }
-            let values = dims.kv(
-                v,
-                packed.map(|p| &p.v[..]),
-                tile.b,
-                tile.kh,
-                (j0, nb),
-                false,
-            );
+            let values = dims.kv(v, packed.map(Packed::values), tile, (j0, nb), false);
             self.product(p, [rows, nb, d], values, &mut o, true);
         }
         hand_back(&SCRATCH, p);
@@ -488,21 +487,14 @@ impl Attention {
                 }
             }
             // dP = dO Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)).
-            let values = dims.kv(v, packed.map(|p| &p.v[..]), tile.b, tile.kh, (j0, nb), true);
+            let values = dims.kv(v, packed.map(Packed::values), tile, (j0, nb), true);
             self.product(&dot_t, [rows, d, nb], values, ds, false);
             for ((dsr, pr), &di) in ds.chunks_exact_mut(nb).zip(p.chunks_exact(nb)).zip(&di) {
                 for (x, &pv) in dsr.iter_mut().zip(pr) {
                     *x = pv * (*x - di);
                 }
             }
-            let keys = dims.kv(
-                k,
-                packed.map(|p| &p.k[..]),
-                tile.b,
-                tile.kh,
-                (j0, nb),
-                false,
-            );
+            let keys = dims.kv(k, packed.map(Packed::keys), tile, (j0, nb), false);
             self.product(ds, [rows, nb, d], keys, &mut dq, true);
             // dK = dSᵀ (scale·Q) and dV = Pᵀ dO, added at the block's keys.
             let at = (j0 - sums.first) * d;
