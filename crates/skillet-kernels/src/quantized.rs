@@ -317,7 +317,7 @@ impl QuantMatrix {
 
 /// An input of quantized products prepared once (rounded to integers,
 /// or regrouped for the f32 kernels) for every weight of a pass and every
-/// member of a team that shares the pass (see [`QuantMatrix::share`]).
+/// member of a team that shares the pass (see [`QuantMatrix::claim`]).
 pub struct PreparedInput {
     /// Input rows.
     t: usize,
@@ -468,9 +468,9 @@ impl QuantMatrix {
     /// members, 0 before the pass) until none are left, so a member
     /// slowed by the other tenants of the memory bus takes fewer, and
     /// puts what it computed in `pieces` (emptied first, its room kept).
-    /// [`QuantMatrix::gather`] puts every
-    /// member's pieces together: the same bits as
-    /// [`QuantMatrix::matmul_each`], whoever computes which piece.
+    /// [`QuantMatrix::gather`] puts every member's pieces together: the
+    /// same bits as [`QuantMatrix::matmul_each`], whoever computes which
+    /// piece.
     ///
     /// Pieces shrink as the pass runs out (a quarter of what is left for
     /// two members, down to [`MIN_PIECE_BYTES`] of weights), so the last
