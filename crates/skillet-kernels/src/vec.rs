@@ -146,10 +146,93 @@ multiversion! {
 }
 
 multiversion! {
-    /// Replaces each `v` by `e^(v - shift)` and returns the sum.
-    pub(crate) fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+    /// [`exp_shifted_sum`] where the CPU lacks AVX-512.
+    fn exp_shifted_sum_portable(x: &mut [f32], shift: f32) -> f32 {
         exp_shifted_sum_in(x, shift)
     }
+}
+
+/// Replaces each `v` by `e^(v - shift)` and returns the sum, summed in the
+/// order of [`exp_shifted_sum_in`]. With AVX-512 the exponentials are
+/// [`exp16`]'s (fused multiply-adds; within a few ulp of [`exp`]).
+pub(crate) fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature.
+        return unsafe { exp_shifted_sum_avx512(x, shift) };
+    }
+    exp_shifted_sum_portable(x, shift)
+}
+
+/// [`exp_shifted_sum`] on AVX-512: 16 lanes at a time, the tail through a
+/// masked load and store.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_shifted_sum_avx512(x: &mut [f32], shift: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let shift = _mm512_set1_ps(shift);
+    let mut acc = _mm512_setzero_ps();
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        // SAFETY: `c` holds 16 values.
+        unsafe {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), shift));
+            _mm512_storeu_ps(c.as_mut_ptr(), e);
+            acc = _mm512_add_ps(acc, e);
+        }
+    }
+    let mut lanes = [0f32; LANES];
+    // SAFETY: `lanes` holds 16 values.
+    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
+    let rest = chunks.into_remainder();
+    let mut s = 0f32;
+    if !rest.is_empty() {
+        let mask = ((1u32 << rest.len()) - 1) as u16;
+        // SAFETY: the mask covers the `rest.len() < 16` values there are.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(mask, rest.as_ptr());
+            let e = exp16(_mm512_sub_ps(v, shift));
+            _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, e);
+        }
+        for &v in rest.iter() {
+            s += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + s
+}
+
+/// [`exp`] of 16 lanes with fused multiply-adds, the range reduced by
+/// rounding (`vrndscaleps`) and the power of two put back by `vscalefps`:
+/// the same polynomial and edges (below -87 gives 0, above 88 saturates,
+/// NaN stays NaN) in about half the instructions.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let set = _mm512_set1_ps;
+    let dead = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set(-87.0));
+    // `max`/`min` return their second operand where either is NaN.
+    let xc = _mm512_min_ps(set(88.0), _mm512_max_ps(set(-87.0), x));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(xc, set(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, set(0.693_359_4), xc);
+    let r = _mm512_fnmadd_ps(n, set(-2.121_944_4e-4), r);
+    let mut p = _mm512_fmadd_ps(set(1.987_569_1e-4), r, set(1.398_199_9e-3));
+    p = _mm512_fmadd_ps(p, r, set(8.333_452e-3));
+    p = _mm512_fmadd_ps(p, r, set(4.166_579_6e-2));
+    p = _mm512_fmadd_ps(p, r, set(1.666_666_5e-1));
+    p = _mm512_fmadd_ps(p, r, set(0.5));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    p = _mm512_add_ps(p, set(1.0));
+    _mm512_maskz_scalef_ps(!dead, p, n)
 }
 
 multiversion! {
@@ -184,6 +267,49 @@ mod tests {
         assert_eq!(exp(-1000.0), 0.0);
         assert!(exp(f32::NAN).is_nan());
         assert!(exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn sixteen_lane_exp_agrees_with_the_scalar_one() {
+        let mut x: Vec<f32> = (0..20_000).map(|i| -90.0 + i as f32 * 0.00899).collect();
+        x.extend([
+            f32::NEG_INFINITY,
+            -1000.0,
+            1000.0,
+            88.5,
+            f32::NAN,
+            0.0,
+            -0.0,
+        ]);
+        let shift = 0.25;
+        let mut got = x.clone();
+        exp_shifted_sum(&mut got, shift);
+        for (&v, &g) in x.iter().zip(&got) {
+            let want = exp(v - shift);
+            if want.is_nan() {
+                assert!(g.is_nan(), "exp({v}) gave {g}");
+                continue;
+            }
+            let ulps = (g.to_bits() as i64 - want.to_bits() as i64).abs();
+            assert!(
+                ulps <= 2 || (g - want).abs() <= f32::MIN_POSITIVE,
+                "exp({v}): {g} vs {want}"
+            );
+        }
+        // Every length of tail, against the plain loop's sum.
+        for len in 0..40 {
+            let v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.7).sin() * 3.0).collect();
+            let (mut a, mut b) = (v.clone(), v.clone());
+            let sa = exp_shifted_sum(&mut a, 1.0);
+            let sb = exp_shifted_sum_in(&mut b, 1.0);
+            assert!(
+                (sa - sb).abs() <= 1e-6 * sb.abs().max(1.0),
+                "{len}: {sa} vs {sb}"
+            );
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() <= 2e-7 * q.abs(), "{len}: {p} vs {q}");
+            }
+        }
     }
 
     #[test]
