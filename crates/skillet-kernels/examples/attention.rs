@@ -3,9 +3,9 @@
 //! head shapes (9 query heads over 3 key/value heads of width 64), one
 //! sequence of each length.
 //!
-//!     cargo run --release -p skillet-kernels --example attention [f32|bf16]
+//!     cargo run --release -p skillet-kernels --example attention [f32|bf16] [tokens]
 //!
-//! (one precision alone, for a profiler).
+//! (one precision alone, for a profiler; one length alone, timed 11 times).
 
 mod common;
 
@@ -44,8 +44,10 @@ fn main() {
     );
     let only = std::env::args().nth(1);
     let runs_in = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let length: Option<usize> = std::env::args().nth(2).map(|t| t.parse().expect("tokens"));
     println!("tokens  f32  bf16");
-    for t in [256usize, 512, 1024, 2048, 4096] {
+    let lengths = length.map_or(vec![256usize, 512, 1024, 2048, 4096], |t| vec![t]);
+    for t in lengths {
         let q = var(&[1, t, HEADS, WIDTH], 1);
         let k = var(&[1, t, KV_HEADS, WIDTH], 2);
         let v = var(&[1, t, KV_HEADS, WIDTH], 3);
@@ -57,7 +59,7 @@ fn main() {
         .unwrap();
         let mask = AttentionMask::causal(1, t, t).unwrap();
         let rope = table(t);
-        let runs = if t >= 2048 { 5 } else { 11 };
+        let runs = if t >= 2048 && length.is_none() { 5 } else { 11 };
         let time = |bf16: bool| {
             if !runs_in(if bf16 { "bf16" } else { "f32" }) {
                 return f64::NAN;
