@@ -384,15 +384,19 @@ impl BothWays {
         let by_rows = DensePanels::strided(w, rows, cols, stride, true);
         let mut t = vec![0u16; rows.div_ceil(TILE) * cp * TILE];
         for (j, block) in t.chunks_exact_mut(cp * TILE).enumerate() {
-            scratch.fill(0);
-            block.copy_from_slice(&by_rows.panel(j, &mut scratch[..cp * TILE])[..cp * TILE]);
+            // Only the room the block uses (the scratch is sized for the
+            // other way, a whole head's length).
+            let room = &mut scratch[..cp * TILE];
+            room.fill(0);
+            block.copy_from_slice(&by_rows.panel(j, room)[..cp * TILE]);
         }
         let by_cols = DensePanels::strided(w, rows, cols, stride, false);
         let len = padded(rows) * TILE;
         let mut wb = vec![0u16; cols.div_ceil(TILE) * kp * TILE];
         for (j, block) in wb.chunks_exact_mut(kp * TILE).enumerate() {
-            scratch.fill(0);
-            block[..len].copy_from_slice(&by_cols.panel(j, &mut scratch[..len])[..len]);
+            let room = &mut scratch[..len];
+            room.fill(0);
+            block[..len].copy_from_slice(&by_cols.panel(j, room)[..len]);
         }
         Self {
             rows,
