@@ -531,6 +531,70 @@ pub(crate) fn matmul_panels_serial(a: &[f32], m: usize, b: &dyn Panels, out: &mu
     panels_into(a, m, b, out, false);
 }
 
+/// A left operand (`[m, k]`) rounded to bf16 once, in the kernel's
+/// layout (rows of the padded `k`, whole tiles of rows), for products of
+/// the same rows against many right operands: attention's query rows of a
+/// tile meet every block of keys.
+pub(crate) struct RoundedRows {
+    data: Vec<u16>,
+    m: usize,
+    k: usize,
+    kp: usize,
+}
+
+impl RoundedRows {
+    /// `a` (`[m, k]` row-major) rounded, on this thread.
+    pub(crate) fn new(a: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(a.len(), m * k, "rounded rows: a is not {m}×{k}");
+        let kp = padded(k);
+        let mut data = vec![0u16; m.next_multiple_of(TILE) * kp];
+        for (dst, src) in data.chunks_exact_mut(kp).zip(a.chunks_exact(k.max(1))) {
+            round_into(src, &mut dst[..k]);
+        }
+        Self { data, m, k, kp }
+    }
+}
+
+/// `out = a · B` for rows rounded once ([`RoundedRows`]), on this thread:
+/// the values [`matmul_panels_serial`] gives for the same f32 rows. Only
+/// where [`bf16_accelerated`] (the callers' check).
+pub(crate) fn matmul_rounded_serial(a: &RoundedRows, b: &dyn Panels, out: &mut [f32]) {
+    let (m, k, n) = (a.m, b.k(), b.n());
+    assert_eq!(k, a.k, "bf16 matmul: a has {} columns, B {k} rows", a.k);
+    assert_eq!(out.len(), m * n, "bf16 matmul: out is not {m}×{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let tiles = match kernel() {
+            Some(k) => k == Kernel::Tiles,
+            None => panic!("bf16 products without AMX or AVX512-BF16"),
+        };
+        // SAFETY: the CPU has the kernel's features (`kernel()`), `a` has
+        // the layout the kernel reads (by construction, `kp` the padding
+        // of `B`'s `k`), and `out` holds `m · n` values.
+        unsafe {
+            amx::matmul(
+                &a.data,
+                m,
+                a.kp,
+                b,
+                out.as_mut_ptr(),
+                out.len(),
+                false,
+                tiles,
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("tiles exist only on x86-64")
+}
+
 /// [`matmul_panels`] on the thread pool where `parallel`.
 fn panels_into(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32], parallel: bool) {
     let (k, n) = (b.k(), b.n());

@@ -9,7 +9,10 @@
 use rayon::prelude::*;
 
 use super::Attention;
-use crate::bf16::{BothWays, DensePanels, Panels, ROW_ALIGN, StoredRows, matmul_panels_serial};
+use crate::bf16::{
+    BothWays, DensePanels, Panels, ROW_ALIGN, RoundedRows, StoredRows, matmul_panels_serial,
+    matmul_rounded_serial,
+};
 use crate::gemm::{Out, View, matmul};
 use crate::reused::{Reused, hand_back};
 use crate::vec::{dot, exp_shifted_sum, max, scale};
@@ -186,6 +189,37 @@ struct Rhs<'a> {
     stored: Option<StoredRows<'a>>,
 }
 
+/// A product's left operand: f32 rows, and for bf16 products their
+/// rounding where it was made once for the many key blocks they meet.
+#[derive(Clone, Copy)]
+struct Left<'a> {
+    rows: &'a [f32],
+    rounded: Option<&'a RoundedRows>,
+}
+
+impl<'a> Left<'a> {
+    /// Rows the product rounds itself.
+    fn plain(rows: &'a [f32]) -> Self {
+        Self {
+            rows,
+            rounded: None,
+        }
+    }
+
+    /// Rows and, where made, their rounding.
+    fn with(rows: &'a [f32], rounded: &'a Option<RoundedRows>) -> Self {
+        Self {
+            rows,
+            rounded: rounded.as_ref(),
+        }
+    }
+}
+
+/// `x` (`[m, k]`) rounded once for bf16 products, where they run.
+fn rounded_once(bf16: bool, x: &[f32], m: usize, k: usize) -> Option<RoundedRows> {
+    bf16.then(|| RoundedRows::new(x, m, k))
+}
+
 /// A call's key and value heads packed once for the bf16 products (see
 /// [`BothWays`]), `b · K + kh`: each head's keys are read by every tile of
 /// its queries, which would otherwise pack them again, block by block.
@@ -303,8 +337,8 @@ impl Attention {
     /// `out` (`[m, n]`) = (or `+=`, where `add`) `a` (`[m, k]` row-major)
     /// times `b` (`[k, n]`): on bf16 tiles (operands rounded to bf16, sums
     /// in f32) in a bf16 op, else by the f32 GEMM; on this thread.
-    fn product(&self, a: &[f32], [m, k, n]: [usize; 3], b: Rhs, out: &mut [f32], add: bool) {
-        let (a, out) = (&a[..m * k], &mut out[..m * n]);
+    fn product(&self, a: Left, [m, k, n]: [usize; 3], b: Rhs, out: &mut [f32], add: bool) {
+        let (rounded, a, out) = (a.rounded, &a.rows[..m * k], &mut out[..m * n]);
         if self.bf16 {
             let (rows, cols) = if b.transposed { (n, k) } else { (k, n) };
             let dense;
@@ -318,11 +352,17 @@ impl Attention {
             if add {
                 // The product writes every value of its room.
                 let mut part = taken(&PART, m * n);
-                matmul_panels_serial(a, m, panels, &mut part[..m * n]);
+                match rounded {
+                    Some(r) => matmul_rounded_serial(r, panels, &mut part[..m * n]),
+                    None => matmul_panels_serial(a, m, panels, &mut part[..m * n]),
+                }
                 out.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
                 hand_back(&PART, part);
             } else {
-                matmul_panels_serial(a, m, panels, out);
+                match rounded {
+                    Some(r) => matmul_rounded_serial(r, panels, out),
+                    None => matmul_panels_serial(a, m, panels, out),
+                }
             }
             return;
         }
@@ -365,7 +405,7 @@ impl Attention {
         &self,
         dims: &Dims,
         tile: Tile,
-        qt: &[f32],
+        qt: Left,
         k: &[f32],
         packed: Option<&Packed>,
         (j0, nb): (usize, usize),
@@ -401,12 +441,13 @@ impl Attention {
     ) -> (Vec<f32>, Vec<f32>) {
         let (rows, d) = (dims.g * tile.n, dims.d);
         let qt = self.queries(dims, tile, q);
+        let qr = rounded_once(self.bf16, &qt, rows, d);
         let mut o = vec![0f32; rows * d];
         let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
         let mut p = scratch(rows * KEYS);
         for (j0, nb) in self.key_blocks(tile) {
             let p = &mut p[..rows * nb];
-            self.scores(dims, tile, &qt, k, packed, (j0, nb), p);
+            self.scores(dims, tile, Left::with(&qt, &qr), k, packed, (j0, nb), p);
             for (r, row) in p.chunks_exact_mut(nb).enumerate() {
                 let top = m[r].max(max(row));
                 if top == f32::NEG_INFINITY {
@@ -421,7 +462,7 @@ impl Attention {
                 m[r] = top;
             }
             let values = dims.kv(v, packed.map(Packed::values), tile, (j0, nb), false);
-            self.product(p, [rows, nb, d], values, &mut o, true);
+            self.product(Left::plain(p), [rows, nb, d], values, &mut o, true);
         }
         hand_back(&SCRATCH, p);
         let lse = m
@@ -472,13 +513,20 @@ impl Attention {
             true => (transposed(&qt, rows, d), transposed(&dot_t, rows, d)),
             false => (Vec::new(), Vec::new()),
         };
+        // Rounded once for every block (bf16): the queries and `dO` as the
+        // left operands of the scores and of `dP`, their transposes of the
+        // key gradients.
+        let qr = rounded_once(self.bf16, &qt, rows, d);
+        let dor = rounded_once(self.bf16, &dot_t, rows, d);
+        let qtr = rounded_once(self.bf16, &qtt, d, rows);
+        let dotr = rounded_once(self.bf16, &dott, d, rows);
         let mut dq = vec![0f32; rows * d];
         let mut buf = scratch(2 * rows * KEYS);
         for (j0, nb) in self.key_blocks(tile) {
             let (p, ds) = buf.split_at_mut(rows * nb);
             let ds = &mut ds[..rows * nb];
             // P again, from the saved log-sum-exp.
-            self.scores(dims, tile, &qt, k, packed, (j0, nb), p);
+            self.scores(dims, tile, Left::with(&qt, &qr), k, packed, (j0, nb), p);
             for (row, &l) in p.chunks_exact_mut(nb).zip(&lse) {
                 if l == f32::NEG_INFINITY {
                     row.fill(0.0);
@@ -488,18 +536,19 @@ impl Attention {
             }
             // dP = dO Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)).
             let values = dims.kv(v, packed.map(Packed::values), tile, (j0, nb), true);
-            self.product(&dot_t, [rows, d, nb], values, ds, false);
+            self.product(Left::with(&dot_t, &dor), [rows, d, nb], values, ds, false);
             for ((dsr, pr), &di) in ds.chunks_exact_mut(nb).zip(p.chunks_exact(nb)).zip(&di) {
                 for (x, &pv) in dsr.iter_mut().zip(pr) {
                     *x = pv * (*x - di);
                 }
             }
             let keys = dims.kv(k, packed.map(Packed::keys), tile, (j0, nb), false);
-            self.product(ds, [rows, nb, d], keys, &mut dq, true);
+            self.product(Left::plain(ds), [rows, nb, d], keys, &mut dq, true);
             // dK = dSᵀ (scale·Q) and dV = Pᵀ dO, added at the block's keys.
             let at = (j0 - sums.first) * d;
-            self.add_key_grads(ds, [&qt, &qtt], [rows, nb, d], &mut sums.dk[at..]);
-            self.add_key_grads(p, [&dot_t, &dott], [rows, nb, d], &mut sums.dv[at..]);
+            let (qs, dos) = (Left::with(&qtt, &qtr), Left::with(&dott, &dotr));
+            self.add_key_grads(ds, (&qt, qs), [rows, nb, d], &mut sums.dk[at..]);
+            self.add_key_grads(p, (&dot_t, dos), [rows, nb, d], &mut sums.dv[at..]);
         }
         hand_back(&SCRATCH, buf);
         scale(&mut dq, self.scale);
@@ -507,14 +556,14 @@ impl Attention {
     }
 
     /// `acc` (`nb` rows of `D`) `+= wᵀ x` for `w` (`rows × nb`) and `x`
-    /// (`rows × D`; `xt` its transpose, made once per tile, for bf16). On
-    /// bf16 tiles `(xᵀ w)ᵀ`, the product's shared dimension being the
-    /// tile's rows: only `x` and the `D × nb` result are transposed, never
-    /// the wide `w`.
+    /// (`rows × D`; `xt` its transpose and its rounding, made once per
+    /// tile, for bf16). On bf16 tiles `(xᵀ w)ᵀ`, the product's shared
+    /// dimension being the tile's rows: only `x` and the `D × nb` result
+    /// are transposed, never the wide `w`.
     fn add_key_grads(
         &self,
         w: &[f32],
-        [x, xt]: [&[f32]; 2],
+        (x, xt): (&[f32], Left),
         [rows, nb, d]: [usize; 3],
         acc: &mut [f32],
     ) {

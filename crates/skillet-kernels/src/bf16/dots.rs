@@ -50,7 +50,11 @@ pub(super) unsafe fn blocks(
         // column block keeps only 8 sums going, and ran about a quarter
         // slower per product than the wider blocks.
         let left = cols.end - j;
-        let take = if left == BLOCKS + 1 { 2 } else { BLOCKS.min(left) };
+        let take = if left == BLOCKS + 1 {
+            2
+        } else {
+            BLOCKS.min(left)
+        };
         let b = &panels[j - cols.start..][..take];
         let mut i = rows.start;
         while i < rows.end.min(s.m) {
