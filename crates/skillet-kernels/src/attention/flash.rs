@@ -110,15 +110,36 @@ impl Dims {
         out
     }
 
-    /// Writes tile rows back into `x` (`[B, T, H, D]`).
-    fn scatter(&self, x: &mut [f32], tile: Tile, rows: &[f32]) {
-        for g in 0..self.g {
-            for ii in 0..tile.n {
-                let at = self.q_at(tile.b, tile.i0 + ii, tile.kh * self.g + g);
-                let r = (g * tile.n + ii) * self.d;
-                x[at..at + self.d].copy_from_slice(&rows[r..r + self.d]);
-            }
+    /// Writes every tile's rows (`G·n × D`, head-major) into `x` (`[B,
+    /// T, H, D]`), a tile's span of tokens per task: the tiles of one span
+    /// (one per key/value head) land in the same rows.
+    fn scatter(&self, x: &mut [f32], tiles: &[(Tile, &[f32])]) {
+        let (row, spans) = (self.h * self.d, self.t.div_ceil(TILE));
+        if x.is_empty() || row == 0 {
+            return;
         }
+        let mut at: Vec<Option<(Tile, &[f32])>> = vec![None; self.b * spans * self.k];
+        for &(tile, rows) in tiles {
+            at[(tile.b * spans + tile.i0 / TILE) * self.k + tile.kh] = Some((tile, rows));
+        }
+        x.par_chunks_mut(self.t * row)
+            .enumerate()
+            .flat_map(|(b, seq)| {
+                seq.par_chunks_mut(TILE * row)
+                    .enumerate()
+                    .map(move |(i, out)| (b * spans + i, out))
+            })
+            .for_each(|(span, out)| {
+                for (tile, rows) in at[span * self.k..][..self.k].iter().flatten() {
+                    for g in 0..self.g {
+                        for ii in 0..tile.n {
+                            let o = (ii * self.h + tile.kh * self.g + g) * self.d;
+                            let r = (g * tile.n + ii) * self.d;
+                            out[o..o + self.d].copy_from_slice(&rows[r..r + self.d]);
+                        }
+                    }
+                }
+            });
     }
 
     /// Index of `(b, head, i)` in the `[B, H, T]` statistics.
@@ -268,9 +289,14 @@ impl Attention {
             .map(|&tile| self.tile_forward(dims, tile, [q, k, v], packed.as_ref()))
             .collect();
         let mut out = vec![0f32; q.len()];
+        let rows: Vec<(Tile, &[f32])> = tiles
+            .iter()
+            .zip(&results)
+            .map(|(t, r)| (*t, &r.0[..]))
+            .collect();
+        dims.scatter(&mut out, &rows);
         let mut lse = vec![0f32; dims.b * dims.h * dims.t];
-        for (tile, (o, l)) in tiles.iter().zip(&results) {
-            dims.scatter(&mut out, *tile, o);
+        for (tile, (_, l)) in tiles.iter().zip(&results) {
             for g in 0..dims.g {
                 for ii in 0..tile.n {
                     lse[dims.lse_at(*tile, g, ii)] = l[g * tile.n + ii];
@@ -317,20 +343,13 @@ impl Attention {
             })
             .collect();
         let [q, k, ..] = inputs;
-        let (d, mut dq) = (dims.d, vec![0f32; q.len()]);
-        let (mut dk, mut dv) = (vec![0f32; k.len()], vec![0f32; k.len()]);
-        for run in &runs {
-            for (tile, rows) in &run.dq {
-                dims.scatter(&mut dq, *tile, rows);
-            }
-            let (b, kh) = (run.dq[0].0.b, run.dq[0].0.kh);
-            let rows = run.dk.chunks_exact(d).zip(run.dv.chunks_exact(d));
-            for (j, (kr, vr)) in rows.enumerate() {
-                let at = ((b * dims.s + run.first + j) * dims.k + kh) * d;
-                dk[at..at + d].iter_mut().zip(kr).for_each(|(a, b)| *a += b);
-                dv[at..at + d].iter_mut().zip(vr).for_each(|(a, b)| *a += b);
-            }
-        }
+        let mut dq = vec![0f32; q.len()];
+        let rows: Vec<(Tile, &[f32])> = runs
+            .iter()
+            .flat_map(|run| run.dq.iter().map(|(t, r)| (*t, &r[..])))
+            .collect();
+        dims.scatter(&mut dq, &rows);
+        let (dk, dv) = key_sums(dims, &runs, k.len());
         (dq, dk, dv)
     }
 
@@ -624,6 +643,46 @@ impl Attention {
         }
         runs
     }
+}
+
+/// Keys per task of [`key_sums`].
+const KEY_SPAN: usize = 64;
+
+/// `dK` and `dV` (`len` values each, `[B, S, K, D]`): every run's sums
+/// added at its head's keys, in run order for each key (so the result does
+/// not depend on the tasks), a span of keys per task.
+fn key_sums(dims: &Dims, runs: &[Run], len: usize) -> (Vec<f32>, Vec<f32>) {
+    let (d, row) = (dims.d, dims.k * dims.d);
+    let (mut dk, mut dv) = (vec![0f32; len], vec![0f32; len]);
+    if len == 0 || row == 0 {
+        return (dk, dv);
+    }
+    let seqs = dk
+        .par_chunks_mut(dims.s * row)
+        .zip(dv.par_chunks_mut(dims.s * row));
+    seqs.enumerate()
+        .flat_map(|(b, (sk, sv))| {
+            let spans = sk
+                .par_chunks_mut(KEY_SPAN * row)
+                .zip(sv.par_chunks_mut(KEY_SPAN * row));
+            spans
+                .enumerate()
+                .map(move |(i, out)| (b, i * KEY_SPAN, out))
+        })
+        .for_each(|(b, j0, (ok, ov))| {
+            let j1 = j0 + ok.len() / row;
+            for run in runs.iter().filter(|r| r.dq[0].0.b == b) {
+                let kh = run.dq[0].0.kh;
+                let (lo, hi) = (j0.max(run.first), j1.min(run.first + run.dk.len() / d));
+                for j in lo..hi {
+                    let (o, r) = (((j - j0) * dims.k + kh) * d, (j - run.first) * d);
+                    let (kr, vr) = (&run.dk[r..r + d], &run.dv[r..r + d]);
+                    ok[o..o + d].iter_mut().zip(kr).for_each(|(a, b)| *a += b);
+                    ov[o..o + d].iter_mut().zip(vr).for_each(|(a, b)| *a += b);
+                }
+            }
+        });
+    (dk, dv)
 }
 
 /// `x` (`[rows, cols]` row-major) transposed.
