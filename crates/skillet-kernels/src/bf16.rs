@@ -522,13 +522,12 @@ fn checked(a: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) -> bool {
 /// `out = a · B` on the tiles, `B` given by column blocks. Only where
 /// [`bf16_accelerated`] (the callers' check).
 pub(crate) fn matmul_panels(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32]) {
-    panels_into(a, m, b, out, true);
-}
-
-/// [`matmul_panels`] on this thread alone, for callers already inside a
-/// parallel loop over many small products.
-pub(crate) fn matmul_panels_serial(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32]) {
-    panels_into(a, m, b, out, false);
+    let (k, n) = (b.k(), b.n());
+    if !checked(a, m, k, n, out) {
+        return;
+    }
+    // SAFETY: `out` is a live slice of `out.len()` values.
+    unsafe { tiles(a, m, b, out.as_mut_ptr(), out.len(), true) };
 }
 
 /// A left operand (`[m, k]`) rounded to bf16 once, in the kernel's
@@ -545,20 +544,85 @@ pub(crate) struct RoundedRows {
 impl RoundedRows {
     /// `a` (`[m, k]` row-major) rounded, on this thread.
     pub(crate) fn new(a: &[f32], m: usize, k: usize) -> Self {
+        let mut rounded = Self::empty();
+        rounded.refill(a, m, k);
+        rounded
+    }
+
+    /// Becomes `a` (`[m, k]` row-major) rounded, keeping its buffer.
+    pub(crate) fn refill(&mut self, a: &[f32], m: usize, k: usize) {
         assert_eq!(a.len(), m * k, "rounded rows: a is not {m}×{k}");
         let kp = padded(k);
-        let mut data = vec![0u16; m.next_multiple_of(TILE) * kp];
-        for (dst, src) in data.chunks_exact_mut(kp).zip(a.chunks_exact(k.max(1))) {
-            round_into(src, &mut dst[..k]);
+        let len = m.next_multiple_of(TILE) * kp;
+        if self.data.len() < len {
+            self.data.resize(len, 0);
         }
-        Self { data, m, k, kp }
+        let (rows, pad) = self.data[..len].split_at_mut(m * kp);
+        if k == 0 {
+            rows.fill(0);
+        }
+        for (dst, src) in rows.chunks_exact_mut(kp).zip(a.chunks_exact(k.max(1))) {
+            round_into(src, &mut dst[..k]);
+            dst[k..].fill(0);
+        }
+        pad.fill(0);
+        (self.m, self.k, self.kp) = (m, k, kp);
     }
 }
 
-/// `out = a · B` for rows rounded once ([`RoundedRows`]), on this thread:
-/// the values [`matmul_panels_serial`] gives for the same f32 rows. Only
-/// where [`bf16_accelerated`] (the callers' check).
-pub(crate) fn matmul_rounded_serial(a: &RoundedRows, b: &dyn Panels, out: &mut [f32]) {
+impl Default for RoundedRows {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl RoundedRows {
+    /// Nothing yet, for [`RoundedRows::refill`] and
+    /// [`RoundedRows::refill_transposed`].
+    pub(crate) fn empty() -> Self {
+        Self {
+            data: Vec::new(),
+            m: 0,
+            k: 0,
+            kp: 0,
+        }
+    }
+
+    /// Becomes `x`ᵀ (`m` = `cols`, `k` = `rows`) rounded, for `x`
+    /// (`[rows, cols]` row-major), keeping its buffer: a left operand that
+    /// is the transpose of one made for another product.
+    pub(crate) fn refill_transposed(&mut self, x: &[f32], rows: usize, cols: usize) {
+        assert_eq!(x.len(), rows * cols, "rounded rows: x is not {rows}×{cols}");
+        let kp = padded(rows);
+        let len = cols.next_multiple_of(TILE) * kp;
+        if self.data.len() < len {
+            self.data.resize(len, 0);
+        }
+        let data = &mut self.data[..len];
+        #[cfg(target_arch = "x86_64")]
+        amx::round_transposed(x, [rows, cols], data, kp);
+        #[cfg(not(target_arch = "x86_64"))]
+        for (c, row) in data.chunks_exact_mut(kp).take(cols).enumerate() {
+            for (r, v) in row[..rows].iter_mut().enumerate() {
+                *v = to_bf16(x[r * cols + c]);
+            }
+        }
+        // The padding reads as zero: past `rows` in each row, and the rows
+        // past `cols`.
+        let (valid, pad) = data.split_at_mut(cols * kp);
+        valid
+            .chunks_exact_mut(kp)
+            .for_each(|row| row[rows..].fill(0));
+        pad.fill(0);
+        (self.m, self.k, self.kp) = (cols, rows, kp);
+    }
+}
+
+/// `out = a · B` (or `+=`, where `add`) for rows rounded once
+/// ([`RoundedRows`]), on this thread: the values [`matmul_panels`] gives
+/// for the same f32 rows. Only where [`bf16_accelerated`] (the
+/// callers' check).
+pub(crate) fn matmul_rounded_serial(a: &RoundedRows, b: &dyn Panels, out: &mut [f32], add: bool) {
     let (m, k, n) = (a.m, b.k(), b.n());
     assert_eq!(k, a.k, "bf16 matmul: a has {} columns, B {k} rows", a.k);
     assert_eq!(out.len(), m * n, "bf16 matmul: out is not {m}×{n}");
@@ -566,7 +630,9 @@ pub(crate) fn matmul_rounded_serial(a: &RoundedRows, b: &dyn Panels, out: &mut [
         return;
     }
     if k == 0 {
-        out.fill(0.0);
+        if !add {
+            out.fill(0.0);
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -577,7 +643,7 @@ pub(crate) fn matmul_rounded_serial(a: &RoundedRows, b: &dyn Panels, out: &mut [
         };
         // SAFETY: the CPU has the kernel's features (`kernel()`), `a` has
         // the layout the kernel reads (by construction, `kp` the padding
-        // of `B`'s `k`), and `out` holds `m · n` values.
+        // of `B`'s `k`), and `out` holds `m · n` initialized values.
         unsafe {
             amx::matmul(
                 &a.data,
@@ -588,21 +654,12 @@ pub(crate) fn matmul_rounded_serial(a: &RoundedRows, b: &dyn Panels, out: &mut [
                 out.len(),
                 false,
                 tiles,
+                add,
             )
         };
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("tiles exist only on x86-64")
-}
-
-/// [`matmul_panels`] on the thread pool where `parallel`.
-fn panels_into(a: &[f32], m: usize, b: &dyn Panels, out: &mut [f32], parallel: bool) {
-    let (k, n) = (b.k(), b.n());
-    if !checked(a, m, k, n, out) {
-        return;
-    }
-    // SAFETY: `out` is a live slice of `out.len()` values.
-    unsafe { tiles(a, m, b, out.as_mut_ptr(), out.len(), parallel) };
 }
 
 /// [`matmul_panels`] into a new vector whose values are written once,
@@ -659,7 +716,7 @@ unsafe fn tiles(
         // SAFETY: the CPU has the kernel's features (`kernel()`), the
         // operands have the shapes the kernel reads (the callers' checks,
         // and `ar` by construction), and `out` is the caller's promise.
-        unsafe { amx::matmul(&ar, m, kp, b, out, out_len, parallel, tiles) };
+        unsafe { amx::matmul(&ar, m, kp, b, out, out_len, parallel, tiles, false) };
         crate::reused::hand_back(&ROUNDED, ar);
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -837,6 +894,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rows_rounded_transposed_equal_the_transpose_rounded() {
+        // One buffer refilled: large first, so a smaller refill must clear
+        // what the larger one left in its padding.
+        let mut got = RoundedRows::empty();
+        for (rows, cols) in [(192, 256), (16, 16), (37, 21), (64, 40), (5, 3), (0, 4)] {
+            let x = values(rows * cols, 3);
+            let mut xt = vec![0f32; rows * cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    xt[c * rows + r] = x[r * cols + c];
+                }
+            }
+            let want = RoundedRows::new(&xt, cols, rows);
+            got.refill_transposed(&x, rows, cols);
+            assert_eq!((got.m, got.k, got.kp), (want.m, want.k, want.kp));
+            let len = want.data.len();
+            assert_eq!(got.data[..len], want.data[..], "{rows}×{cols}");
+        }
+    }
+
+    #[test]
     fn rows_packed_both_ways_read_as_the_dense_panels() {
         // A short run of wide rows (a head of 200 over 20 positions) and a
         // long run of narrow ones, rows 3 heads apart.
@@ -1002,7 +1080,17 @@ mod tests {
                 // SAFETY: the CPU has AVX512-BF16 (checked above); `out`
                 // holds m · n values.
                 unsafe {
-                    amx::matmul(&ar, m, *kp, b, out.as_mut_ptr(), out.len(), parallel, false)
+                    amx::matmul(
+                        &ar,
+                        m,
+                        *kp,
+                        b,
+                        out.as_mut_ptr(),
+                        out.len(),
+                        parallel,
+                        false,
+                        false,
+                    )
                 };
                 for (i, (&g, &r)) in out.iter().zip(&want).enumerate() {
                     assert!(

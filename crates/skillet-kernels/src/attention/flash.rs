@@ -10,8 +10,7 @@ use rayon::prelude::*;
 
 use super::Attention;
 use crate::bf16::{
-    BothWays, DensePanels, Panels, ROW_ALIGN, RoundedRows, StoredRows, matmul_panels_serial,
-    matmul_rounded_serial,
+    BothWays, DensePanels, Panels, ROW_ALIGN, RoundedRows, StoredRows, matmul_rounded_serial,
 };
 use crate::gemm::{Out, View, matmul};
 use crate::reused::{Reused, hand_back};
@@ -164,8 +163,8 @@ thread_local! {
 }
 
 thread_local! {
-    /// Each thread's room for a product that is then added to its sums.
-    static PART: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Each thread's room for a left operand the product rounds itself.
+    static LEFT: std::cell::Cell<RoundedRows> = std::cell::Cell::new(RoundedRows::empty());
 }
 
 /// This thread's scratch, at least `len` values holding anything (another
@@ -224,6 +223,14 @@ impl<'a> Left<'a> {
         Self {
             rows,
             rounded: None,
+        }
+    }
+
+    /// Rows given only rounded (bf16 products alone).
+    fn rounded(rounded: &'a RoundedRows) -> Self {
+        Self {
+            rows: &[],
+            rounded: Some(rounded),
         }
     }
 
@@ -357,7 +364,13 @@ impl Attention {
     /// times `b` (`[k, n]`): on bf16 tiles (operands rounded to bf16, sums
     /// in f32) in a bf16 op, else by the f32 GEMM; on this thread.
     fn product(&self, a: Left, [m, k, n]: [usize; 3], b: Rhs, out: &mut [f32], add: bool) {
-        let (rounded, a, out) = (a.rounded, &a.rows[..m * k], &mut out[..m * n]);
+        let (rounded, out) = (a.rounded, &mut out[..m * n]);
+        // Rows rounded alone carry no f32 rows to slice.
+        let a = if rounded.is_some() {
+            a.rows
+        } else {
+            &a.rows[..m * k]
+        };
         if self.bf16 {
             let (rows, cols) = if b.transposed { (n, k) } else { (k, n) };
             let dense;
@@ -368,19 +381,13 @@ impl Attention {
                     &dense
                 }
             };
-            if add {
-                // The product writes every value of its room.
-                let mut part = taken(&PART, m * n);
-                match rounded {
-                    Some(r) => matmul_rounded_serial(r, panels, &mut part[..m * n]),
-                    None => matmul_panels_serial(a, m, panels, &mut part[..m * n]),
-                }
-                out.iter_mut().zip(&part).for_each(|(o, p)| *o += p);
-                hand_back(&PART, part);
-            } else {
-                match rounded {
-                    Some(r) => matmul_rounded_serial(r, panels, out),
-                    None => matmul_panels_serial(a, m, panels, out),
+            match rounded {
+                Some(r) => matmul_rounded_serial(r, panels, out, add),
+                None => {
+                    let mut r = LEFT.take();
+                    r.refill(a, m, k);
+                    matmul_rounded_serial(&r, panels, out, add);
+                    LEFT.set(r);
                 }
             }
             return;
@@ -528,17 +535,14 @@ impl Attention {
         let lse: Vec<f32> = (0..rows)
             .map(|r| lse[dims.lse_at(tile, r / tile.n, r % tile.n)])
             .collect();
-        let (qtt, dott) = match self.bf16 {
-            true => (transposed(&qt, rows, d), transposed(&dot_t, rows, d)),
-            false => (Vec::new(), Vec::new()),
-        };
-        // Rounded once for every block (bf16): the queries and `dO` as the
-        // left operands of the scores and of `dP`, their transposes of the
-        // key gradients.
+        // Made once for every block (bf16): the queries and `dO` rounded as
+        // the left operands of the scores and of `dP`, and packed as the
+        // right operands of the key gradients.
         let qr = rounded_once(self.bf16, &qt, rows, d);
         let dor = rounded_once(self.bf16, &dot_t, rows, d);
-        let qtr = rounded_once(self.bf16, &qtt, d, rows);
-        let dotr = rounded_once(self.bf16, &dott, d, rows);
+        let qp = self.bf16.then(|| BothWays::new(&qt, rows, d, d));
+        let dop = self.bf16.then(|| BothWays::new(&dot_t, rows, d, d));
+        let mut wt = RoundedRows::empty();
         let mut dq = vec![0f32; rows * d];
         let mut buf = scratch(2 * rows * KEYS);
         for (j0, nb) in self.key_blocks(tile) {
@@ -565,9 +569,15 @@ impl Attention {
             self.product(Left::plain(ds), [rows, nb, d], keys, &mut dq, true);
             // dK = dSᵀ (scale·Q) and dV = Pᵀ dO, added at the block's keys.
             let at = (j0 - sums.first) * d;
-            let (qs, dos) = (Left::with(&qtt, &qtr), Left::with(&dott, &dotr));
-            self.add_key_grads(ds, (&qt, qs), [rows, nb, d], &mut sums.dk[at..]);
-            self.add_key_grads(p, (&dot_t, dos), [rows, nb, d], &mut sums.dv[at..]);
+            let dims3 = [rows, nb, d];
+            self.add_key_grads(ds, (&qt, qp.as_ref()), dims3, &mut sums.dk[at..], &mut wt);
+            self.add_key_grads(
+                p,
+                (&dot_t, dop.as_ref()),
+                dims3,
+                &mut sums.dv[at..],
+                &mut wt,
+            );
         }
         hand_back(&SCRATCH, buf);
         scale(&mut dq, self.scale);
@@ -575,35 +585,31 @@ impl Attention {
     }
 
     /// `acc` (`nb` rows of `D`) `+= wᵀ x` for `w` (`rows × nb`) and `x`
-    /// (`rows × D`; `xt` its transpose and its rounding, made once per
-    /// tile, for bf16). On bf16 tiles `(xᵀ w)ᵀ`, the product's shared
-    /// dimension being the tile's rows: only `x` and the `D × nb` result
-    /// are transposed, never the wide `w`.
+    /// (`rows × D`). On bf16 tiles (where `packed`, `x` packed once per
+    /// tile as the right operand) `wᵀ` is rounded into `wt`, transposed in
+    /// registers: the product then lands in `acc`'s rows as they are.
     fn add_key_grads(
         &self,
         w: &[f32],
-        (x, xt): (&[f32], Left),
+        (x, packed): (&[f32], Option<&BothWays>),
         [rows, nb, d]: [usize; 3],
         acc: &mut [f32],
+        wt: &mut RoundedRows,
     ) {
-        if !self.bf16 {
+        let Some(packed) = packed.filter(|_| self.bf16) else {
             let out = Out::new(acc, d).accumulate();
             let w = View::rows(w, nb).t();
             matmul(nb, d, rows, w, View::rows(x, d), out, false);
             return;
-        }
-        let by_rows = Rhs {
-            w,
-            stride: nb,
-            transposed: false,
-            stored: None,
         };
-        // The product writes every value of its room (and, not adding,
-        // leaves `PART` to this function).
-        let mut t = taken(&PART, d * nb);
-        self.product(xt, [d, rows, nb], by_rows, &mut t[..d * nb], false);
-        add_transposed(&t, d, nb, acc);
-        hand_back(&PART, t);
+        wt.refill_transposed(&w[..rows * nb], rows, nb);
+        let right = Rhs {
+            w: x,
+            stride: d,
+            transposed: false,
+            stored: Some(packed.rows(0, rows)),
+        };
+        self.product(Left::rounded(wt), [nb, rows, d], right, acc, true);
     }
 
     /// Backward's runs (see [`RUNS`]): ranges of `tiles`, each within one
@@ -683,86 +689,4 @@ fn key_sums(dims: &Dims, runs: &[Run], len: usize) -> (Vec<f32>, Vec<f32>) {
             }
         });
     (dk, dv)
-}
-
-/// `x` (`[rows, cols]` row-major) transposed.
-/// (A zero comes out as +0, which the products it feeds cannot tell.)
-fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
-    add_transposed(x, rows, cols, &mut out);
-    out
-}
-
-/// `acc` (`[cols, rows]` row-major) `+= xᵀ` for `x` (`[rows, cols]`).
-fn add_transposed(x: &[f32], rows: usize, cols: usize, acc: &mut [f32]) {
-    assert!(x.len() >= rows * cols && acc.len() >= rows * cols);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature; the lengths are checked above.
-        unsafe { add_transposed_avx512(x, rows, cols, acc) };
-        return;
-    }
-    for (r, row) in x[..rows * cols].chunks_exact(cols).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            acc[c * rows + r] += v;
-        }
-    }
-}
-
-/// [`add_transposed`] by 16 × 16 blocks transposed in registers, the
-/// ragged edges one by one.
-///
-/// # Safety
-/// The CPU has AVX-512F; `x` and `acc` hold `rows · cols` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn add_transposed_avx512(x: &[f32], rows: usize, cols: usize, acc: &mut [f32]) {
-    use std::arch::x86_64::*;
-    const B: usize = 16;
-    let (rb, cb) = (rows / B * B, cols / B * B);
-    for r0 in (0..rb).step_by(B) {
-        for c0 in (0..cb).step_by(B) {
-            // SAFETY: whole blocks lie inside both `rows · cols` buffers,
-            // and the CPU has the feature (the caller's promise).
-            unsafe {
-                let mut t = [_mm512_setzero_si512(); B];
-                for (i, line) in t.iter_mut().enumerate() {
-                    let src = x.as_ptr().add((r0 + i) * cols + c0);
-                    *line = _mm512_castps_si512(_mm512_loadu_ps(src));
-                }
-                crate::bf16::transpose16(&mut t);
-                for (i, line) in t.iter().enumerate() {
-                    let dst = acc.as_mut_ptr().add((c0 + i) * rows + r0);
-                    let sum = _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_castsi512_ps(*line));
-                    _mm512_storeu_ps(dst, sum);
-                }
-            }
-        }
-    }
-    for r in 0..rows {
-        let from = if r < rb { cb } else { 0 };
-        for c in from..cols {
-            acc[c * rows + r] += x[r * cols + c];
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blocks_transposed_in_registers_add_as_one_by_one() {
-        for (rows, cols) in [(16, 16), (37, 21), (64, 256), (5, 3)] {
-            let x: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
-            let start: Vec<f32> = (0..rows * cols).map(|i| (i % 7) as f32).collect();
-            let mut got = start.clone();
-            add_transposed(&x, rows, cols, &mut got);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(got[c * rows + r], start[c * rows + r] + x[r * cols + c]);
-                }
-            }
-        }
-    }
 }

@@ -49,6 +49,8 @@ pub(super) struct Shapes {
     pub(super) n: usize,
     /// Padded shared dimension.
     pub(super) kp: usize,
+    /// Whether the products are added to what the result holds.
+    pub(super) add: bool,
 }
 
 /// `out` (`[m, n]`, `out_len` values from `out`) = `a` (`[⌈m/16⌉·16, kp]`
@@ -56,8 +58,9 @@ pub(super) struct Shapes {
 /// the tiles (`tiles`) or with AVX512-BF16's dot products (`dots.rs`; the
 /// tasks and operands are the same). Every one of the `m · n` results is
 /// written (through the pointer, so `out` may be memory not yet
-/// initialized) and none is read. On the thread pool where `parallel`,
-/// else on this thread.
+/// initialized) and none is read; where `add`, the products are added to
+/// the values `out` holds (then all initialized). On the thread pool where
+/// `parallel`, else on this thread.
 ///
 /// # Safety
 /// The CPU must have the chosen kernel's features (`bf16::kernel()`), and
@@ -72,13 +75,14 @@ pub(super) unsafe fn matmul(
     out_len: usize,
     parallel: bool,
     tiles: bool,
+    add: bool,
 ) {
     let n = b.n();
     let mp = m.next_multiple_of(TILE);
     let blocks = n.div_ceil(TILE);
     assert!(kp.is_multiple_of(KSTEP) && kp >= b.k());
     assert!(a.len() >= mp * kp && out_len >= m * n);
-    let shapes = Shapes { m, n, kp };
+    let shapes = Shapes { m, n, kp, add };
     // Computed column blocks are made once per product: a task takes every
     // row and a share of the blocks (an even number, for the 2 × 2 tiles).
     let (task_rows, task_blocks) = if !parallel {
@@ -269,7 +273,7 @@ unsafe fn tile_blocks(
 #[inline(always)]
 unsafe fn store(s: Shapes, dest: Dest, i: usize, j: usize, t: usize) {
     let c = j * TILE;
-    if i + TILE <= s.m && c + TILE <= s.n {
+    if !s.add && i + TILE <= s.m && c + TILE <= s.n {
         store_at(t, dest.0.add(i * s.n + c), s.n * 4);
         return;
     }
@@ -279,7 +283,9 @@ unsafe fn store(s: Shapes, dest: Dest, i: usize, j: usize, t: usize) {
     store_at(t, buf.0.as_mut_ptr(), TILE * 4);
     for r in 0..TILE.min(s.m.saturating_sub(i)) {
         for cc in 0..TILE.min(s.n - c) {
-            *dest.0.add((i + r) * s.n + c + cc) = buf.0[r * TILE + cc];
+            let at = dest.0.add((i + r) * s.n + c + cc);
+            let base = if s.add { *at } else { 0.0 };
+            *at = base + buf.0[r * TILE + cc];
         }
     }
 }
@@ -331,6 +337,61 @@ unsafe fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
     }
     for i in whole..n {
         dst[i] = super::to_bf16(src[i]);
+    }
+}
+
+/// `dst` (rows `kp` apart) = `x`ᵀ rounded to bf16 for `x` (`[rows,
+/// cols]` row-major): row `c` of `dst` holds column `c` of `x` in its
+/// first `rows` values. Blocks of 16 × 16 transposed in registers and
+/// rounded as [`round_row`] rounds; the ragged edges one by one.
+pub(super) fn round_transposed(x: &[f32], [rows, cols]: [usize; 2], dst: &mut [u16], kp: usize) {
+    assert!(x.len() >= rows * cols && kp >= rows);
+    assert!(cols == 0 || dst.len() >= (cols - 1) * kp + rows);
+    let (rb, cb) = match std::arch::is_x86_feature_detected!("avx512bf16") {
+        true => (rows / TILE * TILE, cols / TILE * TILE),
+        false => (0, 0),
+    };
+    if rb > 0 && cb > 0 {
+        // SAFETY: the CPU has the features; whole blocks lie inside both
+        // buffers (the lengths checked above).
+        unsafe { round_transposed_blocks(x, cols, dst, kp, [rb, cb]) };
+    }
+    for r in 0..rows {
+        let from = if r < rb { cb } else { 0 };
+        for c in from..cols {
+            dst[c * kp + r] = super::to_bf16(x[r * cols + c]);
+        }
+    }
+}
+
+/// The whole 16 × 16 blocks of [`round_transposed`] within `rb` rows and
+/// `cb` columns.
+///
+/// # Safety
+/// The CPU has AVX512-BF16; `x` holds `rb` rows of `cols` values and
+/// `dst` `cb` rows of `kp ≥ rb`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_transposed_blocks(
+    x: &[f32],
+    cols: usize,
+    dst: &mut [u16],
+    kp: usize,
+    [rb, cb]: [usize; 2],
+) {
+    use std::arch::x86_64::*;
+    for r0 in (0..rb).step_by(TILE) {
+        for c0 in (0..cb).step_by(TILE) {
+            let mut t = [_mm512_setzero_si512(); TILE];
+            for (i, line) in t.iter_mut().enumerate() {
+                *line = _mm512_castps_si512(_mm512_loadu_ps(x.as_ptr().add((r0 + i) * cols + c0)));
+            }
+            transpose16(&mut t);
+            for (i, line) in t.iter().enumerate() {
+                let h: __m256i =
+                    std::mem::transmute(_mm512_cvtneps_pbh(_mm512_castsi512_ps(*line)));
+                _mm256_storeu_si256(dst.as_mut_ptr().add((c0 + i) * kp + r0) as *mut __m256i, h);
+            }
+        }
     }
 }
 

@@ -71,8 +71,8 @@ pub(super) unsafe fn blocks(
 }
 
 /// Rows `i..i + 8` by column blocks `j..j + C` of the result: the sums in
-/// registers over every pair of the shared dimension, then stored where
-/// they fall inside the result.
+/// registers over every pair of the shared dimension (from the result's
+/// values where `s.add`), then stored where they fall inside the result.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn block<const C: usize>(
     a: *const u16,
@@ -83,6 +83,18 @@ unsafe fn block<const C: usize>(
     j: usize,
 ) {
     let mut sums = [[_mm512_setzero_ps(); C]; ROWS];
+    if s.add {
+        for (r, row) in sums.iter_mut().enumerate().take(s.m - i) {
+            for (c, sum) in row.iter_mut().enumerate() {
+                let col = (j + c) * TILE;
+                if col >= s.n {
+                    break;
+                }
+                let mask = (u32::MAX >> (32 - TILE.min(s.n - col))) as u16;
+                *sum = _mm512_maskz_loadu_ps(mask, dest.0.add((i + r) * s.n + col));
+            }
+        }
+    }
     for p in 0..s.kp / 2 {
         let mut lines = [_mm512_setzero_si512(); C];
         for (line, panel) in lines.iter_mut().zip(b) {
