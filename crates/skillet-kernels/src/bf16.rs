@@ -541,6 +541,12 @@ pub(crate) struct RoundedRows {
     kp: usize,
 }
 
+impl Default for RoundedRows {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
 impl RoundedRows {
     /// `a` (`[m, k]` row-major) rounded, on this thread.
     pub(crate) fn new(a: &[f32], m: usize, k: usize) -> Self {
@@ -553,30 +559,10 @@ impl RoundedRows {
     pub(crate) fn refill(&mut self, a: &[f32], m: usize, k: usize) {
         assert_eq!(a.len(), m * k, "rounded rows: a is not {m}×{k}");
         let kp = padded(k);
-        let len = m.next_multiple_of(TILE) * kp;
-        if self.data.len() < len {
-            self.data.resize(len, 0);
-        }
-        let (rows, pad) = self.data[..len].split_at_mut(m * kp);
-        if k == 0 {
-            rows.fill(0);
-        }
-        for (dst, src) in rows.chunks_exact_mut(kp).zip(a.chunks_exact(k.max(1))) {
-            round_into(src, &mut dst[..k]);
-            dst[k..].fill(0);
-        }
-        pad.fill(0);
+        round_rows(a, m, k, kp, &mut self.data, false);
         (self.m, self.k, self.kp) = (m, k, kp);
     }
-}
 
-impl Default for RoundedRows {
-    fn default() -> Self {
-        Self::empty()
-    }
-}
-
-impl RoundedRows {
     /// Nothing yet, for [`RoundedRows::refill`] and
     /// [`RoundedRows::refill_transposed`].
     pub(crate) fn empty() -> Self {
@@ -867,7 +853,6 @@ thread_local! {
 /// with zero rows, for the tile kernel. Each of those values is written
 /// (`ar` may hold an earlier product's). On the thread pool where
 /// `parallel`.
-#[cfg(target_arch = "x86_64")]
 fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>, parallel: bool) {
     let mp = m.next_multiple_of(TILE);
     // Grown, never shrunk: shrinking and growing again would zero the
@@ -878,10 +863,12 @@ fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>, paral
     let (rows, pad) = ar[..mp * kp].split_at_mut(m * kp);
     let round = |(dst, src): (&mut [u16], &[f32])| {
         let (values, tail) = dst.split_at_mut(k);
-        amx::round_row(src, values);
+        round_into(src, values);
         tail.fill(0);
     };
-    if parallel {
+    if k == 0 {
+        rows.fill(0);
+    } else if parallel {
         rows.par_chunks_mut(kp).zip(a.par_chunks(k)).for_each(round);
     } else {
         rows.chunks_mut(kp).zip(a.chunks(k)).for_each(round);

@@ -86,12 +86,10 @@ unsafe fn block<const C: usize>(
     if s.add {
         for (r, row) in sums.iter_mut().enumerate().take(s.m - i) {
             for (c, sum) in row.iter_mut().enumerate() {
-                let col = (j + c) * TILE;
-                if col >= s.n {
+                let Some((at, mask)) = place(s, i + r, j + c) else {
                     break;
-                }
-                let mask = (u32::MAX >> (32 - TILE.min(s.n - col))) as u16;
-                *sum = _mm512_maskz_loadu_ps(mask, dest.0.add((i + r) * s.n + col));
+                };
+                *sum = _mm512_maskz_loadu_ps(mask, dest.0.add(at));
             }
         }
     }
@@ -111,12 +109,23 @@ unsafe fn block<const C: usize>(
     }
     for (r, row) in sums.iter().enumerate().take(s.m - i) {
         for (c, sum) in row.iter().enumerate() {
-            let col = (j + c) * TILE;
-            if col >= s.n {
+            let Some((at, mask)) = place(s, i + r, j + c) else {
                 break;
-            }
-            let mask = (u32::MAX >> (32 - TILE.min(s.n - col))) as u16;
-            _mm512_mask_storeu_ps(dest.0.add((i + r) * s.n + col), mask, *sum);
+            };
+            _mm512_mask_storeu_ps(dest.0.add(at), mask, *sum);
         }
     }
+}
+
+/// Where row `i`'s 16 sums of column block `j` sit in the result, and the
+/// mask of the columns that exist; `None` for a block past the last column.
+#[inline(always)]
+fn place(s: Shapes, i: usize, j: usize) -> Option<(usize, u16)> {
+    let col = j * TILE;
+    (col < s.n).then(|| {
+        (
+            i * s.n + col,
+            (u32::MAX >> (32 - TILE.min(s.n - col))) as u16,
+        )
+    })
 }
