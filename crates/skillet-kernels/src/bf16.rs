@@ -95,6 +95,16 @@ fn kernel() -> Option<Kernel> {
     None
 }
 
+/// Whether the native bf16 kernel is AMX's tiles (else the dot
+/// products); a bf16 product here without either is a caller's bug.
+#[cfg(target_arch = "x86_64")]
+fn on_tiles() -> bool {
+    match kernel() {
+        Some(k) => k == Kernel::Tiles,
+        None => panic!("bf16 products without AMX or AVX512-BF16"),
+    }
+}
+
 /// The right operand `B` (`[k, n]`) of bf16 products, rounded and packed
 /// for the kernel that runs here.
 #[derive(Clone)]
@@ -623,10 +633,7 @@ pub(crate) fn matmul_rounded_serial(a: &RoundedRows, b: &dyn Panels, out: &mut [
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let tiles = match kernel() {
-            Some(k) => k == Kernel::Tiles,
-            None => panic!("bf16 products without AMX or AVX512-BF16"),
-        };
+        let tiles = on_tiles();
         // SAFETY: the CPU has the kernel's features (`kernel()`), `a` has
         // the layout the kernel reads (by construction, `kp` the padding
         // of `B`'s `k`), and `out` holds `m · n` initialized values.
@@ -692,10 +699,7 @@ unsafe fn tiles(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        let tiles = match kernel() {
-            Some(k) => k == Kernel::Tiles,
-            None => panic!("bf16 products without AMX or AVX512-BF16"),
-        };
+        let tiles = on_tiles();
         let kp = padded(b.k());
         let mut ar = ROUNDED.take();
         round_rows(a, m, b.k(), kp, &mut ar, parallel);

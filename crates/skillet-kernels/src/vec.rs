@@ -214,7 +214,7 @@ unsafe fn exp_shifted_sum_avx512(x: &mut [f32], shift: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(crate) unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let set = _mm512_set1_ps;
     let dead = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, set(-87.0));
