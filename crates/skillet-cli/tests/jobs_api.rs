@@ -660,6 +660,20 @@ fn a_job_killed_with_its_server_resumes_and_ends_byte_identical() {
         &request_for(file["id"].as_str().unwrap()),
     );
     let queued_id = queued.json()["id"].as_str().unwrap().to_string();
+    // Its files are validated by the worker's next look at the store, which
+    // a busy machine can delay past the first checkpoint: wait for it, so
+    // that the kill finds it queued.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(
+        &server.addr,
+        ANN,
+        &format!("/v1/fine_tuning/jobs/{queued_id}"),
+    )["status"]
+        != "queued"
+    {
+        assert!(Instant::now() < deadline, "the second job was not queued");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let ckpts = f.data.join("jobs").join(&id).join("out/checkpoints");
     let deadline = Instant::now() + Duration::from_secs(120);
     let complete = || {
