@@ -39,12 +39,27 @@ pub(crate) struct Attention {
     pub(crate) rope: Option<(RopeTable, RopeLayout)>,
     /// Products on bf16 tiles (see [`attention_rope`]).
     pub(crate) bf16: bool,
+    /// Inputs and output given as rows of heads of this width (`[B, T,
+    /// heads · D]`, see [`attention_rope_rows`]), else `[B, T, heads, D]`.
+    pub(crate) width: Option<usize>,
 }
 
 impl Attention {
+    /// `[B, T, heads, D]` of an input's or output's shape.
+    fn heads(&self, dims: &[usize]) -> Result<[usize; 4]> {
+        match (dims, self.width) {
+            (&[b, t, h, d], None) => Ok([b, t, h, d]),
+            (&[b, t, n], Some(d)) if d > 0 && n % d == 0 => Ok([b, t, n / d, d]),
+            _ => bail!(
+                "attention: {dims:?} is not [B, T, heads, D] nor rows of heads of width {:?}",
+                self.width
+            ),
+        }
+    }
+
     fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
-        let (b, t, h, d) = q.shape().dims4()?;
-        let (kb, s, kh, kd) = k.shape().dims4()?;
+        let [b, t, h, d] = self.heads(q.dims())?;
+        let [kb, s, kh, kd] = self.heads(k.dims())?;
         if k.dims() != v.dims() || kb != b || kd != d || kh == 0 || h % kh != 0 {
             bail!(
                 "attention: queries {:?}, keys {:?}, values {:?}",
@@ -96,8 +111,8 @@ impl CustomOp3 for Attention {
         );
         let rotated = match &self.rope {
             Some((table, layout)) => Some((
-                rotate(q, ql.dims(), table, *layout, false)?,
-                rotate(k, kl.dims(), table, *layout, false)?,
+                rotate(q, &self.heads(ql.dims())?, table, *layout, false)?,
+                rotate(k, &self.heads(kl.dims())?, table, *layout, false)?,
             )),
             None => None,
         };
@@ -123,10 +138,11 @@ impl CustomOp3 for Attention {
         let lse = self.lse.lock().map(|l| l.clone()).unwrap_or_default();
         // With RoPE inside: the rotated inputs again here, and their
         // gradients rotated back at the end (a rotation keeps the shape).
+        let (qh, kh) = (self.heads(q.dims())?, self.heads(k.dims())?);
         let (qr, kr) = match &self.rope {
             Some((table, layout)) => (
-                Some(rotated(q, table, *layout, false)?),
-                Some(rotated(k, table, *layout, false)?),
+                Some(rotated(q, qh, table, *layout, false)?),
+                Some(rotated(k, kh, table, *layout, false)?),
             ),
             None => (None, None),
         };
@@ -142,8 +158,8 @@ impl CustomOp3 for Attention {
         let (dq, dk) = (tensor(dq, q.shape())?, tensor(dk, k.shape())?);
         let (dq, dk) = match &self.rope {
             Some((table, layout)) => (
-                rotated(&dq, table, *layout, true)?,
-                rotated(&dk, table, *layout, true)?,
+                rotated(&dq, qh, table, *layout, true)?,
+                rotated(&dk, kh, table, *layout, true)?,
             ),
             None => (dq, dk),
         };
@@ -151,10 +167,17 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// `x` (`[B, T, heads, D]`) rotated by `table` (or back, `inverse`).
-fn rotated(x: &Tensor, table: &RopeTable, layout: RopeLayout, inverse: bool) -> Result<Tensor> {
+/// `x` (of `heads`, `[B, T, heads, D]`) rotated by `table` (or back,
+/// `inverse`).
+fn rotated(
+    x: &Tensor,
+    heads: [usize; 4],
+    table: &RopeTable,
+    layout: RopeLayout,
+    inverse: bool,
+) -> Result<Tensor> {
     let y = with_f32([x], "attention", |[xs]| {
-        rotate(xs, x.dims(), table, layout, inverse)
+        rotate(xs, &heads, table, layout, inverse)
     })?;
     tensor(y, x.shape())
 }
@@ -169,7 +192,7 @@ pub fn attention(
     mask: &AttentionMask,
     scale: f32,
 ) -> Result<Tensor> {
-    apply(q, k, v, mask, scale, None, false)
+    apply([q, k, v], mask, scale, None, false, None)
 }
 
 /// [`attention`] of `q` and `k` rotated by `table` (`q` and `k` at the
@@ -193,18 +216,47 @@ pub fn attention_rope(
     layout: RopeLayout,
     bf16: bool,
 ) -> Result<Tensor> {
+    with_rope([q, k, v], None, mask, scale, (table, layout), bf16)
+}
+
+/// [`attention_rope`] on rows of heads of `width`: `q` `[B, T, H·width]`,
+/// `k` and `v` `[B, S, K·width]`, the output `[B, T, H·width]`, as the
+/// projections give and take them. Reshaping to `[B, T, heads, D]` and
+/// back around the op would add four nodes to the graph, and backward
+/// pays each one a zeroed gradient and an add the size of its tensor.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rope_rows(
+    [q, k, v]: [&Tensor; 3],
+    width: usize,
+    mask: &AttentionMask,
+    scale: f32,
+    table: &RopeTable,
+    layout: RopeLayout,
+    bf16: bool,
+) -> Result<Tensor> {
+    with_rope([q, k, v], Some(width), mask, scale, (table, layout), bf16)
+}
+
+/// The op with RoPE inside, bf16 products where asked and accelerated.
+fn with_rope(
+    qkv: [&Tensor; 3],
+    width: Option<usize>,
+    mask: &AttentionMask,
+    scale: f32,
+    (table, layout): (&RopeTable, RopeLayout),
+    bf16: bool,
+) -> Result<Tensor> {
     let rope = Some((table.clone(), layout));
-    apply(q, k, v, mask, scale, rope, bf16 && bf16_accelerated())
+    apply(qkv, mask, scale, rope, bf16 && bf16_accelerated(), width)
 }
 
 fn apply(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    [q, k, v]: [&Tensor; 3],
     mask: &AttentionMask,
     scale: f32,
     rope: Option<(RopeTable, RopeLayout)>,
     bf16: bool,
+    width: Option<usize>,
 ) -> Result<Tensor> {
     let op = Attention {
         mask: mask.clone(),
@@ -212,6 +264,7 @@ fn apply(
         lse: Arc::new(Mutex::new(Vec::new())),
         rope,
         bf16,
+        width,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -463,6 +516,59 @@ mod tests {
             }
         }
         RopeTable::new(cos, sin, rows, half).unwrap()
+    }
+
+    #[test]
+    fn rows_of_heads_give_the_four_dimensional_values_and_gradients() {
+        // The op on [B, T, heads·D] rows is the same computation as on
+        // [B, T, heads, D]: the same bits, forward and backward, both
+        // precisions; and a width that does not divide the rows fails.
+        let (b, t, h, k, d) = (2, 70, 6, 2, 8);
+        let rope = table(b * t, t, d);
+        let mask = AttentionMask::causal(b, t, t).unwrap();
+        let inputs = [
+            random(&[b, t, h, d], 41, 1.0),
+            random(&[b, t, k, d], 42, 1.0),
+            random(&[b, t, k, d], 43, 1.0),
+        ];
+        let rows: Vec<Tensor> = inputs.iter().map(|x| x.flatten_from(2).unwrap()).collect();
+        for bf16 in [false, true] {
+            let heads = |a: &[Tensor]| {
+                attention_rope(
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &mask,
+                    0.3,
+                    &rope,
+                    RopeLayout::Half,
+                    bf16,
+                )
+            };
+            let flat = |a: &[Tensor]| {
+                let y = attention_rope_rows(
+                    [&a[0], &a[1], &a[2]],
+                    d,
+                    &mask,
+                    0.3,
+                    &rope,
+                    RopeLayout::Half,
+                    bf16,
+                )?;
+                assert_eq!(y.dims(), &[b, t, h * d]);
+                y.reshape((b, t, h, d))
+            };
+            let mut want = vec![heads(&inputs).unwrap()];
+            want.extend(grads(&inputs, &heads));
+            let mut got = vec![flat(&rows).unwrap()];
+            got.extend(grads(&rows, &flat));
+            for (i, (a, w)) in got.iter().zip(&want).enumerate() {
+                let a = a.reshape(w.dims()).unwrap();
+                assert_eq!(max_abs_diff(&a, w), 0.0, "output/gradient {i}, bf16 {bf16}");
+            }
+        }
+        let odd = [&rows[0], &rows[1], &rows[2]];
+        assert!(attention_rope_rows(odd, 5, &mask, 0.3, &rope, RopeLayout::Half, false).is_err());
     }
 
     #[test]

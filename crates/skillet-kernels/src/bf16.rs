@@ -573,6 +573,34 @@ impl RoundedRows {
         (self.m, self.k, self.kp) = (m, k, kp);
     }
 
+    /// Becomes an `m × k` operand whose rows `fill(r, row)` writes (the
+    /// first `k` values of row `r`, rounded by the caller; the padding is
+    /// cleared here), keeping its buffer: for rows rounded as they are
+    /// made, while they are in cache.
+    pub(crate) fn refill_rows(
+        &mut self,
+        m: usize,
+        k: usize,
+        mut fill: impl FnMut(usize, &mut [u16]),
+    ) {
+        let (kp, mp) = (padded(k), m.next_multiple_of(TILE));
+        if self.data.len() < mp * kp {
+            self.data.resize(mp * kp, 0);
+        }
+        let (rows, pad) = self.data[..mp * kp].split_at_mut(m * kp);
+        for (r, row) in rows.chunks_exact_mut(kp).enumerate() {
+            let (values, tail) = row.split_at_mut(k);
+            fill(r, values);
+            if !tail.is_empty() {
+                tail.fill(0);
+            }
+        }
+        if !pad.is_empty() {
+            pad.fill(0);
+        }
+        (self.m, self.k, self.kp) = (m, k, kp);
+    }
+
     /// Nothing yet, for [`RoundedRows::refill`] and
     /// [`RoundedRows::refill_transposed`].
     pub(crate) fn empty() -> Self {
@@ -605,11 +633,16 @@ impl RoundedRows {
         }
         // The padding reads as zero: past `rows` in each row, and the rows
         // past `cols`.
+        // (Guarded: an empty `fill` still costs a call, once per row.)
         let (valid, pad) = data.split_at_mut(cols * kp);
-        valid
-            .chunks_exact_mut(kp)
-            .for_each(|row| row[rows..].fill(0));
-        pad.fill(0);
+        if rows < kp {
+            valid
+                .chunks_exact_mut(kp)
+                .for_each(|row| row[rows..].fill(0));
+        }
+        if !pad.is_empty() {
+            pad.fill(0);
+        }
         (self.m, self.k, self.kp) = (cols, rows, kp);
     }
 }
@@ -868,7 +901,10 @@ fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>, paral
     let round = |(dst, src): (&mut [u16], &[f32])| {
         let (values, tail) = dst.split_at_mut(k);
         round_into(src, values);
-        tail.fill(0);
+        // (Guarded: an empty `fill` still costs a call, once per row.)
+        if !tail.is_empty() {
+            tail.fill(0);
+        }
     };
     if k == 0 {
         rows.fill(0);
@@ -877,7 +913,9 @@ fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>, paral
     } else {
         rows.chunks_mut(kp).zip(a.chunks(k)).for_each(round);
     }
-    pad.fill(0);
+    if !pad.is_empty() {
+        pad.fill(0);
+    }
 }
 
 #[cfg(test)]

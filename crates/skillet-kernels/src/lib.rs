@@ -29,6 +29,7 @@ mod storage;
 mod swiglu;
 mod swiglu_down;
 pub mod team;
+mod thin;
 #[cfg(target_arch = "x86_64")]
 mod tiles;
 mod vec;
@@ -37,7 +38,10 @@ mod vec;
 mod testing;
 
 pub use adamw::{AdamWStep, adamw_step};
-pub use attention::{AttentionMask, SHARED_SEGMENT, attention, attention_composed, attention_rope};
+pub use attention::{
+    AttentionMask, SHARED_SEGMENT, attention, attention_composed, attention_rope,
+    attention_rope_rows,
+};
 pub use bf16::{
     Bf16Matrix, Bf16Rows, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16,
 };

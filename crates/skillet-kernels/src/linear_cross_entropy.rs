@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::bf16::{Bf16Weight, matmul_bf16, rounded_product_into, transposed};
 use crate::frozen::FrozenWeight;
 use crate::gemm::{Out, View, matmul};
-use crate::storage::{slice, tensor, with_f32};
+use crate::storage::{slice, tensor, with_f32, zeros};
 use crate::vec::{exp_shifted_sum, max, scale};
 
 /// Rows per chunk: 256 × 49,152 logits is 50 MB.
@@ -74,7 +74,7 @@ impl KeptGrad {
 
     /// A zeroed `len`-value buffer for forward to fill, when wanted.
     fn buffer(&self, len: usize) -> Option<Vec<f32>> {
-        self.0.as_ref().map(|_| vec![0f32; len])
+        self.0.as_ref().map(|_| zeros(len))
     }
 
     fn keep(&self, dh: Option<Vec<f32>>) {
@@ -198,8 +198,7 @@ fn row_nll(
     mut dh: Option<&mut [f32]>,
 ) -> Result<(Vec<f32>, usize)> {
     let n = labels.len();
-    let mut buf = vec![0f32; CHUNK.min(n) * v];
-    let mut nll = vec![0f32; n];
+    let (mut buf, mut nll) = (zeros(CHUNK.min(n) * v), vec![0f32; n]);
     let mut correct = 0usize;
     let grad = dh.is_some();
     for from in (0..n).step_by(CHUNK) {
@@ -248,8 +247,7 @@ fn hidden_grad(
     mut each_chunk: impl FnMut(&[f32], &[f32]),
 ) -> Result<Vec<f32>> {
     let n = labels.len();
-    let mut dh = vec![0f32; n * c];
-    let mut buf = vec![0f32; CHUNK.min(n) * v];
+    let (mut dh, mut buf) = (zeros(n * c), zeros(CHUNK.min(n) * v));
     for from in (0..n).step_by(CHUNK) {
         let to = (from + CHUNK).min(n);
         let buf = &mut buf[..(to - from) * v];

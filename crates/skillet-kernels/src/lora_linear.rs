@@ -4,17 +4,20 @@
 //! full-width tensors per module alive until backward (the base output,
 //! the update and its scaled copy, each held by the next op) and adds
 //! four nodes whose gradients candle sums one by one. Here the op keeps
-//! only its inputs, recomputes the `r`-wide `x Aᵀ` in backward, and
-//! writes every gradient in one pass:
+//! its inputs and the `r`-wide `x Aᵀ` (a product as long as the base's,
+//! at a fraction of its rate, not made twice), and writes every gradient
+//! in one pass:
 //! `g = dy B`, `dB = s · dyᵀ (x Aᵀ)`, `dA = s · gᵀ x`,
 //! `dx = dy W + s · g A`.
+
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
 use crate::frozen::FrozenWeight;
-use crate::gemm::{Out, View, matmul};
 use crate::lora_rows::LoraFactors;
 use crate::storage::{slice, tensor, with_f32, with_f32_all};
+use crate::thin;
 
 /// The frozen part of a LoRA-adapted layer.
 #[derive(Debug, Clone)]
@@ -28,6 +31,8 @@ pub struct FrozenLinear {
 struct LoraLinear {
     base: FrozenLinear,
     scale: f32,
+    /// `x Aᵀ` as forward made it, for backward.
+    down: Arc<OnceLock<Vec<f32>>>,
 }
 
 impl LoraLinear {
@@ -35,10 +40,16 @@ impl LoraLinear {
     fn down(x: &[f32], a: &[f32], inp: usize, r: usize) -> Vec<f32> {
         let rows = x.len() / inp;
         let mut u = vec![0f32; rows * r];
-        let (xv, av) = (View::rows(x, inp), View::rows(a, inp).t());
-        matmul(rows, r, inp, xv, av, Out::new(&mut u, r), true);
+        thin::times_t(x, [rows, inp, r], a, &mut u);
         u
     }
+}
+
+/// The `cols × rows` transpose of row-major `m` (`rows × cols`).
+fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols)
+        .flat_map(|c| (0..rows).map(move |r| m[r * cols + c]))
+        .collect()
 }
 
 impl CustomOp3 for LoraLinear {
@@ -69,10 +80,14 @@ impl CustomOp3 for LoraLinear {
         }
         let rows = x.len() / inp;
         let mut y = self.base.weight.forward(x)?;
-        let u = Self::down(x, a, inp, r);
-        let (uv, bv) = (View::rows(&u, r), View::rows(b, r).t());
-        let dst = Out::new(&mut y, out).accumulate().scaled(self.scale);
-        matmul(rows, out, r, uv, bv, dst, true);
+        let u = self.down.get_or_init(|| Self::down(x, a, inp, r));
+        thin::add_times(
+            &mut y,
+            [rows, r, out],
+            u,
+            &transposed(b, out, r),
+            self.scale,
+        );
         if let Some(bias) = &self.base.bias {
             with_f32([bias], self.name(), |[bias]| {
                 if bias.len() != out {
@@ -106,40 +121,22 @@ impl CustomOp3 for LoraLinear {
         let (dx, da, db) = with_f32_all(&[x, a, b, dy], self.name(), |t| {
             let [x, a, b, dy] = [t[0], t[1], t[2], t[3]];
             let rows = x.len() / inp;
-            let u = Self::down(x, a, inp, r);
+            let u = self.down.get_or_init(|| Self::down(x, a, inp, r));
             // g = dy B: [rows, r].
+            let bt = transposed(b, out, r);
             let mut g = vec![0f32; rows * r];
-            let (dyv, bv) = (View::rows(dy, out), View::rows(b, r));
-            matmul(rows, r, out, dyv, bv, Out::new(&mut g, r), true);
-            // dB = s · dyᵀ u: [out, r].
-            let mut db = vec![0f32; out * r];
-            let dst = Out::new(&mut db, r).scaled(s);
-            matmul(out, r, rows, dyv.t(), View::rows(&u, r), dst, true);
+            thin::times_t(dy, [rows, out, r], &bt, &mut g);
+            // dB = s · dyᵀ u: [out, r], made as its transpose.
+            let mut dbt = vec![0f32; r * out];
+            thin::t_times(u, [rows, r, out], dy, s, &mut dbt);
+            let db = transposed(&dbt, r, out);
             // dA = s · gᵀ x: [r, in].
             let mut da = vec![0f32; r * inp];
-            let dst = Out::new(&mut da, inp).scaled(s);
-            matmul(
-                r,
-                inp,
-                rows,
-                View::rows(&g, r).t(),
-                View::rows(x, inp),
-                dst,
-                true,
-            );
+            thin::t_times(&g, [rows, r, inp], x, s, &mut da);
             // dx = dy W + s · g A.
             let dx = if want_dx {
                 let mut dx = self.base.weight.backward(dy)?;
-                let dst = Out::new(&mut dx, inp).accumulate().scaled(s);
-                matmul(
-                    rows,
-                    inp,
-                    r,
-                    View::rows(&g, r),
-                    View::rows(a, inp),
-                    dst,
-                    true,
-                );
+                thin::add_times(&mut dx, [rows, r, inp], &g, a, s);
                 Some(dx)
             } else {
                 None
@@ -164,6 +161,7 @@ pub fn lora_linear(x: &Tensor, base: &FrozenLinear, lora: &LoraFactors) -> Resul
         LoraLinear {
             base: base.clone(),
             scale: lora.scale,
+            down: Arc::default(),
         },
     )
 }

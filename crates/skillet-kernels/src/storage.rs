@@ -2,6 +2,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Device, Layout, Result, Shape, Storage, Tensor, bail};
+use rayon::prelude::*;
 
 /// The contiguous f32 elements a custom op's input describes.
 pub(crate) fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -46,6 +47,21 @@ pub(crate) fn with_f32_all<R>(
         slices.push(slice(cpu, layout, op)?);
     }
     f(&slices)
+}
+
+/// Below this many values [`zeros`] zeroes on the calling thread.
+const SERIAL_ZEROS: usize = 1 << 16;
+
+/// `len` zeros, written on the thread pool where there are many: an
+/// output of tens of megabytes zeroed on one thread kept the others
+/// waiting (about 2% of a long-context training step).
+pub(crate) fn zeros(len: usize) -> Vec<f32> {
+    if len < SERIAL_ZEROS {
+        return vec![0f32; len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.par_extend(rayon::iter::repeat_n(0f32, len));
+    v
 }
 
 /// A CPU tensor owning `data`.

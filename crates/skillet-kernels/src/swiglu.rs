@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use crate::storage::{slice, tensor, with_f32};
+use crate::storage::{slice, tensor, with_f32, zeros};
 use crate::vec::{exp, multiversion};
 
 /// Elements per parallel task.
@@ -43,8 +43,7 @@ pub(crate) fn gated(g: &[f32], u: &[f32]) -> Vec<f32> {
 
 /// `(dg, du)` of `silu(g) ∘ u` for the output gradient `dy`, over threads.
 pub(crate) fn gated_grads(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0f32; g.len()];
-    let mut du = vec![0f32; g.len()];
+    let (mut dg, mut du) = (zeros(g.len()), zeros(g.len()));
     dg.par_chunks_mut(BLOCK)
         .zip(du.par_chunks_mut(BLOCK))
         .zip(g.par_chunks(BLOCK).zip(u.par_chunks(BLOCK)))

@@ -287,6 +287,29 @@ impl Attention {
             self.v_proj.as_ref(),
         ];
         let [q, kk, v] = ctx.project_each(lins, [base, base + 1, base + 2], x)?;
+        let rope = &ctx.ropes[self.kind.rope];
+        let scale = self.kind.scale;
+        let mask = ctx.masks.get(usize::from(self.kind.window.is_some()));
+        let bf16 = ctx.precision == Precision::Bf16;
+        // Fused, a fresh batch gets RoPE inside the attention op (no
+        // rotated copies kept); otherwise q and k are rotated first.
+        let rope_inside = !ctx.composed && matches!((&kv, mask), (Kv::Fresh, Some(_)));
+        // With no per-head norms, the op takes the projections' rows and
+        // gives the output projection its rows: no reshape nodes, each of
+        // which backward would pay a gradient copy.
+        if let (true, None, None, Some(mask)) = (rope_inside, &self.q_norm, &self.k_norm, mask) {
+            let rows = [&q, &kk, &v];
+            let out = skillet_kernels::attention_rope_rows(
+                rows,
+                d,
+                mask,
+                scale,
+                rope,
+                RopeLayout::Half,
+                bf16,
+            )?;
+            return ctx.project(self.o_proj.as_ref(), base + 3, &out);
+        }
         let mut q = q.reshape((b, t, h, d))?; // [B,T,H,D]
         let mut kk = kk.reshape((b, t, k, d))?; // [B,T,K,D]
         let v = v.reshape((b, t, k, d))?; // [B,T,K,D]
@@ -296,12 +319,6 @@ impl Attention {
         if let Some(norm) = &self.k_norm {
             kk = norm.forward(&kk, ctx.composed)?;
         }
-        let rope = &ctx.ropes[self.kind.rope];
-        let scale = self.kind.scale;
-        let mask = ctx.masks.get(usize::from(self.kind.window.is_some()));
-        // Fused, a fresh batch gets RoPE inside the attention op (no
-        // rotated copies kept); otherwise q and k are rotated first.
-        let rope_inside = !ctx.composed && matches!((&kv, mask), (Kv::Fresh, Some(_)));
         let (q, kk) = match (rope_inside, ctx.composed) {
             (true, _) => (q, kk),
             (false, true) => (
@@ -322,7 +339,7 @@ impl Attention {
                 scale,
                 rope,
                 RopeLayout::Half,
-                ctx.precision == Precision::Bf16,
+                bf16,
             )?,
             (Kv::Fresh, Some(mask)) => {
                 skillet_kernels::attention_composed(&q, &kk, &v, mask, scale)?

@@ -234,7 +234,16 @@ fn reward_model_matches_trl() {
     )
     .unwrap();
     let b = score_sequences(&model, &adapter.score, &sequences, 8, pad).unwrap();
-    assert_eq!(a, b);
+    // The trainable adapter runs through the fused training kernel and the
+    // loaded one through plain products: the same numbers summed in
+    // another order, so equal to f32 rounding, not bit for bit.
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1e-3),
+            "sequence {i}: {x} read back, {y} as trained"
+        );
+    }
     // A LoRA-only reader refuses it rather than dropping the head.
     let err = skillet_adapters::load_peft(out.path())
         .unwrap_err()

@@ -11,10 +11,12 @@ use rayon::prelude::*;
 use super::Attention;
 use crate::bf16::{
     BothWays, DensePanels, Panels, ROW_ALIGN, RoundedRows, StoredRows, matmul_rounded_serial,
+    round_into,
 };
 use crate::gemm::{Out, View, matmul};
 use crate::reused::{Reused, hand_back};
-use crate::vec::{dot, exp_shifted_sum, max, scale};
+use crate::storage::zeros;
+use crate::vec::{dot, exp_shifted_sum, max, scale, times_shifted};
 
 /// Queries per tile (per head).
 const TILE: usize = 64;
@@ -148,8 +150,9 @@ impl Dims {
 }
 
 /// Backward splits each (sequence, key/value head)'s tiles into runs of
-/// consecutive tiles of about equal work, up to `⌈RUNS / heads⌉` per head
-/// (never more than its tiles): the parallel tasks. A run sums its tiles'
+/// consecutive tiles, up to `⌈RUNS / heads⌉` per head (never more than its
+/// tiles), of the shares of its work [`piece_weights`] gives: the
+/// parallel tasks. A run sums its tiles'
 /// key and value gradients into its own buffers, in tile order, and the
 /// runs' sums are then added in run order: the result depends neither on
 /// how the runs were scheduled nor on the thread count (so `RUNS` must
@@ -163,8 +166,10 @@ thread_local! {
 }
 
 thread_local! {
-    /// Each thread's room for a left operand the product rounds itself.
-    static LEFT: std::cell::Cell<RoundedRows> = std::cell::Cell::new(RoundedRows::empty());
+    /// Each thread's room for a tile's rounded probabilities or score
+    /// gradients (rows), and for their transposes, reused from tile to tile.
+    static ROWS: std::cell::Cell<RoundedRows> = std::cell::Cell::new(RoundedRows::empty());
+    static TRANSPOSED: std::cell::Cell<RoundedRows> = std::cell::Cell::new(RoundedRows::empty());
 }
 
 /// This thread's scratch, at least `len` values holding anything (another
@@ -209,8 +214,8 @@ struct Rhs<'a> {
     stored: Option<StoredRows<'a>>,
 }
 
-/// A product's left operand: f32 rows, and for bf16 products their
-/// rounding where it was made once for the many key blocks they meet.
+/// A product's left operand: f32 rows, and for bf16 products (which
+/// need it) their rounding.
 #[derive(Clone, Copy)]
 struct Left<'a> {
     rows: &'a [f32],
@@ -218,7 +223,7 @@ struct Left<'a> {
 }
 
 impl<'a> Left<'a> {
-    /// Rows the product rounds itself.
+    /// Rows alone (f32 products alone).
     fn plain(rows: &'a [f32]) -> Self {
         Self {
             rows,
@@ -295,7 +300,7 @@ impl Attention {
             .par_iter()
             .map(|&tile| self.tile_forward(dims, tile, [q, k, v], packed.as_ref()))
             .collect();
-        let mut out = vec![0f32; q.len()];
+        let mut out = zeros(q.len());
         let rows: Vec<(Tile, &[f32])> = tiles
             .iter()
             .zip(&results)
@@ -324,33 +329,29 @@ impl Attention {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let tiles = dims.tiles();
         let packed = self.bf16.then(|| Packed::new(dims, inputs[1], inputs[2]));
-        let runs: Vec<Run> = self
-            .runs(dims, &tiles)
-            .into_par_iter()
-            .map(|run| {
-                let tiles = &tiles[run];
-                let first = self.first_key(tiles[0]);
-                let last = tiles[tiles.len() - 1];
-                let len = (self.mask.range(last.i0 + last.n - 1).1 - first) * dims.d;
-                let (mut dk, mut dv) = (vec![0f32; len], vec![0f32; len]);
-                let mut sums = KeyGrads {
-                    first,
-                    dk: &mut dk,
-                    dv: &mut dv,
-                };
-                let dq = tiles
-                    .iter()
-                    .map(|&t| {
-                        let dq =
-                            self.tile_backward(dims, t, inputs, lse, &mut sums, packed.as_ref());
-                        (t, dq)
-                    })
-                    .collect();
-                Run { dq, first, dk, dv }
-            })
-            .collect();
+        let run = |range: std::ops::Range<usize>| {
+            let tiles = &tiles[range];
+            let first = self.first_key(tiles[0]);
+            let last = tiles[tiles.len() - 1];
+            let len = (self.mask.range(last.i0 + last.n - 1).1 - first) * dims.d;
+            let (mut dk, mut dv) = (vec![0f32; len], vec![0f32; len]);
+            let mut sums = KeyGrads {
+                first,
+                dk: &mut dk,
+                dv: &mut dv,
+            };
+            let dq = tiles
+                .iter()
+                .map(|&t| {
+                    let dq = self.tile_backward(dims, t, inputs, lse, &mut sums, packed.as_ref());
+                    (t, dq)
+                })
+                .collect();
+            Run { dq, first, dk, dv }
+        };
+        let runs = largest_first(self.runs(dims, &tiles), run);
         let [q, k, ..] = inputs;
-        let mut dq = vec![0f32; q.len()];
+        let mut dq = zeros(q.len());
         let rows: Vec<(Tile, &[f32])> = runs
             .iter()
             .flat_map(|run| run.dq.iter().map(|(t, r)| (*t, &r[..])))
@@ -364,13 +365,7 @@ impl Attention {
     /// times `b` (`[k, n]`): on bf16 tiles (operands rounded to bf16, sums
     /// in f32) in a bf16 op, else by the f32 GEMM; on this thread.
     fn product(&self, a: Left, [m, k, n]: [usize; 3], b: Rhs, out: &mut [f32], add: bool) {
-        let (rounded, out) = (a.rounded, &mut out[..m * n]);
-        // Rows rounded alone carry no f32 rows to slice.
-        let a = if rounded.is_some() {
-            a.rows
-        } else {
-            &a.rows[..m * k]
-        };
+        let out = &mut out[..m * n];
         if self.bf16 {
             let (rows, cols) = if b.transposed { (n, k) } else { (k, n) };
             let dense;
@@ -381,17 +376,11 @@ impl Attention {
                     &dense
                 }
             };
-            match rounded {
-                Some(r) => matmul_rounded_serial(r, panels, out, add),
-                None => {
-                    let mut r = LEFT.take();
-                    r.refill(a, m, k);
-                    matmul_rounded_serial(&r, panels, out, add);
-                    LEFT.set(r);
-                }
-            }
+            let rounded = a.rounded.expect("bf16 products take rounded rows");
+            matmul_rounded_serial(rounded, panels, out, add);
             return;
         }
+        let a = &a.rows[..m * k];
         let w = View::rows(b.w, b.stride);
         let w = if b.transposed { w.t() } else { w };
         let out = Out::new(out, n);
@@ -471,14 +460,16 @@ impl Attention {
         let mut o = vec![0f32; rows * d];
         let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
         let mut p = scratch(rows * KEYS);
+        let mut pr = ROWS.take();
         for (j0, nb) in self.key_blocks(tile) {
             let p = &mut p[..rows * nb];
             self.scores(dims, tile, Left::with(&qt, &qr), k, packed, (j0, nb), p);
-            for (r, row) in p.chunks_exact_mut(nb).enumerate() {
+            // Row `r` of the probabilities, the running statistics updated.
+            let mut online = |r: usize, row: &mut [f32]| {
                 let top = m[r].max(max(row));
                 if top == f32::NEG_INFINITY {
                     row.fill(0.0);
-                    continue;
+                    return;
                 }
                 let shrink = (m[r] - top).exp();
                 l[r] = l[r] * shrink + exp_shifted_sum(row, top);
@@ -486,10 +477,25 @@ impl Attention {
                     scale(&mut o[r * d..(r + 1) * d], shrink);
                 }
                 m[r] = top;
-            }
+            };
+            let left = if self.bf16 {
+                // Each row rounded as it is made, while in cache.
+                pr.refill_rows(rows, nb, |r, out| {
+                    let row = &mut p[r * nb..(r + 1) * nb];
+                    online(r, row);
+                    round_into(row, out);
+                });
+                Left::rounded(&pr)
+            } else {
+                p.chunks_exact_mut(nb)
+                    .enumerate()
+                    .for_each(|(r, row)| online(r, row));
+                Left::plain(p)
+            };
             let values = dims.kv(v, packed.map(Packed::values), tile, (j0, nb), false);
-            self.product(Left::plain(p), [rows, nb, d], values, &mut o, true);
+            self.product(left, [rows, nb, d], values, &mut o, true);
         }
+        ROWS.set(pr);
         hand_back(&SCRATCH, p);
         let lse = m
             .iter()
@@ -542,7 +548,7 @@ impl Attention {
         let dor = rounded_once(self.bf16, &dot_t, rows, d);
         let qp = self.bf16.then(|| BothWays::new(&qt, rows, d, d));
         let dop = self.bf16.then(|| BothWays::new(&dot_t, rows, d, d));
-        let mut wt = RoundedRows::empty();
+        let (mut dsr, mut wt) = (ROWS.take(), TRANSPOSED.take());
         let mut dq = vec![0f32; rows * d];
         let mut buf = scratch(2 * rows * KEYS);
         for (j0, nb) in self.key_blocks(tile) {
@@ -560,13 +566,26 @@ impl Attention {
             // dP = dO Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)).
             let values = dims.kv(v, packed.map(Packed::values), tile, (j0, nb), true);
             self.product(Left::with(&dot_t, &dor), [rows, d, nb], values, ds, false);
-            for ((dsr, pr), &di) in ds.chunks_exact_mut(nb).zip(p.chunks_exact(nb)).zip(&di) {
-                for (x, &pv) in dsr.iter_mut().zip(pr) {
-                    *x = pv * (*x - di);
-                }
-            }
+            let ds_row = |r: usize, ds: &mut [f32]| {
+                times_shifted(
+                    &mut ds[r * nb..(r + 1) * nb],
+                    &p[r * nb..(r + 1) * nb],
+                    di[r],
+                );
+            };
+            let left = if self.bf16 {
+                // Each row rounded as it is made, while in cache.
+                dsr.refill_rows(rows, nb, |r, out| {
+                    ds_row(r, ds);
+                    round_into(&ds[r * nb..(r + 1) * nb], out);
+                });
+                Left::rounded(&dsr)
+            } else {
+                (0..rows).for_each(|r| ds_row(r, ds));
+                Left::plain(ds)
+            };
             let keys = dims.kv(k, packed.map(Packed::keys), tile, (j0, nb), false);
-            self.product(Left::plain(ds), [rows, nb, d], keys, &mut dq, true);
+            self.product(left, [rows, nb, d], keys, &mut dq, true);
             // dK = dSᵀ (scale·Q) and dV = Pᵀ dO, added at the block's keys.
             let at = (j0 - sums.first) * d;
             let dims3 = [rows, nb, d];
@@ -579,6 +598,8 @@ impl Attention {
                 &mut wt,
             );
         }
+        ROWS.set(dsr);
+        TRANSPOSED.set(wt);
         hand_back(&SCRATCH, buf);
         scale(&mut dq, self.scale);
         dq
@@ -613,11 +634,13 @@ impl Attention {
     }
 
     /// Backward's runs (see [`RUNS`]): ranges of `tiles`, each within one
-    /// head, in order.
-    fn runs(&self, dims: &Dims, tiles: &[Tile]) -> Vec<std::ops::Range<usize>> {
+    /// head, in order, with the work of each (scores computed).
+    fn runs(&self, dims: &Dims, tiles: &[Tile]) -> Vec<(std::ops::Range<usize>, usize)> {
         let groups = dims.b * dims.k;
         let per_group = tiles.len() / groups.max(1);
         let pieces = RUNS.div_ceil(groups.max(1));
+        let weights = piece_weights(pieces);
+        let all: usize = weights.iter().sum();
         let mut runs = Vec::new();
         for g in 0..groups {
             let start = g * per_group;
@@ -631,24 +654,76 @@ impl Attention {
             let total: usize = work.iter().sum();
             if total == 0 {
                 // No query of this head sees a key: one run, which adds nothing.
-                runs.push(start..start + per_group);
+                runs.push((start..start + per_group, 0));
                 continue;
             }
-            let (mut from, mut done, mut piece) = (0, 0, 1);
+            // Cut where the work done reaches the pieces' shares so far.
+            let (mut from, mut done, mut cut_at, mut piece) = (0, 0, 0, 0);
+            let mut upto = weights[0];
             for (i, w) in work.iter().enumerate() {
                 done += w;
-                let last = i + 1 == per_group;
-                if last || done * pieces >= total * piece {
-                    runs.push(start + from..start + i + 1);
-                    from = i + 1;
-                    while done * pieces >= total * piece {
+                if i + 1 == per_group || done * all >= total * upto {
+                    runs.push((start + from..start + i + 1, done - cut_at));
+                    (from, cut_at) = (i + 1, done);
+                    while piece + 1 < pieces && done * all >= total * upto {
                         piece += 1;
+                        upto += weights[piece];
                     }
                 }
             }
         }
         runs
     }
+}
+
+/// The last pieces of a head's backward are half the size of the others
+/// (weights 2 and 1, the last `HALVES`): run largest first, the small
+/// ones even out where the threads finish, where equal runs left one
+/// thread idle for up to a whole run at the end of every call.
+const HALVES: usize = 4;
+
+/// The relative sizes of a head's `pieces` runs (see [`HALVES`]).
+fn piece_weights(pieces: usize) -> Vec<usize> {
+    (0..pieces)
+        .map(|p| if p + HALVES >= pieces { 1 } else { 2 })
+        .collect()
+}
+
+/// `run` of every range of `runs` (ranges with their work), on the thread
+/// pool, the largest first, each thread taking the next when it is free
+/// (greedy, as in list scheduling); the results in the order of `runs`.
+fn largest_first<T: Send>(
+    runs: Vec<(std::ops::Range<usize>, usize)>,
+    run: impl Fn(std::ops::Range<usize>) -> T + Sync,
+) -> Vec<T> {
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(runs[i].1));
+    let slots: Vec<std::sync::Mutex<Option<T>>> =
+        runs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let worker = || {
+        loop {
+            let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(&i) = order.get(at) else { break };
+            let out = run(runs[i].0.clone());
+            *slots[i].lock().expect("a run's slot") = Some(out);
+        }
+    };
+    let threads = rayon::current_num_threads().min(runs.len());
+    rayon::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| worker());
+        }
+        worker();
+    });
+    slots
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .expect("a run's slot")
+                .expect("every run ran")
+        })
+        .collect()
 }
 
 /// Keys per task of [`key_sums`].
@@ -659,7 +734,7 @@ const KEY_SPAN: usize = 64;
 /// not depend on the tasks), a span of keys per task.
 fn key_sums(dims: &Dims, runs: &[Run], len: usize) -> (Vec<f32>, Vec<f32>) {
     let (d, row) = (dims.d, dims.k * dims.d);
-    let (mut dk, mut dv) = (vec![0f32; len], vec![0f32; len]);
+    let (mut dk, mut dv) = (zeros(len), zeros(len));
     if len == 0 || row == 0 {
         return (dk, dv);
     }
@@ -689,4 +764,87 @@ fn key_sums(dims: &Dims, runs: &[Run], len: usize) -> (Vec<f32>, Vec<f32>) {
             }
         });
     (dk, dv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AttentionMask;
+
+    #[test]
+    fn runs_cover_each_head_in_order_with_the_last_pieces_halved() {
+        // SmolLM2's three key/value heads at 4096 causal positions (64
+        // tiles and 11 pieces each), and two sequences of three heads of
+        // 200 (4 tiles each: never more runs than tiles).
+        for (b, t, k) in [(1, 4096, 3), (2, 200, 3)] {
+            let attention = Attention {
+                mask: AttentionMask::causal(b, t, t).unwrap(),
+                scale: 1.0,
+                lse: Default::default(),
+                rope: None,
+                bf16: false,
+                width: None,
+            };
+            let dims = Dims {
+                b,
+                t,
+                s: t,
+                h: k,
+                k,
+                d: 8,
+                g: 1,
+            };
+            let tiles = dims.tiles();
+            let runs = attention.runs(&dims, &tiles);
+            let mut next = 0;
+            for (range, _) in &runs {
+                assert_eq!(range.start, next, "runs in order, none empty");
+                assert!(range.end > range.start);
+                let head = |i: usize| (tiles[i].b, tiles[i].kh);
+                assert_eq!(
+                    head(range.start),
+                    head(range.end - 1),
+                    "a run within a head"
+                );
+                next = range.end;
+            }
+            assert_eq!(next, tiles.len());
+            if t == 4096 {
+                let pieces = RUNS.div_ceil(3);
+                assert_eq!(runs.len(), 3 * pieces);
+                for head in runs.chunks(pieces) {
+                    let work: Vec<usize> = head.iter().map(|r| r.1).collect();
+                    let total: usize = work.iter().sum();
+                    // Shares 2:1, the last HALVES the small ones, to
+                    // within a tile's work.
+                    let unit = total as f64 / (2 * (pieces - HALVES) + HALVES) as f64;
+                    let tile = (64 * 4096) as f64;
+                    for (i, &w) in work.iter().enumerate() {
+                        let want = if i + HALVES >= pieces {
+                            unit
+                        } else {
+                            2.0 * unit
+                        };
+                        assert!((w as f64 - want).abs() <= tile, "run {i}: {w} for {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn largest_first_returns_results_in_the_order_of_the_runs() {
+        let runs: Vec<(std::ops::Range<usize>, usize)> =
+            [(0..3, 5), (3..4, 9), (4..10, 1), (10..12, 9)]
+                .into_iter()
+                .collect();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let got = pool.install(|| largest_first(runs.clone(), |r| r.start * 100 + r.end));
+            assert_eq!(got, vec![3, 304, 410, 1012], "{threads} threads");
+        }
+    }
 }
