@@ -583,20 +583,12 @@ impl RoundedRows {
         k: usize,
         mut fill: impl FnMut(usize, &mut [u16]),
     ) {
-        let (kp, mp) = (padded(k), m.next_multiple_of(TILE));
-        if self.data.len() < mp * kp {
-            self.data.resize(mp * kp, 0);
-        }
-        let (rows, pad) = self.data[..mp * kp].split_at_mut(m * kp);
-        for (r, row) in rows.chunks_exact_mut(kp).enumerate() {
-            let (values, tail) = row.split_at_mut(k);
-            fill(r, values);
-            if !tail.is_empty() {
-                tail.fill(0);
-            }
-        }
-        if !pad.is_empty() {
-            pad.fill(0);
+        let kp = padded(k);
+        for (r, row) in padded_rows(&mut self.data, m, kp)
+            .chunks_exact_mut(kp)
+            .enumerate()
+        {
+            fill(r, values_of(row, k));
         }
         (self.m, self.k, self.kp) = (m, k, kp);
     }
@@ -891,21 +883,8 @@ thread_local! {
 /// (`ar` may hold an earlier product's). On the thread pool where
 /// `parallel`.
 fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>, parallel: bool) {
-    let mp = m.next_multiple_of(TILE);
-    // Grown, never shrunk: shrinking and growing again would zero the
-    // growth each time, only for it to be overwritten.
-    if ar.len() < mp * kp {
-        ar.resize(mp * kp, 0);
-    }
-    let (rows, pad) = ar[..mp * kp].split_at_mut(m * kp);
-    let round = |(dst, src): (&mut [u16], &[f32])| {
-        let (values, tail) = dst.split_at_mut(k);
-        round_into(src, values);
-        // (Guarded: an empty `fill` still costs a call, once per row.)
-        if !tail.is_empty() {
-            tail.fill(0);
-        }
-    };
+    let rows = padded_rows(ar, m, kp);
+    let round = |(dst, src): (&mut [u16], &[f32])| round_into(src, values_of(dst, k));
     if k == 0 {
         rows.fill(0);
     } else if parallel {
@@ -913,9 +892,33 @@ fn round_rows(a: &[f32], m: usize, k: usize, kp: usize, ar: &mut Vec<u16>, paral
     } else {
         rows.chunks_mut(kp).zip(a.chunks(k)).for_each(round);
     }
+}
+
+/// The first `m` rows of `kp` values in `ar`, for the caller to write,
+/// after the zero rows that pad `m` to whole tiles (`ar` grown to hold
+/// them, never shrunk: shrinking and growing again would zero the growth
+/// each time, only for it to be overwritten).
+fn padded_rows(ar: &mut Vec<u16>, m: usize, kp: usize) -> &mut [u16] {
+    let mp = m.next_multiple_of(TILE);
+    if ar.len() < mp * kp {
+        ar.resize(mp * kp, 0);
+    }
+    let (rows, pad) = ar[..mp * kp].split_at_mut(m * kp);
+    // (Guarded: an empty `fill` still costs a call, once per row.)
     if !pad.is_empty() {
         pad.fill(0);
     }
+    rows
+}
+
+/// The first `k` values of a padded row, for the caller to write, its
+/// padding past them zeroed.
+fn values_of(row: &mut [u16], k: usize) -> &mut [u16] {
+    let (values, tail) = row.split_at_mut(k);
+    if !tail.is_empty() {
+        tail.fill(0);
+    }
+    values
 }
 
 #[cfg(test)]

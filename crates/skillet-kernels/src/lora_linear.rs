@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
+use crate::bf16::transposed;
 use crate::frozen::FrozenWeight;
 use crate::lora_rows::LoraFactors;
 use crate::storage::{slice, tensor, with_f32, with_f32_all};
@@ -43,13 +44,6 @@ impl LoraLinear {
         thin::times_t(x, [rows, inp, r], a, &mut u);
         u
     }
-}
-
-/// The `cols × rows` transpose of row-major `m` (`rows × cols`).
-fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    (0..cols)
-        .flat_map(|c| (0..rows).map(move |r| m[r * cols + c]))
-        .collect()
 }
 
 impl CustomOp3 for LoraLinear {
