@@ -16,13 +16,14 @@ pub struct ModelArg {
 /// How quantized weights take their inputs in batched decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ActivationsArg {
-    /// int8 where the CPU has AMX or AVX512-VNNI (faster there), else f32.
+    /// int8 where the CPU has AMX, AVX512-VNNI or AVX2 (faster there), else
+    /// f32.
     Auto,
     /// f32: the dequantized model's numbers.
     F32,
     /// Rounded as llama.cpp rounds them for each weight type: 8 bits per
     /// block of 32 (Q4_0, Q4_1, Q5_x, Q8_0) or of 256 (K-quants) (slow
-    /// without AMX or AVX512-VNNI).
+    /// without AMX, AVX512-VNNI or AVX2).
     Int8,
 }
 

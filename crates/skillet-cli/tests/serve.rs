@@ -370,7 +370,7 @@ fn answers_equal_skillet_generate_and_errors_have_openai_shapes() {
 #[test]
 fn concurrent_streams_mixing_adapters_equal_sequential_answers() {
     // The default inputs of quantized products (int8 where the CPU has AMX
-    // tiles or AVX512-VNNI), and exact f32 inputs where that is not already
+    // tiles, AVX512-VNNI or AVX2), and exact f32 inputs where that is not already
     // the default.
     if skillet_models::Activations::for_batches() != skillet_models::Activations::F32 {
         let f32_server = start(&["--max-batch", "8", "--activations", "f32"]);

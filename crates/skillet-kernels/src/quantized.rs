@@ -33,8 +33,8 @@ mod training;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
-/// The copy of a Q4_1 / Q8_0 weight for VNNI's int8 products, made on
-/// first use (see `striped.rs`).
+/// The copy of a Q4_1 / Q8_0 weight for int8 products on AVX512-VNNI or
+/// AVX2, made on first use (see `striped.rs`).
 #[cfg(target_arch = "x86_64")]
 type StripedCopy = std::sync::OnceLock<striped::Striped>;
 #[cfg(not(target_arch = "x86_64"))]
@@ -77,8 +77,8 @@ pub struct QuantMatrix {
     scales: Vec<f32>,
     mins: Vec<f32>,
     quants: Vec<u8>,
-    /// Made by the first int8 product where the CPU has AVX512-VNNI but
-    /// no AMX tiles.
+    /// Made by the first int8 product where the CPU has AVX512-VNNI or
+    /// AVX2 but no AMX tiles (on AMX machines: of at most 16 rows).
     striped: StripedCopy,
 }
 
@@ -144,16 +144,16 @@ impl QuantMatrix {
         self.quants.len() + 4 * (self.scales.len() + self.mins.len()) + copy
     }
 
-    /// The copy for int8 products on AVX512-VNNI, made on first use by
-    /// products of `rows` input rows that run on it: every product where
-    /// the CPU has VNNI but no AMX tiles, and on AMX machines those of at
-    /// most 16 rows (a decode step), where a tile would hold one useful
-    /// column of 16. About the bytes of the weight again.
+    /// The copy for int8 products on AVX512-VNNI or AVX2, made on first
+    /// use by products of `rows` input rows that run on it: every product
+    /// where the CPU has VNNI or AVX2 but no AMX tiles, and on AMX machines
+    /// those of at most 16 rows (a decode step), where a tile would hold
+    /// one useful column of 16. About the bytes of the weight again.
     #[cfg(target_arch = "x86_64")]
     fn striped(&self, rows: usize) -> Option<&striped::Striped> {
         let kinds = matches!(self.kind, QuantKind::Q4_1 | QuantKind::Q8_0);
         let few = rows <= int8::LANES || !amx::available();
-        if !kinds || !few || !vnni::available() {
+        if !kinds || !few || !striped::available() {
             return None;
         }
         Some(self.striped.get_or_init(|| striped::Striped::new(self)))
@@ -170,8 +170,8 @@ impl QuantMatrix {
 
     /// [`QuantMatrix::matmul`] with `x` rounded to 8-bit integers per
     /// block of 32 and integer block products, as llama.cpp computes
-    /// quantized products: faster where the CPU has AMX or AVX512-VNNI
-    /// (see [`QuantMatrix::int8_accelerated`]), at a relative error of
+    /// quantized products: faster where the CPU has AMX, AVX512-VNNI or
+    /// AVX2 (see [`QuantMatrix::int8_accelerated`]), at a relative error of
     /// about 1e-2 per product. A row's result still never depends on the
     /// other rows. Backward is that of the exact product.
     /// (NF4 has no integer path: its product is [`QuantMatrix::matmul`]'s.)
@@ -182,14 +182,14 @@ impl QuantMatrix {
         })
     }
 
-    /// Whether [`QuantMatrix::matmul_int8`] runs on AMX tiles or on
-    /// AVX512-VNNI here (else it runs plain loops, far slower than
-    /// [`QuantMatrix::matmul`]). On VNNI, a weight's first int8 product
-    /// that runs there (any, without AMX; of at most 16 rows, with it)
-    /// makes a copy of it laid out for the instruction.
+    /// Whether [`QuantMatrix::matmul_int8`] runs on AMX tiles, on
+    /// AVX512-VNNI or on AVX2 here (else it runs plain loops, far slower
+    /// than [`QuantMatrix::matmul`]). On VNNI and AVX2, a weight's first
+    /// int8 product that runs there (any, without AMX; of at most 16 rows,
+    /// with it) makes a copy of it laid out for the instructions.
     pub fn int8_accelerated() -> bool {
         #[cfg(target_arch = "x86_64")]
-        return amx::available() || vnni::available();
+        return amx::available() || striped::available();
         #[cfg(not(target_arch = "x86_64"))]
         false
     }
@@ -268,8 +268,7 @@ impl QuantMatrix {
             // Tasks start on whole stripes; the last may end in a partial
             // one, left to the loops below.
             let stripes = o0 / striped::STRIPE..(o1 / striped::STRIPE).min(st.stripes());
-            // SAFETY: the CPU has the instructions (`striped()`).
-            unsafe { striped::rows(st, rows, stripes.clone(), out) };
+            striped::products(st, rows, stripes.clone(), out);
             done = stripes.len() * striped::STRIPE;
         } else if rows.lanes == int8::LANES && amx::available() {
             // (The tiles read groups of 16 rows side by side: inputs of
@@ -423,7 +422,7 @@ fn products_of(ms: &[&QuantMatrix], x: &[f32], cols: usize, int8: bool) -> Vec<V
     ys
 }
 
-/// Output rows `k` of `parts` shares of `rows`: whole AMX / VNNI stripes
+/// Output rows `k` of `parts` shares of `rows`: whole AMX / VNNI / AVX2 stripes
 /// of 16 (possibly empty at the end).
 fn share_of(rows: usize, parts: usize, k: usize) -> (usize, usize) {
     let per = rows.div_ceil(parts).next_multiple_of(16).max(16);
@@ -497,7 +496,7 @@ impl QuantMatrix {
         pieces.ranges.clear();
         pieces.values.clear();
         Self::check_pass(ws, x)?;
-        // Units of 16 output rows (whole AMX / VNNI stripes), weight after
+        // Units of 16 output rows (whole AMX / VNNI / AVX2 stripes), weight after
         // weight; a weight's last unit may be partial.
         let units: Vec<usize> = ws.iter().map(|w| w.rows.div_ceil(16)).collect();
         let total: usize = units.iter().sum();
@@ -951,7 +950,7 @@ mod tests {
             }
         }
         eprintln!(
-            "int8 products on AMX or VNNI: {}",
+            "int8 products on AMX, VNNI or AVX2: {}",
             QuantMatrix::int8_accelerated()
         );
     }

@@ -136,8 +136,9 @@ pub enum Activations {
     /// type: to 8-bit integers per block of 32 for Q4_1 and Q8_0 weights
     /// ([`QuantMatrix::matmul_int8`]: integer products on AMX tiles where
     /// the CPU has them, about 1.5× `F32`'s throughput at 8 rows on a Xeon,
-    /// else on AVX512-VNNI from a copy of the weight made for it, faster
-    /// than `F32` from one row on an AMD Zen 4; within about 1% per
+    /// else on AVX512-VNNI or AVX2 from a copy of the weight made for it,
+    /// faster than `F32` from one row on an AMD Zen 4, and 2–3× as fast on
+    /// an AVX2-only Zen 3; within about 1% per
     /// product); for other GGML types ([`InputRounding`]: per 32 for Q4_0
     /// and Q5_x, per 256 for the K-quants) the rounded inputs meet the
     /// dequantized weight in f32. Dense weights (f32, and f16 / bf16, held
@@ -147,9 +148,9 @@ pub enum Activations {
 
 impl Activations {
     /// The faster for batched decoding: `Int8` where the CPU runs it on AMX
-    /// tiles or AVX512-VNNI, else `F32`. (For a single sequence the two are
-    /// about as fast on a Sapphire Rapids Xeon; on a Zen 4, int8 is faster
-    /// from one row.)
+    /// tiles, AVX512-VNNI or AVX2, else `F32`. (For a single sequence the
+    /// two are about as fast on a Sapphire Rapids Xeon; on a Zen 4 and a
+    /// Zen 3, int8 is faster from one row.)
     pub fn for_batches() -> Self {
         if QuantMatrix::int8_accelerated() {
             Activations::Int8

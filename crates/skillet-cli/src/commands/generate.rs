@@ -55,9 +55,9 @@ pub struct Args {
     /// How quantized weights take their inputs (f32: the dequantized
     /// model's numbers; int8: rounded as llama.cpp rounds them for each
     /// weight type, to compare with it, and the faster at one sequence where
-    /// the CPU has AVX512-VNNI without AMX; auto: `skillet serve`'s default,
-    /// int8 where the CPU has AMX tiles or VNNI, to get the server's exact
-    /// answers).
+    /// the CPU has AVX512-VNNI or AVX2 without AMX; auto: `skillet serve`'s
+    /// default, int8 where the CPU has AMX tiles, VNNI or AVX2, to get the
+    /// server's exact answers).
     #[arg(long, value_enum, default_value_t = ActivationsArg::F32)]
     activations: ActivationsArg,
     /// With --json: each new token's log-probability and this many most

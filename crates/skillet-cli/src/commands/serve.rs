@@ -85,7 +85,7 @@ pub struct Args {
     prefill_chunk: usize,
     /// How quantized weights take their inputs: int8 rounds them per block
     /// of 32 as llama.cpp does, at about 1% error per product; auto picks
-    /// int8 where the CPU has AMX tiles or AVX512-VNNI, f32 elsewhere.
+    /// int8 where the CPU has AMX tiles, AVX512-VNNI or AVX2, f32 elsewhere.
     #[arg(long, value_enum, default_value_t = ActivationsArg::Auto)]
     activations: ActivationsArg,
     /// Seconds running requests get to finish after SIGTERM or Ctrl-C

@@ -5,10 +5,10 @@
 //! product is an exact integer dot product scaled by the two block scales.
 //! A Q4_1 block's minimum multiplies the block's `d·Σq` (in f16, as
 //! llama.cpp's Q8_1 blocks). The sum over blocks runs in a fixed order
-//! with fused multiply-adds, so the AMX kernel (`amx.rs`), the VNNI kernel
-//! (`striped.rs`: up to 16 rows on AMX machines, any number where there is
-//! no AMX) and the portable loop below give the same bits, and a row's
-//! result never depends on the rows beside it.
+//! with fused multiply-adds, so the AMX kernel (`amx.rs`), the VNNI and
+//! AVX2 kernels (`striped.rs`: up to 16 rows on AMX machines, any number
+//! where there is no AMX) and the portable loop below give the same bits,
+//! and a row's result never depends on the rows beside it.
 
 use super::{BLOCK, QuantKind};
 
@@ -70,11 +70,14 @@ impl Int8Rows {
         zeroed(&mut self.sums, groups * nb * lanes);
         zeroed(&mut self.qsum, groups * nb * lanes);
         #[cfg(target_arch = "x86_64")]
-        if wide_rounding() {
-            // SAFETY: the CPU has the instructions (just checked).
-            unsafe { self.fill_avx512(x, cols) };
-            return;
+        match rounding() {
+            // SAFETY: the CPU has the instructions (`rounding()`).
+            Rounding::Avx512 => unsafe { self.fill_avx512(x, cols) },
+            // SAFETY: as above.
+            Rounding::Avx2 => unsafe { self.fill_avx2(x, cols) },
+            Rounding::Portable => self.fill_portable(x, cols),
         }
+        #[cfg(not(target_arch = "x86_64"))]
         self.fill_portable(x, cols);
     }
 
@@ -102,6 +105,22 @@ impl Int8Rows {
                     .expect("a block");
                 // SAFETY: this function's instructions.
                 self.put(r, b, unsafe { round_avx512(v) });
+            }
+        }
+    }
+
+    /// [`Int8Rows::prepare`]'s rounding on AVX2 and F16C: the same bits
+    /// as [`Int8Rows::fill_portable`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn fill_avx2(&mut self, x: &[f32], cols: usize) {
+        for r in 0..self.t {
+            for b in 0..self.nb {
+                let v = x[r * cols + b * BLOCK..][..BLOCK]
+                    .try_into()
+                    .expect("a block");
+                // SAFETY: this function's instructions.
+                self.put(r, b, unsafe { round_avx2(v) });
             }
         }
     }
@@ -162,11 +181,12 @@ struct Rounded {
 /// them.
 pub(crate) fn round_block(v: &[f32; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
     #[cfg(target_arch = "x86_64")]
-    let block = if wide_rounding() {
-        // SAFETY: the CPU has the instructions (just checked).
-        unsafe { round_avx512(v) }
-    } else {
-        round_portable(v)
+    let block = match rounding() {
+        // SAFETY: the CPU has the instructions (`rounding()`).
+        Rounding::Avx512 => unsafe { round_avx512(v) },
+        // SAFETY: as above.
+        Rounding::Avx2 => unsafe { round_avx2(v) },
+        Rounding::Portable => round_portable(v),
     };
     #[cfg(not(target_arch = "x86_64"))]
     let block = round_portable(v);
@@ -192,10 +212,44 @@ fn round_portable(v: &[f32; BLOCK]) -> Rounded {
     }
 }
 
-/// Whether the CPU has what [`round_avx512`] runs.
+/// Which of the roundings, all giving the same bits, the CPU runs fastest.
 #[cfg(target_arch = "x86_64")]
-fn wide_rounding() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rounding {
+    /// [`round_avx512`].
+    Avx512,
+    /// [`round_avx2`].
+    Avx2,
+    /// [`round_portable`] (its `round_ties_even` is a library call where
+    /// the build does not assume SSE4.1).
+    Portable,
+}
+
+/// The rounding this CPU runs.
+#[cfg(target_arch = "x86_64")]
+fn rounding() -> Rounding {
+    use std::arch::is_x86_feature_detected as has;
+    if !has!("f16c") {
+        Rounding::Portable
+    } else if has!("avx512f") {
+        Rounding::Avx512
+    } else if has!("avx2") {
+        Rounding::Avx2
+    } else {
+        Rounding::Portable
+    }
+}
+
+/// An f32 through f16 and back, rounding to nearest, ties to even (as
+/// `half::f16::from_f32`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c")]
+#[inline]
+fn through_f16(x: f32) -> f32 {
+    use std::arch::x86_64::*;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+        _mm_set_ss(x),
+    )))
 }
 
 /// [`round_portable`] in registers: the same bits.
@@ -204,15 +258,6 @@ fn wide_rounding() -> bool {
 #[inline]
 unsafe fn round_avx512(v: &[f32; BLOCK]) -> Rounded {
     use std::arch::x86_64::*;
-    // Through f16 and back, rounding to nearest, ties to even (as
-    // `half::f16::from_f32`).
-    #[target_feature(enable = "f16c")]
-    #[inline]
-    fn f16(x: f32) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
-            _mm_set_ss(x),
-        )))
-    }
     // SAFETY: the CPU has AVX-512F and F16C (the caller's check); `v` and
     // `q` hold 32 values.
     unsafe {
@@ -232,8 +277,55 @@ unsafe fn round_avx512(v: &[f32; BLOCK]) -> Rounded {
         );
         let d = amax / 127.0;
         Rounded {
-            d: f16(d),
-            sum: f16(d * qsum as f32),
+            d: through_f16(d),
+            sum: through_f16(d * qsum as f32),
+            qsum,
+            q,
+        }
+    }
+}
+
+/// [`round_portable`] in AVX2 registers: the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn round_avx2(v: &[f32; BLOCK]) -> Rounded {
+    use std::arch::x86_64::*;
+    // SAFETY: the CPU has AVX2 and F16C (the caller's check); `v` and `q`
+    // hold 32 values.
+    unsafe {
+        let p = v.as_ptr();
+        let parts = [0, 8, 16, 24].map(|k| _mm256_loadu_ps(p.add(k)));
+        let sign = _mm256_set1_ps(-0.0);
+        let abs = parts.map(|x| _mm256_andnot_ps(sign, x));
+        let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+        // The largest of the eight lanes (a maximum: any order).
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+        let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        // Conversion rounds to nearest, ties to even (the default mode).
+        let i = parts.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, inv)));
+        let total = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let total = _mm_add_epi32(
+            _mm256_castsi256_si128(total),
+            _mm256_extracti128_si256::<1>(total),
+        );
+        let total = _mm_hadd_epi32(total, total);
+        let qsum = _mm_cvtsi128_si32(_mm_hadd_epi32(total, total));
+        // Narrowed by saturating packs (the values are within ±127), which
+        // interleave the 128-bit halves; the permutation puts them back.
+        let words = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut q = [0i8; BLOCK];
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, bytes);
+        let d = amax / 127.0;
+        Rounded {
+            d: through_f16(d),
+            sum: through_f16(d * qsum as f32),
             qsum,
             q,
         }
@@ -273,9 +365,9 @@ impl WeightRows<'_> {
 }
 
 /// `out[o·t + r] = Σ_b i·(d_x·d_w) + m·Σx` over output rows `o_range`
-/// (relative to `w`), with plain loops: the definition the AMX and VNNI
-/// kernels match bit for bit, and the path for rows they leave (and where
-/// the CPU has neither).
+/// (relative to `w`), with plain loops: the definition the AMX, VNNI and
+/// AVX2 kernels match bit for bit, and the path for rows they leave (and
+/// where the CPU has none of them).
 pub(super) fn rows_portable(
     w: &WeightRows,
     x: &Int8Rows,
@@ -331,33 +423,52 @@ mod tests {
         blocks
     }
 
+    /// Every rounding in registers this CPU runs (AVX2's also where there
+    /// is AVX-512), block by block and for whole rows.
     #[test]
     fn rounding_in_registers_gives_the_plain_loops_bits() {
         #[cfg(target_arch = "x86_64")]
-        if wide_rounding() {
-            for v in edge_blocks() {
-                let (a, b) = (round_portable(&v), unsafe { round_avx512(&v) });
-                assert_eq!(
-                    (a.d.to_bits(), a.sum.to_bits(), a.qsum, a.q),
-                    (b.d.to_bits(), b.sum.to_bits(), b.qsum, b.q),
-                    "{v:?}"
-                );
+        {
+            use std::arch::is_x86_feature_detected as has;
+            type Round = unsafe fn(&[f32; BLOCK]) -> Rounded;
+            type Fill = unsafe fn(&mut Int8Rows, &[f32], usize);
+            let mut ways: Vec<(&str, Round, Fill)> = Vec::new();
+            if has!("avx512f") && has!("f16c") {
+                ways.push(("AVX-512", round_avx512, Int8Rows::fill_avx512));
             }
-            // Whole rows: 19 rows of 4 blocks (a full group of 16 and a
-            // partial one).
-            let x: Vec<f32> = edge_blocks().into_iter().take(76).flatten().collect();
-            let wide = Int8Rows::prepare(&x, 4 * BLOCK);
-            let mut plain = Int8Rows::prepare(&x, 4 * BLOCK);
-            plain.q.fill(0);
-            plain.fill_portable(&x, 4 * BLOCK);
-            assert_eq!(wide.q, plain.q);
-            assert_eq!(wide.qsum, plain.qsum);
+            if has!("avx2") && has!("f16c") {
+                ways.push(("AVX2", round_avx2, Int8Rows::fill_avx2));
+            }
+            if ways.is_empty() {
+                eprintln!("neither AVX-512 nor AVX2 with F16C here: only the plain loops run");
+            }
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&wide.d), bits(&plain.d));
-            assert_eq!(bits(&wide.sums), bits(&plain.sums));
-            return;
+            for (name, round, fill) in ways {
+                for v in edge_blocks() {
+                    // SAFETY: the CPU has the instructions (checked above).
+                    let (a, b) = (round_portable(&v), unsafe { round(&v) });
+                    assert_eq!(
+                        (a.d.to_bits(), a.sum.to_bits(), a.qsum, a.q),
+                        (b.d.to_bits(), b.sum.to_bits(), b.qsum, b.q),
+                        "{name}: {v:?}"
+                    );
+                }
+                // Whole rows: 17 rows of 4 blocks (a full group of 16 and a
+                // partial one).
+                let x: Vec<f32> = edge_blocks().into_iter().take(68).flatten().collect();
+                let mut wide = Int8Rows::prepare(&x, 4 * BLOCK);
+                wide.q.fill(0);
+                // SAFETY: as above.
+                unsafe { fill(&mut wide, &x, 4 * BLOCK) };
+                let mut plain = Int8Rows::prepare(&x, 4 * BLOCK);
+                plain.q.fill(0);
+                plain.fill_portable(&x, 4 * BLOCK);
+                assert_eq!(wide.q, plain.q, "{name}");
+                assert_eq!(wide.qsum, plain.qsum, "{name}");
+                assert_eq!(bits(&wide.d), bits(&plain.d), "{name}");
+                assert_eq!(bits(&wide.sums), bits(&plain.sums), "{name}");
+            }
         }
-        eprintln!("no AVX-512 and F16C here: only the plain loops run");
     }
 
     #[test]

@@ -11,10 +11,11 @@
 //! Block sums are scaled and added in block order with fused multiply-adds,
 //! as `int8::rows_portable` does, so the bits are the same.
 //!
-//! Made where the CPU has VNNI: for every int8 product where it has no AMX
-//! tiles this process may use (AMD Zen 4 and 5; Intel Cascade Lake to Ice
-//! Lake servers), and on AMX machines for products of at most 16 input
-//! rows (decode steps), where a tile would hold one useful column of 16.
+//! Made where the CPU has VNNI, or AVX2 (the kernel of `avx2.rs`, on the
+//! same copy): for every int8 product where it has no AMX tiles this
+//! process may use (AMD Zen 2 to 5; Intel Haswell to Ice Lake), and on AMX
+//! machines for products of at most 16 input rows (decode steps), where a
+//! tile would hold one useful column of 16.
 
 // Every function here is a kernel whose safety is the caller's check of
 // `vnni::available()` (the same instructions) plus the length checks in
@@ -26,7 +27,9 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::int8::Int8Rows;
-use super::{BLOCK, QuantKind, QuantMatrix};
+use super::{BLOCK, QuantKind, QuantMatrix, vnni};
+
+mod avx2;
 
 /// Output rows per stripe (one register's lanes).
 pub(super) const STRIPE: usize = 16;
@@ -133,23 +136,51 @@ impl Striped {
     }
 }
 
+/// Whether the CPU runs a kernel on the stripes: AVX512-VNNI's or
+/// AVX2's.
+pub(super) fn available() -> bool {
+    vnni::available() || avx2::available()
+}
+
 /// `out[(o - 16·stripes.start)·t + r]` for the output rows of `stripes`
 /// and every input row `r` of `x` (equal, bit for bit, to
-/// `int8::rows_portable`).
+/// `int8::rows_portable`), on AVX512-VNNI where the CPU has it, else on
+/// AVX2.
 ///
-/// # Safety
-/// `vnni::available()` must be true.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn rows(
+/// # Panics
+/// Where [`available`] is false, or the shapes do not agree.
+pub(super) fn products(
     w: &Striped,
     x: &Int8Rows,
     stripes: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
+    if vnni::available() {
+        // SAFETY: the CPU has the instructions (just checked).
+        unsafe { rows(w, x, stripes, out) }
+    } else {
+        assert!(avx2::available(), "no kernel for the stripes on this CPU");
+        // SAFETY: as above.
+        unsafe { avx2::rows(w, x, stripes, out) }
+    }
+}
+
+/// The shapes every kernel on the stripes checks before it reads.
+fn check(w: &Striped, x: &Int8Rows, stripes: &std::ops::Range<usize>, out: &[f32]) {
     let t = x.t;
     assert!(stripes.end <= w.stripes && x.nb == w.nb);
     assert!(out.len() >= stripes.len() * STRIPE * t);
     assert!(t == 0 || w.nb == 0 || x.q.len() >= x.value(t - 1, w.nb - 1) + 28 * x.lanes + 4);
+}
+
+/// [`products`] on AVX512-VNNI.
+///
+/// # Safety
+/// `vnni::available()` must be true.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn rows(w: &Striped, x: &Int8Rows, stripes: std::ops::Range<usize>, out: &mut [f32]) {
+    let t = x.t;
+    check(w, x, &stripes, out);
     for (i, s) in stripes.enumerate() {
         let out = &mut out[i * STRIPE * t..];
         let mut r0 = 0;
@@ -253,36 +284,74 @@ mod tests {
     use super::super::int8::rows_portable;
     use super::*;
 
+    /// Every kernel for the stripes this CPU runs (AVX2's also where
+    /// there is VNNI), against the plain loops.
     #[test]
     fn stripes_give_the_plain_loops_bits() {
-        if !super::super::vnni::available() {
-            eprintln!("no AVX512-VNNI here: nothing to check");
+        type Kernel = unsafe fn(&Striped, &Int8Rows, std::ops::Range<usize>, &mut [f32]);
+        let mut kernels: Vec<(&str, Kernel)> = Vec::new();
+        if vnni::available() {
+            kernels.push(("VNNI", super::rows));
+        }
+        if avx2::available() {
+            kernels.push(("AVX2", avx2::rows));
+        }
+        if kernels.is_empty() {
+            eprintln!("neither AVX512-VNNI nor AVX2 here: nothing to check");
             return;
         }
         // 3 stripes of 16 and a partial one (not in the copy); 7 blocks.
         let (rows, cols) = (56, 224);
-        for m in crate::testing::quant_matrices(rows, cols)
-            .into_iter()
-            .take(2)
-        {
-            let st = Striped::new(&m);
+        let mut matrices = crate::testing::quant_matrices(rows, cols);
+        matrices.truncate(2);
+        // Weights at their widest: Q4_1 nibbles all 15, Q8_0 bytes -128
+        // and 127, so that with inputs of ±127 the 16-bit sums are too.
+        let blocks = rows * cols / BLOCK;
+        let one = half::f16::from_f32(0.5).to_le_bytes();
+        let q4: Vec<u8> = (0..blocks)
+            .flat_map(|_| [one, one].concat().into_iter().chain([0xff; 16]))
+            .collect();
+        let q8: Vec<u8> = (0..blocks)
+            .flat_map(|b| {
+                one.into_iter()
+                    .chain((0..32).map(move |i| if (b + i) % 3 == 0 { 0x7f } else { 0x80 }))
+            })
+            .collect();
+        matrices.push(std::sync::Arc::new(
+            QuantMatrix::from_ggml(QuantKind::Q4_1, rows, cols, &q4).unwrap(),
+        ));
+        matrices.push(std::sync::Arc::new(
+            QuantMatrix::from_ggml(QuantKind::Q8_0, rows, cols, &q8).unwrap(),
+        ));
+        for m in &matrices {
+            let st = Striped::new(m);
             assert_eq!(st.stripes(), 3);
-            for t in [1, 2, 3, 4, 5, 9, 17] {
+            for (t, widest) in [1, 2, 3, 4, 5, 9, 17]
+                .into_iter()
+                .flat_map(|t| [(t, false), (t, true)])
+            {
                 let x: Vec<f32> = (0..t * cols)
-                    .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+                    .map(|i| match widest {
+                        // Every value rounds to 127 or -127.
+                        true if i % 5 < 2 => -1.0,
+                        true => 1.0,
+                        false => ((i * 37 % 101) as f32 - 50.0) * 0.013,
+                    })
                     .collect();
                 let x = Int8Rows::prepare(&x, cols);
                 let mut want = vec![0f32; 48 * t];
                 rows_portable(&m.weight_rows(0), &x, 0..48, &mut want);
-                let mut got = vec![f32::NAN; 48 * t];
-                // SAFETY: the CPU has the instructions (checked above).
-                unsafe { super::rows(&st, &x, 0..3, &mut got) };
-                assert_eq!(got, want, "{:?}, {t} rows", m.kind);
-                // Stripes from the second on: the output starts there.
-                let mut tail = vec![f32::NAN; 32 * t];
-                // SAFETY: as above.
-                unsafe { super::rows(&st, &x, 1..3, &mut tail) };
-                assert_eq!(tail, want[16 * t..], "{:?}, {t} rows", m.kind);
+                for &(name, kernel) in &kernels {
+                    let mut got = vec![f32::NAN; 48 * t];
+                    // SAFETY: the CPU has the instructions (checked above).
+                    unsafe { kernel(&st, &x, 0..3, &mut got) };
+                    assert_eq!(got, want, "{name}: {:?}, {t} rows", m.kind);
+                    // Stripes from the second on: the output starts there.
+                    let mut tail = vec![f32::NAN; 32 * t];
+                    // SAFETY: as above.
+                    unsafe { kernel(&st, &x, 1..3, &mut tail) };
+                    assert_eq!(tail, want[16 * t..], "{name}: {:?}, {t} rows", m.kind);
+                }
             }
         }
     }
