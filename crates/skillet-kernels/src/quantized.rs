@@ -699,8 +699,10 @@ fn sum16(v: &[f32; 16]) -> f32 {
 multiversion! {
     /// `Σ (d·q + m)·x` over each output row's Q4_1 blocks for every input
     /// row of `x` (rows of `cols`; `out` is `[rows of x, output rows]`),
-    /// the minimums through the block sums `xsum`, one row at a time (the
-    /// portable path; a row's result never depends on its batch).
+    /// the minimums through the block sums `xsum`, each block's weights
+    /// made once for up to [`PORTABLE_GROUP`] input rows (the portable path; every
+    /// row has its own sums, in the same order in any group, so a row's
+    /// result never depends on its batch).
     fn q4_1_rows_portable(quants: &[u8], scales: &[f32], mins: &[f32], x: &[f32], xsum: &[f32], cols: usize, out: &mut [f32]) {
         let nb = cols / BLOCK;
         let t = x.len() / cols;
@@ -709,12 +711,28 @@ multiversion! {
             let row = &quants[o * nb * 16..(o + 1) * nb * 16];
             let d = &scales[o * nb..(o + 1) * nb];
             let m = &mins[o * nb..(o + 1) * nb];
-            for r in 0..t {
-                out[r * outs + o] = q4_1_group::<1>(row, d, m, x, xsum, cols, r)[0];
+            let mut r0 = 0;
+            while r0 < t {
+                let g = PORTABLE_GROUP.min(t - r0);
+                let mut ys = [0f32; PORTABLE_GROUP];
+                match g {
+                    4 => ys = q4_1_group::<4>(row, d, m, x, xsum, cols, r0),
+                    3 => ys[..3].copy_from_slice(&q4_1_group::<3>(row, d, m, x, xsum, cols, r0)),
+                    2 => ys[..2].copy_from_slice(&q4_1_group::<2>(row, d, m, x, xsum, cols, r0)),
+                    _ => ys[..1].copy_from_slice(&q4_1_group::<1>(row, d, m, x, xsum, cols, r0)),
+                }
+                for (k, &y) in ys[..g].iter().enumerate() {
+                    out[(r0 + k) * outs + o] = y;
+                }
+                r0 += g;
             }
         }
     }
 }
+
+/// Input rows whose sums the portable kernels keep at once, each block's
+/// weights made once for all of them.
+const PORTABLE_GROUP: usize = 4;
 
 /// `Σ d·q·x` of output row `o` for `G` input rows from `r0`.
 #[inline(always)]
@@ -744,8 +762,8 @@ fn q8_0_group<const G: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize, r0: u
 
 multiversion! {
     /// `Σ d·q·x` over each output row's Q8_0 blocks for every input row of
-    /// `x` (rows of `cols`; `out` is `[rows of x, output rows]`), one row
-    /// at a time (the portable path).
+    /// `x` (rows of `cols`; `out` is `[rows of x, output rows]`), as
+    /// [`q4_1_rows_portable`] (the portable path).
     fn q8_0_rows_portable(quants: &[u8], scales: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
         let nb = cols / BLOCK;
         let t = x.len() / cols;
@@ -753,8 +771,20 @@ multiversion! {
         for o in 0..outs {
             let q = &quants[o * nb * 32..(o + 1) * nb * 32];
             let d = &scales[o * nb..(o + 1) * nb];
-            for r in 0..t {
-                out[r * outs + o] = q8_0_group::<1>(q, d, x, cols, r)[0];
+            let mut r0 = 0;
+            while r0 < t {
+                let g = PORTABLE_GROUP.min(t - r0);
+                let mut ys = [0f32; PORTABLE_GROUP];
+                match g {
+                    4 => ys = q8_0_group::<4>(q, d, x, cols, r0),
+                    3 => ys[..3].copy_from_slice(&q8_0_group::<3>(q, d, x, cols, r0)),
+                    2 => ys[..2].copy_from_slice(&q8_0_group::<2>(q, d, x, cols, r0)),
+                    _ => ys[..1].copy_from_slice(&q8_0_group::<1>(q, d, x, cols, r0)),
+                }
+                for (k, &y) in ys[..g].iter().enumerate() {
+                    out[(r0 + k) * outs + o] = y;
+                }
+                r0 += g;
             }
         }
     }
