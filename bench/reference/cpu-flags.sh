@@ -3,8 +3,8 @@
 # explicit x86-64 instruction set, since GGML_NATIVE=ON picks instructions
 # a VM's hypervisor may not pass through (the binary then dies with
 # SIGILL). Each set is turned on only where /proc/cpuinfo lists it, so an
-# AVX2-only CPU gets an AVX2 build. AMX stays off, as in the builds the
-# Xeon's tables were measured with.
+# AVX2-only CPU gets an AVX2 build. AVX-VNNI and AMX stay off, as in the
+# builds the Xeon's tables were measured with.
 _flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
 _has() { for f in "$@"; do [[ "$_flags" == *" $f "* ]] || return 1; done; }
 _opt() { local name=$1; shift; if _has "$@"; then echo "-D$name=ON"; else echo "-D$name=OFF"; fi; }
@@ -14,7 +14,7 @@ CPU_FLAGS=(
   "$(_opt GGML_FMA fma)" "$(_opt GGML_F16C f16c)"
   "$(_opt GGML_AVX512 avx512f avx512cd avx512vl avx512dq avx512bw)" "$(_opt GGML_AVX512_VBMI avx512vbmi)"
   "$(_opt GGML_AVX512_VNNI avx512_vnni)" "$(_opt GGML_AVX512_BF16 avx512_bf16)"
-  "$(_opt GGML_AVX_VNNI avx_vnni)"
+  -DGGML_AVX_VNNI=OFF
   -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 )
 unset -f _has _opt

@@ -904,6 +904,48 @@ mod tests {
             .collect()
     }
 
+    /// The portable kernels, called directly (on AVX-512 machines the
+    /// products take the regrouped path): every group size gives each row
+    /// the bits it gets alone.
+    #[test]
+    fn the_portable_kernels_give_a_row_its_own_bits_in_any_group() {
+        let (rows, cols) = (24, 96);
+        for m in crate::testing::quant_matrices(rows, cols)
+            .into_iter()
+            .take(2)
+        {
+            let x = random(&[9, cols], 4, 1.0)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+            let run = |t: usize, r0: usize| {
+                let (x, sums) = (&x[r0 * cols..(r0 + t) * cols], &sums[r0 * cols / BLOCK..]);
+                let mut out = vec![f32::NAN; t * rows];
+                match m.kind {
+                    QuantKind::Q4_1 => {
+                        q4_1_rows_portable(&m.quants, &m.scales, &m.mins, x, sums, cols, &mut out)
+                    }
+                    _ => q8_0_rows_portable(&m.quants, &m.scales, x, cols, &mut out),
+                }
+                out
+            };
+            let alone: Vec<Vec<f32>> = (0..9).map(|r| run(1, r)).collect();
+            for t in 1..=9 {
+                let y = run(t, 0);
+                for (r, want) in alone.iter().take(t).enumerate() {
+                    assert_eq!(
+                        &y[r * rows..(r + 1) * rows],
+                        &want[..],
+                        "{:?}: row {r} of {t}",
+                        m.kind
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_row_gets_the_same_result_in_any_batch() {
         // Every group size of the kernel (1 to 8 rows, and beyond): each

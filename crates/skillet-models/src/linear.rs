@@ -137,8 +137,9 @@ pub enum Activations {
     /// ([`QuantMatrix::matmul_int8`]: integer products on AMX tiles where
     /// the CPU has them, about 1.5× `F32`'s throughput at 8 rows on a Xeon,
     /// else on AVX512-VNNI or AVX2 from a copy of the weight made for it,
-    /// faster than `F32` from one row on an AMD Zen 4, and 2–3× as fast on
-    /// an AVX2-only Zen 3; within about 1% per
+    /// faster than `F32` from one row on an AMD Zen 4, and about 3.9× as
+    /// fast decoding one sequence on the AVX2-only Zen 3 it was measured on;
+    /// within about 1% per
     /// product); for other GGML types ([`InputRounding`]: per 32 for Q4_0
     /// and Q5_x, per 256 for the K-quants) the rounded inputs meet the
     /// dequantized weight in f32. Dense weights (f32, and f16 / bf16, held
@@ -149,8 +150,9 @@ pub enum Activations {
 impl Activations {
     /// The faster for batched decoding: `Int8` where the CPU runs it on AMX
     /// tiles, AVX512-VNNI or AVX2, else `F32`. (For a single sequence the
-    /// two are about as fast on a Sapphire Rapids Xeon; on a Zen 4 and a
-    /// Zen 3, int8 is faster from one row.)
+    /// two are about as fast on a Sapphire Rapids Xeon; on a Zen 4, int8 is
+    /// faster from one row; on AVX2 it was measured on one Zen 3, for one
+    /// sequence and for a prompt, both far faster.)
     pub fn for_batches() -> Self {
         if QuantMatrix::int8_accelerated() {
             Activations::Int8

@@ -193,10 +193,24 @@ pub(crate) fn round_block(v: &[f32; BLOCK]) -> (f32, f32, [i8; BLOCK]) {
     (block.d, block.sum, block.q)
 }
 
+/// `127 / amax`, or 0 where that is not finite: a zero block, and one so
+/// small (below about 4e-37) that its scale is 0 in f16 anyway, round to
+/// zeros alike in every rounding (an infinite factor would give ±127 in
+/// plain loops and -128 in registers). Inputs are taken to be finite.
+#[inline(always)]
+fn inverse_scale(amax: f32) -> f32 {
+    let inv = 127.0 / amax;
+    if amax > 0.0 && inv.is_finite() {
+        inv
+    } else {
+        0.0
+    }
+}
+
 /// [`round_block`] with plain loops.
 fn round_portable(v: &[f32; BLOCK]) -> Rounded {
     let amax = v.iter().fold(0f32, |m, a| m.max(a.abs()));
-    let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let inv = inverse_scale(amax);
     let mut q = [0i8; BLOCK];
     for (q, &a) in q.iter_mut().zip(v) {
         *q = (a * inv).round_ties_even() as i8;
@@ -264,7 +278,7 @@ unsafe fn round_avx512(v: &[f32; BLOCK]) -> Rounded {
         let lo = _mm512_loadu_ps(v.as_ptr());
         let hi = _mm512_loadu_ps(v.as_ptr().add(16));
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        let inv = _mm512_set1_ps(inverse_scale(amax));
         // Conversion rounds to nearest, ties to even (the default mode).
         let il = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));
         let ih = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
@@ -303,7 +317,7 @@ unsafe fn round_avx2(v: &[f32; BLOCK]) -> Rounded {
         let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
-        let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        let inv = _mm256_set1_ps(inverse_scale(amax));
         // Conversion rounds to nearest, ties to even (the default mode).
         let i = parts.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, inv)));
         let total = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
@@ -420,6 +434,9 @@ mod tests {
         blocks.push(std::array::from_fn(|k| if k == 7 { -3e4 } else { 1e-3 }));
         blocks.push(std::array::from_fn(|k| (k as f32 - 16.0) * 1e-7));
         blocks.push(std::array::from_fn(|k| (k as f32 - 16.0) * 1e-12));
+        // So small that 127 / max|v| is infinite, or just finite.
+        blocks.push(std::array::from_fn(|k| (k as f32 - 16.0) * 1e-39));
+        blocks.push(std::array::from_fn(|k| (k as f32 - 16.0) * 3e-38));
         blocks
     }
 

@@ -13,7 +13,8 @@
 //!
 //! Made where the CPU has VNNI, or AVX2 (the kernel of `avx2.rs`, on the
 //! same copy): for every int8 product where it has no AMX tiles this
-//! process may use (AMD Zen 2 to 5; Intel Haswell to Ice Lake), and on AMX
+//! process may use (AMD Zen 2 to 5; Intel from Haswell on, but for
+//! Sapphire Rapids and later servers), and on AMX
 //! machines for products of at most 16 input rows (decode steps), where a
 //! tile would hold one useful column of 16.
 
@@ -219,7 +220,7 @@ unsafe fn group<const G: usize, const Q4: bool>(
     // Each row's rounded values of block 0 (see `Int8Rows::q`); block b's
     // are `32·lanes` bytes further on, values 4kk.. `4·lanes·kk`.
     let lanes = x.lanes;
-    let xq: [*const i8; G] = std::array::from_fn(|i| x.q.as_ptr().add(x.value(r0 + i, 0)));
+    let xq: [*const i8; G] = std::array::from_fn(|i| x.q.as_ptr().wrapping_add(x.value(r0 + i, 0)));
     for b in 0..nb {
         let rec = w.lines.as_ptr().add((s * nb + b) * record) as *const __m512i;
         let mut weights = [_mm512_setzero_si512(); 8];
@@ -331,11 +332,15 @@ mod tests {
                 .flat_map(|t| [(t, false), (t, true)])
             {
                 let x: Vec<f32> = (0..t * cols)
-                    .map(|i| match widest {
-                        // Every value rounds to 127 or -127.
-                        true if i % 5 < 2 => -1.0,
-                        true => 1.0,
-                        false => ((i * 37 % 101) as f32 - 50.0) * 0.013,
+                    .map(|i| match (widest, i / cols % 3) {
+                        // Every value rounds to 127 or -127: whole rows of
+                        // one sign (Q4_1's 16-bit sums at their largest,
+                        // 8 · 2 · 15 · 127), and rows of both.
+                        (true, 0) => 1.0,
+                        (true, 1) => -1.0,
+                        (true, _) if i % 5 < 2 => -1.0,
+                        (true, _) => 1.0,
+                        (false, _) => ((i * 37 % 101) as f32 - 50.0) * 0.013,
                     })
                     .collect();
                 let x = Int8Rows::prepare(&x, cols);

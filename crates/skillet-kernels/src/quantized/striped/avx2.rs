@@ -86,7 +86,7 @@ unsafe fn group<const G: usize, const Q4: bool>(
     // Per input row, output rows 0–7 and 8–15.
     let mut acc = [[_mm256_setzero_ps(); 2]; G];
     let lanes = x.lanes;
-    let xq: [*const i8; G] = std::array::from_fn(|i| x.q.as_ptr().add(x.value(r0 + i, 0)));
+    let xq: [*const i8; G] = std::array::from_fn(|i| x.q.as_ptr().wrapping_add(x.value(r0 + i, 0)));
     for b in 0..nb {
         let rec = w.lines.as_ptr().add((s * nb + b) * record) as *const u8;
         let last = rec.add(64 * if Q4 { 4 } else { 8 });
