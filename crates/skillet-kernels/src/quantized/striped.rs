@@ -180,23 +180,53 @@ fn check(w: &Striped, x: &Int8Rows, stripes: &std::ops::Range<usize>, out: &[f32
 /// `vnni::available()` must be true.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn rows(w: &Striped, x: &Int8Rows, stripes: std::ops::Range<usize>, out: &mut [f32]) {
+    each_group(w, x, stripes, out, &GROUPS);
+}
+
+/// A kernel's pass over stripe `s` for input rows `r0..` (as many as its
+/// place in [`Groups`] says).
+type Group = unsafe fn(&Striped, &Int8Rows, usize, usize, &mut [f32]);
+
+/// A kernel's passes: `[Q8_0, Q4_1][input rows - 1]`.
+type Groups = [[Group; GROUP]; 2];
+
+/// The VNNI kernel's passes.
+const GROUPS: Groups = [
+    [
+        group::<1, false>,
+        group::<2, false>,
+        group::<3, false>,
+        group::<4, false>,
+    ],
+    [
+        group::<1, true>,
+        group::<2, true>,
+        group::<3, true>,
+        group::<4, true>,
+    ],
+];
+
+/// Runs a kernel's `groups` over `stripes` for every input row, up to
+/// [`GROUP`] rows a pass (see [`products`] for the output).
+///
+/// # Safety
+/// The CPU has the instructions of the kernel whose passes `groups` are.
+unsafe fn each_group(
+    w: &Striped,
+    x: &Int8Rows,
+    stripes: std::ops::Range<usize>,
+    out: &mut [f32],
+    groups: &Groups,
+) {
     let t = x.t;
     check(w, x, &stripes, out);
+    let passes = &groups[usize::from(w.kind == QuantKind::Q4_1)];
     for (i, s) in stripes.enumerate() {
         let out = &mut out[i * STRIPE * t..];
         let mut r0 = 0;
         while r0 < t {
             let g = GROUP.min(t - r0);
-            match (w.kind, g) {
-                (QuantKind::Q4_1, 4) => group::<4, true>(w, x, s, r0, out),
-                (QuantKind::Q4_1, 3) => group::<3, true>(w, x, s, r0, out),
-                (QuantKind::Q4_1, 2) => group::<2, true>(w, x, s, r0, out),
-                (QuantKind::Q4_1, _) => group::<1, true>(w, x, s, r0, out),
-                (_, 4) => group::<4, false>(w, x, s, r0, out),
-                (_, 3) => group::<3, false>(w, x, s, r0, out),
-                (_, 2) => group::<2, false>(w, x, s, r0, out),
-                (_, _) => group::<1, false>(w, x, s, r0, out),
-            }
+            passes[g - 1](w, x, s, r0, out);
             r0 += g;
         }
     }

@@ -22,8 +22,7 @@ use std::arch::x86_64::*;
 
 use super::super::BLOCK;
 use super::super::int8::Int8Rows;
-use super::{GROUP, STRIPE, Striped};
-use crate::quantized::QuantKind;
+use super::{STRIPE, Striped};
 
 /// Whether the CPU has the instructions.
 pub(in crate::quantized) fn available() -> bool {
@@ -46,27 +45,24 @@ pub(super) unsafe fn rows(
     stripes: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
-    let t = x.t;
-    super::check(w, x, &stripes, out);
-    for (i, s) in stripes.enumerate() {
-        let out = &mut out[i * STRIPE * t..];
-        let mut r0 = 0;
-        while r0 < t {
-            let g = GROUP.min(t - r0);
-            match (w.kind, g) {
-                (QuantKind::Q4_1, 4) => group::<4, true>(w, x, s, r0, out),
-                (QuantKind::Q4_1, 3) => group::<3, true>(w, x, s, r0, out),
-                (QuantKind::Q4_1, 2) => group::<2, true>(w, x, s, r0, out),
-                (QuantKind::Q4_1, _) => group::<1, true>(w, x, s, r0, out),
-                (_, 4) => group::<4, false>(w, x, s, r0, out),
-                (_, 3) => group::<3, false>(w, x, s, r0, out),
-                (_, 2) => group::<2, false>(w, x, s, r0, out),
-                (_, _) => group::<1, false>(w, x, s, r0, out),
-            }
-            r0 += g;
-        }
-    }
+    super::each_group(w, x, stripes, out, &GROUPS);
 }
+
+/// The AVX2 kernel's passes.
+const GROUPS: super::Groups = [
+    [
+        group::<1, false>,
+        group::<2, false>,
+        group::<3, false>,
+        group::<4, false>,
+    ],
+    [
+        group::<1, true>,
+        group::<2, true>,
+        group::<3, true>,
+        group::<4, true>,
+    ],
+];
 
 /// Stripe `s` against input rows `r0..r0 + G`: `Q4` for Q4_1 records,
 /// else Q8_0's.
