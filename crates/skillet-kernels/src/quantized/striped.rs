@@ -30,6 +30,26 @@ use half::f16;
 use super::int8::Int8Rows;
 use super::{BLOCK, QuantKind, QuantMatrix, vnni};
 
+/// The [`Groups`] table of a kernel's pass `$group::<G, Q4>`.
+macro_rules! passes {
+    ($group:ident) => {
+        [
+            [
+                $group::<1, false>,
+                $group::<2, false>,
+                $group::<3, false>,
+                $group::<4, false>,
+            ],
+            [
+                $group::<1, true>,
+                $group::<2, true>,
+                $group::<3, true>,
+                $group::<4, true>,
+            ],
+        ]
+    };
+}
+
 mod avx2;
 
 /// Output rows per stripe (one register's lanes).
@@ -191,20 +211,7 @@ type Group = unsafe fn(&Striped, &Int8Rows, usize, usize, &mut [f32]);
 type Groups = [[Group; GROUP]; 2];
 
 /// The VNNI kernel's passes.
-const GROUPS: Groups = [
-    [
-        group::<1, false>,
-        group::<2, false>,
-        group::<3, false>,
-        group::<4, false>,
-    ],
-    [
-        group::<1, true>,
-        group::<2, true>,
-        group::<3, true>,
-        group::<4, true>,
-    ],
-];
+const GROUPS: Groups = passes!(group);
 
 /// Runs a kernel's `groups` over `stripes` for every input row, up to
 /// [`GROUP`] rows a pass (see [`products`] for the output).

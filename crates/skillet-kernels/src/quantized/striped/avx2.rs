@@ -49,20 +49,7 @@ pub(super) unsafe fn rows(
 }
 
 /// The AVX2 kernel's passes.
-const GROUPS: super::Groups = [
-    [
-        group::<1, false>,
-        group::<2, false>,
-        group::<3, false>,
-        group::<4, false>,
-    ],
-    [
-        group::<1, true>,
-        group::<2, true>,
-        group::<3, true>,
-        group::<4, true>,
-    ],
-];
+const GROUPS: super::Groups = passes!(group);
 
 /// Stripe `s` against input rows `r0..r0 + G`: `Q4` for Q4_1 records,
 /// else Q8_0's.
