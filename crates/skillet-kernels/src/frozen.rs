@@ -4,7 +4,7 @@
 //! but the weight's own storage is kept between calls: bf16 products make
 //! the tile kernel's 16-column blocks of the right operand on the fly,
 //! once per product, rounding a dense weight or dequantizing Q4_1 / Q8_0
-//! blocks; f32 products on blocks dequantize for the call. So the weight
+//! blocks; f32 products on blocks dequantize a slab at a time. So the weight
 //! costs its own bytes alone, as in PyTorch, where autocast casts a
 //! frozen weight for each use and keeps no copy.
 
@@ -30,7 +30,7 @@ pub enum FrozenWeight {
     Bf16(Arc<Bf16Rows>),
     /// Quantized blocks in bf16 products.
     QuantBf16(Arc<QuantMatrix>),
-    /// Quantized blocks dequantized for each f32 product.
+    /// Quantized blocks in f32 products, dequantized a slab at a time.
     QuantF32(Arc<QuantMatrix>),
 }
 

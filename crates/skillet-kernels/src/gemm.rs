@@ -100,14 +100,44 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, a: View, b: View, out: Out, p
     // against the slices, which outlive the call; `out` is borrowed
     // mutably, so no input aliases it.
     unsafe {
+        product_raw(
+            (m, n, k),
+            a,
+            b,
+            out.data.as_mut_ptr(),
+            out.rs,
+            (out.accumulate, out.beta),
+            parallelism,
+        )
+    };
+}
+
+/// The `gemm` crate's call: `dst (+)= beta · a·b`, `dst` row-major with row
+/// stride `rs`.
+///
+/// # Safety
+/// `a`, `b` and `m × n` elements of `dst` at stride `rs` must be in
+/// bounds, and nothing else may read or write those elements of `dst`
+/// during the call.
+unsafe fn product_raw(
+    (m, n, k): (usize, usize, usize),
+    a: View,
+    b: View,
+    dst: *mut f32,
+    rs: usize,
+    (accumulate, beta): (bool, f32),
+    parallelism: Parallelism,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.data.as_mut_ptr(),
+            dst,
             1,
-            out.rs as isize,
-            out.accumulate,
+            rs as isize,
+            accumulate,
             a.data.as_ptr(),
             a.cs as isize,
             a.rs as isize,
@@ -115,13 +145,107 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, a: View, b: View, out: Out, p
             b.cs as isize,
             b.rs as isize,
             1.0,
-            out.beta,
+            beta,
             false,
             false,
             false,
             parallelism,
         );
     }
+}
+
+/// A band of columns of a row-major output that one thread writes alone
+/// (see [`par_column_bands`]).
+pub(crate) struct Band<'a> {
+    dst: *mut f32,
+    len: usize,
+    rows: usize,
+    rs: usize,
+    /// The band's columns.
+    pub cols: std::ops::Range<usize>,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl Band<'_> {
+    /// `band = a[rows × k] · b[k × width]`, or `band += …` with
+    /// `accumulate`, on the calling thread.
+    pub fn matmul(&mut self, k: usize, a: View, b: View, accumulate: bool) {
+        let (m, n) = (self.rows, self.cols.len());
+        if m == 0 || n == 0 {
+            return;
+        }
+        a.check(m, k);
+        b.check(k, n);
+        assert!(
+            (m - 1) * self.rs + self.cols.end <= self.len,
+            "gemm band out of bounds"
+        );
+        if k == 0 {
+            assert!(
+                accumulate,
+                "gemm band: an empty product would leave it unwritten"
+            );
+            return;
+        }
+        // SAFETY: bounds checked above; the band's elements are written by
+        // this call alone (`par_column_bands` deals each band to one
+        // closure call, and the output stays borrowed meanwhile).
+        unsafe {
+            product_raw(
+                (m, n, k),
+                a,
+                b,
+                self.dst.add(self.cols.start),
+                self.rs,
+                (accumulate, 1.0),
+                Parallelism::None,
+            )
+        };
+    }
+}
+
+/// The output's address, shared by the bands' threads.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+impl Shared {
+    /// The address (a method, so closures take the whole `Shared`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: each thread writes through it only the columns of its own band.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+/// Calls `f` on each band of `width` columns (the last may be narrower) of
+/// `out` (`rows × n`, row-major), the bands spread over the thread pool.
+pub(crate) fn par_column_bands(
+    out: &mut [f32],
+    n: usize,
+    width: usize,
+    f: impl Fn(&mut Band) + Sync,
+) {
+    use rayon::prelude::*;
+    if n == 0 {
+        return;
+    }
+    assert!(width > 0, "gemm bands: zero width");
+    let rows = out.len() / n;
+    assert_eq!(rows * n, out.len(), "gemm bands: output size");
+    let (len, dst) = (out.len(), Shared(out.as_mut_ptr()));
+    (0..n.div_ceil(width)).into_par_iter().for_each(|i| {
+        let mut band = Band {
+            dst: dst.get(),
+            len,
+            rows,
+            rs: n,
+            cols: i * width..((i + 1) * width).min(n),
+            _out: std::marker::PhantomData,
+        };
+        f(&mut band);
+    });
 }
 
 #[cfg(test)]
@@ -150,5 +274,35 @@ mod tests {
                 assert!((out[i * n + j] - (1.0 + 2.0 * dot)).abs() < 1e-5);
             }
         }
+    }
+
+    #[test]
+    fn bands_write_their_columns_alone() {
+        let (m, n, k) = (6, 23, 5);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.25 - 0.5).collect();
+        let mut want = vec![0.0; m * n];
+        matmul(
+            m,
+            n,
+            k,
+            View::rows(&a, k),
+            View::rows(&b, n),
+            Out::new(&mut want, n),
+            false,
+        );
+        // Each band is two products over halves of `k`, the second added.
+        let mut got = vec![f32::NAN; m * n];
+        par_column_bands(&mut got, n, 4, |band| {
+            let c0 = band.cols.start;
+            band.matmul(2, View::rows(&a, k), View::rows(&b[c0..], n), false);
+            band.matmul(
+                3,
+                View::rows(&a[2..], k),
+                View::rows(&b[2 * n + c0..], n),
+                true,
+            );
+        });
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-5));
     }
 }

@@ -27,6 +27,7 @@ mod nf4;
 pub use nf4::{NF4_BLOCK, NF4_LEVELS};
 #[cfg(target_arch = "x86_64")]
 mod panels;
+mod slabs;
 #[cfg(target_arch = "x86_64")]
 mod striped;
 mod training;

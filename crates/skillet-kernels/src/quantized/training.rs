@@ -1,7 +1,7 @@
 //! Products over many rows (training on a quantized base, QLoRA) without a
 //! dense copy of `W` kept: in bf16, the tile kernel gets each 16-column
 //! block of its right operand dequantized and rounded on the fly, once per
-//! product; in f32, the weight is dequantized for the call and dropped.
+//! product; in f32, a slab at a time into the f32 GEMM (see `slabs.rs`).
 //! (The op is [`crate::frozen_product`].)
 
 use rayon::prelude::*;
@@ -10,14 +10,13 @@ use super::{BLOCK, QuantKind, QuantMatrix};
 use crate::bf16::{
     Bf16Matrix, Panels, bf16_accelerated, matmul_bf16, matmul_panels, matmul_panels_new, round_into,
 };
-use crate::gemm::{Out, View, matmul};
 
 /// How the products are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Precision {
     /// bf16 operands, f32 sums (on AMX tiles where the CPU has them).
     Bf16,
-    /// The dequantized f32 weight through the f32 GEMM.
+    /// The f32 GEMM over slabs of the dequantized weight.
     F32,
 }
 
@@ -89,7 +88,8 @@ impl QuantMatrix {
         matmul_panels_new(x, x.len() / k.max(1), &QuantPanels { w: self, orient })
     }
 
-    /// [`QuantMatrix::product_bf16_into`] in f32 through the dequantized weight.
+    /// [`QuantMatrix::product_bf16_into`] in f32, through the weight
+    /// dequantized a slab at a time.
     pub(crate) fn product_f32_into(&self, x: &[f32], forward: bool, out: &mut [f32]) {
         self.product_into(x, Orient::of(forward), Precision::F32, out)
     }
@@ -129,12 +129,8 @@ impl QuantMatrix {
                 matmul_bf16(x, t, &b, out);
             }
             Precision::F32 => {
-                let w = self.dequantize_parallel();
-                let b = match orient {
-                    Orient::Transposed => View::rows(&w, self.cols).t(),
-                    Orient::AsStored => View::rows(&w, self.cols),
-                };
-                matmul(t, n, k, View::rows(x, k), b, Out::new(out, n), true);
+                let transposed = orient == Orient::Transposed;
+                super::slabs::product(self, x, transposed, out, super::slabs::SLAB);
             }
         }
     }

@@ -1,0 +1,199 @@
+//! f32 products over a quantized weight without a dense copy of it: the
+//! output's columns are dealt to the threads in bands; for its band a
+//! thread dequantizes the weights a slab at a time into its own reused
+//! buffer and multiplies that slab at once, while it is in cache, with
+//! the f32 GEMM on that thread alone. So a product holds at most one slab
+//! per thread beside its operands (a whole LM head dequantized was 113 MB
+//! for SmolLM2 and 1 GB for Llama 3.2 1B's shape), and each weight goes
+//! from its blocks to the GEMM's packing without a round trip through
+//! memory.
+
+use std::cell::Cell;
+use std::ops::Range;
+
+use super::{BLOCK, QuantMatrix};
+use crate::gemm::{Band, View, par_column_bands};
+use crate::reused::hand_back;
+use crate::vec::multiversion;
+
+/// Weights per slab: 1 MiB of f32, about one core's share of cache.
+pub(super) const SLAB: usize = 1 << 18;
+
+thread_local! {
+    /// Each thread's slab.
+    static SLABS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// `out = x Wᵀ` (`transposed`; `x`: `[t, cols]`, `out`: `[t, rows]`) or
+/// `out = x W` (`x`: `[t, rows]`, `out`: `[t, cols]`), each slab at most
+/// `slab` weights (at least one block row of a band).
+pub(super) fn product(w: &QuantMatrix, x: &[f32], transposed: bool, out: &mut [f32], slab: usize) {
+    let (k, n) = if transposed {
+        (w.cols, w.rows)
+    } else {
+        (w.rows, w.cols)
+    };
+    let t = x.len() / k.max(1);
+    assert_eq!(x.len(), t * k, "quantized product: input size");
+    assert_eq!(out.len(), t * n, "quantized product: output size");
+    if t == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let width = band_width(n, rayon::current_num_threads());
+    // The slab's depth: whole blocks when it runs along a weight row.
+    let step = if transposed { BLOCK } else { 1 };
+    let depth = (slab / width).max(step) / step * step;
+    par_column_bands(out, n, width, |band| {
+        let mut buf = SLABS.take();
+        for (i, from) in (0..k).step_by(depth).enumerate() {
+            let to = (from + depth).min(k);
+            multiply_slab(w, x, (k, transposed), from..to, band, i > 0, &mut buf);
+        }
+        hand_back(&SLABS, buf);
+    });
+}
+
+/// Band widths: a multiple of a block, wide enough that the GEMM's packing
+/// of `x` is repaid (up to 512 columns), in a multiple of `threads` bands.
+fn band_width(n: usize, threads: usize) -> usize {
+    let bands = threads.max(1) * n.div_ceil(512 * threads.max(1)).max(1);
+    n.div_ceil(bands).div_ceil(BLOCK) * BLOCK
+}
+
+/// `band (+)= x[:, depth] · B[depth, band]`, where `B` is `Wᵀ` or `W`,
+/// through the weights of that rectangle dequantized into `buf`.
+fn multiply_slab(
+    w: &QuantMatrix,
+    x: &[f32],
+    (k, transposed): (usize, bool),
+    depth: Range<usize>,
+    band: &mut Band,
+    accumulate: bool,
+    buf: &mut Vec<f32>,
+) {
+    let (d, cols) = (depth.len(), band.cols.clone());
+    buf.resize(d * cols.len(), 0.0);
+    let a = View::rows(&x[depth.start..], k);
+    if transposed {
+        // B[depth, band] = W[band, depth]ᵀ: weight rows `band`, blocks `depth`.
+        let blocks = depth.start / BLOCK..depth.end.div_ceil(BLOCK);
+        dequantize_rect(w, cols.clone(), blocks, buf);
+        band.matmul(d, a, View::rows(buf, d).t(), accumulate);
+    } else {
+        // B[depth, band] = W[depth, band]: weight rows `depth`, blocks `band`.
+        let blocks = cols.start / BLOCK..cols.end.div_ceil(BLOCK);
+        dequantize_rect(w, depth, blocks, buf);
+        band.matmul(d, a, View::rows(buf, cols.len()), accumulate);
+    }
+}
+
+multiversion! {
+    /// Rows `rows` × blocks `blocks` of `w`, dense and row-major into `out`
+    /// (`rows.len() × 32·blocks.len()`), with the bits of
+    /// [`QuantMatrix::dequantize`].
+    fn dequantize_rect(w: &QuantMatrix, rows: Range<usize>, blocks: Range<usize>, out: &mut [f32]) {
+        let (nb, width) = (w.cols / BLOCK, blocks.len() * BLOCK);
+        assert_eq!(out.len(), rows.len() * width, "dequantized slab size");
+        for (o, dst) in rows.zip(out.chunks_exact_mut(width.max(1))) {
+            for (b, values) in blocks.clone().zip(dst.chunks_exact_mut(BLOCK)) {
+                let values: &mut [f32; BLOCK] = values.try_into().expect("a block");
+                w.block(o * nb + b, values);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{quant_matrices, random};
+
+    /// `x Wᵀ` or `x W` in f64 over the dense weight.
+    fn naive(dense: &[f32], (rows, cols): (usize, usize), x: &[f32], transposed: bool) -> Vec<f32> {
+        let (k, n) = if transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let t = x.len() / k;
+        let mut out = vec![0f32; t * n];
+        for i in 0..t {
+            for j in 0..n {
+                let b = |l: usize| {
+                    if transposed {
+                        dense[j * cols + l]
+                    } else {
+                        dense[l * cols + j]
+                    }
+                };
+                let s: f64 = (0..k).map(|l| x[i * k + l] as f64 * b(l) as f64).sum();
+                out[i * n + j] = s as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn slab_products_equal_the_dense_ones() {
+        // Several bands and slabs per band (a slab of 32 blocks' worth of
+        // weights, a ragged last band and last slab), and one slab each.
+        for (t, rows, cols) in [(7, 100, 96), (3, 37, 320), (1, 8, 32), (20, 600, 64)] {
+            for w in quant_matrices(rows, cols) {
+                let dense = w.dequantize();
+                for transposed in [true, false] {
+                    let k = if transposed { cols } else { rows };
+                    let x = random(&[t, k], 5, 1.0).flatten_all().unwrap();
+                    let x = x.to_vec1::<f32>().unwrap();
+                    let want = naive(&dense, (rows, cols), &x, transposed);
+                    for slab in [BLOCK * 32, SLAB] {
+                        let mut got = vec![f32::NAN; want.len()];
+                        product(&w, &x, transposed, &mut got, slab);
+                        let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs());
+                        let err = err.fold(0f32, f32::max);
+                        assert!(
+                            err < 1e-4,
+                            "{:?} {t}×{rows}×{cols} transposed {transposed} slab {slab}: {err}",
+                            w.kind
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn slabs_have_the_dequantized_bits() {
+        for w in quant_matrices(9, 128) {
+            let dense = w.dequantize();
+            let mut got = vec![0f32; 4 * 64];
+            dequantize_rect(&w, 3..7, 1..3, &mut got);
+            for (r, row) in got.chunks_exact(64).enumerate() {
+                assert_eq!(row, &dense[(3 + r) * 128 + 32..(3 + r) * 128 + 96]);
+            }
+        }
+    }
+
+    #[test]
+    fn bands_are_whole_blocks_and_cover_the_columns() {
+        for (n, threads) in [
+            (576, 2),
+            (192, 2),
+            (49152, 2),
+            (32, 4),
+            (2048, 16),
+            (100, 1),
+        ] {
+            let width = band_width(n, threads);
+            assert_eq!(width % BLOCK, 0, "{n} {threads}");
+            assert!(width <= 512 || width == BLOCK, "{n} {threads}: {width}");
+            assert!(
+                n.div_ceil(width) >= threads.min(n.div_ceil(BLOCK)),
+                "{n} {threads}"
+            );
+        }
+    }
+}
