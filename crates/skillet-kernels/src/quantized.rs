@@ -20,6 +20,8 @@ use crate::vec::multiversion;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod int8;
 pub(crate) use int8::round_block;
@@ -796,6 +798,9 @@ enum Rows {
     /// Regrouped block by block for the AVX-512 kernels (built only where
     /// the CPU has AVX-512F).
     Grouped(Vec<f32>),
+    /// The same layout for the AVX2 kernels (built only where the CPU has
+    /// AVX2 and FMA but not AVX-512F).
+    GroupedAvx2(Vec<f32>),
     /// Row-major, with each row's block sums for Q4_1's minimums.
     Plain { x: Vec<f32>, sums: Vec<f32> },
 }
@@ -805,6 +810,10 @@ impl Rows {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             return Rows::Grouped(avx512::interleave(x, cols));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            return Rows::GroupedAvx2(avx512::interleave(x, cols));
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = cols;
@@ -829,8 +838,11 @@ fn q4_1_rows(
         // SAFETY: `Grouped` exists only where the CPU has AVX-512F; slices
         // are checked inside.
         Rows::Grouped(x) => unsafe { avx512::q4_1_rows(quants, scales, mins, x, cols, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `GroupedAvx2` exists only where the CPU has AVX2 and FMA.
+        Rows::GroupedAvx2(x) => unsafe { avx2::q4_1_rows(quants, scales, mins, x, cols, out) },
         #[cfg(not(target_arch = "x86_64"))]
-        Rows::Grouped(_) => unreachable!("built on x86-64 only"),
+        Rows::Grouped(_) | Rows::GroupedAvx2(_) => unreachable!("built on x86-64 only"),
         Rows::Plain { x, sums } => q4_1_rows_portable(quants, scales, mins, x, sums, cols, out),
     }
 }
@@ -841,8 +853,11 @@ fn q8_0_rows(quants: &[u8], scales: &[f32], rows: &Rows, cols: usize, out: &mut 
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `q4_1_rows`.
         Rows::Grouped(x) => unsafe { avx512::q8_0_rows(quants, scales, x, cols, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `q4_1_rows`.
+        Rows::GroupedAvx2(x) => unsafe { avx2::q8_0_rows(quants, scales, x, cols, out) },
         #[cfg(not(target_arch = "x86_64"))]
-        Rows::Grouped(_) => unreachable!("built on x86-64 only"),
+        Rows::Grouped(_) | Rows::GroupedAvx2(_) => unreachable!("built on x86-64 only"),
         Rows::Plain { x, .. } => q8_0_rows_portable(quants, scales, x, cols, out),
     }
 }

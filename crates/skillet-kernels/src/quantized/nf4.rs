@@ -123,8 +123,11 @@ pub(super) fn nf4_rows(quants: &[u8], absmax: &[f32], rows: &Rows, cols: usize, 
         // SAFETY: `Grouped` exists only where the CPU has AVX-512F; slices
         // are checked inside.
         Rows::Grouped(x) => unsafe { super::avx512::nf4_rows(quants, absmax, x, cols, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `GroupedAvx2` exists only where the CPU has AVX2 and FMA.
+        Rows::GroupedAvx2(x) => unsafe { super::avx2::nf4_rows(quants, absmax, x, cols, out) },
         #[cfg(not(target_arch = "x86_64"))]
-        Rows::Grouped(_) => unreachable!("built on x86-64 only"),
+        Rows::Grouped(_) | Rows::GroupedAvx2(_) => unreachable!("built on x86-64 only"),
         Rows::Plain { x, .. } => nf4_rows_portable(quants, absmax, x, cols, out),
     }
 }
