@@ -161,12 +161,16 @@ pub(crate) struct Band<'a> {
     len: usize,
     rows: usize,
     rs: usize,
-    /// The band's columns.
-    pub cols: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
     _out: std::marker::PhantomData<&'a mut [f32]>,
 }
 
 impl Band<'_> {
+    /// The band's columns (fixed: `matmul` writes these alone).
+    pub fn cols(&self) -> std::ops::Range<usize> {
+        self.cols.clone()
+    }
+
     /// `band = a[rows × k] · b[k × width]`, or `band += …` with
     /// `accumulate`, on the calling thread.
     pub fn matmul(&mut self, k: usize, a: View, b: View, accumulate: bool) {
@@ -221,11 +225,11 @@ unsafe impl Sync for Shared {}
 
 /// Calls `f` on each band of `width` columns (the last may be narrower) of
 /// `out` (`rows × n`, row-major), the bands spread over the thread pool.
-pub(crate) fn par_column_bands(
-    out: &mut [f32],
+pub(crate) fn par_column_bands<'a>(
+    out: &'a mut [f32],
     n: usize,
     width: usize,
-    f: impl Fn(&mut Band) + Sync,
+    f: impl Fn(&mut Band<'a>) + Sync,
 ) {
     use rayon::prelude::*;
     if n == 0 {
@@ -294,7 +298,7 @@ mod tests {
         // Each band is two products over halves of `k`, the second added.
         let mut got = vec![f32::NAN; m * n];
         par_column_bands(&mut got, n, 4, |band| {
-            let c0 = band.cols.start;
+            let c0 = band.cols().start;
             band.matmul(2, View::rows(&a, k), View::rows(&b[c0..], n), false);
             band.matmul(
                 3,

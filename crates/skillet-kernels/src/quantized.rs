@@ -5,7 +5,8 @@
 //! a plain vector loop (no f16 conversion, no struct strides). Layouts as
 //! in ggml (`ggml-common.h`): Q4_1 blocks of 32 weights are `d·q + m` with
 //! `q` a nibble, low nibbles the first 16 weights; Q8_0 blocks are `d·q`
-//! with `q` a signed byte. No gradient: training dequantizes instead.
+//! with `q` a signed byte. No gradient: training's products over many rows
+//! are in `training.rs` (the blocks made into the GEMM's operands).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -237,8 +238,14 @@ impl QuantMatrix {
     /// Output rows `o0..o1` of `x Wᵀ` into `out` (`[t, o1 - o0]`).
     fn f32_task(&self, rows: &Rows, o0: usize, o1: usize, out: &mut [f32]) {
         let nb = self.cols / BLOCK;
-        // Scales per 32 weights (NF4: per 64).
-        let s = &self.scales[o0 * nb / self.kind.scale_span()..o1 * nb / self.kind.scale_span()];
+        // Scales per 32 weights (NF4: per 64, so a task must start on a
+        // whole one: the kernels count blocks from the task's first row).
+        let span = self.kind.scale_span();
+        assert!(
+            (o0 * nb).is_multiple_of(span),
+            "a task starts inside a scale's blocks"
+        );
+        let s = &self.scales[o0 * nb / span..o1 * nb / span];
         match self.kind {
             QuantKind::Q4_1 => {
                 let q = &self.quants[o0 * nb * 16..o1 * nb * 16];

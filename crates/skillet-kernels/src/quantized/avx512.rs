@@ -3,7 +3,7 @@
 //! rows with fused multiply-adds; each row keeps its own two accumulators
 //! and is reduced the same way whatever the group size.
 // Every function here is an intrinsics kernel whose safety is its callers'
-// CPU check plus the length checks at the two entry points.
+// CPU check plus the length checks at the entry points.
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use std::arch::x86_64::*;
