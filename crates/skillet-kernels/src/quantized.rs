@@ -740,6 +740,13 @@ multiversion! {
     }
 }
 
+/// `(blocks per row, input rows, output rows)` of a kernel's call: `x`
+/// holds rows of `cols`, `out` one value per output row for each.
+fn call_shape(x: &[f32], cols: usize, out: &[f32]) -> (usize, usize, usize) {
+    let t = x.len() / cols.max(1);
+    (cols / BLOCK, t, out.len() / t.max(1))
+}
+
 /// Input rows whose sums the portable kernels keep at once, each block's
 /// weights made once for all of them.
 const PORTABLE_GROUP: usize = 4;

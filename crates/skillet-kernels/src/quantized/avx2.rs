@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::nf4::NF4_LEVELS;
-use super::{BLOCK, GROUP};
+use super::{BLOCK, GROUP, call_shape};
 
 /// Input rows multiplied at once: four accumulators each, four registers
 /// of weights, within the sixteen registers.
@@ -101,9 +101,8 @@ unsafe fn rows<const S: usize, W: Blocks>(
 /// [`available`] must be true; `w` must have `outs` rows of `cols`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn products<W: Blocks>(w: &W, x: &[f32], cols: usize, out: &mut [f32]) {
-    assert!(cols.is_multiple_of(BLOCK) && w.blocks() == cols / BLOCK);
-    let t = x.len() / cols;
-    let outs = out.len() / t.max(1);
+    let (nb, t, outs) = call_shape(x, cols, out);
+    assert!(cols.is_multiple_of(BLOCK) && w.blocks() == nb);
     assert!(x.len() == t * cols && out.len() == t * outs);
     for o in 0..outs {
         for r0 in (0..t).step_by(GROUP) {
@@ -225,8 +224,7 @@ pub(super) unsafe fn q4_1_rows(
     cols: usize,
     out: &mut [f32],
 ) {
-    let nb = cols / BLOCK;
-    let outs = out.len() / (x.len() / cols.max(1)).max(1);
+    let (nb, _, outs) = call_shape(x, cols, out);
     assert!(quants.len() >= outs * nb * 16 && scales.len() >= outs * nb && mins.len() >= outs * nb);
     let w = Q4_1 {
         quants,
@@ -248,8 +246,7 @@ pub(super) unsafe fn q8_0_rows(
     cols: usize,
     out: &mut [f32],
 ) {
-    let nb = cols / BLOCK;
-    let outs = out.len() / (x.len() / cols.max(1)).max(1);
+    let (nb, _, outs) = call_shape(x, cols, out);
     assert!(quants.len() >= outs * nb * 32 && scales.len() >= outs * nb);
     products(&Q8_0 { quants, scales, nb }, x, cols, out)
 }
@@ -265,8 +262,7 @@ pub(super) unsafe fn nf4_rows(
     cols: usize,
     out: &mut [f32],
 ) {
-    let nb = cols / BLOCK;
-    let outs = out.len() / (x.len() / cols.max(1)).max(1);
+    let (nb, _, outs) = call_shape(x, cols, out);
     assert!(quants.len() >= outs * nb * 16 && absmax.len() >= (outs * nb).div_ceil(2));
     let levels = [
         _mm256_loadu_ps(NF4_LEVELS.as_ptr()),

@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::nf4::NF4_LEVELS;
-use super::{BLOCK, GROUP};
+use super::{BLOCK, GROUP, call_shape};
 
 /// `$f::<g>(args)` for a group size `g` known only at run time (1 to
 /// `GROUP`), as a slice of `g` results.
@@ -187,9 +187,7 @@ pub(super) unsafe fn q4_1_rows(
     cols: usize,
     out: &mut [f32],
 ) {
-    let nb = cols / BLOCK;
-    let t = x.len() / cols;
-    let outs = out.len() / t;
+    let (nb, t, outs) = call_shape(x, cols, out);
     assert!(quants.len() >= outs * nb * 16 && scales.len() >= outs * nb && mins.len() >= outs * nb);
     assert!(cols.is_multiple_of(BLOCK));
     each(outs, t, out, |o, r0, g, vals| {
@@ -211,9 +209,7 @@ pub(super) unsafe fn q8_0_rows(
     cols: usize,
     out: &mut [f32],
 ) {
-    let nb = cols / BLOCK;
-    let t = x.len() / cols;
-    let outs = out.len() / t;
+    let (nb, t, outs) = call_shape(x, cols, out);
     assert!(
         quants.len() >= outs * nb * 32 && scales.len() >= outs * nb && cols.is_multiple_of(BLOCK)
     );
@@ -235,9 +231,7 @@ pub(super) unsafe fn nf4_rows(
     cols: usize,
     out: &mut [f32],
 ) {
-    let nb = cols / BLOCK;
-    let t = x.len() / cols;
-    let outs = out.len() / t;
+    let (nb, t, outs) = call_shape(x, cols, out);
     assert!(quants.len() >= outs * nb * 16 && absmax.len() >= (outs * nb).div_ceil(2));
     assert!(cols.is_multiple_of(BLOCK));
     each(outs, t, out, |o, r0, g, vals| {
