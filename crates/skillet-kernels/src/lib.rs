@@ -12,6 +12,7 @@
 
 mod adamw;
 mod attention;
+mod awake;
 mod bf16;
 mod cached_attention;
 mod frozen;
@@ -42,6 +43,7 @@ pub use attention::{
     AttentionMask, SHARED_SEGMENT, attention, attention_composed, attention_rope,
     attention_rope_rows,
 };
+pub use awake::keep_awake;
 pub use bf16::{
     Bf16Matrix, Bf16Rows, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16,
 };

@@ -181,8 +181,14 @@ impl Trainer<'_> {
 
     /// One optimizer step over the micro-batches `group`: each one's loss
     /// divided by the units of all of them, gradients accumulated, clipped,
-    /// then AdamW at the scheduled rate. Advances `state.step`.
+    /// then AdamW at the scheduled rate. Advances `state.step`. Called from
+    /// a thread of a rayon pool, the pool's other threads poll for work
+    /// through the step instead of sleeping between its products.
     pub fn step<O: Objective>(&mut self, objective: &O, group: &[O::Batch]) -> Result<StepStats> {
+        skillet_kernels::keep_awake(|| self.step_inner(objective, group))
+    }
+
+    fn step_inner<O: Objective>(&mut self, objective: &O, group: &[O::Batch]) -> Result<StepStats> {
         let vars = self.trainable.vars();
         let adapter = self.trainable.adapter();
         let units: usize = group.iter().map(|b| objective.units(b)).sum();
