@@ -82,7 +82,7 @@ fn keep_awake_within<R>(check_in: Duration, body: impl FnOnce() -> R) -> R {
             poll(&theirs);
         }
     });
-    // Ends the pollers however the body leaves, even before it starts.
+    // Ends the pollers however the body leaves.
     let _stop = Stop(roll.clone());
     let start = Instant::now();
     while roll.state.load(Ordering::Acquire) < others && start.elapsed() < check_in {
@@ -151,7 +151,6 @@ struct Stop(Arc<Roll>);
 
 impl Drop for Stop {
     fn drop(&mut self) {
-        self.0.state.fetch_or(CLOSED, Ordering::AcqRel);
         self.0.stop.store(true, Ordering::Release);
     }
 }
