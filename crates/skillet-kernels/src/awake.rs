@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Empty polls between two yields of the core, so a thread outside the
 /// pool that needs the core (candle's elementwise helper, another
-/// process) gets it. Pure spinning measured no gain.
+/// process) gets it. Pure spinning gained little or nothing.
 const POLLS_PER_YIELD: u32 = 64;
 
 /// How long the calling thread waits for the others to start polling
