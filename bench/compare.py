@@ -158,6 +158,10 @@ def main():
                     tps = statistics.median(r["tokens_per_s"] for r in rs)
                     rss = statistics.median(r["peak_rss_mib"] for r in rs)
                     print(f"| {w} | {b} × {rs[0]['seq']} | {side} | {p} | {tps:.1f} | {rss:.0f} |")
+    # Which library ran Skillet's f32 products (MKL where present and faster, per shape).
+    for (w, b, t), sides in results.items():
+        for p in sorted({r["products"] for rs in sides.get("skillet", {}).values() for r in rs if r.get("products")}):
+            print(f"Skillet {w} {b} × {t}, f32 products: {p}")
     print(f"\nrounds: {args.rounds}, steps: {args.steps}, precisions: {args.precisions}")
     if args.save:
         rows = [dict(r, side=side, model=os.path.basename(model)) for sides in results.values()

@@ -3,7 +3,12 @@
 //! time). Matrices are views into slices with arbitrary row and column
 //! strides, so transposes and head-interleaved layouts cost no copy.
 
+use std::time::Instant;
+
 use gemm::Parallelism;
+
+use crate::blas::blas;
+use crate::gemm_choice::{self, Library, Shape};
 
 /// A read-only `rows × cols` matrix view: element `(i, j)` is
 /// `data[i * rs + j * cs]`.
@@ -90,15 +95,40 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, a: View, b: View, out: Out, p
         }
         return;
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if parallel && threads > 1 {
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    if let Some(lib) = blas()
+        && crate::blas::supports(m, n, k, a, b, out.rs)
+    {
+        let shape = Shape::new((m, n, k), (a.cs != 1, b.cs != 1), threads);
+        let (library, timed) = gemm_choice::pick(shape, 2 * m * n * k);
+        let start = Instant::now();
+        match library {
+            Library::Mkl => crate::blas::matmul(lib.sgemm, (m, n, k), a, b, out, threads),
+            Library::Gemm => gemm_product((m, n, k), a, b, out, threads),
+        }
+        if timed {
+            gemm_choice::record(shape, library, start.elapsed());
+        }
+        return;
+    }
+    gemm_product((m, n, k), a, b, out, threads);
+}
+
+/// `out (+)= beta · a·b` by the `gemm` crate, on `threads` threads of the
+/// pool; bounds already checked.
+fn gemm_product((m, n, k): (usize, usize, usize), a: View, b: View, out: Out, threads: usize) {
+    let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
     };
-    // SAFETY: every index the product touches was bounds-checked above
-    // against the slices, which outlive the call; `out` is borrowed
-    // mutably, so no input aliases it.
+    // SAFETY: every index the product touches was bounds-checked by
+    // `matmul` against the slices, which outlive the call; `out` is
+    // borrowed mutably, so no input aliases it.
     unsafe {
         product_raw(
             (m, n, k),

@@ -6,7 +6,9 @@
 //!
 //! Every op works on f32 host memory: it borrows the inputs' storage,
 //! calls the `gemm` crate (AVX-512 where the CPU has it, detected at run
-//! time) for products and runtime-dispatched vector loops for the rest, and
+//! time) for products, or MKL where it is present and measures faster for
+//! a product's shape (`gemm_choice.rs`), and runtime-dispatched vector
+//! loops for the rest, and
 //! returns a fresh tensor. Each op is tested against the composed candle
 //! version (values and gradients) and against finite differences.
 
@@ -14,9 +16,11 @@ mod adamw;
 mod attention;
 mod awake;
 mod bf16;
+mod blas;
 mod cached_attention;
 mod frozen;
 mod gemm;
+mod gemm_choice;
 mod input_rounding;
 mod linear;
 mod linear_cross_entropy;
@@ -51,6 +55,7 @@ pub use cached_attention::{
     CachedAttention, CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys,
 };
 pub use frozen::{FrozenWeight, frozen_product};
+pub use gemm_choice::{GemmReport, gemm_report};
 pub use input_rounding::{InputRounding, round_inputs};
 pub use linear::{frozen_matmul, linear, linear_bf16};
 pub use linear_cross_entropy::{

@@ -132,6 +132,10 @@ struct Row {
     mfu: f64,
     step_seconds: f64,
     gemm_gflops: f64,
+    /// Which library ran the f32 products (`gemm`, or MKL where present
+    /// and measured faster per shape).
+    #[serde(default)]
+    products: String,
 }
 
 fn default_model() -> anyhow::Result<PathBuf> {
@@ -510,6 +514,7 @@ fn run_one(
         mfu: tps * flops_per_token / (gemm * 1e9),
         step_seconds: step,
         gemm_gflops: gemm,
+        products: skillet_kernels::gemm_report().to_string(),
     })
 }
 
@@ -587,7 +592,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn print_table(rows: &[Row], gemm: f64) {
-    println!("f32 GEMM (1024³): {gemm:.1} GFLOP/s\n");
+    println!("f32 GEMM (2048³, gemm): {gemm:.1} GFLOP/s");
+    for r in rows {
+        println!(
+            "f32 products ({} {} × {}): {}",
+            r.workload, r.batch, r.seq, r.products
+        );
+    }
+    println!();
     println!("| workload | batch × seq | precision | tokens/s | step (s) | peak RSS (MiB) | MFU |");
     println!("|---|---|---|---|---|---|---|");
     for r in rows {

@@ -1,0 +1,440 @@
+//! Intel's MKL, opened at run time where a copy is present
+//! (`scripts/fetch-mkl.sh` puts one in the cache; `SKILLET_MKL` names
+//! another): its sequential `cblas_sgemm`, with a parallel product dealt
+//! over the rayon pool in bands of the output, one band per thread. MKL's
+//! own threads are never started, so nothing spins beside rayon's. Without
+//! the library every product stays on the `gemm` crate; nothing links
+//! against MKL at build time.
+
+use std::ffi::{CString, c_int, c_void};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use crate::gemm::{Out, View};
+
+/// `cblas_sgemm`'s C signature.
+pub(crate) type Sgemm = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+/// An opened BLAS: its `cblas_sgemm` and where it came from.
+pub(crate) struct Blas {
+    pub sgemm: Sgemm,
+    pub path: PathBuf,
+}
+
+/// The library, opened on first use; `None` where there is none or it
+/// fails to open (then `gemm` runs everything).
+pub(crate) fn blas() -> Option<&'static Blas> {
+    static LIB: OnceLock<Option<Blas>> = OnceLock::new();
+    LIB.get_or_init(|| open(&library_path()?)).as_ref()
+}
+
+/// `SKILLET_MKL` (the path of `libmkl_rt.so.3`; empty: none), else the
+/// cache's copy (`$SKILLET_CACHE`, `$XDG_CACHE_HOME/skillet` or
+/// `~/.cache/skillet`, then `mkl/lib/libmkl_rt.so.3`) if it is there.
+fn library_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SKILLET_MKL") {
+        return (!p.is_empty()).then(|| PathBuf::from(p));
+    }
+    let cache = std::env::var_os("SKILLET_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("skillet")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/skillet")))?;
+    let p = cache.join("mkl/lib/libmkl_rt.so.3");
+    p.is_file().then_some(p)
+}
+
+#[cfg(target_os = "linux")]
+fn open(path: &std::path::Path) -> Option<Blas> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a NUL-terminated path; the handle is never closed, so the
+    // symbols below stay valid for the process's life.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if h.is_null() {
+        return None;
+    }
+    let sym = |name: &str| -> Option<*mut c_void> {
+        let n = CString::new(name).ok()?;
+        // SAFETY: a valid handle and a NUL-terminated name.
+        let p = unsafe { libc::dlsym(h, n.as_ptr()) };
+        (!p.is_null()).then_some(p)
+    };
+    type SetLayer = unsafe extern "C" fn(c_int) -> c_int;
+    // SAFETY: MKL's documented signatures for these three symbols.
+    unsafe {
+        let interface: SetLayer = std::mem::transmute(sym("MKL_Set_Interface_Layer")?);
+        let threading: SetLayer = std::mem::transmute(sym("MKL_Set_Threading_Layer")?);
+        let sgemm: Sgemm = std::mem::transmute(sym("cblas_sgemm")?);
+        // 32-bit integers (LP64), and the sequential layer: before any
+        // other call into the library, as MKL requires.
+        interface(0);
+        threading(1);
+        Some(Blas {
+            sgemm,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open(_: &std::path::Path) -> Option<Blas> {
+    None
+}
+
+/// A `rows × cols` view as a row-major CBLAS operand: (transpose flag,
+/// leading dimension), or `None` where neither stride is 1 or a dimension
+/// does not fit CBLAS's `int`.
+fn operand(rows: usize, cols: usize, v: View) -> Option<(c_int, c_int)> {
+    let fits = |x: usize| c_int::try_from(x).ok();
+    fits(rows)?;
+    fits(cols)?;
+    if v.cs == 1 || cols == 1 {
+        // Row i starts at i·ld; a single row may have any row stride.
+        let ld = if rows == 1 { cols } else { v.rs };
+        if ld >= cols.max(1) {
+            return Some((NO_TRANS, fits(ld)?));
+        }
+    }
+    if v.rs == 1 || rows == 1 {
+        // Stored transposed: column j starts at j·cs.
+        let ld = if cols == 1 { rows } else { v.cs };
+        if ld >= rows.max(1) {
+            return Some((TRANS, fits(ld)?));
+        }
+    }
+    None
+}
+
+/// Whether `sgemm` can take `a[m×k]·b[k×n]` into rows of stride `rs`.
+pub(crate) fn supports(m: usize, n: usize, k: usize, a: View, b: View, rs: usize) -> bool {
+    operand(m, k, a).is_some()
+        && operand(k, n, b).is_some()
+        && c_int::try_from(rs).is_ok()
+        && rs >= n
+}
+
+/// `out (+)= beta · a·b` by `sgemm`, in bands over `threads` rayon threads
+/// (one band, on the calling thread, when `threads` is 1). The caller has
+/// checked bounds and [`supports`].
+pub(crate) fn matmul(
+    sgemm: Sgemm,
+    (m, n, k): (usize, usize, usize),
+    a: View,
+    b: View,
+    out: Out,
+    threads: usize,
+) {
+    let dst = Dst(out.data.as_mut_ptr());
+    let (alpha, beta) = (out.beta, if out.accumulate { 1.0 } else { 0.0 });
+    let rs = out.rs;
+    let band = move |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
+        if rows.is_empty() || cols.is_empty() {
+            return;
+        }
+        let (ta, lda) = operand(rows.len(), k, a).expect("checked by supports");
+        let (tb, ldb) = operand(k, cols.len(), b).expect("checked by supports");
+        // SAFETY: the views were bounds-checked for the whole product, of
+        // which this band's operands are sub-blocks; each band writes its
+        // own rows × cols of `dst` alone.
+        unsafe {
+            sgemm(
+                ROW_MAJOR,
+                ta,
+                tb,
+                rows.len() as c_int,
+                cols.len() as c_int,
+                k as c_int,
+                alpha,
+                a.data.as_ptr().add(rows.start * a.rs),
+                lda,
+                b.data.as_ptr().add(cols.start * b.cs),
+                ldb,
+                beta,
+                dst.get().add(rows.start * rs + cols.start),
+                rs as c_int,
+            );
+        }
+    };
+    if threads <= 1 {
+        band(0..m, 0..n);
+    } else if n >= m {
+        // Bands of columns: each thread reads its own part of `b`.
+        let width = n.div_ceil(threads).div_ceil(16) * 16;
+        rayon::scope(|s| {
+            for t in 1..threads {
+                let cols = (t * width).min(n)..((t + 1) * width).min(n);
+                s.spawn(move |_| band(0..m, cols));
+            }
+            band(0..m, 0..width.min(n));
+        });
+    } else {
+        let height = m.div_ceil(threads).div_ceil(8) * 8;
+        rayon::scope(|s| {
+            for t in 1..threads {
+                let rows = (t * height).min(m)..((t + 1) * height).min(m);
+                s.spawn(move |_| band(rows, 0..n));
+            }
+            band(0..height.min(m), 0..n);
+        });
+    }
+}
+
+/// The output's address, shared by the bands' threads.
+#[derive(Clone, Copy)]
+struct Dst(*mut f32);
+impl Dst {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: each band writes only its own block of the output.
+unsafe impl Send for Dst {}
+// SAFETY: as above.
+unsafe impl Sync for Dst {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gemm::matmul as gemm_matmul;
+
+    /// CBLAS's row-major `sgemm`, naively, to check the operands and bands
+    /// handed to it without the library.
+    unsafe extern "C" fn naive_sgemm(
+        layout: c_int,
+        ta: c_int,
+        tb: c_int,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        alpha: f32,
+        a: *const f32,
+        lda: c_int,
+        b: *const f32,
+        ldb: c_int,
+        beta: f32,
+        c: *mut f32,
+        ldc: c_int,
+    ) {
+        assert_eq!(layout, ROW_MAJOR);
+        let (m, n, k) = (m as usize, n as usize, k as usize);
+        let (lda, ldb, ldc) = (lda as usize, ldb as usize, ldc as usize);
+        assert!(lda >= if ta == NO_TRANS { k } else { m }.max(1));
+        assert!(ldb >= if tb == NO_TRANS { n } else { k }.max(1));
+        assert!(ldc >= n.max(1));
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for l in 0..k {
+                    // SAFETY: CBLAS's contract on the leading dimensions.
+                    let (x, y) = unsafe {
+                        (
+                            *a.add(if ta == NO_TRANS {
+                                i * lda + l
+                            } else {
+                                l * lda + i
+                            }),
+                            *b.add(if tb == NO_TRANS {
+                                l * ldb + j
+                            } else {
+                                j * ldb + l
+                            }),
+                        )
+                    };
+                    s += x * y;
+                }
+                // SAFETY: as above.
+                unsafe {
+                    let d = c.add(i * ldc + j);
+                    *d = alpha * s + if beta == 0.0 { 0.0 } else { beta * *d };
+                }
+            }
+        }
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 + seed * 13) % 23) as f32 * 0.125 - 1.4)
+            .collect()
+    }
+
+    /// `a` (`m × k`) and `b` (`k × n`) each stored row-major or
+    /// transposed, with rows padded to `pad` extra elements.
+    fn operands(
+        (m, n, k): (usize, usize, usize),
+        (at, bt): (bool, bool),
+        pad: usize,
+    ) -> (Vec<f32>, usize, Vec<f32>, usize) {
+        let (ar, ac) = if at { (k, m) } else { (m, k) };
+        let (br, bc) = if bt { (n, k) } else { (k, n) };
+        (
+            values(ar * (ac + pad), 1),
+            ac + pad,
+            values(br * (bc + pad), 2),
+            bc + pad,
+        )
+    }
+
+    fn view(data: &[f32], ld: usize, transposed: bool) -> View<'_> {
+        let v = View::rows(data, ld);
+        if transposed { v.t() } else { v }
+    }
+
+    #[test]
+    fn bands_of_any_layout_match_gemm() {
+        let shapes = [
+            (5, 9, 4),
+            (9, 5, 7),
+            (1, 6, 3),
+            (6, 1, 3),
+            (17, 40, 2),
+            (33, 3, 5),
+        ];
+        for (m, n, k) in shapes {
+            for at in [false, true] {
+                for bt in [false, true] {
+                    for pad in [0, 3] {
+                        for threads in [1, 2, 3] {
+                            let (a, lda, b, ldb) = operands((m, n, k), (at, bt), pad);
+                            let (av, bv) = (view(&a, lda, at), view(&b, ldb, bt));
+                            let rs = n + pad;
+                            assert!(supports(m, n, k, av, bv, rs));
+                            let start = values(m * rs, 3);
+                            let (mut want, mut got) = (start.clone(), start.clone());
+                            gemm_matmul(m, n, k, av, bv, Out::new(&mut want, rs), false);
+                            matmul(
+                                naive_sgemm,
+                                (m, n, k),
+                                av,
+                                bv,
+                                Out::new(&mut got, rs),
+                                threads,
+                            );
+                            let what =
+                                format!("{m}×{n}×{k} at={at} bt={bt} pad={pad} threads={threads}");
+                            assert!(
+                                got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-4),
+                                "{what}"
+                            );
+                            // Accumulated and scaled.
+                            let (mut want, mut got) = (start.clone(), start.clone());
+                            gemm_matmul(
+                                m,
+                                n,
+                                k,
+                                av,
+                                bv,
+                                Out::new(&mut want, rs).accumulate().scaled(-0.5),
+                                false,
+                            );
+                            matmul(
+                                naive_sgemm,
+                                (m, n, k),
+                                av,
+                                bv,
+                                Out::new(&mut got, rs).accumulate().scaled(-0.5),
+                                threads,
+                            );
+                            assert!(
+                                got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-4),
+                                "{what}, accumulated"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn views_without_a_unit_stride_or_with_short_rows_are_refused() {
+        let d = vec![0.0; 64];
+        // Neither stride 1 (every other element of every other row).
+        let strided = View {
+            data: &d,
+            rs: 8,
+            cs: 2,
+        };
+        assert_eq!(operand(3, 3, strided), None);
+        // Rows overlapping: a leading dimension below the row length.
+        let overlapping = View {
+            data: &d,
+            rs: 2,
+            cs: 1,
+        };
+        assert_eq!(operand(3, 4, overlapping), None);
+        assert!(!supports(3, 4, 4, overlapping, View::rows(&d, 4), 4));
+        // Output rows shorter than the product's.
+        assert!(!supports(2, 4, 2, View::rows(&d, 2), View::rows(&d, 4), 3));
+        // A single row takes any row stride, a single column any column stride.
+        assert_eq!(
+            operand(
+                1,
+                4,
+                View {
+                    data: &d,
+                    rs: 0,
+                    cs: 1
+                }
+            ),
+            Some((NO_TRANS, 4))
+        );
+        assert_eq!(
+            operand(
+                4,
+                1,
+                View {
+                    data: &d,
+                    rs: 5,
+                    cs: 9
+                }
+            ),
+            Some((NO_TRANS, 5))
+        );
+        assert_eq!(operand(4, 3, View::rows(&d, 4).t()), Some((TRANS, 4)));
+    }
+
+    /// Where MKL is present (see `scripts/fetch-mkl.sh`), its products
+    /// agree with `gemm`'s; where it is not, there is nothing to check.
+    #[test]
+    fn mkl_where_present_matches_gemm() {
+        let Some(lib) = blas() else {
+            eprintln!("MKL not present: nothing to compare");
+            return;
+        };
+        for (m, n, k) in [(64, 96, 80), (200, 48, 300), (1, 130, 70)] {
+            for (at, bt) in [(false, true), (false, false), (true, false)] {
+                let (a, lda, b, ldb) = operands((m, n, k), (at, bt), 1);
+                let (av, bv) = (view(&a, lda, at), view(&b, ldb, bt));
+                let (mut want, mut got) = (vec![0.0; m * n], vec![0.0; m * n]);
+                gemm_matmul(m, n, k, av, bv, Out::new(&mut want, n), false);
+                matmul(lib.sgemm, (m, n, k), av, bv, Out::new(&mut got, n), 2);
+                let scale = want.iter().fold(1f32, |s, w| s.max(w.abs()));
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(g, w)| (g - w).abs() < 1e-5 * scale * k as f32),
+                    "{m}×{n}×{k} at={at} bt={bt}"
+                );
+            }
+        }
+    }
+}
