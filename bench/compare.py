@@ -160,8 +160,9 @@ def main():
                     print(f"| {w} | {b} × {rs[0]['seq']} | {side} | {p} | {tps:.1f} | {rss:.0f} |")
     # Which library ran Skillet's f32 products (MKL where present and faster, per shape).
     for (w, b, t), sides in results.items():
-        for p in sorted({r["products"] for rs in sides.get("skillet", {}).values() for r in rs if r.get("products")}):
-            print(f"Skillet {w} {b} × {t}, f32 products: {p}")
+        runs = [r for rs in sides.get("skillet", {}).values() for r in rs if r.get("products")]
+        for p in sorted({r["products"] for r in runs}):
+            print(f"Skillet {w} {b} × {runs[0]['seq']}, f32 products: {p}")
     print(f"\nrounds: {args.rounds}, steps: {args.steps}, precisions: {args.precisions}")
     if args.save:
         rows = [dict(r, side=side, model=os.path.basename(model)) for sides in results.values()

@@ -26,7 +26,11 @@ if [[ -f "$DEST/libmkl_rt.so.3" ]] && [[ -f "$DEST/.complete" ]]; then
   exit 0
 fi
 if [[ "$(uname -sm)" != "Linux x86_64" ]]; then
-  say "MKL's wheel is for Linux on x86-64 only; Skillet runs on its own GEMM here"
+  say "error: MKL's wheel is for Linux on x86-64 only (Skillet keeps its built-in GEMM)"
+  exit 1
+fi
+if ! command -v "$PY" >/dev/null 2>&1; then
+  say "error: '$PY' not found; install Python 3 with pip (or set PYTHON=/path/to/python)"
   exit 1
 fi
 if ! "$PY" -m pip --version >/dev/null 2>&1; then
@@ -39,7 +43,7 @@ TMP="$(mktemp -d "$CACHE/mkl/.fetch.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 
 say "downloading $PACKAGE with pip (about 220 MB)"
-"$PY" -m pip download --quiet --no-deps --disable-pip-version-check -d "$TMP" "$PACKAGE" >&2
+"$PY" -m pip download --quiet --no-deps --no-cache-dir --disable-pip-version-check -d "$TMP" "$PACKAGE" >&2
 WHEEL="$(ls "$TMP"/*.whl 2>/dev/null | head -n1 || true)"
 if [[ -z "$WHEEL" ]]; then
   say "error: pip did not produce a wheel for $PACKAGE"
@@ -58,7 +62,7 @@ wanted = {f"libmkl_{l}.so.3" for l in libs}
 with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
         base = os.path.basename(name)
-        if base in wanted or base.startswith("LICENSE"):
+        if base in wanted or name == "mkl-2026.2.0.dist-info/LICENSE.txt":
             with z.open(name) as src, open(os.path.join(out, base), "wb") as dst:
                 shutil.copyfileobj(src, dst)
             wanted.discard(base)
@@ -67,6 +71,6 @@ if wanted:
 PY
 touch "$TMP/lib/.complete"
 rm -rf "$DEST"
-mv "$TMP/lib" "$DEST"
+mv -T "$TMP/lib" "$DEST"
 say "saved $DEST"
 echo "$DEST/libmkl_rt.so.3"

@@ -34,49 +34,114 @@ const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
 
-/// An opened BLAS: its `cblas_sgemm` and where it came from.
+/// The opened library: its `cblas_sgemm` and where it came from.
+#[derive(Clone, Debug)]
 pub(crate) struct Blas {
     pub sgemm: Sgemm,
     pub path: PathBuf,
 }
 
-/// The library, opened on first use; `None` where there is none or it
-/// fails to open (then `gemm` runs everything).
+/// What was found of MKL.
+#[derive(Clone, Debug)]
+pub(crate) enum Opened {
+    /// No copy where one is looked for.
+    Absent,
+    /// `SKILLET_MKL` set empty.
+    Off,
+    /// A copy that could not be used, and why.
+    Failed(PathBuf, String),
+    Open(Blas),
+}
+
+/// MKL, opened on first use (or why not).
+pub(crate) fn opened() -> &'static Opened {
+    static LIB: OnceLock<Opened> = OnceLock::new();
+    LIB.get_or_init(|| match library_path() {
+        Lookup::Off => Opened::Off,
+        Lookup::None => Opened::Absent,
+        Lookup::At(p) => match open(&p) {
+            Ok(b) => Opened::Open(b),
+            Err(why) => Opened::Failed(p, why),
+        },
+    })
+}
+
+/// The library where it opened; `None` runs everything on `gemm`.
 pub(crate) fn blas() -> Option<&'static Blas> {
-    static LIB: OnceLock<Option<Blas>> = OnceLock::new();
-    LIB.get_or_init(|| open(&library_path()?)).as_ref()
+    match opened() {
+        Opened::Open(b) => Some(b),
+        _ => None,
+    }
+}
+
+enum Lookup {
+    Off,
+    None,
+    At(PathBuf),
 }
 
 /// `SKILLET_MKL` (the path of `libmkl_rt.so.3`; empty: none), else the
-/// cache's copy (`$SKILLET_CACHE`, `$XDG_CACHE_HOME/skillet` or
-/// `~/.cache/skillet`, then `mkl/lib/libmkl_rt.so.3`) if it is there.
-fn library_path() -> Option<PathBuf> {
+/// cache's copy ([`crate::cache_dir`]`/mkl/lib/libmkl_rt.so.3`) if
+/// `scripts/fetch-mkl.sh` completed it.
+fn library_path() -> Lookup {
     if let Some(p) = std::env::var_os("SKILLET_MKL") {
-        return (!p.is_empty()).then(|| PathBuf::from(p));
+        return if p.is_empty() {
+            Lookup::Off
+        } else {
+            Lookup::At(PathBuf::from(p))
+        };
     }
-    let cache = std::env::var_os("SKILLET_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("skillet")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/skillet")))?;
-    let p = cache.join("mkl/lib/libmkl_rt.so.3");
-    p.is_file().then_some(p)
+    let Some(dir) = crate::cache_dir().map(|c| c.join("mkl/lib")) else {
+        return Lookup::None;
+    };
+    if dir.join(".complete").is_file() {
+        Lookup::At(dir.join("libmkl_rt.so.3"))
+    } else {
+        Lookup::None
+    }
 }
 
+/// The libraries `libmkl_rt` loads on the sequential LP64 path, which must
+/// sit beside it (MKL ends the process at the first call where one is
+/// missing, rather than failing the open).
+const BESIDE: [&str; 4] = [
+    "libmkl_core.so.3",
+    "libmkl_intel_lp64.so.3",
+    "libmkl_sequential.so.3",
+    "libmkl_def.so.3",
+];
+
 #[cfg(target_os = "linux")]
-fn open(path: &std::path::Path) -> Option<Blas> {
+fn open(path: &std::path::Path) -> Result<Blas, String> {
     use std::os::unix::ffi::OsStrExt;
-    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    if let Some(missing) = BESIDE.iter().find(|f| !dir.join(f).is_file()) {
+        return Err(format!("no {missing} beside it"));
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    let error = || {
+        // SAFETY: dlerror returns null or a NUL-terminated message.
+        let e = unsafe { libc::dlerror() };
+        if e.is_null() {
+            "unknown error".to_string()
+        } else {
+            // SAFETY: as above; copied before any other dl call.
+            unsafe { std::ffi::CStr::from_ptr(e) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
     // SAFETY: a NUL-terminated path; the handle is never closed, so the
     // symbols below stay valid for the process's life.
     let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     if h.is_null() {
-        return None;
+        return Err(error());
     }
-    let sym = |name: &str| -> Option<*mut c_void> {
-        let n = CString::new(name).ok()?;
+    let sym = |name: &str| -> Result<*mut c_void, String> {
+        let n = CString::new(name).map_err(|e| e.to_string())?;
         // SAFETY: a valid handle and a NUL-terminated name.
         let p = unsafe { libc::dlsym(h, n.as_ptr()) };
-        (!p.is_null()).then_some(p)
+        if p.is_null() { Err(error()) } else { Ok(p) }
     };
     type SetLayer = unsafe extern "C" fn(c_int) -> c_int;
     // SAFETY: MKL's documented signatures for these three symbols.
@@ -84,11 +149,12 @@ fn open(path: &std::path::Path) -> Option<Blas> {
         let interface: SetLayer = std::mem::transmute(sym("MKL_Set_Interface_Layer")?);
         let threading: SetLayer = std::mem::transmute(sym("MKL_Set_Threading_Layer")?);
         let sgemm: Sgemm = std::mem::transmute(sym("cblas_sgemm")?);
-        // 32-bit integers (LP64), and the sequential layer: before any
-        // other call into the library, as MKL requires.
-        interface(0);
-        threading(1);
-        Some(Blas {
+        // 32-bit integers (LP64) and the sequential layer, before any other
+        // call into the library; each call returns the layer then in force.
+        if interface(0) != 0 || threading(1) != 1 {
+            return Err("it was already set up with another interface or threading".into());
+        }
+        Ok(Blas {
             sgemm,
             path: path.to_path_buf(),
         })
@@ -96,8 +162,8 @@ fn open(path: &std::path::Path) -> Option<Blas> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn open(_: &std::path::Path) -> Option<Blas> {
-    None
+fn open(_: &std::path::Path) -> Result<Blas, String> {
+    Err("MKL is opened on Linux only".into())
 }
 
 /// A `rows × cols` view as a row-major CBLAS operand: (transpose flag,
@@ -208,13 +274,19 @@ impl Dst {
 }
 // SAFETY: each band writes only its own block of the output.
 unsafe impl Send for Dst {}
-// SAFETY: as above.
+// SAFETY: as above (`rayon::scope`'s closure borrows the bands' closure).
 unsafe impl Sync for Dst {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gemm::matmul as gemm_matmul;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::gemm::gemm_product;
+
+    /// Set by [`naive_sgemm`] when handed leading dimensions CBLAS refuses
+    /// (a panic cannot cross its C ABI).
+    static REFUSED: AtomicBool = AtomicBool::new(false);
 
     /// CBLAS's row-major `sgemm`, naively, to check the operands and bands
     /// handed to it without the library.
@@ -234,12 +306,16 @@ mod tests {
         c: *mut f32,
         ldc: c_int,
     ) {
-        assert_eq!(layout, ROW_MAJOR);
         let (m, n, k) = (m as usize, n as usize, k as usize);
         let (lda, ldb, ldc) = (lda as usize, ldb as usize, ldc as usize);
-        assert!(lda >= if ta == NO_TRANS { k } else { m }.max(1));
-        assert!(ldb >= if tb == NO_TRANS { n } else { k }.max(1));
-        assert!(ldc >= n.max(1));
+        if layout != ROW_MAJOR
+            || lda < if ta == NO_TRANS { k } else { m }.max(1)
+            || ldb < if tb == NO_TRANS { n } else { k }.max(1)
+            || ldc < n.max(1)
+        {
+            REFUSED.store(true, Ordering::Relaxed);
+            return;
+        }
         for i in 0..m {
             for j in 0..n {
                 let mut s = 0.0;
@@ -293,6 +369,13 @@ mod tests {
         )
     }
 
+    /// Equal within `tol`, or both NaN (the padding a product leaves alone).
+    fn same(got: &[f32], want: &[f32], tol: f32) -> bool {
+        got.iter()
+            .zip(want)
+            .all(|(g, w)| (g.is_nan() && w.is_nan()) || (g - w).abs() < tol)
+    }
+
     fn view(data: &[f32], ld: usize, transposed: bool) -> View<'_> {
         let v = View::rows(data, ld);
         if transposed { v.t() } else { v }
@@ -317,9 +400,10 @@ mod tests {
                             let (av, bv) = (view(&a, lda, at), view(&b, ldb, bt));
                             let rs = n + pad;
                             assert!(supports(m, n, k, av, bv, rs));
-                            let start = values(m * rs, 3);
-                            let (mut want, mut got) = (start.clone(), start.clone());
-                            gemm_matmul(m, n, k, av, bv, Out::new(&mut want, rs), false);
+                            // What is there is not read without `accumulate`.
+                            let (mut want, mut got) =
+                                (vec![f32::NAN; m * rs], vec![f32::NAN; m * rs]);
+                            gemm_product((m, n, k), av, bv, Out::new(&mut want, rs), 1);
                             matmul(
                                 naive_sgemm,
                                 (m, n, k),
@@ -330,20 +414,16 @@ mod tests {
                             );
                             let what =
                                 format!("{m}×{n}×{k} at={at} bt={bt} pad={pad} threads={threads}");
-                            assert!(
-                                got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-4),
-                                "{what}"
-                            );
+                            assert!(same(&got, &want, 1e-4), "{what}");
                             // Accumulated and scaled.
+                            let start = values(m * rs, 3);
                             let (mut want, mut got) = (start.clone(), start.clone());
-                            gemm_matmul(
-                                m,
-                                n,
-                                k,
+                            gemm_product(
+                                (m, n, k),
                                 av,
                                 bv,
                                 Out::new(&mut want, rs).accumulate().scaled(-0.5),
-                                false,
+                                1,
                             );
                             matmul(
                                 naive_sgemm,
@@ -353,10 +433,8 @@ mod tests {
                                 Out::new(&mut got, rs).accumulate().scaled(-0.5),
                                 threads,
                             );
-                            assert!(
-                                got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-4),
-                                "{what}, accumulated"
-                            );
+                            assert!(same(&got, &want, 1e-4), "{what}, accumulated");
+                            assert!(!REFUSED.load(Ordering::Relaxed), "{what}: refused operands");
                         }
                     }
                 }
@@ -420,20 +498,23 @@ mod tests {
             eprintln!("MKL not present: nothing to compare");
             return;
         };
-        for (m, n, k) in [(64, 96, 80), (200, 48, 300), (1, 130, 70)] {
+        for (m, n, k) in [(64, 96, 80), (200, 48, 300), (1, 130, 70), (33, 2, 1)] {
             for (at, bt) in [(false, true), (false, false), (true, false)] {
                 let (a, lda, b, ldb) = operands((m, n, k), (at, bt), 1);
                 let (av, bv) = (view(&a, lda, at), view(&b, ldb, bt));
-                let (mut want, mut got) = (vec![0.0; m * n], vec![0.0; m * n]);
-                gemm_matmul(m, n, k, av, bv, Out::new(&mut want, n), false);
-                matmul(lib.sgemm, (m, n, k), av, bv, Out::new(&mut got, n), 2);
-                let scale = want.iter().fold(1f32, |s, w| s.max(w.abs()));
-                assert!(
-                    got.iter()
-                        .zip(&want)
-                        .all(|(g, w)| (g - w).abs() < 1e-5 * scale * k as f32),
-                    "{m}×{n}×{k} at={at} bt={bt}"
-                );
+                let rs = n + 2;
+                let scale = (k as f32).sqrt() * 1e-5;
+                let what = format!("{m}×{n}×{k} at={at} bt={bt}");
+                let (mut want, mut got) = (vec![f32::NAN; m * rs], vec![f32::NAN; m * rs]);
+                gemm_product((m, n, k), av, bv, Out::new(&mut want, rs), 1);
+                matmul(lib.sgemm, (m, n, k), av, bv, Out::new(&mut got, rs), 2);
+                assert!(same(&got, &want, scale), "{what}");
+                let start = values(m * rs, 4);
+                let (mut want, mut got) = (start.clone(), start);
+                let out = |d| Out::new(d, rs).accumulate().scaled(0.25);
+                gemm_product((m, n, k), av, bv, out(&mut want), 1);
+                matmul(lib.sgemm, (m, n, k), av, bv, out(&mut got), 2);
+                assert!(same(&got, &want, scale), "{what}, accumulated");
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use gemm::Parallelism;
 
 use crate::blas::blas;
-use crate::gemm_choice::{self, Library, Shape};
+use crate::gemm_choice::{self, Library, Shape, Stored};
 
 /// A read-only `rows × cols` matrix view: element `(i, j)` is
 /// `data[i * rs + j * cs]`.
@@ -103,15 +103,23 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, a: View, b: View, out: Out, p
     if let Some(lib) = blas()
         && crate::blas::supports(m, n, k, a, b, out.rs)
     {
-        let shape = Shape::new((m, n, k), (a.cs != 1, b.cs != 1), threads);
-        let (library, timed) = gemm_choice::pick(shape, 2 * m * n * k);
+        let stored = |v: View| {
+            if v.cs == 1 {
+                Stored::Rows
+            } else {
+                Stored::Transposed
+            }
+        };
+        let shape = Shape::new((m, n, k), (stored(a), stored(b)), threads);
+        let flops = 2 * m * n * k;
+        let pick = gemm_choice::pick(shape, flops);
         let start = Instant::now();
-        match library {
+        match pick.library {
             Library::Mkl => crate::blas::matmul(lib.sgemm, (m, n, k), a, b, out, threads),
             Library::Gemm => gemm_product((m, n, k), a, b, out, threads),
         }
-        if timed {
-            gemm_choice::record(shape, library, start.elapsed());
+        if pick.timed {
+            gemm_choice::record(shape, pick.library, flops, start.elapsed());
         }
         return;
     }
@@ -120,7 +128,13 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, a: View, b: View, out: Out, p
 
 /// `out (+)= beta · a·b` by the `gemm` crate, on `threads` threads of the
 /// pool; bounds already checked.
-fn gemm_product((m, n, k): (usize, usize, usize), a: View, b: View, out: Out, threads: usize) {
+pub(crate) fn gemm_product(
+    (m, n, k): (usize, usize, usize),
+    a: View,
+    b: View,
+    out: Out,
+    threads: usize,
+) {
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {

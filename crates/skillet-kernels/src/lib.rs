@@ -17,6 +17,7 @@ mod attention;
 mod awake;
 mod bf16;
 mod blas;
+mod cache;
 mod cached_attention;
 mod frozen;
 mod gemm;
@@ -51,6 +52,7 @@ pub use awake::keep_awake;
 pub use bf16::{
     Bf16Matrix, Bf16Rows, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16,
 };
+pub use cache::cache_dir;
 pub use cached_attention::{
     CachedAttention, CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys,
 };

@@ -139,17 +139,8 @@ struct Row {
 }
 
 fn default_model() -> anyhow::Result<PathBuf> {
-    let cache = std::env::var_os("SKILLET_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or(home.join(".cache"))
-                .join("skillet")
-        });
+    let cache = skillet_kernels::cache_dir()
+        .ok_or_else(|| anyhow::anyhow!("no cache folder: set SKILLET_CACHE or HOME"))?;
     let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !p.is_file() {
         bail!(
