@@ -10,7 +10,7 @@ use std::ffi::{CString, c_int, c_void};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use crate::gemm::{Out, View};
+use crate::gemm::{Out, Shared, View};
 
 /// `cblas_sgemm`'s C signature.
 pub(crate) type Sgemm = unsafe extern "C" fn(
@@ -209,7 +209,7 @@ pub(crate) fn matmul(
     out: Out,
     threads: usize,
 ) {
-    let dst = Dst(out.data.as_mut_ptr());
+    let dst = Shared(out.data.as_mut_ptr());
     let (alpha, beta) = (out.beta, if out.accumulate { 1.0 } else { 0.0 });
     let rs = out.rs;
     let band = move |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
@@ -263,19 +263,6 @@ pub(crate) fn matmul(
         });
     }
 }
-
-/// The output's address, shared by the bands' threads.
-#[derive(Clone, Copy)]
-struct Dst(*mut f32);
-impl Dst {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: each band writes only its own block of the output.
-unsafe impl Send for Dst {}
-// SAFETY: as above (`rayon::scope`'s closure borrows the bands' closure).
-unsafe impl Sync for Dst {}
 
 #[cfg(test)]
 mod tests {

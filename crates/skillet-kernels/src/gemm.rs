@@ -252,17 +252,18 @@ impl Band<'_> {
     }
 }
 
-/// The output's address, shared by the bands' threads.
+/// The output's address, shared by the bands' threads (here and in
+/// `blas.rs`).
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(crate) struct Shared(pub *mut f32);
 impl Shared {
     /// The address (a method, so closures take the whole `Shared`).
-    fn get(self) -> *mut f32 {
+    pub fn get(self) -> *mut f32 {
         self.0
     }
 }
 
-// SAFETY: each thread writes through it only the columns of its own band.
+// SAFETY: each thread writes through it only its own band of the output.
 unsafe impl Send for Shared {}
 // SAFETY: as above.
 unsafe impl Sync for Shared {}
