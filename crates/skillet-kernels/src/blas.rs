@@ -210,33 +210,33 @@ pub(crate) fn matmul(
     threads: usize,
 ) {
     let dst = Shared(out.data.as_mut_ptr());
-    let (alpha, beta) = (out.beta, if out.accumulate { 1.0 } else { 0.0 });
+    let accumulate = (out.accumulate, out.beta);
     let rs = out.rs;
     let band = move |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
         if rows.is_empty() || cols.is_empty() {
             return;
         }
-        let (ta, lda) = operand(rows.len(), k, a).expect("checked by supports");
-        let (tb, ldb) = operand(k, cols.len(), b).expect("checked by supports");
+        // The band's operands: rows of `a`, columns of `b`.
+        let a = View {
+            data: &a.data[rows.start * a.rs..],
+            ..a
+        };
+        let b = View {
+            data: &b.data[cols.start * b.cs..],
+            ..b
+        };
         // SAFETY: the views were bounds-checked for the whole product, of
         // which this band's operands are sub-blocks; each band writes its
         // own rows × cols of `dst` alone.
         unsafe {
-            sgemm(
-                ROW_MAJOR,
-                ta,
-                tb,
-                rows.len() as c_int,
-                cols.len() as c_int,
-                k as c_int,
-                alpha,
-                a.data.as_ptr().add(rows.start * a.rs),
-                lda,
-                b.data.as_ptr().add(cols.start * b.cs),
-                ldb,
-                beta,
+            product_raw(
+                sgemm,
+                (rows.len(), cols.len(), k),
+                a,
+                b,
                 dst.get().add(rows.start * rs + cols.start),
-                rs as c_int,
+                rs,
+                accumulate,
             );
         }
     };
@@ -261,6 +261,46 @@ pub(crate) fn matmul(
             }
             band(0..height.min(m), 0..n);
         });
+    }
+}
+
+/// `dst (+)= beta · a·b` by one `sgemm` call on the calling thread, `dst`
+/// row-major with row stride `rs`.
+///
+/// # Safety
+/// `a`, `b` and `m × n` elements of `dst` at stride `rs` must be in
+/// bounds, [`supports`] must hold, and nothing else may read or write
+/// those elements of `dst` during the call.
+pub(crate) unsafe fn product_raw(
+    sgemm: Sgemm,
+    (m, n, k): (usize, usize, usize),
+    a: View,
+    b: View,
+    dst: *mut f32,
+    rs: usize,
+    (accumulate, beta): (bool, f32),
+) {
+    let (ta, lda) = operand(m, k, a).expect("checked by supports");
+    let (tb, ldb) = operand(k, n, b).expect("checked by supports");
+    // SAFETY: the caller's contract; CBLAS's `alpha` scales the product,
+    // its `beta` what was there.
+    unsafe {
+        sgemm(
+            ROW_MAJOR,
+            ta,
+            tb,
+            m as c_int,
+            n as c_int,
+            k as c_int,
+            beta,
+            a.data.as_ptr(),
+            lda,
+            b.data.as_ptr(),
+            ldb,
+            if accumulate { 1.0 } else { 0.0 },
+            dst,
+            rs as c_int,
+        );
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use gemm::Parallelism;
 
-use crate::blas::blas;
+use crate::blas::{Sgemm, blas};
 use crate::gemm_choice::{self, Library, Shape, Stored};
 
 /// A read-only `rows × cols` matrix view: element `(i, j)` is
@@ -100,31 +100,47 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, a: View, b: View, out: Out, p
     } else {
         1
     };
-    if let Some(lib) = blas()
-        && crate::blas::supports(m, n, k, a, b, out.rs)
-    {
-        let stored = |v: View| {
-            if v.cs == 1 {
-                Stored::Rows
-            } else {
-                Stored::Transposed
-            }
-        };
-        let shape = Shape::new((m, n, k), (stored(a), stored(b)), threads);
-        let flops = 2 * m * n * k;
-        let pick = gemm_choice::pick(shape, flops);
-        // The clock is read only for the calls that measure.
-        let start = pick.timed.then(Instant::now);
-        match pick.library {
-            Library::Mkl => crate::blas::matmul(lib.sgemm, (m, n, k), a, b, out, threads),
-            Library::Gemm => gemm_product((m, n, k), a, b, out, threads),
+    let rs = out.rs;
+    on_chosen_library((m, n, k), a, b, rs, threads, |mkl| match mkl {
+        Some(sgemm) => crate::blas::matmul(sgemm, (m, n, k), a, b, out, threads),
+        None => gemm_product((m, n, k), a, b, out, threads),
+    });
+}
+
+/// Runs `product` with MKL's `cblas_sgemm` or with `None` (the `gemm`
+/// crate), as [`gemm_choice`] picks for this shape on `threads` threads
+/// (always `None` where MKL is absent or cannot take the operands), and
+/// times the call where the pick is being measured.
+fn on_chosen_library(
+    (m, n, k): (usize, usize, usize),
+    a: View,
+    b: View,
+    rs: usize,
+    threads: usize,
+    product: impl FnOnce(Option<Sgemm>),
+) {
+    let Some(lib) = blas().filter(|_| crate::blas::supports(m, n, k, a, b, rs)) else {
+        return product(None);
+    };
+    let stored = |v: View| {
+        if v.cs == 1 {
+            Stored::Rows
+        } else {
+            Stored::Transposed
         }
-        if let Some(start) = start {
-            gemm_choice::record(shape, pick.library, flops, start.elapsed());
-        }
-        return;
+    };
+    let shape = Shape::new((m, n, k), (stored(a), stored(b)), threads);
+    let flops = 2 * m * n * k;
+    let pick = gemm_choice::pick(shape, flops);
+    // The clock is read only for the calls that measure.
+    let start = pick.timed.then(Instant::now);
+    product(match pick.library {
+        Library::Mkl => Some(lib.sgemm),
+        Library::Gemm => None,
+    });
+    if let Some(start) = start {
+        gemm_choice::record(shape, pick.library, flops, start.elapsed());
     }
-    gemm_product((m, n, k), a, b, out, threads);
 }
 
 /// `out (+)= beta · a·b` by the `gemm` crate, on `threads` threads of the
@@ -217,7 +233,8 @@ impl Band<'_> {
     }
 
     /// `band = a[rows × k] · b[k × width]`, or `band += …` with
-    /// `accumulate`, on the calling thread.
+    /// `accumulate`, on the calling thread, by the library chosen for its
+    /// shape on one thread (`gemm_choice.rs`).
     pub fn matmul(&mut self, k: usize, a: View, b: View, accumulate: bool) {
         let (m, n) = (self.rows, self.cols.len());
         if m == 0 || n == 0 {
@@ -236,20 +253,30 @@ impl Band<'_> {
             );
             return;
         }
-        // SAFETY: bounds checked above; the band's elements are written by
-        // this call alone (`par_column_bands` deals each band to one
-        // closure call, and the output stays borrowed meanwhile).
-        unsafe {
-            product_raw(
-                (m, n, k),
-                a,
-                b,
-                self.dst.add(self.cols.start),
-                self.rs,
-                (accumulate, 1.0),
-                Parallelism::None,
-            )
-        };
+        let (dst, rs) = (Shared(self.dst), self.rs);
+        let start = self.cols.start;
+        on_chosen_library((m, n, k), a, b, rs, 1, |mkl| {
+            // SAFETY: bounds checked above; the band's elements are written
+            // by this call alone (`par_column_bands` deals each band to one
+            // closure call, and the output stays borrowed meanwhile).
+            unsafe {
+                let dst = dst.get().add(start);
+                match mkl {
+                    Some(sgemm) => {
+                        crate::blas::product_raw(sgemm, (m, n, k), a, b, dst, rs, (accumulate, 1.0))
+                    }
+                    None => product_raw(
+                        (m, n, k),
+                        a,
+                        b,
+                        dst,
+                        rs,
+                        (accumulate, 1.0),
+                        Parallelism::None,
+                    ),
+                }
+            }
+        });
     }
 }
 

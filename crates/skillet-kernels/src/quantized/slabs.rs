@@ -181,6 +181,30 @@ mod tests {
         }
     }
 
+    /// Slab products large enough for the library choice (`gemm_choice`):
+    /// its first calls alternate between `gemm` and MKL where MKL is
+    /// present (`scripts/fetch-mkl.sh`), so both libraries' bands are
+    /// checked there; elsewhere every call is `gemm`'s.
+    #[test]
+    fn slab_products_on_either_library_equal_the_dense_ones() {
+        let (t, rows, cols) = (256, 512, 256);
+        let w = quant_matrices(rows, cols).swap_remove(0);
+        let dense = w.dequantize();
+        for transposed in [true, false] {
+            let k = if transposed { cols } else { rows };
+            let x = random(&[t, k], 6, 1.0).flatten_all().unwrap();
+            let x = x.to_vec1::<f32>().unwrap();
+            let want = naive(&dense, (rows, cols), &x, transposed);
+            for call in 0..2 * crate::gemm_choice::TRIALS + 2 {
+                let mut got = vec![f32::NAN; want.len()];
+                product(&w, &x, transposed, &mut got, SLAB);
+                let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs());
+                let err = err.fold(0f32, f32::max);
+                assert!(err < 1e-3, "transposed {transposed}, call {call}: {err}");
+            }
+        }
+    }
+
     #[test]
     fn slabs_have_the_dequantized_bits() {
         for w in quant_matrices(9, 128) {
