@@ -1,7 +1,8 @@
 //! Intel's MKL, opened at run time where a copy is present
 //! (`scripts/fetch-mkl.sh` puts one in the cache; `SKILLET_MKL` names
 //! another): its sequential `cblas_sgemm`, with a parallel product dealt
-//! over the rayon pool in bands of the output, one band per thread. MKL's
+//! over the rayon pool in bands of the output, one band per thread, and a
+//! single-thread product (a band of QLoRA's slabs) one call. MKL's
 //! own threads are never started, so nothing spins beside rayon's. Without
 //! the library every product stays on the `gemm` crate; nothing links
 //! against MKL at build time.
@@ -226,8 +227,9 @@ pub(crate) fn matmul(
             ..b
         };
         // SAFETY: the views were bounds-checked for the whole product, of
-        // which this band's operands are sub-blocks; each band writes its
-        // own rows × cols of `dst` alone.
+        // which this band's operands are sub-blocks (so `supports` holds
+        // for them too: their strides are the whole's, their sides no
+        // longer); each band writes its own rows × cols of `dst` alone.
         unsafe {
             product_raw(
                 sgemm,

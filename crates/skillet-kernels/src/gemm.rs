@@ -1,6 +1,7 @@
 //! A bounds-checked front to the `gemm` crate (the GEMM candle itself uses;
 //! with the workspace's `x86-v4` feature it picks AVX-512 kernels at run
-//! time). Matrices are views into slices with arbitrary row and column
+//! time), and to MKL where it is present and measures faster for a
+//! product's shape (`blas.rs`, `gemm_choice.rs`). Matrices are views into slices with arbitrary row and column
 //! strides, so transposes and head-interleaved layouts cost no copy.
 
 use std::time::Instant;
@@ -107,6 +108,12 @@ pub(crate) fn matmul(m: usize, n: usize, k: usize, a: View, b: View, out: Out, p
     });
 }
 
+/// Products handed to MKL so far in this process, for tests to check that
+/// a path reached it.
+#[cfg(test)]
+pub(crate) static MKL_CALLS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 /// Runs `product` with MKL's `cblas_sgemm` or with `None` (the `gemm`
 /// crate), as [`gemm_choice`] picks for this shape on `threads` threads
 /// (always `None` where MKL is absent or cannot take the operands), and
@@ -134,6 +141,10 @@ fn on_chosen_library(
     let pick = gemm_choice::pick(shape, flops);
     // The clock is read only for the calls that measure.
     let start = pick.timed.then(Instant::now);
+    #[cfg(test)]
+    if pick.library == Library::Mkl {
+        MKL_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     product(match pick.library {
         Library::Mkl => Some(lib.sgemm),
         Library::Gemm => None,

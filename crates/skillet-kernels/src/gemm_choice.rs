@@ -2,7 +2,9 @@
 //! (`blas.rs`) where it is present and measures faster. The choice is made
 //! per product shape, on the products themselves: the first calls of a
 //! shape alternate between the two (in the order A B B A, so neither is
-//! always timed at the same call site), each timed per FLOP, and once each
+//! always timed at the same call site; calls made at once on several
+//! threads, as a product's bands are, may take the same turn), each timed
+//! per FLOP, and once each
 //! has [`TRIALS`] timings the faster by its median takes every later call
 //! of that shape in the process. So the choice is measured on this
 //! machine, on the model's real shapes, in the step's own conditions
@@ -45,7 +47,7 @@ pub(crate) enum GemmMode {
     Mkl,
 }
 
-fn mode() -> GemmMode {
+pub(crate) fn mode() -> GemmMode {
     static MODE: OnceLock<GemmMode> = OnceLock::new();
     *MODE.get_or_init(|| match std::env::var("SKILLET_GEMM").as_deref() {
         Ok("gemm") => GemmMode::Gemm,

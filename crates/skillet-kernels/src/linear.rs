@@ -4,8 +4,8 @@
 //! projection costs no weight gradient. (candle's own matmul backward
 //! always computes the weight gradient too: as much work as the forward
 //! pass, and a full-size tensor per layer, even for a frozen weight.) All
-//! products run straight on the tensors' memory through the `gemm` crate,
-//! without copies.
+//! products run straight on the tensors' memory, without copies, through
+//! `gemm.rs` (the `gemm` crate, or MKL where present and faster).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 

@@ -9,7 +9,9 @@
 //! the GEMM's packing without a round trip through memory. The bands, and
 //! so the order of the sums, follow the thread count; as with any GEMM,
 //! a row's rounding may depend on the other rows of its call (training
-//! products, not decoding's, come here).
+//! products, not decoding's, come here). With MKL present, each slab's
+//! product runs on the library chosen for its shape (`gemm_choice.rs`),
+//! which rounds differently; `SKILLET_GEMM=gemm` keeps them all on `gemm`.
 
 use std::cell::Cell;
 use std::ops::Range;
@@ -184,10 +186,32 @@ mod tests {
     /// Slab products large enough for the library choice (`gemm_choice`):
     /// its first calls alternate between `gemm` and MKL where MKL is
     /// present (`scripts/fetch-mkl.sh`), so both libraries' bands are
-    /// checked there; elsewhere every call is `gemm`'s.
+    /// checked there, and MKL must have run; elsewhere every call is
+    /// `gemm`'s.
     #[test]
     fn slab_products_on_either_library_equal_the_dense_ones() {
-        let (t, rows, cols) = (256, 512, 256);
+        use crate::gemm_choice::{GemmMode, mode};
+        use std::sync::atomic::Ordering;
+        // One thread: one band of at most 512 columns, so that each slab's
+        // product (2²⁷ FLOPs) is well above the choice's floor.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let before = crate::gemm::MKL_CALLS.load(Ordering::Relaxed);
+        pool.install(slab_products_on_either_library);
+        let on_mkl = crate::gemm::MKL_CALLS.load(Ordering::Relaxed) - before;
+        if crate::blas::blas().is_some() && mode() == GemmMode::Auto {
+            // At least the measuring calls of each orientation's shape.
+            assert!(
+                on_mkl >= 2 * crate::gemm_choice::TRIALS,
+                "{on_mkl} calls on MKL"
+            );
+        }
+    }
+
+    fn slab_products_on_either_library() {
+        let (t, rows, cols) = (512, 512, 256);
         let w = quant_matrices(rows, cols).swap_remove(0);
         let dense = w.dequantize();
         for transposed in [true, false] {
