@@ -143,6 +143,33 @@ mod tests {
         out
     }
 
+    /// A random input for `x Wᵀ` (`transposed`) or `x W` with `t` rows,
+    /// and its product over the dense weight in f64.
+    fn input_and_product(
+        dense: &[f32],
+        (t, rows, cols): (usize, usize, usize),
+        transposed: bool,
+        seed: u64,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let k = if transposed { cols } else { rows };
+        let x = random(&[t, k], seed, 1.0).flatten_all().unwrap();
+        let x = x.to_vec1::<f32>().unwrap();
+        let want = naive(dense, (rows, cols), &x, transposed);
+        (x, want)
+    }
+
+    /// The largest difference of the slab product from `want` (infinite
+    /// where an element is NaN: left unwritten, or read before written).
+    fn max_error(w: &QuantMatrix, x: &[f32], transposed: bool, slab: usize, want: &[f32]) -> f32 {
+        let mut got = vec![f32::NAN; want.len()];
+        product(w, x, transposed, &mut got, slab);
+        let err = got.iter().zip(want).map(|(g, w)| (g - w).abs());
+        err.fold(
+            0f32,
+            |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+        )
+    }
+
     #[test]
     fn slab_products_equal_the_dense_ones() {
         // Three threads, so that every shape but the smallest has several
@@ -163,15 +190,9 @@ mod tests {
             for w in quant_matrices(rows, cols) {
                 let dense = w.dequantize();
                 for transposed in [true, false] {
-                    let k = if transposed { cols } else { rows };
-                    let x = random(&[t, k], 5, 1.0).flatten_all().unwrap();
-                    let x = x.to_vec1::<f32>().unwrap();
-                    let want = naive(&dense, (rows, cols), &x, transposed);
+                    let (x, want) = input_and_product(&dense, (t, rows, cols), transposed, 5);
                     for slab in [BLOCK * 32, BLOCK * 128, SLAB] {
-                        let mut got = vec![f32::NAN; want.len()];
-                        product(&w, &x, transposed, &mut got, slab);
-                        let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs());
-                        let err = err.fold(0f32, f32::max);
+                        let err = max_error(&w, &x, transposed, slab, &want);
                         assert!(
                             err < 1e-4,
                             "{:?} {t}×{rows}×{cols} transposed {transposed} slab {slab}: {err}",
@@ -215,15 +236,9 @@ mod tests {
         let w = quant_matrices(rows, cols).swap_remove(0);
         let dense = w.dequantize();
         for transposed in [true, false] {
-            let k = if transposed { cols } else { rows };
-            let x = random(&[t, k], 6, 1.0).flatten_all().unwrap();
-            let x = x.to_vec1::<f32>().unwrap();
-            let want = naive(&dense, (rows, cols), &x, transposed);
+            let (x, want) = input_and_product(&dense, (t, rows, cols), transposed, 6);
             for call in 0..2 * crate::gemm_choice::TRIALS + 2 {
-                let mut got = vec![f32::NAN; want.len()];
-                product(&w, &x, transposed, &mut got, SLAB);
-                let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs());
-                let err = err.fold(0f32, f32::max);
+                let err = max_error(&w, &x, transposed, SLAB, &want);
                 assert!(err < 1e-3, "transposed {transposed}, call {call}: {err}");
             }
         }
