@@ -1,8 +1,9 @@
 //! A bounds-checked front to the `gemm` crate (the GEMM candle itself uses;
 //! with the workspace's `x86-v4` feature it picks AVX-512 kernels at run
 //! time), and to MKL where it is present and measures faster for a
-//! product's shape (`blas.rs`, `gemm_choice.rs`). Matrices are views into slices with arbitrary row and column
-//! strides, so transposes and head-interleaved layouts cost no copy.
+//! product's shape (`blas.rs`, `gemm_choice.rs`). Matrices are views into
+//! slices with arbitrary row and column strides, so transposes and
+//! head-interleaved layouts cost no copy.
 
 use std::time::Instant;
 

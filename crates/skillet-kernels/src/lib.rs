@@ -8,8 +8,7 @@
 //! calls the `gemm` crate (AVX-512 where the CPU has it, detected at run
 //! time) for products, or MKL where it is present and measures faster for
 //! a product's shape (`gemm_choice.rs`), and runtime-dispatched vector
-//! loops for the rest, and
-//! returns a fresh tensor. Each op is tested against the composed candle
+//! loops for the rest, and returns a fresh tensor. Each op is tested against the composed candle
 //! version (values and gradients) and against finite differences.
 
 mod adamw;
