@@ -63,7 +63,7 @@ pub use linear_cross_entropy::{
     CrossEntropyStats, FrozenHead, LmHead, linear_cross_entropy, linear_cross_entropy_frozen,
     linear_token_nll,
 };
-pub use lora_linear::{FrozenLinear, lora_linear};
+pub use lora_linear::{FrozenLinear, lora_linear, lora_linear_add};
 pub use lora_rows::{LoraFactors, lora_rows};
 pub use quantized::{
     MIN_PIECE_BYTES, NF4_BLOCK, NF4_LEVELS, Pieces, PreparedInput, QuantKind, QuantMatrix,

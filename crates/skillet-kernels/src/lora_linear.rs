@@ -9,6 +9,11 @@
 //! in one pass:
 //! `g = dy B`, `dB = s · dyᵀ (x Aᵀ)`, `dA = s · gᵀ x`,
 //! `dx = dy W + s · g A`.
+//!
+//! [`lora_linear_add`] adds a residual in the same op (an attention's
+//! output projection): as a separate add, the projection's output would
+//! be kept alive until backward by the add, one full-width tensor per
+//! layer that nothing needs.
 
 use std::sync::{Arc, OnceLock};
 
@@ -34,6 +39,10 @@ struct LoraLinear {
     scale: f32,
     /// `x Aᵀ` as forward made it, for backward.
     down: Arc<OnceLock<Vec<f32>>>,
+    /// The op's second and third inputs are a residual (`[..., out]`) and
+    /// `A` and `B` flattened one after the other, not `A` and `B`: the
+    /// rank of `A`.
+    residual: Option<usize>,
 }
 
 impl LoraLinear {
@@ -61,16 +70,38 @@ impl CustomOp3 for LoraLinear {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = slice(xs, xl, self.name())?;
-        let a = slice(as_, al, self.name())?;
-        let b = slice(bs, bl, self.name())?;
+        let second = slice(as_, al, self.name())?;
+        let third = slice(bs, bl, self.name())?;
         let (out, inp) = self.base.weight.dims()?;
-        let (r, a_in) = al.shape().dims2()?;
-        let (b_out, b_r) = bl.shape().dims2()?;
         let dims = xl.dims();
-        if dims.last() != Some(&inp) || a_in != inp || b_out != out || b_r != r {
-            bail!(
-                "lora linear: x {dims:?}, A [{r}, {a_in}], B [{b_out}, {b_r}] for W [{out}, {inp}]"
-            );
+        let (a, b, r, residual) = match self.residual {
+            Some(r) => {
+                let rows = second.len() / out.max(1);
+                let shaped =
+                    al.dims().last() == Some(&out) && rows * inp == xl.shape().elem_count();
+                if third.len() != r * (inp + out) || !shaped {
+                    bail!(
+                        "lora linear: x {dims:?}, residual {:?}, {} factor values for W [{out}, {inp}] at rank {r}",
+                        al.dims(),
+                        third.len()
+                    );
+                }
+                let (a, b) = third.split_at(r * inp);
+                (a, b, r, Some(second))
+            }
+            None => {
+                let (r, a_in) = al.shape().dims2()?;
+                let (b_out, b_r) = bl.shape().dims2()?;
+                if a_in != inp || b_out != out || b_r != r {
+                    bail!(
+                        "lora linear: x {dims:?}, A [{r}, {a_in}], B [{b_out}, {b_r}] for W [{out}, {inp}]"
+                    );
+                }
+                (second, third, r, None)
+            }
+        };
+        if dims.last() != Some(&inp) {
+            bail!("lora linear: x {dims:?} for W [{out}, {inp}]");
         }
         let rows = x.len() / inp;
         let mut y = self.base.weight.forward(x)?;
@@ -95,25 +126,37 @@ impl CustomOp3 for LoraLinear {
                 Ok(())
             })?;
         }
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked above") = out;
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+        // With a residual, the output takes its shape.
+        let shape = match residual {
+            Some(residual) => {
+                y.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
+                al.shape().clone()
+            }
+            None => Shape::from(out_dims(dims, out)),
+        };
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
+        second: &Tensor,
+        third: &Tensor,
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, inp) = self.base.weight.dims()?;
-        let r = a.dim(0)?;
+        let (inputs, r) = match self.residual {
+            Some(r) => (vec![x, third, dy], r),
+            None => (vec![x, second, third, dy], second.dim(0)?),
+        };
         let s = self.scale;
         let want_dx = x.track_op();
-        let (dx, da, db) = with_f32_all(&[x, a, b, dy], self.name(), |t| {
-            let [x, a, b, dy] = [t[0], t[1], t[2], t[3]];
+        let (dx, da, db) = with_f32_all(&inputs, self.name(), |t| {
+            let (x, (a, b), dy) = match self.residual {
+                Some(_) => (t[0], t[1].split_at(r * inp), t[2]),
+                None => (t[0], (t[1], t[2]), t[3]),
+            };
             let rows = x.len() / inp;
             let u = self.down.get_or_init(|| Self::down(x, a, inp, r));
             // g = dy B: [rows, r].
@@ -137,12 +180,32 @@ impl CustomOp3 for LoraLinear {
             };
             Ok((dx, da, db))
         })?;
-        Ok((
-            dx.map(|d| tensor(d, x.shape())).transpose()?,
-            Some(tensor(da, a.shape())?),
-            Some(tensor(db, b.shape())?),
-        ))
+        let dx = dx.map(|d| tensor(d, x.shape())).transpose()?;
+        Ok(match self.residual {
+            // The residual's gradient is `dy` (where it takes one); the
+            // factors' one after the other, as they came.
+            Some(_) => {
+                let mut dab = da;
+                dab.extend_from_slice(&db);
+                let dres = second.track_op().then(|| dy.clone());
+                (dx, dres, Some(tensor(dab, third.shape())?))
+            }
+            None => (
+                dx,
+                Some(tensor(da, second.shape())?),
+                Some(tensor(db, third.shape())?),
+            ),
+        })
     }
+}
+
+/// `dims` with the last one made `out`.
+fn out_dims(dims: &[usize], out: usize) -> Vec<usize> {
+    let mut d = dims.to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = out;
+    }
+    d
 }
 
 /// `x Wᵀ (+ bias) + s · (x Aᵀ) Bᵀ` for `x` of shape `[..., in]`, with
@@ -156,6 +219,41 @@ pub fn lora_linear(x: &Tensor, base: &FrozenLinear, lora: &LoraFactors) -> Resul
             base: base.clone(),
             scale: lora.scale,
             down: Arc::default(),
+            residual: None,
+        },
+    )
+}
+
+/// `residual + lora_linear(x, base, lora)` in one op that keeps no copy
+/// of the projection's output for backward, shaped as `residual` (which
+/// holds as many rows of `out` as `x` holds of `in`); `residual` gets
+/// `dy` as its gradient.
+pub fn lora_linear_add(
+    x: &Tensor,
+    residual: &Tensor,
+    base: &FrozenLinear,
+    lora: &LoraFactors,
+) -> Result<Tensor> {
+    let (out, inp) = base.weight.dims()?;
+    let (r, a_in) = lora.a.dims2()?;
+    if a_in != inp || lora.b.dims2()? != (out, r) {
+        bail!(
+            "lora linear: A {:?}, B {:?} for W [{out}, {inp}]",
+            lora.a.dims(),
+            lora.b.dims()
+        );
+    }
+    // `A` and `B` as one input (the op has three): their gradients come
+    // back through the concatenation to each.
+    let factors = Tensor::cat(&[lora.a.flatten_all()?, lora.b.flatten_all()?], 0)?;
+    x.contiguous()?.apply_op3(
+        &residual.contiguous()?,
+        &factors,
+        LoraLinear {
+            base: base.clone(),
+            scale: lora.scale,
+            down: Arc::default(),
+            residual: Some(r),
         },
     )
 }
@@ -211,6 +309,37 @@ mod tests {
                 1e-4,
             );
         }
+    }
+
+    #[test]
+    fn with_a_residual_equals_the_composed_update_plus_the_residual() {
+        let w = random(&[12, 10], 21, 1.0);
+        let base = FrozenLinear {
+            weight: FrozenWeight::Dense(w.clone()),
+            bias: Some(random(&[12], 22, 1.0)),
+        };
+        // `x` as rows, the residual (and so the output) `[2, 3, 12]`.
+        let inputs = [
+            random(&[6, 10], 23, 1.0),
+            random(&[4, 10], 24, 0.5),
+            random(&[12, 4], 25, 0.5),
+            random(&[2, 3, 12], 26, 1.0),
+        ];
+        check_op(
+            &inputs,
+            &|t| lora_linear_add(&t[0], &t[3], &base, &factors(&t[1], &t[2])),
+            &|t| {
+                let y = frozen_matmul(&t[0], &w)?.broadcast_add(base.bias.as_ref().unwrap())?;
+                t[3].clone() + composed(&y, t)?.reshape((2, 3, 12))?
+            },
+            1e-4,
+        );
+        let bad = random(&[2, 3, 11], 27, 1.0);
+        let err = lora_linear_add(&inputs[0], &bad, &base, &factors(&inputs[1], &inputs[2]));
+        assert!(err.is_err(), "a residual of the wrong width is refused");
+        let b_t = inputs[2].t().unwrap().contiguous().unwrap();
+        let err = lora_linear_add(&inputs[0], &inputs[3], &base, &factors(&inputs[1], &b_t));
+        assert!(err.is_err(), "B laid out as [r, out] is refused");
     }
 
     #[test]

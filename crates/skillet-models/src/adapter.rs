@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use skillet_kernels::{LoraFactors, lora_linear, lora_rows};
+use skillet_kernels::{LoraFactors, lora_linear, lora_linear_add, lora_rows};
 
 use crate::{Linear, ModelError, Precision, Result};
 
@@ -188,14 +188,16 @@ impl Adapters {
     }
 
     /// `lin(x)` plus the update as one op with its own backward
-    /// ([`lora_linear`]), where one plain LoRA adapter covers every row,
-    /// something needs gradients, no dropout applies and the layer is a
-    /// frozen product; `None` elsewhere.
+    /// ([`lora_linear`]; with `residual` added, [`lora_linear_add`]), where
+    /// one plain LoRA adapter covers every row, something needs gradients,
+    /// no dropout applies and the layer is a frozen product; `None`
+    /// elsewhere.
     pub(crate) fn fused(
         &self,
         lin: &dyn Linear,
         module: usize,
         x: &Tensor,
+        residual: Option<&Tensor>,
         precision: Precision,
     ) -> Result<Option<Tensor>> {
         if !matches!(self.rows, Rows::All) || self.list.is_empty() {
@@ -214,7 +216,10 @@ impl Adapters {
         let Some(base) = lin.frozen(precision)? else {
             return Ok(None);
         };
-        Ok(Some(lora_linear(x, &base, &factors)?))
+        Ok(Some(match residual {
+            Some(r) => lora_linear_add(x, r, &base, &factors)?,
+            None => lora_linear(x, &base, &factors)?,
+        }))
     }
 
     /// `y` (the base layer's output for `x`) plus each row's update.

@@ -99,7 +99,7 @@ impl LayerContext {
     pub fn project(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
         if self.rowwise.is_none()
             && !self.composed
-            && let Some(y) = self.adapters.fused(lin, module, x, self.precision)?
+            && let Some(y) = self.adapters.fused(lin, module, x, None, self.precision)?
         {
             return Ok(y);
         }
@@ -112,6 +112,33 @@ impl LayerContext {
 }
 
 impl LayerContext {
+    /// `residual + project(lin, module, x)`, shaped as `residual`: in one
+    /// op where the fused LoRA update runs (see
+    /// `skillet_kernels::lora_linear_add`), which keeps no copy of the
+    /// projection's output for backward.
+    pub fn project_add(
+        &self,
+        lin: &dyn Linear,
+        module: usize,
+        x: &Tensor,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        if self.rowwise.is_none()
+            && !self.composed
+            && let Some(y) = self
+                .adapters
+                .fused(lin, module, x, Some(residual), self.precision)?
+        {
+            return Ok(y);
+        }
+        let y = self.project(lin, module, x)?;
+        let y = match y.shape() == residual.shape() {
+            true => y,
+            false => y.reshape(residual.shape())?,
+        };
+        Ok((residual + y)?)
+    }
+
     /// [`LayerContext::project`] of each of `lins` (modules `modules`) over
     /// the same `x`. In an incremental call over quantized blocks the
     /// products are taken in one pass ([`QuantMatrix::matmul_each`]): one
@@ -279,6 +306,36 @@ impl Attention {
 
     /// Modules `base .. base + 4` are q, k, v, o.
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize, kv: Kv) -> Result<Tensor> {
+        self.forward_then(x, ctx, base, kv, None)
+    }
+
+    /// `residual + forward(x)`, the output projection and the add in one
+    /// op where it can be (see [`LayerContext::project_add`]).
+    pub fn forward_add(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        ctx: &LayerContext,
+        base: usize,
+        kv: Kv,
+    ) -> Result<Tensor> {
+        self.forward_then(x, ctx, base, kv, Some(residual))
+    }
+
+    /// The attention, its output projection and, where given, the
+    /// residual added.
+    fn forward_then(
+        &self,
+        x: &Tensor,
+        ctx: &LayerContext,
+        base: usize,
+        kv: Kv,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let project = |out: &Tensor| match residual {
+            Some(r) => ctx.project_add(self.o_proj.as_ref(), base + 3, out, r),
+            None => ctx.project(self.o_proj.as_ref(), base + 3, out),
+        };
         let (b, t, _) = x.dims3()?;
         let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
         let lins = [
@@ -308,7 +365,7 @@ impl Attention {
                 RopeLayout::Half,
                 bf16,
             )?;
-            return ctx.project(self.o_proj.as_ref(), base + 3, &out);
+            return project(&out);
         }
         let mut q = q.reshape((b, t, h, d))?; // [B,T,H,D]
         let mut kk = kk.reshape((b, t, k, d))?; // [B,T,K,D]
@@ -386,7 +443,7 @@ impl Attention {
                 return Err(ModelError::Input("attention without a mask".into()));
             }
         };
-        ctx.project(self.o_proj.as_ref(), base + 3, &out.reshape((b, t, h * d))?)
+        project(&out.reshape((b, t, h * d))?)
     }
 }
 
@@ -445,7 +502,7 @@ impl Mlp {
         {
             return Ok(skillet_kernels::swiglu_down(&gate, &up, residual, &frozen)?);
         }
-        Ok((residual + self.down(&gate, &up, ctx, down)?)?)
+        self.down(&gate, &up, ctx, down, Some(residual))
     }
 
     /// The gate and up projections (modules `base + 4`, `base + 5`).
@@ -457,15 +514,19 @@ impl Mlp {
     /// `mlp(x)` alone (a norm follows it in Gemma).
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize) -> Result<Tensor> {
         let [gate, up] = self.gate_up(x, ctx, base)?;
-        self.down(&gate, &up, ctx, base + 6)
+        self.down(&gate, &up, ctx, base + 6, None)
     }
 
+    /// The activation, the down projection and, where given, the residual
+    /// added (in one op with the projection where it can be, see
+    /// [`LayerContext::project_add`]).
     fn down(
         &self,
         gate: &Tensor,
         up: &Tensor,
         ctx: &LayerContext,
         module: usize,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let act = match (self.act, ctx.composed) {
             (Activation::Silu, true) => skillet_kernels::swiglu_composed(gate, up)?,
@@ -473,7 +534,10 @@ impl Mlp {
             // candle's `gelu` is the tanh form, with its backward.
             (Activation::GeluTanh, _) => (gate.gelu()? * up)?,
         };
-        ctx.project(self.down_proj.as_ref(), module, &act)
+        match residual {
+            Some(r) => ctx.project_add(self.down_proj.as_ref(), module, &act, r),
+            None => ctx.project(self.down_proj.as_ref(), module, &act),
+        }
     }
 }
 

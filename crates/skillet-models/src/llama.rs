@@ -59,7 +59,7 @@ impl Block for LlamaLayer {
     fn forward(&self, x: &Tensor, ctx: &LayerContext, kv: Kv) -> Result<Tensor> {
         let base = self.index * LAYER_MODULES.len();
         let normed = self.input_layernorm.forward(x, ctx.composed)?;
-        let x = (x + self.self_attn.forward(&normed, ctx, base, kv)?)?;
+        let x = self.self_attn.forward_add(&normed, x, ctx, base, kv)?;
         let normed = self.post_attention_layernorm.forward(&x, ctx.composed)?;
         self.mlp.forward_add(&normed, &x, ctx, base)
     }

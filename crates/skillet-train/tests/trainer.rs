@@ -586,7 +586,17 @@ fn fused_kernels_train_like_the_composed_ops() {
                 ..Default::default()
             };
             let model = Model::load(cfg, &w, opts).unwrap();
-            let adapter = LoraAdapter::new(&model, &lora(2, 0.0), 1, None).unwrap();
+            // The output projection too: its fused op adds the residual.
+            let targets = ["q_proj", "v_proj", "o_proj", "down_proj"];
+            let settings = LoraSettings::new(
+                2,
+                4.0,
+                0.0,
+                false,
+                Targets::Names(targets.iter().map(|t| (*t).into()).collect()),
+            )
+            .unwrap();
+            let adapter = LoraAdapter::new(&model, &settings, 1, None).unwrap();
             fill_b(&adapter, 0.03);
             (model, adapter)
         };
