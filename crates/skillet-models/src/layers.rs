@@ -97,23 +97,11 @@ pub(crate) struct LayerContext {
 impl LayerContext {
     /// `lin` over `x`, plus each row's adapter update of `module`.
     pub fn project(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
-        if self.rowwise.is_none()
-            && !self.composed
-            && let Some(y) = self.adapters.fused(lin, module, x, None, self.precision)?
-        {
-            return Ok(y);
-        }
-        let y = match self.rowwise {
-            Some(activations) => lin.forward_rowwise(x, activations)?,
-            None => lin.forward_in(x, self.precision)?,
-        };
-        self.adapters.add_delta(lin, module, x, y)
+        self.project_add(lin, module, x, None)
     }
-}
 
-impl LayerContext {
-    /// `residual + project(lin, module, x)`, shaped as `residual`: in one
-    /// op where the fused LoRA update runs (see
+    /// [`LayerContext::project`], plus `residual` where given (the result
+    /// then shaped as it): in one op where the fused LoRA update runs (see
     /// `skillet_kernels::lora_linear_add`), which keeps no copy of the
     /// projection's output for backward.
     pub fn project_add(
@@ -121,24 +109,33 @@ impl LayerContext {
         lin: &dyn Linear,
         module: usize,
         x: &Tensor,
-        residual: &Tensor,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         if self.rowwise.is_none()
             && !self.composed
             && let Some(y) = self
                 .adapters
-                .fused(lin, module, x, Some(residual), self.precision)?
+                .fused(lin, module, x, residual, self.precision)?
         {
             return Ok(y);
         }
-        let y = self.project(lin, module, x)?;
+        let y = match self.rowwise {
+            Some(activations) => lin.forward_rowwise(x, activations)?,
+            None => lin.forward_in(x, self.precision)?,
+        };
+        let y = self.adapters.add_delta(lin, module, x, y)?;
+        let Some(residual) = residual else {
+            return Ok(y);
+        };
         let y = match y.shape() == residual.shape() {
             true => y,
             false => y.reshape(residual.shape())?,
         };
         Ok((residual + y)?)
     }
+}
 
+impl LayerContext {
     /// [`LayerContext::project`] of each of `lins` (modules `modules`) over
     /// the same `x`. In an incremental call over quantized blocks the
     /// products are taken in one pass ([`QuantMatrix::matmul_each`]): one
@@ -332,10 +329,7 @@ impl Attention {
         kv: Kv,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let project = |out: &Tensor| match residual {
-            Some(r) => ctx.project_add(self.o_proj.as_ref(), base + 3, out, r),
-            None => ctx.project(self.o_proj.as_ref(), base + 3, out),
-        };
+        let project = |out: &Tensor| ctx.project_add(self.o_proj.as_ref(), base + 3, out, residual);
         let (b, t, _) = x.dims3()?;
         let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
         let lins = [
@@ -534,10 +528,7 @@ impl Mlp {
             // candle's `gelu` is the tanh form, with its backward.
             (Activation::GeluTanh, _) => (gate.gelu()? * up)?,
         };
-        match residual {
-            Some(r) => ctx.project_add(self.down_proj.as_ref(), module, &act, r),
-            None => ctx.project(self.down_proj.as_ref(), module, &act),
-        }
+        ctx.project_add(self.down_proj.as_ref(), module, &act, residual)
     }
 }
 
