@@ -17,6 +17,7 @@ use crate::bf16::{
 };
 use crate::gemm::{Out, View, matmul};
 use crate::quantized::QuantMatrix;
+use crate::rms_norm::InputNorm;
 use crate::storage::{slice, tensor, with_f32};
 
 /// A frozen weight and the precision of its products.
@@ -107,7 +108,11 @@ impl FrozenWeight {
     }
 }
 
-struct FrozenProduct(FrozenWeight);
+struct FrozenProduct {
+    weight: FrozenWeight,
+    /// The norm of the input, applied inside the op.
+    norm: Option<InputNorm>,
+}
 
 impl CustomOp1 for FrozenProduct {
     fn name(&self) -> &'static str {
@@ -116,18 +121,27 @@ impl CustomOp1 for FrozenProduct {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(storage, layout, self.name())?;
-        let (out, inp) = self.0.dims()?;
+        let (out, inp) = self.weight.dims()?;
         let dims = layout.dims();
-        if dims.last() != Some(&inp) {
+        if dims.last() != Some(&inp) || self.norm.as_ref().is_some_and(|n| n.width() != inp) {
             bail!("frozen product: input {dims:?} does not end in {inp}");
         }
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("checked above") = out;
-        Ok((CpuStorage::F32(self.0.forward(x)?), Shape::from(out_dims)))
+        let y = match &self.norm {
+            Some(n) => self.weight.forward(&n.forward(x))?,
+            None => self.weight.forward(x)?,
+        };
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_f32([dy], self.name(), |[dy]| self.0.backward(dy))?;
+        let dx = match &self.norm {
+            Some(n) => with_f32([x, dy], self.name(), |[x, dy]| {
+                Ok(n.backward(x, &self.weight.backward(dy)?))
+            })?,
+            None => with_f32([dy], self.name(), |[dy]| self.weight.backward(dy))?,
+        };
         Ok(Some(tensor(dx, x.shape())?))
     }
 }
@@ -135,14 +149,56 @@ impl CustomOp1 for FrozenProduct {
 /// `x Wᵀ` for `x` of shape `[..., in]`; backward gives `x` its gradient
 /// `dy W` in the same precision, the weight none.
 pub fn frozen_product(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenProduct(w.clone()))
+    x.contiguous()?.apply_op1(FrozenProduct {
+        weight: w.clone(),
+        norm: None,
+    })
+}
+
+/// [`frozen_product`] of `x` normed by `norm` inside the op: the normed
+/// rows are made again in backward rather than kept, and `x` gets the
+/// gradient of the rows before the norm.
+pub fn normed_frozen_product(x: &Tensor, norm: &InputNorm, w: &FrozenWeight) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenProduct {
+        weight: w.clone(),
+        norm: Some(norm.clone()),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_same_product, max_abs_diff, output_and_input_grad, random};
+    use crate::testing::{assert_same_product, grads, max_abs_diff, output_and_input_grad, random};
     use crate::{Bf16Weight, frozen_matmul, frozen_matmul_bf16};
+
+    #[test]
+    fn the_input_norm_inside_equals_the_norm_then_the_product() {
+        let w = random(&[9, 16], 41, 1.0);
+        let gain = (random(&[16], 42, 0.5) + 1.0).unwrap();
+        let norm = crate::InputNorm::new(gain.to_vec1().unwrap(), 1e-6);
+        let x = [random(&[3, 5, 16], 43, 2.0)];
+        for weight in [
+            FrozenWeight::Dense(w.clone()),
+            FrozenWeight::DenseBf16(w.clone()),
+        ] {
+            let plain = |t: &[Tensor]| {
+                let normed = crate::rms_norm(&t[0], &gain, 1e-6)?;
+                frozen_product(&normed, &weight)
+            };
+            let inside = |t: &[Tensor]| normed_frozen_product(&t[0], &norm, &weight);
+            match weight {
+                FrozenWeight::Dense(_) => crate::testing::check_op(&x, &inside, &plain, 1e-4),
+                // The same rounded operands both ways (no finite
+                // differences: the rounding makes them coarse).
+                _ => {
+                    let (a, b) = (inside(&x).unwrap(), plain(&x).unwrap());
+                    assert!(max_abs_diff(&a, &b) < 1e-5, "bf16 forward");
+                    let (ga, gb) = (grads(&x, &inside), grads(&x, &plain));
+                    assert!(max_abs_diff(&ga[0], &gb[0]) < 1e-4, "bf16 gradient");
+                }
+            }
+        }
+    }
 
     #[test]
     fn products_equal_the_packed_and_the_f32_ones() {

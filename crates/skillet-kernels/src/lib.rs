@@ -55,7 +55,7 @@ pub use cache::cache_dir;
 pub use cached_attention::{
     CachedAttention, CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys,
 };
-pub use frozen::{FrozenWeight, frozen_product};
+pub use frozen::{FrozenWeight, frozen_product, normed_frozen_product};
 pub use gemm_choice::{GemmReport, gemm_report};
 pub use input_rounding::{InputRounding, round_inputs};
 pub use linear::{frozen_matmul, linear, linear_bf16};
@@ -68,7 +68,7 @@ pub use lora_rows::{LoraFactors, lora_rows};
 pub use quantized::{
     MIN_PIECE_BYTES, NF4_BLOCK, NF4_LEVELS, Pieces, PreparedInput, QuantKind, QuantMatrix,
 };
-pub use rms_norm::{rms_norm, rms_norm_composed, rms_norm_rows, rms_norm_rows_into};
+pub use rms_norm::{InputNorm, rms_norm, rms_norm_composed, rms_norm_rows, rms_norm_rows_into};
 pub use rope::{RopeLayout, RopeTable, rope, rope_composed, rope_rows};
 pub use swiglu::{swiglu, swiglu_composed, swiglu_rows};
 pub use swiglu_down::swiglu_down;

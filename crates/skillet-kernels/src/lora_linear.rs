@@ -14,6 +14,10 @@
 //! output projection): as a separate add, the projection's output would
 //! be kept alive until backward by the add, one full-width tensor per
 //! layer that nothing needs.
+//!
+//! Given an [`InputNorm`], the op takes the rows before their RMSNorm and
+//! norms them itself, again in backward, where `dA` needs them: the
+//! normed rows are not kept between the passes.
 
 use std::sync::{Arc, OnceLock};
 
@@ -22,6 +26,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use crate::bf16::transposed;
 use crate::frozen::FrozenWeight;
 use crate::lora_rows::LoraFactors;
+use crate::rms_norm::InputNorm;
 use crate::storage::{slice, tensor, with_f32, with_f32_all};
 use crate::thin;
 
@@ -43,6 +48,8 @@ struct LoraLinear {
     /// `A` and `B` flattened one after the other, not `A` and `B`: the
     /// rank of `A`.
     residual: Option<usize>,
+    /// The norm of the input, applied inside the op.
+    norm: Option<InputNorm>,
 }
 
 impl LoraLinear {
@@ -100,9 +107,11 @@ impl CustomOp3 for LoraLinear {
                 (second, third, r, None)
             }
         };
-        if dims.last() != Some(&inp) {
+        if dims.last() != Some(&inp) || self.norm.as_ref().is_some_and(|n| n.width() != inp) {
             bail!("lora linear: x {dims:?} for W [{out}, {inp}]");
         }
+        let normed = self.norm.as_ref().map(|n| n.forward(x));
+        let x = normed.as_deref().unwrap_or(x);
         let rows = x.len() / inp;
         let mut y = self.base.weight.forward(x)?;
         let u = self.down.get_or_init(|| Self::down(x, a, inp, r));
@@ -157,6 +166,11 @@ impl CustomOp3 for LoraLinear {
                 Some(_) => (t[0], t[1].split_at(r * inp), t[2]),
                 None => (t[0], (t[1], t[2]), t[3]),
             };
+            // The rows as the products saw them: normed again where the
+            // op norms its input.
+            let h = x;
+            let normed = self.norm.as_ref().map(|n| n.forward(h));
+            let x = normed.as_deref().unwrap_or(h);
             let rows = x.len() / inp;
             let u = self.down.get_or_init(|| Self::down(x, a, inp, r));
             // g = dy B: [rows, r].
@@ -174,7 +188,10 @@ impl CustomOp3 for LoraLinear {
             let dx = if want_dx {
                 let mut dx = self.base.weight.backward(dy)?;
                 thin::add_times(&mut dx, [rows, r, inp], &g, a, s);
-                Some(dx)
+                Some(match &self.norm {
+                    Some(n) => n.backward(h, &dx),
+                    None => dx,
+                })
             } else {
                 None
             };
@@ -210,8 +227,15 @@ fn out_dims(dims: &[usize], out: usize) -> Vec<usize> {
 
 /// `x Wᵀ (+ bias) + s · (x Aᵀ) Bᵀ` for `x` of shape `[..., in]`, with
 /// `A` (`[r, in]`) and `B` (`[out, r]`) and `s` from `lora`; backward
-/// gives `x`, `A` and `B` their gradients (the frozen weight none).
-pub fn lora_linear(x: &Tensor, base: &FrozenLinear, lora: &LoraFactors) -> Result<Tensor> {
+/// gives `x`, `A` and `B` their gradients (the frozen weight none). With
+/// `norm`, `x` is first normed by it inside the op (its gradient is the
+/// gradient of the rows before the norm).
+pub fn lora_linear(
+    x: &Tensor,
+    base: &FrozenLinear,
+    lora: &LoraFactors,
+    norm: Option<&InputNorm>,
+) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &lora.a.contiguous()?,
         &lora.b.contiguous()?,
@@ -220,6 +244,7 @@ pub fn lora_linear(x: &Tensor, base: &FrozenLinear, lora: &LoraFactors) -> Resul
             scale: lora.scale,
             down: Arc::default(),
             residual: None,
+            norm: norm.cloned(),
         },
     )
 }
@@ -227,12 +252,13 @@ pub fn lora_linear(x: &Tensor, base: &FrozenLinear, lora: &LoraFactors) -> Resul
 /// `residual + lora_linear(x, base, lora)` in one op that keeps no copy
 /// of the projection's output for backward, shaped as `residual` (which
 /// holds as many rows of `out` as `x` holds of `in`); `residual` gets
-/// `dy` as its gradient.
+/// `dy` as its gradient; `norm` as in [`lora_linear`].
 pub fn lora_linear_add(
     x: &Tensor,
     residual: &Tensor,
     base: &FrozenLinear,
     lora: &LoraFactors,
+    norm: Option<&InputNorm>,
 ) -> Result<Tensor> {
     let (out, inp) = base.weight.dims()?;
     let (r, a_in) = lora.a.dims2()?;
@@ -254,6 +280,7 @@ pub fn lora_linear_add(
             scale: lora.scale,
             down: Arc::default(),
             residual: Some(r),
+            norm: norm.cloned(),
         },
     )
 }
@@ -297,7 +324,7 @@ mod tests {
             };
             check_op(
                 &inputs,
-                &|t| lora_linear(&t[0], &base, &factors(&t[1], &t[2])),
+                &|t| lora_linear(&t[0], &base, &factors(&t[1], &t[2]), None),
                 &|t| {
                     let y = frozen_matmul(&t[0], &w)?;
                     let y = match &bias {
@@ -327,7 +354,7 @@ mod tests {
         ];
         check_op(
             &inputs,
-            &|t| lora_linear_add(&t[0], &t[3], &base, &factors(&t[1], &t[2])),
+            &|t| lora_linear_add(&t[0], &t[3], &base, &factors(&t[1], &t[2]), None),
             &|t| {
                 let y = frozen_matmul(&t[0], &w)?.broadcast_add(base.bias.as_ref().unwrap())?;
                 t[3].clone() + composed(&y, t)?.reshape((2, 3, 12))?
@@ -335,11 +362,70 @@ mod tests {
             1e-4,
         );
         let bad = random(&[2, 3, 11], 27, 1.0);
-        let err = lora_linear_add(&inputs[0], &bad, &base, &factors(&inputs[1], &inputs[2]));
+        let err = lora_linear_add(
+            &inputs[0],
+            &bad,
+            &base,
+            &factors(&inputs[1], &inputs[2]),
+            None,
+        );
         assert!(err.is_err(), "a residual of the wrong width is refused");
         let b_t = inputs[2].t().unwrap().contiguous().unwrap();
-        let err = lora_linear_add(&inputs[0], &inputs[3], &base, &factors(&inputs[1], &b_t));
+        let err = lora_linear_add(
+            &inputs[0],
+            &inputs[3],
+            &base,
+            &factors(&inputs[1], &b_t),
+            None,
+        );
         assert!(err.is_err(), "B laid out as [r, out] is refused");
+    }
+
+    #[test]
+    fn with_the_input_norm_inside_equals_the_norm_then_the_update() {
+        let w = random(&[12, 10], 31, 1.0);
+        let base = FrozenLinear {
+            weight: FrozenWeight::Dense(w.clone()),
+            bias: Some(random(&[12], 32, 1.0)),
+        };
+        let gain = (random(&[10], 33, 0.5) + 1.0).unwrap();
+        let norm = InputNorm::new(gain.to_vec1().unwrap(), 1e-5);
+        let normed = |x: &Tensor| crate::rms_norm_composed(x, &gain, 1e-5);
+        let bias = base.bias.clone().unwrap();
+        let inputs = [
+            random(&[2, 3, 10], 34, 2.0),
+            random(&[4, 10], 35, 0.5),
+            random(&[12, 4], 36, 0.5),
+            random(&[2, 3, 12], 37, 1.0),
+        ];
+        check_op(
+            &inputs[..3],
+            &|t| lora_linear(&t[0], &base, &factors(&t[1], &t[2]), Some(&norm)),
+            &|t| {
+                let x = normed(&t[0])?;
+                let y = frozen_matmul(&x, &w)?.broadcast_add(&bias)?;
+                composed(&y, &[x, t[1].clone(), t[2].clone()])
+            },
+            1e-4,
+        );
+        check_op(
+            &inputs,
+            &|t| lora_linear_add(&t[0], &t[3], &base, &factors(&t[1], &t[2]), Some(&norm)),
+            &|t| {
+                let x = normed(&t[0])?;
+                let y = frozen_matmul(&x, &w)?.broadcast_add(&bias)?;
+                t[3].clone() + composed(&y, &[x, t[1].clone(), t[2].clone()])?
+            },
+            1e-4,
+        );
+        let narrow = InputNorm::new(vec![1.0; 9], 1e-5);
+        let err = lora_linear(
+            &inputs[0],
+            &base,
+            &factors(&inputs[1], &inputs[2]),
+            Some(&narrow),
+        );
+        assert!(err.is_err(), "a norm of the wrong width is refused");
     }
 
     #[test]
@@ -357,7 +443,7 @@ mod tests {
         ];
         // Same bf16 base product both ways, the update f32 in both (no
         // finite differences: the rounded operands make them coarse).
-        let fused = |t: &[Tensor]| lora_linear(&t[0], &base, &factors(&t[1], &t[2]));
+        let fused = |t: &[Tensor]| lora_linear(&t[0], &base, &factors(&t[1], &t[2]), None);
         let reference = |t: &[Tensor]| composed(&frozen_matmul_bf16(&t[0], &packed)?, t);
         assert_close(
             &fused(&inputs).unwrap(),
@@ -384,7 +470,7 @@ mod tests {
         let x = random(&[3, 5], 11, 1.0);
         let a = candle_core::Var::from_tensor(&random(&[2, 5], 12, 1.0)).unwrap();
         let b = candle_core::Var::from_tensor(&random(&[6, 2], 13, 1.0)).unwrap();
-        let y = lora_linear(&x, &base, &factors(a.as_tensor(), b.as_tensor())).unwrap();
+        let y = lora_linear(&x, &base, &factors(a.as_tensor(), b.as_tensor()), None).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_none());
         assert!(g.get(a.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());

@@ -3,6 +3,12 @@
 //! `r = 1 / sqrt(mean(x²) + eps)` per row. Backward, with `g = dy ∘ w`:
 //! `dx = r·g − x · r³ · (g·x) / C` and `dw = Σ_rows dy ∘ x · r`.
 //! Nothing but the inputs is kept for backward; `r` is recomputed.
+//!
+//! [`InputNorm`] is the same norm run inside a projection's op on its
+//! input, so that the normed rows are made again in backward instead of
+//! kept.
+
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, D, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -74,11 +80,10 @@ impl CustomOp2 for RmsNorm {
                 xl.dims()
             );
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(ROWS * c)
-            .zip(x.par_chunks(ROWS * c))
-            .for_each(|(y, x)| forward_rows(x, w, y, self.eps));
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        Ok((
+            CpuStorage::F32(forward_par(x, w, self.eps)),
+            xl.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -114,6 +119,58 @@ impl CustomOp2 for RmsNorm {
         let dx = tensor(dx, x.shape())?;
         let dw = dw.map(|d| tensor(d, w.shape())).transpose()?;
         Ok((Some(dx), dw))
+    }
+}
+
+/// The norm of rows `x` of `w.len()`, on the thread pool.
+fn forward_par(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let c = w.len();
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(ROWS * c)
+        .zip(x.par_chunks(ROWS * c))
+        .for_each(|(y, x)| forward_rows(x, w, y, eps));
+    y
+}
+
+/// An RMSNorm with a frozen weight, applied by a projection's op to its
+/// input `x` (the rows before the norm): forward norms the rows for the
+/// product, backward norms them again where the op needs them and turns
+/// the gradient of the normed rows into `x`'s. The graph then holds `x`,
+/// which the residual stream holds anyway, instead of a normed copy too.
+#[derive(Debug, Clone)]
+pub struct InputNorm {
+    weight: Arc<[f32]>,
+    eps: f32,
+}
+
+impl InputNorm {
+    /// The norm with weight values `weight` (`[C]`, as multiplied by).
+    pub fn new(weight: Vec<f32>, eps: f64) -> Self {
+        Self {
+            weight: weight.into(),
+            eps: eps as f32,
+        }
+    }
+
+    /// `C`.
+    pub(crate) fn width(&self) -> usize {
+        self.weight.len()
+    }
+
+    /// The normed rows of `x` (the same bits as [`rms_norm`]).
+    pub(crate) fn forward(&self, x: &[f32]) -> Vec<f32> {
+        forward_par(x, &self.weight, self.eps)
+    }
+
+    /// The gradient of rows `x` given `dy`, the gradient of their normed
+    /// rows.
+    pub(crate) fn backward(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let c = self.width();
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(ROWS * c)
+            .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
+            .for_each(|(dx, (x, dy))| backward_rows(x, &self.weight, dy, dx, None, self.eps));
+        dx
     }
 }
 

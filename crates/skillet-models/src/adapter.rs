@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use skillet_kernels::{LoraFactors, lora_linear, lora_linear_add, lora_rows};
+use skillet_kernels::{InputNorm, LoraFactors, lora_linear, lora_linear_add, lora_rows};
 
 use crate::{Linear, ModelError, Precision, Result};
 
@@ -191,7 +191,7 @@ impl Adapters {
     /// ([`lora_linear`]; with `residual` added, [`lora_linear_add`]), where
     /// one plain LoRA adapter covers every row, something needs gradients,
     /// no dropout applies and the layer is a frozen product; `None`
-    /// elsewhere.
+    /// elsewhere. With `norm`, `x` is normed by it inside the op.
     pub(crate) fn fused(
         &self,
         lin: &dyn Linear,
@@ -199,6 +199,7 @@ impl Adapters {
         x: &Tensor,
         residual: Option<&Tensor>,
         precision: Precision,
+        norm: Option<&InputNorm>,
     ) -> Result<Option<Tensor>> {
         if !matches!(self.rows, Rows::All) || self.list.is_empty() {
             return Ok(None);
@@ -217,8 +218,8 @@ impl Adapters {
             return Ok(None);
         };
         Ok(Some(match residual {
-            Some(r) => lora_linear_add(x, r, &base, &factors)?,
-            None => lora_linear(x, &base, &factors)?,
+            Some(r) => lora_linear_add(x, r, &base, &factors, norm)?,
+            None => lora_linear(x, &base, &factors, norm)?,
         }))
     }
 

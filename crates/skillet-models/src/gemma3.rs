@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use crate::layers::{
     self, ATTENTION_TENSORS, Attention, AttentionKind, Block, Kv, LayerContext, MLP_TENSORS, Mlp,
-    RmsNorm,
+    Normed, RmsNorm,
 };
 use crate::linear::Linear;
 use crate::load::Loader;
@@ -78,11 +78,17 @@ impl Block for Gemma3Layer {
     fn forward(&self, x: &Tensor, ctx: &LayerContext, kv: Kv) -> Result<Tensor> {
         let base = self.index * LAYER_MODULES.len();
         let c = ctx.composed;
-        let h = self.input_layernorm.forward(x, c)?;
-        let h = self.self_attn.forward(&h, ctx, base, kv)?;
+        let h = Normed {
+            rows: x,
+            norm: &self.input_layernorm,
+        };
+        let h = self.self_attn.forward(h, ctx, base, kv)?;
         let x = (x + self.post_attention_layernorm.forward(&h, c)?)?;
-        let h = self.pre_feedforward_layernorm.forward(&x, c)?;
-        let h = self.mlp.forward(&h, ctx, base)?;
+        let h = Normed {
+            rows: &x,
+            norm: &self.pre_feedforward_layernorm,
+        };
+        let h = self.mlp.forward(h, ctx, base)?;
         Ok((x + self.post_feedforward_layernorm.forward(&h, c)?)?)
     }
 

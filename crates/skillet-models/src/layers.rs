@@ -9,7 +9,9 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use skillet_kernels::{AttentionMask, CachedSeq, QuantMatrix, RopeLayout, RopeTable};
+use skillet_kernels::{
+    AttentionMask, CachedSeq, InputNorm, QuantMatrix, RopeLayout, RopeTable, normed_frozen_product,
+};
 
 use crate::adapter::Adapters;
 use crate::cache::KvCache;
@@ -78,6 +80,19 @@ pub(crate) const MLP_TENSORS: &[LayerTensor] = &[
     ),
 ];
 
+/// The input of a layer's projections: rows and the RMSNorm that comes
+/// before the projections. The rows are normed inside the projections'
+/// ops where the ops can take the norm ([`LayerContext::project_each`]),
+/// so that the normed rows are made again in backward instead of kept:
+/// the graph then holds the rows before the norm, which the residual
+/// stream holds anyway, and no normed copy (a layer's two norms kept two
+/// `[tokens, C]` tensors each).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Normed<'a> {
+    pub rows: &'a Tensor,
+    pub norm: &'a RmsNorm,
+}
+
 /// Per-call inputs every layer shares.
 pub(crate) struct LayerContext {
     /// One cos/sin table per RoPE of the model (see [`AttentionKind::rope`]).
@@ -115,7 +130,7 @@ impl LayerContext {
             && !self.composed
             && let Some(y) = self
                 .adapters
-                .fused(lin, module, x, residual, self.precision)?
+                .fused(lin, module, x, residual, self.precision, None)?
         {
             return Ok(y);
         }
@@ -140,12 +155,36 @@ impl LayerContext {
     /// the same `x`. In an incremental call over quantized blocks the
     /// products are taken in one pass ([`QuantMatrix::matmul_each`]): one
     /// hand-off to the threads instead of one per layer, the same numbers.
+    ///
+    /// The rows are normed inside each projection's op where it can be
+    /// (see [`LayerContext::project_normed`]), and once, as a tensor, for
+    /// the others.
     pub fn project_each<const N: usize>(
         &self,
         lins: [&dyn Linear; N],
         modules: [usize; N],
-        x: &Tensor,
+        input: Normed,
     ) -> Result<[Tensor; N]> {
+        let Normed { rows: h, norm } = input;
+        if let Some(inside) = self.input_norm(norm)? {
+            let mut ys = Vec::with_capacity(N);
+            let mut normed = None;
+            for (lin, m) in lins.into_iter().zip(modules) {
+                let y = match self.project_normed(lin, m, h, &inside)? {
+                    Some(y) => y,
+                    None => {
+                        if normed.is_none() {
+                            normed = Some(norm.forward(h, self.composed)?);
+                        }
+                        let normed = normed.as_ref().expect("made above");
+                        self.project(lin, m, normed)?
+                    }
+                };
+                ys.push(y);
+            }
+            return Ok(ys.try_into().expect("one result per layer"));
+        }
+        let x = &norm.forward(h, self.composed)?;
         let blocks: Option<Vec<Arc<QuantMatrix>>> =
             lins.iter().map(|l| l.quant_blocks().cloned()).collect();
         let ys: Vec<Tensor> = match (self.rowwise, blocks) {
@@ -164,6 +203,42 @@ impl LayerContext {
                 .collect::<Result<_>>()?,
         };
         Ok(ys.try_into().expect("one result per layer"))
+    }
+
+    /// `norm` as the projections' ops apply it, where they may: in a
+    /// fused training forward (neither composed nor incremental) with the
+    /// norm's weight frozen.
+    fn input_norm(&self, norm: &RmsNorm) -> Result<Option<InputNorm>> {
+        if self.composed || self.rowwise.is_some() || norm.weight.track_op() {
+            return Ok(None);
+        }
+        Ok(Some(InputNorm::new(norm.values()?, norm.eps)))
+    }
+
+    /// `lin` (module `module`) over the rows `h` normed by `norm` inside
+    /// one op, where gradients flow through it: the fused LoRA op for an
+    /// adapted module, a frozen product otherwise (a frozen layer without
+    /// bias). `None` elsewhere, and where nothing would track gradients
+    /// (there the graph keeps nothing and one norm serves every module).
+    fn project_normed(
+        &self,
+        lin: &dyn Linear,
+        module: usize,
+        h: &Tensor,
+        norm: &InputNorm,
+    ) -> Result<Option<Tensor>> {
+        if self.adapters.adapts(module) {
+            return self
+                .adapters
+                .fused(lin, module, h, None, self.precision, Some(norm));
+        }
+        if !h.track_op() || lin.bias().is_some() {
+            return Ok(None);
+        }
+        let Some(frozen) = lin.frozen(self.precision)? else {
+            return Ok(None);
+        };
+        Ok(Some(normed_frozen_product(h, norm, &frozen.weight)?))
     }
 }
 
@@ -302,7 +377,7 @@ impl Attention {
     }
 
     /// Modules `base .. base + 4` are q, k, v, o.
-    pub fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize, kv: Kv) -> Result<Tensor> {
+    pub fn forward(&self, x: Normed, ctx: &LayerContext, base: usize, kv: Kv) -> Result<Tensor> {
         self.forward_then(x, ctx, base, kv, None)
     }
 
@@ -310,7 +385,7 @@ impl Attention {
     /// op where it can be (see [`LayerContext::project_add`]).
     pub fn forward_add(
         &self,
-        x: &Tensor,
+        x: Normed,
         residual: &Tensor,
         ctx: &LayerContext,
         base: usize,
@@ -323,14 +398,14 @@ impl Attention {
     /// residual added.
     fn forward_then(
         &self,
-        x: &Tensor,
+        x: Normed,
         ctx: &LayerContext,
         base: usize,
         kv: Kv,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let project = |out: &Tensor| ctx.project_add(self.o_proj.as_ref(), base + 3, out, residual);
-        let (b, t, _) = x.dims3()?;
+        let (b, t, _) = x.rows.dims3()?;
         let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
         let lins = [
             self.q_proj.as_ref(),
@@ -478,7 +553,7 @@ impl Mlp {
     /// down.
     pub fn forward_add(
         &self,
-        x: &Tensor,
+        x: Normed,
         residual: &Tensor,
         ctx: &LayerContext,
         base: usize,
@@ -500,13 +575,13 @@ impl Mlp {
     }
 
     /// The gate and up projections (modules `base + 4`, `base + 5`).
-    fn gate_up(&self, x: &Tensor, ctx: &LayerContext, base: usize) -> Result<[Tensor; 2]> {
+    fn gate_up(&self, x: Normed, ctx: &LayerContext, base: usize) -> Result<[Tensor; 2]> {
         let lins = [self.gate_proj.as_ref(), self.up_proj.as_ref()];
         ctx.project_each(lins, [base + 4, base + 5], x)
     }
 
     /// `mlp(x)` alone (a norm follows it in Gemma).
-    pub fn forward(&self, x: &Tensor, ctx: &LayerContext, base: usize) -> Result<Tensor> {
+    pub fn forward(&self, x: Normed, ctx: &LayerContext, base: usize) -> Result<Tensor> {
         let [gate, up] = self.gate_up(x, ctx, base)?;
         self.down(&gate, &up, ctx, base + 6, None)
     }

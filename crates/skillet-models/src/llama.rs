@@ -8,7 +8,7 @@ use candle_core::Tensor;
 
 use crate::layers::{
     self, ATTENTION_TENSORS, Attention, AttentionKind, Block, Kv, LayerContext, MLP_TENSORS, Mlp,
-    RmsNorm,
+    Normed, RmsNorm,
 };
 use crate::linear::Linear;
 use crate::load::Loader;
@@ -58,10 +58,16 @@ impl LlamaLayer {
 impl Block for LlamaLayer {
     fn forward(&self, x: &Tensor, ctx: &LayerContext, kv: Kv) -> Result<Tensor> {
         let base = self.index * LAYER_MODULES.len();
-        let normed = self.input_layernorm.forward(x, ctx.composed)?;
-        let x = self.self_attn.forward_add(&normed, x, ctx, base, kv)?;
-        let normed = self.post_attention_layernorm.forward(&x, ctx.composed)?;
-        self.mlp.forward_add(&normed, &x, ctx, base)
+        let normed = Normed {
+            rows: x,
+            norm: &self.input_layernorm,
+        };
+        let x = self.self_attn.forward_add(normed, x, ctx, base, kv)?;
+        let normed = Normed {
+            rows: &x,
+            norm: &self.post_attention_layernorm,
+        };
+        self.mlp.forward_add(normed, &x, ctx, base)
     }
 
     fn linears(&self) -> [&dyn Linear; 7] {
