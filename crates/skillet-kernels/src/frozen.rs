@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 
 use crate::bf16::{
     Bf16Rows, DensePanels, bf16_accelerated, matmul_panels_new, rounded_product_into,
@@ -146,6 +146,60 @@ impl CustomOp1 for FrozenProduct {
     }
 }
 
+/// `residual + x Wᵀ`, shaped as the residual: as a separate add, the
+/// product would be kept alive until backward by the add, a full-width
+/// tensor that nothing needs (an unadapted output projection).
+struct FrozenProductAdd(FrozenWeight);
+
+impl CustomOp2 for FrozenProductAdd {
+    fn name(&self) -> &'static str {
+        "frozen-product-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(xs, xl, self.name())?;
+        let residual = slice(rs, rl, self.name())?;
+        let (out, inp) = self.0.dims()?;
+        let rows = x.len() / inp.max(1);
+        if xl.dims().last() != Some(&inp)
+            || rl.dims().last() != Some(&out)
+            || residual.len() != rows * out
+        {
+            bail!(
+                "frozen product: input {:?} and residual {:?} for W [{out}, {inp}]",
+                xl.dims(),
+                rl.dims()
+            );
+        }
+        let mut y = self.0.forward(x)?;
+        y.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
+        Ok((CpuStorage::F32(y), rl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x
+            .track_op()
+            .then(|| with_f32([dy], self.name(), |[dy]| self.0.backward(dy)))
+            .transpose()?
+            .map(|dx| tensor(dx, x.shape()))
+            .transpose()?;
+        let dres = residual.track_op().then(|| dy.clone());
+        Ok((dx, dres))
+    }
+}
+
 /// `x Wᵀ` for `x` of shape `[..., in]`; backward gives `x` its gradient
 /// `dy W` in the same precision, the weight none.
 pub fn frozen_product(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
@@ -165,11 +219,36 @@ pub fn normed_frozen_product(x: &Tensor, norm: &InputNorm, w: &FrozenWeight) -> 
     })
 }
 
+/// `residual + x Wᵀ` in one op that keeps no copy of the product for
+/// backward, shaped as `residual` (which holds as many rows of `out` as
+/// `x` holds of `in`); `x` gets `dy W`, `residual` gets `dy`.
+pub fn frozen_product_add(x: &Tensor, residual: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&residual.contiguous()?, FrozenProductAdd(w.clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::{assert_same_product, grads, max_abs_diff, output_and_input_grad, random};
     use crate::{Bf16Weight, frozen_matmul, frozen_matmul_bf16};
+
+    #[test]
+    fn with_a_residual_equals_the_product_plus_the_residual() {
+        let w = random(&[12, 10], 51, 1.0);
+        let weight = FrozenWeight::Dense(w.clone());
+        // `x` as rows, the residual (and so the output) `[2, 3, 12]`.
+        let inputs = [random(&[6, 10], 52, 1.0), random(&[2, 3, 12], 53, 1.0)];
+        crate::testing::check_op(
+            &inputs,
+            &|t| frozen_product_add(&t[0], &t[1], &weight),
+            &|t| t[1].clone() + frozen_matmul(&t[0], &w)?.reshape((2, 3, 12))?,
+            1e-4,
+        );
+        let bad = random(&[2, 3, 11], 54, 1.0);
+        let err = frozen_product_add(&inputs[0], &bad, &weight);
+        assert!(err.is_err(), "a residual of the wrong width is refused");
+    }
 
     #[test]
     fn the_input_norm_inside_equals_the_norm_then_the_product() {

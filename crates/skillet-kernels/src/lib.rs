@@ -55,7 +55,7 @@ pub use cache::cache_dir;
 pub use cached_attention::{
     CachedAttention, CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys,
 };
-pub use frozen::{FrozenWeight, frozen_product, normed_frozen_product};
+pub use frozen::{FrozenWeight, frozen_product, frozen_product_add, normed_frozen_product};
 pub use gemm_choice::{GemmReport, gemm_report};
 pub use input_rounding::{InputRounding, round_inputs};
 pub use linear::{frozen_matmul, linear, linear_bf16};

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use skillet_kernels::{
-    AttentionMask, CachedSeq, InputNorm, QuantMatrix, RopeLayout, RopeTable, normed_frozen_product,
+    AttentionMask, CachedSeq, InputNorm, QuantMatrix, RopeLayout, RopeTable, frozen_product_add,
+    normed_frozen_product,
 };
 
 use crate::adapter::Adapters;
@@ -117,8 +118,9 @@ impl LayerContext {
 
     /// [`LayerContext::project`], plus `residual` where given (the result
     /// then shaped as it): in one op where the fused LoRA update runs (see
-    /// `skillet_kernels::lora_linear_add`), which keeps no copy of the
-    /// projection's output for backward.
+    /// `skillet_kernels::lora_linear_add`) or, in training, the layer is
+    /// frozen, unadapted and without bias (`frozen_product_add`), either
+    /// of which keeps no copy of the projection's output for backward.
     pub fn project_add(
         &self,
         lin: &dyn Linear,
@@ -133,6 +135,16 @@ impl LayerContext {
                 .fused(lin, module, x, residual, self.precision, None)?
         {
             return Ok(y);
+        }
+        if let Some(residual) = residual
+            && self.rowwise.is_none()
+            && !self.composed
+            && (x.track_op() || residual.track_op())
+            && !self.adapters.adapts(module)
+            && lin.bias().is_none()
+            && let Some(frozen) = lin.frozen(self.precision)?
+        {
+            return Ok(frozen_product_add(x, residual, &frozen.weight)?);
         }
         let y = match self.rowwise {
             Some(activations) => lin.forward_rowwise(x, activations)?,
