@@ -92,6 +92,14 @@ pub struct Args {
     /// workloads): less memory, more compute.
     #[arg(long)]
     checkpointing: bool,
+    /// LoRA workloads: the adapted modules, comma-separated (PEFT's default
+    /// for Llama is q_proj,v_proj).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj"
+    )]
+    targets: Vec<String>,
     /// sft: pad each batch to its longest example (the usual recipe)
     /// instead of packing its examples into one row.
     #[arg(long)]
@@ -224,13 +232,9 @@ fn greedy(max_tokens: usize, activations: ActivationsArg) -> GenerateOptions {
     }
 }
 
-fn lora_settings() -> anyhow::Result<LoraSettings> {
-    let targets = Targets::Names(
-        ["q_proj", "k_proj", "v_proj", "o_proj"]
-            .iter()
-            .map(|s| (*s).to_string())
-            .collect(),
-    );
+/// Rank 8, alpha 16 over `args.targets`.
+fn lora_settings(args: &Args) -> anyhow::Result<LoraSettings> {
+    let targets = Targets::Names(args.targets.clone());
     Ok(LoraSettings::new(8, 16.0, 0.0, false, targets)?)
 }
 
@@ -351,7 +355,7 @@ fn run_one(
     let vocab = model.config().vocab_size;
     let (tps, step, flops_per_token, seq) = match workload {
         "lora" | "qlora" | "qlora-nf4" => {
-            let adapter = LoraAdapter::new(&model, &lora_settings()?, 0, None)?;
+            let adapter = LoraAdapter::new(&model, &lora_settings(args)?, 0, None)?;
             let batches = [random_batch(vocab, args.batch, args.seq)];
             let (tps, step) = time_training(&mut model, &adapter, &batches, args)?;
             (tps, step, 4.0 * params, args.seq)
@@ -363,7 +367,7 @@ fn run_one(
                 add_eos: true,
             };
             let data = Dataset::load(&args.data, DataFormat::Auto, &bundle, opts)?;
-            let adapter = LoraAdapter::new(&model, &lora_settings()?, 0, None)?;
+            let adapter = LoraAdapter::new(&model, &lora_settings(args)?, 0, None)?;
             // The same `batch` examples per step as the padded recipe, packed
             // into one row (segments keep them apart) instead of padded.
             let batches: Vec<TrainBatch> = data
@@ -442,7 +446,7 @@ fn run_one(
                 .map(|_| (rng.next_u64() % vocab.min(bundle.tokenizer.vocab_size()) as u64) as u32)
                 .collect();
             let adapter = if workload == "prefill-lora" {
-                let a = LoraAdapter::new(&model, &lora_settings()?, 0, None)?;
+                let a = LoraAdapter::new(&model, &lora_settings(args)?, 0, None)?;
                 // B away from zero, as a trained adapter: nothing is skipped.
                 for v in a.vars().iter().skip(1).step_by(2) {
                     v.set(&Tensor::randn(0f32, 0.01, v.shape(), &Device::Cpu)?)?;

@@ -33,7 +33,7 @@ pub(super) fn dpo(args: &Args, bundle: &Bundle, model: &mut Model) -> anyhow::Re
         add_eos: true,
     };
     let data = PairData::load(&args.pairs, PairFormat::Auto, bundle, options, None)?;
-    let adapter = LoraAdapter::new(model, &lora_settings()?, 0, None)?;
+    let adapter = LoraAdapter::new(model, &lora_settings(args)?, 0, None)?;
     prepare_training(model, &adapter, args);
     let pad = bundle.pad_id();
     let reference = pair_logps(
@@ -98,7 +98,7 @@ pub(super) fn grpo(args: &Args, bundle: &Bundle, model: &mut Model) -> anyhow::R
         );
     }
     let prompts = PromptSet::load(&args.prompts, bundle, usize::MAX)?;
-    let adapter = LoraAdapter::new(model, &lora_settings()?, 0, None)?;
+    let adapter = LoraAdapter::new(model, &lora_settings(args)?, 0, None)?;
     prepare_training(model, &adapter, args);
     let settings = GrpoSettings {
         loss: GrpoLoss::Dapo,
