@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use skillet_kernels::{InputNorm, LoraFactors, lora_linear, lora_linear_add, lora_rows};
+use skillet_kernels::{FrozenLinear, LoraFactors, lora_linear, lora_linear_add, lora_rows};
 
 use crate::{Linear, ModelError, Precision, Result};
 
@@ -189,9 +189,7 @@ impl Adapters {
 
     /// `lin(x)` plus the update as one op with its own backward
     /// ([`lora_linear`]; with `residual` added, [`lora_linear_add`]), where
-    /// one plain LoRA adapter covers every row, something needs gradients,
-    /// no dropout applies and the layer is a frozen product; `None`
-    /// elsewhere. With `norm`, `x` is normed by it inside the op.
+    /// [`Adapters::fused_parts`] finds its parts; `None` elsewhere.
     pub(crate) fn fused(
         &self,
         lin: &dyn Linear,
@@ -199,8 +197,27 @@ impl Adapters {
         x: &Tensor,
         residual: Option<&Tensor>,
         precision: Precision,
-        norm: Option<&InputNorm>,
     ) -> Result<Option<Tensor>> {
+        let Some((base, factors)) = self.fused_parts(lin, module, x, precision)? else {
+            return Ok(None);
+        };
+        Ok(Some(match residual {
+            Some(r) => lora_linear_add(x, r, &base, &factors, None)?,
+            None => lora_linear(x, &base, &factors, None)?,
+        }))
+    }
+
+    /// The frozen layer and the factors of the fused LoRA op for `lin`
+    /// over `x`, where one plain LoRA adapter covers every row, something
+    /// needs gradients, no dropout applies and the layer is a frozen
+    /// product (its products in `precision`); `None` elsewhere.
+    pub(crate) fn fused_parts(
+        &self,
+        lin: &dyn Linear,
+        module: usize,
+        x: &Tensor,
+        precision: Precision,
+    ) -> Result<Option<(FrozenLinear, LoraFactors)>> {
         if !matches!(self.rows, Rows::All) || self.list.is_empty() {
             return Ok(None);
         }
@@ -214,13 +231,7 @@ impl Adapters {
         if !(x.track_op() || factors.a.track_op() || factors.b.track_op()) {
             return Ok(None);
         }
-        let Some(base) = lin.frozen(precision)? else {
-            return Ok(None);
-        };
-        Ok(Some(match residual {
-            Some(r) => lora_linear_add(x, r, &base, &factors, norm)?,
-            None => lora_linear(x, &base, &factors, norm)?,
-        }))
+        Ok(lin.frozen(precision)?.map(|base| (base, factors)))
     }
 
     /// `y` (the base layer's output for `x`) plus each row's update.

@@ -6,19 +6,15 @@
 //! Notation: B batch, T new tokens, H query heads, K key/value heads,
 //! D head width, C model width.
 
-use std::sync::Arc;
-
 use candle_core::Tensor;
-use skillet_kernels::{
-    AttentionMask, CachedSeq, InputNorm, QuantMatrix, RopeLayout, RopeTable, frozen_product_add,
-    normed_frozen_product,
-};
+use skillet_kernels::{AttentionMask, CachedSeq, QuantMatrix, RopeLayout, RopeTable};
 
 use crate::adapter::Adapters;
 use crate::cache::KvCache;
 use crate::linear::{Activations, Linear, Precision};
 use crate::load::Loader;
 use crate::names::{Dim, LayerTensor, When};
+pub(crate) use crate::projection::Normed;
 use crate::team_decode::DecodeLayer;
 use crate::{Activation, ModelError, Result};
 
@@ -81,19 +77,6 @@ pub(crate) const MLP_TENSORS: &[LayerTensor] = &[
     ),
 ];
 
-/// The input of a layer's projections: rows and the RMSNorm that comes
-/// before the projections. The rows are normed inside the projections'
-/// ops where the ops can take the norm ([`LayerContext::project_each`]),
-/// so that the normed rows are made again in backward instead of kept:
-/// the graph then holds the rows before the norm, which the residual
-/// stream holds anyway, and no normed copy (a layer's two norms kept two
-/// `[tokens, C]` tensors each).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Normed<'a> {
-    pub rows: &'a Tensor,
-    pub norm: &'a RmsNorm,
-}
-
 /// Per-call inputs every layer shares.
 pub(crate) struct LayerContext {
     /// One cos/sin table per RoPE of the model (see [`AttentionKind::rope`]).
@@ -108,150 +91,6 @@ pub(crate) struct LayerContext {
     pub rowwise: Option<Activations>,
     /// The precision of frozen weights' products otherwise.
     pub precision: Precision,
-}
-
-impl LayerContext {
-    /// `lin` over `x`, plus each row's adapter update of `module`.
-    pub fn project(&self, lin: &dyn Linear, module: usize, x: &Tensor) -> Result<Tensor> {
-        self.project_add(lin, module, x, None)
-    }
-
-    /// [`LayerContext::project`], plus `residual` where given (the result
-    /// then shaped as it): in one op where the fused LoRA update runs (see
-    /// `skillet_kernels::lora_linear_add`) or, in training, the layer is
-    /// frozen, unadapted and without bias (`frozen_product_add`), either
-    /// of which keeps no copy of the projection's output for backward.
-    pub fn project_add(
-        &self,
-        lin: &dyn Linear,
-        module: usize,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        if self.rowwise.is_none()
-            && !self.composed
-            && let Some(y) = self
-                .adapters
-                .fused(lin, module, x, residual, self.precision, None)?
-        {
-            return Ok(y);
-        }
-        if let Some(residual) = residual
-            && self.rowwise.is_none()
-            && !self.composed
-            && (x.track_op() || residual.track_op())
-            && !self.adapters.adapts(module)
-            && lin.bias().is_none()
-            && let Some(frozen) = lin.frozen(self.precision)?
-        {
-            return Ok(frozen_product_add(x, residual, &frozen.weight)?);
-        }
-        let y = match self.rowwise {
-            Some(activations) => lin.forward_rowwise(x, activations)?,
-            None => lin.forward_in(x, self.precision)?,
-        };
-        let y = self.adapters.add_delta(lin, module, x, y)?;
-        let Some(residual) = residual else {
-            return Ok(y);
-        };
-        let y = match y.shape() == residual.shape() {
-            true => y,
-            false => y.reshape(residual.shape())?,
-        };
-        Ok((residual + y)?)
-    }
-}
-
-impl LayerContext {
-    /// [`LayerContext::project`] of each of `lins` (modules `modules`) over
-    /// the same `x`. In an incremental call over quantized blocks the
-    /// products are taken in one pass ([`QuantMatrix::matmul_each`]): one
-    /// hand-off to the threads instead of one per layer, the same numbers.
-    ///
-    /// The rows are normed inside each projection's op where it can be
-    /// (see [`LayerContext::project_normed`]), and once, as a tensor, for
-    /// the others.
-    pub fn project_each<const N: usize>(
-        &self,
-        lins: [&dyn Linear; N],
-        modules: [usize; N],
-        input: Normed,
-    ) -> Result<[Tensor; N]> {
-        let Normed { rows: h, norm } = input;
-        if let Some(inside) = self.input_norm(norm)? {
-            let mut ys = Vec::with_capacity(N);
-            let mut normed = None;
-            for (lin, m) in lins.into_iter().zip(modules) {
-                let y = match self.project_normed(lin, m, h, &inside)? {
-                    Some(y) => y,
-                    None => {
-                        if normed.is_none() {
-                            normed = Some(norm.forward(h, self.composed)?);
-                        }
-                        let normed = normed.as_ref().expect("made above");
-                        self.project(lin, m, normed)?
-                    }
-                };
-                ys.push(y);
-            }
-            return Ok(ys.try_into().expect("one result per layer"));
-        }
-        let x = &norm.forward(h, self.composed)?;
-        let blocks: Option<Vec<Arc<QuantMatrix>>> =
-            lins.iter().map(|l| l.quant_blocks().cloned()).collect();
-        let ys: Vec<Tensor> = match (self.rowwise, blocks) {
-            (Some(activations), Some(ws)) => {
-                let int8 = activations == Activations::Int8;
-                let ys = QuantMatrix::matmul_each(&ws, x, int8)?;
-                ys.into_iter()
-                    .zip(lins.iter().zip(modules))
-                    .map(|(y, (lin, m))| self.adapters.add_delta(*lin, m, x, y))
-                    .collect::<Result<_>>()?
-            }
-            _ => lins
-                .iter()
-                .zip(modules)
-                .map(|(lin, m)| self.project(*lin, m, x))
-                .collect::<Result<_>>()?,
-        };
-        Ok(ys.try_into().expect("one result per layer"))
-    }
-
-    /// `norm` as the projections' ops apply it, where they may: in a
-    /// fused training forward (neither composed nor incremental) with the
-    /// norm's weight frozen.
-    fn input_norm(&self, norm: &RmsNorm) -> Result<Option<InputNorm>> {
-        if self.composed || self.rowwise.is_some() || norm.weight.track_op() {
-            return Ok(None);
-        }
-        Ok(Some(InputNorm::new(norm.values()?, norm.eps)))
-    }
-
-    /// `lin` (module `module`) over the rows `h` normed by `norm` inside
-    /// one op, where gradients flow through it: the fused LoRA op for an
-    /// adapted module, a frozen product otherwise (a frozen layer without
-    /// bias). `None` elsewhere, and where nothing would track gradients
-    /// (there the graph keeps nothing and one norm serves every module).
-    fn project_normed(
-        &self,
-        lin: &dyn Linear,
-        module: usize,
-        h: &Tensor,
-        norm: &InputNorm,
-    ) -> Result<Option<Tensor>> {
-        if self.adapters.adapts(module) {
-            return self
-                .adapters
-                .fused(lin, module, h, None, self.precision, Some(norm));
-        }
-        if !h.track_op() || lin.bias().is_some() {
-            return Ok(None);
-        }
-        let Some(frozen) = lin.frozen(self.precision)? else {
-            return Ok(None);
-        };
-        Ok(Some(normed_frozen_product(h, norm, &frozen.weight)?))
-    }
 }
 
 /// One sequence of a cached batch: its slot, the positions cached before

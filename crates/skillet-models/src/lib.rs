@@ -22,6 +22,7 @@ mod load;
 mod memory;
 mod names;
 mod nf4;
+mod projection;
 mod quant_plan;
 mod rng;
 mod rope;
