@@ -123,8 +123,14 @@ impl CustomOp1 for FrozenProduct {
         let x = slice(storage, layout, self.name())?;
         let (out, inp) = self.weight.dims()?;
         let dims = layout.dims();
-        if dims.last() != Some(&inp) || self.norm.as_ref().is_some_and(|n| n.width() != inp) {
+        if dims.last() != Some(&inp) {
             bail!("frozen product: input {dims:?} does not end in {inp}");
+        }
+        if let Some(n) = self.norm.as_ref().filter(|n| n.width() != inp) {
+            bail!(
+                "frozen product: a norm of width {} for inputs of {inp}",
+                n.width()
+            );
         }
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("checked above") = out;
@@ -172,7 +178,7 @@ impl CustomOp2 for FrozenProductAdd {
             || residual.len() != rows * out
         {
             bail!(
-                "frozen product: input {:?} and residual {:?} for W [{out}, {inp}]",
+                "frozen product add: input {:?} and residual {:?} for W [{out}, {inp}]",
                 xl.dims(),
                 rl.dims()
             );
@@ -248,6 +254,16 @@ mod tests {
         let bad = random(&[2, 3, 11], 54, 1.0);
         let err = frozen_product_add(&inputs[0], &bad, &weight);
         assert!(err.is_err(), "a residual of the wrong width is refused");
+        // Only the residual tracks: it gets `dy`, the input nothing.
+        let residual = candle_core::Var::from_tensor(&inputs[1]).unwrap();
+        let y = frozen_product_add(&inputs[0], residual.as_tensor(), &weight).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&inputs[0]).is_none());
+        let dres = g.get(residual.as_tensor()).unwrap();
+        assert_eq!(
+            dres.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![1.0; 72]
+        );
     }
 
     #[test]

@@ -107,8 +107,14 @@ impl CustomOp3 for LoraLinear {
                 (second, third, r, None)
             }
         };
-        if dims.last() != Some(&inp) || self.norm.as_ref().is_some_and(|n| n.width() != inp) {
+        if dims.last() != Some(&inp) {
             bail!("lora linear: x {dims:?} for W [{out}, {inp}]");
+        }
+        if let Some(n) = self.norm.as_ref().filter(|n| n.width() != inp) {
+            bail!(
+                "lora linear: a norm of width {} for inputs of {inp}",
+                n.width()
+            );
         }
         let normed = self.norm.as_ref().map(|n| n.forward(x));
         let x = normed.as_deref().unwrap_or(x);
@@ -426,6 +432,31 @@ mod tests {
             Some(&narrow),
         );
         assert!(err.is_err(), "a norm of the wrong width is refused");
+        // An input that tracks nothing (a first layer over a frozen
+        // embedding): the factors' gradients still see the normed rows.
+        let a = candle_core::Var::from_tensor(&inputs[1]).unwrap();
+        let b = candle_core::Var::from_tensor(&inputs[2]).unwrap();
+        let loss = |y: Tensor| crate::testing::weighted_sum(&y, 5).unwrap();
+        let fused = lora_linear(
+            &inputs[0],
+            &base,
+            &factors(a.as_tensor(), b.as_tensor()),
+            Some(&norm),
+        )
+        .unwrap();
+        let g = loss(fused).backward().unwrap();
+        assert!(g.get(&inputs[0]).is_none());
+        let x = normed(&inputs[0]).unwrap();
+        let y = frozen_matmul(&x, &w).unwrap().broadcast_add(&bias).unwrap();
+        let reference = composed(&y, &[x, a.as_tensor().clone(), b.as_tensor().clone()]).unwrap();
+        let want = loss(reference).backward().unwrap();
+        for v in [&a, &b] {
+            let (got, want) = (
+                g.get(v.as_tensor()).unwrap(),
+                want.get(v.as_tensor()).unwrap(),
+            );
+            assert_close(got, want, 1e-4, "a factor's gradient");
+        }
     }
 
     #[test]
