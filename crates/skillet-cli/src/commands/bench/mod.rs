@@ -144,6 +144,10 @@ struct Row {
     /// and measured faster per shape).
     #[serde(default)]
     products: String,
+    /// The adapted modules of the LoRA workloads, comma-separated (empty
+    /// for the others).
+    #[serde(default)]
+    targets: String,
 }
 
 fn default_model() -> anyhow::Result<PathBuf> {
@@ -510,6 +514,12 @@ fn run_one(
         step_seconds: step,
         gemm_gflops: gemm,
         products: skillet_kernels::gemm_report().to_string(),
+        targets: match workload {
+            "lora" | "qlora" | "qlora-nf4" | "sft" | "dpo" | "grpo" | "prefill-lora" => {
+                args.targets.join(",")
+            }
+            _ => String::new(),
+        },
     })
 }
 
