@@ -49,6 +49,16 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
         let _ = precision;
         Ok(None)
     }
+    /// [`Linear::frozen`] for a frozen product over `rows` rows: `None`
+    /// where [`Linear::forward_in`] takes another product for so few rows
+    /// (quantized blocks read as they are, in f32). A fused op then takes
+    /// the same product as the plain path, as activation checkpointing
+    /// needs: its first forward tracks nothing and takes the plain path,
+    /// its second the fused one.
+    fn frozen_for(&self, rows: usize, precision: Precision) -> Result<Option<FrozenLinear>> {
+        let _ = rows;
+        self.frozen(precision)
+    }
     /// The quantized blocks the layer multiplies by, when it is exactly
     /// `x Wᵀ` over them (no bias, nothing added), so that a caller may take
     /// several layers' incremental products in one pass
@@ -397,6 +407,14 @@ impl Linear for BaseLinear {
         }))
     }
 
+    fn frozen_for(&self, rows: usize, precision: Precision) -> Result<Option<FrozenLinear>> {
+        let blocks = matches!(self.weight, Stored::Blocks(_));
+        if blocks && precision == Precision::F32 && rows <= FEW_ROWS {
+            return Ok(None);
+        }
+        self.frozen(precision)
+    }
+
     fn forward_in(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
         if precision == Precision::Bf16 {
             if let Some(y) = self.bf16(x)? {
@@ -469,5 +487,29 @@ impl Linear for BaseLinear {
             return None;
         }
         self.to_dense().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skillet_kernels::QuantKind;
+
+    #[test]
+    fn few_rows_over_f32_blocks_take_no_fused_frozen_product() {
+        // A [32, 64] Q8_0 matrix: a scale of 1.0 (f16) and 32 bytes per block.
+        let block: Vec<u8> = [0x00, 0x3c].into_iter().chain(1..=32u8).collect();
+        let bytes = block.repeat(32 * 64 / 32);
+        let q = QuantMatrix::from_ggml(QuantKind::Q8_0, 32, 64, &bytes).unwrap();
+        let lin = BaseLinear::from_blocks(Arc::new(q), None);
+        // Where `forward_in` reads the blocks as they are, no fused op may
+        // take a dequantized product instead.
+        assert!(lin.frozen_for(FEW_ROWS, Precision::F32).unwrap().is_none());
+        assert!(
+            lin.frozen_for(FEW_ROWS + 1, Precision::F32)
+                .unwrap()
+                .is_some()
+        );
+        assert!(lin.frozen_for(1, Precision::Bf16).unwrap().is_some());
     }
 }

@@ -75,7 +75,7 @@ impl LayerContext {
             && (x.track_op() || residual.track_op())
             && !self.adapters.adapts(module)
             && lin.bias().is_none()
-            && let Some(frozen) = lin.frozen(self.precision)?
+            && let Some(frozen) = lin.frozen_for(rows_of(lin, x), self.precision)?
         {
             return Ok(frozen_product_add(x, residual, &frozen.weight)?);
         }
@@ -199,9 +199,14 @@ impl LayerContext {
         if lin.bias().is_some() {
             return Ok(Plan::Apart);
         }
-        Ok(match lin.frozen(self.precision)? {
+        Ok(match lin.frozen_for(rows_of(lin, h), self.precision)? {
             Some(frozen) => Plan::Frozen(frozen.weight),
             None => Plan::Apart,
         })
     }
+}
+
+/// The rows of `x` as `lin` takes them.
+fn rows_of(lin: &dyn Linear, x: &Tensor) -> usize {
+    x.elem_count() / lin.in_features().max(1)
 }
