@@ -93,28 +93,9 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let c = w.elem_count();
         let want_dw = w.track_op();
         let (dx, dw) = with_f32([x, w, dy], self.name(), |[x, w, dy]| {
-            let mut dx = vec![0f32; x.len()];
-            let partials: Vec<Vec<f32>> = dx
-                .par_chunks_mut(ROWS * c)
-                .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
-                .map(|(dx, (x, dy))| {
-                    let mut dw = vec![0f32; if want_dw { c } else { 0 }];
-                    let slot = want_dw.then_some(dw.as_mut_slice());
-                    backward_rows(x, w, dy, dx, slot, self.eps);
-                    dw
-                })
-                .collect();
-            let dw = want_dw.then(|| {
-                let mut sum = vec![0f32; c];
-                for p in &partials {
-                    sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
-                }
-                sum
-            });
-            Ok((dx, dw))
+            Ok(backward_par(x, w, dy, self.eps, want_dw))
         })?;
         let dx = tensor(dx, x.shape())?;
         let dw = dw.map(|d| tensor(d, w.shape())).transpose()?;
@@ -130,6 +111,37 @@ fn forward_par(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         .zip(x.par_chunks(ROWS * c))
         .for_each(|(y, x)| forward_rows(x, w, y, eps));
     y
+}
+
+/// `dx` for rows `x` of `w.len()` given `dy`, on the thread pool, and
+/// `dw` where `want_dw`.
+fn backward_par(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    want_dw: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let c = w.len();
+    let mut dx = vec![0f32; x.len()];
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(ROWS * c)
+        .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
+        .map(|(dx, (x, dy))| {
+            let mut dw = vec![0f32; if want_dw { c } else { 0 }];
+            let slot = want_dw.then_some(dw.as_mut_slice());
+            backward_rows(x, w, dy, dx, slot, eps);
+            dw
+        })
+        .collect();
+    let dw = want_dw.then(|| {
+        let mut sum = vec![0f32; c];
+        for p in &partials {
+            sum.iter_mut().zip(p).for_each(|(s, v)| *s += v);
+        }
+        sum
+    });
+    (dx, dw)
 }
 
 /// An RMSNorm with a frozen weight, applied by a projection's op to its
@@ -165,12 +177,7 @@ impl InputNorm {
     /// The gradient of rows `x` given `dy`, the gradient of their normed
     /// rows.
     pub(crate) fn backward(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
-        let c = self.width();
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(ROWS * c)
-            .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
-            .for_each(|(dx, (x, dy))| backward_rows(x, &self.weight, dy, dx, None, self.eps));
-        dx
+        backward_par(x, &self.weight, dy, self.eps, false).0
     }
 }
 
