@@ -95,10 +95,10 @@ impl LayerContext {
     }
 
     /// [`LayerContext::project`] of each of `lins` (modules `modules`) over
-    /// the same rows, normed. Where every projection that gradients flow
-    /// through can take the norm inside its op, each does (see
-    /// [`Normed`]); otherwise the rows are normed once, as a tensor, for
-    /// all. In an incremental call over quantized blocks the products are
+    /// the same rows, normed. Where gradients flow through some of them and
+    /// every one they flow through can take the norm inside its op, each
+    /// such does (see [`Normed`]); otherwise the rows are normed once, as a
+    /// tensor, for all. In an incremental call over quantized blocks the products are
     /// taken in one pass ([`QuantMatrix::matmul_each`]): one hand-off to
     /// the threads instead of one per layer, the same numbers.
     pub fn project_each<const N: usize>(
@@ -108,13 +108,15 @@ impl LayerContext {
         input: Normed,
     ) -> Result<[Tensor; N]> {
         let Normed { rows: h, norm } = input;
-        if let Some(inside) = self.input_norm(norm)? {
+        if self.norms_inside(norm) {
             let plans = lins
                 .iter()
                 .zip(modules)
                 .map(|(lin, m)| self.plan(*lin, m, h))
                 .collect::<Result<Vec<_>>>()?;
-            if !plans.iter().any(|p| matches!(p, Plan::Apart)) {
+            let inside = |p: &Plan| matches!(p, Plan::Lora(..) | Plan::Frozen(_));
+            if plans.iter().any(inside) && !plans.iter().any(|p| matches!(p, Plan::Apart)) {
+                let inside = InputNorm::new(norm.values()?, norm.eps);
                 return self.project_planned(lins, modules, plans, input, &inside);
             }
         }
@@ -169,14 +171,11 @@ impl LayerContext {
         Ok(ys.try_into().expect("one result per projection"))
     }
 
-    /// `norm` as the projections' ops apply it, where they may: in a
-    /// fused training forward (neither composed nor incremental) with the
-    /// norm's weight frozen.
-    fn input_norm(&self, norm: &RmsNorm) -> Result<Option<InputNorm>> {
-        if self.composed || self.rowwise.is_some() || norm.weight.track_op() {
-            return Ok(None);
-        }
-        Ok(Some(InputNorm::new(norm.values()?, norm.eps)))
+    /// Whether the projections' ops may apply `norm`: in a fused training
+    /// forward (neither composed nor incremental) with the norm's weight
+    /// frozen.
+    fn norms_inside(&self, norm: &RmsNorm) -> bool {
+        !(self.composed || self.rowwise.is_some() || norm.weight.track_op())
     }
 
     /// How `lin` (module `module`) takes the rows `h` normed inside its
