@@ -454,14 +454,19 @@ fn packed_batches_give_the_same_loss_as_padded_ones() {
     assert!((a - b).abs() < 1e-4 * b.abs(), "packed {a} vs padded {b}");
 }
 
-#[test]
-fn qlora_on_a_quantized_gguf_trains_like_lora_on_its_dequantized_weights() {
+/// The tiny model written as a Q8_0 GGUF in `dir`, opened.
+fn q8_source(dir: &Path) -> skillet_models::ModelSource {
     use skillet_models::{ModelSource, export::write_gguf};
     let (cfg, w) = weights();
-    let dir = tempfile::tempdir().unwrap();
-    let gguf = dir.path().join("q8.gguf");
+    let gguf = dir.join("q8.gguf");
     write_gguf(&cfg, &w, &gguf, &|_| skillet_gguf::GgmlType::Q8_0, vec![]).unwrap();
-    let source = ModelSource::open(&gguf).unwrap();
+    ModelSource::open(&gguf).unwrap()
+}
+
+#[test]
+fn qlora_on_a_quantized_gguf_trains_like_lora_on_its_dequantized_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = q8_source(dir.path());
     let data = examples(4);
     let train_with = |keep_quantized: bool| {
         let model = source
@@ -739,6 +744,25 @@ fn full_fine_tuning_gradients_match_composed_ops_and_finite_differences() {
     }
 }
 
+/// The adapter's gradients for `batch`, on `base` (checkpointed or not).
+fn lora_grads(
+    mut base: Model,
+    checkpointing: bool,
+    dropout: f32,
+    batch: &skillet_train::TrainBatch,
+) -> Vec<Tensor> {
+    let adapter = LoraAdapter::new(&base, &lora(2, dropout), 1, None).unwrap();
+    fill_b(&adapter, 0.03);
+    if checkpointing {
+        base.set_activation_checkpointing(Some(adapter.vars()));
+    }
+    let model = adapted(&base, &adapter).with_dropout(7);
+    let parts = causal_lm_loss(&model, batch).unwrap();
+    let loss = (parts.sum / parts.tokens as f64).unwrap();
+    let store = skillet_train::backward(&model, &loss).unwrap();
+    collect_grads(&store, &adapter.vars()).unwrap()
+}
+
 #[test]
 fn activation_checkpointing_gives_the_same_gradients() {
     let data = examples(4);
@@ -746,17 +770,8 @@ fn activation_checkpointing_gives_the_same_gradients() {
     // LoRA with dropout on (the recomputed forward must draw the same masks).
     let run_lora = |checkpointing: bool| {
         let (cfg, w) = weights();
-        let mut base = Model::load(cfg, &w, LoadOptions::default()).unwrap();
-        let adapter = LoraAdapter::new(&base, &lora(2, 0.3), 1, None).unwrap();
-        fill_b(&adapter, 0.03);
-        if checkpointing {
-            base.set_activation_checkpointing(Some(adapter.vars()));
-        }
-        let model = adapted(&base, &adapter).with_dropout(7);
-        let parts = causal_lm_loss(&model, &batch).unwrap();
-        let loss = (parts.sum / parts.tokens as f64).unwrap();
-        let store = skillet_train::backward(&model, &loss).unwrap();
-        collect_grads(&store, &adapter.vars()).unwrap()
+        let base = Model::load(cfg, &w, LoadOptions::default()).unwrap();
+        lora_grads(base, checkpointing, 0.3, &batch)
     };
     // Full fine-tuning: every weight, the embedding outside the layers.
     let run_full = |checkpointing: bool| {
@@ -783,6 +798,42 @@ fn activation_checkpointing_gives_the_same_gradients() {
             let (diff, scale) = (max_abs(&(a - b).unwrap()), max_abs(a));
             assert!(scale > 0.0);
             assert!(diff <= 1e-5 * scale, "{diff} vs {scale}");
+        }
+    }
+}
+
+/// Without dropout the projections take their norms inside the fused ops
+/// (a dense base) or multiply the GGUF blocks (QLoRA), and the recomputed
+/// forward must take the very same products as the first one: few rows
+/// (≤ 16, where a quantized base may read its blocks directly) and many.
+#[test]
+fn activation_checkpointing_repeats_fused_and_quantized_products_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = q8_source(dir.path());
+    let data = examples(4);
+    let few = collate(&data[..1].iter().collect::<Vec<_>>(), 0);
+    let many = collate(&data.iter().collect::<Vec<_>>(), 0);
+    assert!(few.batch * few.seq <= 16 && many.batch * many.seq > 16);
+    for batch in [&few, &many] {
+        for keep_quantized in [false, true] {
+            let load = || {
+                let opts = LoadOptions {
+                    keep_quantized,
+                    ..Default::default()
+                };
+                source.load_model(opts).unwrap()
+            };
+            let plain = lora_grads(load(), false, 0.0, batch);
+            let checkpointed = lora_grads(load(), true, 0.0, batch);
+            let rows = batch.batch * batch.seq;
+            for (a, b) in plain.iter().zip(&checkpointed) {
+                assert!(max_abs(a) > 0.0, "{rows} rows: a zero gradient");
+                assert_eq!(
+                    a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    "{rows} rows, quantized base {keep_quantized}: checkpointing changed a gradient"
+                );
+            }
         }
     }
 }
