@@ -66,7 +66,8 @@ pub use linear_cross_entropy::{
 pub use lora_linear::{FrozenLinear, lora_linear, lora_linear_add};
 pub use lora_rows::{LoraFactors, lora_rows};
 pub use quantized::{
-    MIN_PIECE_BYTES, NF4_BLOCK, NF4_LEVELS, Pieces, PreparedInput, QuantKind, QuantMatrix,
+    GgmlBlocks, MIN_PIECE_BYTES, NF4_BLOCK, NF4_LEVELS, Pieces, PreparedInput, QuantKind,
+    QuantMatrix,
 };
 pub use rms_norm::{InputNorm, rms_norm, rms_norm_composed, rms_norm_rows, rms_norm_rows_into};
 pub use rope::{RopeLayout, RopeTable, rope, rope_composed, rope_rows};

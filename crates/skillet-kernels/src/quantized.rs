@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 use half::f16;
 use rayon::prelude::*;
 
+use crate::input_rounding::{InputRounding, round_inputs};
 use crate::storage::{slice, tensor};
 use crate::vec::multiversion;
 
@@ -71,6 +72,73 @@ impl QuantKind {
     }
 }
 
+/// The GGML block formats Skillet's kernels read, each repacked at load
+/// into one of the [`QuantKind`]s with the same dequantized values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlBlocks {
+    /// 4-bit codes and a scale per 32 weights (18 bytes): held as Q4_1
+    /// with a minimum of `−8·scale`.
+    Q4_0,
+    /// Held as it is.
+    Q4_1,
+    /// 5-bit codes and a scale per 32 weights (22 bytes): held as Q8_0,
+    /// a signed byte per weight (about 1.6× Q5_0's bytes).
+    Q5_0,
+    /// Held as it is.
+    Q8_0,
+    /// 4-bit codes in super-blocks of 256 weights (144 bytes): an f16
+    /// scale and minimum, and a 6-bit scale and minimum per 32 weights.
+    /// Held as Q4_1 with each 32 weights' `d·sc` and `−dmin·m` in f32.
+    /// Its int8 products round the inputs per 256 values as llama.cpp
+    /// does for the K-quants (Q8_K) and multiply them in f32.
+    Q4K,
+}
+
+impl GgmlBlocks {
+    /// Weights per block in the file.
+    fn block_weights(self) -> usize {
+        match self {
+            GgmlBlocks::Q4K => 256,
+            _ => BLOCK,
+        }
+    }
+
+    /// Bytes per block in the file.
+    fn block_bytes(self) -> usize {
+        match self {
+            GgmlBlocks::Q4_0 => 18,
+            GgmlBlocks::Q4_1 => 20,
+            GgmlBlocks::Q5_0 => 22,
+            GgmlBlocks::Q8_0 => 34,
+            GgmlBlocks::Q4K => 144,
+        }
+    }
+
+    /// The kind the blocks are held and multiplied as. Int8 products
+    /// round the inputs as llama.cpp does for the file's format: per 32
+    /// values for Q4_0, Q4_1, Q5_0 and Q8_0 (their `vec_dot_type` is Q8_0
+    /// or Q8_1), which is the kind's own integer product; per 256 for Q4_K.
+    pub fn held_as(self) -> QuantKind {
+        match self {
+            GgmlBlocks::Q4_0 | GgmlBlocks::Q4_1 | GgmlBlocks::Q4K => QuantKind::Q4_1,
+            GgmlBlocks::Q5_0 | GgmlBlocks::Q8_0 => QuantKind::Q8_0,
+        }
+    }
+}
+
+/// The 6-bit scale and minimum of sub-block `j` (0..8) of a Q4_K
+/// super-block's 12 packed bytes (ggml's `get_scale_min_k4`).
+fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
 /// A `[rows, cols]` matrix kept in its quantized blocks, repacked.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
@@ -84,26 +152,47 @@ pub struct QuantMatrix {
     /// Made by the first int8 product where the CPU has AVX512-VNNI or
     /// AVX2 but no AMX tiles (on AMX machines: of at most 16 rows).
     striped: StripedCopy,
+    /// The GGML blocks it was read from (none for NF4): Q4_K's int8
+    /// products round the inputs per 256; Q4_0's minimums multiply exact
+    /// input sums.
+    source: Option<GgmlBlocks>,
 }
 
 impl QuantMatrix {
     /// Repacks `bytes`, the ggml blocks of a row-major `[rows, cols]` matrix.
     pub fn from_ggml(kind: QuantKind, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
-        if !cols.is_multiple_of(BLOCK) {
-            bail!("quantized matrix: {cols} columns is not a multiple of {BLOCK}");
-        }
-        let blocks = rows * cols / BLOCK;
-        let size = match kind {
-            QuantKind::Q4_1 => 20,
-            QuantKind::Q8_0 => 34,
+        let source = match kind {
+            QuantKind::Q4_1 => GgmlBlocks::Q4_1,
+            QuantKind::Q8_0 => GgmlBlocks::Q8_0,
             QuantKind::Nf4 => bail!("NF4 is not a GGML block type (see `QuantMatrix::from_nf4`)"),
         };
-        if bytes.len() != blocks * size {
+        Self::from_ggml_blocks(source, rows, cols, bytes)
+    }
+
+    /// Repacks `bytes`, blocks of `source`'s format of a row-major
+    /// `[rows, cols]` matrix, into the kind it is held as
+    /// ([`GgmlBlocks::held_as`]), with exactly ggml's dequantized values.
+    pub fn from_ggml_blocks(
+        source: GgmlBlocks,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<Self> {
+        let per_file_block = source.block_weights();
+        if !cols.is_multiple_of(per_file_block) {
+            bail!("quantized matrix: {cols} columns is not a multiple of {per_file_block}");
+        }
+        let blocks = rows * cols / BLOCK;
+        let size = source.block_bytes();
+        let file_blocks = rows * cols / per_file_block;
+        if bytes.len() != file_blocks * size {
             bail!(
-                "quantized matrix: {} bytes for {blocks} blocks of {size}",
+                "quantized matrix: {} bytes for {file_blocks} blocks of {size}",
                 bytes.len()
             );
         }
+        let kind = source.held_as();
+        let per_block = if kind == QuantKind::Q4_1 { 16 } else { 32 };
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
         let mut m = Self {
             kind,
@@ -111,18 +200,56 @@ impl QuantMatrix {
             cols,
             scales: Vec::with_capacity(blocks),
             mins: Vec::new(),
-            quants: Vec::with_capacity(blocks * (size - 4)),
+            quants: Vec::with_capacity(blocks * per_block),
             striped: Default::default(),
+            source: Some(source),
         };
         for b in bytes.chunks_exact(size) {
-            m.scales.push(half(&b[0..2]));
-            match kind {
-                QuantKind::Q4_1 => {
+            let d = half(&b[0..2]);
+            m.scales.push(d);
+            match source {
+                GgmlBlocks::Q4_1 => {
                     m.mins.push(half(&b[2..4]));
                     m.quants.extend_from_slice(&b[4..20]);
                 }
-                QuantKind::Q8_0 => m.quants.extend_from_slice(&b[2..34]),
-                QuantKind::Nf4 => unreachable!("refused above"),
+                // ggml's `(q − 8)·d` is `d·q + (−8d)` exactly: with `d` an
+                // f16 value, `d·q` (q < 16) and `8d` are exact in f32, and
+                // so is their difference.
+                GgmlBlocks::Q4_0 => {
+                    m.mins.push(-8.0 * d);
+                    m.quants.extend_from_slice(&b[2..18]);
+                }
+                GgmlBlocks::Q8_0 => m.quants.extend_from_slice(&b[2..34]),
+                // Per 64 weights, 32 bytes: the first 32 weights in the
+                // low nibbles, the next 32 in the high ones. Each 32 is a
+                // Q4_1 block of `d·sc·q + (−dmin·m)`, which is ggml's
+                // `d·sc·q − dmin·m` to the bit.
+                GgmlBlocks::Q4K => {
+                    m.scales.pop();
+                    let dmin = half(&b[2..4]);
+                    let (packed, qs) = (&b[4..16], &b[16..144]);
+                    for j in 0..8 {
+                        let (sc, mn) = q4k_scale_min(j, packed);
+                        m.scales.push(d * sc as f32);
+                        m.mins.push(-(dmin * mn as f32));
+                        let q = &qs[32 * (j / 2)..][..32];
+                        let nibble = |v: u8| if j % 2 == 0 { v & 15 } else { v >> 4 };
+                        m.quants
+                            .extend((0..16).map(|i| nibble(q[i]) | (nibble(q[i + 16]) << 4)));
+                    }
+                }
+                // 5-bit codes: nibbles as in Q4_0, the fifth bit of weight
+                // `j` in bit `j` of `qh`; the value is `(q − 16)·d`, held
+                // as the signed byte `q − 16`.
+                GgmlBlocks::Q5_0 => {
+                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                    let qs = &b[6..22];
+                    m.quants.extend((0..BLOCK).map(|j| {
+                        let low = if j < 16 { qs[j] & 15 } else { qs[j - 16] >> 4 };
+                        let high = (((qh >> j) & 1) as u8) << 4;
+                        ((low | high) as i8 - 16) as u8
+                    }));
+                }
             }
         }
         Ok(m)
@@ -179,11 +306,40 @@ impl QuantMatrix {
     /// about 1e-2 per product. A row's result still never depends on the
     /// other rows. Backward is that of the exact product.
     /// (NF4 has no integer path: its product is [`QuantMatrix::matmul`]'s.)
+    ///
+    /// A matrix read from Q4_K blocks rounds `x` per 256 values instead,
+    /// as llama.cpp does for the K-quants, and multiplies in f32; no
+    /// gradient reaches `x` through that rounding.
     pub fn matmul_int8(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
+        if self.read_from_k_quant() {
+            let flat = x.flatten_all()?.to_vec1::<f32>()?;
+            let rounded = round_inputs(&flat, self.cols, InputRounding::Q8K);
+            return self.matmul(&Tensor::from_vec(rounded, x.shape(), x.device())?);
+        }
         x.contiguous()?.apply_op1(QuantizedMatmul {
             w: self.clone(),
             int8: self.kind != QuantKind::Nf4,
         })
+    }
+
+    /// Whether [`QuantMatrix::matmul_int8`] is this matrix's own integer
+    /// product, which passes of several weights ([`QuantMatrix::matmul_each`],
+    /// [`PreparedInput`]) can share: not for NF4 (f32 inputs) nor for a
+    /// matrix read from Q4_K blocks (inputs rounded per 256, then f32).
+    pub fn native_int8(&self) -> bool {
+        self.kind != QuantKind::Nf4 && !self.read_from_k_quant()
+    }
+
+    /// Read from Q4_K blocks.
+    fn read_from_k_quant(&self) -> bool {
+        self.source == Some(GgmlBlocks::Q4K)
+    }
+
+    /// Read from Q4_0 blocks and held as Q4_1: the minimum `−8·d`
+    /// multiplies each input block's `d·Σq` in f32, not in f16 as a Q4_1
+    /// file's does, so that the product is llama.cpp's Q4_0 product.
+    pub(crate) fn exact_min_sums(&self) -> bool {
+        self.source == Some(GgmlBlocks::Q4_0)
     }
 
     /// Whether [`QuantMatrix::matmul_int8`] runs on AMX tiles, on
@@ -226,6 +382,7 @@ impl QuantMatrix {
             } else {
                 &[]
             },
+            exact_min_sums: self.exact_min_sums(),
         }
     }
 
@@ -306,8 +463,9 @@ impl QuantMatrix {
                 w.cols
             );
         }
-        // NF4 has no integer path: each weight takes its own.
-        if int8 && ws.iter().any(|w| w.kind == QuantKind::Nf4) {
+        // NF4 has no integer path, nor a matrix read from Q4_K blocks:
+        // each weight takes its own.
+        if int8 && ws.iter().any(|w| !w.native_int8()) {
             return ws.iter().map(|w| w.matmul_int8(x)).collect();
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;

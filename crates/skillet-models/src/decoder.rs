@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use skillet_kernels::{AttentionMask, FrozenHead, QuantKind, QuantMatrix};
+use skillet_kernels::{AttentionMask, FrozenHead, QuantMatrix};
 
 use crate::adapter::{Adapters, LAYER_MODULES, ModuleInfo, module_names};
 use crate::cache::KvCache;
@@ -32,7 +32,8 @@ use crate::{
 };
 
 /// The token embedding: dense (a variable in full fine-tuning), or frozen
-/// Q4_1 / Q8_0 blocks whose rows are dequantized as they are looked up.
+/// blocks Skillet reads (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, repacked at load)
+/// whose rows are dequantized as they are looked up.
 #[derive(Debug)]
 enum Embedding {
     Dense(Tensor),
@@ -99,7 +100,7 @@ impl Model {
     ) -> Result<Self> {
         let l = Loader::new(&cfg, src, opts).freezing(frozen);
         let embed_name = "model.embed_tokens.weight";
-        // A frozen embedding in Q4_1 / Q8_0 blocks stays in them (rows are
+        // A frozen embedding in blocks Skillet reads stays in them (rows are
         // dequantized as they are looked up), and a tied head reads the
         // same blocks.
         let embed_tokens = match (opts.keep_quantized && !opts.trainable)
@@ -263,20 +264,21 @@ impl Model {
         else {
             return Ok(None);
         };
-        // NF4 products take f32 inputs: such a model runs layer by layer
-        // when asked for integer inputs.
-        let nf4 = |w: &QuantMatrix| w.kind() == QuantKind::Nf4;
-        let any_nf4 = layers
-            .iter()
-            .any(|l| l.qkv.iter().chain(&l.gate_up).any(|w| nf4(w)) || nf4(l.o) || nf4(l.down));
-        if int8 && any_nf4 {
+        // NF4 products take f32 inputs, and Q4_K's round them their own
+        // way: such a model runs layer by layer when asked for integer
+        // inputs.
+        let shared = |w: &QuantMatrix| w.native_int8();
+        let all_shared = layers.iter().all(|l| {
+            l.qkv.iter().chain(&l.gate_up).all(|w| shared(w)) && shared(l.o) && shared(l.down)
+        });
+        if int8 && !all_shared {
             return Ok(None);
         }
         let head = self
             .lm_head
             .quant_blocks()
             .map(|w| w.as_ref())
-            .filter(|w| !(int8 && nf4(w)));
+            .filter(|w| !int8 || shared(w));
         let mut x = self.embed_tokens.lookup(&Tensor::new(ids, &Device::Cpu)?)?; // [N,C]
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;

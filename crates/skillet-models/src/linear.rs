@@ -8,7 +8,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use skillet_kernels::{
-    Bf16Rows, Bf16Weight, FrozenHead, FrozenLinear, FrozenWeight, InputRounding, QuantKind,
+    Bf16Rows, Bf16Weight, FrozenHead, FrozenLinear, FrozenWeight, GgmlBlocks, InputRounding,
     QuantMatrix, frozen_product, round_inputs,
 };
 
@@ -143,15 +143,16 @@ pub enum Activations {
     #[default]
     F32,
     /// Rounded as llama.cpp's CPU backend rounds them for the weight's
-    /// type: to 8-bit integers per block of 32 for Q4_1 and Q8_0 weights
+    /// type: to 8-bit integers per block of 32 for Q4_0, Q4_1, Q5_0 and
+    /// Q8_0 weights
     /// ([`QuantMatrix::matmul_int8`]: integer products on AMX tiles where
     /// the CPU has them, about 1.5× `F32`'s throughput at 8 rows on a Xeon,
     /// else on AVX512-VNNI or AVX2 from a copy of the weight made for it,
     /// faster than `F32` from one row on an AMD Zen 4, and about 3.9× as
     /// fast decoding one sequence on the AVX2-only Zen 3 it was measured on;
     /// within about 1% per
-    /// product); for other GGML types ([`InputRounding`]: per 32 for Q4_0
-    /// and Q5_x, per 256 for the K-quants) the rounded inputs meet the
+    /// product); for other GGML types ([`InputRounding`]: per 32 for Q5_1,
+    /// per 256 for the K-quants) the rounded inputs meet the
     /// dequantized weight in f32. Dense weights (f32, and f16 / bf16, held
     /// in f32) take them as they are.
     Int8,
@@ -172,21 +173,26 @@ impl Activations {
     }
 }
 
-/// Up to this many rows (tokens), a Q4_1 or Q8_0 weight is used in its
-/// blocks; beyond, it is dequantized for the f32 GEMM.
+/// Up to this many rows (tokens), a weight in repacked blocks (Q4_0,
+/// Q4_1, Q5_0, Q8_0) is used in its blocks; beyond, it is dequantized for
+/// the f32 GEMM.
 const FEW_ROWS: usize = 16;
 
-/// Q4_1 / Q8_0 blocks of a `[rows, cols]` matrix repacked for Skillet's
-/// kernels; `None` for other types.
+/// Q4_0 / Q4_1 / Q5_0 / Q8_0 blocks of a `[rows, cols]` matrix repacked
+/// for Skillet's kernels (Q4_0 as Q4_1, Q5_0 as Q8_0, see
+/// [`GgmlBlocks`]); `None` for other types.
 pub(crate) fn repack(q: &QTensor) -> Option<QuantMatrix> {
-    let kind = match q.dtype() {
-        GgmlDType::Q4_1 => QuantKind::Q4_1,
-        GgmlDType::Q8_0 => QuantKind::Q8_0,
+    let source = match q.dtype() {
+        GgmlDType::Q4_0 => GgmlBlocks::Q4_0,
+        GgmlDType::Q4_1 => GgmlBlocks::Q4_1,
+        GgmlDType::Q5_0 => GgmlBlocks::Q5_0,
+        GgmlDType::Q8_0 => GgmlBlocks::Q8_0,
+        GgmlDType::Q4K => GgmlBlocks::Q4K,
         _ => return None,
     };
     let (rows, cols) = q.shape().dims2().ok()?;
     let bytes = q.data().ok()?;
-    QuantMatrix::from_ggml(kind, rows, cols, &bytes).ok()
+    QuantMatrix::from_ggml_blocks(source, rows, cols, &bytes).ok()
 }
 
 /// How llama.cpp's CPU backend rounds the inputs of a product with a
@@ -211,8 +217,8 @@ enum Stored {
     Dense(Tensor),
     /// Dense values rounded to bf16 (frozen; every product in bf16).
     Bf16(Arc<Bf16Rows>),
-    /// Q4_1 / Q8_0 blocks repacked for Skillet's kernels (the GGML copy
-    /// is not kept), or NF4 codes.
+    /// Q4_0 / Q4_1 / Q5_0 / Q8_0 blocks repacked for Skillet's kernels
+    /// (the GGML copy is not kept), or NF4 codes.
     Blocks(Arc<QuantMatrix>),
     /// Other GGML block types, through candle's quantized tensor.
     Ggml(Arc<QTensor>),
@@ -511,5 +517,89 @@ mod tests {
                 .is_some()
         );
         assert!(lin.frozen_for(1, Precision::Bf16).unwrap().is_some());
+    }
+
+    /// `blocks` pseudo-random blocks of `size` bytes, each starting with
+    /// `halves` small f16 values (scales, minimums).
+    fn ggml_bytes(size: usize, halves: usize, blocks: usize) -> Vec<u8> {
+        (0..blocks)
+            .flat_map(|b| {
+                // f16 bits: 2⁻⁸ with a few mantissas.
+                let h = move |k: usize| (0x1C00 + ((b + 3 * k) % 9) as u16 * 0x33).to_le_bytes();
+                let rest =
+                    (2 * halves..size).map(move |i| ((b * 131 + i * 71 + i * i) % 256) as u8);
+                (0..halves).flat_map(h).chain(rest)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn q4_0_q5_0_and_q4_k_blocks_are_repacked_to_ggmls_values_and_products() {
+        let (rows, cols) = (40, 512);
+        let x: Vec<f32> = (0..5 * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let x = Tensor::from_vec(x, (5, cols), &Device::Cpu).unwrap();
+        let mut held = Vec::new();
+        for (dtype, size, halves, per_block, rounding) in [
+            (GgmlDType::Q4_0, 18, 1, 32, InputRounding::Q8_0),
+            (GgmlDType::Q5_0, 22, 1, 32, InputRounding::Q8_0),
+            (GgmlDType::Q4K, 144, 2, 256, InputRounding::Q8K),
+        ] {
+            let bytes = ggml_bytes(size, halves, rows * cols / per_block);
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype,
+                &bytes,
+                vec![rows, cols],
+                &Device::Cpu,
+            )
+            .unwrap();
+            // candle's dequantizer (ggml's, ported) is the reference: the
+            // repacked blocks hold the very same values.
+            let reference = q.dequantize(&Device::Cpu).unwrap();
+            let packed = repack(&q).expect("repacked");
+            assert_eq!(
+                packed.dequantize(),
+                reference.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{dtype:?}"
+            );
+            held.push(Arc::new(packed));
+            let lin = BaseLinear::new(Weight::Quantized(Arc::new(q)), None);
+            assert!(
+                lin.quant_blocks().is_some(),
+                "{dtype:?} is read in its blocks"
+            );
+            let dense = x.matmul(&reference.t().unwrap()).unwrap();
+            let close = |y: &Tensor, want: &Tensor, tol: f32, what: &str| {
+                let err = (y - want).unwrap().abs().unwrap().max_all().unwrap();
+                let scale = want.abs().unwrap().max_all().unwrap();
+                let (err, scale) = (
+                    err.to_scalar::<f32>().unwrap(),
+                    scale.to_scalar::<f32>().unwrap(),
+                );
+                assert!(err <= tol * scale, "{dtype:?} {what}: {err} vs {scale}");
+            };
+            close(&lin.forward(&x).unwrap(), &dense, 1e-5, "f32 blocks");
+            // int8 inputs: llama.cpp's rounding for the type (per 32
+            // values, Q8_0; per 256 for Q4_K, Q8_K), what the rounded
+            // inputs give in f32.
+            let rounded = round_inputs(
+                &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                cols,
+                rounding,
+            );
+            let rounded = Tensor::from_vec(rounded, (5, cols), &Device::Cpu).unwrap();
+            let want = rounded.matmul(&reference.t().unwrap()).unwrap();
+            let y = lin.forward_rowwise(&x, Activations::Int8).unwrap();
+            close(&y, &want, 1e-4, "int8 inputs");
+        }
+        // One pass over weights that round their inputs differently gives
+        // each weight's own product.
+        let each = QuantMatrix::matmul_each(&held, &x, true).unwrap();
+        for (w, y) in held.iter().zip(each) {
+            let own = w.matmul_int8(&x).unwrap();
+            let (y, own) = (y.flatten_all().unwrap(), own.flatten_all().unwrap());
+            assert_eq!(y.to_vec1::<f32>().unwrap(), own.to_vec1::<f32>().unwrap());
+        }
     }
 }

@@ -712,14 +712,17 @@ fn an_nf4_base_is_the_model_of_its_dequantized_weights() {
     assert!(e.contains("cannot be trained"), "{e}");
 }
 
-/// A weight in GGML blocks without Skillet's own kernels (Q4_0, Q5_0, the
-/// K-quants) meets int8 activations as llama.cpp's CPU backend does: its
-/// inputs rounded per 32 (Q8_0) or per 256 (Q8_K), then multiplied by the
-/// dequantized weight; f32 activations leave them as they are.
+/// A weight in GGML blocks other than Q4_1 and Q8_0 (Q4_0 and Q5_0,
+/// repacked into those at load; the K-quants) meets int8 activations as
+/// llama.cpp's CPU backend does: its inputs rounded per 32 (Q8_0) or per
+/// 256 (Q8_K), then multiplied by the dequantized weight (for Q4_0, no f16
+/// rounding of the input sums, which llama.cpp's Q4_0 product does not
+/// have); f32 activations leave them as they are. 40 rows: two stripes of
+/// 16 for the integer kernels, and 8 rows for the plain loops.
 #[test]
 fn int8_activations_round_inputs_as_llama_cpp_for_every_block_type() {
     use skillet_kernels::{InputRounding, round_inputs};
-    let (rows, cols) = (8, 512);
+    let (rows, cols) = (40, 512);
     let w: Vec<f32> = (0..rows * cols)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
         .collect();

@@ -84,7 +84,7 @@ pub(super) unsafe fn rows(w: &WeightRows, x: &Int8Rows, stripes: usize, out: &mu
                 }
                 let at = (g * nb + b) * LANES;
                 let d = _mm512_loadu_ps(x.d.as_ptr().add(at));
-                let sums = _mm512_loadu_ps(x.sums.as_ptr().add(at));
+                let sums = _mm512_loadu_ps(x.min_sums(w.exact_min_sums).as_ptr().add(at));
                 let ints = ints[b % 2].0.as_ptr() as *const __m512i;
                 let scales = w.scales.as_ptr().add(o0 * nb + b);
                 if w.kind == QuantKind::Q4_1 {

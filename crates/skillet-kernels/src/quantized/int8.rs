@@ -35,8 +35,13 @@ pub(super) struct Int8Rows {
     pub q: Vec<i8>,
     /// `[group][block][lanes]` block scales `d`.
     pub d: Vec<f32>,
-    /// `[group][block][lanes]` sums `d·Σq` (in f16).
+    /// `[group][block][lanes]` sums `d·Σq` (in f16), as llama.cpp's Q8_1
+    /// blocks hold them: what a Q4_1 block's minimum multiplies.
     pub sums: Vec<f32>,
+    /// `[group][block][lanes]` sums `d·Σq` in f32 (`d` the f16 scale):
+    /// what a Q4_0 block held as Q4_1 multiplies, so that its product is
+    /// llama.cpp's exact `d_w·d_x·Σ(q − 8)·q_x` up to the f32 rounding.
+    pub exact_sums: Vec<f32>,
     /// `[group][block][lanes]` integer sums `Σq`.
     pub qsum: Vec<i32>,
 }
@@ -51,6 +56,7 @@ impl Int8Rows {
             q: Vec::new(),
             d: Vec::new(),
             sums: Vec::new(),
+            exact_sums: Vec::new(),
             qsum: Vec::new(),
         };
         rows.refill(x, cols);
@@ -68,6 +74,7 @@ impl Int8Rows {
         zeroed(&mut self.q, groups * nb * BLOCK * lanes);
         zeroed(&mut self.d, groups * nb * lanes);
         zeroed(&mut self.sums, groups * nb * lanes);
+        zeroed(&mut self.exact_sums, groups * nb * lanes);
         zeroed(&mut self.qsum, groups * nb * lanes);
         #[cfg(target_arch = "x86_64")]
         match rounding() {
@@ -131,6 +138,7 @@ impl Int8Rows {
         let at = self.at(r, b);
         self.d[at] = block.d;
         self.sums[at] = block.sum;
+        self.exact_sums[at] = block.d * block.qsum as f32;
         self.qsum[at] = block.qsum;
         let first = self.value(r, b);
         for kk in 0..BLOCK / 4 {
@@ -143,6 +151,12 @@ impl Int8Rows {
     fn block(&self, r: usize, b: usize) -> [i8; BLOCK] {
         let first = self.value(r, b);
         std::array::from_fn(|k| self.q[first + (k / 4) * self.lanes * 4 + k % 4])
+    }
+
+    /// The sums a Q4_1 weight's minimums multiply: [`Int8Rows::exact_sums`]
+    /// for a weight read from Q4_0 blocks, else [`Int8Rows::sums`].
+    pub fn min_sums(&self, exact: bool) -> &[f32] {
+        if exact { &self.exact_sums } else { &self.sums }
     }
 
     /// Index of row `r`'s scale and sums of block `b`.
@@ -353,6 +367,9 @@ pub(super) struct WeightRows<'a> {
     pub quants: &'a [u8],
     pub scales: &'a [f32],
     pub mins: &'a [f32],
+    /// Read from Q4_0 blocks: the minimums multiply exact sums
+    /// ([`Int8Rows::min_sums`]).
+    pub exact_min_sums: bool,
 }
 
 impl WeightRows<'_> {
@@ -389,6 +406,7 @@ pub(super) fn rows_portable(
     out: &mut [f32],
 ) {
     let nb = x.nb;
+    let sums = x.min_sums(w.exact_min_sums);
     for o in o_range {
         for r in 0..x.t {
             let mut acc = 0f32;
@@ -398,7 +416,7 @@ pub(super) fn rows_portable(
                 let at = x.at(r, b);
                 acc = (dot as f32).mul_add(x.d[at] * w.scales[o * nb + b], acc);
                 if w.kind == QuantKind::Q4_1 {
-                    acc = w.mins[o * nb + b].mul_add(x.sums[at], acc);
+                    acc = w.mins[o * nb + b].mul_add(sums[at], acc);
                 }
             }
             out[o * x.t + r] = acc;
@@ -484,6 +502,7 @@ mod tests {
                 assert_eq!(wide.qsum, plain.qsum, "{name}");
                 assert_eq!(bits(&wide.d), bits(&plain.d), "{name}");
                 assert_eq!(bits(&wide.sums), bits(&plain.sums), "{name}");
+                assert_eq!(bits(&wide.exact_sums), bits(&plain.exact_sums), "{name}");
             }
         }
     }

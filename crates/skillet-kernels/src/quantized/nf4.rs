@@ -74,6 +74,7 @@ impl QuantMatrix {
             mins: Vec::new(),
             quants,
             striped: Default::default(),
+            source: None,
         })
     }
 }

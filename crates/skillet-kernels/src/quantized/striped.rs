@@ -69,6 +69,8 @@ struct Line([u8; 64]);
 #[derive(Clone)]
 pub(super) struct Striped {
     kind: QuantKind,
+    /// Read from Q4_0 blocks (see [`Int8Rows::min_sums`]).
+    exact_min_sums: bool,
     /// Full stripes.
     stripes: usize,
     /// Blocks per row.
@@ -140,6 +142,7 @@ impl Striped {
         }
         Self {
             kind,
+            exact_min_sums: m.exact_min_sums(),
             stripes,
             nb,
             lines,
@@ -252,6 +255,7 @@ unsafe fn group<const G: usize, const Q4: bool>(
 ) {
     let (nb, t) = (w.nb, x.t);
     let record = Striped::record(w.kind);
+    let sums = x.min_sums(w.exact_min_sums);
     let nibble = _mm512_set1_epi8(15);
     let mut acc = [_mm512_setzero_ps(); G];
     // Each row's rounded values of block 0 (see `Int8Rows::q`); block b's
@@ -304,7 +308,7 @@ unsafe fn group<const G: usize, const Q4: bool>(
             let sc = _mm512_mul_ps(_mm512_set1_ps(x.d[at]), scale);
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sc, *acc);
             if Q4 {
-                *acc = _mm512_fmadd_ps(min, _mm512_set1_ps(x.sums[at]), *acc);
+                *acc = _mm512_fmadd_ps(min, _mm512_set1_ps(sums[at]), *acc);
             }
         }
     }

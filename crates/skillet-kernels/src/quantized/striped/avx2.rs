@@ -64,6 +64,7 @@ unsafe fn group<const G: usize, const Q4: bool>(
 ) {
     let (nb, t) = (w.nb, x.t);
     let record = Striped::record(w.kind);
+    let sums = x.min_sums(w.exact_min_sums);
     let nibble = _mm256_set1_epi8(15);
     let ones = _mm256_set1_epi16(1);
     // Per input row, output rows 0–7 and 8–15.
@@ -126,7 +127,7 @@ unsafe fn group<const G: usize, const Q4: bool>(
                 let sc = _mm256_mul_ps(_mm256_set1_ps(x.d[at]), scale);
                 acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc, acc[h]);
                 if Q4 {
-                    acc[h] = _mm256_fmadd_ps(min, _mm256_set1_ps(x.sums[at]), acc[h]);
+                    acc[h] = _mm256_fmadd_ps(min, _mm256_set1_ps(sums[at]), acc[h]);
                 }
             }
         }
