@@ -55,6 +55,9 @@ pub enum QuantKind {
     Q4_1,
     /// 8-bit with a scale per 32 weights (34 bytes).
     Q8_0,
+    /// 8-bit with a scale per 16 weights: how Q6_K's blocks are held,
+    /// whose 6-bit codes have an 8-bit scale per 16 under the f16 one.
+    Q8_16,
     /// bitsandbytes' 4-bit NormalFloat: a code into 16 fixed levels per
     /// weight and an f32 absmax per 64 weights (see `nf4.rs`). Made by
     /// [`QuantMatrix::from_nf4`], never read from GGML blocks; its products
@@ -63,11 +66,32 @@ pub enum QuantKind {
 }
 
 impl QuantKind {
-    /// Blocks of 32 weights per scale.
-    fn scale_span(self) -> usize {
+    /// The index of the scale of weights `16·half .. 16·half + 16` of
+    /// block `b` (blocks of 32, row-major over the whole matrix).
+    #[inline(always)]
+    fn scale_index(self, b: usize, half: usize) -> usize {
         match self {
-            QuantKind::Q4_1 | QuantKind::Q8_0 => 1,
-            QuantKind::Nf4 => 2,
+            QuantKind::Q4_1 | QuantKind::Q8_0 => b,
+            QuantKind::Q8_16 => 2 * b + half,
+            QuantKind::Nf4 => b / 2,
+        }
+    }
+
+    /// The scales of blocks `b0..b1`, where `b0` starts a scale (NF4's
+    /// scales span two blocks; a range ending inside one takes it).
+    fn scale_range(self, b0: usize, b1: usize) -> std::ops::Range<usize> {
+        match self {
+            QuantKind::Q4_1 | QuantKind::Q8_0 => b0..b1,
+            QuantKind::Q8_16 => 2 * b0..2 * b1,
+            QuantKind::Nf4 => b0 / 2..b1.div_ceil(2),
+        }
+    }
+
+    /// Bytes of codes per block of 32 weights.
+    fn code_bytes(self) -> usize {
+        match self {
+            QuantKind::Q4_1 | QuantKind::Nf4 => 16,
+            QuantKind::Q8_0 | QuantKind::Q8_16 => 32,
         }
     }
 }
@@ -92,13 +116,18 @@ pub enum GgmlBlocks {
     /// Its int8 products round the inputs per 256 values as llama.cpp
     /// does for the K-quants (Q8_K) and multiply them in f32.
     Q4K,
+    /// 6-bit codes in super-blocks of 256 weights (210 bytes): an 8-bit
+    /// scale per 16 weights under an f16 one. Held as Q8_16, the signed
+    /// byte `q − 32` with each 16 weights' `d·sc` in f32 (about 1.5×
+    /// Q6_K's bytes). Int8 products as Q4_K's.
+    Q6K,
 }
 
 impl GgmlBlocks {
     /// Weights per block in the file.
     fn block_weights(self) -> usize {
         match self {
-            GgmlBlocks::Q4K => 256,
+            GgmlBlocks::Q4K | GgmlBlocks::Q6K => 256,
             _ => BLOCK,
         }
     }
@@ -111,18 +140,27 @@ impl GgmlBlocks {
             GgmlBlocks::Q5_0 => 22,
             GgmlBlocks::Q8_0 => 34,
             GgmlBlocks::Q4K => 144,
+            GgmlBlocks::Q6K => 210,
         }
     }
 
     /// The kind the blocks are held and multiplied as. Int8 products
     /// round the inputs as llama.cpp does for the file's format: per 32
     /// values for Q4_0, Q4_1, Q5_0 and Q8_0 (their `vec_dot_type` is Q8_0
-    /// or Q8_1), which is the kind's own integer product; per 256 for Q4_K.
+    /// or Q8_1), which is the kind's own integer product; per 256 for the
+    /// K-quants.
     pub fn held_as(self) -> QuantKind {
         match self {
             GgmlBlocks::Q4_0 | GgmlBlocks::Q4_1 | GgmlBlocks::Q4K => QuantKind::Q4_1,
             GgmlBlocks::Q5_0 | GgmlBlocks::Q8_0 => QuantKind::Q8_0,
+            GgmlBlocks::Q6K => QuantKind::Q8_16,
         }
+    }
+
+    /// A K-quant (super-blocks of 256): int8 products round the inputs
+    /// per 256 values (Q8_K) and multiply them in f32.
+    fn k_quant(self) -> bool {
+        matches!(self, GgmlBlocks::Q4K | GgmlBlocks::Q6K)
     }
 }
 
@@ -137,6 +175,31 @@ fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
             (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
         )
     }
+}
+
+/// Appends a Q6_K super-block (`ql[128]`, `qh[64]`, `sc[16]` as signed
+/// bytes, then the f16 `d`; ggml's `block_q6_K`) to `m` as Q8_16. Weight
+/// `p` of the 256 has the code `q` from four low bits in `ql` and two high
+/// bits in `qh`, and the value `d·sc[p/16]·(q − 32)`: held as the signed
+/// byte `q − 32` and the f32 scale `d·sc`, exact (an f16 times a byte),
+/// so the kernels' `scale·byte` is ggml's value to the bit.
+fn push_q6k(m: &mut QuantMatrix, b: &[u8]) {
+    let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+    let d = f16::from_le_bytes([b[208], b[209]]).to_f32();
+    m.scales.extend(sc.iter().map(|&s| d * s as i8 as f32));
+    let mut codes = [0u8; 256];
+    // Each half of 128 weights: 64 bytes of `ql`, 32 of `qh`.
+    for n in 0..2 {
+        let (ql, qh, out) = (&ql[64 * n..], &qh[32 * n..], &mut codes[128 * n..]);
+        for l in 0..32 {
+            let high = |shift: u32| ((qh[l] >> shift) & 3) << 4;
+            out[l] = (ql[l] & 15) | high(0);
+            out[l + 32] = (ql[l + 32] & 15) | high(2);
+            out[l + 64] = (ql[l] >> 4) | high(4);
+            out[l + 96] = (ql[l + 32] >> 4) | high(6);
+        }
+    }
+    m.quants.extend(codes.iter().map(|&q| (q as i8 - 32) as u8));
 }
 
 /// A `[rows, cols]` matrix kept in its quantized blocks, repacked.
@@ -164,6 +227,7 @@ impl QuantMatrix {
         let source = match kind {
             QuantKind::Q4_1 => GgmlBlocks::Q4_1,
             QuantKind::Q8_0 => GgmlBlocks::Q8_0,
+            QuantKind::Q8_16 => GgmlBlocks::Q6K,
             QuantKind::Nf4 => bail!("NF4 is not a GGML block type (see `QuantMatrix::from_nf4`)"),
         };
         Self::from_ggml_blocks(source, rows, cols, bytes)
@@ -192,7 +256,7 @@ impl QuantMatrix {
             );
         }
         let kind = source.held_as();
-        let per_block = if kind == QuantKind::Q4_1 { 16 } else { 32 };
+        let per_block = kind.code_bytes();
         let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
         let mut m = Self {
             kind,
@@ -205,6 +269,10 @@ impl QuantMatrix {
             source: Some(source),
         };
         for b in bytes.chunks_exact(size) {
+            if source == GgmlBlocks::Q6K {
+                push_q6k(&mut m, b);
+                continue;
+            }
             let d = half(&b[0..2]);
             m.scales.push(d);
             match source {
@@ -250,6 +318,7 @@ impl QuantMatrix {
                         ((low | high) as i8 - 16) as u8
                     }));
                 }
+                GgmlBlocks::Q6K => unreachable!("repacked above"),
             }
         }
         Ok(m)
@@ -307,7 +376,7 @@ impl QuantMatrix {
     /// other rows. Backward is that of the exact product.
     /// (NF4 has no integer path: its product is [`QuantMatrix::matmul`]'s.)
     ///
-    /// A matrix read from Q4_K blocks rounds `x` per 256 values instead,
+    /// A matrix read from K-quant blocks rounds `x` per 256 values instead,
     /// as llama.cpp does for the K-quants, and multiplies in f32; no
     /// gradient reaches `x` through that rounding.
     pub fn matmul_int8(self: &Arc<Self>, x: &Tensor) -> Result<Tensor> {
@@ -325,14 +394,14 @@ impl QuantMatrix {
     /// Whether [`QuantMatrix::matmul_int8`] is this matrix's own integer
     /// product, which passes of several weights ([`QuantMatrix::matmul_each`],
     /// [`PreparedInput`]) can share: not for NF4 (f32 inputs) nor for a
-    /// matrix read from Q4_K blocks (inputs rounded per 256, then f32).
+    /// matrix read from K-quant blocks (inputs rounded per 256, then f32).
     pub fn native_int8(&self) -> bool {
-        self.kind != QuantKind::Nf4 && !self.read_from_k_quant()
+        matches!(self.kind, QuantKind::Q4_1 | QuantKind::Q8_0) && !self.read_from_k_quant()
     }
 
-    /// Read from Q4_K blocks.
+    /// Read from K-quant blocks (Q4_K, Q6_K).
     fn read_from_k_quant(&self) -> bool {
-        self.source == Some(GgmlBlocks::Q4K)
+        self.source.is_some_and(GgmlBlocks::k_quant)
     }
 
     /// Read from Q4_0 blocks and held as Q4_1: the minimum `−8·d`
@@ -371,7 +440,9 @@ impl QuantMatrix {
         let per_row = match self.kind {
             QuantKind::Q4_1 => 16,
             QuantKind::Q8_0 => 32,
-            QuantKind::Nf4 => unreachable!("NF4 products take f32 activations"),
+            QuantKind::Nf4 | QuantKind::Q8_16 => {
+                unreachable!("NF4 and Q6_K products take f32 activations")
+            }
         };
         int8::WeightRows {
             kind: self.kind,
@@ -395,23 +466,24 @@ impl QuantMatrix {
     /// Output rows `o0..o1` of `x Wᵀ` into `out` (`[t, o1 - o0]`).
     fn f32_task(&self, rows: &Rows, o0: usize, o1: usize, out: &mut [f32]) {
         let nb = self.cols / BLOCK;
-        // Scales per 32 weights (NF4: per 64, so a task must start on a
-        // whole one: the kernels count blocks from the task's first row).
-        let span = self.kind.scale_span();
+        // Scales per 32 weights (Q8_16: per 16; NF4: per 64, so a task
+        // must start on a whole one: the kernels count blocks from the
+        // task's first row).
         assert!(
-            (o0 * nb).is_multiple_of(span),
+            self.kind != QuantKind::Nf4 || (o0 * nb).is_multiple_of(2),
             "a task starts inside a scale's blocks"
         );
-        let s = &self.scales[o0 * nb / span..o1 * nb / span];
+        let s = &self.scales[self.kind.scale_range(o0 * nb, o1 * nb)];
         match self.kind {
             QuantKind::Q4_1 => {
                 let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
                 let m = &self.mins[o0 * nb..o1 * nb];
                 q4_1_rows(q, s, m, rows, self.cols, out);
             }
-            QuantKind::Q8_0 => {
+            QuantKind::Q8_0 | QuantKind::Q8_16 => {
                 let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
-                q8_0_rows(q, s, rows, self.cols, out);
+                let per = self.kind.scale_range(0, 1).len();
+                q8_0_rows(q, s, per, rows, self.cols, out);
             }
             QuantKind::Nf4 => {
                 let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
@@ -463,7 +535,7 @@ impl QuantMatrix {
                 w.cols
             );
         }
-        // NF4 has no integer path, nor a matrix read from Q4_K blocks:
+        // NF4 has no integer path, nor a matrix read from K-quant blocks:
         // each weight takes its own.
         if int8 && ws.iter().any(|w| !w.native_int8()) {
             return ws.iter().map(|w| w.matmul_int8(x)).collect();
@@ -909,18 +981,27 @@ fn call_shape(x: &[f32], cols: usize, out: &[f32]) -> (usize, usize, usize) {
 /// weights made once for all of them.
 const PORTABLE_GROUP: usize = 4;
 
-/// `Σ d·q·x` of output row `o` for `G` input rows from `r0`.
+/// `Σ d·q·x` of output row `o` for `G` input rows from `r0`, with `per`
+/// scales per block (Q8_0: 1; Q8_16: 2, one per 16 weights).
 #[inline(always)]
-fn q8_0_group<const G: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize, r0: usize) -> [f32; G] {
+fn q8_0_group<const G: usize>(
+    q: &[u8],
+    d: &[f32],
+    per: usize,
+    x: &[f32],
+    cols: usize,
+    r0: usize,
+) -> [f32; G] {
     let nb = cols / BLOCK;
     let mut lo = [[0f32; 16]; G];
     let mut hi = [[0f32; 16]; G];
     for b in 0..nb {
         let qb: &[u8; 32] = q[b * 32..b * 32 + 32].try_into().expect("32 bytes");
+        let (dl, dh) = (d[b * per], d[b * per + per - 1]);
         let (mut wl, mut wh) = ([0f32; 16], [0f32; 16]);
         for i in 0..16 {
-            wl[i] = d[b] * qb[i] as i8 as f32;
-            wh[i] = d[b] * qb[16 + i] as i8 as f32;
+            wl[i] = dl * qb[i] as i8 as f32;
+            wh[i] = dh * qb[16 + i] as i8 as f32;
         }
         for k in 0..G {
             let at = (r0 + k) * cols + b * BLOCK;
@@ -938,23 +1019,24 @@ fn q8_0_group<const G: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize, r0: u
 multiversion! {
     /// `Σ d·q·x` over each output row's Q8_0 blocks for every input row of
     /// `x` (rows of `cols`; `out` is `[rows of x, output rows]`), as
-    /// [`q4_1_rows_portable`] (the portable path).
-    fn q8_0_rows_portable(quants: &[u8], scales: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+    /// [`q4_1_rows_portable`] (the portable path); `per` scales per block
+    /// (Q8_16: 2).
+    fn q8_0_rows_portable(quants: &[u8], scales: &[f32], per: usize, x: &[f32], cols: usize, out: &mut [f32]) {
         let nb = cols / BLOCK;
         let t = x.len() / cols;
         let outs = out.len() / t;
         for o in 0..outs {
             let q = &quants[o * nb * 32..(o + 1) * nb * 32];
-            let d = &scales[o * nb..(o + 1) * nb];
+            let d = &scales[o * nb * per..(o + 1) * nb * per];
             let mut r0 = 0;
             while r0 < t {
                 let g = PORTABLE_GROUP.min(t - r0);
                 let mut ys = [0f32; PORTABLE_GROUP];
                 match g {
-                    4 => ys = q8_0_group::<4>(q, d, x, cols, r0),
-                    3 => ys[..3].copy_from_slice(&q8_0_group::<3>(q, d, x, cols, r0)),
-                    2 => ys[..2].copy_from_slice(&q8_0_group::<2>(q, d, x, cols, r0)),
-                    _ => ys[..1].copy_from_slice(&q8_0_group::<1>(q, d, x, cols, r0)),
+                    4 => ys = q8_0_group::<4>(q, d, per, x, cols, r0),
+                    3 => ys[..3].copy_from_slice(&q8_0_group::<3>(q, d, per, x, cols, r0)),
+                    2 => ys[..2].copy_from_slice(&q8_0_group::<2>(q, d, per, x, cols, r0)),
+                    _ => ys[..1].copy_from_slice(&q8_0_group::<1>(q, d, per, x, cols, r0)),
                 }
                 for (k, &y) in ys[..g].iter().enumerate() {
                     out[(r0 + k) * outs + o] = y;
@@ -1019,18 +1101,19 @@ fn q4_1_rows(
     }
 }
 
-/// `Σ d·q·x` for every input row, by the kernel `rows` was prepared for.
-fn q8_0_rows(quants: &[u8], scales: &[f32], rows: &Rows, cols: usize, out: &mut [f32]) {
+/// `Σ d·q·x` for every input row, by the kernel `rows` was prepared for;
+/// `per` scales per block of 32 (Q8_0: 1, Q8_16: 2).
+fn q8_0_rows(quants: &[u8], scales: &[f32], per: usize, rows: &Rows, cols: usize, out: &mut [f32]) {
     match rows {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `q4_1_rows`.
-        Rows::Grouped(x) => unsafe { avx512::q8_0_rows(quants, scales, x, cols, out) },
+        Rows::Grouped(x) => unsafe { avx512::q8_0_rows(quants, scales, per, x, cols, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `q4_1_rows`.
-        Rows::GroupedAvx2(x) => unsafe { avx2::q8_0_rows(quants, scales, x, cols, out) },
+        Rows::GroupedAvx2(x) => unsafe { avx2::q8_0_rows(quants, scales, per, x, cols, out) },
         #[cfg(not(target_arch = "x86_64"))]
         Rows::Grouped(_) | Rows::GroupedAvx2(_) => unreachable!("built on x86-64 only"),
-        Rows::Plain { x, .. } => q8_0_rows_portable(quants, scales, x, cols, out),
+        Rows::Plain { x, .. } => q8_0_rows_portable(quants, scales, per, x, cols, out),
     }
 }
 
@@ -1061,7 +1144,7 @@ mod tests {
                     bytes.extend_from_slice(&q);
                     dense.extend(q.iter().map(|&v| d.to_f32() * v as i8 as f32));
                 }
-                QuantKind::Nf4 => unreachable!("not a GGML type"),
+                QuantKind::Nf4 | QuantKind::Q8_16 => unreachable!("not made here"),
             }
         }
         (bytes, dense)
@@ -1094,13 +1177,13 @@ mod tests {
 
     /// The portable kernels, called directly (on AVX-512 machines the
     /// products take the regrouped path): every group size gives each row
-    /// the bits it gets alone.
+    /// the bits it gets alone, the dense product within rounding.
     #[test]
     fn the_portable_kernels_give_a_row_its_own_bits_in_any_group() {
-        let (rows, cols) = (24, 96);
+        let (rows, cols) = (24, 256);
         for m in crate::testing::quant_matrices(rows, cols)
             .into_iter()
-            .take(2)
+            .filter(|m| m.kind != QuantKind::Nf4)
         {
             let x = random(&[9, cols], 4, 1.0)
                 .flatten_all()
@@ -1115,11 +1198,28 @@ mod tests {
                     QuantKind::Q4_1 => {
                         q4_1_rows_portable(&m.quants, &m.scales, &m.mins, x, sums, cols, &mut out)
                     }
-                    _ => q8_0_rows_portable(&m.quants, &m.scales, x, cols, &mut out),
+                    _ => {
+                        let per = m.kind.scale_range(0, 1).len();
+                        q8_0_rows_portable(&m.quants, &m.scales, per, x, cols, &mut out)
+                    }
                 }
                 out
             };
             let alone: Vec<Vec<f32>> = (0..9).map(|r| run(1, r)).collect();
+            let dense = m.dequantize();
+            for (r, got) in alone.iter().enumerate() {
+                for (o, g) in got.iter().enumerate() {
+                    let want: f64 = (0..cols)
+                        .map(|i| dense[o * cols + i] as f64 * x[r * cols + i] as f64)
+                        .sum();
+                    let tol = 1e-4 * (1.0 + want.abs());
+                    assert!(
+                        (*g as f64 - want).abs() <= tol,
+                        "{:?}: {g} vs {want}",
+                        m.kind
+                    );
+                }
+            }
             for t in 1..=9 {
                 let y = run(t, 0);
                 for (r, want) in alone.iter().take(t).enumerate() {
@@ -1139,8 +1239,12 @@ mod tests {
         // Every group size of the kernel (1 to 8 rows, and beyond): each
         // row equals the matrix product within rounding and equals itself
         // computed alone, bit for bit.
-        for m in crate::testing::quant_matrices(40, 64) {
-            let (rows, cols, kind) = (40, 64, m.kind);
+        // (Q8_16, read from Q6_K, needs rows of 256.)
+        let matrices = crate::testing::quant_matrices(40, 64)
+            .into_iter()
+            .chain(crate::testing::quant_matrices(24, 256));
+        for m in matrices {
+            let (rows, cols, kind) = (m.rows, m.cols, m.kind);
             let w =
                 Tensor::from_vec(m.dequantize(), (rows, cols), &candle_core::Device::Cpu).unwrap();
             let x = random(&[11, cols], 2, 1.0);

@@ -149,8 +149,9 @@ pub fn check_op(
     }
 }
 
-/// A `[rows, cols]` matrix of each block kind (Q4_1, Q8_0, and NF4 where
-/// the matrix is a whole number of its blocks of 64), from deterministic
+/// A `[rows, cols]` matrix of each block kind (Q4_1, Q8_0, NF4 where the
+/// matrix is a whole number of its blocks of 64, and Q8_16 read from Q6_K
+/// blocks where rows are a whole number of 256), from deterministic
 /// bytes.
 pub fn quant_matrices(rows: usize, cols: usize) -> Vec<Arc<QuantMatrix>> {
     let blocks = rows * cols / 32;
@@ -177,6 +178,17 @@ pub fn quant_matrices(rows: usize, cols: usize) -> Vec<Arc<QuantMatrix>> {
             .collect();
         out.push(Arc::new(
             QuantMatrix::from_nf4(rows, cols, &codes, absmax).unwrap(),
+        ));
+    }
+    if cols.is_multiple_of(256) {
+        // Codes and scales any bytes; `d` last (ggml's `block_q6_K`).
+        let mut q6 = Vec::new();
+        for b in 0..rows * cols / 256 {
+            q6.extend((0..208).map(|i| byte(b * 208 + i + 11)));
+            q6.extend(half(0.0004 + (b % 5) as f32 * 0.0001));
+        }
+        out.push(Arc::new(
+            QuantMatrix::from_ggml_blocks(crate::GgmlBlocks::Q6K, rows, cols, &q6).unwrap(),
         ));
     }
     out

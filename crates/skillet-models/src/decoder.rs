@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// The token embedding: dense (a variable in full fine-tuning), or frozen
-/// blocks Skillet reads (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, repacked at load)
+/// blocks Skillet reads (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, repacked at load)
 /// whose rows are dequantized as they are looked up.
 #[derive(Debug)]
 enum Embedding {
@@ -264,7 +264,7 @@ impl Model {
         else {
             return Ok(None);
         };
-        // NF4 products take f32 inputs, and Q4_K's round them their own
+        // NF4 products take f32 inputs, and the K-quants round them their own
         // way: such a model runs layer by layer when asked for integer
         // inputs.
         let shared = |w: &QuantMatrix| w.native_int8();

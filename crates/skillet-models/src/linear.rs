@@ -178,9 +178,9 @@ impl Activations {
 /// the f32 GEMM.
 const FEW_ROWS: usize = 16;
 
-/// Q4_0 / Q4_1 / Q5_0 / Q8_0 blocks of a `[rows, cols]` matrix repacked
-/// for Skillet's kernels (Q4_0 as Q4_1, Q5_0 as Q8_0, see
-/// [`GgmlBlocks`]); `None` for other types.
+/// Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K blocks of a `[rows, cols]`
+/// matrix repacked for Skillet's kernels (Q4_0 and Q4_K as Q4_1, Q5_0 as
+/// Q8_0, Q6_K as Q8_16, see [`GgmlBlocks`]); `None` for other types.
 pub(crate) fn repack(q: &QTensor) -> Option<QuantMatrix> {
     let source = match q.dtype() {
         GgmlDType::Q4_0 => GgmlBlocks::Q4_0,
@@ -188,6 +188,7 @@ pub(crate) fn repack(q: &QTensor) -> Option<QuantMatrix> {
         GgmlDType::Q5_0 => GgmlBlocks::Q5_0,
         GgmlDType::Q8_0 => GgmlBlocks::Q8_0,
         GgmlDType::Q4K => GgmlBlocks::Q4K,
+        GgmlDType::Q6K => GgmlBlocks::Q6K,
         _ => return None,
     };
     let (rows, cols) = q.shape().dims2().ok()?;
@@ -534,7 +535,7 @@ mod tests {
     }
 
     #[test]
-    fn q4_0_q5_0_and_q4_k_blocks_are_repacked_to_ggmls_values_and_products() {
+    fn q4_0_q5_0_q4_k_and_q6_k_blocks_are_repacked_to_ggmls_values_and_products() {
         let (rows, cols) = (40, 512);
         let x: Vec<f32> = (0..5 * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
@@ -545,8 +546,13 @@ mod tests {
             (GgmlDType::Q4_0, 18, 1, 32, InputRounding::Q8_0),
             (GgmlDType::Q5_0, 22, 1, 32, InputRounding::Q8_0),
             (GgmlDType::Q4K, 144, 2, 256, InputRounding::Q8K),
+            (GgmlDType::Q6K, 210, 1, 256, InputRounding::Q8K),
         ] {
-            let bytes = ggml_bytes(size, halves, rows * cols / per_block);
+            let mut bytes = ggml_bytes(size, halves, rows * cols / per_block);
+            if dtype == GgmlDType::Q6K {
+                // Q6_K's f16 scale comes last.
+                bytes.chunks_exact_mut(size).for_each(|b| b.rotate_left(2));
+            }
             let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                 dtype,
                 &bytes,

@@ -53,7 +53,9 @@ pub(super) unsafe fn rows(w: &WeightRows, x: &Int8Rows, stripes: usize, out: &mu
     let per_row = match w.kind {
         QuantKind::Q4_1 => 16,
         QuantKind::Q8_0 => 32,
-        QuantKind::Nf4 => unreachable!("NF4 products take f32 activations"),
+        QuantKind::Nf4 | QuantKind::Q8_16 => {
+            unreachable!("NF4 and Q6_K products take f32 activations")
+        }
     };
     let rows = stripes * STRIPE;
     assert!(w.quants.len() >= rows * nb * per_row && w.scales.len() >= rows * nb);
@@ -135,7 +137,9 @@ unsafe fn tile_products(
             (spread.0.as_ptr(), BLOCK)
         }
         QuantKind::Q8_0 => (w.quants.as_ptr().add((o0 * nb + b) * 32), nb * 32),
-        QuantKind::Nf4 => unreachable!("NF4 products take f32 activations"),
+        QuantKind::Nf4 | QuantKind::Q8_16 => {
+            unreachable!("NF4 and Q6_K products take f32 activations")
+        }
     };
     macro_rules! on_tiles {
         ($op:literal, $c:literal, $a:literal, $b:literal) => {
@@ -160,7 +164,9 @@ unsafe fn tile_products(
         (QuantKind::Q4_1, _) => on_tiles!("tdpbusd", "tmm3", "tmm4", "tmm5"),
         (QuantKind::Q8_0, 0) => on_tiles!("tdpbssd", "tmm0", "tmm1", "tmm2"),
         (QuantKind::Q8_0, _) => on_tiles!("tdpbssd", "tmm3", "tmm4", "tmm5"),
-        (QuantKind::Nf4, _) => unreachable!("NF4 products take f32 activations"),
+        (QuantKind::Nf4 | QuantKind::Q8_16, _) => {
+            unreachable!("NF4 and Q6_K products take f32 activations")
+        }
     }
 }
 

@@ -152,10 +152,12 @@ impl Blocks for Q4_1<'_> {
     }
 }
 
-/// Q8_0 rows: `d·q`.
+/// Q8_0 rows: `d·q`, with `per` scales per block (Q8_16: one per 16
+/// weights).
 struct Q8_0<'a> {
     quants: &'a [u8],
     scales: &'a [f32],
+    per: usize,
     nb: usize,
 }
 
@@ -168,9 +170,14 @@ impl Blocks for Q8_0<'_> {
     unsafe fn weights(&self, o: usize, b: usize) -> [__m256; 4] {
         let at = o * self.nb + b;
         let p = self.quants.as_ptr().add(at * 32);
-        let d = _mm256_set1_ps(*self.scales.get_unchecked(at));
+        let per = self.per;
+        let d = [
+            _mm256_set1_ps(*self.scales.get_unchecked(at * per)),
+            _mm256_set1_ps(*self.scales.get_unchecked(at * per + per - 1)),
+        ];
         let mut w = [_mm256_setzero_ps(); 4];
         for (i, wi) in w.iter_mut().enumerate() {
+            let d = d[i / 2];
             let q = _mm_loadl_epi64(p.add(8 * i) as *const __m128i);
             *wi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
         }
@@ -242,13 +249,25 @@ pub(super) unsafe fn q4_1_rows(
 pub(super) unsafe fn q8_0_rows(
     quants: &[u8],
     scales: &[f32],
+    per: usize,
     x: &[f32],
     cols: usize,
     out: &mut [f32],
 ) {
     let (nb, _, outs) = call_shape(x, cols, out);
-    assert!(quants.len() >= outs * nb * 32 && scales.len() >= outs * nb);
-    products(&Q8_0 { quants, scales, nb }, x, cols, out)
+    assert!(matches!(per, 1 | 2));
+    assert!(quants.len() >= outs * nb * 32 && scales.len() >= outs * nb * per);
+    products(
+        &Q8_0 {
+            quants,
+            scales,
+            per,
+            nb,
+        },
+        x,
+        cols,
+        out,
+    )
 }
 
 /// See `nf4_rows_portable`; `x` comes from `avx512::interleave`.
@@ -298,7 +317,8 @@ mod tests {
                 QuantKind::Q4_1 => {
                     q4_1_rows(&m.quants, &m.scales, &m.mins, &grouped, cols, &mut out)
                 }
-                QuantKind::Q8_0 => q8_0_rows(&m.quants, &m.scales, &grouped, cols, &mut out),
+                QuantKind::Q8_0 => q8_0_rows(&m.quants, &m.scales, 1, &grouped, cols, &mut out),
+                QuantKind::Q8_16 => q8_0_rows(&m.quants, &m.scales, 2, &grouped, cols, &mut out),
                 QuantKind::Nf4 => nf4_rows(&m.quants, &m.scales, &grouped, cols, &mut out),
             }
         }
@@ -312,8 +332,12 @@ mod tests {
         }
         // Up to two whole groups of the layout and a ragged third; an odd
         // number of blocks per row (NF4's blocks of 64 straddle rows).
-        let (rows, cols) = (24, 96);
-        for m in quant_matrices(rows, cols) {
+        // (Q8_16, read from Q6_K, needs rows of 256.)
+        for m in quant_matrices(24, 96)
+            .into_iter()
+            .chain(quant_matrices(8, 256))
+        {
+            let (rows, cols) = (m.rows, m.cols);
             let dense = m.dequantize();
             let x = random(&[19, cols], 7, 1.0).flatten_all().unwrap();
             let x = x.to_vec1::<f32>().unwrap();

@@ -99,21 +99,27 @@ unsafe fn q4_1_group<const G: usize>(
     finish(&lo, &hi)
 }
 
+/// `per` scales per block: Q8_0's one, or Q8_16's one per register.
 #[inline(always)]
-unsafe fn q8_0_group<const G: usize>(q: &[u8], d: &[f32], x: &[f32], cols: usize) -> [f32; G] {
+unsafe fn q8_0_group<const G: usize>(
+    q: &[u8],
+    d: &[f32],
+    per: usize,
+    x: &[f32],
+    cols: usize,
+) -> [f32; G] {
     debug_assert!(x.len() >= cols * G);
     let nb = cols / BLOCK;
     let mut lo = [_mm512_setzero_ps(); G];
     let mut hi = [_mm512_setzero_ps(); G];
     for b in 0..nb {
         let p = q.as_ptr().add(b * 32) as *const __m128i;
-        let scale = _mm512_set1_ps(*d.get_unchecked(b));
         let wl = _mm512_mul_ps(
-            scale,
+            _mm512_set1_ps(*d.get_unchecked(b * per)),
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p))),
         );
         let wh = _mm512_mul_ps(
-            scale,
+            _mm512_set1_ps(*d.get_unchecked(b * per + per - 1)),
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(1)))),
         );
         fma_rows(&mut lo, &mut hi, wl, wh, x.as_ptr().add(b * G * BLOCK));
@@ -205,19 +211,23 @@ pub(super) unsafe fn q4_1_rows(
 pub(super) unsafe fn q8_0_rows(
     quants: &[u8],
     scales: &[f32],
+    per: usize,
     x: &[f32],
     cols: usize,
     out: &mut [f32],
 ) {
     let (nb, t, outs) = call_shape(x, cols, out);
+    assert!(matches!(per, 1 | 2));
     assert!(
-        quants.len() >= outs * nb * 32 && scales.len() >= outs * nb && cols.is_multiple_of(BLOCK)
+        quants.len() >= outs * nb * 32
+            && scales.len() >= outs * nb * per
+            && cols.is_multiple_of(BLOCK)
     );
     each(outs, t, out, |o, r0, g, vals| {
         let q = &quants[o * nb * 32..(o + 1) * nb * 32];
-        let d = &scales[o * nb..(o + 1) * nb];
+        let d = &scales[o * nb * per..(o + 1) * nb * per];
         let xs = &x[r0 * cols..(r0 + g) * cols];
-        let sums: &[f32] = by_group!(g, q8_0_group(q, d, xs, cols));
+        let sums: &[f32] = by_group!(g, q8_0_group(q, d, per, xs, cols));
         vals[..g].copy_from_slice(&sums[..g]);
     });
 }

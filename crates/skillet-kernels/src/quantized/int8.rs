@@ -390,7 +390,9 @@ impl WeightRows<'_> {
                 let q = &self.quants[(o * nb + b) * 32..(o * nb + b + 1) * 32];
                 std::array::from_fn(|k| q[k] as i8 as i32)
             }
-            QuantKind::Nf4 => unreachable!("NF4 products take f32 activations"),
+            QuantKind::Nf4 | QuantKind::Q8_16 => {
+                unreachable!("NF4 and Q6_K products take f32 activations")
+            }
         }
     }
 }

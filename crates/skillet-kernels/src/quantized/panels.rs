@@ -30,8 +30,8 @@ pub(super) fn vectorized() -> bool {
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn half_block(w: &QuantMatrix, b: usize, half: usize) -> __m512 {
-    let d = _mm512_set1_ps(w.scales[b / w.kind.scale_span()]);
-    // Block `b` has 16 (Q4_1, NF4) or 32 (Q8_0) bytes at these offsets.
+    let d = _mm512_set1_ps(w.scales[w.kind.scale_index(b, half)]);
+    // Block `b` has 16 (Q4_1, NF4) or 32 (Q8_0, Q8_16) bytes at these offsets.
     match w.kind {
         QuantKind::Q4_1 => {
             let q =
@@ -43,7 +43,7 @@ unsafe fn half_block(w: &QuantMatrix, b: usize, half: usize) -> __m512 {
             };
             _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q), _mm512_set1_ps(w.mins[b]))
         }
-        QuantKind::Q8_0 => {
+        QuantKind::Q8_0 | QuantKind::Q8_16 => {
             let p = w.quants.as_ptr().add(b * 32 + 16 * half);
             _mm512_mul_ps(
                 d,

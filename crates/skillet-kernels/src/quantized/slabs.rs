@@ -186,7 +186,13 @@ mod tests {
     /// 64 rows and slabs of two blocks over three, and 20 × 600 × 64
     /// backward slabs of 128 rows over 600), and one slab each.
     fn slab_products_on_this_pool() {
-        for (t, rows, cols) in [(7, 100, 96), (3, 37, 320), (1, 8, 32), (20, 600, 64)] {
+        for (t, rows, cols) in [
+            (7, 100, 96),
+            (3, 37, 320),
+            (1, 8, 32),
+            (20, 600, 64),
+            (5, 24, 256),
+        ] {
             for w in quant_matrices(rows, cols) {
                 let dense = w.dequantize();
                 for transposed in [true, false] {

@@ -45,7 +45,7 @@ impl QuantMatrix {
     /// The 32 weights of block `b` (blocks in row-major order).
     #[inline(always)]
     pub(super) fn block(&self, b: usize, out: &mut [f32; BLOCK]) {
-        let d = self.scales[b / self.kind.scale_span()];
+        let d = self.scales[self.kind.scale_index(b, 0)];
         match self.kind {
             QuantKind::Q4_1 => {
                 let m = self.mins[b];
@@ -57,12 +57,14 @@ impl QuantMatrix {
                     out[i + 16] = d * (q[i] >> 4) as f32 + m;
                 }
             }
-            QuantKind::Q8_0 => {
+            QuantKind::Q8_0 | QuantKind::Q8_16 => {
                 let q: &[u8; 32] = self.quants[b * 32..b * 32 + 32]
                     .try_into()
                     .expect("32 bytes");
-                for i in 0..32 {
+                let dh = self.scales[self.kind.scale_index(b, 1)];
+                for i in 0..16 {
                     out[i] = d * q[i] as i8 as f32;
+                    out[i + 16] = dh * q[i + 16] as i8 as f32;
                 }
             }
             QuantKind::Nf4 => {
@@ -261,7 +263,13 @@ mod tests {
     fn bf16_products_equal_the_dense_packed_ones() {
         // Rows off the tile sizes (and more rows than one task of the
         // stored kernel), outputs off 16 and an odd number of blocks.
-        for (t, rows, cols) in [(37, 40, 96), (300, 80, 64), (5, 16, 32), (9, 37, 128)] {
+        for (t, rows, cols) in [
+            (37, 40, 96),
+            (300, 80, 64),
+            (5, 16, 32),
+            (9, 37, 128),
+            (6, 16, 256),
+        ] {
             for w in quant_matrices(rows, cols) {
                 let dense = tensor(w.dequantize(), (rows, cols)).unwrap();
                 let packed = Arc::new(Bf16Weight::new(&dense).unwrap());
@@ -322,7 +330,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if super::super::panels::vectorized() {
             // Ragged rows (a partial last panel, an odd last pair).
-            for (rows, cols) in [(37, 96), (16, 32), (5, 64), (37, 128)] {
+            for (rows, cols) in [(37, 96), (16, 32), (5, 64), (37, 128), (5, 256)] {
                 for w in quant_matrices(rows, cols) {
                     for orient in [Orient::Transposed, Orient::AsStored] {
                         let p = QuantPanels { w: &w, orient };
