@@ -71,5 +71,5 @@ pub use quantized::{
 };
 pub use rms_norm::{InputNorm, rms_norm, rms_norm_composed, rms_norm_rows, rms_norm_rows_into};
 pub use rope::{RopeLayout, RopeTable, rope, rope_composed, rope_rows};
-pub use swiglu::{swiglu, swiglu_composed, swiglu_rows};
+pub use swiglu::{geglu_rows, swiglu, swiglu_composed, swiglu_rows};
 pub use swiglu_down::swiglu_down;

@@ -399,8 +399,9 @@ impl QuantMatrix {
         matches!(self.kind, QuantKind::Q4_1 | QuantKind::Q8_0) && !self.read_from_k_quant()
     }
 
-    /// Read from K-quant blocks (Q4_K, Q6_K).
-    fn read_from_k_quant(&self) -> bool {
+    /// Read from K-quant blocks (Q4_K, Q6_K): its int8 products round the
+    /// inputs per 256 values (Q8_K) and multiply them in f32.
+    pub fn read_from_k_quant(&self) -> bool {
         self.source.is_some_and(GgmlBlocks::k_quant)
     }
 

@@ -96,6 +96,22 @@ pub fn swiglu_rows(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gated(gate, up)
 }
 
+/// GeGLU (Gemma's MLP) for plain slices of equal length:
+/// `gelu(gate)·up` with the tanh form of GELU, the bits of candle's
+/// `gate.gelu()? * up` on the CPU (the same f32 operations in the same
+/// order).
+pub fn geglu_rows(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    #[allow(clippy::excessive_precision)]
+    const SQRT_TWO_OVER_PI: f32 = 0.79788456080286535587989211986876373;
+    gate.iter()
+        .zip(up)
+        .map(|(&v, &u)| {
+            let gelu = 0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)));
+            gelu * u
+        })
+        .collect()
+}
+
 /// The same from composed candle ops (the reference the fused op is tested
 /// against).
 pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -119,5 +135,14 @@ mod tests {
                 1e-5,
             );
         }
+    }
+
+    #[test]
+    fn geglu_rows_are_candles_gelu_times_up_to_the_bit() {
+        let g = random(&[3000], 5, 6.0);
+        let u = random(&[3000], 6, 2.0);
+        let want = (g.gelu().unwrap() * &u).unwrap().to_vec1::<f32>().unwrap();
+        let got = geglu_rows(&g.to_vec1::<f32>().unwrap(), &u.to_vec1::<f32>().unwrap());
+        assert_eq!(got, want);
     }
 }

@@ -25,7 +25,7 @@ use crate::linear::{Activations, BaseLinear, Linear, Precision, repack};
 use crate::llama::LlamaLayer;
 use crate::load::Loader;
 use crate::rope::Rope;
-use crate::team_decode::{self, DecodeInput, TEAM_ROWS};
+use crate::team_decode::{self, DecodeInput, InputMode, TEAM_ROWS};
 use crate::{
     Architecture, CachedBatch, CausalLm, DenseHead, ForwardInput, LoadOptions, ModelConfig,
     ModelError, Result, Weight, WeightSource,
@@ -264,21 +264,14 @@ impl Model {
         else {
             return Ok(None);
         };
-        // NF4 products take f32 inputs, and the K-quants round them their own
-        // way: such a model runs layer by layer when asked for integer
-        // inputs.
-        let shared = |w: &QuantMatrix| w.native_int8();
-        let all_shared = layers.iter().all(|l| {
-            l.qkv.iter().chain(&l.gate_up).all(|w| shared(w)) && shared(l.o) && shared(l.down)
-        });
-        if int8 && !all_shared {
+        // Asked for integer inputs, NF4 products take f32 ones and the
+        // K-quants round them per 256: a pass whose weights would take
+        // different inputs sends the call layer by layer.
+        let uniform = |ws: &[&QuantMatrix]| InputMode::of_pass(ws, int8).is_some();
+        if !layers.iter().all(|l| l.passes().into_iter().all(uniform)) {
             return Ok(None);
         }
-        let head = self
-            .lm_head
-            .quant_blocks()
-            .map(|w| w.as_ref())
-            .filter(|w| !int8 || shared(w));
+        let head = self.lm_head.quant_blocks().map(|w| w.as_ref());
         let mut x = self.embed_tokens.lookup(&Tensor::new(ids, &Device::Cpu)?)?; // [N,C]
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;

@@ -14,6 +14,7 @@ use crate::layers::{
 use crate::linear::Linear;
 use crate::load::Loader;
 use crate::names::{Dim, LayerTensor};
+use crate::team_decode::DecodeLayer;
 use crate::{LAYER_MODULES, Result};
 
 /// The tensors of one layer, in checkpoint order. The norm after
@@ -98,5 +99,22 @@ impl Block for Gemma3Layer {
 
     fn linears_mut(&mut self) -> [&mut Box<dyn Linear>; 7] {
         layers::linears_mut(&mut self.self_attn, &mut self.mlp)
+    }
+
+    fn decode_layer(&self) -> Option<DecodeLayer<'_>> {
+        let (qkv, o) = self.self_attn.blocks()?;
+        let (gate_up, down) = self.mlp.blocks()?;
+        Some(DecodeLayer {
+            input_norm: &self.input_layernorm,
+            attn: &self.self_attn,
+            qkv,
+            o,
+            attn_out_norm: Some(&self.post_attention_layernorm),
+            mlp_norm: &self.pre_feedforward_layernorm,
+            gate_up,
+            down,
+            act: self.mlp.act,
+            mlp_out_norm: Some(&self.post_feedforward_layernorm),
+        })
     }
 }

@@ -215,11 +215,8 @@ impl Attention {
     }
 
     /// The q, k, v and o blocks, where all four are quantized blocks
-    /// without bias and there are no QK-norms.
+    /// without bias.
     pub fn blocks(&self) -> Option<([&QuantMatrix; 3], &QuantMatrix)> {
-        if self.q_norm.is_some() || self.k_norm.is_some() {
-            return None;
-        }
         let b = blocks_of;
         Some((
             [b(&*self.q_proj)?, b(&*self.k_proj)?, b(&*self.v_proj)?],
@@ -387,12 +384,9 @@ impl Mlp {
         })
     }
 
-    /// The gate, up and down blocks, where the gate is SiLU and all three
-    /// are quantized blocks without bias.
+    /// The gate, up and down blocks, where all three are quantized blocks
+    /// without bias.
     pub fn blocks(&self) -> Option<([&QuantMatrix; 2], &QuantMatrix)> {
-        if self.act != Activation::Silu {
-            return None;
-        }
         let b = blocks_of;
         Some((
             [b(&*self.gate_proj)?, b(&*self.up_proj)?],

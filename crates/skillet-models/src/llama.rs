@@ -83,12 +83,15 @@ impl Block for LlamaLayer {
         let (gate_up, down) = self.mlp.blocks()?;
         Some(DecodeLayer {
             input_norm: &self.input_layernorm,
-            post_norm: &self.post_attention_layernorm,
             attn: &self.self_attn,
             qkv,
             o,
+            attn_out_norm: None,
+            mlp_norm: &self.post_attention_layernorm,
             gate_up,
             down,
+            act: self.mlp.act,
+            mlp_out_norm: None,
         })
     }
 }

@@ -9,39 +9,92 @@
 //! The numbers are the layer-by-layer path's, bit for bit: the same
 //! kernels on the same rows in the same order (the team only decides which
 //! thread computes which output rows). Taken where every layer is a Llama
-//! block over Q4_1 / Q8_0 / NF4 blocks without bias, no adapter touches
-//! the call and it brings few rows; anything else runs layer by layer.
+//! (QK-norms included) or Gemma 3 block over quantized blocks without
+//! bias, no adapter touches the call and it brings few rows; anything else
+//! runs layer by layer.
 //!
 //! Notation: N new tokens, C model width, H query heads, K key/value
 //! heads, D head width.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use skillet_kernels::team::{self, Aborted, Member};
 use skillet_kernels::{
-    CachedAttention, CachedSeq, Pieces, PreparedInput, QuantMatrix, RopeLayout, RopeTable,
-    rms_norm_rows, rms_norm_rows_into, rope_rows, swiglu_rows,
+    CachedAttention, CachedSeq, InputRounding, Pieces, PreparedInput, QuantMatrix, RopeLayout,
+    RopeTable, geglu_rows, rms_norm_rows, rms_norm_rows_into, rope_rows, round_inputs, swiglu_rows,
 };
 
 use crate::cache::KvCache;
 use crate::layers::{Attention, RmsNorm, Span};
-use crate::{ModelError, Result};
+use crate::{Activation, ModelError, Result};
 
 /// The most new tokens a call may bring to run in a team: a decode step
 /// of up to 16 sequences. Longer prompts keep the layer-by-layer path,
 /// whose products balance many tasks over the threads.
 pub(crate) const TEAM_ROWS: usize = 16;
 
-/// A layer's parts as the team runs them.
+/// A layer's parts as the team runs them: `x += out_norm(attn(norm(x)))`,
+/// then `x += out_norm(mlp(norm(x)))`, where only Gemma 3 has the norms
+/// of the outputs. The attention's QK-norms are its own.
 pub(crate) struct DecodeLayer<'a> {
     pub input_norm: &'a RmsNorm,
-    pub post_norm: &'a RmsNorm,
     pub attn: &'a Attention,
     pub qkv: [&'a QuantMatrix; 3],
     pub o: &'a QuantMatrix,
+    pub attn_out_norm: Option<&'a RmsNorm>,
+    pub mlp_norm: &'a RmsNorm,
     pub gate_up: [&'a QuantMatrix; 2],
     pub down: &'a QuantMatrix,
+    pub act: Activation,
+    pub mlp_out_norm: Option<&'a RmsNorm>,
+}
+
+/// How a pass's input is prepared, as the layer-by-layer path's products
+/// take it for the pass's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InputMode {
+    F32,
+    /// Rounded to 8-bit integers per 32 values: the weights' own integer
+    /// products.
+    Int8,
+    /// Rounded per 256 values (llama.cpp's Q8_K), then multiplied in f32:
+    /// the K-quants' int8 products.
+    K8,
+}
+
+impl InputMode {
+    /// The mode of `w`'s product, with integer inputs asked for or not.
+    fn of(w: &QuantMatrix, int8: bool) -> Self {
+        match (int8, w.native_int8(), w.read_from_k_quant()) {
+            (true, true, _) => InputMode::Int8,
+            (true, false, true) => InputMode::K8,
+            // f32, or NF4, whose products always take f32 inputs.
+            _ => InputMode::F32,
+        }
+    }
+
+    /// The one mode of a pass's weights, or `None` where they differ (the
+    /// call then runs layer by layer).
+    pub(crate) fn of_pass(ws: &[&QuantMatrix], int8: bool) -> Option<Self> {
+        let first = Self::of(ws.first()?, int8);
+        ws.iter()
+            .all(|w| Self::of(w, int8) == first)
+            .then_some(first)
+    }
+}
+
+impl DecodeLayer<'_> {
+    /// The layer's passes of products, in order.
+    pub(crate) fn passes(&self) -> [&[&QuantMatrix]; 4] {
+        [
+            &self.qkv[..],
+            std::slice::from_ref(&self.o),
+            &self.gate_up[..],
+            std::slice::from_ref(&self.down),
+        ]
+    }
 }
 
 /// What a call brings.
@@ -114,24 +167,44 @@ struct Shared<'c> {
 
 /// Runs the call on `threads` members (the caller among them).
 pub(crate) fn decode(d: &DecodeInput, cache: &mut KvCache, threads: usize) -> Result<DecodeOutput> {
+    let mode = |ws: &[&QuantMatrix]| {
+        InputMode::of_pass(ws, d.int8)
+            .ok_or_else(|| ModelError::Input("a pass's weights take different inputs".into()))
+    };
+    let mut modes = Vec::with_capacity(d.layers.len());
     for l in &d.layers {
-        for w in l
-            .qkv
-            .iter()
-            .chain([&l.o])
-            .chain(&l.gate_up)
-            .chain([&l.down])
-        {
-            w.ready(d.int8, d.x.len() / d.norm_width());
+        let passes = l.passes();
+        let mut m = [InputMode::F32; 4];
+        for (m, ws) in m.iter_mut().zip(passes) {
+            *m = mode(ws)?;
+            for w in ws {
+                w.ready(*m == InputMode::Int8, d.x.len() / d.norm_width());
+            }
         }
+        modes.push(m);
     }
-    if let Some(head) = d.head {
-        head.ready(d.int8, d.last.len());
-    }
+    let head_mode = match d.head {
+        Some(head) => {
+            let m = mode(&[head])?;
+            head.ready(m == InputMode::Int8, d.last.len());
+            m
+        }
+        None => InputMode::F32,
+    };
+    let values = |n: Option<&RmsNorm>| n.map(RmsNorm::values).transpose();
     let norms = d
         .layers
         .iter()
-        .map(|l| Ok((l.input_norm.values()?, l.post_norm.values()?)))
+        .map(|l| {
+            Ok(LayerNorms {
+                input: l.input_norm.values()?,
+                q: values(l.attn.q_norm.as_ref())?,
+                k: values(l.attn.k_norm.as_ref())?,
+                attn_out: values(l.attn_out_norm)?,
+                mlp: l.mlp_norm.values()?,
+                mlp_out: values(l.mlp_out_norm)?,
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
     let final_norm = d.norm.values()?;
     let shared = Shared {
@@ -146,7 +219,13 @@ pub(crate) fn decode(d: &DecodeInput, cache: &mut KvCache, threads: usize) -> Re
             .map(|_| Mutex::new(Pieces::default()))
             .collect(),
     };
-    let results = team::run(threads, |m| member(m, &shared, d, &norms, &final_norm));
+    let plan = Plan {
+        norms: &norms,
+        modes: &modes,
+        head_mode,
+        final_norm: &final_norm,
+    };
+    let results = team::run(threads, |m| member(m, &shared, d, &plan));
     let mut out = None;
     let mut error = None;
     for r in results {
@@ -165,13 +244,31 @@ pub(crate) fn decode(d: &DecodeInput, cache: &mut KvCache, threads: usize) -> Re
     }
 }
 
+/// A layer's norm weights as the norms multiply by them.
+struct LayerNorms {
+    input: Vec<f32>,
+    q: Option<Vec<f32>>,
+    k: Option<Vec<f32>>,
+    attn_out: Option<Vec<f32>>,
+    mlp: Vec<f32>,
+    mlp_out: Option<Vec<f32>>,
+}
+
+/// What every member reads of the call, made once before it.
+struct Plan<'a> {
+    norms: &'a [LayerNorms],
+    /// Each layer's passes' input modes (see [`DecodeLayer::passes`]).
+    modes: &'a [[InputMode; 4]],
+    head_mode: InputMode,
+    final_norm: &'a [f32],
+}
+
 /// One member's run; the lead's gives the output.
 fn member(
     m: &Member,
     s: &Shared,
     d: &DecodeInput,
-    norms: &[(Vec<f32>, Vec<f32>)],
-    final_norm: &[f32],
+    plan: &Plan,
 ) -> std::result::Result<Option<DecodeOutput>, Stop> {
     let lead = m.is_lead();
     let c = d.norm_width();
@@ -181,18 +278,21 @@ fn member(
     // norm's or the attention's output.
     let mut ys: Vec<Vec<f32>> = Vec::new();
     let mut out = Vec::new();
-    for (li, (l, (w_in, w_post))) in d.layers.iter().zip(norms).enumerate() {
+    for (li, (l, ln)) in d.layers.iter().zip(plan.norms).enumerate() {
         let a = l.attn;
         let (h, k, hd) = (a.heads, a.kv_heads, a.head_dim);
+        let modes = plan.modes[li];
         if lead {
-            rms_norm_rows_into(&x, w_in, l.input_norm.eps, &mut out);
-            s.set_input(&out, c, d.int8);
+            rms_norm_rows_into(&x, &ln.input, l.input_norm.eps, &mut out);
+            s.set_input(&out, c, modes[0]);
         }
         if s.pass(m, &l.qkv, &mut ys)? {
             let (q, kk, v) = (&ys[0], &ys[1], &ys[2]);
+            let q = head_norm(q, ln.q.as_deref(), a.q_norm.as_ref());
+            let kk = head_norm(kk, ln.k.as_deref(), a.k_norm.as_ref());
             let rope = &d.ropes[a.kind.rope];
-            let q = rope_rows(q, h, rope, RopeLayout::Half)?; // [N,H,D]
-            let kk = rope_rows(kk, k, rope, RopeLayout::Half)?; // [N,K,D]
+            let q = rope_rows(&q, h, rope, RopeLayout::Half)?; // [N,H,D]
+            let kk = rope_rows(&kk, k, rope, RopeLayout::Half)?; // [N,K,D]
             let mut cache = s.cache.write().expect("no member panicked holding it");
             let mut row = 0;
             for sp in d.spans {
@@ -233,19 +333,22 @@ fn member(
                     at += len;
                 }
             }
-            s.set_input(&out, h * hd, d.int8);
+            s.set_input(&out, h * hd, modes[1]);
         }
         if s.pass(m, &[l.o], &mut ys)? {
-            add_in(&mut x, &ys[0]);
-            rms_norm_rows_into(&x, w_post, l.post_norm.eps, &mut out);
-            s.set_input(&out, c, d.int8);
+            add_normed(&mut x, &ys[0], ln.attn_out.as_deref(), l.attn_out_norm);
+            rms_norm_rows_into(&x, &ln.mlp, l.mlp_norm.eps, &mut out);
+            s.set_input(&out, c, modes[2]);
         }
         if s.pass(m, &l.gate_up, &mut ys)? {
-            let act = swiglu_rows(&ys[0], &ys[1]);
-            s.set_input(&act, act.len() / n, d.int8);
+            let act = match l.act {
+                Activation::Silu => swiglu_rows(&ys[0], &ys[1]),
+                Activation::GeluTanh => geglu_rows(&ys[0], &ys[1]),
+            };
+            s.set_input(&act, act.len() / n, modes[3]);
         }
         if s.pass(m, &[l.down], &mut ys)? {
-            add_in(&mut x, &ys[0]);
+            add_normed(&mut x, &ys[0], ln.mlp_out.as_deref(), l.mlp_out_norm);
         }
     }
     // The final norm of the rows whose logits are wanted, then the head.
@@ -255,9 +358,9 @@ fn member(
             .iter()
             .flat_map(|&r| x[r as usize * c..(r as usize + 1) * c].iter().copied())
             .collect();
-        let hidden = rms_norm_rows(&picked, final_norm, d.norm.eps);
+        let hidden = rms_norm_rows(&picked, plan.final_norm, d.norm.eps);
         if d.head.is_some() {
-            s.set_input(&hidden, c, d.int8);
+            s.set_input(&hidden, c, plan.head_mode);
         }
         hidden
     } else {
@@ -276,7 +379,16 @@ fn member(
 impl Shared<'_> {
     /// Sets the next pass's input (the lead, between barriers, after
     /// every member has finished the pass before), in the last one's room.
-    fn set_input(&self, x: &[f32], cols: usize, int8: bool) {
+    fn set_input(&self, x: &[f32], cols: usize, mode: InputMode) {
+        let rounded;
+        let (x, int8) = match mode {
+            InputMode::F32 => (x, false),
+            InputMode::Int8 => (x, true),
+            InputMode::K8 => {
+                rounded = round_inputs(x, cols, InputRounding::Q8K);
+                (&rounded[..], false)
+            }
+        };
         let mut input = self.input.write().expect("no member panicked holding it");
         match input.as_mut() {
             Some(input) => input.refill(x, cols, int8),
@@ -347,6 +459,24 @@ fn add_in(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 }
 
+/// A QK-norm of each head's row of D (before RoPE), where the attention
+/// has one.
+fn head_norm<'a>(rows: &'a [f32], w: Option<&[f32]>, norm: Option<&RmsNorm>) -> Cow<'a, [f32]> {
+    match (w, norm) {
+        (Some(w), Some(norm)) => Cow::Owned(rms_norm_rows(rows, w, norm.eps)),
+        _ => Cow::Borrowed(rows),
+    }
+}
+
+/// `x += norm(y)` where the sublayer's output has a norm (Gemma 3), else
+/// `x += y`.
+fn add_normed(x: &mut [f32], y: &[f32], w: Option<&[f32]>, norm: Option<&RmsNorm>) {
+    match (w, norm) {
+        (Some(w), Some(norm)) => add_in(x, &rms_norm_rows(y, w, norm.eps)),
+        _ => add_in(x, y),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use skillet_gguf::GgmlType;
@@ -354,16 +484,17 @@ mod tests {
     use crate::export::write_gguf;
     use crate::layers::Span;
     use crate::{
-        Activations, CachedBatch, CachedChunk, CausalLm, LoadOptions, Model, ModelSource,
-        random_weights, tiny_config,
+        Activations, Architecture, CachedBatch, CachedChunk, CausalLm, LoadOptions, Model,
+        ModelConfig, ModelSource, random_weights, tiny_config_for,
     };
 
-    fn quantized(ty: GgmlType) -> Model {
-        let cfg = tiny_config(97);
-        let w = random_weights(&cfg, 7).unwrap();
+    /// A random model of `cfg` in a GGUF file whose tensors are typed by
+    /// `storage`, loaded in its blocks.
+    fn quantized(cfg: &ModelConfig, storage: &dyn Fn(&str) -> GgmlType) -> Model {
+        let w = random_weights(cfg, 7).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
-        write_gguf(&cfg, &w, &path, &|_| ty, vec![]).unwrap();
+        write_gguf(cfg, &w, &path, storage, vec![]).unwrap();
         ModelSource::open(&path)
             .unwrap()
             .load_model(LoadOptions {
@@ -373,11 +504,47 @@ mod tests {
             .unwrap()
     }
 
+    /// The models the team runs: Llama, Qwen3 (QK-norms) and Gemma 3 (its
+    /// norms of the sublayers' outputs, GeGLU, a sliding window) in Q8_0
+    /// and Q4_1; and Llama and Gemma 3 256 wide with K-quant MLPs (Q4_K
+    /// gate and up, Q6_K down), whose int8 passes round their inputs per
+    /// 256, beside Q8_0 attention rounding per 32.
+    fn models() -> Vec<(String, Model)> {
+        let mut out = Vec::new();
+        for arch in [
+            Architecture::Llama,
+            Architecture::Qwen3,
+            Architecture::Gemma3,
+        ] {
+            for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+                let m = quantized(&tiny_config_for(arch, 97), &|_| ty);
+                out.push((format!("{arch:?} {ty:?}"), m));
+            }
+        }
+        let k_quants = |name: &str| {
+            if name.contains("down") {
+                GgmlType::Q6K
+            } else if name.contains("gate") || name.contains("up") {
+                GgmlType::Q4K
+            } else {
+                GgmlType::Q8_0
+            }
+        };
+        for arch in [Architecture::Llama, Architecture::Gemma3] {
+            let cfg = ModelConfig {
+                hidden_size: 256,
+                intermediate_size: 512,
+                ..tiny_config_for(arch, 97)
+            };
+            out.push((format!("{arch:?} K-quants"), quantized(&cfg, &k_quants)));
+        }
+        out
+    }
+
     #[test]
     fn the_team_runs_a_decode_step_to_the_layer_by_layer_bits() {
         let prompt = [5u32, 9, 13, 2, 77];
-        for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
-            let mut m = quantized(ty);
+        for (ty, mut m) in models() {
             for activations in [Activations::F32, Activations::Int8] {
                 // The prompt layer by layer, into both caches.
                 m.set_team_decode(false);
@@ -414,7 +581,7 @@ mod tests {
                         activations,
                     )
                     .unwrap()
-                    .expect("the tiny quantized Llama runs in a team");
+                    .unwrap_or_else(|| panic!("{ty} runs in a team"));
                 m.set_team_decode(false);
                 let layered = m
                     .forward_cached(
@@ -434,7 +601,7 @@ mod tests {
                     team.flatten_all().unwrap().to_vec1().unwrap(),
                     layered.flatten_all().unwrap().to_vec1().unwrap(),
                 );
-                assert_eq!(team, layered, "{ty:?}, {activations:?}");
+                assert_eq!(team, layered, "{ty}, {activations:?}");
                 assert_eq!(team_cache.len(0), layered_cache.len(0));
             }
         }
