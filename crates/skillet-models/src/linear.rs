@@ -218,8 +218,8 @@ enum Stored {
     Dense(Tensor),
     /// Dense values rounded to bf16 (frozen; every product in bf16).
     Bf16(Arc<Bf16Rows>),
-    /// Q4_0 / Q4_1 / Q5_0 / Q8_0 blocks repacked for Skillet's kernels
-    /// (the GGML copy is not kept), or NF4 codes.
+    /// Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K blocks repacked for
+    /// Skillet's kernels (the GGML copy is not kept), or NF4 codes.
     Blocks(Arc<QuantMatrix>),
     /// Other GGML block types, through candle's quantized tensor.
     Ggml(Arc<QTensor>),
