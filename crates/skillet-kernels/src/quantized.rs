@@ -208,21 +208,22 @@ pub struct QuantMatrix {
     kind: QuantKind,
     rows: usize,
     cols: usize,
-    /// One per 32 weights (NF4: one absmax per 64).
+    /// One per 32 weights (Q8_16: per 16; NF4: one absmax per 64).
     scales: Vec<f32>,
     mins: Vec<f32>,
     quants: Vec<u8>,
     /// Made by the first int8 product where the CPU has AVX512-VNNI or
     /// AVX2 but no AMX tiles (on AMX machines: of at most 16 rows).
     striped: StripedCopy,
-    /// The GGML blocks it was read from (none for NF4): Q4_K's int8
-    /// products round the inputs per 256; Q4_0's minimums multiply exact
-    /// input sums.
+    /// The GGML blocks it was read from (none for NF4): the K-quants'
+    /// (Q4_K, Q6_K) int8 products round the inputs per 256; Q4_0's
+    /// minimums multiply exact input sums.
     source: Option<GgmlBlocks>,
 }
 
 impl QuantMatrix {
-    /// Repacks `bytes`, the ggml blocks of a row-major `[rows, cols]` matrix.
+    /// Repacks `bytes`, the ggml blocks of a row-major `[rows, cols]` matrix
+    /// (for [`QuantKind::Q8_16`], Q6_K blocks).
     pub fn from_ggml(kind: QuantKind, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
         let source = match kind {
             QuantKind::Q4_1 => GgmlBlocks::Q4_1,
@@ -387,7 +388,7 @@ impl QuantMatrix {
         }
         x.contiguous()?.apply_op1(QuantizedMatmul {
             w: self.clone(),
-            int8: self.kind != QuantKind::Nf4,
+            int8: self.native_int8(),
         })
     }
 
@@ -572,8 +573,9 @@ enum Prepared {
 
 impl PreparedInput {
     /// `x` (rows of `cols`) for f32 products, or rounded to integers
-    /// where `int8` (as [`QuantMatrix::matmul_int8`]; then no weight of
-    /// the pass may be NF4).
+    /// where `int8` (as [`QuantMatrix::matmul_int8`]; then every weight of
+    /// the pass must take its own integer product, see
+    /// [`QuantMatrix::native_int8`]).
     pub fn new(x: &[f32], cols: usize, int8: bool) -> Self {
         let rows = match int8 {
             true => Prepared::Int8(int8::Int8Rows::prepare(x, cols)),
@@ -627,8 +629,9 @@ pub struct Pieces {
 }
 
 /// Each of `ms`'s products `x Wᵀ` (`[t, rows]`) for rows `x` of width
-/// `cols`, with `x` rounded to integers where `int8` (then no weight is
-/// NF4), prepared once for all of them, in one parallel pass.
+/// `cols`, with `x` rounded to integers where `int8` (then every weight
+/// is [`QuantMatrix::native_int8`]), prepared once for all of them, in one
+/// parallel pass.
 fn products_of(ms: &[&QuantMatrix], x: &[f32], cols: usize, int8: bool) -> Vec<Vec<f32>> {
     let input = PreparedInput::new(x, cols, int8);
     // A weight's first product makes its copy here, not inside one task
@@ -816,8 +819,11 @@ impl QuantMatrix {
                 w.cols
             );
         }
-        if x.transposed() && ws.iter().any(|w| w.kind == QuantKind::Nf4) {
-            bail!("quantized matmul: NF4 weights take f32 inputs");
+        if x.transposed() && ws.iter().any(|w| !w.native_int8()) {
+            bail!(
+                "quantized matmul: integer inputs for a weight without its own integer product \
+                 (NF4, or K-quant blocks)"
+            );
         }
         Ok(())
     }

@@ -151,7 +151,7 @@ pub fn check_op(
 
 /// A `[rows, cols]` matrix of each block kind (Q4_1, Q8_0, NF4 where the
 /// matrix is a whole number of its blocks of 64, and Q8_16 read from Q6_K
-/// blocks where rows are a whole number of 256), from deterministic
+/// blocks where rows are whole numbers of 256 weights), from deterministic
 /// bytes.
 pub fn quant_matrices(rows: usize, cols: usize) -> Vec<Arc<QuantMatrix>> {
     let blocks = rows * cols / 32;

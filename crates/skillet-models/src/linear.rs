@@ -173,8 +173,8 @@ impl Activations {
     }
 }
 
-/// Up to this many rows (tokens), a weight in repacked blocks (Q4_0,
-/// Q4_1, Q5_0, Q8_0) is used in its blocks; beyond, it is dequantized for
+/// Up to this many rows (tokens), a weight in repacked blocks (Q4_0, Q4_1,
+/// Q5_0, Q8_0, Q4_K, Q6_K) is used in its blocks; beyond, it is dequantized for
 /// the f32 GEMM.
 const FEW_ROWS: usize = 16;
 

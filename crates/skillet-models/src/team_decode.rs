@@ -111,7 +111,8 @@ pub(crate) struct DecodeInput<'a> {
     /// The LM head where it is quantized blocks (else the caller applies
     /// it to [`DecodeOutput::hidden`]).
     pub head: Option<&'a QuantMatrix>,
-    /// Quantized products take inputs rounded to 8-bit integers.
+    /// Integer inputs were asked for: each pass takes them as the
+    /// layer-by-layer path would for its weights (see [`InputMode`]).
     pub int8: bool,
 }
 
@@ -307,29 +308,29 @@ fn member(
         {
             let cache = s.cache.read().expect("no member panicked holding it");
             let seqs = cached_seqs(&cache, li, d.spans);
-            let plan = CachedAttention::new((n, h, hd), k, &seqs, a.kind.window, a.kind.scale)?;
+            let attn = CachedAttention::new((n, h, hd), k, &seqs, a.kind.window, a.kind.scale)?;
             let q = s.q.read().expect("no member panicked holding it");
             let mut part = s.shares[m.index()]
                 .lock()
                 .expect("no member panicked holding it");
             part.clear();
-            for t in (m.index()..plan.tasks()).step_by(m.members()) {
-                part.extend(plan.run(t, &q));
+            for t in (m.index()..attn.tasks()).step_by(m.members()) {
+                part.extend(attn.run(t, &q));
             }
         }
         m.sync()?;
         if lead {
             let cache = s.cache.read().expect("no member panicked holding it");
             let seqs = cached_seqs(&cache, li, d.spans);
-            let plan = CachedAttention::new((n, h, hd), k, &seqs, a.kind.window, a.kind.scale)?;
+            let attn = CachedAttention::new((n, h, hd), k, &seqs, a.kind.window, a.kind.scale)?;
             out.clear();
             out.resize(n * h * hd, 0.0); // [N,H,D]
             for (i, share) in s.shares.iter().enumerate() {
                 let share = share.lock().expect("no member panicked holding it");
                 let mut at = 0;
-                for t in (i..plan.tasks()).step_by(m.members()) {
-                    let len = plan.task_len(t);
-                    plan.place(t, &share[at..at + len], &mut out);
+                for t in (i..attn.tasks()).step_by(m.members()) {
+                    let len = attn.task_len(t);
+                    attn.place(t, &share[at..at + len], &mut out);
                     at += len;
                 }
             }
