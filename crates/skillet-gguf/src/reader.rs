@@ -191,6 +191,33 @@ impl GgufFile {
         };
     }
 
+    /// [`GgufFile::release_pages`] for the pages holding one tensor's
+    /// bytes (rounded out to whole pages: a neighbour's bytes on a shared
+    /// page read back from the file), so a loader that copies tensors out
+    /// one by one never holds the whole mapped file at once.
+    pub fn release_tensor_pages(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let start = info.offset as usize / PAGE * PAGE;
+            let end = ((info.offset + info.size) as usize)
+                .next_multiple_of(PAGE)
+                .min(self.mmap.len());
+            if end > start {
+                // SAFETY: as in `release_pages`: the mapping is read-only.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = info;
+    }
+
     /// The file this was read from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -166,6 +166,34 @@ mod tests {
     }
 
     #[test]
+    fn released_pages_read_back_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        let mut w = sample();
+        // A tensor of several pages, beside the sample's small ones.
+        let big: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i * 7 % 251) as u8).collect();
+        w.tensor("t.big", &[big.len() / 4], GgmlType::F32, big.clone());
+        w.write(&p).unwrap();
+        let f = GgufFile::open(&p).unwrap();
+        let before: Vec<Vec<u8>> = f
+            .tensors()
+            .iter()
+            .map(|t| f.tensor_bytes(t).to_vec())
+            .collect();
+        for t in f.tensors() {
+            f.release_tensor_pages(t);
+        }
+        f.release_pages();
+        let after: Vec<Vec<u8>> = f
+            .tensors()
+            .iter()
+            .map(|t| f.tensor_bytes(t).to_vec())
+            .collect();
+        assert_eq!(before, after);
+        assert_eq!(f.tensor_bytes(f.tensor("t.big").unwrap()), &big[..]);
+    }
+
+    #[test]
     fn bad_magic_truncation_and_types_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let bytes = sample().to_bytes();

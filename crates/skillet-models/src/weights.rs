@@ -148,6 +148,8 @@ impl WeightSource for GgufWeights {
             None => std::borrow::Cow::Borrowed(bytes),
         };
         let w = decode(&bytes, info, keep_quantized, self.path())?;
+        drop(bytes);
+        self.file.release_tensor_pages(info);
         // Gemma's GGUF norms hold `1 + w` (llama.cpp's converter adds the
         // one); the checkpoint's `w` is what every other source gives.
         if self.arch.norm_adds_one() && is_norm(hf_name) {
