@@ -1215,17 +1215,9 @@ mod tests {
             let alone: Vec<Vec<f32>> = (0..9).map(|r| run(1, r)).collect();
             let dense = m.dequantize();
             for (r, got) in alone.iter().enumerate() {
-                for (o, g) in got.iter().enumerate() {
-                    let want: f64 = (0..cols)
-                        .map(|i| dense[o * cols + i] as f64 * x[r * cols + i] as f64)
-                        .sum();
-                    let tol = 1e-4 * (1.0 + want.abs());
-                    assert!(
-                        (*g as f64 - want).abs() <= tol,
-                        "{:?}: {g} vs {want}",
-                        m.kind
-                    );
-                }
+                let what = format!("{:?}", m.kind);
+                let row = &x[r * cols..(r + 1) * cols];
+                crate::testing::assert_dense_product(&what, got, &dense, row);
             }
             for t in 1..=9 {
                 let y = run(t, 0);

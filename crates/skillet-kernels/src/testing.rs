@@ -149,6 +149,18 @@ pub fn check_op(
     }
 }
 
+/// Asserts that `got` (one input row's outputs) is `x · Wᵀ` of the dense
+/// `[outputs, cols]` weight within 1e-4 relative, summed in f64.
+pub fn assert_dense_product(what: &str, got: &[f32], dense: &[f32], x: &[f32]) {
+    let cols = x.len();
+    for (o, g) in got.iter().enumerate() {
+        let w = &dense[o * cols..(o + 1) * cols];
+        let want: f64 = w.iter().zip(x).map(|(&w, &x)| w as f64 * x as f64).sum();
+        let tol = 1e-4 * (1.0 + want.abs());
+        assert!((*g as f64 - want).abs() <= tol, "{what}: {g} vs {want}");
+    }
+}
+
 /// A `[rows, cols]` matrix of each block kind (Q4_1, Q8_0, NF4 where the
 /// matrix is a whole number of its blocks of 64, and Q8_16 read from Q6_K
 /// blocks where rows are whole numbers of 256 weights), from deterministic

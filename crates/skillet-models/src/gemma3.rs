@@ -102,19 +102,14 @@ impl Block for Gemma3Layer {
     }
 
     fn decode_layer(&self) -> Option<DecodeLayer<'_>> {
-        let (qkv, o) = self.self_attn.blocks()?;
-        let (gate_up, down) = self.mlp.blocks()?;
-        Some(DecodeLayer {
-            input_norm: &self.input_layernorm,
-            attn: &self.self_attn,
-            qkv,
-            o,
-            attn_out_norm: Some(&self.post_attention_layernorm),
-            mlp_norm: &self.pre_feedforward_layernorm,
-            gate_up,
-            down,
-            act: self.mlp.act,
-            mlp_out_norm: Some(&self.post_feedforward_layernorm),
-        })
+        DecodeLayer::new(
+            [&self.input_layernorm, &self.pre_feedforward_layernorm],
+            &self.self_attn,
+            &self.mlp,
+            Some([
+                &self.post_attention_layernorm,
+                &self.post_feedforward_layernorm,
+            ]),
+        )
     }
 }

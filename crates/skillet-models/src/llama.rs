@@ -79,19 +79,11 @@ impl Block for LlamaLayer {
     }
 
     fn decode_layer(&self) -> Option<DecodeLayer<'_>> {
-        let (qkv, o) = self.self_attn.blocks()?;
-        let (gate_up, down) = self.mlp.blocks()?;
-        Some(DecodeLayer {
-            input_norm: &self.input_layernorm,
-            attn: &self.self_attn,
-            qkv,
-            o,
-            attn_out_norm: None,
-            mlp_norm: &self.post_attention_layernorm,
-            gate_up,
-            down,
-            act: self.mlp.act,
-            mlp_out_norm: None,
-        })
+        DecodeLayer::new(
+            [&self.input_layernorm, &self.post_attention_layernorm],
+            &self.self_attn,
+            &self.mlp,
+            None,
+        )
     }
 }

@@ -27,7 +27,7 @@ use skillet_kernels::{
 };
 
 use crate::cache::KvCache;
-use crate::layers::{Attention, RmsNorm, Span};
+use crate::layers::{Attention, Mlp, RmsNorm, Span};
 use crate::{Activation, ModelError, Result};
 
 /// The most new tokens a call may bring to run in a team: a decode step
@@ -85,7 +85,32 @@ impl InputMode {
     }
 }
 
-impl DecodeLayer<'_> {
+impl<'a> DecodeLayer<'a> {
+    /// A layer with the norms before its attention and its MLP, and
+    /// (Gemma 3) of their outputs, where all seven projections are
+    /// quantized blocks without bias.
+    pub(crate) fn new(
+        [input_norm, mlp_norm]: [&'a RmsNorm; 2],
+        attn: &'a Attention,
+        mlp: &'a Mlp,
+        out_norms: Option<[&'a RmsNorm; 2]>,
+    ) -> Option<Self> {
+        let (qkv, o) = attn.blocks()?;
+        let (gate_up, down) = mlp.blocks()?;
+        Some(Self {
+            input_norm,
+            attn,
+            qkv,
+            o,
+            attn_out_norm: out_norms.map(|[a, _]| a),
+            mlp_norm,
+            gate_up,
+            down,
+            act: mlp.act,
+            mlp_out_norm: out_norms.map(|[_, m]| m),
+        })
+    }
+
     /// The layer's passes of products, in order.
     pub(crate) fn passes(&self) -> [&[&QuantMatrix]; 4] {
         [

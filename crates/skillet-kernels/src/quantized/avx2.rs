@@ -304,7 +304,7 @@ pub(super) unsafe fn nf4_rows(
 mod tests {
     use super::super::{QuantKind, QuantMatrix, avx512::interleave};
     use super::*;
-    use crate::testing::{quant_matrices, random};
+    use crate::testing::{assert_dense_product, quant_matrices, random};
 
     /// The kernel for `m`'s kind on `t` rows of `x`.
     fn run(m: &QuantMatrix, x: &[f32], t: usize) -> Vec<f32> {
@@ -347,18 +347,8 @@ mod tests {
                 for r in 0..t {
                     let got = &y[r * rows..(r + 1) * rows];
                     assert_eq!(got, &alone[r][..], "{:?}: row {r} of {t}", m.kind);
-                    for (o, g) in got.iter().enumerate() {
-                        let w = &dense[o * cols..(o + 1) * cols];
-                        let want: f64 = (0..cols)
-                            .map(|i| w[i] as f64 * x[r * cols + i] as f64)
-                            .sum();
-                        let tol = 1e-4 * (1.0 + want.abs());
-                        assert!(
-                            (*g as f64 - want).abs() <= tol,
-                            "{:?}: {g} vs {want}",
-                            m.kind
-                        );
-                    }
+                    let row = &x[r * cols..(r + 1) * cols];
+                    assert_dense_product(&format!("{:?}", m.kind), got, &dense, row);
                 }
             }
         }
