@@ -87,6 +87,15 @@ impl QuantKind {
         }
     }
 
+    /// Scales per block of 32 weights of the byte kinds the Q8_0 kernels
+    /// read: Q8_0's one, Q8_16's two.
+    fn scales_per_block(self) -> usize {
+        match self {
+            QuantKind::Q8_16 => 2,
+            QuantKind::Q4_1 | QuantKind::Q8_0 | QuantKind::Nf4 => 1,
+        }
+    }
+
     /// Bytes of codes per block of 32 weights.
     fn code_bytes(self) -> usize {
         match self {
@@ -484,8 +493,7 @@ impl QuantMatrix {
             }
             QuantKind::Q8_0 | QuantKind::Q8_16 => {
                 let q = &self.quants[o0 * nb * 32..o1 * nb * 32];
-                let per = self.kind.scale_range(0, 1).len();
-                q8_0_rows(q, s, per, rows, self.cols, out);
+                q8_0_rows(q, s, self.kind.scales_per_block(), rows, self.cols, out);
             }
             QuantKind::Nf4 => {
                 let q = &self.quants[o0 * nb * 16..o1 * nb * 16];
@@ -1206,7 +1214,7 @@ mod tests {
                         q4_1_rows_portable(&m.quants, &m.scales, &m.mins, x, sums, cols, &mut out)
                     }
                     _ => {
-                        let per = m.kind.scale_range(0, 1).len();
+                        let per = m.kind.scales_per_block();
                         q8_0_rows_portable(&m.quants, &m.scales, per, x, cols, &mut out)
                     }
                 }

@@ -25,7 +25,7 @@ use crate::linear::{Activations, BaseLinear, Linear, Precision, repack};
 use crate::llama::LlamaLayer;
 use crate::load::Loader;
 use crate::rope::Rope;
-use crate::team_decode::{self, DecodeInput, InputMode, TEAM_ROWS};
+use crate::team_decode::{self, DecodeInput, DecodeLayer, InputMode, TEAM_ROWS};
 use crate::{
     Architecture, CachedBatch, CausalLm, DenseHead, ForwardInput, LoadOptions, ModelConfig,
     ModelError, Result, Weight, WeightSource,
@@ -267,11 +267,15 @@ impl Model {
         // Asked for integer inputs, NF4 products take f32 ones and the
         // K-quants round them per 256: a pass whose weights would take
         // different inputs sends the call layer by layer.
-        let uniform = |ws: &[&QuantMatrix]| InputMode::of_pass(ws, int8).is_some();
-        if !layers.iter().all(|l| l.passes().into_iter().all(uniform)) {
+        let pass_modes = |l: &DecodeLayer| -> Option<[InputMode; 4]> {
+            let [a, b, c, e] = l.passes().map(|ws| InputMode::of_pass(ws, int8));
+            Some([a?, b?, c?, e?])
+        };
+        let Some(modes) = layers.iter().map(pass_modes).collect::<Option<Vec<_>>>() else {
             return Ok(None);
-        }
+        };
         let head = self.lm_head.quant_blocks().map(|w| w.as_ref());
+        let head_mode = head.map_or(InputMode::F32, |w| InputMode::of(w, int8));
         let mut x = self.embed_tokens.lookup(&Tensor::new(ids, &Device::Cpu)?)?; // [N,C]
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
@@ -285,7 +289,8 @@ impl Model {
             last,
             norm: &self.norm,
             head,
-            int8,
+            modes,
+            head_mode,
         };
         let out = team_decode::decode(&input, cache, skillet_kernels::team::threads())?;
         for s in spans {

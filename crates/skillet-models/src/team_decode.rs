@@ -66,7 +66,7 @@ pub(crate) enum InputMode {
 
 impl InputMode {
     /// The mode of `w`'s product, with integer inputs asked for or not.
-    fn of(w: &QuantMatrix, int8: bool) -> Self {
+    pub(crate) fn of(w: &QuantMatrix, int8: bool) -> Self {
         match (int8, w.native_int8(), w.read_from_k_quant()) {
             (true, true, _) => InputMode::Int8,
             (true, false, true) => InputMode::K8,
@@ -136,9 +136,11 @@ pub(crate) struct DecodeInput<'a> {
     /// The LM head where it is quantized blocks (else the caller applies
     /// it to [`DecodeOutput::hidden`]).
     pub head: Option<&'a QuantMatrix>,
-    /// Integer inputs were asked for: each pass takes them as the
-    /// layer-by-layer path would for its weights (see [`InputMode`]).
-    pub int8: bool,
+    /// Each layer's passes' input modes ([`DecodeLayer::passes`] order),
+    /// as the layer-by-layer path's products take them for their weights.
+    pub modes: Vec<[InputMode; 4]>,
+    /// The head's, where it runs in the team.
+    pub head_mode: InputMode,
 }
 
 /// What the call gives back.
@@ -193,46 +195,32 @@ struct Shared<'c> {
 
 /// Runs the call on `threads` members (the caller among them).
 pub(crate) fn decode(d: &DecodeInput, cache: &mut KvCache, threads: usize) -> Result<DecodeOutput> {
-    let mode = |ws: &[&QuantMatrix]| {
-        InputMode::of_pass(ws, d.int8)
-            .ok_or_else(|| ModelError::Input("a pass's weights take different inputs".into()))
-    };
-    let mut modes = Vec::with_capacity(d.layers.len());
-    for l in &d.layers {
-        let passes = l.passes();
-        let mut m = [InputMode::F32; 4];
-        for (m, ws) in m.iter_mut().zip(passes) {
-            *m = mode(ws)?;
+    for (l, modes) in d.layers.iter().zip(&d.modes) {
+        for (ws, &mode) in l.passes().into_iter().zip(modes) {
             for w in ws {
-                w.ready(*m == InputMode::Int8, d.x.len() / d.norm_width());
+                w.ready(mode == InputMode::Int8, d.x.len() / d.norm_width());
             }
         }
-        modes.push(m);
     }
-    let head_mode = match d.head {
-        Some(head) => {
-            let m = mode(&[head])?;
-            head.ready(m == InputMode::Int8, d.last.len());
-            m
-        }
-        None => InputMode::F32,
-    };
-    let values = |n: Option<&RmsNorm>| n.map(RmsNorm::values).transpose();
+    if let Some(head) = d.head {
+        head.ready(d.head_mode == InputMode::Int8, d.last.len());
+    }
+    let some = |n: Option<&RmsNorm>| n.map(Norm::of).transpose();
     let norms = d
         .layers
         .iter()
         .map(|l| {
             Ok(LayerNorms {
-                input: l.input_norm.values()?,
-                q: values(l.attn.q_norm.as_ref())?,
-                k: values(l.attn.k_norm.as_ref())?,
-                attn_out: values(l.attn_out_norm)?,
-                mlp: l.mlp_norm.values()?,
-                mlp_out: values(l.mlp_out_norm)?,
+                input: Norm::of(l.input_norm)?,
+                q: some(l.attn.q_norm.as_ref())?,
+                k: some(l.attn.k_norm.as_ref())?,
+                attn_out: some(l.attn_out_norm)?,
+                mlp: Norm::of(l.mlp_norm)?,
+                mlp_out: some(l.mlp_out_norm)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let final_norm = d.norm.values()?;
+    let final_norm = Norm::of(d.norm)?;
     let shared = Shared {
         input: RwLock::new(None),
         next: AtomicUsize::new(0),
@@ -247,8 +235,6 @@ pub(crate) fn decode(d: &DecodeInput, cache: &mut KvCache, threads: usize) -> Re
     };
     let plan = Plan {
         norms: &norms,
-        modes: &modes,
-        head_mode,
         final_norm: &final_norm,
     };
     let results = team::run(threads, |m| member(m, &shared, d, &plan));
@@ -270,23 +256,44 @@ pub(crate) fn decode(d: &DecodeInput, cache: &mut KvCache, threads: usize) -> Re
     }
 }
 
-/// A layer's norm weights as the norms multiply by them.
+/// An RMSNorm's weight as the norm multiplies by it, and its epsilon.
+struct Norm {
+    w: Vec<f32>,
+    eps: f64,
+}
+
+impl Norm {
+    fn of(n: &RmsNorm) -> Result<Self> {
+        Ok(Self {
+            w: n.values()?,
+            eps: n.eps,
+        })
+    }
+
+    /// The norm of each row of `x` (rows as wide as the weight) into `y`.
+    fn rows_into(&self, x: &[f32], y: &mut Vec<f32>) {
+        rms_norm_rows_into(x, &self.w, self.eps, y);
+    }
+
+    fn rows(&self, x: &[f32]) -> Vec<f32> {
+        rms_norm_rows(x, &self.w, self.eps)
+    }
+}
+
+/// A layer's norms; the optional ones only where the layer has them.
 struct LayerNorms {
-    input: Vec<f32>,
-    q: Option<Vec<f32>>,
-    k: Option<Vec<f32>>,
-    attn_out: Option<Vec<f32>>,
-    mlp: Vec<f32>,
-    mlp_out: Option<Vec<f32>>,
+    input: Norm,
+    q: Option<Norm>,
+    k: Option<Norm>,
+    attn_out: Option<Norm>,
+    mlp: Norm,
+    mlp_out: Option<Norm>,
 }
 
 /// What every member reads of the call, made once before it.
 struct Plan<'a> {
     norms: &'a [LayerNorms],
-    /// Each layer's passes' input modes (see [`DecodeLayer::passes`]).
-    modes: &'a [[InputMode; 4]],
-    head_mode: InputMode,
-    final_norm: &'a [f32],
+    final_norm: &'a Norm,
 }
 
 /// One member's run; the lead's gives the output.
@@ -307,15 +314,15 @@ fn member(
     for (li, (l, ln)) in d.layers.iter().zip(plan.norms).enumerate() {
         let a = l.attn;
         let (h, k, hd) = (a.heads, a.kv_heads, a.head_dim);
-        let modes = plan.modes[li];
+        let modes = d.modes[li];
         if lead {
-            rms_norm_rows_into(&x, &ln.input, l.input_norm.eps, &mut out);
+            ln.input.rows_into(&x, &mut out);
             s.set_input(&out, c, modes[0]);
         }
         if s.pass(m, &l.qkv, &mut ys)? {
             let (q, kk, v) = (&ys[0], &ys[1], &ys[2]);
-            let q = head_norm(q, ln.q.as_deref(), a.q_norm.as_ref());
-            let kk = head_norm(kk, ln.k.as_deref(), a.k_norm.as_ref());
+            let q = head_norm(q, ln.q.as_ref());
+            let kk = head_norm(kk, ln.k.as_ref());
             let rope = &d.ropes[a.kind.rope];
             let q = rope_rows(&q, h, rope, RopeLayout::Half)?; // [N,H,D]
             let kk = rope_rows(&kk, k, rope, RopeLayout::Half)?; // [N,K,D]
@@ -362,8 +369,8 @@ fn member(
             s.set_input(&out, h * hd, modes[1]);
         }
         if s.pass(m, &[l.o], &mut ys)? {
-            add_normed(&mut x, &ys[0], ln.attn_out.as_deref(), l.attn_out_norm);
-            rms_norm_rows_into(&x, &ln.mlp, l.mlp_norm.eps, &mut out);
+            add_normed(&mut x, &ys[0], ln.attn_out.as_ref());
+            ln.mlp.rows_into(&x, &mut out);
             s.set_input(&out, c, modes[2]);
         }
         if s.pass(m, &l.gate_up, &mut ys)? {
@@ -374,7 +381,7 @@ fn member(
             s.set_input(&act, act.len() / n, modes[3]);
         }
         if s.pass(m, &[l.down], &mut ys)? {
-            add_normed(&mut x, &ys[0], ln.mlp_out.as_deref(), l.mlp_out_norm);
+            add_normed(&mut x, &ys[0], ln.mlp_out.as_ref());
         }
     }
     // The final norm of the rows whose logits are wanted, then the head.
@@ -384,9 +391,9 @@ fn member(
             .iter()
             .flat_map(|&r| x[r as usize * c..(r as usize + 1) * c].iter().copied())
             .collect();
-        let hidden = rms_norm_rows(&picked, plan.final_norm, d.norm.eps);
+        let hidden = plan.final_norm.rows(&picked);
         if d.head.is_some() {
-            s.set_input(&hidden, c, plan.head_mode);
+            s.set_input(&hidden, c, d.head_mode);
         }
         hidden
     } else {
@@ -487,19 +494,19 @@ fn add_in(x: &mut [f32], y: &[f32]) {
 
 /// A QK-norm of each head's row of D (before RoPE), where the attention
 /// has one.
-fn head_norm<'a>(rows: &'a [f32], w: Option<&[f32]>, norm: Option<&RmsNorm>) -> Cow<'a, [f32]> {
-    match (w, norm) {
-        (Some(w), Some(norm)) => Cow::Owned(rms_norm_rows(rows, w, norm.eps)),
-        _ => Cow::Borrowed(rows),
+fn head_norm<'a>(rows: &'a [f32], norm: Option<&Norm>) -> Cow<'a, [f32]> {
+    match norm {
+        Some(norm) => Cow::Owned(norm.rows(rows)),
+        None => Cow::Borrowed(rows),
     }
 }
 
 /// `x += norm(y)` where the sublayer's output has a norm (Gemma 3), else
 /// `x += y`.
-fn add_normed(x: &mut [f32], y: &[f32], w: Option<&[f32]>, norm: Option<&RmsNorm>) {
-    match (w, norm) {
-        (Some(w), Some(norm)) => add_in(x, &rms_norm_rows(y, w, norm.eps)),
-        _ => add_in(x, y),
+fn add_normed(x: &mut [f32], y: &[f32], norm: Option<&Norm>) {
+    match norm {
+        Some(norm) => add_in(x, &norm.rows(y)),
+        None => add_in(x, y),
     }
 }
 

@@ -317,8 +317,10 @@ mod tests {
                 QuantKind::Q4_1 => {
                     q4_1_rows(&m.quants, &m.scales, &m.mins, &grouped, cols, &mut out)
                 }
-                QuantKind::Q8_0 => q8_0_rows(&m.quants, &m.scales, 1, &grouped, cols, &mut out),
-                QuantKind::Q8_16 => q8_0_rows(&m.quants, &m.scales, 2, &grouped, cols, &mut out),
+                QuantKind::Q8_0 | QuantKind::Q8_16 => {
+                    let per = m.kind.scales_per_block();
+                    q8_0_rows(&m.quants, &m.scales, per, &grouped, cols, &mut out)
+                }
                 QuantKind::Nf4 => nf4_rows(&m.quants, &m.scales, &grouped, cols, &mut out),
             }
         }
