@@ -19,6 +19,7 @@ mod blas;
 mod cache;
 mod cached_attention;
 mod frozen;
+mod frozen_mlp;
 mod gemm;
 mod gemm_choice;
 mod input_rounding;
@@ -56,6 +57,7 @@ pub use cached_attention::{
     CachedAttention, CachedSeq, KEY_BLOCK, cached_attention, key_cache_len, write_keys,
 };
 pub use frozen::{FrozenWeight, frozen_product, frozen_product_add, normed_frozen_product};
+pub use frozen_mlp::{FrozenMlp, frozen_mlp_add};
 pub use gemm_choice::{GemmReport, gemm_report};
 pub use input_rounding::{InputRounding, round_inputs};
 pub use linear::{frozen_matmul, linear, linear_bf16};

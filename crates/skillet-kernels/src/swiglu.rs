@@ -32,6 +32,17 @@ multiversion! {
     }
 }
 
+multiversion! {
+    fn backward_block_in_place(g: &mut [f32], u: &mut [f32], dy: &[f32]) {
+        for ((gp, up), &d) in g.iter_mut().zip(u.iter_mut()).zip(dy) {
+            let (gv, uv) = (*gp, *up);
+            let s = 1.0 / (1.0 + exp(-gv));
+            *up = d * gv * s;
+            *gp = d * uv * s * (1.0 + gv * (1.0 - s));
+        }
+    }
+}
+
 /// `silu(g) ∘ u`, over threads.
 pub(crate) fn gated(g: &[f32], u: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; g.len()];
@@ -50,6 +61,15 @@ pub(crate) fn gated_grads(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f3
         .zip(dy.par_chunks(BLOCK))
         .for_each(|(((dg, du), (g, u)), dy)| backward_block(g, u, dy, dg, du));
     (dg, du)
+}
+
+/// [`gated_grads`] written over its inputs, the same bits: `g` then
+/// holds `dg` and `u` holds `du`, with no buffers made or zeroed.
+pub(crate) fn gated_grads_in_place(g: &mut [f32], u: &mut [f32], dy: &[f32]) {
+    g.par_chunks_mut(BLOCK)
+        .zip(u.par_chunks_mut(BLOCK))
+        .zip(dy.par_chunks(BLOCK))
+        .for_each(|((g, u), dy)| backward_block_in_place(g, u, dy));
 }
 
 impl CustomOp2 for SwiGlu {
@@ -135,6 +155,18 @@ mod tests {
                 1e-5,
             );
         }
+    }
+
+    #[test]
+    fn gradients_in_place_are_the_same_bits() {
+        let n = 3 * BLOCK + 77;
+        let values = |seed, scale| random(&[n], seed, scale).to_vec1::<f32>().unwrap();
+        let (g, u, dy) = (values(7, 6.0), values(8, 2.0), values(9, 1.0));
+        let (dg, du) = gated_grads(&g, &u, &dy);
+        let (mut gi, mut ui) = (g.clone(), u.clone());
+        gated_grads_in_place(&mut gi, &mut ui, &dy);
+        assert_eq!(gi, dg);
+        assert_eq!(ui, du);
     }
 
     #[test]

@@ -403,19 +403,34 @@ impl Mlp {
         ctx: &LayerContext,
         base: usize,
     ) -> Result<Tensor> {
-        let [gate, up] = self.gate_up(x, ctx, base)?;
         let down = base + 6;
         // A frozen, unadapted down projection after SwiGLU: gate, product
         // and residual add in one op that keeps no gated product for
-        // backward.
+        // backward; with frozen gate and up projections over the residual
+        // stream itself, the whole block in one op (`h` then gets one
+        // gradient, not three).
         if self.act == Activation::Silu
             && !ctx.composed
             && ctx.rowwise.is_none()
             && !ctx.adapters.adapts(down)
             && let Some(frozen) = self.down_proj.frozen(ctx.precision)?
         {
+            let lins = [self.gate_proj.as_ref(), self.up_proj.as_ref()];
+            if x.rows.id() == residual.id()
+                && let Some(([gate, up], norm)) =
+                    ctx.frozen_normed(lins, [base + 4, base + 5], x)?
+            {
+                let mlp = skillet_kernels::FrozenMlp {
+                    gate,
+                    up,
+                    down: frozen,
+                };
+                return Ok(skillet_kernels::frozen_mlp_add(x.rows, &norm, &mlp)?);
+            }
+            let [gate, up] = self.gate_up(x, ctx, base)?;
             return Ok(skillet_kernels::swiglu_down(&gate, &up, residual, &frozen)?);
         }
+        let [gate, up] = self.gate_up(x, ctx, base)?;
         self.down(&gate, &up, ctx, down, Some(residual))
     }
 

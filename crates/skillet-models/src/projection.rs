@@ -142,6 +142,32 @@ impl LayerContext {
         Ok(ys.try_into().expect("one result per projection"))
     }
 
+    /// The frozen weights of `lins` (modules `modules`) and `input`'s norm,
+    /// where every one of them would be a frozen product with the norm
+    /// inside in [`LayerContext::project_each`] (a fused training forward,
+    /// none of them adapted or with a bias): for ops that take the whole
+    /// group at once.
+    pub(crate) fn frozen_normed<const N: usize>(
+        &self,
+        lins: [&dyn Linear; N],
+        modules: [usize; N],
+        input: Normed,
+    ) -> Result<Option<([FrozenWeight; N], InputNorm)>> {
+        let Normed { rows: h, norm } = input;
+        if !self.norms_inside(norm) {
+            return Ok(None);
+        }
+        let mut weights = Vec::with_capacity(N);
+        for (lin, m) in lins.into_iter().zip(modules) {
+            match self.plan(lin, m, h)? {
+                Plan::Frozen(w) => weights.push(w),
+                _ => return Ok(None),
+            }
+        }
+        let weights = weights.try_into().expect("one weight per projection");
+        Ok(Some((weights, InputNorm::new(norm.values()?, norm.eps))))
+    }
+
     /// The projections of [`LayerContext::project_each`] as `plans` say,
     /// none of them [`Plan::Apart`].
     fn project_planned<const N: usize>(
