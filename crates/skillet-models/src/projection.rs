@@ -154,7 +154,8 @@ impl LayerContext {
         input: Normed,
     ) -> Result<Option<([FrozenWeight; N], InputNorm)>> {
         let Normed { rows: h, norm } = input;
-        if !self.norms_inside(norm) {
+        // An adapted module is never a frozen product: no plan is made.
+        if !self.norms_inside(norm) || modules.iter().any(|&m| self.adapters.adapts(m)) {
             return Ok(None);
         }
         let mut weights = Vec::with_capacity(N);
