@@ -24,6 +24,7 @@ use crate::lora_linear::FrozenLinear;
 use crate::rms_norm::InputNorm;
 use crate::storage::{slice, tensor, with_f32};
 use crate::swiglu::{gated, gated_grads_in_place};
+use crate::swiglu_down::add_residual;
 
 /// The weights of a frozen MLP block: `gate` and `up` are `[inner, C]`,
 /// `down` `[C, inner]`.
@@ -47,9 +48,9 @@ struct FrozenMlpAdd {
 }
 
 impl FrozenMlpAdd {
-    /// `(C, inner)`, checked across the three weights, the norm and the
-    /// input's last dimension `c`.
-    fn dims(&self, c: Option<usize>) -> Result<(usize, usize)> {
+    /// `C`, checked across the three weights, the norm and the input's
+    /// last dimension `c`.
+    fn width(&self, c: Option<usize>) -> Result<usize> {
         let (inner, width) = self.mlp.gate.dims()?;
         let (out, down_in) = self.mlp.down.weight.dims()?;
         if self.mlp.up.dims()? != (inner, width)
@@ -65,7 +66,7 @@ impl FrozenMlpAdd {
                 self.norm.width()
             );
         }
-        Ok((width, inner))
+        Ok(width)
     }
 }
 
@@ -76,7 +77,7 @@ impl CustomOp1 for FrozenMlpAdd {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let h = slice(storage, layout, self.name())?;
-        let (width, _) = self.dims(layout.dims().last().copied())?;
+        let width = self.width(layout.dims().last().copied())?;
         let normed = self.norm.forward(h);
         let gate = self.mlp.gate.forward(&normed)?;
         let up = self.mlp.up.forward(&normed)?;
@@ -84,20 +85,7 @@ impl CustomOp1 for FrozenMlpAdd {
         let p = gated(&gate, &up);
         let mut y = self.mlp.down.weight.forward(&p)?;
         drop(p);
-        let bias = match &self.mlp.down.bias {
-            Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        y.par_chunks_mut(width.max(1))
-            .zip(h.par_chunks(width.max(1)))
-            .for_each(|(y, h)| match &bias {
-                Some(b) => y
-                    .iter_mut()
-                    .zip(h)
-                    .zip(b)
-                    .for_each(|((y, h), b)| *y += h + b),
-                None => y.iter_mut().zip(h).for_each(|(y, h)| *y += h),
-            });
+        add_residual(&mut y, h, self.mlp.down.bias.as_ref(), width)?;
         if let Ok(mut saved) = self.saved.lock() {
             *saved = Some(Saved { gate, up });
         }

@@ -22,12 +22,17 @@ multiversion! {
     }
 }
 
+/// `(dg, du)` of one element for the output gradient `d`.
+#[inline(always)]
+fn element_grads(gv: f32, uv: f32, d: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + exp(-gv));
+    (d * uv * s * (1.0 + gv * (1.0 - s)), d * gv * s)
+}
+
 multiversion! {
     fn backward_block(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
         for ((((dgv, duv), &gv), &uv), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
-            let s = 1.0 / (1.0 + exp(-gv));
-            *duv = d * gv * s;
-            *dgv = d * uv * s * (1.0 + gv * (1.0 - s));
+            (*dgv, *duv) = element_grads(gv, uv, d);
         }
     }
 }
@@ -35,10 +40,7 @@ multiversion! {
 multiversion! {
     fn backward_block_in_place(g: &mut [f32], u: &mut [f32], dy: &[f32]) {
         for ((gp, up), &d) in g.iter_mut().zip(u.iter_mut()).zip(dy) {
-            let (gv, uv) = (*gp, *up);
-            let s = 1.0 / (1.0 + exp(-gv));
-            *up = d * gv * s;
-            *gp = d * uv * s * (1.0 + gv * (1.0 - s));
+            (*gp, *up) = element_grads(*gp, *up, d);
         }
     }
 }

@@ -53,17 +53,7 @@ impl CustomOp3 for SwiGluDown {
         let p = gated(g, u);
         let mut y = self.down.weight.forward(&p)?;
         drop(p);
-        let bias = match &self.down.bias {
-            Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        y.par_chunks_mut(out.max(1))
-            .zip(h.par_chunks(out.max(1)))
-            .for_each(|(y, h)| {
-                for (i, (yv, hv)) in y.iter_mut().zip(h).enumerate() {
-                    *yv += hv + bias.as_ref().map_or(0.0, |b| b[i]);
-                }
-            });
+        add_residual(&mut y, h, self.down.bias.as_ref(), out)?;
         debug_assert_eq!(y.len(), rows * out);
         Ok((CpuStorage::F32(y), hl.shape().clone()))
     }
@@ -102,6 +92,31 @@ pub fn swiglu_down(
         &residual.contiguous()?,
         SwiGluDown { down: down.clone() },
     )
+}
+
+/// `y += h + bias` for rows of width `out`, over threads: the end of an
+/// MLP block, its residual added in place.
+pub(crate) fn add_residual(
+    y: &mut [f32],
+    h: &[f32],
+    bias: Option<&Tensor>,
+    out: usize,
+) -> Result<()> {
+    let bias = match bias {
+        Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    y.par_chunks_mut(out.max(1))
+        .zip(h.par_chunks(out.max(1)))
+        .for_each(|(y, h)| match &bias {
+            Some(b) => y
+                .iter_mut()
+                .zip(h)
+                .zip(b)
+                .for_each(|((y, h), b)| *y += h + b),
+            None => y.iter_mut().zip(h).for_each(|(y, h)| *y += h),
+        });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -150,6 +150,11 @@ impl RmsNorm {
         Ok(w.to_vec1::<f32>()?)
     }
 
+    /// The norm as a fused op applies it to its input.
+    pub(crate) fn inside(&self) -> Result<skillet_kernels::InputNorm> {
+        Ok(skillet_kernels::InputNorm::new(self.values()?, self.eps))
+    }
+
     pub fn forward(&self, x: &Tensor, composed: bool) -> Result<Tensor> {
         let w = match self.add_one {
             true => (&self.weight + 1.0)?,

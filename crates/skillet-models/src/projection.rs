@@ -116,7 +116,7 @@ impl LayerContext {
                 .collect::<Result<Vec<_>>>()?;
             let inside = |p: &Plan| matches!(p, Plan::Lora(..) | Plan::Frozen(_));
             if plans.iter().any(inside) && !plans.iter().any(|p| matches!(p, Plan::Apart)) {
-                let inside = InputNorm::new(norm.values()?, norm.eps);
+                let inside = norm.inside()?;
                 return self.project_planned(lins, modules, plans, input, &inside);
             }
         }
@@ -166,7 +166,7 @@ impl LayerContext {
             }
         }
         let weights = weights.try_into().expect("one weight per projection");
-        Ok(Some((weights, InputNorm::new(norm.values()?, norm.eps))))
+        Ok(Some((weights, norm.inside()?)))
     }
 
     /// The projections of [`LayerContext::project_each`] as `plans` say,
