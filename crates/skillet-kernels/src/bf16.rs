@@ -593,6 +593,30 @@ impl RoundedRows {
         (self.m, self.k, self.kp) = (m, k, kp);
     }
 
+    /// Becomes an `m × k` operand whose rows the caller writes, over the
+    /// thread pool: the first `k` values of each row, in order (the
+    /// padding is cleared here), keeping its buffer.
+    pub(crate) fn rows_mut(
+        &mut self,
+        m: usize,
+        k: usize,
+    ) -> impl IndexedParallelIterator<Item = &mut [u16]> {
+        let kp = padded(k);
+        (self.m, self.k, self.kp) = (m, k, kp);
+        padded_rows(&mut self.data, m, kp)
+            .par_chunks_mut(kp)
+            .map(move |row| values_of(row, k))
+    }
+
+    /// The rows as they stand (the first `k` values of each), to be
+    /// rewritten in place over the thread pool.
+    pub(crate) fn values_mut(&mut self) -> impl IndexedParallelIterator<Item = &mut [u16]> {
+        let (m, k, kp) = (self.m, self.k, self.kp);
+        self.data[..m * kp]
+            .par_chunks_mut(kp.max(1))
+            .map(move |row| &mut row[..k])
+    }
+
     /// Nothing yet, for [`RoundedRows::refill`] and
     /// [`RoundedRows::refill_transposed`].
     pub(crate) fn empty() -> Self {
@@ -678,6 +702,76 @@ pub(crate) fn matmul_rounded_serial(a: &RoundedRows, b: &dyn Panels, out: &mut [
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("tiles exist only on x86-64")
+}
+
+/// `out = a · B`, or `+=` where `add`, for rows rounded once
+/// ([`RoundedRows`]), over the thread pool: the values [`matmul_panels`]
+/// gives for the same f32 rows. Only where [`bf16_accelerated`] (the
+/// callers' check).
+pub(crate) fn matmul_rounded(a: &RoundedRows, b: &dyn Panels, out: &mut [f32], add: bool) {
+    let (m, k, n) = (a.m, b.k(), b.n());
+    assert_eq!(k, a.k, "bf16 matmul: a has {} columns, B {k} rows", a.k);
+    assert_eq!(out.len(), m * n, "bf16 matmul: out is not {m}×{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !add {
+            out.fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: `out` holds `m · n` values.
+    unsafe { rounded_tiles(a, b, out.as_mut_ptr(), out.len(), add) };
+}
+
+/// [`matmul_rounded`] into a new vector whose values are written once,
+/// never zeroed first.
+pub(crate) fn matmul_rounded_new(a: &RoundedRows, b: &dyn Panels) -> Vec<f32> {
+    let (m, k, n) = (a.m, b.k(), b.n());
+    assert_eq!(k, a.k, "bf16 matmul: a has {} columns, B {k} rows", a.k);
+    let len = m * n;
+    if len == 0 || k == 0 {
+        return vec![0f32; len];
+    }
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the spare capacity holds `len` values; the kernel writes
+    // every one of them (`add` is false) and reads none, so all `len` are
+    // initialized when the length is set.
+    unsafe {
+        rounded_tiles(
+            a,
+            b,
+            out.spare_capacity_mut().as_mut_ptr().cast(),
+            len,
+            false,
+        );
+        out.set_len(len);
+    }
+    out
+}
+
+/// The tile product of rounded rows `a` against `b` (`k` matching,
+/// non-empty), over the thread pool.
+///
+/// # Safety
+/// `out` is valid for `out_len ≥ m · n` f32 writes, and for reads where
+/// `add`.
+unsafe fn rounded_tiles(a: &RoundedRows, b: &dyn Panels, out: *mut f32, out_len: usize, add: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let tiles = on_tiles();
+        // SAFETY: the CPU has the kernel's features (`kernel()`, the
+        // callers' check), `a` has the layout the kernel reads (by
+        // construction, `kp` the padding of `B`'s `k`), and `out` is the
+        // caller's promise.
+        unsafe { amx::matmul(&a.data, a.m, a.kp, b, out, out_len, true, tiles, add) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, b, out, out_len, add);
+        unreachable!("tiles exist only on x86-64")
+    }
 }
 
 /// [`matmul_panels`] into a new vector whose values are written once,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 
 use crate::bf16::{
-    Bf16Rows, DensePanels, bf16_accelerated, matmul_panels_new, rounded_product_into,
+    Bf16Rows, DensePanels, Panels, bf16_accelerated, matmul_panels_new, rounded_product_into,
 };
 use crate::gemm::{Out, View, matmul};
 use crate::quantized::QuantMatrix;
@@ -53,6 +53,39 @@ impl FrozenWeight {
     /// `dy W` for row-major rows `dy` of width `out`.
     pub(crate) fn backward(&self, dy: &[f32]) -> Result<Vec<f32>> {
         self.product(dy, false)
+    }
+
+    /// Whether the weight's products run on the tiles in bf16.
+    pub(crate) fn on_tiles_here(&self) -> bool {
+        bf16_accelerated()
+            && matches!(
+                self,
+                FrozenWeight::DenseBf16(_) | FrozenWeight::Bf16(_) | FrozenWeight::QuantBf16(_)
+            )
+    }
+
+    /// `f` of the weight's column blocks (`Wᵀ` where `forward`, else `W`)
+    /// as the tile kernel reads them, where its products run on the tiles
+    /// in bf16 (`None` for f32 products, or where the CPU has no native
+    /// bf16): for operands rounded once
+    /// ([`RoundedRows`](crate::bf16::RoundedRows)) or kept rounded.
+    pub(crate) fn on_tiles<R>(
+        &self,
+        forward: bool,
+        f: impl FnOnce(&dyn Panels) -> R,
+    ) -> Result<Option<R>> {
+        if !self.on_tiles_here() {
+            return Ok(None);
+        }
+        let (out, inp) = self.dims()?;
+        Ok(match self {
+            FrozenWeight::DenseBf16(w) => Some(with_f32([w], "frozen weight", |[w]| {
+                Ok(f(&DensePanels::new(w, out, inp, forward)))
+            })?),
+            FrozenWeight::Bf16(w) => Some(f(&w.panels(forward))),
+            FrozenWeight::QuantBf16(q) => Some(f(&q.panels_bf16(forward))),
+            FrozenWeight::Dense(_) | FrozenWeight::QuantF32(_) => None,
+        })
     }
 
     /// `a Wᵀ` (`forward`) or `a W`.

@@ -8,8 +8,10 @@
 //! gradients, each a full-width add; each product normed `h` again in
 //! forward and in backward. Here `h` is normed once each way, the gate
 //! and up outputs are kept by the op itself for its backward (the same
-//! bytes the graph kept) and overwritten there by their own gradients,
-//! and `h` gets one gradient:
+//! bytes the graph kept; where all three products run on the tiles,
+//! rounded to bf16 as autocast's matmul outputs are, half those bytes)
+//! and overwritten there by their own gradients, and `h` gets one
+//! gradient:
 //! `dy + n'(h)(dg G + du U)` with `(dg, du)` the gated product's
 //! gradients of `dy D`. The products run in the weights' precision, as
 //! `frozen_product` does.
@@ -20,10 +22,11 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::FrozenWeight;
+use crate::bf16::{RoundedRows, matmul_rounded, matmul_rounded_new, round_into};
 use crate::lora_linear::FrozenLinear;
 use crate::rms_norm::InputNorm;
 use crate::storage::{slice, tensor, with_f32};
-use crate::swiglu::{gated, gated_grads_in_place};
+use crate::swiglu::{gated, gated_grads_in_place, gated_grads_rounded_row, gated_row};
 use crate::swiglu_down::add_residual;
 
 /// The weights of a frozen MLP block: `gate` and `up` are `[inner, C]`,
@@ -35,16 +38,27 @@ pub struct FrozenMlp {
     pub down: FrozenLinear,
 }
 
-/// The gate and up products of a forward, for its backward.
-struct Saved {
-    gate: Vec<f32>,
-    up: Vec<f32>,
+/// The gate and up products of a forward, for its backward: in f32, or
+/// rounded to bf16 where all three products run on the tiles (autocast's
+/// bf16 matmul outputs, half the bytes).
+enum Saved {
+    F32 { gate: Vec<f32>, up: Vec<f32> },
+    Bf16 { gate: RoundedRows, up: RoundedRows },
 }
 
 struct FrozenMlpAdd {
     mlp: FrozenMlp,
     norm: InputNorm,
     saved: Mutex<Option<Saved>>,
+}
+
+/// `a Wᵀ` (`forward`) or `a W` for rows rounded once, where `w`'s
+/// products run on the tiles (the callers' check).
+fn tiles_product(w: &FrozenWeight, a: &RoundedRows, forward: bool) -> Result<Vec<f32>> {
+    match w.on_tiles(forward, |b| matmul_rounded_new(a, b))? {
+        Some(y) => Ok(y),
+        None => bail!("frozen mlp: a product off the tiles"),
+    }
 }
 
 impl FrozenMlpAdd {
@@ -68,6 +82,104 @@ impl FrozenMlpAdd {
         }
         Ok(width)
     }
+
+    /// Whether all three products run on the tiles, for widths they can
+    /// take.
+    fn on_tiles(&self, width: usize) -> Result<bool> {
+        let w = [&self.mlp.gate, &self.mlp.up, &self.mlp.down.weight];
+        Ok(width > 0 && self.mlp.gate.dims()?.0 > 0 && w.iter().all(|w| w.on_tiles_here()))
+    }
+
+    /// The down product of the gated product and the gate and up products
+    /// to keep, in f32.
+    fn forward_f32(&self, normed: &[f32]) -> Result<(Vec<f32>, Saved)> {
+        let gate = self.mlp.gate.forward(normed)?;
+        let up = self.mlp.up.forward(normed)?;
+        let p = gated(&gate, &up);
+        let y = self.mlp.down.weight.forward(&p)?;
+        Ok((y, Saved::F32 { gate, up }))
+    }
+
+    /// The same on the tiles: the normed rows rounded once for both
+    /// products, the gated product rounded as each row is made (the
+    /// values the down product would round it to), and the gate and up
+    /// products kept rounded.
+    fn forward_tiles(&self, normed: &[f32], width: usize) -> Result<(Vec<f32>, Saved)> {
+        let rows = normed.len() / width;
+        let inner = self.mlp.gate.dims()?.0;
+        let mut x = RoundedRows::empty();
+        x.rows_mut(rows, width)
+            .zip(normed.par_chunks(width))
+            .for_each(|(dst, src)| round_into(src, dst));
+        let gate = tiles_product(&self.mlp.gate, &x, true)?;
+        let up = tiles_product(&self.mlp.up, &x, true)?;
+        drop(x);
+        let (mut p, mut g, mut u) = (
+            RoundedRows::empty(),
+            RoundedRows::empty(),
+            RoundedRows::empty(),
+        );
+        p.rows_mut(rows, inner)
+            .zip(g.rows_mut(rows, inner))
+            .zip(u.rows_mut(rows, inner))
+            .zip(gate.par_chunks(inner).zip(up.par_chunks(inner)))
+            .for_each_init(
+                || vec![0f32; inner],
+                |row, (((p, g), u), (gf, uf))| {
+                    gated_row(gf, uf, row);
+                    round_into(row, p);
+                    round_into(gf, g);
+                    round_into(uf, u);
+                },
+            );
+        drop((gate, up));
+        let y = tiles_product(&self.mlp.down.weight, &p, true)?;
+        Ok((y, Saved::Bf16 { gate: g, up: u }))
+    }
+
+    /// `dn(g) G + dn(u) U` for the kept products, overwritten by their
+    /// gradients, and the gated product's gradient `dp`.
+    fn normed_grad(&self, saved: Saved, dp: &[f32]) -> Result<Vec<f32>> {
+        match saved {
+            Saved::F32 {
+                gate: mut dg,
+                up: mut du,
+            } => {
+                gated_grads_in_place(&mut dg, &mut du, dp);
+                let mut dn = self.mlp.gate.backward(&dg)?;
+                drop(dg);
+                let dn_up = self.mlp.up.backward(&du)?;
+                drop(du);
+                dn.par_iter_mut()
+                    .zip(dn_up.par_iter())
+                    .for_each(|(a, b)| *a += b);
+                Ok(dn)
+            }
+            Saved::Bf16 {
+                gate: mut dg,
+                up: mut du,
+            } => {
+                let inner = self.mlp.gate.dims()?.0;
+                dg.values_mut()
+                    .zip(du.values_mut())
+                    .zip(dp.par_chunks(inner))
+                    .for_each_init(
+                        || vec![0f32; 2 * inner],
+                        |scratch, ((g, u), d)| gated_grads_rounded_row(g, u, d, scratch),
+                    );
+                let mut dn = tiles_product(&self.mlp.gate, &dg, false)?;
+                drop(dg);
+                let added = self
+                    .mlp
+                    .up
+                    .on_tiles(false, |b| matmul_rounded(&du, b, &mut dn, true))?;
+                if added.is_none() {
+                    bail!("frozen mlp: a product off the tiles");
+                }
+                Ok(dn)
+            }
+        }
+    }
 }
 
 impl CustomOp1 for FrozenMlpAdd {
@@ -79,15 +191,15 @@ impl CustomOp1 for FrozenMlpAdd {
         let h = slice(storage, layout, self.name())?;
         let width = self.width(layout.dims().last().copied())?;
         let normed = self.norm.forward(h);
-        let gate = self.mlp.gate.forward(&normed)?;
-        let up = self.mlp.up.forward(&normed)?;
+        let (mut y, saved) = if self.on_tiles(width)? {
+            self.forward_tiles(&normed, width)?
+        } else {
+            self.forward_f32(&normed)?
+        };
         drop(normed);
-        let p = gated(&gate, &up);
-        let mut y = self.mlp.down.weight.forward(&p)?;
-        drop(p);
         add_residual(&mut y, h, self.mlp.down.bias.as_ref(), width)?;
-        if let Ok(mut saved) = self.saved.lock() {
-            *saved = Some(Saved { gate, up });
+        if let Ok(mut kept) = self.saved.lock() {
+            *kept = Some(saved);
         }
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
@@ -95,26 +207,13 @@ impl CustomOp1 for FrozenMlpAdd {
     /// Backward once per forward: the kept products become their
     /// gradients in place.
     fn bwd(&self, h: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let saved = self.saved.lock().ok().and_then(|mut s| s.take());
-        let Some(Saved {
-            gate: mut dg,
-            up: mut du,
-        }) = saved
-        else {
+        let Some(saved) = self.saved.lock().ok().and_then(|mut s| s.take()) else {
             bail!("frozen mlp: backward without a forward, or a second one");
         };
         let dh = with_f32([h, dy], self.name(), |[h, dy]| {
             let dp = self.mlp.down.weight.backward(dy)?;
-            gated_grads_in_place(&mut dg, &mut du, &dp);
+            let dn = self.normed_grad(saved, &dp)?;
             drop(dp);
-            let mut dn = self.mlp.gate.backward(&dg)?;
-            drop(dg);
-            let dn_up = self.mlp.up.backward(&du)?;
-            drop(du);
-            dn.par_iter_mut()
-                .zip(dn_up.par_iter())
-                .for_each(|(a, b)| *a += b);
-            drop(dn_up);
             let mut dh = self.norm.backward(h, &dn);
             dh.par_iter_mut()
                 .zip(dy.par_iter())
@@ -141,12 +240,23 @@ mod tests {
     use super::*;
     use crate::testing::{assert_close, check_op, grads, quant_matrices, random};
     use crate::{normed_frozen_product, swiglu_down};
+    use candle_core::DType;
 
     /// The separate ops the model ran before: the two normed products and
     /// `swiglu_down`.
     fn separate(h: &Tensor, norm: &InputNorm, mlp: &FrozenMlp) -> Result<Tensor> {
         let gate = normed_frozen_product(h, norm, &mlp.gate)?;
         let up = normed_frozen_product(h, norm, &mlp.up)?;
+        swiglu_down(&gate, &up, h, &mlp.down)
+    }
+
+    /// The same with the gate and up products rounded to bf16 on their way
+    /// to the gated product (the cast passes gradients through): the
+    /// gradients of the op where it keeps those products in bf16.
+    fn separate_rounded(h: &Tensor, norm: &InputNorm, mlp: &FrozenMlp) -> Result<Tensor> {
+        let rounded = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+        let gate = rounded(normed_frozen_product(h, norm, &mlp.gate)?)?;
+        let up = rounded(normed_frozen_product(h, norm, &mlp.up)?)?;
         swiglu_down(&gate, &up, h, &mlp.down)
     }
 
@@ -216,7 +326,9 @@ mod tests {
                 continue;
             }
             // bf16 products round their inputs, too coarse for finite
-            // differences: the same numbers as the separate ops, but for
+            // differences: the same output as the separate ops, and on the
+            // tiles the gradients of the gate and up products rounded as
+            // the op keeps them (elsewhere the separate ops' own), but for
             // the order of the sums of `h`'s gradient.
             assert_close(
                 &fused(&inputs).unwrap(),
@@ -224,13 +336,42 @@ mod tests {
                 1e-5,
                 "bf16 output",
             );
-            for (a, b) in grads(&inputs, &fused)
-                .iter()
-                .zip(&grads(&inputs, &reference))
-            {
-                assert_close(a, b, 1e-4, "bf16 gradient");
+            let rounded = |a: &[Tensor]| separate_rounded(&a[0], &norm, &mlp);
+            let want = match crate::bf16_accelerated() {
+                true => grads(&inputs, &rounded),
+                false => grads(&inputs, &reference),
+            };
+            for (a, b) in grads(&inputs, &fused).iter().zip(&want) {
+                assert_close(a, b, 1e-5, "bf16 gradient");
             }
         }
+    }
+
+    #[test]
+    fn widths_and_rows_off_the_tile_sizes_on_bf16_products() {
+        // 7 rows (not whole tiles of 16), widths not multiples of 32 (the
+        // rounded rows padded): kept and overwritten in place all the same.
+        let (c, inner) = (40, 50);
+        let w = |r, k, seed| FrozenWeight::DenseBf16(random(&[r, k], seed, 0.3));
+        let mlp = FrozenMlp {
+            gate: w(inner, c, 1),
+            up: w(inner, c, 2),
+            down: FrozenLinear {
+                weight: w(c, inner, 3),
+                bias: None,
+            },
+        };
+        let norm = InputNorm::new(random(&[c], 5, 0.5).to_vec1::<f32>().unwrap(), 1e-5);
+        let inputs = [random(&[7, c], 4, 2.0)];
+        let fused = |a: &[Tensor]| frozen_mlp_add(&a[0], &norm, &mlp);
+        let reference = |a: &[Tensor]| match crate::bf16_accelerated() {
+            true => separate_rounded(&a[0], &norm, &mlp),
+            false => separate(&a[0], &norm, &mlp),
+        };
+        let plain = separate(&inputs[0], &norm, &mlp).unwrap();
+        assert_close(&fused(&inputs).unwrap(), &plain, 1e-5, "output");
+        let (got, want) = (grads(&inputs, &fused), grads(&inputs, &reference));
+        assert_close(&got[0], &want[0], 1e-5, "gradient");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use crate::bf16::{from_bf16, round_into};
 use crate::storage::{slice, tensor, with_f32, zeros};
 use crate::vec::{exp, multiversion};
 
@@ -43,6 +44,34 @@ multiversion! {
             (*gp, *up) = element_grads(*gp, *up, d);
         }
     }
+}
+
+multiversion! {
+    fn backward_block_bf16(g: &[u16], u: &[u16], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        for ((((dgv, duv), &gv), &uv), &d) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+            (*dgv, *duv) = element_grads(from_bf16(gv), from_bf16(uv), d);
+        }
+    }
+}
+
+/// `silu(g) ∘ u` of one row, written over `y`.
+pub(crate) fn gated_row(g: &[f32], u: &[f32], y: &mut [f32]) {
+    forward_block(g, u, y)
+}
+
+/// [`gated_grads_in_place`] for one row kept in bf16 (`g`, `u`): the
+/// gradients made in f32 from the bf16 values, in `scratch` (at least
+/// twice the row's length), then rounded over `g` and `u`.
+pub(crate) fn gated_grads_rounded_row(
+    g: &mut [u16],
+    u: &mut [u16],
+    dy: &[f32],
+    scratch: &mut [f32],
+) {
+    let (dg, du) = scratch[..2 * g.len()].split_at_mut(g.len());
+    backward_block_bf16(g, u, dy, dg, du);
+    round_into(dg, g);
+    round_into(du, u);
 }
 
 /// `silu(g) ∘ u`, over threads.

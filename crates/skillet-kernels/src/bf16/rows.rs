@@ -59,6 +59,11 @@ impl Bf16Rows {
         self.data.par_iter().map(|&h| from_bf16(h)).collect()
     }
 
+    /// The tile kernel's column blocks of `Wᵀ` (`forward`) or `W`.
+    pub(crate) fn panels(&self, forward: bool) -> impl Panels + '_ {
+        RowPanels { w: self, forward }
+    }
+
     /// `a Wᵀ` (`forward`, `a`: `[t, cols]`) or `a W` (`a`: `[t, rows]`)
     /// on the tiles, into a new vector. Only where [`bf16_accelerated`].
     pub(crate) fn product_new(&self, a: &[f32], forward: bool) -> Vec<f32> {

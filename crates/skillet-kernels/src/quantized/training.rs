@@ -82,6 +82,15 @@ impl QuantMatrix {
         self.product_into(x, Orient::of(forward), Precision::Bf16, out)
     }
 
+    /// The tile kernel's column blocks of `Wᵀ` (`forward`) or `W`, each
+    /// dequantized as the kernel asks for it.
+    pub(crate) fn panels_bf16(&self, forward: bool) -> impl Panels + '_ {
+        QuantPanels {
+            w: self,
+            orient: Orient::of(forward),
+        }
+    }
+
     /// [`QuantMatrix::product_bf16_into`] on the tiles into a new vector.
     /// Only where [`bf16_accelerated`].
     pub(crate) fn product_bf16_new(&self, x: &[f32], forward: bool) -> Vec<f32> {
