@@ -668,47 +668,16 @@ impl RoundedRows {
 /// for the same f32 rows. Only where [`bf16_accelerated`] (the
 /// callers' check).
 pub(crate) fn matmul_rounded_serial(a: &RoundedRows, b: &dyn Panels, out: &mut [f32], add: bool) {
-    let (m, k, n) = (a.m, b.k(), b.n());
-    assert_eq!(k, a.k, "bf16 matmul: a has {} columns, B {k} rows", a.k);
-    assert_eq!(out.len(), m * n, "bf16 matmul: out is not {m}×{n}");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !add {
-            out.fill(0.0);
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let tiles = on_tiles();
-        // SAFETY: the CPU has the kernel's features (`kernel()`), `a` has
-        // the layout the kernel reads (by construction, `kp` the padding
-        // of `B`'s `k`), and `out` holds `m · n` initialized values.
-        unsafe {
-            amx::matmul(
-                &a.data,
-                m,
-                a.kp,
-                b,
-                out.as_mut_ptr(),
-                out.len(),
-                false,
-                tiles,
-                add,
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("tiles exist only on x86-64")
+    product_of_rounded(a, b, out, add, false)
 }
 
-/// `out = a · B`, or `+=` where `add`, for rows rounded once
-/// ([`RoundedRows`]), over the thread pool: the values [`matmul_panels`]
-/// gives for the same f32 rows. Only where [`bf16_accelerated`] (the
-/// callers' check).
+/// [`matmul_rounded_serial`] over the thread pool.
 pub(crate) fn matmul_rounded(a: &RoundedRows, b: &dyn Panels, out: &mut [f32], add: bool) {
+    product_of_rounded(a, b, out, add, true)
+}
+
+/// The checked body of [`matmul_rounded`] and [`matmul_rounded_serial`].
+fn product_of_rounded(a: &RoundedRows, b: &dyn Panels, out: &mut [f32], add: bool, parallel: bool) {
     let (m, k, n) = (a.m, b.k(), b.n());
     assert_eq!(k, a.k, "bf16 matmul: a has {} columns, B {k} rows", a.k);
     assert_eq!(out.len(), m * n, "bf16 matmul: out is not {m}×{n}");
@@ -721,8 +690,8 @@ pub(crate) fn matmul_rounded(a: &RoundedRows, b: &dyn Panels, out: &mut [f32], a
         }
         return;
     }
-    // SAFETY: `out` holds `m · n` values.
-    unsafe { rounded_tiles(a, b, out.as_mut_ptr(), out.len(), add) };
+    // SAFETY: `out` holds `m · n` initialized values.
+    unsafe { rounded_tiles(a, b, out.as_mut_ptr(), out.len(), add, parallel) };
 }
 
 /// [`matmul_rounded`] into a new vector whose values are written once,
@@ -730,34 +699,28 @@ pub(crate) fn matmul_rounded(a: &RoundedRows, b: &dyn Panels, out: &mut [f32], a
 pub(crate) fn matmul_rounded_new(a: &RoundedRows, b: &dyn Panels) -> Vec<f32> {
     let (m, k, n) = (a.m, b.k(), b.n());
     assert_eq!(k, a.k, "bf16 matmul: a has {} columns, B {k} rows", a.k);
-    let len = m * n;
-    if len == 0 || k == 0 {
-        return vec![0f32; len];
+    if k == 0 {
+        return vec![0f32; m * n];
     }
-    let mut out = Vec::with_capacity(len);
-    // SAFETY: the spare capacity holds `len` values; the kernel writes
-    // every one of them (`add` is false) and reads none, so all `len` are
-    // initialized when the length is set.
-    unsafe {
-        rounded_tiles(
-            a,
-            b,
-            out.spare_capacity_mut().as_mut_ptr().cast(),
-            len,
-            false,
-        );
-        out.set_len(len);
-    }
-    out
+    // SAFETY: the kernel writes all `m · n` values (`add` is false) and
+    // reads none.
+    unsafe { written_once(m * n, |out| rounded_tiles(a, b, out, m * n, false, true)) }
 }
 
 /// The tile product of rounded rows `a` against `b` (`k` matching,
-/// non-empty), over the thread pool.
+/// non-empty), over the thread pool where `parallel`.
 ///
 /// # Safety
-/// `out` is valid for `out_len ≥ m · n` f32 writes, and for reads where
-/// `add`.
-unsafe fn rounded_tiles(a: &RoundedRows, b: &dyn Panels, out: *mut f32, out_len: usize, add: bool) {
+/// `out` is valid for `out_len ≥ m · n` f32 writes, and holds initialized
+/// values where `add`.
+unsafe fn rounded_tiles(
+    a: &RoundedRows,
+    b: &dyn Panels,
+    out: *mut f32,
+    out_len: usize,
+    add: bool,
+    parallel: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         let tiles = on_tiles();
@@ -765,41 +728,42 @@ unsafe fn rounded_tiles(a: &RoundedRows, b: &dyn Panels, out: *mut f32, out_len:
         // callers' check), `a` has the layout the kernel reads (by
         // construction, `kp` the padding of `B`'s `k`), and `out` is the
         // caller's promise.
-        unsafe { amx::matmul(&a.data, a.m, a.kp, b, out, out_len, true, tiles, add) };
+        unsafe { amx::matmul(&a.data, a.m, a.kp, b, out, out_len, parallel, tiles, add) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, b, out, out_len, add);
+        let _ = (a, b, out, out_len, add, parallel);
         unreachable!("tiles exist only on x86-64")
     }
 }
 
+/// A new vector of `len` values written by `write` through a pointer to
+/// them, never zeroed first (zeroing the outputs of every product cost
+/// 5–10% of a LoRA step). Empty where `len` is zero, `write` not called.
+///
+/// # Safety
+/// `write` writes every one of the `len` values and reads none.
+unsafe fn written_once(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
+    }
+    write(out.spare_capacity_mut().as_mut_ptr().cast());
+    // SAFETY: the caller's promise: all `len` values are initialized.
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// [`matmul_panels`] into a new vector whose values are written once,
-/// never zeroed first (zeroing the outputs of every product cost 5–10% of
-/// a LoRA step).
+/// never zeroed first.
 pub(crate) fn matmul_panels_new(a: &[f32], m: usize, b: &dyn Panels) -> Vec<f32> {
     let (k, n) = (b.k(), b.n());
-    let len = m * n;
     assert_eq!(a.len(), m * k, "bf16 matmul: a is not {m}×{k}");
-    if len == 0 || k == 0 {
-        return vec![0f32; len];
+    if k == 0 {
+        return vec![0f32; m * n];
     }
-    let mut out = Vec::with_capacity(len);
-    // SAFETY: the spare capacity holds `len` values; the kernel writes
-    // every one of them through the pointer and reads none, so all `len`
-    // are initialized when the length is set.
-    unsafe {
-        tiles(
-            a,
-            m,
-            b,
-            out.spare_capacity_mut().as_mut_ptr().cast(),
-            len,
-            true,
-        );
-        out.set_len(len);
-    }
-    out
+    // SAFETY: the kernel writes all `m · n` values and reads none.
+    unsafe { written_once(m * n, |out| tiles(a, m, b, out, m * n, true)) }
 }
 
 /// The tile product of [`matmul_panels`] for a non-empty `m × k × n`,

@@ -260,6 +260,19 @@ mod tests {
         swiglu_down(&gate, &up, h, &mlp.down)
     }
 
+    /// Random dense gate, up and down weights of one kind, no bias.
+    fn dense(c: usize, inner: usize, kind: fn(Tensor) -> FrozenWeight) -> FrozenMlp {
+        let w = |r, k, seed| kind(random(&[r, k], seed, 0.3));
+        FrozenMlp {
+            gate: w(inner, c, 1),
+            up: w(inner, c, 2),
+            down: FrozenLinear {
+                weight: w(c, inner, 3),
+                bias: None,
+            },
+        }
+    }
+
     fn mlps(c: usize, inner: usize) -> Vec<FrozenMlp> {
         let (g, u, d) = (
             random(&[inner, c], 11, 0.3),
@@ -352,15 +365,7 @@ mod tests {
         // 7 rows (not whole tiles of 16), widths not multiples of 32 (the
         // rounded rows padded): kept and overwritten in place all the same.
         let (c, inner) = (40, 50);
-        let w = |r, k, seed| FrozenWeight::DenseBf16(random(&[r, k], seed, 0.3));
-        let mlp = FrozenMlp {
-            gate: w(inner, c, 1),
-            up: w(inner, c, 2),
-            down: FrozenLinear {
-                weight: w(c, inner, 3),
-                bias: None,
-            },
-        };
+        let mlp = dense(c, inner, FrozenWeight::DenseBf16);
         let norm = InputNorm::new(random(&[c], 5, 0.5).to_vec1::<f32>().unwrap(), 1e-5);
         let inputs = [random(&[7, c], 4, 2.0)];
         let fused = |a: &[Tensor]| frozen_mlp_add(&a[0], &norm, &mlp);
@@ -382,15 +387,7 @@ mod tests {
     #[test]
     fn a_second_backward_over_one_forward_is_an_error() {
         let (c, inner) = (16, 24);
-        let w = |r, k, seed| FrozenWeight::Dense(random(&[r, k], seed, 0.3));
-        let mlp = FrozenMlp {
-            gate: w(inner, c, 1),
-            up: w(inner, c, 2),
-            down: FrozenLinear {
-                weight: w(c, inner, 3),
-                bias: None,
-            },
-        };
+        let mlp = dense(c, inner, FrozenWeight::Dense);
         let norm = InputNorm::new(vec![1.0; c], 1e-5);
         let h = candle_core::Var::from_tensor(&random(&[3, c], 4, 1.0)).unwrap();
         let loss = frozen_mlp_add(h.as_tensor(), &norm, &mlp)
@@ -407,14 +404,7 @@ mod tests {
         let (c, inner) = (16, 24);
         let w = |r, k, seed| FrozenWeight::Dense(random(&[r, k], seed, 0.3));
         let norm = InputNorm::new(vec![1.0; c], 1e-5);
-        let good = FrozenMlp {
-            gate: w(inner, c, 1),
-            up: w(inner, c, 2),
-            down: FrozenLinear {
-                weight: w(c, inner, 3),
-                bias: None,
-            },
-        };
+        let good = dense(c, inner, FrozenWeight::Dense);
         let h = random(&[3, c], 4, 1.0);
         assert!(frozen_mlp_add(&h, &norm, &good).is_ok());
         assert!(frozen_mlp_add(&random(&[3, c + 1], 4, 1.0), &norm, &good).is_err());
