@@ -22,7 +22,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::FrozenWeight;
-use crate::bf16::{RoundedRows, matmul_rounded, matmul_rounded_new, round_into};
+use crate::bf16::{Panels, RoundedRows, matmul_rounded, matmul_rounded_new, round_into};
 use crate::lora_linear::FrozenLinear;
 use crate::rms_norm::InputNorm;
 use crate::storage::{slice, tensor, with_f32};
@@ -52,13 +52,18 @@ struct FrozenMlpAdd {
     saved: Mutex<Option<Saved>>,
 }
 
-/// `a Wᵀ` (`forward`) or `a W` for rows rounded once, where `w`'s
-/// products run on the tiles (the callers' check).
-fn tiles_product(w: &FrozenWeight, a: &RoundedRows, forward: bool) -> Result<Vec<f32>> {
-    match w.on_tiles(forward, |b| matmul_rounded_new(a, b))? {
-        Some(y) => Ok(y),
+/// `f` of `w`'s column blocks (`Wᵀ` where `forward`, else `W`), where
+/// its products run on the tiles (the callers' check; an error else).
+fn with_panels<R>(w: &FrozenWeight, forward: bool, f: impl FnOnce(&dyn Panels) -> R) -> Result<R> {
+    match w.on_tiles(forward, f)? {
+        Some(r) => Ok(r),
         None => bail!("frozen mlp: a product off the tiles"),
     }
+}
+
+/// `a Wᵀ` (`forward`) or `a W` for rows rounded once, on the tiles.
+fn tiles_product(w: &FrozenWeight, a: &RoundedRows, forward: bool) -> Result<Vec<f32>> {
+    with_panels(w, forward, |b| matmul_rounded_new(a, b))
 }
 
 impl FrozenMlpAdd {
@@ -169,13 +174,9 @@ impl FrozenMlpAdd {
                     );
                 let mut dn = tiles_product(&self.mlp.gate, &dg, false)?;
                 drop(dg);
-                let added = self
-                    .mlp
-                    .up
-                    .on_tiles(false, |b| matmul_rounded(&du, b, &mut dn, true))?;
-                if added.is_none() {
-                    bail!("frozen mlp: a product off the tiles");
-                }
+                with_panels(&self.mlp.up, false, |b| {
+                    matmul_rounded(&du, b, &mut dn, true)
+                })?;
                 Ok(dn)
             }
         }
