@@ -17,6 +17,7 @@
 
 mod flash;
 mod mask;
+mod projected;
 
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +28,7 @@ use crate::rope::{RopeLayout, RopeTable, rotate};
 use crate::storage::{slice, tensor, with_f32};
 use flash::Dims;
 pub use mask::{AttentionMask, SHARED_SEGMENT};
+pub use projected::{QkvProjection, projected_attention};
 
 pub(crate) struct Attention {
     pub(crate) mask: AttentionMask,

@@ -45,8 +45,8 @@ mod testing;
 
 pub use adamw::{AdamWStep, adamw_step};
 pub use attention::{
-    AttentionMask, SHARED_SEGMENT, attention, attention_composed, attention_rope,
-    attention_rope_rows,
+    AttentionMask, QkvProjection, SHARED_SEGMENT, attention, attention_composed, attention_rope,
+    attention_rope_rows, projected_attention,
 };
 pub use awake::keep_awake;
 pub use bf16::{

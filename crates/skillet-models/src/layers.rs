@@ -265,7 +265,7 @@ impl Attention {
             self.k_proj.as_ref(),
             self.v_proj.as_ref(),
         ];
-        let [q, kk, v] = ctx.project_each(lins, [base, base + 1, base + 2], x)?;
+        let modules = [base, base + 1, base + 2];
         let rope = &ctx.ropes[self.kind.rope];
         let scale = self.kind.scale;
         let mask = ctx.masks.get(usize::from(self.kind.window.is_some()));
@@ -277,6 +277,24 @@ impl Attention {
         // gives the output projection its rows: no reshape nodes, each of
         // which backward would pay a gradient copy.
         if let (true, None, None, Some(mask)) = (rope_inside, &self.q_norm, &self.k_norm, mask) {
+            // Where a projection is adapted and all take the norm inside,
+            // the attention makes its own q, k and v: it keeps them for
+            // backward (in bf16 on the tiles) instead of the graph in f32,
+            // and `h` gets one gradient.
+            if let Some((projections, norm)) = ctx.adapted_normed(lins, modules, x)? {
+                let out = skillet_kernels::projected_attention(
+                    x.rows,
+                    &norm,
+                    &projections,
+                    d,
+                    mask,
+                    scale,
+                    (rope, RopeLayout::Half),
+                    bf16,
+                )?;
+                return project(&out);
+            }
+            let [q, kk, v] = ctx.project_each(lins, modules, x)?;
             let rows = [&q, &kk, &v];
             let out = skillet_kernels::attention_rope_rows(
                 rows,
@@ -289,6 +307,7 @@ impl Attention {
             )?;
             return project(&out);
         }
+        let [q, kk, v] = ctx.project_each(lins, modules, x)?;
         let mut q = q.reshape((b, t, h, d))?; // [B,T,H,D]
         let mut kk = kk.reshape((b, t, k, d))?; // [B,T,K,D]
         let v = v.reshape((b, t, k, d))?; // [B,T,K,D]

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use skillet_kernels::{
-    FrozenLinear, FrozenWeight, InputNorm, LoraFactors, QuantMatrix, frozen_product_add,
-    lora_linear, normed_frozen_product,
+    FrozenLinear, FrozenWeight, InputNorm, LoraFactors, QkvProjection, QuantMatrix,
+    frozen_product_add, lora_linear, normed_frozen_product,
 };
 
 use crate::Result;
@@ -167,6 +167,51 @@ impl LayerContext {
         }
         let weights = weights.try_into().expect("one weight per projection");
         Ok(Some((weights, norm.inside()?)))
+    }
+
+    /// `lins` (modules `modules`) as projections that take `input`'s norm
+    /// inside one op, and that norm, where each would do so in
+    /// [`LayerContext::project_each`] (a fused LoRA op or a frozen product
+    /// without bias) and at least one is adapted: for the attention that
+    /// makes its own q, k and v (`skillet_kernels::projected_attention`).
+    /// A frozen one is taken as a frozen product even where no gradient
+    /// flows to the rows.
+    pub(crate) fn adapted_normed<const N: usize>(
+        &self,
+        lins: [&dyn Linear; N],
+        modules: [usize; N],
+        input: Normed,
+    ) -> Result<Option<([QkvProjection; N], InputNorm)>> {
+        let Normed { rows: h, norm } = input;
+        if !self.norms_inside(norm) || !modules.iter().any(|&m| self.adapters.adapts(m)) {
+            return Ok(None);
+        }
+        let mut projections = Vec::with_capacity(N);
+        for (lin, m) in lins.into_iter().zip(modules) {
+            let frozen = |weight| FrozenLinear { weight, bias: None };
+            projections.push(match self.plan(lin, m, h)? {
+                Plan::Lora(base, factors) => QkvProjection {
+                    base,
+                    lora: Some(factors),
+                },
+                Plan::Frozen(w) => QkvProjection {
+                    base: frozen(w),
+                    lora: None,
+                },
+                Plan::Untracked if lin.bias().is_none() => {
+                    match lin.frozen_for(rows_of(lin, h), self.precision)? {
+                        Some(f) => QkvProjection {
+                            base: frozen(f.weight),
+                            lora: None,
+                        },
+                        None => return Ok(None),
+                    }
+                }
+                Plan::Untracked | Plan::Apart => return Ok(None),
+            });
+        }
+        let projections = projections.try_into().expect("one per projection");
+        Ok(Some((projections, norm.inside()?)))
     }
 
     /// The projections of [`LayerContext::project_each`] as `plans` say,

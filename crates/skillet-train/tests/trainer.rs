@@ -416,10 +416,13 @@ fn only_lora_parameters_receive_gradients() {
                 .collect()
         })
         .collect();
-    assert!(
-        stored.len() > 4,
-        "could not read the gradient store: {debug:.200}"
-    );
+    // The parse reads every LoRA tensor's gradient, which is there.
+    for var in adapter.vars() {
+        assert!(
+            stored.contains(var.as_tensor().dims()),
+            "could not read the gradient store: {debug:.200}"
+        );
+    }
     for (name, t) in &w.tensors {
         if let [o, i] = t.dims() {
             assert!(
