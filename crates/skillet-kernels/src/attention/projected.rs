@@ -364,6 +364,15 @@ pub fn projected_attention(
     for p in projections {
         let lora = match &p.lora {
             Some(f) => {
+                let (out, inp) = p.base.weight.dims()?;
+                let r = f.a.dim(0)?;
+                if f.a.dims2()? != (r, inp) || f.b.dims2()? != (out, r) {
+                    bail!(
+                        "projected attention: A {:?}, B {:?} for W [{out}, {inp}]",
+                        f.a.dims(),
+                        f.b.dims()
+                    );
+                }
                 flat.push(f.a.flatten_all()?);
                 flat.push(f.b.flatten_all()?);
                 Some((f.a.dim(0)?, f.scale))
@@ -475,32 +484,23 @@ mod tests {
         })
     }
 
-    /// The op as one closure over its inputs.
-    fn fused(
+    /// The op (`fused`), or the separate ops the model ran before (each
+    /// projection with the norm inside, then the attention on rows of
+    /// heads), as one closure over the inputs.
+    fn op(
         weights: &[FrozenLinear; 3],
         adapted: [bool; 3],
         bf16: bool,
+        fused: bool,
     ) -> impl Fn(&[Tensor]) -> Result<Tensor> {
         let (norm, mask, rope) = (norm(), AttentionMask::causal(B, T, T).unwrap(), table());
         let weights = weights.clone();
         move |t: &[Tensor]| {
             let p = projections(&weights, adapted, t);
-            let layout = (&rope, RopeLayout::Half);
-            projected_attention(&t[0], &norm, &p, D, &mask, 0.3, layout, bf16)
-        }
-    }
-
-    /// The separate ops the model ran before: each projection with the
-    /// norm inside, then the attention on rows of heads.
-    fn separate(
-        weights: &[FrozenLinear; 3],
-        adapted: [bool; 3],
-        bf16: bool,
-    ) -> impl Fn(&[Tensor]) -> Result<Tensor> {
-        let (norm, mask, rope) = (norm(), AttentionMask::causal(B, T, T).unwrap(), table());
-        let weights = weights.clone();
-        move |t: &[Tensor]| {
-            let p = projections(&weights, adapted, t);
+            if fused {
+                let layout = (&rope, RopeLayout::Half);
+                return projected_attention(&t[0], &norm, &p, D, &mask, 0.3, layout, bf16);
+            }
             let ys = p
                 .iter()
                 .map(|p| match &p.lora {
@@ -535,8 +535,8 @@ mod tests {
         for bias in [false, true] {
             let weights = dense(FrozenWeight::Dense, bias);
             for adapted in ADAPTED {
-                let f = fused(&weights, adapted, false);
-                let reference = separate(&weights, adapted, false);
+                let f = op(&weights, adapted, false, true);
+                let reference = op(&weights, adapted, false, false);
                 check_op(&inputs(adapted), &f, &reference, 1e-5);
             }
         }
@@ -565,8 +565,8 @@ mod tests {
             for adapted in ADAPTED {
                 let x = inputs(adapted);
                 let (f, reference) = (
-                    fused(weights, adapted, true),
-                    separate(weights, adapted, true),
+                    op(weights, adapted, true, true),
+                    op(weights, adapted, true, false),
                 );
                 assert_close(&f(&x).unwrap(), &reference(&x).unwrap(), 1e-6, "forward");
                 let (gf, gr) = (grads(&x, &f), grads(&x, &reference));
@@ -581,10 +581,12 @@ mod tests {
     fn needs_an_adapted_projection_and_factors_of_its_shapes() {
         let weights = dense(FrozenWeight::Dense, false);
         let x = inputs([false; 3]);
-        assert!(fused(&weights, [false; 3], false)(&x).is_err());
-        // Too many factor values for the projections' shapes.
+        assert!(op(&weights, [false; 3], false, true)(&x).is_err());
+        // Factors of other shapes than the projection's.
         let mut x = inputs([true, false, false]);
         x[2] = random(&[H * D + 1, R], 3, 0.3);
-        assert!(fused(&weights, [true, false, false], false)(&x).is_err());
+        assert!(op(&weights, [true, false, false], false, true)(&x).is_err());
+        x[2] = random(&[R, H * D], 3, 0.3);
+        assert!(op(&weights, [true, false, false], false, true)(&x).is_err());
     }
 }
