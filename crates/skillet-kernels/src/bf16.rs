@@ -565,6 +565,16 @@ impl RoundedRows {
         rounded
     }
 
+    /// `a` (`[m, k]` row-major) rounded, over the thread pool.
+    pub(crate) fn new_par(a: &[f32], m: usize, k: usize) -> Self {
+        let mut rounded = Self::empty();
+        rounded
+            .rows_mut(m, k)
+            .zip(a.par_chunks(k.max(1)))
+            .for_each(|(dst, src)| round_into(src, dst));
+        rounded
+    }
+
     /// Becomes `a` (`[m, k]` row-major) rounded, keeping its buffer.
     pub(crate) fn refill(&mut self, a: &[f32], m: usize, k: usize) {
         assert_eq!(a.len(), m * k, "rounded rows: a is not {m}×{k}");

@@ -112,10 +112,7 @@ impl FrozenMlpAdd {
     fn forward_tiles(&self, normed: &[f32], width: usize) -> Result<(Vec<f32>, Saved)> {
         let rows = normed.len() / width;
         let inner = self.mlp.gate.dims()?.0;
-        let mut x = RoundedRows::empty();
-        x.rows_mut(rows, width)
-            .zip(normed.par_chunks(width))
-            .for_each(|(dst, src)| round_into(src, dst));
+        let x = RoundedRows::new_par(normed, rows, width);
         let gate = tiles_product(&self.mlp.gate, &x, true)?;
         let up = tiles_product(&self.mlp.up, &x, true)?;
         drop(x);

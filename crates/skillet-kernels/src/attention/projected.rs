@@ -139,7 +139,7 @@ impl ProjectedAttention {
             let w = &p.base.weight;
             let on_tiles = match w.on_tiles_here() {
                 true => {
-                    let xr = rounded.get_or_insert_with(|| rounded_rows(x, rows, c));
+                    let xr = rounded.get_or_insert_with(|| RoundedRows::new_par(x, rows, c));
                     w.on_tiles(true, |b| matmul_rounded_new(xr, b))?
                 }
                 false => None,
@@ -161,15 +161,6 @@ impl ProjectedAttention {
     }
 }
 
-/// `x` (`rows × width`) rounded to bf16, over the thread pool.
-fn rounded_rows(x: &[f32], rows: usize, width: usize) -> RoundedRows {
-    let mut r = RoundedRows::empty();
-    r.rows_mut(rows, width)
-        .zip(x.par_chunks(width.max(1)))
-        .for_each(|(dst, src)| round_into(src, dst));
-    r
-}
-
 /// `x` rounded to bf16 bits.
 fn rounded(x: &[f32]) -> Vec<u16> {
     let mut r = vec![0u16; x.len()];
@@ -189,7 +180,7 @@ fn widened(x: &[u16]) -> Vec<f32> {
 fn add_backward(w: &FrozenWeight, dy: &[f32], acc: &mut Option<Vec<f32>>) -> Result<()> {
     let (out, _) = w.dims()?;
     if w.on_tiles_here() {
-        let dyr = rounded_rows(dy, dy.len() / out.max(1), out);
+        let dyr = RoundedRows::new_par(dy, dy.len() / out.max(1), out);
         let done = match acc {
             Some(acc) => w.on_tiles(false, |b| matmul_rounded(&dyr, b, acc, true))?,
             None => w
