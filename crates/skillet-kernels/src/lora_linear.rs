@@ -179,28 +179,17 @@ impl CustomOp3 for LoraLinear {
             let x = normed.as_deref().unwrap_or(h);
             let rows = x.len() / inp;
             let u = self.down.get_or_init(|| Self::down(x, a, inp, r));
-            // g = dy B: [rows, r].
-            let bt = transposed(b, out, r);
-            let mut g = vec![0f32; rows * r];
-            thin::times_t(dy, [rows, out, r], &bt, &mut g);
-            // dB = s · dyᵀ u: [out, r], made as its transpose.
-            let mut dbt = vec![0f32; r * out];
-            thin::t_times(u, [rows, r, out], dy, s, &mut dbt);
-            let db = transposed(&dbt, r, out);
-            // dA = s · gᵀ x: [r, in].
-            let mut da = vec![0f32; r * inp];
-            thin::t_times(&g, [rows, r, inp], x, s, &mut da);
             // dx = dy W + s · g A.
-            let dx = if want_dx {
-                let mut dx = self.base.weight.backward(dy)?;
-                thin::add_times(&mut dx, [rows, r, inp], &g, a, s);
-                Some(match &self.norm {
-                    Some(n) => n.backward(h, &dx),
-                    None => dx,
-                })
-            } else {
-                None
+            let mut dx = match want_dx {
+                true => Some(self.base.weight.backward(dy)?),
+                false => None,
             };
+            let (da, db) =
+                update_grads(x, u, dy, (a, b), [rows, inp, out, r], s, dx.as_deref_mut());
+            let dx = dx.map(|dx| match &self.norm {
+                Some(n) => n.backward(h, &dx),
+                None => dx,
+            });
             Ok((dx, da, db))
         })?;
         let dx = dx.map(|d| tensor(d, x.shape())).transpose()?;
@@ -220,6 +209,35 @@ impl CustomOp3 for LoraLinear {
             ),
         })
     }
+}
+
+/// The gradients `(dA, dB)` of a LoRA update `s · (x Aᵀ) Bᵀ` for rows `x`
+/// (`[rows, in]`, as the products saw them), their down product
+/// `u = x Aᵀ` and the output's gradient `dy` (`[rows, out]`):
+/// `g = dy B`, `dA = s · gᵀ x`, `dB = s · dyᵀ u`; and `s · g A` added to
+/// `dx` where given.
+pub(crate) fn update_grads(
+    x: &[f32],
+    u: &[f32],
+    dy: &[f32],
+    (a, b): (&[f32], &[f32]),
+    [rows, inp, out, r]: [usize; 4],
+    s: f32,
+    dx: Option<&mut [f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    // g = dy B: [rows, r].
+    let mut g = vec![0f32; rows * r];
+    thin::times_t(dy, [rows, out, r], &transposed(b, out, r), &mut g);
+    // dB = s · dyᵀ u: [out, r], made as its transpose.
+    let mut dbt = vec![0f32; r * out];
+    thin::t_times(u, [rows, r, out], dy, s, &mut dbt);
+    // dA = s · gᵀ x: [r, in].
+    let mut da = vec![0f32; r * inp];
+    thin::t_times(&g, [rows, r, inp], x, s, &mut da);
+    if let Some(dx) = dx {
+        thin::add_times(dx, [rows, r, inp], &g, a, s);
+    }
+    (da, transposed(&dbt, r, out))
 }
 
 /// `dims` with the last one made `out`.

@@ -22,7 +22,7 @@ use super::{Attention, AttentionMask};
 use crate::FrozenWeight;
 use crate::bf16::{RoundedRows, from_bf16, matmul_rounded, matmul_rounded_new, round_into};
 use crate::bf16::{bf16_accelerated, transposed};
-use crate::lora_linear::FrozenLinear;
+use crate::lora_linear::{FrozenLinear, update_grads};
 use crate::lora_rows::LoraFactors;
 use crate::rms_norm::InputNorm;
 use crate::rope::{RopeLayout, RopeTable, rotate};
@@ -306,19 +306,10 @@ impl CustomOp2 for ProjectedAttention {
                 else {
                     continue;
                 };
-                // As `lora_linear`: g = dy B, dA = s gᵀ x, dB = s dyᵀ u,
-                // and s g A into dx.
-                let mut g = vec![0f32; rows * r];
-                thin::times_t(dy, [rows, out, r], &transposed(bf, out, r), &mut g);
-                let mut da = vec![0f32; r * c];
-                thin::t_times(&g, [rows, r, c], &x, s, &mut da);
-                let mut dbt = vec![0f32; r * out];
-                thin::t_times(u, [rows, r, out], dy, s, &mut dbt);
+                let dims = [rows, c, out, r];
+                let (da, db) = update_grads(&x, u, dy, (a, bf), dims, s, dx.as_deref_mut());
                 dflat.extend_from_slice(&da);
-                dflat.extend_from_slice(&transposed(&dbt, r, out));
-                if let Some(dx) = dx.as_mut() {
-                    thin::add_times(dx, [rows, r, c], &g, a, s);
-                }
+                dflat.extend_from_slice(&db);
             }
             let dh = dx.map(|dx| self.norm.backward(h, &dx));
             Ok((dh, dflat))
