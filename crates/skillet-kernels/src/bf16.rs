@@ -20,12 +20,12 @@ use crate::storage::{slice, tensor, with_f32};
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+mod blocks;
 #[cfg(target_arch = "x86_64")]
 mod dots;
-mod rows;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use amx::{interleave_pairs, transpose16};
-pub use rows::Bf16Rows;
+pub use blocks::Bf16Blocks;
 
 /// Positions of the shared dimension per tile product (bf16 pairs × 16).
 const KSTEP: usize = 32;
@@ -238,7 +238,7 @@ pub(crate) fn padded(k: usize) -> usize {
 }
 
 /// Column blocks of a packed [`Bf16Matrix`] in the tile layout.
-struct Stored<'a> {
+pub(crate) struct Stored<'a> {
     k: usize,
     n: usize,
     kp: usize,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 
 use crate::bf16::{
-    Bf16Rows, DensePanels, Panels, bf16_accelerated, matmul_panels_new, rounded_product_into,
+    Bf16Blocks, DensePanels, Panels, bf16_accelerated, matmul_panels_new, rounded_product_into,
 };
 use crate::gemm::{Out, View, matmul};
 use crate::quantized::QuantMatrix;
@@ -28,7 +28,7 @@ pub enum FrozenWeight {
     /// A dense f32 weight in bf16 products.
     DenseBf16(Tensor),
     /// A weight held in bf16, always in bf16 products.
-    Bf16(Arc<Bf16Rows>),
+    Bf16(Arc<Bf16Blocks>),
     /// Quantized blocks in bf16 products.
     QuantBf16(Arc<QuantMatrix>),
     /// Quantized blocks in f32 products, dequantized a slab at a time.

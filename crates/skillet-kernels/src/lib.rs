@@ -50,7 +50,7 @@ pub use attention::{
 };
 pub use awake::keep_awake;
 pub use bf16::{
-    Bf16Matrix, Bf16Rows, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16,
+    Bf16Blocks, Bf16Matrix, Bf16Weight, bf16_accelerated, frozen_matmul_bf16, matmul_bf16,
 };
 pub use cache::cache_dir;
 pub use cached_attention::{

@@ -8,7 +8,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use skillet_kernels::{
-    Bf16Rows, Bf16Weight, FrozenHead, FrozenLinear, FrozenWeight, GgmlBlocks, InputRounding,
+    Bf16Blocks, Bf16Weight, FrozenHead, FrozenLinear, FrozenWeight, GgmlBlocks, InputRounding,
     QuantMatrix, frozen_product, round_inputs,
 };
 
@@ -217,7 +217,7 @@ enum Stored {
     /// Dense f32 values (a variable in full fine-tuning).
     Dense(Tensor),
     /// Dense values rounded to bf16 (frozen; every product in bf16).
-    Bf16(Arc<Bf16Rows>),
+    Bf16(Arc<Bf16Blocks>),
     /// Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K blocks repacked for
     /// Skillet's kernels (the GGML copy is not kept), or NF4 codes.
     Blocks(Arc<QuantMatrix>),
@@ -276,7 +276,7 @@ impl BaseLinear {
     /// (quantized blocks, a trainable variable) are kept as they are.
     pub fn in_bf16(self) -> Result<Self> {
         let weight = match self.weight {
-            Stored::Dense(w) if !w.track_op() => Stored::Bf16(Arc::new(Bf16Rows::new(&w)?)),
+            Stored::Dense(w) if !w.track_op() => Stored::Bf16(Arc::new(Bf16Blocks::new(&w)?)),
             other => other,
         };
         Ok(Self { weight, ..self })

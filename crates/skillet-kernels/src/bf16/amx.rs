@@ -17,8 +17,10 @@ use crate::tiles::TileConfig;
 
 /// Left rows per parallel task.
 const TASK_ROWS: usize = 256;
-/// Column blocks (of 16) per parallel task.
-const TASK_BLOCKS: usize = 8;
+/// Column blocks (of 16) per parallel task: whole groups of three for the
+/// dot kernel (a task of 8 ran a third of its blocks two at a time) and
+/// whole pairs for the tiles.
+const TASK_BLOCKS: usize = 6;
 
 /// Computed column blocks made at a time (see `task`): whole pairs for the
 /// tiles and whole groups of three for the dot kernel.
@@ -395,7 +397,7 @@ unsafe fn round_transposed_blocks(
     }
 }
 
-/// Whether [`dense_panel`] and [`rows_panel`] can run here.
+/// Whether [`dense_panel`] (and the vectorized blocks of `blocks.rs`) can run here.
 pub(super) fn panels_vectorized() -> bool {
     std::arch::is_x86_feature_detected!("avx512bf16")
         && std::arch::is_x86_feature_detected!("avx512bw")
@@ -468,67 +470,6 @@ pub(super) unsafe fn dense_panel(
                 _mm512_setzero_ps()
             };
             let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(odd, even));
-            let line = interleave_pairs(v);
-            _mm512_storeu_si512(panel.as_mut_ptr().add((o / 2) * TILE * 2) as *mut _, line);
-            o += 2;
-        }
-    }
-}
-
-/// Column block `j` of `B` = `Wᵀ` (`forward`) or `W` for bf16 rows `w`
-/// (`[rows, cols]`) into `panel` (see `Layout::Tiles`): for `Wᵀ`, 32
-/// values of each of 16 rows transposed in registers as 16 lines of
-/// pairs; for `W`, a block's 16 values of two rows interleaved into one
-/// line per pair.
-///
-/// # Safety
-/// [`panels_vectorized`] must be true and `panel` at least `kp · 16` long.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(super) unsafe fn rows_panel(
-    w: &[u16],
-    rows: usize,
-    cols: usize,
-    forward: bool,
-    j: usize,
-    panel: &mut [u16],
-) {
-    use std::arch::x86_64::*;
-    let kp = super::padded(if forward { cols } else { rows });
-    assert!(panel.len() >= kp * TILE && w.len() >= rows * cols);
-    if forward {
-        let valid = TILE.min(rows - TILE * j);
-        let dst = panel.as_mut_ptr() as *mut __m512i;
-        let mut kk = 0;
-        while kk < cols {
-            let n = (cols - kk).min(2 * TILE);
-            let mask = if n == 2 * TILE {
-                u32::MAX
-            } else {
-                (1u32 << n) - 1
-            };
-            let mut r = [_mm512_setzero_si512(); TILE];
-            for (c, line) in r.iter_mut().enumerate().take(valid) {
-                let row = w.as_ptr().add((TILE * j + c) * cols + kk);
-                *line = _mm512_maskz_loadu_epi16(mask, row as *const i16);
-            }
-            transpose16(&mut r);
-            for (p, line) in r.iter().enumerate() {
-                _mm512_storeu_si512(dst.add(kk / 2 + p), *line);
-            }
-            kk += 2 * TILE;
-        }
-    } else {
-        let (c0, width) = (TILE * j, TILE.min(cols - TILE * j));
-        let mask = ((1u32 << width) - 1) as u16;
-        let mut o = 0;
-        while o < rows {
-            let even = _mm256_maskz_loadu_epi16(mask, w.as_ptr().add(o * cols + c0) as *const i16);
-            let odd = if o + 1 < rows {
-                _mm256_maskz_loadu_epi16(mask, w.as_ptr().add((o + 1) * cols + c0) as *const i16)
-            } else {
-                _mm256_setzero_si256()
-            };
-            let v = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
             let line = interleave_pairs(v);
             _mm512_storeu_si512(panel.as_mut_ptr().add((o / 2) * TILE * 2) as *mut _, line);
             o += 2;

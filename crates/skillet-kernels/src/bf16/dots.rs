@@ -56,8 +56,12 @@ pub(super) unsafe fn blocks(
             BLOCKS.min(left)
         };
         let b = &panels[j - cols.start..][..take];
+        let next = &panels[j + take - cols.start..][..BLOCKS.min(cols.end - j - take)];
+        let passes = (rows.end.min(s.m).saturating_sub(rows.start)).div_ceil(ROWS);
+        let mut ahead = Ahead::new(next, s.kp, passes);
         let mut i = rows.start;
         while i < rows.end.min(s.m) {
+            ahead.some();
             let at = a.as_ptr().add(i * s.kp);
             match take {
                 3 => block::<3>(at, b, s, dest, i, j),
@@ -67,6 +71,41 @@ pub(super) unsafe fn blocks(
             i += ROWS;
         }
         j += take;
+    }
+}
+
+/// The next column blocks' lines asked for ahead, a share before each
+/// pass of 8 rows over the current blocks: a held weight's blocks come
+/// from memory at the first pass over them, faster than memory gives them
+/// to one core, while the passes after it find them in cache.
+struct Ahead<'a> {
+    panels: &'a [*const u16],
+    /// 64-byte lines per block, and asked for per pass.
+    lines: usize,
+    per_pass: usize,
+    done: usize,
+}
+
+impl<'a> Ahead<'a> {
+    fn new(panels: &'a [*const u16], kp: usize, passes: usize) -> Self {
+        let lines = kp / 2;
+        Self {
+            panels,
+            lines,
+            per_pass: (panels.len() * lines).div_ceil(passes.max(1)),
+            done: 0,
+        }
+    }
+
+    /// The next share into the second-level cache.
+    #[inline(always)]
+    unsafe fn some(&mut self) {
+        let end = (self.done + self.per_pass).min(self.panels.len() * self.lines);
+        for at in self.done..end {
+            let line = self.panels[at / self.lines].add((at % self.lines) * 2 * TILE);
+            _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
+        }
+        self.done = end;
     }
 }
 
