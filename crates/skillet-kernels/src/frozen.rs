@@ -46,12 +46,12 @@ impl FrozenWeight {
     }
 
     /// `x Wᵀ` for row-major rows `x` of width `in`.
-    pub(crate) fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
         self.product(x, true)
     }
 
     /// `dy W` for row-major rows `dy` of width `out`.
-    pub(crate) fn backward(&self, dy: &[f32]) -> Result<Vec<f32>> {
+    pub fn backward(&self, dy: &[f32]) -> Result<Vec<f32>> {
         self.product(dy, false)
     }
 
