@@ -50,6 +50,8 @@ fn main() {
         ("1B q/o 256×2048→2048", 256, 2048, 2048),
         ("1B gate 256×2048→8192", 256, 2048, 8192),
         ("1B down 256×8192→2048", 256, 8192, 2048),
+        // The tied head of the loss, one chunk of rows.
+        ("1B head 256×2048→128256", 256, 2048, 128256),
     ];
     for (name, t, inp, out) in shapes {
         let (x, dy) = (values(t * inp, 1), values(t * out, 2));
