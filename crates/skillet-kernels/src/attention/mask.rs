@@ -105,19 +105,17 @@ impl AttentionMask {
     pub(super) fn hide(&self, b: usize, i: usize, j0: usize, row: &mut [f32]) {
         let at = b * self.keys + j0;
         let keys = at..at + row.len();
+        // Selects rather than branches, so the loops vectorize.
         if let Some(m) = &self.key_mask {
             for (v, &m) in row.iter_mut().zip(&m[keys.clone()]) {
-                if m == 0 {
-                    *v = f32::NEG_INFINITY;
-                }
+                *v = if m == 0 { f32::NEG_INFINITY } else { *v };
             }
         }
         if let Some(s) = &self.segments {
             let own = s[b * self.keys + self.offset() + i];
             for (v, &k) in row.iter_mut().zip(&s[keys]) {
-                if k != own && k != SHARED_SEGMENT {
-                    *v = f32::NEG_INFINITY;
-                }
+                let hidden = k != own && k != SHARED_SEGMENT;
+                *v = if hidden { f32::NEG_INFINITY } else { *v };
             }
         }
     }
