@@ -155,18 +155,13 @@ impl Bf16Blocks {
         self.backward_panel_scalar(j, panel);
     }
 
-    /// [`Bf16Blocks::backward_panel`] a value at a time.
+    /// [`Bf16Blocks::backward_panel`] a value at a time (the held zeros
+    /// past the weight's rows and columns copied as they are).
     fn backward_panel_scalar(&self, j: usize, panel: &mut [u16]) {
         for p in 0..self.rows.div_ceil(TILE) * TILE / 2 {
             for c in 0..TILE {
-                let i = TILE * j + c;
                 for e in 0..2 {
-                    let o = 2 * p + e;
-                    panel[(p * TILE + c) * 2 + e] = if o < self.rows && i < self.cols {
-                        self.data[self.at(o, i)]
-                    } else {
-                        0
-                    };
+                    panel[(p * TILE + c) * 2 + e] = self.data[self.at(2 * p + e, TILE * j + c)];
                 }
             }
         }
